@@ -1,0 +1,363 @@
+"""Diffusion Transformer (DiT) in Flax Linen, with the semantics of the official PyTorch model.
+
+The model is pure: ``DiT(cfg).apply({'params': p}, x, t, y)`` with ``x`` in NHWC. It carries no
+quantization code; the quantizer wraps it from outside (``qdit_jax.quant.interceptor``).
+
+Module paths mirror the PyTorch state_dict so that quantization rules read naturally:
+``blocks_3/attn/qkv``, ``blocks_3/attn/proj``, ``blocks_3/mlp/fc1``, ``blocks_3/mlp/fc2``,
+``blocks_3/adaLN_modulation``, ``final_layer/linear``. The attention core is a module of its own
+(``blocks_3/attn/core``) so that its q, k, v inputs can be intercepted too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+# Official variants: name -> (depth, hidden_size, num_heads).
+_SIZES: dict[str, tuple[int, int, int]] = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Architecture of a DiT. ``dtype`` is the compute dtype; parameters stay ``param_dtype``."""
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+            if int(getattr(self, name)) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.input_size % max(self.patch_size, 1):
+            problems.append(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_size % max(self.num_heads, 1):
+            problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if (self.hidden_size // 2) % 2 and self.hidden_size > 0:
+            problems.append(f"hidden_size {self.hidden_size} must be a multiple of 4 (2-D sin-cos position embedding)")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            problems.append(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                problems.append(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+        if problems:
+            raise ValueError("invalid DiTConfig: " + "; ".join(problems))
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_patches(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def null_label(self) -> int:
+        """Index of the extra 'no class' row used by classifier-free guidance."""
+        return self.num_classes
+
+    def replace(self, **kw: Any) -> "DiTConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DiTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown DiTConfig field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**dict(d))
+
+
+def dit_config(name: str, *, image_size: int = 256, **overrides: Any) -> DiTConfig:
+    """Config of an official variant such as ``"XL/2"`` for 256x256 or 512x512 images.
+
+    The official models work on VAE latents (image_size / 8, 4 channels, 1000 classes).
+    """
+    m = re.fullmatch(r"(?:DiT-)?(S|B|L|XL)[/-]([248])", name.strip())
+    if not m:
+        raise ValueError(f"unknown DiT variant {name!r}; expected one of S, B, L, XL with patch 2, 4 or 8, e.g. 'XL/2'")
+    if image_size not in (256, 512):
+        raise ValueError(f"official DiT image sizes are 256 and 512, got {image_size}")
+    depth, hidden, heads = _SIZES[m.group(1)]
+    cfg = DiTConfig(
+        input_size=image_size // 8, patch_size=int(m.group(2)), in_channels=4, hidden_size=hidden,
+        depth=depth, num_heads=heads, num_classes=1000, learn_sigma=True,
+    )
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+VARIANTS: tuple[str, ...] = tuple(f"{s}/{p}" for s in _SIZES for p in (2, 4, 8))
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """Frozen 2-D sin-cos position embedding (grid_size**2, embed_dim), as in MAE / DiT, in float64."""
+    gh = np.arange(grid_size, dtype=np.float64)
+    gw = np.arange(grid_size, dtype=np.float64)
+    w_grid, h_grid = np.meshgrid(gw, gh)  # first output varies along width, as the official code
+
+    def one_axis(dim: int, pos: np.ndarray) -> np.ndarray:
+        omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+        omega = 1.0 / 10000**omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    # The official code embeds grid[0] (the width coordinate) first, then grid[1].
+    emb_w = one_axis(embed_dim // 2, w_grid)
+    emb_h = one_axis(embed_dim // 2, h_grid)
+    return np.concatenate([emb_w, emb_h], axis=1)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal timestep features, cos then sin (GLIDE / DiT order), in float32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def _layer_norm(x: jax.Array) -> jax.Array:
+    """LayerNorm, eps 1e-6, no affine, computed in float32 whatever the compute dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + 1e-6)).astype(x.dtype)
+
+
+def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class TimestepEmbedder(nn.Module):
+    hidden_size: int
+    frequency_embedding_size: int = 256
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        h = timestep_embedding(t, self.frequency_embedding_size).astype(self.dtype)
+        h = nn.Dense(self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp_0")(h)
+        h = nn.silu(h)
+        return nn.Dense(self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp_2")(h)
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with an extra null row (index ``num_classes``) when class dropout is used."""
+
+    num_classes: int
+    hidden_size: int
+    dropout_prob: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, y: jax.Array, train: bool = False, force_drop_ids: jax.Array | None = None) -> jax.Array:
+        rows = self.num_classes + int(self.dropout_prob > 0)
+        table = self.param("embedding_table", nn.initializers.normal(0.02), (rows, self.hidden_size), self.param_dtype)
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            if force_drop_ids is None:
+                drop = jax.random.uniform(self.make_rng("label_dropout"), y.shape) < self.dropout_prob
+            else:
+                drop = force_drop_ids == 1
+            y = jnp.where(drop, self.num_classes, y)
+        return jnp.take(table, y, axis=0)
+
+
+class AttentionCore(nn.Module):
+    """softmax(q k^T / sqrt(d)) v on (B, N, H, D) inputs; a module so q/k/v can be intercepted."""
+
+    @nn.compact
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
+                            preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class Attention(nn.Module):
+    hidden_size: int
+    num_heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, c = x.shape
+        hd = c // self.num_heads
+        qkv = nn.Dense(3 * c, dtype=self.dtype, param_dtype=self.param_dtype, name="qkv")(x)
+        qkv = qkv.reshape(b, n, 3, self.num_heads, hd)  # timm's layout: (3, heads, head_dim)
+        out = AttentionCore(name="core")(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        return nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out.reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    hidden: int
+    out: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
+        x = nn.gelu(x, approximate=True)
+        return nn.Dense(self.out, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block."""
+
+    hidden_size: int
+    num_heads: int
+    mlp_hidden: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        mod = nn.Dense(6 * self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="adaLN_modulation")(nn.silu(c))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+        attn = Attention(self.hidden_size, self.num_heads, self.dtype, self.param_dtype, name="attn")
+        x = x + gate_msa[:, None] * attn(_modulate(_layer_norm(x), shift_msa, scale_msa))
+        mlp = Mlp(self.mlp_hidden, self.hidden_size, self.dtype, self.param_dtype, name="mlp")
+        return x + gate_mlp[:, None] * mlp(_modulate(_layer_norm(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    hidden_size: int
+    out_features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        mod = nn.Dense(2 * self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="adaLN_modulation")(nn.silu(c))
+        shift, scale = jnp.split(mod, 2, axis=-1)
+        x = _modulate(_layer_norm(x), shift, scale)
+        return nn.Dense(self.out_features, dtype=self.dtype, param_dtype=self.param_dtype, name="linear")(x)
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer. Inputs: x (N, H, W, C), t (N,) timesteps, y (N,) labels; output NHWC."""
+
+    config: DiTConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        dt, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+        p = cfg.patch_size
+        self.x_embedder = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID",
+                                  dtype=dt, param_dtype=pdt, name="x_embedder")
+        self.t_embedder = TimestepEmbedder(cfg.hidden_size, dtype=dt, param_dtype=pdt)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob, param_dtype=pdt)
+        self.blocks = [
+            DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_hidden, dt, pdt, name=f"blocks_{i}")
+            for i in range(cfg.depth)
+        ]
+        self.final_layer = FinalLayer(cfg.hidden_size, p * p * cfg.out_channels, dt, pdt)
+
+    def pos_embed(self) -> jax.Array:
+        grid = self.config.input_size // self.config.patch_size
+        return jnp.asarray(get_2d_sincos_pos_embed(self.config.hidden_size, grid), jnp.float32)
+
+    def unpatchify(self, x: jax.Array) -> jax.Array:
+        """(N, T, p*p*C) -> (N, H, W, C), the official patch order (p_row, p_col, channel)."""
+        cfg = self.config
+        p, c = cfg.patch_size, cfg.out_channels
+        h = w = cfg.input_size // p
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
+        return x.reshape(x.shape[0], h * p, w * p, c)
+
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, train: bool = False,
+                 force_drop_ids: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        dt = _DTYPES[cfg.dtype]
+        h = self.x_embedder(x.astype(dt))
+        h = h.reshape(h.shape[0], -1, cfg.hidden_size) + self.pos_embed().astype(dt)
+        c = self.t_embedder(t) + self.y_embedder(y, train, force_drop_ids).astype(dt)
+        for block in self.blocks:
+            h = block(h, c)
+        h = self.final_layer(h, c)
+        return self.unpatchify(h).astype(jnp.float32)
+
+    def forward_with_cfg(self, x: jax.Array, t: jax.Array, y: jax.Array, cfg_scale: float | jax.Array,
+                         guidance_channels: int | None = 3) -> jax.Array:
+        """The official batch-doubled CFG forward: x's second half is replaced by its first half.
+
+        ``y`` holds the class labels for the first half and the null label for the second.
+        ``guidance_channels=3`` is the official default (needed to reproduce released DiT-XL/2
+        samples); ``None`` guides all eps channels (the standard rule; needed for 1-channel models).
+        """
+        half = x[: x.shape[0] // 2]
+        out = self(jnp.concatenate([half, half], axis=0), t, y)
+        gc = self.config.in_channels if guidance_channels is None else guidance_channels
+        eps, rest = out[..., :gc], out[..., gc:]
+        cond, uncond = jnp.split(eps, 2, axis=0)
+        guided = uncond + cfg_scale * (cond - uncond)
+        return jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
+
+
+def init_params(cfg: DiTConfig, key: jax.Array) -> Any:
+    """Random parameters for ``cfg`` (shapes only matter to callers that load a checkpoint)."""
+    x = jnp.zeros((1, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
+    return DiT(cfg).init(key, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
+
+
+def param_shapes(cfg: DiTConfig) -> Any:
+    """Parameter ShapeDtypeStructs of ``cfg`` without allocating them."""
+    return jax.eval_shape(lambda k: init_params(cfg, k), jax.random.PRNGKey(0))
+
+
+def flops_per_forward(cfg: DiTConfig) -> float:
+    """Multiply-add FLOPs (2 per MAC) of one image's forward, the way the DiT paper counts Gflops x2."""
+    t, d, f = cfg.num_patches, cfg.hidden_size, cfg.mlp_hidden
+    per_block = 2 * t * d * (3 * d + d + 2 * f) + 2 * 2 * t * t * d + 2 * d * 6 * d
+    patch = 2 * t * d * cfg.patch_size**2 * cfg.in_channels
+    final = 2 * t * d * cfg.patch_size**2 * cfg.out_channels + 2 * d * 2 * d
+    return float(cfg.depth * per_block + patch + final)
