@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from qdit_jax.errors import QditError
+
 # Official variants: name -> (depth, hidden_size, num_heads).
 _SIZES: dict[str, tuple[int, int, int]] = {
     "S": (12, 384, 6),
@@ -48,6 +50,10 @@ class DiTConfig:
     learn_sigma: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # diffusers' DiT port differs from the official model in two constants; a diffusers conversion
+    # sets them (1 and its norm_eps, 1e-5) so outputs match diffusers exactly. Official: 0 and 1e-6.
+    freq_shift: float = 0.0  # timestep frequencies exp(-ln(10000) * i / (half - freq_shift)), half = 128
+    mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before each block's MLP
 
     def __post_init__(self) -> None:
         problems = []
@@ -60,13 +66,17 @@ class DiTConfig:
             problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if (self.hidden_size // 2) % 2 and self.hidden_size > 0:
             problems.append(f"hidden_size {self.hidden_size} must be a multiple of 4 (2-D sin-cos position embedding)")
+        if not 0.0 <= self.freq_shift < 128:
+            problems.append(f"freq_shift must be in [0, 128), got {self.freq_shift}")
+        if not self.mlp_norm_eps > 0:
+            problems.append(f"mlp_norm_eps must be positive, got {self.mlp_norm_eps}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             problems.append(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 problems.append(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
         if problems:
-            raise ValueError("invalid DiTConfig: " + "; ".join(problems))
+            raise QditError("invalid DiTConfig: " + "; ".join(problems))
 
     @property
     def out_channels(self) -> int:
@@ -99,7 +109,7 @@ class DiTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown DiTConfig field(s) {unknown}; known fields are {sorted(known)}")
+            raise QditError(f"unknown DiTConfig field(s) {unknown}; known fields are {sorted(known)}")
         return cls(**dict(d))
 
 
@@ -110,9 +120,9 @@ def dit_config(name: str, *, image_size: int = 256, **overrides: Any) -> DiTConf
     """
     m = re.fullmatch(r"(?:DiT-)?(S|B|L|XL)[/-]([248])", name.strip())
     if not m:
-        raise ValueError(f"unknown DiT variant {name!r}; expected one of S, B, L, XL with patch 2, 4 or 8, e.g. 'XL/2'")
+        raise QditError(f"unknown DiT variant {name!r}; expected one of S, B, L, XL with patch 2, 4 or 8, e.g. 'XL/2'")
     if image_size not in (256, 512):
-        raise ValueError(f"official DiT image sizes are 256 and 512, got {image_size}")
+        raise QditError(f"official DiT image sizes are 256 and 512, got {image_size}")
     depth, hidden, heads = _SIZES[m.group(1)]
     cfg = DiTConfig(
         input_size=image_size // 8, patch_size=int(m.group(2)), in_channels=4, hidden_size=hidden,
@@ -145,10 +155,12 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
     return np.concatenate([emb_w, emb_h], axis=1)
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-    """Sinusoidal timestep features, cos then sin (GLIDE / DiT order), in float32."""
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> jax.Array:
+    """Sinusoidal timestep features, cos then sin (GLIDE / DiT order), in float32.
+
+    ``freq_shift`` 1 gives diffusers' ``Timesteps(downscale_freq_shift=1)`` frequencies."""
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
     args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:
@@ -156,12 +168,12 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
     return emb
 
 
-def _layer_norm(x: jax.Array) -> jax.Array:
-    """LayerNorm, eps 1e-6, no affine, computed in float32 whatever the compute dtype."""
+def _layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm, eps 1e-6 by default, no affine, computed in float32 whatever the compute dtype."""
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + 1e-6)).astype(x.dtype)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -176,10 +188,11 @@ class TimestepEmbedder(nn.Module):
     frequency_embedding_size: int = 256
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    freq_shift: float = 0.0
 
     @nn.compact
     def __call__(self, t: jax.Array) -> jax.Array:
-        h = timestep_embedding(t, self.frequency_embedding_size).astype(self.dtype)
+        h = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift).astype(self.dtype)
         h = nn.Dense(self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp_0")(h)
         h = nn.silu(h)
         return nn.Dense(self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp_2")(h)
@@ -255,6 +268,7 @@ class DiTBlock(nn.Module):
     mlp_hidden: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    mlp_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
@@ -264,7 +278,7 @@ class DiTBlock(nn.Module):
         attn = Attention(self.hidden_size, self.num_heads, self.dtype, self.param_dtype, name="attn")
         x = x + gate_msa[:, None] * attn(_modulate(_layer_norm(x), shift_msa, scale_msa))
         mlp = Mlp(self.mlp_hidden, self.hidden_size, self.dtype, self.param_dtype, name="mlp")
-        return x + gate_mlp[:, None] * mlp(_modulate(_layer_norm(x), shift_mlp, scale_mlp))
+        return x + gate_mlp[:, None] * mlp(_modulate(_layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp))
 
 
 class FinalLayer(nn.Module):
@@ -293,10 +307,11 @@ class DiT(nn.Module):
         p = cfg.patch_size
         self.x_embedder = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID",
                                   dtype=dt, param_dtype=pdt, name="x_embedder")
-        self.t_embedder = TimestepEmbedder(cfg.hidden_size, dtype=dt, param_dtype=pdt)
+        self.t_embedder = TimestepEmbedder(cfg.hidden_size, dtype=dt, param_dtype=pdt, freq_shift=cfg.freq_shift)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob, param_dtype=pdt)
         self.blocks = [
-            DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_hidden, dt, pdt, name=f"blocks_{i}")
+            DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_hidden, dt, pdt, mlp_norm_eps=cfg.mlp_norm_eps,
+                     name=f"blocks_{i}")
             for i in range(cfg.depth)
         ]
         self.final_layer = FinalLayer(cfg.hidden_size, p * p * cfg.out_channels, dt, pdt)

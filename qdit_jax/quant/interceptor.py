@@ -1,0 +1,193 @@
+"""The one place where Flax meets the quantizer: a ``flax.linen.intercept_methods`` interceptor.
+
+The model (``qdit_jax.models``) carries no quantization code. Under ``quantized(plan, ...)``
+every call of a planned module has its array inputs fake-quantized before the module runs:
+
+* dynamic activations (Q-DiT): scales computed on the fly from the input itself, per sample,
+  per token, per group of input channels, so inside a jitted sampling loop they follow every
+  timestep and every sample of the batch;
+* static activations (the baseline): per-group scales fixed from calibration data.
+
+Weights are not touched here: ``fake_quantize_weights`` quantizes them once, outside the
+sampling loop. ``recording(...)`` runs a forward that hands each planned layer's (quantized)
+input to a callback, which is how calibration statistics and GPTQ Hessians are gathered.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from qdit_jax.errors import QditError
+from qdit_jax.models.dit import AttentionCore, DiT, DiTConfig
+from qdit_jax.quant import formats as F
+from qdit_jax.quant.config import LayerInfo, LayerQuant
+from qdit_jax.quant.quantizers import QParams, QuantSpec, _int_params, fake_of_groups, fake_quant_spec
+
+Tap = Callable[[str, int, jax.Array], None]
+
+
+def module_path(module: nn.Module) -> str:
+    return "/".join(str(p) for p in module.path)
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def static_qparams(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> QParams:
+    """Per-group parameters from calibrated ranges ``lo``/``hi`` of shape (n_groups,)."""
+    lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
+    if spec.format != "int":
+        absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * spec.clip_ratio
+        return QParams(F.fp8_scale_from_absmax(absmax, spec.format), jnp.zeros_like(absmax))
+    if spec.symmetric:
+        absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * spec.clip_ratio
+        scale, zp = _int_params(-absmax, absmax, spec.bits, True)
+    else:
+        scale, zp = _int_params(lo * spec.clip_ratio, hi * spec.clip_ratio, spec.bits, False)
+    return QParams(scale, zp)
+
+
+def fake_quant_static(x: jax.Array, qp: QParams, spec: QuantSpec) -> jax.Array:
+    """Fake-quantize ``x`` (..., width) with fixed per-group parameters (n_groups,)."""
+    g = x.shape[-1] if spec.group_size == 0 else spec.group_size
+    xg = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // g, g)
+    out = fake_of_groups(xg, qp.scale.astype(jnp.float32), qp.zero_point.astype(jnp.float32), spec)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def quantize_activation(x: jax.Array, spec: QuantSpec, static: QParams | None = None) -> jax.Array:
+    """Dynamic (``static is None``) or static fake quantization along the last axis."""
+    if static is not None:
+        return fake_quant_static(x, static, spec)
+    return fake_quant_spec(x.astype(jnp.float32), spec).astype(x.dtype)
+
+
+def _make_interceptor(plan: Mapping[str, LayerQuant], static: Mapping[str, Any] | None, tap: Tap | None):
+    static = static or {}
+
+    def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        path = module_path(context.module)
+        lq = plan.get(path)
+        if lq is None or lq.act is None:
+            if tap is not None and lq is not None:
+                for i, a in enumerate(args):
+                    tap(path, i, a)
+            return next_fun(*args, **kwargs)
+        new_args = []
+        for i, a in enumerate(args):
+            if isinstance(a, jax.Array) and a.ndim >= 2 and jnp.issubdtype(a.dtype, jnp.floating):
+                st = static.get(path)
+                a = quantize_activation(a, lq.act, None if st is None else st[i])
+                if tap is not None:
+                    tap(path, i, a)
+            new_args.append(a)
+        return next_fun(*new_args, **kwargs)
+
+    return interceptor
+
+
+@contextlib.contextmanager
+def quantized(plan: Mapping[str, LayerQuant], static: Mapping[str, Any] | None = None,
+              tap: Tap | None = None) -> Iterator[None]:
+    """Within this context, every Flax call of a planned layer quantizes its inputs."""
+    with nn.intercept_methods(_make_interceptor(plan, static, tap)):
+        yield
+
+
+def quantized_apply_fn(cfg: DiTConfig, plan: Mapping[str, LayerQuant], static: Mapping[str, Any] | None = None):
+    """``apply_fn(params, x, t, y)`` of the model with fake-quantized activations (weights: see
+    ``fake_quantize_weights``)."""
+    model = DiT(cfg)
+    plan = dict(plan)
+
+    def apply_fn(params: Any, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+        with quantized(plan, static):
+            return model.apply({"params": params}, x, t, y)
+
+    return apply_fn
+
+
+# ----------------------------------------------------------------------------- layers and weights
+
+
+def discover_layers(cfg: DiTConfig) -> list[LayerInfo]:
+    """Every Dense and attention core of ``cfg``'s model, in call order, with its widths (no FLOPs)."""
+    found: dict[str, LayerInfo] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        mod = context.module
+        if context.method_name == "__call__" and isinstance(mod, (nn.Dense, AttentionCore)):
+            path = module_path(mod)
+            if isinstance(mod, nn.Dense):
+                found.setdefault(path, LayerInfo(path, "dense", int(args[0].shape[-1]), int(out.shape[-1])))
+            else:
+                found.setdefault(path, LayerInfo(path, "attention", int(args[0].shape[-1]), int(out.shape[-1])))
+        return out
+
+    def run(key):
+        x = jnp.zeros((1, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
+        with nn.intercept_methods(interceptor):
+            return DiT(cfg).init(key, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
+
+    jax.eval_shape(run, jax.random.PRNGKey(0))
+    return list(found.values())
+
+
+def get_kernel(params: Any, path: str) -> Any:
+    node = params
+    for part in path.split("/"):
+        if not isinstance(node, Mapping) or part not in node:
+            raise QditError(f"params have no layer {path!r}")
+        node = node[part]
+    return node
+
+
+def set_leaf(params: Mapping[str, Any], path: str, name: str, value: Any) -> dict[str, Any]:
+    """A copy of ``params`` with ``path/name`` replaced (copies only the dicts along the path)."""
+    parts = path.split("/")
+    out = dict(params)
+    node = out
+    for part in parts:
+        node[part] = dict(node[part])
+        node = node[part]
+    node[name] = value
+    return out
+
+
+def fake_quantize_weights(params: Any, plan: Mapping[str, LayerQuant],
+                          replaced: Mapping[str, jax.Array] | None = None) -> Any:
+    """Params with every planned Dense kernel quantize-dequantized once (round-to-nearest), or,
+    for paths in ``replaced``, set to the given (out, in) weights (e.g. GPTQ's)."""
+    replaced = replaced or {}
+    out = params
+    for path, lq in plan.items():
+        if lq.weight is None:
+            continue
+        layer = get_kernel(params, path)
+        kernel = layer["kernel"]
+        if path in replaced:
+            w = jnp.asarray(replaced[path], jnp.float32)
+        else:
+            w = fake_quant_spec(jnp.asarray(kernel, jnp.float32).T, lq.weight)  # (out, in): groups along in
+        out = set_leaf(out, path, "kernel", jnp.asarray(w.T, kernel.dtype))
+    return out
+
+
+def weight_error_report(params: Any, qparams: Any, plan: Mapping[str, LayerQuant]) -> dict[str, float]:
+    """Relative Frobenius error of each quantized kernel (a quick health check)."""
+    out = {}
+    for path, lq in plan.items():
+        if lq.weight is None:
+            continue
+        a = np.asarray(get_kernel(params, path)["kernel"], np.float64)
+        b = np.asarray(get_kernel(qparams, path)["kernel"], np.float64)
+        out[path] = float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
+    return out

@@ -1,0 +1,157 @@
+"""Apply a ``QuantConfig`` to a DiT: weights once (round-to-nearest or GPTQ), activations calibrated
+(static) or left dynamic, and the result as a ``QuantizedModel`` that samples like the FP one."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qdit_jax.errors import QditError
+from qdit_jax.models.dit import DiT, DiTConfig
+from qdit_jax.quant.calibration import CalibrationData, calibrate_static
+from qdit_jax.quant.config import LayerQuant, QuantConfig, resolve
+from qdit_jax.quant.gptq import gptq_quantize_weight
+from qdit_jax.quant.interceptor import (discover_layers, get_kernel, quantized, quantized_apply_fn, set_leaf)
+from qdit_jax.quant.quantizers import QParams, dequantize, quantize_tensor
+
+WeightCodes = dict[str, tuple[jax.Array, QParams]]
+
+
+@dataclasses.dataclass
+class QuantizedModel:
+    """A quantized DiT: storage form (``codes``), the fake-quant float params, and how to run it."""
+
+    config: DiTConfig
+    qcfg: QuantConfig
+    plan: dict[str, LayerQuant]
+    codes: WeightCodes  # path -> (integer / fp8 codes (out, in), qparams (out, n_groups))
+    params: Any  # float params whose planned kernels are dequantize(codes)
+    static: dict[str, list[QParams]] | None = None
+
+    def apply_fn(self):
+        return quantized_apply_fn(self.config, self.plan, self.static)
+
+
+def dequantized_params(params: Any, plan: Mapping[str, LayerQuant], codes: WeightCodes) -> Any:
+    """Float params with each planned kernel replaced by its dequantized codes."""
+    out = params
+    for path, (c, qp) in codes.items():
+        kernel = get_kernel(params, path)["kernel"]
+        w = dequantize(c, qp, plan[path].weight.group_size, jnp.float32)  # (out, in)
+        out = set_leaf(out, path, "kernel", jnp.asarray(w.T, kernel.dtype))
+    return out
+
+
+def rtn_codes(params: Any, plan: Mapping[str, LayerQuant], paths: list[str] | None = None) -> WeightCodes:
+    """Round-to-nearest storage form of the planned weights."""
+    out: WeightCodes = {}
+    for path, lq in plan.items():
+        if lq.weight is None or (paths is not None and path not in paths):
+            continue
+        w = jnp.asarray(get_kernel(params, path)["kernel"], jnp.float32).T
+        out[path] = quantize_tensor(w, lq.weight)
+    return out
+
+
+class _HessianRunner:
+    """One compiled forward that returns sum(x^T x) and token counts of every weight-quantized
+    layer's (quantized) input; reused for every block of GPTQ."""
+
+    def __init__(self, cfg: DiTConfig, plan: Mapping[str, LayerQuant], static: Mapping[str, Any] | None):
+        model = DiT(cfg)
+        weighted = {p for p, lq in plan.items() if lq.weight is not None}
+        plan = dict(plan)
+
+        def run(params, x, t, y):
+            acc: dict[str, tuple[jax.Array, jax.Array]] = {}
+
+            def tap(path: str, i: int, a: jax.Array) -> None:
+                if i == 0 and path in weighted:
+                    a2 = a.reshape(-1, a.shape[-1]).astype(jnp.float32)
+                    acc[path] = (a2.T @ a2, jnp.asarray(a2.shape[0], jnp.float32))
+
+            with quantized(plan, static, tap):
+                model.apply({"params": params}, x, t, y)
+            return acc
+
+        self._run = jax.jit(run)
+
+    def __call__(self, params: Any, calib: CalibrationData, batch_size: int) -> dict[str, jax.Array]:
+        sums: dict[str, list] = {}
+        for x, t, y in calib.batches(batch_size):
+            for path, (xtx, n) in self._run(params, x, t, y).items():
+                if path in sums:
+                    sums[path][0] = sums[path][0] + xtx
+                    sums[path][1] = sums[path][1] + n
+                else:
+                    sums[path] = [xtx, n]
+        return {p: 2.0 * s / n for p, (s, n) in sums.items()}  # H = 2/n X^T X, as GPTQ
+
+
+def _group_by_block(paths: list[str]) -> list[list[str]]:
+    groups: dict[str, list[str]] = {}
+    for p in paths:
+        groups.setdefault(p.split("/")[0], []).append(p)
+    return list(groups.values())
+
+
+def gptq_codes(params: Any, cfg: DiTConfig, plan: Mapping[str, LayerQuant], calib: CalibrationData, *,
+               static: Mapping[str, Any] | None = None, batch_size: int = 64, block_size: int = 128,
+               percdamp: float = 0.01, progress: bool = False) -> tuple[WeightCodes, Any]:
+    """GPTQ through the model, block by block: the Hessians of block i's layers come from the model
+    whose earlier blocks are already GPTQ-quantized (and whose activations are quantized)."""
+    runner = _HessianRunner(cfg, plan, static)
+    order = [p for p in plan if plan[p].weight is not None]
+    groups = _group_by_block(order)
+    if progress:
+        from tqdm.auto import tqdm
+
+        groups = tqdm(groups, desc="GPTQ", unit="block")
+    codes: WeightCodes = {}
+    current = params
+    for group in groups:
+        hessians = runner(current, calib, batch_size)
+        for path in group:
+            w = jnp.asarray(get_kernel(params, path)["kernel"], jnp.float32).T
+            _, c, qp = gptq_quantize_weight(w, hessians[path], spec=plan[path].weight, block_size=block_size,
+                                            percdamp=percdamp)
+            codes[path] = (c, qp)
+        current = dequantized_params(current, plan, {p: codes[p] for p in group})
+    return codes, current
+
+
+def quantize_model(params: Any, cfg: DiTConfig, qcfg: QuantConfig, *, calib: CalibrationData | None = None,
+                   batch_size: int = 64, progress: bool = False) -> QuantizedModel:
+    """Quantize ``params`` of ``cfg`` as ``qcfg`` says. Static activations and GPTQ need ``calib``."""
+    plan = resolve(qcfg, discover_layers(cfg)).as_dict()
+    if not plan:
+        raise QditError("the quantization config matches no layer of this model; check its rule patterns")
+    if (qcfg.gptq or qcfg.act_mode == "static") and calib is None:
+        raise QditError("GPTQ and static activation quantization need calibration data (calib=...)")
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    static = None
+    if qcfg.act_mode == "static":
+        # Activation ranges from the FP model (all timesteps), fixed for sampling.
+        static = calibrate_static(params, cfg, plan, calib, batch_size=batch_size)
+    if qcfg.gptq:
+        codes, qparams = gptq_codes(params, cfg, plan, calib, static=static, batch_size=batch_size, progress=progress)
+    else:
+        codes = rtn_codes(params, plan)
+        qparams = dequantized_params(params, plan, codes)
+    return QuantizedModel(cfg, qcfg, plan, codes, qparams, static)
+
+
+def weight_bytes(qm: QuantizedModel) -> dict[str, int]:
+    """Bytes of the quantized linears: codes at their bit width (4-bit packed two per byte),
+    plus scales (fp32) and zero points (1 byte); and the same linears in fp32 and bf16."""
+    q = fp32 = 0
+    for path, (c, qp) in qm.codes.items():
+        bits = qm.plan[path].weight.bits
+        n = int(np.prod(c.shape))
+        q += (n + 1) // 2 if bits <= 4 else n  # 2..4-bit codes are stored packed as nibbles
+        q += int(np.prod(qp.scale.shape)) * 4 + int(np.prod(qp.zero_point.shape))
+        fp32 += n * 4
+    return {"quantized": q, "fp32": fp32, "bf16": fp32 // 2}
