@@ -1,4 +1,4 @@
-"""python scripts/train_fmnist_classifier.py --epochs 12
+"""python scripts/train_fmnist_classifier.py
 
 Trains the small Fashion-MNIST CNN (qdit_jax.models.fmnist_classifier) whose features define our
 Fréchet distance for Fashion-MNIST samples, and writes qdit_jax/assets/fmnist_classifier.npz plus
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "shift": args.shift,
         "feature_dim": fc.FEATURE_DIM,
         "live_feature_units_on_test": int(np.sum(feats.std(axis=0) > 0)),
-        "command": "python scripts/train_fmnist_classifier.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python scripts/train_fmnist_classifier.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "train_seconds": round(time.time() - t0, 1),
         "machine": f"{platform.machine()} CPU, jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s)",

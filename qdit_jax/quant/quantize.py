@@ -14,7 +14,8 @@ from qdit_jax.models.dit import DiT, DiTConfig
 from qdit_jax.quant.calibration import CalibrationData, calibrate_static
 from qdit_jax.quant.config import LayerQuant, QuantConfig, resolve
 from qdit_jax.quant.gptq import gptq_quantize_weight
-from qdit_jax.quant.interceptor import (discover_layers, get_kernel, quantized, quantized_apply_fn, set_leaf)
+from qdit_jax.quant.interceptor import (discover_layers, get_kernel, make_bundle, quantized, quantized_apply_fn,
+                                         set_leaf)
 from qdit_jax.quant.quantizers import QParams, dequantize, quantize_tensor
 
 WeightCodes = dict[str, tuple[jax.Array, QParams]]
@@ -32,7 +33,12 @@ class QuantizedModel:
     static: dict[str, list[QParams]] | None = None
 
     def apply_fn(self):
-        return quantized_apply_fn(self.config, self.plan, self.static)
+        """``apply_fn(bundle, x, t, y)``; pass ``self.bundle`` as its first argument."""
+        return quantized_apply_fn(self.config, self.plan)
+
+    @property
+    def bundle(self) -> dict[str, Any]:
+        return make_bundle(self.params, self.static)
 
 
 def dequantized_params(params: Any, plan: Mapping[str, LayerQuant], codes: WeightCodes) -> Any:

@@ -9,7 +9,7 @@ from qdit_jax.models.dit import DiTConfig
 
 
 def model_apply_fn(model: LoadedModel, cfg: DiTConfig | None = None) -> tuple[ApplyFn, Any]:
-    """(apply_fn, params) for ``model``; a quantized checkpoint runs under its interceptor."""
+    """(apply_fn, first argument of apply_fn) for ``model``; a quantized checkpoint runs under its interceptor."""
     cfg = cfg or model.config
     if model.quantization:
         from qdit_jax.quant.checkpoint import quantized_apply_fn

@@ -1,0 +1,223 @@
+"""qdit bench [--model XL/2] [--batch 64 256] [--variants bf16 fake-w8a8 real-w8a8 ...] [--sample-batch 64]
+
+Forward throughput and end-to-end sampling time (DDIM, classifier-free guidance) of the FP bf16
+model, the fake-quant model and the real low-bit model (W8A8 / W4A8, per-channel or group-wise),
+on random weights (every weight random; speed does not depend on trained weights). Reports
+images/s, the fraction of the card's bf16 peak (datasheet and an 8192^3 bf16 matmul measured in
+the same run), the compiled program's device memory, the process's peak device memory, weight
+bytes of the quantized linears and the whole-model checkpoint size. Timings are medians of
+repeated runs after warm-up, on random inputs, synchronised with ``block_until_ready``.
+
+    qdit bench --model XL/2 --batch 64 256 --json out/bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from qdit_jax.errors import QditError
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+# name -> (preset rules kwargs or None for FP, mode, real backend)
+VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
+    "bf16": (None, "fp", ""),
+    "fake-w8a8-g128": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "fake", ""),
+    "real-w8a8": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla"),
+    "real-w8a8-pallas": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "pallas"),
+    "real-w4a8": (dict(wbits=4, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla"),
+    "real-w4a8-pallas": (dict(wbits=4, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "pallas"),
+    "real-w8a8-g128": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "auto"),
+    "real-w4a8-g128": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "auto"),
+    "real-w8a8-g128-xla": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "xla"),
+    "real-fp8": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real", "xla"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="XL/2")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batch", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--variants", nargs="+", default=["bf16", "fake-w8a8-g128", "real-w8a8", "real-w8a8-g128",
+                                                     "real-w4a8-g128"], help=f"of {sorted(VARIANTS)}")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--sample-batch", type=int, default=0, help="also time DDIM sampling at this batch (0: skip)")
+    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--sample-repeats", type=int, default=2)
+    p.add_argument("--matmul-peak", type=int, default=8192, help="NxNxN bf16 matmul as measured ceiling (0: skip)")
+    p.add_argument("--fuse-quant", action="store_true", help="quantize activations inside the Pallas kernel")
+    p.add_argument("--tiles", default="128,128,128,8,3", help="Pallas tiles bm,bn,bk,warps,stages")
+    p.add_argument("--time-budget", type=float, default=0, help="skip variants started after this many s (0: none)")
+    p.add_argument("--json", default=None)
+
+
+def time_fn(fn: Callable, args_list: list[tuple], repeats: int, warmup: int = 2) -> list[float]:
+    """Seconds per call over ``repeats`` calls after ``warmup``, rotating among input sets."""
+    import jax
+
+    for i in range(warmup):
+        jax.block_until_ready(fn(*args_list[i % len(args_list)]))
+    out = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args_list[i % len(args_list)]))
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def randomize(params: Any, key: Any) -> Any:
+    """Every weight random, std 0.02 (DiT zero-initialises adaLN and the final layer)."""
+    import jax
+
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [0.02 * jax.random.normal(k, x.shape, x.dtype)
+                                                  for k, x in zip(keys, leaves)])
+
+
+def matmul_peak(n: int, repeats: int) -> float:
+    """FLOP/s of an n^3 bf16 matmul on random data."""
+    import jax
+    import jax.numpy as jnp
+
+    ka, kb = jax.random.split(jax.random.PRNGKey(7))
+    sets = [(jax.random.normal(jax.random.fold_in(ka, i), (n, n), jnp.bfloat16),
+             jax.random.normal(jax.random.fold_in(kb, i), (n, n), jnp.bfloat16)) for i in range(2)]
+    t = statistics.median(time_fn(jax.jit(lambda a, b: a @ b), sets, repeats))
+    return 2 * n**3 / t
+
+
+def parse_tiles(text: str):
+    from qdit_jax.quant.kernels.group_gemm import Tiles
+
+    try:
+        vals = [int(v) for v in text.split(",")]
+        return Tiles(*vals)
+    except (ValueError, TypeError):
+        raise QditError(f"--tiles must be 5 integers bm,bn,bk,warps,stages, got {text!r}") from None
+
+
+def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool) -> tuple[Callable, Any, dict]:
+    """(apply_fn, its params pytree, info) for a variant name."""
+    from qdit_jax.diffusion.pipeline import dit_apply_fn
+    from qdit_jax.quant.config import QuantConfig, qdit_rules
+    from qdit_jax.quant.quantize import quantize_model, weight_bytes
+    from qdit_jax.quant.real import RealOptions, checkpoint_bytes, real_from_params
+
+    if name not in VARIANTS:
+        raise QditError(f"unknown bench variant {name!r}; choose from {sorted(VARIANTS)}")
+    rules, mode, backend = VARIANTS[name]
+    if mode == "fp":
+        return dit_apply_fn(cfg), params, {"checkpoint_bytes": checkpoint_bytes(params)}
+    qcfg = QuantConfig(qdit_rules(**rules), name=name)
+    if mode == "fake":
+        qm = quantize_model(params, cfg, qcfg)
+        return qm.apply_fn(), qm.bundle, {"weight_bytes": weight_bytes(qm)}
+    rm = real_from_params(params, cfg, qcfg)
+    opts = RealOptions(backend=backend, tiles=tiles, fuse_quant=fuse_quant)
+    return rm.apply_fn(opts), rm.variables(), {"weight_bytes": rm.weight_bytes(),
+                                               "checkpoint_bytes": checkpoint_bytes(rm.variables())}
+
+
+def _mem(compiled: Any) -> int | None:
+    try:
+        ma = compiled.memory_analysis()
+        return int(ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes)
+    except Exception:
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from qdit_jax.diffusion.pipeline import SamplerConfig, make_sample_fn
+    from qdit_jax.models.dit import dit_config, flops_per_forward, init_params
+
+    for v in args.variants:
+        if v not in VARIANTS:
+            raise QditError(f"unknown bench variant {v!r}; choose from {sorted(VARIANTS)}")
+    if any(b < 1 for b in args.batch) or args.repeats < 1:
+        raise QditError("--batch values and --repeats must be >= 1")
+    tiles = parse_tiles(args.tiles)
+    t_start = time.perf_counter()
+    dev = jax.devices()[0]
+    peak = next((v for k, v in PEAK_BF16.items() if k.lower() in dev.device_kind.lower()), None)
+    cfg = dit_config(args.model, image_size=args.image_size, dtype="bfloat16")
+    params = randomize(init_params(cfg, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+    flops = flops_per_forward(cfg)
+    measured = matmul_peak(args.matmul_peak, args.repeats) if args.matmul_peak else None
+    if measured:
+        print(f"bf16 matmul {args.matmul_peak}^3: {measured / 1e12:.1f} TFLOP/s on {dev.device_kind}", flush=True)
+    rows: list[dict[str, Any]] = []
+    for name in args.variants:
+        if args.time_budget and time.perf_counter() - t_start > args.time_budget:
+            print(f"{name}: skipped (time budget)", flush=True)
+            continue
+        try:
+            apply_fn, vparams, info = build_variant(name, cfg, params, tiles, args.fuse_quant)
+        except Exception as e:  # a variant that cannot be built is reported, the rest still run
+            print(f"{name}: build failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        fwd = jax.jit(apply_fn)
+        for b in args.batch:
+            rng = np.random.default_rng(b)
+            inputs = [(vparams,
+                       jnp.asarray(rng.standard_normal((b, cfg.input_size, cfg.input_size, cfg.in_channels)), jnp.float32),
+                       jnp.asarray(rng.integers(0, 1000, b), jnp.int32),
+                       jnp.asarray(rng.integers(0, cfg.num_classes, b), jnp.int32)) for _ in range(2)]
+            try:
+                t0 = time.perf_counter()
+                compiled = fwd.lower(*inputs[0]).compile()
+                t_compile = time.perf_counter() - t0
+                t = statistics.median(time_fn(compiled, inputs, args.repeats))
+            except Exception as e:
+                print(f"{name} batch {b}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            ips = b / t
+            row = dict(variant=name, batch=b, median_s=t, images_per_s=ips, tflops=ips * flops / 1e12,
+                       datasheet_fraction=ips * flops / peak if peak else None,
+                       measured_fraction=ips * flops / measured if measured else None,
+                       program_bytes=_mem(compiled), compile_s=t_compile, **info)
+            rows.append(row)
+            print(f"{name:22s} b{b:4d} {t * 1e3:8.2f} ms {ips:8.1f} img/s {row['tflops']:6.1f} TFLOP/s "
+                  f"prog {((row['program_bytes'] or 0) / 2**30):5.2f} GiB compile {t_compile:5.1f}s", flush=True)
+        if args.sample_batch:
+            scfg = SamplerConfig(sampler="ddim", steps=args.sample_steps, cfg_scale=4.0)
+            fn = make_sample_fn(apply_fn, cfg, scfg)
+            b = args.sample_batch
+            rng = np.random.default_rng(0)
+            sets = [(vparams, jnp.asarray(rng.standard_normal((b, cfg.input_size, cfg.input_size, cfg.in_channels)),
+                                          jnp.float32), jnp.asarray(rng.integers(0, 1000, b), jnp.int32),
+                     jax.random.PRNGKey(i)) for i in range(2)]
+            try:
+                ts = time_fn(fn, sets, args.sample_repeats, warmup=1)
+                t = statistics.median(ts)
+                rows.append(dict(variant=name, sample_batch=b, steps=args.sample_steps, sample_s=t,
+                                 sample_images_per_s=b / t))
+                print(f"{name:22s} sample b{b} DDIM{args.sample_steps} CFG: {t:7.2f} s {b / t:7.2f} img/s", flush=True)
+            except Exception as e:
+                print(f"{name} sampling failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    stats = dev.memory_stats() or {}
+    summary = dict(device=dev.device_kind, jax=jax.__version__, matmul_tflops=measured and measured / 1e12,
+                   peak_bytes_in_use=stats.get("peak_bytes_in_use"), rows=rows)
+    base = {r["batch"]: r["images_per_s"] for r in rows if r["variant"] == "bf16" and "batch" in r}
+    print(f"\n{'variant':22s} {'batch':>5s} {'img/s':>8s} {'x bf16':>7s} {'TFLOP/s':>8s} {'frac':>6s} {'weightMB':>9s} {'ckptMB':>8s}")
+    for r in rows:
+        if "batch" not in r:
+            continue
+        wb = r.get("weight_bytes", {}).get("quantized")
+        ck = r.get("checkpoint_bytes")
+        rel = r["images_per_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
+        print(f"{r['variant']:22s} {r['batch']:5d} {r['images_per_s']:8.1f} {rel:7.3f} {r['tflops']:8.1f} "
+              f"{(r['datasheet_fraction'] or 0):6.3f} {(wb or 0) / 1e6:9.1f} {(ck or 0) / 1e6:8.1f}")
+    print(f"peak device memory in use (process): {(summary['peak_bytes_in_use'] or 0) / 2**30:.2f} GiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    return 0
