@@ -12,11 +12,13 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from qdit_jax.diffusion.respace import make_diffusion, steps_from_arg
 from qdit_jax.diffusion.samplers import Trajectory, sample
 from qdit_jax.errors import QditError
 from qdit_jax.models.dit import DiT, DiTConfig
+from qdit_jax.parallel.mesh import DATA, check_divisible, data_parallel, data_size, round_up
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -103,17 +105,28 @@ def initial_noise(seed: int, indices: np.ndarray, shape: tuple[int, ...]) -> jax
     return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
 
 
-def make_sample_fn(apply_fn: ApplyFn, cfg: DiTConfig, scfg: SamplerConfig, *, return_trajectory: bool = False):
-    """A jitted ``(params, noise, labels, key) -> x_0`` (and the trajectory, when asked)."""
+def make_sample_fn(apply_fn: ApplyFn, cfg: DiTConfig, scfg: SamplerConfig, *, return_trajectory: bool = False,
+                   mesh: Any = None):
+    """A jitted ``(params, noise, labels, key, sample_ids=None) -> x_0`` (and the trajectory, when asked).
+
+    With ``sample_ids`` (N,) each sample's step noise comes from its own key (see the samplers), so
+    results do not depend on the batching. With a ``mesh`` (``qdit_jax.parallel.make_mesh``) the
+    function runs under ``shard_map``: noise, labels and ids split over the 'data' axis (N must
+    divide), params and key replicated, every device sampling its slice; ``sample_ids`` is required.
+    """
     diffusion = make_diffusion(scfg.num_timesteps, scfg.schedule, scfg.respacing, learn_sigma=cfg.learn_sigma)
 
-    def run(params: Any, noise: jax.Array, labels: jax.Array, key: jax.Array):
+    def run(params: Any, noise: jax.Array, labels: jax.Array, key: jax.Array, sample_ids: jax.Array | None = None):
         model_fn = guided_model_fn(apply_fn, params, labels, cfg_scale=scfg.cfg_scale, null_label=cfg.null_label,
                                    in_channels=cfg.in_channels, guidance_channels=scfg.guidance_channels)
         return sample(model_fn, noise.shape, key, diffusion, sampler=scfg.sampler, eta=scfg.eta,
-                      clip_denoised=scfg.clip_denoised, noise=noise, return_trajectory=return_trajectory)
+                      clip_denoised=scfg.clip_denoised, noise=noise, return_trajectory=return_trajectory,
+                      sample_ids=sample_ids)
 
-    return jax.jit(run)
+    if mesh is None:
+        return jax.jit(run)
+    out = (P(DATA), Trajectory(P(None, DATA), P(None, DATA))) if return_trajectory else P(DATA)
+    return data_parallel(run, mesh, (P(), P(DATA), P(DATA), P(), P(DATA)), out)
 
 
 def iterate_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -123,10 +136,14 @@ def iterate_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
 
 def generate(apply_fn: ApplyFn, params: Any, cfg: DiTConfig, scfg: SamplerConfig, labels: np.ndarray, *,
              seed: int = 0, noise: np.ndarray | None = None, batch_size: int = 64, progress: bool = False,
-             sample_fn: Callable | None = None) -> np.ndarray:
+             sample_fn: Callable | None = None, mesh: Any = None, start_index: int = 0) -> np.ndarray:
     """Sample ``len(labels)`` images (model space, float32 NHWC); one compile for every batch.
 
     The last partial batch is padded to ``batch_size`` so that it reuses the compiled function.
+    Sample ``i`` (global index ``start_index + i``) depends only on the seed and that index, not
+    on the batch size, the device count or the host, so hosts can each sample a slice.
+    With a ``mesh``, ``batch_size`` is the global batch and must be a multiple of the 'data' axis
+    size (a QditError says so); each batch is split over the devices and gathered in order.
     """
     if cfg.class_dropout_prob <= 0 and scfg.cfg_scale != 1.0:
         raise QditError("this model has no null label (trained without class dropout); use --cfg-scale 1")
@@ -139,20 +156,25 @@ def generate(apply_fn: ApplyFn, params: Any, cfg: DiTConfig, scfg: SamplerConfig
             raise QditError(f"--noise has shape {noise.shape}; this model and sample count need {(n, *shape)}")
     if batch_size < 1:
         raise QditError(f"--batch-size must be >= 1, got {batch_size}")
-    batch_size = min(batch_size, n)
-    fn = sample_fn or make_sample_fn(apply_fn, cfg, scfg)
+    ndev = 1
+    if mesh is not None:
+        ndev = data_size(mesh)
+        check_divisible(batch_size, ndev, "--batch-size")
+    batch_size = min(batch_size, round_up(n, ndev))
+    fn = sample_fn or make_sample_fn(apply_fn, cfg, scfg, mesh=mesh)
     out = np.empty((n, *shape), np.float32)
     batches = list(iterate_batches(n, batch_size))
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"sampling ({scfg.sampler} {scfg.steps})", unit="batch")
-    base_key = jax.random.PRNGKey(seed + 1)
-    for bi, idx in enumerate(batches):
+    key = jax.random.PRNGKey(seed + 1)  # one key: step noise is drawn per sample from fold_in(., index)
+    for idx in batches:
         pad = batch_size - len(idx)
         full = np.concatenate([idx, np.full(pad, idx[-1])]) if pad else idx
-        z = jnp.asarray(noise[full]) if noise is not None else initial_noise(seed, full, shape)
-        x = fn(params, z, jnp.asarray(labels[full]), jax.random.fold_in(base_key, bi))
+        gid = full + start_index
+        z = jnp.asarray(noise[full]) if noise is not None else initial_noise(seed, gid, shape)
+        x = fn(params, z, jnp.asarray(labels[full]), key, jnp.asarray(gid, jnp.uint32))
         out[idx] = np.asarray(x)[: len(idx)]
     return out
 

@@ -10,6 +10,11 @@ one key per loop iteration (iteration k runs step index ``S - 1 - k``); all nois
 ``normal_noise(key, shape)``, so a Python loop of ``ddim_step`` / ``ddpm_step`` reproduces the
 scan exactly. Math runs in float32 on float32 copies of the float64 tables, as the official
 code does. The samplers do not jit themselves: jit the caller (it closes over the params).
+
+Per-sample noise (optional, for results independent of batching and device count): with
+``sample_ids`` (N,) given, sample ``i`` draws its noise from ``fold_in(key, sample_ids[i])`` of the
+iteration's key instead of one draw for the whole batch, so a sample's noise does not depend on
+which other samples share its batch or device.
 """
 from __future__ import annotations
 
@@ -54,6 +59,13 @@ def normal_noise(key: jax.Array, shape: Sequence[int]) -> jax.Array:
     default partitionable threefry, but many times faster to compile for 4-D shapes on CPU.
     """
     return jax.random.normal(key, (math.prod(shape),), jnp.float32).reshape(tuple(shape))
+
+
+def _draw(key: jax.Array, shape: tuple[int, ...], sample_ids: jax.Array | None) -> jax.Array:
+    """Noise of ``shape``: one draw for the batch, or one per sample from ``fold_in(key, id)``."""
+    if sample_ids is None:
+        return normal_noise(key, shape)
+    return jax.vmap(lambda i: normal_noise(jax.random.fold_in(key, i), shape[1:]))(sample_ids)
 
 
 def _batch_t(x: jax.Array, index: int | jax.Array) -> jax.Array:
@@ -117,7 +129,7 @@ def ddpm_step(model_fn: ModelFn, x: jax.Array, index: int | jax.Array, diffusion
 
 def _loop(step: Callable[[jax.Array, jax.Array, jax.Array | None], StepOutput], shape: Sequence[int],
           key: jax.Array, diffusion: GaussianDiffusion, noise: jax.Array | None, needs_noise: bool,
-          return_trajectory: bool) -> jax.Array | tuple[jax.Array, Trajectory]:
+          return_trajectory: bool, sample_ids: jax.Array | None = None) -> jax.Array | tuple[jax.Array, Trajectory]:
     """Run ``step`` from index S-1 down to 0 in one scan."""
     try:
         shape = tuple(int(s) for s in shape)
@@ -125,10 +137,14 @@ def _loop(step: Callable[[jax.Array, jax.Array, jax.Array | None], StepOutput], 
         raise QditError(f"shape must be a sequence of ints (N, H, W, C), got {shape!r}") from None
     if len(shape) < 2 or min(shape) < 1:
         raise QditError(f"shape must be (N, ..., C) with positive sizes, got {shape}")
+    if sample_ids is not None:
+        if tuple(jnp.shape(sample_ids)) != shape[:1]:
+            raise QditError(f"sample_ids has shape {tuple(jnp.shape(sample_ids))}; pass one id per sample, shape {shape[:1]}")
+        sample_ids = jnp.asarray(sample_ids, jnp.uint32)
     n_steps = diffusion.num_timesteps
     init_key, step_keys = split_sampling_key(key, n_steps)
     if noise is None:
-        x = normal_noise(init_key, shape)
+        x = _draw(init_key, shape, sample_ids)
     elif tuple(jnp.shape(noise)) != shape:
         raise QditError(f"initial noise has shape {tuple(jnp.shape(noise))} but shape is {shape}; make them equal")
     else:
@@ -136,7 +152,7 @@ def _loop(step: Callable[[jax.Array, jax.Array, jax.Array | None], StepOutput], 
 
     def body(x: jax.Array, inputs: tuple[jax.Array, jax.Array]):
         index, k = inputs
-        z = normal_noise(k, shape) if needs_noise else None
+        z = _draw(k, shape, sample_ids) if needs_noise else None
         out = step(x, index, z)
         return out.sample, ((x, out.t_model) if return_trajectory else None)
 
@@ -147,38 +163,40 @@ def _loop(step: Callable[[jax.Array, jax.Array, jax.Array | None], StepOutput], 
 
 def ddim_sample(model_fn: ModelFn, shape: Sequence[int], key: jax.Array, diffusion: GaussianDiffusion, *,
                 eta: float | jax.Array = 0.0, clip_denoised: bool = False, noise: jax.Array | None = None,
-                return_trajectory: bool = False) -> jax.Array | tuple[jax.Array, Trajectory]:
+                return_trajectory: bool = False, sample_ids: jax.Array | None = None
+                ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """DDIM samples (the official ``ddim_sample_loop``); with ``return_trajectory`` also the model inputs."""
     deterministic = _check_eta(eta)
 
     def step(x: jax.Array, index: jax.Array, z: jax.Array | None) -> StepOutput:
         return ddim_step(model_fn, x, index, diffusion, eta=eta, clip_denoised=clip_denoised, noise=z)
 
-    return _loop(step, shape, key, diffusion, noise, not deterministic, return_trajectory)
+    return _loop(step, shape, key, diffusion, noise, not deterministic, return_trajectory, sample_ids)
 
 
 def ddpm_sample(model_fn: ModelFn, shape: Sequence[int], key: jax.Array, diffusion: GaussianDiffusion, *,
                 clip_denoised: bool = False, noise: jax.Array | None = None,
-                return_trajectory: bool = False) -> jax.Array | tuple[jax.Array, Trajectory]:
+                return_trajectory: bool = False, sample_ids: jax.Array | None = None
+                ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """Ancestral samples (the official ``p_sample_loop``); with ``return_trajectory`` also the model inputs."""
 
     def step(x: jax.Array, index: jax.Array, z: jax.Array | None) -> StepOutput:
         return ddpm_step(model_fn, x, index, diffusion, noise=z, clip_denoised=clip_denoised)
 
-    return _loop(step, shape, key, diffusion, noise, True, return_trajectory)
+    return _loop(step, shape, key, diffusion, noise, True, return_trajectory, sample_ids)
 
 
 def sample(model_fn: ModelFn, shape: Sequence[int], key: jax.Array, diffusion: GaussianDiffusion,
            sampler: str = "ddim", eta: float = 0.0, clip_denoised: bool = False,
-           noise: jax.Array | None = None, return_trajectory: bool = False
+           noise: jax.Array | None = None, return_trajectory: bool = False, sample_ids: jax.Array | None = None
            ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """Dispatch to ``ddim_sample`` or ``ddpm_sample`` by name."""
     if sampler == "ddim":
         return ddim_sample(model_fn, shape, key, diffusion, eta=eta, clip_denoised=clip_denoised,
-                           noise=noise, return_trajectory=return_trajectory)
+                           noise=noise, return_trajectory=return_trajectory, sample_ids=sample_ids)
     if sampler == "ddpm":
         if not _check_eta(eta):
             raise QditError(f"eta={eta!r} applies only to the ddim sampler; drop it or use sampler='ddim'")
         return ddpm_sample(model_fn, shape, key, diffusion, clip_denoised=clip_denoised, noise=noise,
-                           return_trajectory=return_trajectory)
+                           return_trajectory=return_trajectory, sample_ids=sample_ids)
     raise QditError(f"unknown sampler {sampler!r}; use one of {list(SAMPLERS)}")

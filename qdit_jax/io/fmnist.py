@@ -82,15 +82,17 @@ def _find(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def dataset_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The folder holding the IDX files: ``data_dir``, else ``$QDIT_FMNIST_DIR``, else the Debian path."""
+def dataset_dir(data_dir: str | os.PathLike[str] | None = None, split: str | None = None) -> Path:
+    """The folder holding the IDX files (of ``split``, or of both splits): ``data_dir``, else
+    ``$QDIT_FMNIST_DIR``, else the Debian path."""
     if data_dir is not None:
         candidates = [Path(data_dir)]
     else:
         env = os.environ.get(ENV_VAR)
         candidates = ([Path(env)] if env else []) + [DEFAULT_DIR]
     for d in candidates:
-        if all(_find(d, stem) for pair in _FILES.values() for stem in pair):
+        pairs = [_FILES[split]] if split in _FILES else list(_FILES.values())
+        if all(_find(d, stem) for pair in pairs for stem in pair):
             return d
     tried = ", ".join(str(d) for d in candidates)
     raise QditError(f"Fashion-MNIST not found (looked in {tried}); {_INSTALL_HINT}")
@@ -101,7 +103,7 @@ def load_fashion_mnist(split: str = "train",
     """Returns ``(images uint8 (N, 28, 28), labels uint8 (N,))`` of the 'train' (60k) or 'test' (10k) split."""
     if split not in _FILES:
         raise QditError(f"unknown Fashion-MNIST split {split!r}; use 'train' or 'test'")
-    d = dataset_dir(data_dir)
+    d = dataset_dir(data_dir, split)
     img_path, lab_path = (_find(d, stem) for stem in _FILES[split])
     images, labels = read_idx(img_path), read_idx(lab_path)
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):

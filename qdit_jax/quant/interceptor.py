@@ -15,7 +15,7 @@ input to a callback, which is how calibration statistics and GPTQ Hessians are g
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +67,44 @@ def quantize_activation(x: jax.Array, spec: QuantSpec, static: QParams | None = 
     return fake_quant_spec(x.astype(jnp.float32), spec).astype(x.dtype)
 
 
+class ChoiceQuant(NamedTuple):
+    """A plan entry whose input-activation spec is picked at run time: ``candidates[index]``.
+
+    ``index`` may be a traced int (e.g. one candidate of the granularity search under ``jax.vmap``):
+    the input is fake-quantized by ``lax.switch`` over the candidates' dynamic activation specs,
+    which runs one branch when unbatched and selects among all of them under ``vmap``. Weights are
+    not touched (the search selects pre-quantized kernels itself)."""
+
+    candidates: tuple[LayerQuant, ...]
+    index: Any
+
+
+def quantize_activation_choice(x: jax.Array, choice: ChoiceQuant) -> jax.Array:
+    """Dynamic fake quantization of ``x`` under ``choice.candidates[choice.index].act``."""
+    def branch(spec: QuantSpec | None) -> Callable[[jax.Array], jax.Array]:
+        if spec is None:
+            return lambda v: v
+        return lambda v: fake_quant_spec(v.astype(jnp.float32), spec).astype(v.dtype)
+
+    branches = [branch(lq.act) for lq in choice.candidates]
+    if len(branches) == 1:
+        return branches[0](x)
+    return jax.lax.switch(jnp.asarray(choice.index, jnp.int32), branches, x)
+
+
+def _choice_args(choice: ChoiceQuant, path: str, args: tuple, static: Mapping[str, Any], tap: Tap | None) -> list:
+    if path in static:
+        raise QditError(f"{path}: run-time group-size choice works with dynamic activations only, not static ones")
+    out = []
+    for i, a in enumerate(args):
+        if isinstance(a, jax.Array) and a.ndim >= 2 and jnp.issubdtype(a.dtype, jnp.floating):
+            a = quantize_activation_choice(a, choice)
+        if tap is not None:
+            tap(path, i, a)
+        out.append(a)
+    return out
+
+
 def _make_interceptor(plan: Mapping[str, LayerQuant], static: Mapping[str, Any] | None, tap: Tap | None):
     static = static or {}
 
@@ -75,6 +113,8 @@ def _make_interceptor(plan: Mapping[str, LayerQuant], static: Mapping[str, Any] 
             return next_fun(*args, **kwargs)
         path = module_path(context.module)
         lq = plan.get(path)
+        if isinstance(lq, ChoiceQuant):
+            return next_fun(*_choice_args(lq, path, args, static, tap), **kwargs)
         if lq is None or lq.act is None:
             if tap is not None and lq is not None:
                 for i, a in enumerate(args):
@@ -101,17 +141,27 @@ def quantized(plan: Mapping[str, LayerQuant], static: Mapping[str, Any] | None =
         yield
 
 
-def quantized_apply_fn(cfg: DiTConfig, plan: Mapping[str, LayerQuant], static: Mapping[str, Any] | None = None):
-    """``apply_fn(params, x, t, y)`` of the model with fake-quantized activations (weights: see
-    ``fake_quantize_weights``)."""
+def quantized_apply_fn(cfg: DiTConfig, plan: Mapping[str, LayerQuant]):
+    """``apply_fn(bundle, x, t, y)`` of the model with fake-quantized activations, where
+    ``bundle = {"params": params, "static": static_act_params}`` (see ``make_bundle``).
+
+    Weights are quantized beforehand (``fake_quantize_weights`` / ``quantize_model``). Static
+    activation parameters travel as arguments, not constants, so one compiled sampler serves every
+    model that shares the activation settings (different weights, bits of weights, calibrations).
+    """
     model = DiT(cfg)
     plan = dict(plan)
 
-    def apply_fn(params: Any, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
-        with quantized(plan, static):
-            return model.apply({"params": params}, x, t, y)
+    def apply_fn(bundle: Mapping[str, Any], x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+        with quantized(plan, bundle.get("static") or None):
+            return model.apply({"params": bundle["params"]}, x, t, y)
 
     return apply_fn
+
+
+def make_bundle(params: Any, static: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The first argument of a quantized ``apply_fn``."""
+    return {"params": params, "static": dict(static or {})}
 
 
 # ----------------------------------------------------------------------------- layers and weights

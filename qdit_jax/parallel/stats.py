@@ -1,0 +1,163 @@
+"""Statistics over a batch sharded on the 'data' axis, reduced with XLA collectives.
+
+Each device reduces its slice (min/max of layer inputs, sums of x^T x, feature sums and outer
+products) and ``lax.pmin`` / ``pmax`` / ``psum`` over 'data' combine the slices inside the
+compiled program (an all-reduce); batches are then folded on the host. Min/max equal the
+single-device results exactly; sums equal them up to float32 summation order.
+
+Padding rows (when the data does not fill the last batch) repeat real rows: harmless for
+min/max, and given weight 0 in every sum.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from qdit_jax.errors import QditError
+from qdit_jax.parallel.mesh import DATA, check_divisible, data_parallel, data_size, round_up
+
+
+def _padded_batches(n: int, batch_size: int, mesh: Mesh) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(row indices, 0/1 weights) of fixed-size global batches; the last one wraps with weight 0."""
+    check_divisible(batch_size, data_size(mesh), "batch size")
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        yield idx % n, (idx < n).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- layer inputs
+
+
+def sharded_layer_input_stats(params: Any, cfg: Any, plan: Mapping[str, Any], calib: Any,
+                              reduce: Callable[[str, int, jax.Array, jax.Array], Any],
+                              all_reduce: Callable[[Any], Any], combine: Callable[[Any, Any], Any], mesh: Mesh,
+                              *, act_quant: bool = False, static: Mapping[str, Any] | None = None,
+                              batch_size: int = 64) -> dict[tuple[str, int], Any]:
+    """``quant.calibration.layer_input_stats`` with the batch split over ``mesh``.
+
+    ``reduce(path, i, a, w)`` folds one device's layer input ``a`` (rows weighted by ``w``, shape
+    (local batch,)); ``all_reduce`` combines the devices' results (inside shard_map: lax.psum,
+    pmin, pmax over 'data'); ``combine`` folds batches on the host.
+    """
+    from qdit_jax.models.dit import DiT
+    from qdit_jax.quant.config import LayerQuant
+    from qdit_jax.quant.interceptor import quantized
+
+    model = DiT(cfg)
+    run_plan = dict(plan) if act_quant else {p: LayerQuant(lq.weight, None) for p, lq in plan.items()}
+
+    def local(params, x, t, y, w):
+        acc: dict[tuple[str, int], Any] = {}
+
+        def tap(path: str, i: int, a: jax.Array) -> None:
+            if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.floating):
+                if a.shape[0] != w.shape[0]:
+                    raise QditError(f"layer {path} input has leading size {a.shape[0]}, not the batch {w.shape[0]}")
+                r = reduce(path, i, a, w)
+                if r is not None:
+                    acc[(path, i)] = r if (path, i) not in acc else combine(acc[(path, i)], r)
+
+        with quantized(run_plan, static if act_quant else None, tap):
+            model.apply({"params": params}, x, t, y)
+        return all_reduce(acc)
+
+    fn = data_parallel(local, mesh, (P(), P(DATA), P(DATA), P(DATA), P(DATA)), P())
+    total: dict[tuple[str, int], Any] = {}
+    batch_size = min(batch_size, round_up(len(calib), data_size(mesh)))
+    for idx, w in _padded_batches(len(calib), batch_size, mesh):
+        part = fn(params, jnp.asarray(calib.x[idx]), jnp.asarray(calib.t[idx]), jnp.asarray(calib.y[idx]),
+                  jnp.asarray(w))
+        total = part if not total else {k: combine(total[k], v) for k, v in part.items()}
+    return total
+
+
+def calibrate_static_sharded(params: Any, cfg: Any, plan: Mapping[str, Any], calib: Any, mesh: Mesh,
+                             batch_size: int = 64) -> dict[str, list]:
+    """``quant.calibration.calibrate_static`` (per-group min/max of layer inputs) with the batch
+    sharded and the ranges combined by pmin/pmax all-reduces."""
+    from qdit_jax.quant.interceptor import static_qparams
+
+    def reduce(path: str, i: int, a: jax.Array, w: jax.Array):
+        spec = plan[path].act
+        if spec is None:
+            return None
+        g = a.shape[-1] if spec.group_size == 0 else spec.group_size
+        ag = a.astype(jnp.float32).reshape(-1, a.shape[-1] // g, g)
+        return jnp.min(ag, axis=(0, 2)), jnp.max(ag, axis=(0, 2))
+
+    def all_reduce(acc):
+        return {k: (jax.lax.pmin(lo, DATA), jax.lax.pmax(hi, DATA)) for k, (lo, hi) in acc.items()}
+
+    def combine(u, v):
+        return jnp.minimum(u[0], v[0]), jnp.maximum(u[1], v[1])
+
+    ranges = sharded_layer_input_stats(params, cfg, plan, calib, reduce, all_reduce, combine, mesh,
+                                       batch_size=batch_size)
+    out: dict[str, list] = {}
+    for (path, i), (lo, hi) in sorted(ranges.items()):
+        out.setdefault(path, []).append(static_qparams(lo, hi, plan[path].act))
+    return out
+
+
+def hessians_sharded(params: Any, cfg: Any, plan: Mapping[str, Any], calib: Any, mesh: Mesh, *,
+                     static: Mapping[str, Any] | None = None, batch_size: int = 64) -> dict[str, jax.Array]:
+    """GPTQ Hessians ``2/n sum x^T x`` of every weight-quantized layer's (quantized) input, with
+    the batch sharded and the sums combined by a psum all-reduce (as ``quant.quantize``'s runner)."""
+    weighted = {p for p, lq in plan.items() if lq.weight is not None}
+
+    def reduce(path: str, i: int, a: jax.Array, w: jax.Array):
+        if i != 0 or path not in weighted:
+            return None
+        per_row = int(np.prod(a.shape[1:-1]))
+        a2 = (a.astype(jnp.float32) * w.reshape((-1,) + (1,) * (a.ndim - 1))).reshape(-1, a.shape[-1])
+        return a2.T @ a2, jnp.sum(w) * per_row
+
+    def all_reduce(acc):
+        return jax.lax.psum(acc, DATA)
+
+    def combine(u, v):
+        return u[0] + v[0], u[1] + v[1]
+
+    sums = sharded_layer_input_stats(params, cfg, plan, calib, reduce, all_reduce, combine, mesh, act_quant=True,
+                                     static=static, batch_size=batch_size)
+    return {p: 2.0 * s / n for (p, _), (s, n) in sums.items()}
+
+
+# ----------------------------------------------------------------------------- FID features
+
+
+def feature_moments_fn(mesh: Mesh) -> Callable:
+    """Compiled ``(features, weights, shift) -> (sum w (f - shift), sum w (f - shift)^T (f - shift))``
+    with the rows split over 'data' and the two sums all-reduced (psum)."""
+
+    def local(f: jax.Array, w: jax.Array, shift: jax.Array):
+        d = (f.astype(jnp.float32) - shift) * w[:, None]
+        return jax.lax.psum((d.sum(axis=0), d.T @ d), DATA)
+
+    return data_parallel(local, mesh, (P(DATA), P(DATA), P()), P())
+
+
+def feature_statistics_sharded(features: Any, mesh: Mesh, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """``metrics.frechet.feature_statistics`` (float64 mean, ``np.cov`` covariance) with each batch's
+    sums computed sharded over ``mesh``; batches are accumulated in float64 on the host, shifted by
+    the first batch's mean as the single-device accumulator does."""
+    x = np.asarray(features)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise QditError(f"features must be (num_samples >= 2, dim), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise QditError("features contain NaN or inf: check the images fed to the feature network")
+    fn = feature_moments_fn(mesh)
+    n = x.shape[0]
+    batch_size = min(batch_size, round_up(n, data_size(mesh)))
+    shift = x[:batch_size].astype(np.float64).mean(axis=0)
+    total = np.zeros(x.shape[1]), np.zeros((x.shape[1], x.shape[1]))
+    for idx, w in _padded_batches(n, batch_size, mesh):
+        s, o = fn(jnp.asarray(x[idx], jnp.float32), jnp.asarray(w), jnp.asarray(shift, jnp.float32))
+        total = total[0] + np.asarray(s, np.float64), total[1] + np.asarray(o, np.float64)
+    mean_d = total[0] / n
+    sigma = (total[1] - n * np.outer(mean_d, mean_d)) / (n - 1)
+    return shift.astype(np.float32).astype(np.float64) + mean_d, (sigma + sigma.T) / 2

@@ -1,0 +1,322 @@
+"""Real low-bit execution of a quantized DiT: the interceptor's second mode.
+
+Fake-quant mode (``interceptor.quantized``) computes in float on dequantized weights. Here every
+planned Dense layer's computation is *replaced*: its weight is stored as int8 codes, 4-bit codes
+packed two per byte, or fp8 codes, with per-(channel, group) scales; its input is quantized on the
+fly (per token, or per token and group; dynamic, symmetric), and the product runs as a
+``lax.dot_general`` on int8 operands with int32 accumulation (fp8: float32 accumulation); the
+scales (per-channel weights x per-token activations, per group for group-wise layers) and the bias
+are applied after. Group-wise layers use the Pallas kernel of ``kernels.group_gemm`` on the GPU
+where its guard allows, else the same math in XLA.
+
+The plan (rules + per-layer configs) is the fake-quant mode's: ``build_real`` takes a
+``QuantizedModel`` (or float params + ``QuantConfig``) and reuses its codes and scales, so both
+modes compute the same function up to accumulation order.
+
+Supported: integer weights of 2..8 bits (symmetric, or asymmetric through a zero-point correction),
+symmetric integer activations of <= 8 bits, fp8 weights and activations (both fp8), dynamic
+activation scales. Asymmetric or static activations are rejected with a QditError (use
+``act symmetric=True`` / ``act_mode='dynamic'``, or run the fake-quant mode).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from qdit_jax.errors import QditError
+from qdit_jax.models.dit import DiT, DiTConfig
+from qdit_jax.quant.config import LayerQuant, QuantConfig, resolve
+from qdit_jax.quant.interceptor import discover_layers, get_kernel, module_path, quantize_activation
+from qdit_jax.quant.kernels.group_gemm import (Tiles, group_gemm_pallas, group_gemm_xla, kernel_applies,
+                                               pack_blocked, weight_codes_int8)
+from qdit_jax.quant.quantizers import QParams, QuantSpec, _int_codes, params_of_groups
+
+BACKENDS = ("auto", "xla", "pallas")
+
+
+class RealWeight(NamedTuple):
+    """Stored form of one layer: ``codes`` (N, K) int8 / fp8, or (N, K // 2) uint8 for packed
+    4-bit; ``scale`` (G, N) float32; ``zero`` (G, N) float32 shifted zero point (asymmetric int
+    weights) or None; ``bias`` (N,) float32 or None. G is the layer's effective group count."""
+
+    codes: jax.Array
+    scale: jax.Array
+    zero: jax.Array | None
+    bias: jax.Array | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RealOptions:
+    """``backend``: 'auto' (per-channel layers in XLA, group-wise layers through the Pallas kernel
+    where it applies), 'xla' (XLA everywhere) or 'pallas' (the kernel wherever it applies);
+    ``fuse_quant``: quantize activations inside the kernel where it can."""
+
+    backend: str = "auto"
+    tiles: Tiles = Tiles()
+    fuse_quant: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise QditError(f"real-mode backend must be one of {BACKENDS}, got {self.backend!r}")
+
+
+# ----------------------------------------------------------------------------- plan checks
+
+
+def _eff_group(spec: QuantSpec | None, k: int) -> int:
+    return k if spec is None or spec.group_size == 0 else spec.group_size
+
+
+def effective_group(lq: LayerQuant, k: int) -> int:
+    """The group width both operands are split into: the finer of the two (one must divide the other)."""
+    gw, ga = _eff_group(lq.weight, k), _eff_group(lq.act, k)
+    lo, hi = min(gw, ga), max(gw, ga)
+    if hi % lo:
+        raise QditError(f"real execution needs the weight group ({gw}) and activation group ({ga}) to nest "
+                        f"(one a multiple of the other); choose group sizes such as 64 and 128")
+    return lo
+
+
+def check_real_plan(plan: Mapping[str, LayerQuant], act_mode: str = "dynamic") -> None:
+    """Raise a QditError for a plan the real mode cannot execute (see module doc)."""
+    for path, lq in plan.items():
+        if lq.weight is None or lq.act is None:
+            continue
+        w, a = lq.weight, lq.act
+        if act_mode != "dynamic":
+            raise QditError(f"{path}: real execution quantizes activations dynamically; use act_mode 'dynamic' "
+                            f"or run static activations in fake-quant mode")
+        if (w.format == "int") != (a.format == "int"):
+            raise QditError(f"{path}: weight format {w.format} and activation format {a.format} differ; real "
+                            f"execution needs both integer or both fp8")
+        if a.format == "int" and not a.symmetric:
+            raise QditError(f"{path}: real execution needs symmetric activation quantization (int8 codes without "
+                            f"a zero point); set act symmetric=True (e.g. qdit_rules(..., a_sym=True))")
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def real_weight(codes: jax.Array, qp: QParams, lq: LayerQuant, bias: Any, *, pack4: bool = True) -> RealWeight:
+    """Stored form of one layer from its codes (N, K) and parameters (N, n_groups)."""
+    w = lq.weight
+    n, k = codes.shape
+    ge = effective_group(lq, k) if lq.act is not None else _eff_group(w, k)
+    rep = _eff_group(w, k) // ge
+    scale = jnp.repeat(jnp.asarray(qp.scale, jnp.float32), rep, axis=1).T
+    zero = None
+    if w.format == "int":
+        c = jnp.asarray(codes).astype(jnp.int32)
+        if not w.symmetric:  # uint8 codes 0..2^b-1 -> int8 around 0; zero point shifted alike
+            shift = 2 ** (w.bits - 1)
+            c = c - shift
+            zero = jnp.repeat(jnp.asarray(qp.zero_point, jnp.float32) - shift, rep, axis=1).T
+        c = c.astype(jnp.int8)
+        if w.bits <= 4 and pack4 and k % 2 == 0:
+            c = pack_blocked(c)
+    else:
+        c = jnp.asarray(codes)
+    b = None if bias is None else jnp.asarray(bias, jnp.float32)
+    return RealWeight(c, scale, zero, b)
+
+
+def strip_kernels(params: Any, paths: list[str]) -> dict[str, Any]:
+    """Params without the kernels and biases of ``paths`` (they live in the RealWeights)."""
+    def walk(node: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        out = {}
+        for key, val in node.items():
+            p = f"{prefix}/{key}" if prefix else key
+            if p in paths:
+                rest = {kk: vv for kk, vv in val.items() if kk not in ("kernel", "bias")}
+                if rest:
+                    out[key] = rest
+            elif isinstance(val, Mapping):
+                sub = walk(val, p)
+                if sub:
+                    out[key] = sub
+            else:
+                out[key] = val
+        return out
+
+    return walk(params, "")
+
+
+@dataclasses.dataclass
+class RealModel:
+    """A DiT in real low-bit form: float params of the unquantized layers plus RealWeights."""
+
+    config: DiTConfig
+    plan: dict[str, LayerQuant]
+    params: dict[str, Any]
+    weights: dict[str, RealWeight]
+
+    def variables(self) -> dict[str, Any]:
+        """The pytree ``real_apply_fn``'s apply_fn takes as its params argument."""
+        return {"params": self.params, "weights": self.weights}
+
+    def apply_fn(self, options: RealOptions = RealOptions()):
+        return real_apply_fn(self.config, self.plan, options)
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of the quantized linears as stored (codes, scales, zero points, biases) and of the
+        same linears' kernels + biases in float32 and bf16."""
+        q = f32 = 0
+        for rw in self.weights.values():
+            q += sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in rw if a is not None)
+            n, k = rw.codes.shape[0], rw.codes.shape[1] * (2 if rw.codes.dtype == jnp.uint8 else 1)
+            f32 += (n * k + (0 if rw.bias is None else n)) * 4
+        return {"quantized": q, "fp32": f32, "bf16": f32 // 2}
+
+
+def build_real(qm: Any, *, pack4: bool = True) -> RealModel:
+    """RealModel from a ``QuantizedModel`` (its plan, codes and scales; float params for the rest)."""
+    act_mode = "static" if getattr(qm, "static", None) else "dynamic"
+    check_real_plan(qm.plan, act_mode)
+    weights = {}
+    for path, (codes, qp) in qm.codes.items():
+        layer = get_kernel(qm.params, path)
+        weights[path] = real_weight(codes, qp, qm.plan[path], layer.get("bias"), pack4=pack4)
+    return RealModel(qm.config, dict(qm.plan), strip_kernels(qm.params, list(weights)), weights)
+
+
+def real_from_params(params: Any, cfg: DiTConfig, qcfg: QuantConfig, *, pack4: bool = True) -> RealModel:
+    """RealModel straight from float params (round-to-nearest weights) under ``qcfg``'s rules."""
+    from qdit_jax.quant.quantize import rtn_codes
+
+    plan = resolve(qcfg, discover_layers(cfg)).as_dict()
+    if not plan:
+        raise QditError("the quantization config matches no layer of this model; check its rule patterns")
+    check_real_plan(plan, qcfg.act_mode)
+    codes = rtn_codes(params, plan)
+    weights = {p: real_weight(c, qp, plan[p], get_kernel(params, p).get("bias"), pack4=pack4)
+               for p, (c, qp) in codes.items()}
+    return RealModel(cfg, plan, strip_kernels(params, list(weights)), weights)
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+def quantize_act(x2: jax.Array, spec: QuantSpec, group: int) -> tuple[jax.Array, jax.Array]:
+    """Dynamic symmetric codes of ``x2`` (M, K) and their scales (G_eff, M), computed exactly as the
+    fake-quant mode computes them (float32), repeated to ``group``-wide groups."""
+    m, k = x2.shape
+    ga = _eff_group(spec, k)
+    xg = x2.astype(jnp.float32).reshape(m, k // ga, ga)
+    scale, zp = params_of_groups(xg, spec)
+    if spec.format == "int":
+        q = _int_codes(xg, scale, zp, spec.bits, True).astype(jnp.int8)
+    else:
+        from qdit_jax.quant import formats as F
+
+        q = F.fp8_round(xg / scale[..., None], spec.format)
+    return q.reshape(m, k), jnp.repeat(scale, ga // group, axis=1).T
+
+
+def _dequant_weight(rw: RealWeight, dtype: Any) -> jax.Array:
+    c = weight_codes_int8(rw.codes) if rw.codes.dtype == jnp.uint8 else rw.codes
+    g, n = rw.scale.shape
+    k = c.shape[1]
+    cg = c.astype(jnp.float32).reshape(n, g, k // g)
+    if rw.zero is not None:
+        cg = cg - rw.zero.T[:, :, None]
+    return (cg * rw.scale.T[:, :, None]).reshape(n, k).astype(dtype)
+
+
+def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
+               options: RealOptions = RealOptions()) -> jax.Array:
+    """``x @ W^T + b`` for a planned Dense, in real low precision (weight-only layers: dequantize)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    n = rw.scale.shape[1]
+    if lq.act is None:  # weight-only (adaLN): tiny M, dequantize the weight and multiply
+        w = _dequant_weight(rw, x.dtype)
+        y = jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        y = y if rw.bias is None else y + rw.bias
+        return y.astype(out_dtype).reshape(*lead, n)
+    g = rw.scale.shape[0]
+    group = k // g
+    is_int = lq.act.format == "int"
+    m = x2.shape[0]
+    use_kernel = False
+    if is_int and (options.backend == "pallas" or (options.backend == "auto" and g > 1)):
+        a_dtype = x2.dtype if options.fuse_quant else jnp.int8
+        use_kernel, _ = kernel_applies(m, n, k, g, a_dtype, rw.codes.dtype, tiles=options.tiles,
+                                       fuse_quant=options.fuse_quant)
+        fusable = (options.fuse_quant and _eff_group(lq.act, k) == group and lq.act.method == "max"
+                   and lq.act.clip_ratio == 1.0 and lq.act.bits == 8)
+        if use_kernel and options.fuse_quant and not fusable:
+            use_kernel = False
+        if use_kernel and options.fuse_quant:
+            y = group_gemm_pallas(x2, None, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype,
+                                  tiles=options.tiles, fuse_quant=True)
+            return y.reshape(*lead, n)
+        if not use_kernel and options.fuse_quant:  # retry without in-kernel quantization
+            use_kernel, _ = kernel_applies(m, n, k, g, jnp.int8, rw.codes.dtype, tiles=options.tiles)
+    qa, sa = quantize_act(x2, lq.act, group)
+    if use_kernel:
+        rs = None
+        if rw.zero is not None:
+            rs = jnp.sum(qa.reshape(m, g, group).astype(jnp.int32), axis=-1).T
+        y = group_gemm_pallas(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, rs, out_dtype=out_dtype,
+                              tiles=options.tiles)
+    else:
+        y = group_gemm_xla(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype)
+    return y.reshape(*lead, n)
+
+
+def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str, RealWeight], options: RealOptions):
+    def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        path = module_path(context.module)
+        lq = plan.get(path)
+        if lq is None:
+            return next_fun(*args, **kwargs)
+        if path in weights and isinstance(context.module, nn.Dense):
+            x = args[0]
+            out_dtype = context.module.dtype or x.dtype
+            return real_dense(x, weights[path], lq, out_dtype, options)
+        if lq.act is None:
+            return next_fun(*args, **kwargs)
+        # act-only layers (the attention core): the fake-quant mode's dynamic quantization
+        new_args = [quantize_activation(a, lq.act) if isinstance(a, jax.Array) and a.ndim >= 2
+                    and jnp.issubdtype(a.dtype, jnp.floating) else a for a in args]
+        return next_fun(*new_args, **kwargs)
+
+    return interceptor
+
+
+@contextlib.contextmanager
+def real_quantized(plan: Mapping[str, LayerQuant], weights: Mapping[str, RealWeight],
+                   options: RealOptions = RealOptions()) -> Iterator[None]:
+    """Within this context, planned Dense layers run in real low precision from ``weights``."""
+    with nn.intercept_methods(_make_real_interceptor(plan, weights, options)):
+        yield
+
+
+def real_apply_fn(cfg: DiTConfig, plan: Mapping[str, LayerQuant], options: RealOptions = RealOptions()):
+    """``apply_fn(variables, x, t, y)`` with ``variables = RealModel.variables()``: the pipeline's
+    ApplyFn signature, so sampling code runs it unchanged."""
+    model = DiT(cfg)
+    plan = dict(plan)
+
+    def apply_fn(variables: Mapping[str, Any], x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+        with real_quantized(plan, variables["weights"], options):
+            return model.apply({"params": variables["params"]}, x, t, y)
+
+    return apply_fn
+
+
+def checkpoint_bytes(tree: Any) -> int:
+    """Bytes of every array in a pytree as stored (what a checkpoint of it holds, without metadata)."""
+    return int(sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(tree)))
+
+
+__all__ = ["RealWeight", "RealOptions", "RealModel", "build_real", "real_from_params", "real_apply_fn",
+           "real_quantized", "real_dense", "quantize_act", "check_real_plan", "effective_group", "checkpoint_bytes"]

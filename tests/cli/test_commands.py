@@ -1,0 +1,107 @@
+"""End-to-end `qdit convert / sample / quantize` on a tiny random DiT, and their one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from qdit_jax.cli.main import main
+from qdit_jax.io.images import load_samples
+
+torch = pytest.importorskip("torch")
+from tests.reference.torch_dit import TorchDiT, random_official_state_dict  # noqa: E402
+
+
+def _one_line_error(capsys, argv) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def tiny_pt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pt")
+    model = TorchDiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=2,
+                     num_classes=10, learn_sigma=True, class_dropout_prob=0.1)
+    path = str(d / "tiny.pt")
+    torch.save(random_official_state_dict(model, seed=3), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_pt, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ck") / "tiny")
+    assert main(["convert", tiny_pt, "--out", out, "--num-heads", "2"]) == 0
+    return out
+
+
+def test_convert_writes_a_loadable_checkpoint(tiny_ckpt):
+    meta = json.load(open(os.path.join(tiny_ckpt, "config.json")))
+    assert meta["model_config"]["hidden_size"] == 64 and meta["model_config"]["depth"] == 2
+    assert meta["extra"]["sampling"]["clip_denoised"] is True  # 1-channel pixel model
+
+
+def test_sample_fp_and_quantized(tiny_ckpt, tmp_path, capsys):
+    out = str(tmp_path / "s.npz")
+    assert main(["sample", "--ckpt", tiny_ckpt, "--num-samples", "3", "--steps", "2", "--out", out]) == 0
+    images, labels = load_samples(out)
+    assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8 and list(labels) == [0, 1, 2]
+    assert os.path.exists(str(tmp_path / "s.png"))
+    assert images.std() > 0
+    # Same seed, same images; another seed, other images.
+    out2 = str(tmp_path / "s2.npz")
+    main(["sample", "--ckpt", tiny_ckpt, "--num-samples", "3", "--steps", "2", "--out", out2])
+    np.testing.assert_array_equal(load_samples(out2)[0], images)
+    qdir = str(tmp_path / "q")
+    assert main(["quantize", "--ckpt", tiny_ckpt, "--preset", "w8a8", "--w-group", "32", "--a-group", "32",
+                 "--out", qdir]) == 0
+    qout = str(tmp_path / "q.npz")
+    assert main(["sample", "--ckpt", qdir, "--num-samples", "3", "--steps", "2", "--out", qout]) == 0
+    q_images = load_samples(qout)[0]
+    assert q_images.shape == images.shape
+    # W8A8 is close to FP on the same noise, but not bit-identical (it is really quantized).
+    diff = np.abs(q_images.astype(int) - images.astype(int))
+    assert diff.max() > 0 and diff.mean() < 8
+
+
+def test_sample_bad_inputs_are_one_line_errors(tiny_ckpt, tmp_path, capsys):
+    out = str(tmp_path / "s.npz")
+    assert "--steps" in _one_line_error(capsys, ["sample", "--steps", "0", "--out", out])
+    assert "37 DDIM steps" in _one_line_error(capsys, ["sample", "--steps", "37", "--out", out])
+    labels = str(tmp_path / "y.npy")
+    np.save(labels, np.array([1, 12], np.int64))
+    err = _one_line_error(capsys, ["sample", "--ckpt", tiny_ckpt, "--num-samples", "2", "--labels", labels, "--out", out])
+    assert "label 12" in err and "0..9" in err
+    assert "does not exist" in _one_line_error(capsys, ["sample", "--ckpt", str(tmp_path / "nope"), "--out", out])
+
+
+def test_convert_bad_inputs_are_one_line_errors(tiny_pt, tmp_path, capsys):
+    trunc = str(tmp_path / "trunc.pt")
+    with open(tiny_pt, "rb") as f:
+        data = f.read()
+    with open(trunc, "wb") as f:
+        f.write(data[: len(data) // 2])
+    _one_line_error(capsys, ["convert", trunc, "--out", str(tmp_path / "o1")])
+    sd = torch.load(tiny_pt, weights_only=True)
+    sd["blocks.0.attn.qkv.weigth"] = sd.pop("blocks.0.attn.qkv.weight")
+    renamed = str(tmp_path / "renamed.pt")
+    torch.save(sd, renamed)
+    err = _one_line_error(capsys, ["convert", renamed, "--out", str(tmp_path / "o2")])
+    assert "blocks.0.attn.qkv" in err
+    assert not os.path.exists(str(tmp_path / "o2"))
+
+
+def test_quantize_bad_inputs_are_one_line_errors(tiny_ckpt, tmp_path, capsys):
+    out = str(tmp_path / "q")
+    assert "does not divide" in _one_line_error(capsys, ["quantize", "--ckpt", tiny_ckpt, "--w-group", "48",
+                                                          "--a-group", "32", "--out", out])
+    assert "bits" in _one_line_error(capsys, ["quantize", "--ckpt", tiny_ckpt, "--wbits", "9", "--out", out])
+    assert "bits" in _one_line_error(capsys, ["quantize", "--ckpt", tiny_ckpt, "--wbits", "1", "--out", out])
+    per_layer = str(tmp_path / "pl.json")
+    json.dump({"blocks_9/mlp/fc1": {"weight": {"bits": 4, "group_size": 32}}}, open(per_layer, "w"))
+    assert "blocks_9/mlp/fc1" in _one_line_error(capsys, ["quantize", "--ckpt", tiny_ckpt, "--w-group", "32",
+                                                           "--a-group", "32", "--per-layer", per_layer, "--out", out])
