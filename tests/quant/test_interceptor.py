@@ -139,3 +139,23 @@ def test_xl2_has_112_block_linears():
     linears = [p for p in plan if not p.endswith("adaLN_modulation")]
     assert len(linears) == 28 * 4
     assert all(l.in_features in (1152, 4608) for l in layers if l.path in linears)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_choice_quantization_equals_the_chosen_spec(symmetric):
+    """The search's run-time group-size choice (shared min/max, one pass) equals quantizing under
+    the chosen spec directly, unbatched and under vmap over the choice index."""
+    from qdit_jax.quant.interceptor import ChoiceQuant, quantize_activation_choice
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((3, 5, 256)) * rng.uniform(0.1, 4, 256), jnp.float32)
+    specs = [QuantSpec(bits=4, group_size=g, symmetric=symmetric) for g in (32, 64, 128, 256, 0)]
+    cands = tuple(LayerQuant(None, s) for s in specs)
+    for i, s in enumerate(specs):
+        got = quantize_activation_choice(x, ChoiceQuant(cands, jnp.asarray(i)))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(fake_quant_spec(x, s)), rtol=0, atol=1e-6)
+    idx = jnp.asarray([4, 0, 2])
+    xs = jnp.stack([x, 2 * x, -x])
+    got = jax.vmap(lambda v, k: quantize_activation_choice(v, ChoiceQuant(cands, k)))(xs, idx)
+    for j, k in enumerate(np.asarray(idx)):
+        np.testing.assert_allclose(np.asarray(got[j]), np.asarray(fake_quant_spec(xs[j], specs[k])), atol=1e-5)
