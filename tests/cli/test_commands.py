@@ -105,3 +105,25 @@ def test_quantize_bad_inputs_are_one_line_errors(tiny_ckpt, tmp_path, capsys):
     json.dump({"blocks_9/mlp/fc1": {"weight": {"bits": 4, "group_size": 32}}}, open(per_layer, "w"))
     assert "blocks_9/mlp/fc1" in _one_line_error(capsys, ["quantize", "--ckpt", tiny_ckpt, "--w-group", "32",
                                                            "--a-group", "32", "--per-layer", per_layer, "--out", out])
+
+
+def test_sample_latent_model_decodes_with_vae(tmp_path, capsys):
+    """A latent (4-channel) DiT: `qdit sample` refuses without --vae, and decodes with one."""
+    diffusers = pytest.importorskip("diffusers")
+    model = TorchDiT(input_size=4, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=2,
+                     num_classes=10, learn_sigma=True, class_dropout_prob=0.1)
+    pt = str(tmp_path / "latent.pt")
+    torch.save(random_official_state_dict(model, seed=5), pt)
+    ck = str(tmp_path / "ck")
+    assert main(["convert", pt, "--out", ck, "--num-heads", "2"]) == 0
+    out = str(tmp_path / "s.npz")
+    assert "--vae" in _one_line_error(capsys, ["sample", "--ckpt", ck, "--num-samples", "2", "--steps", "2", "--out", out])
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4)
+    vae_dir = str(tmp_path / "vae")
+    vae.save_pretrained(vae_dir)
+    assert main(["sample", "--ckpt", ck, "--vae", vae_dir, "--num-samples", "2", "--steps", "2", "--cfg-scale", "4",
+                 "--out", out]) == 0
+    images, labels = load_samples(out)
+    assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8  # 2x upsampling VAE: 4x4 latents -> 8x8 RGB
