@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
     p.add_argument("--vae", default=None, help="diffusers AutoencoderKL directory to decode latents")
     p.add_argument("--out", required=True, help="output .npz (a PNG grid is written beside it)")
+    from qdit_jax.parallel.cli import add_parallel_arguments
+
+    add_parallel_arguments(p)  # --devices, --coordinator, --num-processes, --process-id
 
 
 def parse_guidance(value: str | None, default: int | None) -> int | None:
@@ -68,6 +71,13 @@ def run(args: argparse.Namespace) -> int:
         raise QditError(f"--num-samples must be >= 1, got {args.num_samples}")
     if not args.out.endswith(".npz"):
         raise QditError(f"--out must name an .npz file, got {args.out!r}")
+    import jax
+
+    from qdit_jax.parallel.cli import setup_from_args
+    from qdit_jax.parallel.distributed import host_output_path, host_slice
+
+    mesh = setup_from_args(args)  # joins a multi-host run first, when asked
+    pid, nproc = jax.process_index(), jax.process_count()
     # Validate the sampler flags before the (slow) model load.
     scfg = SamplerConfig(sampler=args.sampler, steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale)
     model = load_model(args.ckpt)
@@ -91,9 +101,12 @@ def run(args: argparse.Namespace) -> int:
 
         vae = load_diffusers_vae(args.vae)
     apply_fn, params = model_apply_fn(model, cfg)
+    start, stop = host_slice(len(labels), pid, nproc)  # each host samples its slice of the global indices
+    labels, noise = labels[start:stop], (noise[start:stop] if noise is not None else None)
+    out_path = host_output_path(args.out, pid, nproc)
     t0 = time.time()
     x = generate(apply_fn, params, cfg, scfg, labels, seed=args.seed, noise=noise,
-                 batch_size=args.batch_size, progress=True)
+                 batch_size=args.batch_size, progress=True, mesh=mesh, start_index=start)
     elapsed = time.time() - t0
     if vae is not None:
         from qdit_jax.models.vae import decode_latents
@@ -102,13 +115,14 @@ def run(args: argparse.Namespace) -> int:
         x = np.concatenate([np.asarray(decode_latents(vparams, vcfg, x[i:i + args.batch_size]))
                             for i in range(0, len(x), args.batch_size)])
     images = to_uint8(x)
-    save_samples(args.out, images, labels)
-    grid_path = os.path.splitext(args.out)[0] + ".png"
+    extra = {"indices": np.arange(start, stop)} if nproc > 1 else {}
+    save_samples(out_path, images, labels, **extra)
+    grid_path = os.path.splitext(out_path)[0] + ".png"
     upscale = max(1, 256 // images.shape[1])
     save_grid(grid_path, images[: min(len(images), 100)], nrow=cfg.num_classes if cfg.num_classes <= 10 else None,
               upscale=upscale)
     q = model.quantization
     kind = f"quantized ({q.get('name', 'custom')})" if q else "full precision"
     print(f"sampled {len(images)} images ({kind}, {scfg.sampler} {scfg.steps} steps, cfg {scfg.cfg_scale}) "
-          f"in {elapsed:.1f}s -> {args.out} and {grid_path}")
+          f"in {elapsed:.1f}s -> {out_path} and {grid_path}")
     return 0

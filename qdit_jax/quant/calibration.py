@@ -43,12 +43,21 @@ class CalibrationData:
         return len(self.x)
 
     def batches(self, batch_size: int) -> Iterator[tuple[jax.Array, jax.Array, jax.Array]]:
-        """Fixed-size batches (the last one wraps around) so one compiled forward serves all."""
+        """Fixed-size batches (the last one wraps around) so one compiled forward serves all.
+        Fine for min/max statistics; sums must use ``weighted_batches`` to count each input once."""
+        for x, t, y, _ in self.weighted_batches(batch_size):
+            yield x, t, y
+
+    def weighted_batches(self, batch_size: int) -> Iterator[tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
+        """Like ``batches`` plus a (B,) float weight: 1 for each input's first appearance, 0 for
+        the wrapped-around repeats that pad the last batch."""
         n = len(self)
         batch_size = min(batch_size, n)
         for start in range(0, n, batch_size):
-            idx = np.arange(start, start + batch_size) % n
-            yield jnp.asarray(self.x[idx]), jnp.asarray(self.t[idx]), jnp.asarray(self.y[idx])
+            pos = np.arange(start, start + batch_size)
+            idx = pos % n
+            w = (pos < n).astype(np.float32)
+            yield jnp.asarray(self.x[idx]), jnp.asarray(self.t[idx]), jnp.asarray(self.y[idx]), jnp.asarray(w)
 
     def save(self, path: str) -> None:
         arrays = {"x": self.x, "t": self.t, "y": self.y}

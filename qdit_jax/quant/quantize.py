@@ -71,13 +71,15 @@ class _HessianRunner:
         weighted = {p for p, lq in plan.items() if lq.weight is not None}
         plan = dict(plan)
 
-        def run(params, x, t, y):
+        def run(params, x, t, y, w):
             acc: dict[str, tuple[jax.Array, jax.Array]] = {}
 
             def tap(path: str, i: int, a: jax.Array) -> None:
                 if i == 0 and path in weighted:
-                    a2 = a.reshape(-1, a.shape[-1]).astype(jnp.float32)
-                    acc[path] = (a2.T @ a2, jnp.asarray(a2.shape[0], jnp.float32))
+                    a3 = a.reshape(a.shape[0], -1, a.shape[-1]).astype(jnp.float32)  # (B, tokens, in)
+                    wa = a3 * w[:, None, None]  # padding rows (w = 0) add nothing
+                    xtx = jnp.einsum("bti,btj->ij", wa, a3)
+                    acc[path] = (xtx, jnp.sum(w) * a3.shape[1])
 
             with quantized(plan, static, tap):
                 model.apply({"params": params}, x, t, y)
@@ -87,8 +89,8 @@ class _HessianRunner:
 
     def __call__(self, params: Any, calib: CalibrationData, batch_size: int) -> dict[str, jax.Array]:
         sums: dict[str, list] = {}
-        for x, t, y in calib.batches(batch_size):
-            for path, (xtx, n) in self._run(params, x, t, y).items():
+        for x, t, y, w in calib.weighted_batches(batch_size):
+            for path, (xtx, n) in self._run(params, x, t, y, w).items():
                 if path in sums:
                     sums[path][0] = sums[path][0] + xtx
                     sums[path][1] = sums[path][1] + n

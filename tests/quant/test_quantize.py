@@ -128,3 +128,17 @@ def test_gptq_and_static_need_calibration(tiny):
     cfg, params = tiny
     with pytest.raises(QditError, match="calibration"):
         quantize_model(params, cfg, preset("w4a8", w_group=32, a_group=32, gptq=True))
+
+
+def test_hessians_count_each_calibration_input_once(tiny, tiny_calib):
+    """The padded last batch must not count wrapped-around inputs twice."""
+    from qdit_jax.quant.quantize import _HessianRunner
+
+    cfg, params = tiny
+    plan = resolve(preset("w4a8", w_group=32, a_group=32), discover_layers(cfg)).as_dict()
+    sub = CalibrationData(tiny_calib.x[:5], tiny_calib.t[:5], tiny_calib.y[:5])
+    runner = _HessianRunner(cfg, plan, None)
+    h_whole = runner(params, sub, 5)
+    h_padded = runner(params, sub, 2)  # batches of 2: the third batch repeats input 0
+    for path in ("blocks_0/mlp/fc1", "blocks_1/attn/qkv"):
+        np.testing.assert_allclose(np.asarray(h_padded[path]), np.asarray(h_whole[path]), rtol=2e-5, atol=1e-5)

@@ -1,0 +1,81 @@
+"""Mesh helpers on this process's single CPU device: errors, batch sizing, parameter specs."""
+from __future__ import annotations
+
+import argparse
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from qdit_jax.errors import QditError
+from qdit_jax.parallel import mesh as pm
+from qdit_jax.parallel.cli import add_parallel_arguments, setup_from_args
+
+
+def test_check_divisible_names_the_fix():
+    pm.check_divisible(16, 8)
+    with pytest.raises(QditError, match=r"batch size 12 does not divide over 8 devices; use a multiple of 8 \(e.g. 16\)"):
+        pm.check_divisible(12, 8)
+    with pytest.raises(QditError, match="e.g. 8"):
+        pm.check_divisible(3, 8)
+
+
+def test_make_mesh_counts_and_errors():
+    mesh = pm.make_mesh(1)
+    assert mesh.axis_names == ("data",) and pm.data_size(mesh) == 1
+    with pytest.raises(QditError, match="--devices 2 asked for"):
+        pm.make_mesh(len(jax.devices()) + 1)
+    with pytest.raises(QditError, match="mesh axes"):
+        pm.make_mesh(1, axes=("batch",))
+    with pytest.raises(QditError, match="does not divide"):
+        pm.make_mesh(1, axes=("data", "model"), model_size=2)
+
+
+class _FakeDevice:
+    def __init__(self, stats):
+        self._stats = stats
+
+    def memory_stats(self):
+        return self._stats
+
+
+def test_per_device_batch_from_memory_stats():
+    gib = 2**30
+    dev = _FakeDevice({"bytes_limit": 80 * gib, "bytes_in_use": 10 * gib})
+    # 0.8 * 70 GiB free / 0.5 GiB per sample = 112
+    assert pm.per_device_batch(gib // 2, device=dev) == 112
+    assert pm.per_device_batch(gib // 2, device=dev, maximum=64) == 64
+    assert pm.per_device_batch(gib, device=_FakeDevice(None), fallback=7) == 7  # CPU: no stats
+    with pytest.raises(QditError, match="MiB"):
+        pm.per_device_batch(100 * gib, device=dev)
+    assert pm.global_batch(gib // 2, pm.make_mesh(1), device=dev) == 112
+
+
+def test_param_specs_shard_only_large_divisible_leaves():
+    params = {"big": np.zeros((64, 128)), "odd": np.zeros((63, 129)), "small": np.zeros((4, 4))}
+
+    class _Mesh:  # param_specs reads only mesh.shape
+        shape = {"data": 2, "model": 4}
+
+    specs = pm.param_specs(params, _Mesh(), min_size=1000)
+    assert specs["big"] == P(None, "model")
+    assert specs["odd"] == P()  # no axis divisible by 4
+    assert specs["small"] == P()
+
+
+def test_shard_batch_checks_the_leading_axis():
+    mesh = pm.make_mesh(1)
+    out = pm.shard_batch({"x": np.arange(6.0).reshape(3, 2)}, mesh)
+    np.testing.assert_array_equal(np.asarray(out["x"]), np.arange(6.0).reshape(3, 2))
+
+
+def test_cli_flags_single_device():
+    p = argparse.ArgumentParser()
+    add_parallel_arguments(p)
+    args = p.parse_args([])
+    assert setup_from_args(args) is None  # one CPU device: the plain jitted path
+    with pytest.raises(QditError, match="this host has"):
+        setup_from_args(p.parse_args(["--devices", "64"]))
+    with pytest.raises(QditError, match="go together"):
+        setup_from_args(p.parse_args(["--coordinator", "localhost:1234"]))
