@@ -14,7 +14,6 @@ Medians of repeated timed calls after warm-up, block_until_ready, rotating two r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys

@@ -19,7 +19,6 @@ per-candidate time scaled by FLOPs (``flops_per_forward``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -72,7 +72,7 @@ def build_qconfig(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import jax
 
-    from qdit_jax.diffusion.pipeline import SamplerConfig, dit_apply_fn, generate
+    from qdit_jax.diffusion.pipeline import SamplerConfig, dit_apply_fn
     from qdit_jax.io.loading import load_model
     from qdit_jax.quant.calibration import CalibrationData, collect_calibration
     from qdit_jax.quant.checkpoint import checkpoint_bytes, save_quantized

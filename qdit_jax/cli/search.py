@@ -15,7 +15,6 @@ that ``qdit quantize --per-layer`` takes, plus both costs and the search log.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from qdit_jax.errors import QditError

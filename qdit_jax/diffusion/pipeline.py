@@ -182,8 +182,3 @@ def generate(apply_fn: ApplyFn, params: Any, cfg: DiTConfig, scfg: SamplerConfig
 def default_labels(n: int, num_classes: int) -> np.ndarray:
     """Labels 0, 1, ..., num_classes-1, 0, 1, ... so every class appears evenly."""
     return (np.arange(n) % num_classes).astype(np.int32)
-
-
-def trajectory_inputs(traj: Trajectory) -> tuple[np.ndarray, np.ndarray]:
-    """Model inputs of a sampling trajectory as numpy (steps, N, H, W, C) and (steps, N)."""
-    return np.asarray(traj.x_t), np.asarray(traj.t_model)

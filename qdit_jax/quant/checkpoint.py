@@ -19,7 +19,7 @@ from qdit_jax.errors import QditError
 from qdit_jax.io.checkpoint import save_checkpoint
 from qdit_jax.io.loading import LoadedModel, sampling_defaults_for
 from qdit_jax.models.dit import DiTConfig
-from qdit_jax.quant.config import LayerQuant, QuantConfig, resolve
+from qdit_jax.quant.config import LayerQuant, QuantConfig
 from qdit_jax.quant.interceptor import discover_layers, get_kernel, quantized_apply_fn as _fake_apply_fn
 from qdit_jax.quant.packing import pack_int4, unpack_int4
 from qdit_jax.quant.quantize import QuantizedModel, WeightCodes, dequantized_params

@@ -8,7 +8,7 @@ every call of a planned module has its array inputs fake-quantized before the mo
   timestep and every sample of the batch;
 * static activations (the baseline): per-group scales fixed from calibration data.
 
-Weights are not touched here: ``fake_quantize_weights`` quantizes them once, outside the
+Weights are not touched here: ``quant.quantize.quantize_model`` quantizes them once, outside the
 sampling loop. ``recording(...)`` runs a forward that hands each planned layer's (quantized)
 input to a callback, which is how calibration statistics and GPTQ Hessians are gathered.
 """
@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from qdit_jax.errors import QditError
@@ -192,7 +191,7 @@ def quantized_apply_fn(cfg: DiTConfig, plan: Mapping[str, LayerQuant]):
     """``apply_fn(bundle, x, t, y)`` of the model with fake-quantized activations, where
     ``bundle = {"params": params, "static": static_act_params}`` (see ``make_bundle``).
 
-    Weights are quantized beforehand (``fake_quantize_weights`` / ``quantize_model``). Static
+    Weights are quantized beforehand (``quantize_model``). Static
     activation parameters travel as arguments, not constants, so one compiled sampler serves every
     model that shares the activation settings (different weights, bits of weights, calibrations).
     """
@@ -256,35 +255,4 @@ def set_leaf(params: Mapping[str, Any], path: str, name: str, value: Any) -> dic
         node[part] = dict(node[part])
         node = node[part]
     node[name] = value
-    return out
-
-
-def fake_quantize_weights(params: Any, plan: Mapping[str, LayerQuant],
-                          replaced: Mapping[str, jax.Array] | None = None) -> Any:
-    """Params with every planned Dense kernel quantize-dequantized once (round-to-nearest), or,
-    for paths in ``replaced``, set to the given (out, in) weights (e.g. GPTQ's)."""
-    replaced = replaced or {}
-    out = params
-    for path, lq in plan.items():
-        if lq.weight is None:
-            continue
-        layer = get_kernel(params, path)
-        kernel = layer["kernel"]
-        if path in replaced:
-            w = jnp.asarray(replaced[path], jnp.float32)
-        else:
-            w = fake_quant_spec(jnp.asarray(kernel, jnp.float32).T, lq.weight)  # (out, in): groups along in
-        out = set_leaf(out, path, "kernel", jnp.asarray(w.T, kernel.dtype))
-    return out
-
-
-def weight_error_report(params: Any, qparams: Any, plan: Mapping[str, LayerQuant]) -> dict[str, float]:
-    """Relative Frobenius error of each quantized kernel (a quick health check)."""
-    out = {}
-    for path, lq in plan.items():
-        if lq.weight is None:
-            continue
-        a = np.asarray(get_kernel(params, path)["kernel"], np.float64)
-        b = np.asarray(get_kernel(qparams, path)["kernel"], np.float64)
-        out[path] = float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
     return out
