@@ -115,11 +115,9 @@ def random_params(shapes: Any, seed: int = 0, gain: float = 2.0) -> Any:
 
 def random_inception_params(seed: int = 0) -> Any:
     """He-initialised random FID-Inception params with the real network's shapes."""
-    from qdit_jax.models.inception import INPUT_SIZE, InceptionV3
+    from qdit_jax.models.inception import init_inception_params
 
-    x = np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.float32)
-    shapes = jax.eval_shape(lambda: InceptionV3().init(jax.random.PRNGKey(0), x, method=InceptionV3.network))
-    return random_params(shapes["params"], seed)
+    return init_inception_params(seed)
 
 
 def dry_run_setup(out_dir: str, seed: int = 0, num_ref: int = 4) -> Setup:
