@@ -79,28 +79,18 @@ def calibrate_static_sharded(params: Any, cfg: Any, plan: Mapping[str, Any], cal
                              batch_size: int = 64) -> dict[str, list]:
     """``quant.calibration.calibrate_static`` (per-group min/max of layer inputs) with the batch
     sharded and the ranges combined by pmin/pmax all-reduces."""
-    from qdit_jax.quant.interceptor import static_qparams
+    from qdit_jax.quant.calibration import group_range, merge_ranges, ranges_to_qparams
 
     def reduce(path: str, i: int, a: jax.Array, w: jax.Array):
         spec = plan[path].act
-        if spec is None:
-            return None
-        g = a.shape[-1] if spec.group_size == 0 else spec.group_size
-        ag = a.astype(jnp.float32).reshape(-1, a.shape[-1] // g, g)
-        return jnp.min(ag, axis=(0, 2)), jnp.max(ag, axis=(0, 2))
+        return None if spec is None else group_range(a, spec)
 
     def all_reduce(acc):
         return {k: (jax.lax.pmin(lo, DATA), jax.lax.pmax(hi, DATA)) for k, (lo, hi) in acc.items()}
 
-    def combine(u, v):
-        return jnp.minimum(u[0], v[0]), jnp.maximum(u[1], v[1])
-
-    ranges = sharded_layer_input_stats(params, cfg, plan, calib, reduce, all_reduce, combine, mesh,
+    ranges = sharded_layer_input_stats(params, cfg, plan, calib, reduce, all_reduce, merge_ranges, mesh,
                                        batch_size=batch_size)
-    out: dict[str, list] = {}
-    for (path, i), (lo, hi) in sorted(ranges.items()):
-        out.setdefault(path, []).append(static_qparams(lo, hi, plan[path].act))
-    return out
+    return ranges_to_qparams(ranges, plan)
 
 
 def hessians_sharded(params: Any, cfg: Any, plan: Mapping[str, Any], calib: Any, mesh: Mesh, *,

@@ -20,7 +20,7 @@ from qdit_jax.errors import QditError
 from qdit_jax.models.dit import DiT, DiTConfig
 from qdit_jax.quant.config import LayerQuant
 from qdit_jax.quant.interceptor import quantized, static_qparams
-from qdit_jax.quant.quantizers import QParams
+from qdit_jax.quant.quantizers import QParams, QuantSpec
 
 
 @dataclasses.dataclass
@@ -157,6 +157,25 @@ def layer_input_stats(params: Any, cfg: DiTConfig, plan: Mapping[str, LayerQuant
     return total
 
 
+def group_range(a: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
+    """Per-group (min, max) of a layer input over every token and sample: shape (n_groups,)."""
+    g = a.shape[-1] if spec.group_size == 0 else spec.group_size
+    ag = a.astype(jnp.float32).reshape(-1, a.shape[-1] // g, g)
+    return jnp.min(ag, axis=(0, 2)), jnp.max(ag, axis=(0, 2))
+
+
+def merge_ranges(u: tuple[jax.Array, jax.Array], v: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    return jnp.minimum(u[0], v[0]), jnp.maximum(u[1], v[1])
+
+
+def ranges_to_qparams(ranges: Mapping[tuple[str, int], Any], plan: Mapping[str, LayerQuant]) -> dict[str, list[QParams]]:
+    """Calibrated ranges keyed by (layer path, argument index) -> fixed per-group parameters."""
+    out: dict[str, list[QParams]] = {}
+    for (path, i), (lo, hi) in sorted(ranges.items()):
+        out.setdefault(path, []).append(static_qparams(lo, hi, plan[path].act))
+    return out
+
+
 def calibrate_static(params: Any, cfg: DiTConfig, plan: Mapping[str, LayerQuant], calib: CalibrationData,
                      batch_size: int = 64) -> dict[str, list[QParams]]:
     """Static activation parameters: per-group min/max of each layer input over all calibration
@@ -164,17 +183,7 @@ def calibrate_static(params: Any, cfg: DiTConfig, plan: Mapping[str, LayerQuant]
 
     def reduce(path: str, i: int, a: jax.Array):
         spec = plan[path].act
-        if spec is None:
-            return None
-        g = a.shape[-1] if spec.group_size == 0 else spec.group_size
-        ag = a.astype(jnp.float32).reshape(-1, a.shape[-1] // g, g)
-        return jnp.min(ag, axis=(0, 2)), jnp.max(ag, axis=(0, 2))
+        return None if spec is None else group_range(a, spec)
 
-    def combine(u, v):
-        return jnp.minimum(u[0], v[0]), jnp.maximum(u[1], v[1])
-
-    ranges = layer_input_stats(params, cfg, plan, calib, reduce, combine, batch_size=batch_size)
-    out: dict[str, list[QParams]] = {}
-    for (path, i), (lo, hi) in sorted(ranges.items()):
-        out.setdefault(path, []).append(static_qparams(lo, hi, plan[path].act))
-    return out
+    ranges = layer_input_stats(params, cfg, plan, calib, reduce, merge_ranges, batch_size=batch_size)
+    return ranges_to_qparams(ranges, plan)

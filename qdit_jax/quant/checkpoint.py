@@ -59,8 +59,7 @@ def _set(tree: dict, path: str, value: Any) -> None:
 
 def to_storage(qm: QuantizedModel, fp_params: Any) -> dict[str, Any]:
     """The tree written to disk for ``qm`` (whose FP params are ``fp_params``)."""
-    tree = jax.tree_util.tree_map(np.asarray, fp_params)
-    tree = jax.tree_util.tree_map(lambda x: x, tree)  # a fresh copy of the nested dicts
+    tree = jax.tree_util.tree_map(np.asarray, fp_params)  # fresh nested dicts, safe to edit below
     for path, (codes, qp) in qm.codes.items():
         spec = qm.plan[path].weight
         layer = dict(get_kernel(tree, path))
