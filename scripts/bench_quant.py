@@ -67,6 +67,19 @@ def check(tiles: Tiles, log: list) -> None:
         log.append(line)
 
 
+def gemm_kinds(fj, args) -> str:
+    """Which GEMM implementations XLA compiled: cuBLAS(Lt) custom calls, Triton GEMM fusions, other
+    kernels (the Pallas kernel shows as a Triton custom call); counts per kind."""
+    try:
+        text = fj.lower(*args).compile().as_text()
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        return f"hlo unavailable: {type(e).__name__}"
+    kinds = {"cublas": text.count('custom_call_target="__cublas'), "triton-gemm": text.count('"kind":"__triton_gemm'),
+             "pallas/triton": text.count('custom_call_target="__gpu$xla.gpu.triton'),
+             "fusions": text.count(" fusion(")}
+    return ", ".join(f"{k} {v}" for k, v in kinds.items() if v)
+
+
 def layer_profile(batch: int, repeats: int, tile_list: list[Tiles], log: list) -> Tiles:
     m, n, k = batch * 256, 4608, 1152
     flop = 2 * m * n * k
@@ -82,7 +95,8 @@ def layer_profile(batch: int, repeats: int, tile_list: list[Tiles], log: list) -
             fj = jax.jit(fn)
             s = statistics.median(bench.time_fn(fj, args_list, repeats, warmup=2))
             results[name] = s
-            line = f"layer b{batch} {name:44s} {s * 1e6:9.1f} us  {flop / s / 1e12:7.1f} T(FL)OP/s-equiv"
+            line = (f"layer b{batch} {name:44s} {s * 1e6:9.1f} us  {flop / s / 1e12:7.1f} T(FL)OP/s-equiv  "
+                    f"[{gemm_kinds(fj, args_list[0])}]")
         except Exception as e:
             line = f"layer b{batch} {name:44s} FAILED {type(e).__name__}: {str(e)[:300]}"
         print(line, flush=True)
@@ -106,6 +120,12 @@ def layer_profile(batch: int, repeats: int, tile_list: list[Tiles], log: list) -
         return group_gemm_xla(qa, sa, w, sw, b, out_dtype=jnp.bfloat16)
 
     t("XLA W8A8 per-channel layer (quant+dot+epi)", xla_layer, [(s[0], s[1], s1, s[4]) for s, s1 in zip(sets, sw1)])
+
+    def xla_layer_barrier(x, w, sw, b):  # codes materialized: XLA cannot fuse the quantize into the GEMM
+        qa, sa = jax.lax.optimization_barrier(quantize_act(x, spec0, k))
+        return group_gemm_xla(qa, sa, w, sw, b, out_dtype=jnp.bfloat16)
+
+    t("XLA W8A8 per-channel layer, barrier", xla_layer_barrier, [(s[0], s[1], s1, s[4]) for s, s1 in zip(sets, sw1)])
     f8 = jnp.float8_e4m3fn
     a8 = [x.astype(f8) for x in xs]
     w8 = [s[1].astype(f8) for s in sets]

@@ -13,6 +13,13 @@ shipped classifier, the classifier's accuracy on the sampled labels, and PSNR / 
 sample against the FP sample from the same noise. Calibration (static scales, GPTQ Hessians)
 uses Q-DiT's recipe (FP samples, DDIM 50, CFG 1.5) on seeds disjoint from the evaluation seeds.
 One compiled sampler is shared by all models with the same activation settings.
+
+--real (issue 6, accuracy of the real low-bit path): methods (c) and (d) with symmetric
+activations (the real path's requirement) are sampled twice from the same noise, in fake-quant
+and through the real int8 / packed-int4 execution (``quant.real``), and the table gets a row for
+each plus the largest |fake - real| sample difference and the PSNR of real against fake:
+
+    python scripts/fmnist_report.py --real --presets w8a8,w4a8 --methods c,d --out runs/fmnist_real
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from qdit_jax.models import fmnist_classifier as clf  # noqa: E402
 from qdit_jax.quant.calibration import collect_calibration  # noqa: E402
 from qdit_jax.quant.config import PRESETS, preset  # noqa: E402
 from qdit_jax.quant.quantize import quantize_model  # noqa: E402
+from qdit_jax.quant.real import RealOptions, build_real  # noqa: E402
 
 METHODS = {
     "a": ("RTN per-channel W, static per-tensor A", dict(w_group=0, a_group=0, act_mode="static")),
@@ -59,6 +67,9 @@ def main() -> None:
     ap.add_argument("--eval-seed", type=int, default=1234)
     ap.add_argument("--calib-seed", type=int, default=0)
     ap.add_argument("--out", default="runs/fmnist_report")
+    ap.add_argument("--real", action="store_true",
+                    help="symmetric activations; each model sampled in fake-quant and through the real low-bit path")
+    ap.add_argument("--real-backend", default="auto", choices=["auto", "xla", "pallas"])
     args = ap.parse_args()
     if args.eval_seed == args.calib_seed:
         raise SystemExit("--eval-seed must differ from --calib-seed")
@@ -114,6 +125,10 @@ def main() -> None:
             if f"{name}:{m}" in args.skip.split(","):
                 continue
             label, kw = METHODS[m]
+            if args.real:
+                if kw.get("act_mode") != "dynamic":
+                    raise SystemExit(f"--real needs dynamic activations: method {m} is static (use --methods c,d)")
+                kw, label = dict(kw, a_sym=True), label + ", symmetric A"
             t0 = time.time()
             qm = quantize_model(params, cfg, preset(name, **kw), calib=calib, batch_size=args.batch_size)
             tq = time.time() - t0
@@ -127,17 +142,34 @@ def main() -> None:
             print(f"{name} ({m}): {rows[-1]}", flush=True)
             with open(os.path.join(args.out, "rows_partial.json"), "w") as f:
                 json.dump(rows, f, indent=1)
+            if args.real:
+                t0 = time.time()
+                rm = build_real(qm)
+                xr = generate(rm.apply_fn(RealOptions(backend=args.real_backend)), rm.variables(), cfg, scfg, labels,
+                              seed=args.eval_seed, batch_size=args.batch_size)
+                a01 = (np.clip(xr, -1, 1) + 1) / 2
+                b01 = (np.clip(x, -1, 1) + 1) / 2
+                rows.append({"preset": name, "method": f"({m}) {label}, REAL low-bit", **metrics(xr, fp),
+                             "max_abs_diff_vs_fake": float(np.max(np.abs(xr - x))),
+                             "psnr_vs_fake": float(psnr(a01, b01, data_range=1.0)),
+                             "weight_bytes": rm.weight_bytes(), "seconds": time.time() - t0})
+                print(f"{name} ({m}) real: {rows[-1]}", flush=True)
             if name == "w4a8":
                 keep[m] = x
     n_show = min(20, args.num_samples)
     show = [to_uint8(fp[:n_show])[:, 2:-2, 2:-2]] + [to_uint8(keep[m][:n_show])[:, 2:-2, 2:-2] for m in sorted(keep)]
     save_grid(os.path.join(args.out, "fp_vs_w4a8.png"), side_by_side(show), nrow=n_show, upscale=3)
 
-    lines = ["| W/A | method | FD (classifier features) | accuracy | PSNR vs FP (dB) | SSIM vs FP |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| W/A | method | FD (classifier features) | accuracy | PSNR vs FP (dB) | SSIM vs FP |"
+             + (" max abs real-fake | PSNR real vs fake (dB) |" if args.real else ""),
+             "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if args.real else "")]
     for r in rows:
-        lines.append(f"| {r['preset'].upper()} | {r['method']} | {r['fd']:.3f} | {r['accuracy']:.3f} | "
-                     f"{r.get('psnr', float('inf')):.2f} | {r.get('ssim', 1.0):.4f} |")
+        line = (f"| {r['preset'].upper()} | {r['method']} | {r['fd']:.3f} | {r['accuracy']:.3f} | "
+                f"{r.get('psnr', float('inf')):.2f} | {r.get('ssim', 1.0):.4f} |")
+        if args.real:
+            line += (f" {r['max_abs_diff_vs_fake']:.2e} | {r['psnr_vs_fake']:.2f} |" if "psnr_vs_fake" in r
+                     else " - | - |")
+        lines.append(line)
     table = "\n".join(lines)
     print(table)
     result = {"rows": rows, "floor_fd_train_vs_test": float(floor), "num_samples": args.num_samples,

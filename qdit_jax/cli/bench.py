@@ -27,6 +27,7 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # name -> (preset rules kwargs or None for FP, mode, real backend)
 VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "bf16": (None, "fp", ""),
+    "bf16-xla-attn": (None, "fp", "xla-attn"),  # XLA attention instead of cuDNN's fused kernel
     "fake-w8a8-g128": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "fake", ""),
     "real-w8a8": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla"),
     "real-w8a8-pallas": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "pallas"),
@@ -35,6 +36,7 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-w8a8-g128": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "auto"),
     "real-w4a8-g128": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "auto"),
     "real-w8a8-g128-xla": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "xla"),
+    "real-w8a8-mat": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-mat"),
     "real-fp8": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real", "xla"),
 }
 
@@ -113,13 +115,15 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
         raise QditError(f"unknown bench variant {name!r}; choose from {sorted(VARIANTS)}")
     rules, mode, backend = VARIANTS[name]
     if mode == "fp":
-        return dit_apply_fn(cfg), params, {"checkpoint_bytes": checkpoint_bytes(params)}
+        fcfg = cfg.replace(attention="xla") if backend == "xla-attn" else cfg
+        return dit_apply_fn(fcfg), params, {"checkpoint_bytes": checkpoint_bytes(params)}
     qcfg = QuantConfig(qdit_rules(**rules), name=name)
     if mode == "fake":
         qm = quantize_model(params, cfg, qcfg)
         return qm.apply_fn(), qm.bundle, {"weight_bytes": weight_bytes(qm)}
     rm = real_from_params(params, cfg, qcfg)
-    opts = RealOptions(backend=backend, tiles=tiles, fuse_quant=fuse_quant)
+    mat = backend.endswith("-mat")  # activation codes behind an optimization barrier
+    opts = RealOptions(backend=backend.removesuffix("-mat"), tiles=tiles, fuse_quant=fuse_quant, materialize=mat)
     return rm.apply_fn(opts), rm.variables(), {"weight_bytes": rm.weight_bytes(),
                                                "checkpoint_bytes": checkpoint_bytes(rm.variables())}
 
@@ -203,6 +207,10 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{name:22s} sample b{b} DDIM{args.sample_steps} CFG: {t:7.2f} s {b / t:7.2f} img/s", flush=True)
             except Exception as e:
                 print(f"{name} sampling failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        if args.json:  # after every variant, so a run stopped at its time limit keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(dict(device=dev.device_kind, jax=jax.__version__, partial=True, rows=rows), f, indent=2,
+                          default=str)
     stats = dev.memory_stats() or {}
     summary = dict(device=dev.device_kind, jax=jax.__version__, matmul_tflops=measured and measured / 1e12,
                    peak_bytes_in_use=stats.get("peak_bytes_in_use"), rows=rows)

@@ -32,6 +32,7 @@ _SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,9 @@ class DiTConfig:
     # sets them (1 and its norm_eps, 1e-5) so outputs match diffusers exactly. Official: 0 and 1e-6.
     freq_shift: float = 0.0  # timestep frequencies exp(-ln(10000) * i / (half - freq_shift)), half = 128
     mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before each block's MLP
+    # attention kernel: "auto" (cuDNN's fused flash attention on GPU for bf16/fp16 where the head
+    # size allows it, else XLA's), "xla" or "cudnn". An implementation choice, not architecture.
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         problems = []
@@ -75,6 +79,8 @@ class DiTConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 problems.append(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+        if self.attention not in ATTENTION_IMPLS:
+            problems.append(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         if problems:
             raise QditError("invalid DiTConfig: " + "; ".join(problems))
 
@@ -219,16 +225,32 @@ class LabelEmbedder(nn.Module):
         return jnp.take(table, y, axis=0)
 
 
+def _cudnn_fits(q: jax.Array) -> bool:
+    """cuDNN's fused attention: GPU, half precision, head size a multiple of 8 up to 128."""
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+
+
 class AttentionCore(nn.Module):
     """softmax(q k^T / sqrt(d)) v on (B, N, H, D) inputs; a module so q/k/v can be intercepted.
 
-    Uses ``jax.nn.dot_product_attention``, which picks cuDNN's fused kernel on GPU for bf16/fp16
-    and XLA's (float32 softmax) elsewhere.
+    ``jax.nn.dot_product_attention`` with ``implementation=None`` is XLA's (scores materialized,
+    float32 softmax); "auto" asks for cuDNN's fused kernel where it fits and falls back to XLA
+    when cuDNN refuses at trace time (old cuDNN, unsupported shape).
     """
+
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        return jax.nn.dot_product_attention(q, k, v)
+        impl = self.implementation
+        if impl == "cudnn" or (impl == "auto" and _cudnn_fits(q)):
+            try:
+                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            except Exception as e:  # noqa: BLE001 - trace-time refusal only
+                if impl == "cudnn":
+                    raise QditError(f"cuDNN attention is not available here ({e}); use attention='xla'") from e
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
 
 class Attention(nn.Module):
@@ -236,6 +258,7 @@ class Attention(nn.Module):
     num_heads: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -243,7 +266,7 @@ class Attention(nn.Module):
         hd = c // self.num_heads
         qkv = nn.Dense(3 * c, dtype=self.dtype, param_dtype=self.param_dtype, name="qkv")(x)
         qkv = qkv.reshape(b, n, 3, self.num_heads, hd)  # timm's layout: (3, heads, head_dim)
-        out = AttentionCore(name="core")(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        out = AttentionCore(self.attention, name="core")(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         return nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out.reshape(b, n, c))
 
 
@@ -269,13 +292,14 @@ class DiTBlock(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     mlp_norm_eps: float = 1e-6
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         mod = nn.Dense(6 * self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                        name="adaLN_modulation")(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-        attn = Attention(self.hidden_size, self.num_heads, self.dtype, self.param_dtype, name="attn")
+        attn = Attention(self.hidden_size, self.num_heads, self.dtype, self.param_dtype, self.attention, name="attn")
         x = x + gate_msa[:, None] * attn(_modulate(_layer_norm(x), shift_msa, scale_msa))
         mlp = Mlp(self.mlp_hidden, self.hidden_size, self.dtype, self.param_dtype, name="mlp")
         return x + gate_mlp[:, None] * mlp(_modulate(_layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp))
@@ -310,7 +334,7 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(cfg.hidden_size, dtype=dt, param_dtype=pdt, freq_shift=cfg.freq_shift)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob, param_dtype=pdt)
         self.blocks = [
-            DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_hidden, dt, pdt, mlp_norm_eps=cfg.mlp_norm_eps,
+            DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_hidden, dt, pdt, mlp_norm_eps=cfg.mlp_norm_eps, attention=cfg.attention,
                      name=f"blocks_{i}")
             for i in range(cfg.depth)
         ]

@@ -60,6 +60,9 @@ class RealOptions:
     backend: str = "auto"
     tiles: Tiles = Tiles()
     fuse_quant: bool = False
+    # optimization_barrier on the activation codes before an XLA GEMM, so XLA cannot fuse the
+    # quantize pass into the GEMM (which would move it off cuBLAS' int8 kernel)
+    materialize: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -266,6 +269,8 @@ def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
         y = group_gemm_pallas(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, rs, out_dtype=out_dtype,
                               tiles=options.tiles)
     else:
+        if options.materialize:
+            qa, sa = jax.lax.optimization_barrier((qa, sa))
         y = group_gemm_xla(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype)
     return y.reshape(*lead, n)
 

@@ -112,3 +112,16 @@ def test_non_nesting_groups_are_rejected():
         effective_group(lq, 96)
     lq = LayerQuant(QuantSpec(bits=8, group_size=32, symmetric=True), QuantSpec(bits=8, group_size=0, symmetric=True))
     assert effective_group(lq, 96) == 32
+
+
+def test_materialized_codes_compute_the_same_function(params, inputs):
+    """The optimization barrier (codes materialized before the XLA GEMM) changes scheduling only."""
+    from qdit_jax.quant.real import RealOptions
+
+    rm = real_from_params(params, CFG, QuantConfig(qdit_rules(**FORMATS["w8a8-int8-perchannel-asymw"])))
+    plain = jax.jit(rm.apply_fn(RealOptions(backend="xla")))(rm.variables(), *inputs)
+    mat_fn = rm.apply_fn(RealOptions(backend="xla", materialize=True))
+    mat = jax.jit(mat_fn)(rm.variables(), *inputs)
+    np.testing.assert_allclose(np.asarray(mat), np.asarray(plain), rtol=1e-6, atol=1e-6)
+    text = str(jax.make_jaxpr(mat_fn)(rm.variables(), *inputs))
+    assert "optimization_barrier" in text

@@ -162,12 +162,20 @@ def _sext4(p: jax.Array, high: bool) -> jax.Array:
     return shifted.astype(jnp.int8)
 
 
+def _round_even(x: jax.Array) -> jax.Array:
+    """Round half to even (``jnp.round``'s rule) from floor alone: Pallas' Triton lowering has no
+    ``round`` primitive, and the codes must equal the XLA path's bit for bit."""
+    r = jnp.floor(x + 0.5)
+    odd = (r - 2.0 * jnp.floor(r * 0.5)) == 1.0
+    return jnp.where(((r - x) == 0.5) & odd, r - 1.0, r)
+
+
 def _quant_tile(x: jax.Array, qmax: float) -> tuple[jax.Array, jax.Array]:
     """Symmetric per-row int8 codes of a float tile and the row scales (absmax / qmax)."""
     x = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=1)
     s = jnp.where(amax > 0, amax / qmax, 1.0)
-    q = jnp.clip(jnp.round(x / s[:, None]), -qmax - 1, qmax).astype(jnp.int8)
+    q = jnp.clip(_round_even(x / s[:, None]), -qmax - 1, qmax).astype(jnp.int8)
     return q, s
 
 
@@ -204,8 +212,8 @@ def _kernel(*refs, tiles: Tiles, tiles_per_group: int, n_groups: int, packed: bo
                     amax = jnp.maximum(jnp.max(jnp.abs(a_lo.astype(jnp.float32)), axis=1),
                                        jnp.max(jnp.abs(a_hi.astype(jnp.float32)), axis=1))
                     s_a = jnp.where(amax > 0, amax / qmax, 1.0)
-                    a_lo = jnp.clip(jnp.round(a_lo.astype(jnp.float32) / s_a[:, None]), -qmax - 1, qmax).astype(jnp.int8)
-                    a_hi = jnp.clip(jnp.round(a_hi.astype(jnp.float32) / s_a[:, None]), -qmax - 1, qmax).astype(jnp.int8)
+                    a_lo = jnp.clip(_round_even(a_lo.astype(jnp.float32) / s_a[:, None]), -qmax - 1, qmax).astype(jnp.int8)
+                    a_hi = jnp.clip(_round_even(a_hi.astype(jnp.float32) / s_a[:, None]), -qmax - 1, qmax).astype(jnp.int8)
                 acc_i = acc_i + idot(a_lo, lo) + idot(a_hi, hi)
                 if has_zero and fuse_quant:
                     r_s = r_s + jnp.sum(a_lo.astype(jnp.float32), axis=1) + jnp.sum(a_hi.astype(jnp.float32), axis=1)

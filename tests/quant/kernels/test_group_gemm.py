@@ -119,3 +119,13 @@ def test_group_gemm_falls_back_on_cpu_and_matches():
     assert "pallas_call" not in str(jaxpr)
     with pytest.raises(ValueError, match="does not apply"):
         group_gemm(jnp.asarray(qa), jnp.asarray(sa), store, jnp.asarray(sw), backend="pallas")
+
+
+def test_kernel_round_is_numpy_round_half_even():
+    """The kernel's floor-based rounding (Triton has no round) must equal np.round, ties included."""
+    from qdit_jax.quant.kernels.group_gemm import _round_even
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.arange(-130, 130, 0.5), rng.normal(0, 60, 20000), [-0.5, 0.5, 1.5, -1.5, 2.5]])
+    x = x.astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(_round_even(jnp.asarray(x))), np.round(x))
