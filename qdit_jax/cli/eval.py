@@ -7,6 +7,9 @@ reference: an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz), a stat
     qdit eval out/samples.npz --ref VIRTUAL_imagenet256_labeled.npz \\
         --inception pt_inception-2015-12-05-6726825d.pth --json out/metrics.json
     qdit eval out/fmnist.npz --ref fmnist-test --features fmnist
+
+Inception features are batch-sharded over the local devices (``--devices``, default all) and the
+FID statistics' sums all-reduced there. Samples from several hosts: ``qdit merge`` them first.
 """
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp-samples", default=None, help="full-precision samples .npz (same noise): adds PSNR and SSIM")
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--json", default=None, help="write the results here (default: beside the samples)")
+    from qdit_jax.parallel.cli import add_parallel_arguments
+
+    add_parallel_arguments(p)
 
 
 def format_table(results: Mapping[str, Any]) -> str:
@@ -65,7 +71,15 @@ def run(args: argparse.Namespace) -> int:
     from qdit_jax.metrics.evaluate import (check_metrics, check_samples, evaluate_samples, fidelity_to_reference,
                                            load_inception)
 
+    import jax
+
+    from qdit_jax.parallel.cli import setup_from_args
+    from qdit_jax.parallel.mesh import data_size, round_up
+
     metrics = check_metrics(args.metrics, args.features)
+    mesh = setup_from_args(args)
+    if mesh is not None:
+        args.batch_size = round_up(args.batch_size, data_size(mesh))
     json_path = args.json or os.path.splitext(args.samples)[0] + "_metrics.json"
     if not json_path.endswith(".json"):
         raise QditError(f"--json must name a .json file, got {json_path!r}")
@@ -79,13 +93,15 @@ def run(args: argparse.Namespace) -> int:
         fp = check_samples(load_samples(args.fp_samples)[0], args.fp_samples)
     params = load_inception(args.inception) if args.features == "inception" else None
     results = evaluate_samples(images, args.ref, metrics=metrics, features=args.features, inception_params=params,
-                               preprocess=args.preprocess, batch_size=args.batch_size, labels=labels)
+                               preprocess=args.preprocess, batch_size=args.batch_size, labels=labels, mesh=mesh)
     if fp is not None:
         results.update(fidelity_to_reference(images, fp))
     results["samples"] = args.samples
     print(f"{results['num_samples']} samples, {args.features} features"
           + (f" ({results['preprocess']})" if results.get("preprocess") else "") + f", reference {args.ref}")
     print(format_table(results))
+    if jax.process_index() != 0:  # several hosts evaluated the same files; process 0 writes
+        return 0
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     with open(json_path, "w") as f:
         json.dump(json_ready(results), f, indent=2)

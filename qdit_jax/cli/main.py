@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "quantize": "Quantize a DiT with Q-DiT (group quantization, dynamic activations, GPTQ) or a baseline.",
     "search": "Search per-layer group sizes (Q-DiT's evolutionary granularity allocation).",
     "eval": "Evaluate samples: FID, sFID, IS, precision, recall.",
+    "merge": "Merge the per-host sample files of a multi-host run into one file.",
     "bench": "Measure forward and sampling throughput of FP and quantized models.",
 }
 

@@ -9,6 +9,10 @@ With no --ckpt it quantizes the bundled Fashion-MNIST DiT and ends with a summar
 fidelity to the FP model on the same noise, and a grid of FP (top) vs quantized (bottom) samples.
 
     qdit quantize --preset w4a8 --gptq --calib-samples 32 --steps 25 --out runs/w4a8
+
+Calibration sampling, static ranges and GPTQ Hessians split each batch over the local devices
+(``--devices``, default all; ranges are identical to one device's, Hessians equal up to float32
+summation order). Over several hosts each host computes the same result and process 0 writes it.
 """
 from __future__ import annotations
 
@@ -52,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("summary")
     s.add_argument("--summary-samples", type=int, default=None,
                    help="FP vs quantized samples for the summary (default: 10 for the bundled model, 0 otherwise)")
+    from qdit_jax.parallel.cli import add_parallel_arguments
+
+    add_parallel_arguments(p)
 
 
 def build_qconfig(args: argparse.Namespace):
@@ -80,8 +87,16 @@ def run(args: argparse.Namespace) -> int:
     from qdit_jax.quant.interceptor import discover_layers
     from qdit_jax.quant.quantize import quantize_model, weight_bytes
 
+    from qdit_jax.parallel.cli import setup_from_args
+    from qdit_jax.parallel.mesh import data_size, round_up
+
     qcfg = build_qconfig(args)  # flags are checked before anything slow happens
     scfg = SamplerConfig(steps=args.steps, cfg_scale=args.cfg_scale)
+    mesh = setup_from_args(args)
+    if mesh is not None and args.batch_size % data_size(mesh):
+        args.batch_size = round_up(args.batch_size, data_size(mesh))
+        print(f"note: --batch-size rounded up to {args.batch_size}, a multiple of the {data_size(mesh)} devices")
+    writer = jax.process_index() == 0  # several hosts compute the same result; process 0 writes it
     model = load_model(args.ckpt)
     if model.quantization:
         raise QditError(f"{args.ckpt} is already quantized; pass the full-precision checkpoint")
@@ -102,14 +117,16 @@ def run(args: argparse.Namespace) -> int:
         calib = CalibrationData.load(args.calib)
     elif qcfg.gptq or qcfg.act_mode == "static" or args.save_calib:
         calib = collect_calibration(fp_apply, model.params, cfg, scfg, num_samples=args.calib_samples,
-                                    seed=args.seed, batch_size=args.batch_size, progress=True)
+                                    seed=args.seed, batch_size=args.batch_size, progress=True, mesh=mesh)
         print(f"calibration: {len(calib)} model inputs from {args.calib_samples} samples ({time.time() - t0:.1f}s)")
-    if args.save_calib and calib is not None:
+    if args.save_calib and calib is not None and writer:
         calib.save(args.save_calib)
     t1 = time.time()
-    qm = quantize_model(model.params, cfg, qcfg, calib=calib, batch_size=args.batch_size, progress=True)
+    qm = quantize_model(model.params, cfg, qcfg, calib=calib, batch_size=args.batch_size, progress=True, mesh=mesh)
     print(f"quantized {len(qm.plan)} layers ({qcfg.name}, {'GPTQ' if qcfg.gptq else 'round-to-nearest'} weights, "
           f"{qcfg.act_mode} activations) in {time.time() - t1:.1f}s")
+    if not writer:
+        return 0
     save_quantized(args.out, qm, model.params, overwrite=args.overwrite,
                    extra={"sampling": model.sampling_defaults, "source": model.meta.get("source")})
     wb = weight_bytes(qm)
@@ -121,13 +138,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"checkpoint {args.out}: {disk / 2**20:.2f} MiB on disk (FP32 params {fp32_bytes / 2**20:.2f} MiB); "
           f"quantized linears {wb['quantized'] / 2**20:.2f} MiB = {wb['quantized'] / wb['bf16']:.3f} x their bf16 size")
     if n_summary:
-        summary.update(_fidelity_summary(args, model, qm, scfg, calib, n_summary))
+        summary.update(_fidelity_summary(args, model, qm, scfg, calib, n_summary, mesh))
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return 0
 
 
-def _fidelity_summary(args, model, qm, scfg, calib, n: int) -> dict:
+def _fidelity_summary(args, model, qm, scfg, calib, n: int, mesh=None) -> dict:
     """Sample FP and quantized from the same noise; PSNR/SSIM and a side-by-side grid."""
     from qdit_jax.diffusion.pipeline import default_labels, dit_apply_fn, generate
     from qdit_jax.io.images import save_grid, side_by_side, to_uint8
@@ -138,8 +155,9 @@ def _fidelity_summary(args, model, qm, scfg, calib, n: int) -> dict:
     seed = args.seed + 1000  # not the calibration seed: fidelity is measured on unseen noise
     t0 = time.time()
     fp = generate(dit_apply_fn(cfg), model.params, cfg, scfg, labels, seed=seed, batch_size=args.batch_size,
-                  progress=True)
-    q = generate(qm.apply_fn(), qm.bundle, cfg, scfg, labels, seed=seed, batch_size=args.batch_size, progress=True)
+                  progress=True, mesh=mesh)
+    q = generate(qm.apply_fn(), qm.bundle, cfg, scfg, labels, seed=seed, batch_size=args.batch_size, progress=True,
+                 mesh=mesh)
     fp01, q01 = (np.clip(fp, -1, 1) + 1) / 2, (np.clip(q, -1, 1) + 1) / 2
     p, s = float(psnr(q01, fp01, data_range=1.0)), float(ssim(q01, fp01, data_range=1.0))
     grid = os.path.join(args.out, "fp_vs_quantized.png")

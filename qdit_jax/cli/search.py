@@ -11,6 +11,12 @@ that ``qdit quantize --per-layer`` takes, plus both costs and the search log.
 
     qdit search --wbits 4 --abits 8 --budget mean-group=128 --population 50 --epochs 10 \\
         --num-samples 32 --steps 20 --fitness mse --seed 0 --out out/search_w4a8.json
+
+With several local devices the candidates' sampling is split over them (``--shard batch``: each
+sample batch; ``--shard candidates``: each device its share of the population); ``--devices 1``
+keeps one. The result does not depend on the device count. Over several hosts
+(``--coordinator/--num-processes/--process-id``) each host scores its share of every population on
+its own devices and the scores are all-gathered; process 0 writes the files.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import argparse
 import os
 
 from qdit_jax.errors import QditError
+from qdit_jax.parallel.cli import add_parallel_arguments, setup_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the search state beside --out")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="output .json (per-layer config + search log)")
+    p.add_argument("--shard", choices=["batch", "candidates"], default="batch",
+                   help="with several devices: split each sample batch (default) or the candidates over them")
+    add_parallel_arguments(p)
 
 
 def state_path_for(out: str) -> str:
@@ -71,11 +81,20 @@ def run(args: argparse.Namespace) -> int:
     evo = EvolutionConfig(population=args.population, top_k=args.top_k, mutation_num=args.mutation_num,
                           mutation_prob=args.mutation_prob, crossover_num=args.crossover_num, epochs=args.epochs,
                           seed=args.seed)
+    mesh = setup_from_args(args)
     model = load_model(args.ckpt)
     if model.quantization:
         raise QditError("--ckpt is already quantized; search on the full-precision checkpoint")
+    import jax
+
+    if jax.process_count() > 1 and jax.process_index() != 0:
+        # hosts split each population and share the scores, so every host holds the same search;
+        # only process 0 writes the state and the result
+        run_search(model, settings, evo, progress=False, mesh=mesh, shard=args.shard)
+        return 0
     sr = run_search(model, settings, evo, state_path=state_path_for(args.out), resume=args.resume,
-                    progress=not args.no_progress, log=print if args.no_progress else None)
+                    progress=not args.no_progress, log=print if args.no_progress else None, mesh=mesh,
+                    shard=args.shard)
     result = sr.result(settings=settings.to_dict(), evolution=evo.to_dict(), model=model.config.to_dict(),
                        source=model.meta.get("source"))
     write_json_atomic(args.out, result)

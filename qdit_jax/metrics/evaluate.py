@@ -139,14 +139,14 @@ def _inception_outputs(metrics: Sequence[str], for_reference: bool) -> tuple[str
 
 
 def _inception_features(params: Any, images: np.ndarray, outputs: tuple[str, ...], preprocess: str,
-                        batch_size: int) -> dict[str, np.ndarray]:
+                        batch_size: int, mesh: Any = None) -> dict[str, np.ndarray]:
     from qdit_jax.models.inception import extract_features
 
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise QditError(f"Inception needs (N, H, W, 3) RGB images, got shape {images.shape}")
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
-    return extract_features(params, images, batch_size=batch_size, preprocess=preprocess, outputs=outputs)
+    return extract_features(params, images, batch_size=batch_size, preprocess=preprocess, outputs=outputs, mesh=mesh)
 
 
 def _fmnist_features(images: np.ndarray, params: Any, batch_size: int) -> dict[str, np.ndarray]:
@@ -225,8 +225,9 @@ def _fmnist_reference_arrays(reference: Any) -> tuple[dict[str, np.ndarray], str
 
 def prepare_reference(reference: Any, *, features: str = "inception", metrics: Sequence[str] | str | None = None,
                       inception_params: Any = None, preprocess: str | None = None, batch_size: int = 200,
-                      fmnist_params: Any = None) -> Reference:
-    """Load a reference and compute whatever features/statistics ``metrics`` need, once."""
+                      fmnist_params: Any = None, mesh: Any = None) -> Reference:
+    """Load a reference and compute whatever features/statistics ``metrics`` need, once
+    (Inception features batch-sharded over ``mesh`` when given)."""
     if isinstance(reference, Reference):
         return reference
     metrics = check_metrics(metrics, features)
@@ -256,7 +257,7 @@ def prepare_reference(reference: Any, *, features: str = "inception", metrics: S
         if inception_params is None:
             raise QditError(f"Inception weights are needed: download {INCEPTION_URL} and pass --inception PATH")
         images = check_samples(arrays["images"], "reference images")
-        feats = _inception_features(inception_params, images, want, preprocess, batch_size)
+        feats = _inception_features(inception_params, images, want, preprocess, batch_size, mesh)
     if "sfid" in metrics and "mu_s" not in stats and "spatial" not in feats:
         raise QditError(f"reference {source} has no spatial statistics 'mu_s'/'sigma_s' and no images: "
                         "drop sfid from the metrics or pass an ADM reference batch")
@@ -299,8 +300,16 @@ def frechet_from_features(a: np.ndarray, b: np.ndarray) -> float:
     return float(diff @ diff + tr1 + tr2 - 2.0 * nuclear / np.sqrt((n1 - 1) * (n2 - 1)))
 
 
-def _fid(sample_feats: np.ndarray, ref: Reference, kind: str) -> float:
+def _fid(sample_feats: np.ndarray, ref: Reference, kind: str, mesh: Any = None) -> float:
     mu_key, sigma_key = ("mu", "sigma") if kind == "pool" else ("mu_s", "sigma_s")
+    if mesh is not None and sample_feats.shape[0] > sample_feats.shape[1]:
+        # the sums of the statistics computed on the devices (all-reduce), accumulated in float64
+        from qdit_jax.parallel.stats import feature_statistics_sharded
+
+        stats = feature_statistics_sharded(sample_feats, mesh)
+        if kind in ref.features:
+            return frechet_distance(*stats, *feature_statistics_sharded(ref.features[kind], mesh))
+        return frechet_distance(*stats, ref.stats[mu_key], ref.stats[sigma_key])
     if kind in ref.features:
         return frechet_from_features(sample_feats, ref.features[kind])
     return frechet_distance(*feature_statistics(sample_feats), ref.stats[mu_key], ref.stats[sigma_key])
@@ -318,8 +327,12 @@ def inception_score_adm(logits: np.ndarray) -> tuple[float, float]:
 
 def evaluate_samples(samples_uint8: Any, reference: Any, *, metrics: Sequence[str] | str | None = None,
                      features: str = "inception", inception_params: Any = None, preprocess: str | None = None,
-                     batch_size: int = 200, labels: Any = None, fmnist_params: Any = None) -> dict[str, Any]:
+                     batch_size: int = 200, labels: Any = None, fmnist_params: Any = None,
+                     mesh: Any = None) -> dict[str, Any]:
     """Metrics of uint8 samples against a reference; returns a JSON-ready dict.
+
+    ``mesh``: Inception features batch-sharded over its devices and the FID statistics' sums
+    all-reduced on them (same numbers up to float summation order).
 
     Keys: ``fid``, ``sfid``, ``is``/``is_std``, ``precision``, ``recall`` (those asked for),
     ``accuracy`` (fmnist with ``labels``), and ``num_samples``, ``features``, ``preprocess``,
@@ -338,7 +351,7 @@ def evaluate_samples(samples_uint8: Any, reference: Any, *, metrics: Sequence[st
     if features == "inception" and inception_params is None:
         raise QditError(f"Inception weights are needed: download {INCEPTION_URL} and pass --inception PATH")
     ref = prepare_reference(reference, features=features, metrics=metrics, inception_params=inception_params,
-                            preprocess=preprocess, batch_size=batch_size, fmnist_params=fmnist_params)
+                            preprocess=preprocess, batch_size=batch_size, fmnist_params=fmnist_params, mesh=mesh)
     if ref.feature_net != features:
         raise QditError(f"the reference was prepared with {ref.feature_net} features, not {features}")
     if features == "inception":
@@ -346,7 +359,7 @@ def evaluate_samples(samples_uint8: Any, reference: Any, *, metrics: Sequence[st
         if ref.preprocess and preprocess != ref.preprocess and ref.features:
             raise QditError(f"reference features used preprocess {ref.preprocess!r}, samples {preprocess!r}: use one")
         feats = _inception_features(inception_params, images, _inception_outputs(metrics, False), preprocess,
-                                    batch_size)
+                                    batch_size, mesh)
         is_logits = feats.get("logits_unbiased")
     else:
         preprocess = None
@@ -355,9 +368,9 @@ def evaluate_samples(samples_uint8: Any, reference: Any, *, metrics: Sequence[st
 
     out: dict[str, Any] = {}
     if "fid" in metrics:
-        out["fid"] = _fid(feats["pool"], ref, "pool")
+        out["fid"] = _fid(feats["pool"], ref, "pool", mesh)
     if "sfid" in metrics:
-        out["sfid"] = _fid(feats["spatial"], ref, "spatial")
+        out["sfid"] = _fid(feats["spatial"], ref, "spatial", mesh)
     if "is" in metrics:
         out["is"], out["is_std"] = inception_score_adm(is_logits)
     if {"prec", "recall"} & set(metrics):

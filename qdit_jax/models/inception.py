@@ -308,11 +308,13 @@ def _compiled(preprocess: str, dtype_name: str):
 
 def extract_features(params: Mapping, images: Any | Iterable[Any], *, batch_size: int = 200,
                      preprocess: str = "pytorch_fid", dtype: Any = jnp.float32,
-                     outputs: tuple[str, ...] = OUTPUT_KEYS) -> dict[str, np.ndarray]:
+                     outputs: tuple[str, ...] = OUTPUT_KEYS, mesh: Any = None) -> dict[str, np.ndarray]:
     """Run the network over an (N, H, W, 3) array or an iterable of such batches, in fixed batches.
 
     Images are uint8 [0, 255] or float [0, 1] (checked). The last batch is padded so that one
     compiled program serves every batch (``min(batch_size, len(array))`` images each).
+    With a ``mesh`` (``parallel.make_mesh``) each batch is split over its devices (params
+    replicated; the batch is rounded up to a multiple of the device count).
     Returns float32 NumPy arrays keyed by ``outputs``.
     """
     if preprocess not in PREPROCESS_MODES:
@@ -323,17 +325,25 @@ def extract_features(params: Mapping, images: Any | Iterable[Any], *, batch_size
     if batch_size <= 0:
         raise QditError(f"batch_size must be positive, got {batch_size}")
     prep, net = _compiled(preprocess, jnp.dtype(dtype).name)
+    place = lambda a: a  # noqa: E731
+    if mesh is not None:
+        from qdit_jax.parallel.mesh import data_size, replicate, round_up, shard_batch
+
+        params = replicate(params, mesh)
+        place = lambda a: shard_batch(a, mesh)  # noqa: E731
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in outputs}
     batches = [images] if isinstance(images, (np.ndarray, jax.Array)) else images
     for batch in batches:
         x = to_unit_range(batch)
         size = min(batch_size, x.shape[0])
+        if mesh is not None:
+            size = round_up(size, data_size(mesh))
         for start in range(0, x.shape[0], size):
             part = x[start:start + size]
             n = part.shape[0]
             if n < size:
                 part = np.concatenate([part, np.zeros((size - n,) + part.shape[1:], part.dtype)])
-            out = net(params, prep(part))
+            out = net(params, prep(place(part)))
             for k in outputs:
                 chunks[k].append(np.asarray(out[k][:n], dtype=np.float32))
     if not chunks[outputs[0]]:

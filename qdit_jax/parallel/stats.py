@@ -32,16 +32,15 @@ def _padded_batches(n: int, batch_size: int, mesh: Mesh) -> Iterator[tuple[np.nd
 # ----------------------------------------------------------------------------- layer inputs
 
 
-def sharded_layer_input_stats(params: Any, cfg: Any, plan: Mapping[str, Any], calib: Any,
-                              reduce: Callable[[str, int, jax.Array, jax.Array], Any],
-                              all_reduce: Callable[[Any], Any], combine: Callable[[Any, Any], Any], mesh: Mesh,
-                              *, act_quant: bool = False, static: Mapping[str, Any] | None = None,
-                              batch_size: int = 64) -> dict[tuple[str, int], Any]:
-    """``quant.calibration.layer_input_stats`` with the batch split over ``mesh``.
+def layer_stats_fn(cfg: Any, plan: Mapping[str, Any], reduce: Callable[[str, int, jax.Array, jax.Array], Any],
+                   all_reduce: Callable[[Any], Any], combine: Callable[[Any, Any], Any], mesh: Mesh, *,
+                   act_quant: bool = False, static: Mapping[str, Any] | None = None) -> Callable:
+    """Compiled ``(params, x, t, y, w) -> {(path, i): stat}`` over a batch split on 'data'.
 
     ``reduce(path, i, a, w)`` folds one device's layer input ``a`` (rows weighted by ``w``, shape
     (local batch,)); ``all_reduce`` combines the devices' results (inside shard_map: lax.psum,
-    pmin, pmax over 'data'); ``combine`` folds batches on the host.
+    pmin, pmax over 'data'); ``combine`` folds several inputs of one layer. Build once, call per
+    batch (and per GPTQ block: params are an argument, so nothing recompiles).
     """
     from qdit_jax.models.dit import DiT
     from qdit_jax.quant.config import LayerQuant
@@ -65,7 +64,13 @@ def sharded_layer_input_stats(params: Any, cfg: Any, plan: Mapping[str, Any], ca
             model.apply({"params": params}, x, t, y)
         return all_reduce(acc)
 
-    fn = data_parallel(local, mesh, (P(), P(DATA), P(DATA), P(DATA), P(DATA)), P())
+    return data_parallel(local, mesh, (P(), P(DATA), P(DATA), P(DATA), P(DATA)), P())
+
+
+def fold_batches(fn: Callable, params: Any, calib: Any, mesh: Mesh, batch_size: int,
+                 combine: Callable[[Any, Any], Any]) -> dict[tuple[str, int], Any]:
+    """Run ``layer_stats_fn``'s function over the calibration set in fixed global batches and fold
+    the per-batch results on the host (padding rows weigh 0)."""
     total: dict[tuple[str, int], Any] = {}
     batch_size = min(batch_size, round_up(len(calib), data_size(mesh)))
     for idx, w in _padded_batches(len(calib), batch_size, mesh):
@@ -73,6 +78,17 @@ def sharded_layer_input_stats(params: Any, cfg: Any, plan: Mapping[str, Any], ca
                   jnp.asarray(w))
         total = part if not total else {k: combine(total[k], v) for k, v in part.items()}
     return total
+
+
+def sharded_layer_input_stats(params: Any, cfg: Any, plan: Mapping[str, Any], calib: Any,
+                              reduce: Callable[[str, int, jax.Array, jax.Array], Any],
+                              all_reduce: Callable[[Any], Any], combine: Callable[[Any, Any], Any], mesh: Mesh,
+                              *, act_quant: bool = False, static: Mapping[str, Any] | None = None,
+                              batch_size: int = 64) -> dict[tuple[str, int], Any]:
+    """``quant.calibration.layer_input_stats`` with the batch split over ``mesh`` (see
+    ``layer_stats_fn`` for ``reduce`` / ``all_reduce`` / ``combine``)."""
+    fn = layer_stats_fn(cfg, plan, reduce, all_reduce, combine, mesh, act_quant=act_quant, static=static)
+    return fold_batches(fn, params, calib, mesh, batch_size, combine)
 
 
 def calibrate_static_sharded(params: Any, cfg: Any, plan: Mapping[str, Any], calib: Any, mesh: Mesh,
@@ -93,28 +109,38 @@ def calibrate_static_sharded(params: Any, cfg: Any, plan: Mapping[str, Any], cal
     return ranges_to_qparams(ranges, plan)
 
 
-def hessians_sharded(params: Any, cfg: Any, plan: Mapping[str, Any], calib: Any, mesh: Mesh, *,
-                     static: Mapping[str, Any] | None = None, batch_size: int = 64) -> dict[str, jax.Array]:
+class ShardedHessianRunner:
     """GPTQ Hessians ``2/n sum x^T x`` of every weight-quantized layer's (quantized) input, with
-    the batch sharded and the sums combined by a psum all-reduce (as ``quant.quantize``'s runner)."""
-    weighted = {p for p, lq in plan.items() if lq.weight is not None}
+    the batch sharded and the sums combined by a psum all-reduce; compiled once and called per
+    GPTQ block like ``quant.quantize._HessianRunner``."""
 
-    def reduce(path: str, i: int, a: jax.Array, w: jax.Array):
-        if i != 0 or path not in weighted:
-            return None
-        per_row = int(np.prod(a.shape[1:-1]))
-        a2 = (a.astype(jnp.float32) * w.reshape((-1,) + (1,) * (a.ndim - 1))).reshape(-1, a.shape[-1])
-        return a2.T @ a2, jnp.sum(w) * per_row
+    def __init__(self, cfg: Any, plan: Mapping[str, Any], static: Mapping[str, Any] | None, mesh: Mesh) -> None:
+        weighted = {p for p, lq in plan.items() if lq.weight is not None}
 
-    def all_reduce(acc):
-        return jax.lax.psum(acc, DATA)
+        def reduce(path: str, i: int, a: jax.Array, w: jax.Array):
+            if i != 0 or path not in weighted:
+                return None
+            per_row = int(np.prod(a.shape[1:-1]))
+            a2 = (a.astype(jnp.float32) * w.reshape((-1,) + (1,) * (a.ndim - 1))).reshape(-1, a.shape[-1])
+            return a2.T @ a2, jnp.sum(w) * per_row
 
-    def combine(u, v):
+        self.mesh = mesh
+        self.fn = layer_stats_fn(cfg, plan, reduce, lambda acc: jax.lax.psum(acc, DATA), self._combine, mesh,
+                                 act_quant=True, static=static)
+
+    @staticmethod
+    def _combine(u: Any, v: Any) -> Any:
         return u[0] + v[0], u[1] + v[1]
 
-    sums = sharded_layer_input_stats(params, cfg, plan, calib, reduce, all_reduce, combine, mesh, act_quant=True,
-                                     static=static, batch_size=batch_size)
-    return {p: 2.0 * s / n for (p, _), (s, n) in sums.items()}
+    def __call__(self, params: Any, calib: Any, batch_size: int) -> dict[str, jax.Array]:
+        sums = fold_batches(self.fn, params, calib, self.mesh, batch_size, self._combine)
+        return {p: 2.0 * s / n for (p, _), (s, n) in sums.items()}
+
+
+def hessians_sharded(params: Any, cfg: Any, plan: Mapping[str, Any], calib: Any, mesh: Mesh, *,
+                     static: Mapping[str, Any] | None = None, batch_size: int = 64) -> dict[str, jax.Array]:
+    """One call of :class:`ShardedHessianRunner`."""
+    return ShardedHessianRunner(cfg, plan, static, mesh)(params, calib, batch_size)
 
 
 # ----------------------------------------------------------------------------- FID features

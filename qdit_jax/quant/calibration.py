@@ -86,28 +86,37 @@ class CalibrationData:
 def collect_calibration(apply_fn: ApplyFn, params: Any, cfg: DiTConfig, scfg: SamplerConfig, *,
                         num_samples: int = 256, steps_per_sample: int = 1, seed: int = 0,
                         batch_size: int = 64, labels: np.ndarray | None = None,
-                        progress: bool = False) -> CalibrationData:
-    """Sample with the FP model and keep the model inputs at ``steps_per_sample`` random steps per sample."""
+                        progress: bool = False, mesh: Any = None) -> CalibrationData:
+    """Sample with the FP model and keep the model inputs at ``steps_per_sample`` random steps per sample.
+
+    Sample i's noise and step noise come from (seed, i) as in ``generate``, so the data do not
+    depend on ``batch_size`` or on ``mesh`` (batch split over its devices; the batch is rounded up
+    to a multiple of the device count)."""
     if num_samples < 1 or steps_per_sample < 1:
         raise QditError("calibration needs at least one sample and one step per sample")
     if steps_per_sample > scfg.steps:
         raise QditError(f"steps_per_sample {steps_per_sample} exceeds the sampler's {scfg.steps} steps")
     labels = check_labels(default_labels(num_samples, cfg.num_classes) if labels is None else labels, cfg.num_classes)
-    fn = make_sample_fn(apply_fn, cfg, scfg, return_trajectory=True)
+    fn = make_sample_fn(apply_fn, cfg, scfg, return_trajectory=True, mesh=mesh)
     shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
     rng = np.random.default_rng(seed)
     xs, ts, ys, finals = [], [], [], []
     batch_size = min(batch_size, num_samples)
+    if mesh is not None:
+        from qdit_jax.parallel.mesh import data_size, round_up
+
+        batch_size = round_up(batch_size, data_size(mesh))
+    key = jax.random.PRNGKey(seed + 1)
     starts = range(0, num_samples, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="calibration", unit="batch")
-    for bi, start in enumerate(starts):
+    for start in starts:
         idx = np.arange(start, min(start + batch_size, num_samples))
         full = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
-        x0, traj = fn(params, initial_noise(seed, full, shape), jnp.asarray(labels[full]),
-                      jax.random.fold_in(jax.random.PRNGKey(seed + 1), bi))
+        x0, traj = fn(params, initial_noise(seed, full, shape), jnp.asarray(labels[full]), key,
+                      jnp.asarray(full, jnp.uint32))
         x_t, t_m = np.asarray(traj.x_t)[:, : len(idx)], np.asarray(traj.t_model)[:, : len(idx)]
         finals.append(np.asarray(x0)[: len(idx)])
         for j in range(len(idx)):

@@ -108,10 +108,16 @@ def _group_by_block(paths: list[str]) -> list[list[str]]:
 
 def gptq_codes(params: Any, cfg: DiTConfig, plan: Mapping[str, LayerQuant], calib: CalibrationData, *,
                static: Mapping[str, Any] | None = None, batch_size: int = 64, block_size: int = 128,
-               percdamp: float = 0.01, progress: bool = False) -> tuple[WeightCodes, Any]:
+               percdamp: float = 0.01, progress: bool = False, mesh: Any = None) -> tuple[WeightCodes, Any]:
     """GPTQ through the model, block by block: the Hessians of block i's layers come from the model
-    whose earlier blocks are already GPTQ-quantized (and whose activations are quantized)."""
-    runner = _HessianRunner(cfg, plan, static)
+    whose earlier blocks are already GPTQ-quantized (and whose activations are quantized).
+    With a ``mesh`` the Hessian passes split each calibration batch over its devices."""
+    if mesh is None:
+        runner = _HessianRunner(cfg, plan, static)
+    else:
+        from qdit_jax.parallel.stats import ShardedHessianRunner
+
+        runner = ShardedHessianRunner(cfg, plan, static, mesh)
     order = [p for p in plan if plan[p].weight is not None]
     groups = _group_by_block(order)
     if progress:
@@ -132,8 +138,12 @@ def gptq_codes(params: Any, cfg: DiTConfig, plan: Mapping[str, LayerQuant], cali
 
 
 def quantize_model(params: Any, cfg: DiTConfig, qcfg: QuantConfig, *, calib: CalibrationData | None = None,
-                   batch_size: int = 64, progress: bool = False) -> QuantizedModel:
-    """Quantize ``params`` of ``cfg`` as ``qcfg`` says. Static activations and GPTQ need ``calib``."""
+                   batch_size: int = 64, progress: bool = False, mesh: Any = None) -> QuantizedModel:
+    """Quantize ``params`` of ``cfg`` as ``qcfg`` says. Static activations and GPTQ need ``calib``.
+
+    ``mesh`` (``parallel.make_mesh``): the calibration passes (static ranges, GPTQ Hessians) split
+    each batch over its devices and combine with all-reduces; ``batch_size`` is then the global
+    batch. Ranges are identical, Hessians equal up to float32 summation order."""
     plan = resolve(qcfg, discover_layers(cfg)).as_dict()
     if not plan:
         raise QditError("the quantization config matches no layer of this model; check its rule patterns")
@@ -143,9 +153,15 @@ def quantize_model(params: Any, cfg: DiTConfig, qcfg: QuantConfig, *, calib: Cal
     static = None
     if qcfg.act_mode == "static":
         # Activation ranges from the FP model (all timesteps), fixed for sampling.
-        static = calibrate_static(params, cfg, plan, calib, batch_size=batch_size)
+        if mesh is None:
+            static = calibrate_static(params, cfg, plan, calib, batch_size=batch_size)
+        else:
+            from qdit_jax.parallel.stats import calibrate_static_sharded
+
+            static = calibrate_static_sharded(params, cfg, plan, calib, mesh, batch_size=batch_size)
     if qcfg.gptq:
-        codes, qparams = gptq_codes(params, cfg, plan, calib, static=static, batch_size=batch_size, progress=progress)
+        codes, qparams = gptq_codes(params, cfg, plan, calib, static=static, batch_size=batch_size, progress=progress,
+                                    mesh=mesh)
     else:
         codes = rtn_codes(params, plan)
         qparams = dequantized_params(params, plan, codes)

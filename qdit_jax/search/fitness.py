@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from qdit_jax.diffusion.pipeline import SamplerConfig, check_labels, guided_model_fn, initial_noise, iterate_batches
 from qdit_jax.diffusion.respace import make_diffusion
@@ -35,12 +36,14 @@ from qdit_jax.diffusion.samplers import sample
 from qdit_jax.errors import QditError
 from qdit_jax.metrics.frechet import feature_statistics, frechet_distance
 from qdit_jax.models.dit import DiT, DiTConfig
+from qdit_jax.parallel.mesh import DATA, check_divisible, data_parallel, data_size, round_up
 from qdit_jax.quant.interceptor import ChoiceQuant, get_kernel, quantized, set_leaf
 from qdit_jax.quant.quantize import dequantized_params, rtn_codes
 from qdit_jax.quant.quantizers import dequantize, quantize_tensor
 from qdit_jax.search.space import Candidate, SearchSpace
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]
+SHARD_MODES = ("batch", "candidates")
 
 
 def check_disjoint_seeds(**seeds: int) -> None:
@@ -63,27 +66,46 @@ class CandidateSampler:
 
     ``chunk``: candidates per call (None: as many as asked); halved on out-of-memory. Every call
     is padded to the chunk size, so calls with fewer candidates reuse the one compiled function.
+    ``mesh`` (``parallel.make_mesh``): ``shard='batch'`` splits each sample batch over the devices
+    (every device runs all candidates on its slice; the batch is rounded up to a multiple of the
+    device count), ``shard='candidates'`` gives each device its share of the candidates (the chunk
+    is rounded up to a multiple of the device count). Params and kernel stacks are replicated;
+    neither mode needs a collective. Samples do not depend on the mode or the device count.
     """
 
     def __init__(self, params: Any, cfg: DiTConfig, space: SearchSpace, scfg: SamplerConfig, labels: np.ndarray, *,
-                 noise_seed: int, batch_size: int = 64, chunk: int | None = None) -> None:
+                 noise_seed: int, batch_size: int = 64, chunk: int | None = None, mesh: Any = None,
+                 shard: str = "batch") -> None:
         if cfg.class_dropout_prob <= 0 and scfg.cfg_scale != 1.0:
             raise QditError("this model has no null label (trained without class dropout); use --cfg-scale 1")
         if batch_size < 1:
             raise QditError(f"--batch-size must be >= 1, got {batch_size}")
         if chunk is not None and chunk < 1:
             raise QditError(f"--chunk must be >= 1, got {chunk}")
+        if shard not in SHARD_MODES:
+            raise QditError(f"--shard must be one of {SHARD_MODES}, got {shard!r}")
+        self.mesh, self.shard = mesh, shard
+        self.ndev = 1 if mesh is None else data_size(mesh)
         self.cfg, self.space, self.scfg = cfg, space, scfg
         self.labels = check_labels(labels, cfg.num_classes)
         self.noise_seed = int(noise_seed)
         self.batch_size = min(batch_size, len(self.labels))
+        if self.ndev > 1 and shard == "batch":  # the global batch splits evenly over the devices
+            self.batch_size = round_up(self.batch_size, self.ndev)
+            check_divisible(self.batch_size, self.ndev, "--batch-size")
         self.chunk = chunk
         params = jax.tree_util.tree_map(jnp.asarray, params)
         fixed = dict(space.fixed)
         base = dequantized_params(params, fixed, rtn_codes(params, fixed)) if fixed else params
         self.base_params = base
         self.stacks = [self._stack(params, i) for i in range(len(space.slots))]
-        self._vmapped = jax.jit(jax.vmap(self._run, in_axes=(None, None, 0, None, None, None)))
+        vm = jax.vmap(self._run, in_axes=(None, None, 0, None, None, None, None))
+        if self.ndev == 1:
+            self._vmapped = jax.jit(vm)
+        elif shard == "candidates":  # each device samples its share of the candidates, whole batches
+            self._vmapped = data_parallel(vm, mesh, (P(), P(), P(DATA), P(), P(), P(), P()), P(DATA), check_vma=False)
+        else:  # each device samples every candidate on its slice of the batch
+            self._vmapped = data_parallel(vm, mesh, (P(), P(), P(), P(DATA), P(DATA), P(), P(DATA)), P(None, DATA))
         self._single = jax.jit(self._run)
 
     def _stack(self, params: Any, slot: int) -> jax.Array:
@@ -103,7 +125,7 @@ class CandidateSampler:
         return jnp.stack(outs)
 
     def _run(self, stacks: list[jax.Array], base: Any, idx: jax.Array, noise: jax.Array, labels: jax.Array,
-             key: jax.Array) -> jax.Array:
+             key: jax.Array, sample_ids: jax.Array) -> jax.Array:
         """Samples of one candidate given as per-slot choice indices ``idx`` (n_slots,)."""
         params = base
         plan = {}
@@ -121,18 +143,19 @@ class CandidateSampler:
         model_fn = guided_model_fn(apply_fn, params, labels, cfg_scale=scfg.cfg_scale, null_label=cfg.null_label,
                                    in_channels=cfg.in_channels, guidance_channels=scfg.guidance_channels)
         return sample(model_fn, noise.shape, key, diffusion, sampler=scfg.sampler, eta=scfg.eta,
-                      clip_denoised=scfg.clip_denoised, noise=noise)
+                      clip_denoised=scfg.clip_denoised, noise=noise, sample_ids=sample_ids)
 
     def _batches(self):
-        """(indices, noise, labels, key) of each sample batch, exactly as ``generate`` makes them."""
+        """(indices, noise, labels, key, sample ids) of each sample batch, exactly as ``generate``
+        makes them: one key, each sample's noise and step noise from its own index."""
         n, bs = len(self.labels), self.batch_size
         shape = (self.cfg.input_size, self.cfg.input_size, self.cfg.in_channels)
-        base_key = jax.random.PRNGKey(self.noise_seed + 1)
-        for bi, idx in enumerate(iterate_batches(n, bs)):
+        key = jax.random.PRNGKey(self.noise_seed + 1)
+        for idx in iterate_batches(n, bs):
             pad = bs - len(idx)
             full = np.concatenate([idx, np.full(pad, idx[-1])]) if pad else idx
-            yield idx, initial_noise(self.noise_seed, full, shape), jnp.asarray(self.labels[full]), \
-                jax.random.fold_in(base_key, bi)
+            yield idx, initial_noise(self.noise_seed, full, shape), jnp.asarray(self.labels[full]), key, \
+                jnp.asarray(full, jnp.uint32)
 
     def samples(self, cands: Sequence[Candidate]) -> np.ndarray:
         """(K, N, H, W, C) float32 samples of the K candidates, vmapped in chunks."""
@@ -143,18 +166,22 @@ class CandidateSampler:
         if k == 0:
             return out
         chunk = self.chunk or k  # a fixed chunk (padded) keeps one compiled shape across calls
-        for sidx, z, y, key in self._batches():
+        if self.ndev > 1 and self.shard == "candidates":
+            chunk = round_up(chunk, self.ndev)
+        for sidx, z, y, key, ids in self._batches():
             start = 0
             while start < k:
                 part = idx[start:start + chunk]
                 padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), axis=0)]) if len(part) < chunk else part
                 try:
-                    x = self._vmapped(self.stacks, self.base_params, jnp.asarray(padded, jnp.int32), z, y, key)
+                    x = self._vmapped(self.stacks, self.base_params, jnp.asarray(padded, jnp.int32), z, y, key, ids)
                     out[start:start + len(part), sidx] = np.asarray(x)[: len(part), : len(sidx)]
                 except Exception as e:  # XLA's resource-exhausted error: retry with half the chunk
-                    if not _is_oom(e) or chunk == 1:
+                    if not _is_oom(e) or chunk <= (self.ndev if self.shard == "candidates" else 1):
                         raise
                     chunk = max(1, chunk // 2)
+                    if self.ndev > 1 and self.shard == "candidates":
+                        chunk = round_up(chunk, self.ndev)
                     self.chunk = chunk
                     warnings.warn(f"out of memory with {chunk * 2} candidates per call; retrying with {chunk}")
                     continue
@@ -169,8 +196,8 @@ class CandidateSampler:
         batches = list(self._batches())
         for ci, c in enumerate(cands):
             ix = jnp.asarray(self.space.to_indices(c), jnp.int32)
-            for sidx, z, y, key in batches:
-                out[ci, sidx] = np.asarray(self._single(self.stacks, self.base_params, ix, z, y, key))[: len(sidx)]
+            for sidx, z, y, key, ids in batches:
+                out[ci, sidx] = np.asarray(self._single(self.stacks, self.base_params, ix, z, y, key, ids))[: len(sidx)]
         return out
 
 
@@ -223,11 +250,38 @@ def classifier_feature_fn(params: Any = None) -> FeatureFn:
     return lambda images: fc.embed(np.asarray(images), params)[0]
 
 
-def make_evaluate(sampler: CandidateSampler, fitness: Callable[[np.ndarray], float]
+def host_share(k: int, process_id: int, num_processes: int) -> np.ndarray:
+    """Indices of the candidates host ``process_id`` evaluates: every ``num_processes``-th one."""
+    return np.arange(process_id, k, num_processes)
+
+
+def make_evaluate(sampler: CandidateSampler, fitness: Callable[[np.ndarray], float], *,
+                  process_id: int = 0, num_processes: int = 1,
+                  allgather: Callable[[np.ndarray], np.ndarray] | None = None
                   ) -> Callable[[list[Candidate]], list[float]]:
-    """The search's ``evaluate``: all new candidates sampled in vmapped chunks, then scored."""
-    def evaluate(cands: list[Candidate]) -> list[float]:
+    """The search's ``evaluate``: all new candidates sampled in vmapped chunks, then scored.
+
+    Over several hosts each host scores its share (``host_share``) on its own devices and
+    ``allgather`` (``multihost_utils.process_allgather``: (hosts, ...) from each host's array)
+    gives every host every score, so all hosts evolve the same population."""
+    def score(cands: list[Candidate]) -> list[float]:
         imgs = sampler.samples(cands)
         return [float(fitness(x)) if np.isfinite(x).all() else math.inf for x in imgs]
+
+    if num_processes == 1:
+        return score
+
+    def evaluate(cands: list[Candidate]) -> list[float]:
+        k = len(cands)
+        per_host = -(-k // num_processes)
+        mine = host_share(k, process_id, num_processes)
+        local = np.full(per_host, np.nan)
+        local[: len(mine)] = score([cands[i] for i in mine])
+        every = np.asarray(allgather(local)).reshape(num_processes, per_host)
+        out = np.empty(k)
+        for h in range(num_processes):
+            idx = host_share(k, h, num_processes)
+            out[idx] = every[h, : len(idx)]
+        return [float(v) for v in out]
 
     return evaluate

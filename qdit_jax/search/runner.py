@@ -11,6 +11,7 @@ import numpy as np
 from qdit_jax.diffusion.pipeline import SamplerConfig, default_labels, dit_apply_fn, generate
 from qdit_jax.errors import QditError
 from qdit_jax.io.loading import LoadedModel
+from qdit_jax.parallel.mesh import data_size, round_up
 from qdit_jax.search.budget import Budget, BudgetCheck
 from qdit_jax.search.evolution import EvolutionConfig, SearchState, evolve
 from qdit_jax.search.fitness import (CandidateSampler, FrechetFitness, MSEFitness, check_disjoint_seeds,
@@ -60,11 +61,15 @@ def sampler_config(model: LoadedModel, steps: int, cfg_scale: float) -> SamplerC
                          guidance_channels=d.get("guidance_channels"))
 
 
-def fp_samples(model: LoadedModel, scfg: SamplerConfig, n: int, seed: int, batch_size: int) -> np.ndarray:
-    """Full-precision samples on the noise of ``seed`` (labels: classes in turn)."""
+def fp_samples(model: LoadedModel, scfg: SamplerConfig, n: int, seed: int, batch_size: int,
+               mesh: Any = None) -> np.ndarray:
+    """Full-precision samples on the noise of ``seed`` (labels: classes in turn), batch-sharded
+    over ``mesh`` when given (same samples)."""
     labels = default_labels(n, model.config.num_classes)
+    if mesh is not None:
+        batch_size = round_up(batch_size, data_size(mesh))
     return generate(dit_apply_fn(model.config), model.params, model.config, scfg, labels, seed=seed,
-                    batch_size=batch_size)
+                    batch_size=batch_size, mesh=mesh)
 
 
 def default_feature_fn(model: LoadedModel) -> Callable[[np.ndarray], np.ndarray]:
@@ -75,13 +80,13 @@ def default_feature_fn(model: LoadedModel) -> Callable[[np.ndarray], np.ndarray]
                     "Fashion-MNIST DiT only (use --fitness mse, or pass a feature_fn through the API)")
 
 
-def make_fitness(model: LoadedModel, s: SearchSettings, scfg: SamplerConfig, feature_fn=None):
+def make_fitness(model: LoadedModel, s: SearchSettings, scfg: SamplerConfig, feature_fn=None, mesh: Any = None):
     """The fitness of ``s.fitness``: MSE to the FP samples of the search noise, or the Fréchet
     distance to FP samples drawn on the (disjoint) reference seed."""
     if s.fitness == "mse":
-        return MSEFitness(fp_samples(model, scfg, s.num_samples, s.seed, s.batch_size))
+        return MSEFitness(fp_samples(model, scfg, s.num_samples, s.seed, s.batch_size, mesh))
     feature_fn = feature_fn or default_feature_fn(model)
-    return FrechetFitness.from_images(feature_fn, fp_samples(model, scfg, s.num_ref, s.ref_seed, s.batch_size))
+    return FrechetFitness.from_images(feature_fn, fp_samples(model, scfg, s.num_ref, s.ref_seed, s.batch_size, mesh))
 
 
 @dataclasses.dataclass
@@ -113,8 +118,11 @@ class SearchRun:
 
 def run_search(model: LoadedModel, s: SearchSettings, evo: EvolutionConfig, *, state_path: str | None = None,
                resume: bool = False, progress: bool = True, feature_fn=None,
-               log: Callable[[str], None] | None = None) -> SearchRun:
-    """Build the space and budget of ``s`` for ``model``, then evolve (or resume) the search."""
+               log: Callable[[str], None] | None = None, mesh: Any = None, shard: str = "batch") -> SearchRun:
+    """Build the space and budget of ``s`` for ``model``, then evolve (or resume) the search.
+
+    ``mesh``/``shard``: run the candidates' sampling over several devices (``CandidateSampler``);
+    the search's result does not depend on either."""
     t0 = time.time()
     budget = Budget.parse(s.budget)
     space = build_space(model.config, s.wbits, s.abits, groups=s.groups)
@@ -122,9 +130,18 @@ def run_search(model: LoadedModel, s: SearchSettings, evo: EvolutionConfig, *, s
     scfg = sampler_config(model, s.steps, s.cfg_scale)
     labels = default_labels(s.num_samples, model.config.num_classes)
     sampler = CandidateSampler(model.params, model.config, space, scfg, labels, noise_seed=s.seed,
-                               batch_size=s.batch_size, chunk=s.chunk or evo.population)
-    fitness = make_fitness(model, s, scfg, feature_fn)
+                               batch_size=s.batch_size, chunk=s.chunk or evo.population, mesh=mesh, shard=shard)
+    fitness = make_fitness(model, s, scfg, feature_fn, mesh)
     extra = {"settings": {k: v for k, v in s.to_dict().items() if k not in ("batch_size", "chunk")}}
-    state = evolve(space, check, make_evaluate(sampler, fitness), evo, state_path=state_path, resume=resume,
+    import jax
+
+    if jax.process_count() > 1:  # hosts split each population and exchange the scores
+        from jax.experimental import multihost_utils
+
+        evaluate = make_evaluate(sampler, fitness, process_id=jax.process_index(), num_processes=jax.process_count(),
+                                 allgather=multihost_utils.process_allgather)
+    else:
+        evaluate = make_evaluate(sampler, fitness)
+    state = evolve(space, check, evaluate, evo, state_path=state_path, resume=resume,
                    progress=progress, log=log, extra_config=extra)
     return SearchRun(space, check, state, time.time() - t0, sampler)

@@ -49,7 +49,7 @@ class _FakeInception:
         self.calls = []
         monkeypatch.setattr(ev, "_inception_features", self)
 
-    def __call__(self, params, images, outputs, preprocess, batch_size):
+    def __call__(self, params, images, outputs, preprocess, batch_size, mesh=None):
         self.calls.append(preprocess)
         x = images.reshape(len(images), -1).astype(np.float64) / 255.0
         return {k: (x @ self.w[k]).astype(np.float32) for k in outputs}

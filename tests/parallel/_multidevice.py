@@ -107,6 +107,42 @@ def calibration(params) -> None:
     check("hessians_padding_masked", err < 1e-6, f"max rel err {err:.2e}")
 
 
+def quantize_pipeline(params) -> None:
+    """collect_calibration and quantize_model (static ranges + GPTQ) on a 4-device mesh against
+    one device at the same per-device batch: identical calibration data and static ranges; GPTQ
+    codes equal up to the Hessians' float32 summation order."""
+    from qdit_jax.quant.calibration import collect_calibration
+    from qdit_jax.quant.config import QuantConfig, qdit_rules
+    from qdit_jax.quant.quantize import quantize_model
+
+    scfg = SamplerConfig(sampler="ddpm", steps=3, cfg_scale=1.5, clip_denoised=True)
+    ref = collect_calibration(dit_apply_fn(CFG), params, CFG, scfg, num_samples=7, batch_size=2, seed=4)
+    got = collect_calibration(dit_apply_fn(CFG), params, CFG, scfg, num_samples=7, batch_size=8, seed=4,
+                              mesh=make_mesh(4))
+    same = all(np.array_equal(getattr(ref, f), getattr(got, f)) for f in ("x", "t", "y"))
+    check("calibration_data_equal", same and len(ref) == 14, f"{len(ref)} inputs")
+    qcfg = QuantConfig(qdit_rules(4, 8, w_group=32, a_group=32), {}, act_mode="static", gptq=True)
+    q1 = quantize_model(params, CFG, qcfg, calib=ref, batch_size=2)
+    q4 = quantize_model(params, CFG, qcfg, calib=ref, batch_size=8, mesh=make_mesh(4))
+    ranges = all(np.array_equal(np.asarray(a.scale), np.asarray(b.scale)) for p in q1.static
+                 for a, b in zip(q1.static[p], q4.static[p]))
+    agree = np.mean(np.concatenate([(np.asarray(q1.codes[p][0]) == np.asarray(q4.codes[p][0])).ravel()
+                                    for p in q1.codes]))
+    check("quantize_model_mesh", ranges and agree >= 0.999, f"static ranges equal: {ranges}, codes agree {agree:.5f}")
+
+
+def inception_features() -> None:
+    """Inception features batch-sharded over 8 devices (params replicated) against one device."""
+    from qdit_jax.models.inception import extract_features, init_inception_params
+
+    params = init_inception_params(0)
+    imgs = np.random.default_rng(3).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    ref = extract_features(params, imgs, batch_size=8, outputs=("pool", "logits_unbiased"))
+    got = extract_features(params, imgs, batch_size=8, outputs=("pool", "logits_unbiased"), mesh=make_mesh(8))
+    err = max(float(np.abs(got[k] - ref[k]).max() / np.abs(ref[k]).max()) for k in ref)
+    check("inception_features_equal", got["pool"].shape == (12, 2048) and err < 1e-5, f"max rel err {err:.2e}")
+
+
 def fid_stats() -> None:
     from qdit_jax.metrics.frechet import feature_statistics
     from qdit_jax.parallel.stats import feature_moments_fn, feature_statistics_sharded
@@ -122,6 +158,52 @@ def fid_stats() -> None:
     fn = feature_moments_fn(make_mesh(8))
     text = fn.lower(jnp.zeros((32, 12)), jnp.ones(32), jnp.zeros(12)).compile().as_text()
     check("fid_hlo_all_reduce", "all-reduce" in text and "all-gather" not in text, str(collectives(text)))
+
+
+def search_epoch(params) -> None:
+    """One search epoch (population 6) with the candidate sampling batch-sharded or candidate-sharded over 2, 4, 8 devices against one device.
+
+    Batch sharding at the reference's per-device batch (2) computes the same shapes: fitness
+    values, best candidate and samples must be bit-identical. Candidate sharding changes how many
+    candidates one vmapped matmul holds (6 on one device, 1-3 per device), which changes float
+    rounding: same ranking and best candidate, fitness within 1e-4 relative."""
+    from qdit_jax.io.loading import LoadedModel
+    from qdit_jax.search.evolution import EvolutionConfig
+    from qdit_jax.search.runner import SearchSettings, run_search
+
+    model = LoadedModel(params, CFG, {"sampling": {"clip_denoised": True, "guidance_channels": None}})
+    evo = EvolutionConfig(population=6, top_k=2, mutation_num=2, crossover_num=2, epochs=1, seed=0)
+
+    def run(n: int, shard: str):
+        bs = 2 * n if shard == "batch" else 2
+        s = SearchSettings(wbits=4, abits=8, groups=(16, 32, 64), budget="mean-group=32", num_samples=16, steps=2,
+                           batch_size=bs)
+        r = run_search(model, s, evo, progress=False, mesh=None if n == 1 else make_mesh(n), shard=shard)
+        cands = sorted(r.state.cache)[:3]
+        if n == 8:  # the compiled sharded sampler: no collective at all (params and stacks replicated)
+            cs = r.sampler
+            _, z, y, key, ids = next(cs._batches())
+            idx = jnp.zeros((8 if shard == "candidates" else 3, len(cs.space)), jnp.int32)
+            text = cs._vmapped.lower(cs.stacks, cs.base_params, idx, z, y, key, ids).compile().as_text()
+            hlo[shard] = collectives(text)
+        return r.state.cache, r.best, r.sampler.samples([tuple(int(g) for g in c.split(",")) for c in cands])
+
+    hlo: dict[str, list] = {}
+    ref_cache, ref_best, ref_x = run(1, "batch")
+    ranking = sorted(ref_cache, key=ref_cache.get)
+    ok_all, detail = len(ref_cache) >= 6, []
+    for shard in ("batch", "candidates"):
+        for n in (2, 4, 8):
+            cache, best, x = run(n, shard)
+            if shard == "batch":
+                ok = cache == ref_cache and best == ref_best and np.array_equal(x, ref_x)
+            else:
+                rel = max(abs(cache[k] - v) / abs(v) for k, v in ref_cache.items()) if cache.keys() == ref_cache.keys() else 1.0
+                ok = best == ref_best and sorted(cache, key=cache.get) == ranking and rel <= 1e-4
+            ok_all &= ok
+            detail.append(f"{shard}/{n}: {'ok' if ok else 'DIFFERS'} max |dx| {float(np.abs(x - ref_x).max()):.1e}")
+    check("search_epoch_equal", ok_all, "; ".join(detail))
+    check("search_hlo_no_collectives", hlo == {"batch": [], "candidates": []}, str(hlo))
 
 
 def model_axis(params) -> None:
@@ -140,7 +222,8 @@ def model_axis(params) -> None:
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
     params = random_params(CFG)
-    for part in (lambda: sampling(params), lambda: calibration(params), fid_stats, lambda: model_axis(params)):
+    for part in (lambda: sampling(params), lambda: calibration(params), fid_stats, lambda: model_axis(params),
+                 lambda: search_epoch(params), lambda: quantize_pipeline(params), inception_features):
         t0 = time.time()
         part()
         print(f"# {time.time() - t0:.1f}s", file=sys.stderr)

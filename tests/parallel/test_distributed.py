@@ -88,3 +88,18 @@ def test_unreachable_coordinator_through_initialize_does_not_abort():
             "    print('QDIT', e)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "QDIT cannot reach the coordinator" in r.stdout, r.stdout + r.stderr[-500:]
+
+
+def test_qdit_merge_command(tmp_path, capsys):
+    """`qdit merge` joins per-host files in global order; a missing host file is a one-line error."""
+    from qdit_jax.cli.main import main
+
+    images = np.random.default_rng(1).integers(0, 255, (7, 4, 4, 1), dtype=np.uint8)
+    path = str(tmp_path / "m.npz")
+    for p in range(2):
+        a, b = host_slice(7, p, 2)
+        save_samples(host_output_path(path, p, 2), images[a:b], None, indices=np.arange(a, b))
+    assert main(["merge", path, "--num-processes", "2"]) == 0
+    np.testing.assert_array_equal(load_samples(path)[0], images)
+    assert main(["merge", str(tmp_path / "none.npz"), "--num-processes", "2"]) == 2
+    assert "missing" in capsys.readouterr().err

@@ -36,6 +36,11 @@ def results() -> dict:
     "fid_stats_equal",             # FID mean / covariance == metrics.frechet.feature_statistics
     "fid_hlo_all_reduce",          # FID statistics compile to an all-reduce, no all-gather
     "model_axis_forward",          # params split over a 'model' axis give the same forward
+    "search_epoch_equal",          # a search epoch, batch- or candidate-sharded on 2/4/8 devices == 1 device
+    "search_hlo_no_collectives",   # the sharded candidate sampler compiles without any collective
+    "calibration_data_equal",      # collect_calibration on 4 devices == 1 device (per-sample keys)
+    "quantize_model_mesh",         # quantize_model(mesh=): same static ranges, GPTQ codes agree >= 99.9%
+    "inception_features_equal",    # Inception features batch-sharded over 8 devices == 1 device
 ])
 def test_multidevice(results, name):
     ok, detail = results[name]

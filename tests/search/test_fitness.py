@@ -53,3 +53,32 @@ def test_seeds_must_be_disjoint():
         check_disjoint_seeds(search=0, evaluation=0)
     with pytest.raises(QditError, match="overlap"):
         check_disjoint_seeds(search=3, evaluation=4)
+
+
+def test_multihost_evaluate_splits_candidates_and_reassembles_in_order():
+    """Hosts score disjoint shares; the gathered scores equal one host scoring everything."""
+    from qdit_jax.search.fitness import host_share, make_evaluate
+
+    class FakeSampler:  # samples = candidate values, so the fitness identifies the candidate
+        def samples(self, cands):
+            return np.asarray([[float(sum(c))] for c in cands])
+
+    cands = [(i, 2 * i) for i in range(7)]
+    fit = lambda x: float(x[0])  # noqa: E731
+    hosts = 3
+    shares = [set(host_share(7, h, hosts)) for h in range(hosts)]
+    assert set().union(*shares) == set(range(7)) and sum(map(len, shares)) == 7
+    # simulate the all-gather: every host's local array, computed by that host's own evaluate
+    locals_: dict[int, np.ndarray] = {}
+
+    def gather_for(h):
+        def allgather(local):
+            locals_[h] = local
+            return np.stack([locals_.get(j, np.full_like(local, np.nan)) for j in range(hosts)])
+        return allgather
+
+    for h in range(hosts - 1):  # hosts 0..1 publish first
+        make_evaluate(FakeSampler(), fit, process_id=h, num_processes=hosts, allgather=gather_for(h))(cands)
+    got = make_evaluate(FakeSampler(), fit, process_id=hosts - 1, num_processes=hosts,
+                        allgather=gather_for(hosts - 1))(cands)
+    assert got == make_evaluate(FakeSampler(), fit)(cands) == [3.0 * i for i in range(7)]
