@@ -12,7 +12,8 @@ fidelity to the FP model on the same noise, and a grid of FP (top) vs quantized 
 
 Calibration sampling, static ranges and GPTQ Hessians split each batch over the local devices
 (``--devices``, default all; ranges are identical to one device's, Hessians equal up to float32
-summation order). Over several hosts each host computes the same result and process 0 writes it.
+summation order). Over several hosts each host samples its share of the calibration set, ranges
+and Hessian sums are all-gathered and combined, and process 0 writes the checkpoint.
 """
 from __future__ import annotations
 
@@ -97,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
         args.batch_size = round_up(args.batch_size, data_size(mesh))
         print(f"note: --batch-size rounded up to {args.batch_size}, a multiple of the {data_size(mesh)} devices")
     writer = jax.process_index() == 0  # several hosts compute the same result; process 0 writes it
+    nproc = jax.process_count()
+    if nproc > 1 and args.save_calib:
+        raise QditError("--save-calib with several hosts would save one host's share; calibrate on one host")
     model = load_model(args.ckpt)
     if model.quantization:
         raise QditError(f"{args.ckpt} is already quantized; pass the full-precision checkpoint")
@@ -113,16 +117,28 @@ def run(args: argparse.Namespace) -> int:
         n_summary = 0
     t0 = time.time()
     calib = None
+    hosts = None
     if args.calib:
         calib = CalibrationData.load(args.calib)
     elif qcfg.gptq or qcfg.act_mode == "static" or args.save_calib:
+        share = None
+        if nproc > 1:  # each host samples its share; statistics are combined across hosts below
+            from qdit_jax.parallel.distributed import host_slice
+            from qdit_jax.parallel.hosts import default_allgather
+
+            if args.calib_samples < nproc:
+                raise QditError(f"--calib-samples {args.calib_samples} is fewer than the {nproc} hosts; "
+                                "give every host at least one sample")
+            share, hosts = host_slice(args.calib_samples, jax.process_index(), nproc), default_allgather
         calib = collect_calibration(fp_apply, model.params, cfg, scfg, num_samples=args.calib_samples,
-                                    seed=args.seed, batch_size=args.batch_size, progress=True, mesh=mesh)
+                                    seed=args.seed, batch_size=args.batch_size, progress=True, mesh=mesh,
+                                    sample_range=share)
         print(f"calibration: {len(calib)} model inputs from {args.calib_samples} samples ({time.time() - t0:.1f}s)")
     if args.save_calib and calib is not None and writer:
         calib.save(args.save_calib)
     t1 = time.time()
-    qm = quantize_model(model.params, cfg, qcfg, calib=calib, batch_size=args.batch_size, progress=True, mesh=mesh)
+    qm = quantize_model(model.params, cfg, qcfg, calib=calib, batch_size=args.batch_size, progress=True, mesh=mesh,
+                        hosts=hosts)
     print(f"quantized {len(qm.plan)} layers ({qcfg.name}, {'GPTQ' if qcfg.gptq else 'round-to-nearest'} weights, "
           f"{qcfg.act_mode} activations) in {time.time() - t1:.1f}s")
     if not writer:

@@ -46,6 +46,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     pid = process_id if process_id is not None else int(os.environ.get("JAX_PROCESS_ID", "0") or 0)
     if pid != 0:  # XLA aborts the process on a connect timeout, so find out first that it will answer
         wait_for_coordinator(where, timeout_s)
+    from qdit_jax.parallel.hosts import setup_cpu_collectives
+
+    setup_cpu_collectives()
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=int(timeout_s))

@@ -92,7 +92,7 @@ def sharded_layer_input_stats(params: Any, cfg: Any, plan: Mapping[str, Any], ca
 
 
 def calibrate_static_sharded(params: Any, cfg: Any, plan: Mapping[str, Any], calib: Any, mesh: Mesh,
-                             batch_size: int = 64) -> dict[str, list]:
+                             batch_size: int = 64, hosts: Callable | None = None) -> dict[str, list]:
     """``quant.calibration.calibrate_static`` (per-group min/max of layer inputs) with the batch
     sharded and the ranges combined by pmin/pmax all-reduces."""
     from qdit_jax.quant.calibration import group_range, merge_ranges, ranges_to_qparams
@@ -106,6 +106,10 @@ def calibrate_static_sharded(params: Any, cfg: Any, plan: Mapping[str, Any], cal
 
     ranges = sharded_layer_input_stats(params, cfg, plan, calib, reduce, all_reduce, merge_ranges, mesh,
                                        batch_size=batch_size)
+    if hosts is not None:  # this host's share of the calibration set; combine with the others
+        from qdit_jax.parallel.hosts import ranges_across_hosts
+
+        ranges = ranges_across_hosts(ranges, hosts)
     return ranges_to_qparams(ranges, plan)
 
 
@@ -114,7 +118,9 @@ class ShardedHessianRunner:
     the batch sharded and the sums combined by a psum all-reduce; compiled once and called per
     GPTQ block like ``quant.quantize._HessianRunner``."""
 
-    def __init__(self, cfg: Any, plan: Mapping[str, Any], static: Mapping[str, Any] | None, mesh: Mesh) -> None:
+    def __init__(self, cfg: Any, plan: Mapping[str, Any], static: Mapping[str, Any] | None, mesh: Mesh,
+                 hosts: Callable | None = None) -> None:
+        self.hosts = hosts
         weighted = {p for p, lq in plan.items() if lq.weight is not None}
 
         def reduce(path: str, i: int, a: jax.Array, w: jax.Array):
@@ -134,6 +140,10 @@ class ShardedHessianRunner:
 
     def __call__(self, params: Any, calib: Any, batch_size: int) -> dict[str, jax.Array]:
         sums = fold_batches(self.fn, params, calib, self.mesh, batch_size, self._combine)
+        if self.hosts is not None:
+            from qdit_jax.parallel.hosts import sums_across_hosts
+
+            sums = sums_across_hosts(sums, self.hosts)
         return {p: 2.0 * s / n for (p, _), (s, n) in sums.items()}
 
 

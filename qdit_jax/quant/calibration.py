@@ -86,12 +86,15 @@ class CalibrationData:
 def collect_calibration(apply_fn: ApplyFn, params: Any, cfg: DiTConfig, scfg: SamplerConfig, *,
                         num_samples: int = 256, steps_per_sample: int = 1, seed: int = 0,
                         batch_size: int = 64, labels: np.ndarray | None = None,
-                        progress: bool = False, mesh: Any = None) -> CalibrationData:
+                        progress: bool = False, mesh: Any = None,
+                        sample_range: tuple[int, int] | None = None) -> CalibrationData:
     """Sample with the FP model and keep the model inputs at ``steps_per_sample`` random steps per sample.
 
     Sample i's noise and step noise come from (seed, i) as in ``generate``, so the data do not
     depend on ``batch_size`` or on ``mesh`` (batch split over its devices; the batch is rounded up
-    to a multiple of the device count)."""
+    to a multiple of the device count). ``sample_range=(start, stop)``: only those samples (a
+    host's share); the kept steps are drawn for all samples in order, so the shares of all hosts
+    together are exactly the single-process data."""
     if num_samples < 1 or steps_per_sample < 1:
         raise QditError("calibration needs at least one sample and one step per sample")
     if steps_per_sample > scfg.steps:
@@ -107,21 +110,27 @@ def collect_calibration(apply_fn: ApplyFn, params: Any, cfg: DiTConfig, scfg: Sa
 
         batch_size = round_up(batch_size, data_size(mesh))
     key = jax.random.PRNGKey(seed + 1)
-    starts = range(0, num_samples, batch_size)
+    lo, hi = (0, num_samples) if sample_range is None else (int(sample_range[0]), int(sample_range[1]))
+    if not 0 <= lo < hi <= num_samples:
+        raise QditError(f"sample_range {sample_range} must lie within 0..{num_samples} and hold a sample")
+    batch_size = min(batch_size, hi - lo) if mesh is None else batch_size
+    starts = range(lo, hi, batch_size)
+    choices: list[np.ndarray] | None = None
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="calibration", unit="batch")
     for start in starts:
-        idx = np.arange(start, min(start + batch_size, num_samples))
+        idx = np.arange(start, min(start + batch_size, hi))
         full = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
         x0, traj = fn(params, initial_noise(seed, full, shape), jnp.asarray(labels[full]), key,
                       jnp.asarray(full, jnp.uint32))
         x_t, t_m = np.asarray(traj.x_t)[:, : len(idx)], np.asarray(traj.t_model)[:, : len(idx)]
         finals.append(np.asarray(x0)[: len(idx)])
+        if choices is None:  # every sample's kept steps, drawn in global sample order
+            choices = [rng.choice(x_t.shape[0], size=steps_per_sample, replace=False) for _ in range(num_samples)]
         for j in range(len(idx)):
-            steps = rng.choice(x_t.shape[0], size=steps_per_sample, replace=False)
-            for s in steps:
+            for s in choices[idx[j]]:
                 xs.append(x_t[s, j])
                 ts.append(t_m[s, j])
                 ys.append(labels[idx[j]])
@@ -186,13 +195,19 @@ def ranges_to_qparams(ranges: Mapping[tuple[str, int], Any], plan: Mapping[str, 
 
 
 def calibrate_static(params: Any, cfg: DiTConfig, plan: Mapping[str, LayerQuant], calib: CalibrationData,
-                     batch_size: int = 64) -> dict[str, list[QParams]]:
+                     batch_size: int = 64, hosts: Callable | None = None) -> dict[str, list[QParams]]:
     """Static activation parameters: per-group min/max of each layer input over all calibration
-    inputs (all timesteps, all samples), turned into fixed scales (the baseline Q-DiT beats)."""
+    inputs (all timesteps, all samples), turned into fixed scales (the baseline Q-DiT beats).
+    ``hosts`` (an allgather, ``parallel.hosts``): ``calib`` is this host's share and the ranges
+    are combined over every host's."""
 
     def reduce(path: str, i: int, a: jax.Array):
         spec = plan[path].act
         return None if spec is None else group_range(a, spec)
 
     ranges = layer_input_stats(params, cfg, plan, calib, reduce, merge_ranges, batch_size=batch_size)
+    if hosts is not None:
+        from qdit_jax.parallel.hosts import ranges_across_hosts
+
+        ranges = ranges_across_hosts(ranges, hosts)
     return ranges_to_qparams(ranges, plan)

@@ -66,7 +66,9 @@ class _HessianRunner:
     """One compiled forward that returns sum(x^T x) and token counts of every weight-quantized
     layer's (quantized) input; reused for every block of GPTQ."""
 
-    def __init__(self, cfg: DiTConfig, plan: Mapping[str, LayerQuant], static: Mapping[str, Any] | None):
+    def __init__(self, cfg: DiTConfig, plan: Mapping[str, LayerQuant], static: Mapping[str, Any] | None,
+                 hosts: Any = None):
+        self.hosts = hosts  # an allgather: sums combined over every host's share of the data
         model = DiT(cfg)
         weighted = {p for p, lq in plan.items() if lq.weight is not None}
         plan = dict(plan)
@@ -96,6 +98,10 @@ class _HessianRunner:
                     sums[path][1] = sums[path][1] + n
                 else:
                     sums[path] = [xtx, n]
+        if self.hosts is not None:
+            from qdit_jax.parallel.hosts import sums_across_hosts
+
+            sums = sums_across_hosts({p: tuple(v) for p, v in sums.items()}, self.hosts)
         return {p: 2.0 * s / n for p, (s, n) in sums.items()}  # H = 2/n X^T X, as GPTQ
 
 
@@ -108,16 +114,17 @@ def _group_by_block(paths: list[str]) -> list[list[str]]:
 
 def gptq_codes(params: Any, cfg: DiTConfig, plan: Mapping[str, LayerQuant], calib: CalibrationData, *,
                static: Mapping[str, Any] | None = None, batch_size: int = 64, block_size: int = 128,
-               percdamp: float = 0.01, progress: bool = False, mesh: Any = None) -> tuple[WeightCodes, Any]:
+               percdamp: float = 0.01, progress: bool = False, mesh: Any = None,
+               hosts: Any = None) -> tuple[WeightCodes, Any]:
     """GPTQ through the model, block by block: the Hessians of block i's layers come from the model
     whose earlier blocks are already GPTQ-quantized (and whose activations are quantized).
     With a ``mesh`` the Hessian passes split each calibration batch over its devices."""
     if mesh is None:
-        runner = _HessianRunner(cfg, plan, static)
+        runner = _HessianRunner(cfg, plan, static, hosts)
     else:
         from qdit_jax.parallel.stats import ShardedHessianRunner
 
-        runner = ShardedHessianRunner(cfg, plan, static, mesh)
+        runner = ShardedHessianRunner(cfg, plan, static, mesh, hosts)
     order = [p for p in plan if plan[p].weight is not None]
     groups = _group_by_block(order)
     if progress:
@@ -138,12 +145,15 @@ def gptq_codes(params: Any, cfg: DiTConfig, plan: Mapping[str, LayerQuant], cali
 
 
 def quantize_model(params: Any, cfg: DiTConfig, qcfg: QuantConfig, *, calib: CalibrationData | None = None,
-                   batch_size: int = 64, progress: bool = False, mesh: Any = None) -> QuantizedModel:
+                   batch_size: int = 64, progress: bool = False, mesh: Any = None,
+                   hosts: Any = None) -> QuantizedModel:
     """Quantize ``params`` of ``cfg`` as ``qcfg`` says. Static activations and GPTQ need ``calib``.
 
     ``mesh`` (``parallel.make_mesh``): the calibration passes (static ranges, GPTQ Hessians) split
     each batch over its devices and combine with all-reduces; ``batch_size`` is then the global
-    batch. Ranges are identical, Hessians equal up to float32 summation order."""
+    batch. Ranges are identical, Hessians equal up to float32 summation order. ``hosts`` (an
+    allgather such as ``parallel.hosts.default_allgather``): ``calib`` is this host's share of a
+    multi-host calibration set; ranges and Hessian sums are combined over all hosts."""
     plan = resolve(qcfg, discover_layers(cfg)).as_dict()
     if not plan:
         raise QditError("the quantization config matches no layer of this model; check its rule patterns")
@@ -154,14 +164,14 @@ def quantize_model(params: Any, cfg: DiTConfig, qcfg: QuantConfig, *, calib: Cal
     if qcfg.act_mode == "static":
         # Activation ranges from the FP model (all timesteps), fixed for sampling.
         if mesh is None:
-            static = calibrate_static(params, cfg, plan, calib, batch_size=batch_size)
+            static = calibrate_static(params, cfg, plan, calib, batch_size=batch_size, hosts=hosts)
         else:
             from qdit_jax.parallel.stats import calibrate_static_sharded
 
-            static = calibrate_static_sharded(params, cfg, plan, calib, mesh, batch_size=batch_size)
+            static = calibrate_static_sharded(params, cfg, plan, calib, mesh, batch_size=batch_size, hosts=hosts)
     if qcfg.gptq:
         codes, qparams = gptq_codes(params, cfg, plan, calib, static=static, batch_size=batch_size, progress=progress,
-                                    mesh=mesh)
+                                    mesh=mesh, hosts=hosts)
     else:
         codes = rtn_codes(params, plan)
         qparams = dequantized_params(params, plan, codes)

@@ -118,11 +118,13 @@ class SearchRun:
 
 def run_search(model: LoadedModel, s: SearchSettings, evo: EvolutionConfig, *, state_path: str | None = None,
                resume: bool = False, progress: bool = True, feature_fn=None,
-               log: Callable[[str], None] | None = None, mesh: Any = None, shard: str = "batch") -> SearchRun:
+               log: Callable[[str], None] | None = None, mesh: Any = None, shard: str = "batch",
+               hosts: bool | None = None) -> SearchRun:
     """Build the space and budget of ``s`` for ``model``, then evolve (or resume) the search.
 
     ``mesh``/``shard``: run the candidates' sampling over several devices (``CandidateSampler``);
-    the search's result does not depend on either."""
+    the search's result does not depend on either. ``hosts`` (default: when there are several
+    processes): each host scores its share of every population and the scores are all-gathered."""
     t0 = time.time()
     budget = Budget.parse(s.budget)
     space = build_space(model.config, s.wbits, s.abits, groups=s.groups)
@@ -135,7 +137,9 @@ def run_search(model: LoadedModel, s: SearchSettings, evo: EvolutionConfig, *, s
     extra = {"settings": {k: v for k, v in s.to_dict().items() if k not in ("batch_size", "chunk")}}
     import jax
 
-    if jax.process_count() > 1:  # hosts split each population and exchange the scores
+    if hosts is None:
+        hosts = jax.process_count() > 1
+    if hosts:  # hosts split each population and exchange the scores
         from jax.experimental import multihost_utils
 
         evaluate = make_evaluate(sampler, fitness, process_id=jax.process_index(), num_processes=jax.process_count(),
