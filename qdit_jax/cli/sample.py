@@ -32,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     clip = p.add_mutually_exclusive_group()
     clip.add_argument("--clip-denoised", dest="clip_denoised", action="store_true", default=None)
     clip.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", default="64",
+                   help="global batch (a multiple of the devices), or 'auto': the largest that fits 80%% of each "
+                        "device's free memory, from XLA's memory analysis of the sampler")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
     p.add_argument("--vae", default=None, help="diffusers AutoencoderKL directory to decode latents")
     p.add_argument("--out", required=True, help="output .npz (a PNG grid is written beside it)")
@@ -69,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_samples < 1:
         raise QditError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.batch_size != "auto":
+        try:
+            args.batch_size = int(args.batch_size)
+        except ValueError:
+            raise QditError(f"--batch-size must be an integer or 'auto', got {args.batch_size!r}") from None
     if not args.out.endswith(".npz"):
         raise QditError(f"--out must name an .npz file, got {args.out!r}")
     import jax
@@ -102,6 +109,11 @@ def run(args: argparse.Namespace) -> int:
         vae = load_diffusers_vae(args.vae)
     apply_fn, params = model_apply_fn(model, cfg)
     start, stop = host_slice(len(labels), pid, nproc)  # each host samples its slice of the global indices
+    if args.batch_size == "auto":
+        from qdit_jax.diffusion.pipeline import auto_batch_size
+
+        args.batch_size = auto_batch_size(apply_fn, params, cfg, scfg, mesh=mesh, num_samples=stop - start)
+        print(f"--batch-size auto: {args.batch_size}")
     labels, noise = labels[start:stop], (noise[start:stop] if noise is not None else None)
     out_path = host_output_path(args.out, pid, nproc)
     t0 = time.time()

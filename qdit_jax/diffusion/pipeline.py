@@ -129,6 +129,28 @@ def make_sample_fn(apply_fn: ApplyFn, cfg: DiTConfig, scfg: SamplerConfig, *, re
     return data_parallel(run, mesh, (P(), P(DATA), P(DATA), P(), P(DATA)), out)
 
 
+def auto_batch_size(apply_fn: ApplyFn, params: Any, cfg: DiTConfig, scfg: SamplerConfig, *, mesh: Any = None,
+                    num_samples: int | None = None, fraction: float = 0.8) -> int:
+    """A global sampling batch that fits ``fraction`` of each device's free memory: the sampler's
+    bytes per sample come from XLA's memory analysis at two probe batches, the free bytes from the
+    device's allocator (64 per device where the backend reports none, e.g. CPU). Capped at the
+    sample count (rounded up to the device count)."""
+    from qdit_jax.parallel.mesh import compiled_bytes_per_sample, data_size, per_device_batch, round_up
+
+    fn = make_sample_fn(apply_fn, cfg, scfg)
+    shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
+
+    def build(b: int):
+        args = (params, jax.ShapeDtypeStruct((b, *shape), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.int32),
+                jax.random.PRNGKey(0), jax.ShapeDtypeStruct((b,), jnp.uint32))
+        return fn.lower(*args).compile()
+
+    ndev = 1 if mesh is None else data_size(mesh)
+    cap = None if num_samples is None else -(-num_samples // ndev)
+    per_dev = per_device_batch(compiled_bytes_per_sample(build), fraction=fraction, maximum=cap)
+    return per_dev * ndev
+
+
 def iterate_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
     for start in range(0, n, batch_size):
         yield np.arange(start, min(start + batch_size, n))

@@ -155,3 +155,16 @@ def per_device_batch(bytes_per_sample: int, *, device: jax.Device | None = None,
 def global_batch(bytes_per_sample: int, mesh: Mesh, **kw: Any) -> int:
     """Memory-aware global batch: ``per_device_batch`` times the data axis size (divisible by design)."""
     return per_device_batch(bytes_per_sample, **kw) * data_size(mesh)
+
+
+def compiled_bytes_per_sample(build: Callable[[int], Any], probes: tuple[int, int] = (2, 4)) -> int:
+    """Device bytes one more sample costs in a compiled program, measured by XLA's memory analysis:
+    ``build(b)`` returns the program lowered and compiled at batch ``b``; the difference between two
+    probe batches removes what does not scale with the batch (parameters, constants)."""
+    sizes = []
+    for b in probes:
+        ma = build(b).memory_analysis()
+        if ma is None:
+            raise QditError("this backend gives no memory analysis; pass an explicit --batch-size")
+        sizes.append(int(ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes))
+    return max(1, (sizes[1] - sizes[0]) // (probes[1] - probes[0]))

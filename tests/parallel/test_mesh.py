@@ -79,3 +79,35 @@ def test_cli_flags_single_device():
         setup_from_args(p.parse_args(["--devices", "64"]))
     with pytest.raises(QditError, match="go together"):
         setup_from_args(p.parse_args(["--coordinator", "localhost:1234"]))
+
+
+def test_auto_batch_size_from_memory_analysis(monkeypatch):
+    """The sampler's per-sample bytes come from XLA's memory analysis (more for a wider model) and
+    the batch is the free memory's share divided by them, a multiple of the devices, capped."""
+    import jax
+
+    from qdit_jax.diffusion.pipeline import SamplerConfig, auto_batch_size, dit_apply_fn, make_sample_fn
+    from qdit_jax.models.dit import DiTConfig, init_params
+    from qdit_jax.parallel import mesh as mesh_mod
+    from qdit_jax.parallel.mesh import compiled_bytes_per_sample
+
+    scfg = SamplerConfig(steps=2, cfg_scale=1.5)
+    per = {}
+    for width in (32, 64):
+        cfg = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=width, depth=1, num_heads=2,
+                        num_classes=3)
+        params = init_params(cfg, jax.random.PRNGKey(0))
+
+        def build(b, cfg=cfg, params=params):
+            f = make_sample_fn(dit_apply_fn(cfg), cfg, scfg)
+            args = (params, jax.ShapeDtypeStruct((b, 8, 8, 1), jax.numpy.float32),
+                    jax.ShapeDtypeStruct((b,), jax.numpy.int32), jax.random.PRNGKey(0),
+                    jax.ShapeDtypeStruct((b,), jax.numpy.uint32))
+            return f.lower(*args).compile()
+
+        per[width] = compiled_bytes_per_sample(build)
+    assert 0 < per[32] < per[64]
+    monkeypatch.setattr(mesh_mod, "free_device_bytes", lambda device=None: 1000 * per[64] // 8 * 10)
+    b = auto_batch_size(dit_apply_fn(cfg), params, cfg, scfg)
+    assert b == int(1000 * per[64] // 8 * 10 * 0.8) // per[64]  # fraction 0.8 of the free memory
+    assert auto_batch_size(dit_apply_fn(cfg), params, cfg, scfg, num_samples=7) == 7  # capped
