@@ -3,6 +3,7 @@
     python scripts/search_fmnist.py --out docs/search_fmnist.json            # GPU, ~3-4 min
     python scripts/search_fmnist.py --speed --out docs/search_speed.json     # one epoch, vmapped vs one by one
     python scripts/search_fmnist.py --small --out /tmp/search_small.json     # CPU smoke test
+    python scripts/search_fmnist.py --speed --sharded --shard candidates    # + the epoch on all GPUs
 
 Default mode, for W4A8 and a harder setting (--hard, W4A4 by default): run Q-DiT's search
 (MSE to FP samples by default) on the search seed, then evaluate the searched config against
@@ -59,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--chunk", type=int, default=None)
     p.add_argument("--xl-steps", type=int, default=50, help="DDIM steps of the projected XL/2 search")
+    p.add_argument("--sharded", action="store_true",
+                   help="with --speed: also time the epoch on all devices (--shard) and compare with one device")
+    p.add_argument("--shard", default="candidates", choices=["batch", "candidates"])
     a = p.parse_args(argv)
     if a.small:
         a.population, a.epochs, a.num_samples, a.steps = 4, 2, 4, 2
@@ -164,15 +168,47 @@ def speed(model, a) -> dict:
     per_cand = {"vmapped": t_vmap / k, "one_by_one": t_single / k}
     scale = ratio * (800 / a.num_samples) * (a.xl_steps / a.steps) * 500
     proj = {m: per_cand[m] * scale / 3600 for m in per_cand}
+    if a.sharded:
+        fit = MSEFitness(fp_samples(model, scfg, a.num_samples, a.search_seed, a.num_samples))
+        out_sh = sharded_epoch(model, a, space, scfg, labels, cands, xv, fit)
     out = {"candidates": k, "num_samples": a.num_samples, "steps": a.steps, "epoch_s_vmapped": t_vmap,
            "epoch_s_one_by_one": t_single, "speedup": t_single / t_vmap, "max_abs_diff": diff,
            "flops_ratio_xl_over_fmnist": ratio, "projected_xl_search_hours": proj,
            "projection": f"500 candidates x 800 samples x DDIM {a.xl_steps} on XL/2 (CFG included in both)",
            "chunk_used": cs.chunk}
+    if a.sharded:
+        out["sharded"] = out_sh
     print(f"one epoch of {k} candidates ({a.num_samples} samples, DDIM {a.steps}): vmapped {t_vmap:.2f}s, "
           f"one by one {t_single:.2f}s ({t_single / t_vmap:.2f}x); max |diff| {diff:.2e}")
     print(f"projected full Q-DiT search on DiT-XL/2 ({out['projection']}; FLOPs x{ratio:.0f}): "
           f"vmapped {proj['vmapped']:.1f} h, one by one {proj['one_by_one']:.1f} h on this device")
+    return out
+
+
+def sharded_epoch(model, a, space, scfg, labels, cands, x_one, fitness) -> dict:
+    """The same epoch on a mesh of all devices (``--shard``) against the one-device vmapped run:
+    wall time, and whether the best candidate (the search's fitness: MSE to the FP samples of the
+    same noise) and the samples agree."""
+    import jax
+
+    from qdit_jax.parallel.mesh import make_mesh
+
+    n = jax.device_count()
+    cs = CandidateSampler(model.params, model.config, space, scfg, labels, noise_seed=a.search_seed,
+                          batch_size=a.num_samples, chunk=a.chunk, mesh=make_mesh(n), shard=a.shard)
+    cs.samples(cands)  # warm-up (compile)
+    t0 = time.perf_counter()
+    xs = cs.samples(cands)
+    t = time.perf_counter() - t0
+    f_one = [fitness(x) for x in x_one]
+    f_sh = [fitness(x) for x in xs]
+    best_one, best_sh = int(np.argmin(f_one)), int(np.argmin(f_sh))
+    d = np.abs(xs - x_one)
+    out = {"devices": n, "shard": a.shard, "epoch_s": t, "same_best": best_one == best_sh,
+           "max_abs_diff": float(d.max()), "rel_rms_diff": float(np.sqrt(np.mean(d ** 2) / np.mean(x_one ** 2))),
+           "identical": bool(np.array_equal(xs, x_one))}
+    print(f"sharded over {n} devices ({a.shard}): epoch {t:.2f}s; same best candidate: {out['same_best']}; "
+          f"max |diff| {out['max_abs_diff']:.2e}, relative RMS {out['rel_rms_diff']:.2e}", flush=True)
     return out
 
 
