@@ -65,6 +65,21 @@ def check(tiles: Tiles, log: list) -> None:
             line = f"{name:32s} FAILED {type(e).__name__}: {str(e)[:400]}"
         print(line, flush=True)
         log.append(line)
+    from qdit_jax.quant.kernels.act_quant import quantize_rows_pallas
+
+    for group in (k, 128):  # the one-pass activation quantization kernel against the XLA path
+        name = f"check act-quant kernel g{group}"
+        try:
+            x = operands(group, m, n, k, 1, 8, False)[0]
+            q_ref, s_ref = quantize_act(x, QuantSpec(bits=8, group_size=0 if group == k else group, symmetric=True), group)
+            q, s = jax.jit(lambda a: quantize_rows_pallas(a, group))(x)
+            same = float(np.mean(np.asarray(q) == np.asarray(q_ref)))
+            dmax = int(np.abs(np.asarray(q, np.int32) - np.asarray(q_ref, np.int32)).max())
+            line = f"{name:32s} codes equal {same:.6f}  max |code diff| {dmax}  scales rel {rel(s, s_ref):.1e}"
+        except Exception as e:
+            line = f"{name:32s} FAILED {type(e).__name__}: {str(e)[:400]}"
+        print(line, flush=True)
+        log.append(line)
 
 
 def gemm_kinds(fj, args) -> str:
@@ -112,6 +127,10 @@ def layer_profile(batch: int, repeats: int, tile_list: list[Tiles], log: list) -
       [(p[0], s[1]) for p, s in zip(pre0, sets)])
     t("quantize pass alone (per-token)", lambda x: quantize_act(x, spec0, k), [(x,) for x in xs])
     t("quantize pass alone (group 128)", lambda x: quantize_act(x, spec128, 128), [(x,) for x in xs])
+    from qdit_jax.quant.kernels.act_quant import quantize_rows_pallas
+
+    t("quantize pass, one-pass Pallas kernel (per-token)", lambda x: quantize_rows_pallas(x, k), [(x,) for x in xs])
+    t("quantize pass, one-pass Pallas kernel (group 128)", lambda x: quantize_rows_pallas(x, 128), [(x,) for x in xs])
     t("int8 dot + epilogue (pre-quantized)", lambda a, sa, w, sw, b: group_gemm_xla(a, sa, w, sw, b, out_dtype=jnp.bfloat16),
       [(p[0], p[1], s[1], s1, s[4]) for p, s, s1 in zip(pre0, sets, sw1)])
 
@@ -126,6 +145,12 @@ def layer_profile(batch: int, repeats: int, tile_list: list[Tiles], log: list) -
         return group_gemm_xla(qa, sa, w, sw, b, out_dtype=jnp.bfloat16)
 
     t("XLA W8A8 per-channel layer, barrier", xla_layer_barrier, [(s[0], s[1], s1, s[4]) for s, s1 in zip(sets, sw1)])
+
+    def qk_layer(x, w, sw, b):  # the one-pass Pallas quantize, then the XLA int8 GEMM + epilogue
+        qa, sa = quantize_rows_pallas(x, k)
+        return group_gemm_xla(qa, sa, w, sw, b, out_dtype=jnp.bfloat16)
+
+    t("W8A8 per-channel layer, Pallas quantize + XLA GEMM", qk_layer, [(s[0], s[1], s1, s[4]) for s, s1 in zip(sets, sw1)])
     f8 = jnp.float8_e4m3fn
     a8 = [x.astype(f8) for x in xs]
     w8 = [s[1].astype(f8) for s in sets]

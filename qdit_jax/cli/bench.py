@@ -37,6 +37,8 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-w4a8-g128": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "auto"),
     "real-w8a8-g128-xla": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "xla"),
     "real-w8a8-mat": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-mat"),
+    "real-w8a8-qk": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-qk"),
+    "real-w8a8-g128-qk": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "auto-qk"),
     "real-fp8": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real", "xla"),
 }
 
@@ -123,7 +125,9 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
         return qm.apply_fn(), qm.bundle, {"weight_bytes": weight_bytes(qm)}
     rm = real_from_params(params, cfg, qcfg)
     mat = backend.endswith("-mat")  # activation codes behind an optimization barrier
-    opts = RealOptions(backend=backend.removesuffix("-mat"), tiles=tiles, fuse_quant=fuse_quant, materialize=mat)
+    qk = backend.endswith("-qk")  # activations quantized by the one-pass Pallas kernel
+    opts = RealOptions(backend=backend.removesuffix("-mat").removesuffix("-qk"), tiles=tiles, fuse_quant=fuse_quant,
+                       materialize=mat, quant_kernel=qk)
     return rm.apply_fn(opts), rm.variables(), {"weight_bytes": rm.weight_bytes(),
                                                "checkpoint_bytes": checkpoint_bytes(rm.variables())}
 

@@ -63,6 +63,8 @@ class RealOptions:
     # optimization_barrier on the activation codes before an XLA GEMM, so XLA cannot fuse the
     # quantize pass into the GEMM (which would move it off cuBLAS' int8 kernel)
     materialize: bool = False
+    # quantize activations with the one-pass Pallas kernel (kernels.act_quant) where its guard allows
+    quant_kernel: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -221,6 +223,19 @@ def quantize_act(x2: jax.Array, spec: QuantSpec, group: int) -> tuple[jax.Array,
     return q.reshape(m, k), jnp.repeat(scale, ga // group, axis=1).T
 
 
+def _quantize_input(x2: jax.Array, spec: QuantSpec, group: int, options: RealOptions) -> tuple[jax.Array, jax.Array]:
+    """``quantize_act``, through the one-pass Pallas kernel when asked and its guard allows."""
+    if options.quant_kernel and spec.format == "int" and spec.method == "max" and spec.clip_ratio == 1.0:
+        from qdit_jax.quant.kernels.act_quant import quant_applies, quantize_rows_pallas
+
+        m, k = x2.shape
+        ga = _eff_group(spec, k)
+        if quant_applies(m, k, ga, spec.bits, x2.dtype)[0]:
+            q, s = quantize_rows_pallas(x2, ga, spec.bits)
+            return q, jnp.repeat(s, ga // group, axis=0)
+    return quantize_act(x2, spec, group)
+
+
 def _dequant_weight(rw: RealWeight, dtype: Any) -> jax.Array:
     c = weight_codes_int8(rw.codes) if rw.codes.dtype == jnp.uint8 else rw.codes
     g, n = rw.scale.shape
@@ -261,7 +276,7 @@ def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
             return y.reshape(*lead, n)
         if not use_kernel and options.fuse_quant:  # retry without in-kernel quantization
             use_kernel, _ = kernel_applies(m, n, k, g, jnp.int8, rw.codes.dtype, tiles=options.tiles)
-    qa, sa = quantize_act(x2, lq.act, group)
+    qa, sa = _quantize_input(x2, lq.act, group, options)
     if use_kernel:
         rs = None
         if rw.zero is not None:

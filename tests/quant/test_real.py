@@ -125,3 +125,26 @@ def test_materialized_codes_compute_the_same_function(params, inputs):
     np.testing.assert_allclose(np.asarray(mat), np.asarray(plain), rtol=1e-6, atol=1e-6)
     text = str(jax.make_jaxpr(mat_fn)(rm.variables(), *inputs))
     assert "optimization_barrier" in text
+
+
+@pytest.mark.parametrize("name", ["w8a8-int8-perchannel-asymw", "w4a8-packed-g32w-pertoken-asymw"])
+def test_quant_kernel_route_gives_the_same_outputs(name, params, inputs, monkeypatch):
+    """RealOptions(quant_kernel=True) routed through the one-pass kernel (interpret mode, guard
+    forced open as on a GPU) computes the same model output as the XLA quantize path."""
+    from qdit_jax.quant.kernels import act_quant
+    from qdit_jax.quant.real import RealOptions
+
+    calls = []
+
+    def interp(x, group, bits=8, **kw):
+        calls.append((x.shape, group))
+        return original(x, group, bits, block_m=2, chunk=32, interpret=True)
+
+    original = act_quant.quantize_rows_pallas
+    monkeypatch.setattr(act_quant, "quant_applies", lambda m, k, g, b, d, **kw: (m % 2 == 0 and g % 32 == 0, "test"))
+    monkeypatch.setattr(act_quant, "quantize_rows_pallas", interp)
+    rm = real_from_params(params, CFG, QuantConfig(qdit_rules(**FORMATS[name])))
+    ref = jax.jit(rm.apply_fn(RealOptions(backend="xla")))(rm.variables(), *inputs)
+    got = jax.jit(rm.apply_fn(RealOptions(backend="xla", quant_kernel=True)))(rm.variables(), *inputs)
+    assert calls, "the kernel route was not taken"
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
