@@ -133,6 +133,8 @@ def layer_profile(batch: int, repeats: int, tile_list: list[Tiles], log: list) -
     t("quantize pass, one-pass Pallas kernel (group 128)", lambda x: quantize_rows_pallas(x, 128), [(x,) for x in xs])
     t("int8 dot + epilogue (pre-quantized)", lambda a, sa, w, sw, b: group_gemm_xla(a, sa, w, sw, b, out_dtype=jnp.bfloat16),
       [(p[0], p[1], s[1], s1, s[4]) for p, s, s1 in zip(pre0, sets, sw1)])
+    t("int8 dot + separate epilogue pass (pre-quantized)", lambda a, sa, w, sw, b: group_gemm_xla(
+        a, sa, w, sw, b, out_dtype=jnp.bfloat16, split_epilogue=True), [(p[0], p[1], s[1], s1, s[4]) for p, s, s1 in zip(pre0, sets, sw1)])
 
     def xla_layer(x, w, sw, b):
         qa, sa = quantize_act(x, spec0, k)

@@ -65,6 +65,8 @@ class RealOptions:
     materialize: bool = False
     # quantize activations with the one-pass Pallas kernel (kernels.act_quant) where its guard allows
     quant_kernel: bool = False
+    # XLA path: keep the int8 GEMM a plain cuBLAS call and run the scale epilogue as its own pass
+    split_epilogue: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -286,7 +288,8 @@ def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
     else:
         if options.materialize:
             qa, sa = jax.lax.optimization_barrier((qa, sa))
-        y = group_gemm_xla(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype)
+        y = group_gemm_xla(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype,
+                           split_epilogue=options.split_epilogue)
     return y.reshape(*lead, n)
 
 

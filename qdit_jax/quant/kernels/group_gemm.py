@@ -86,9 +86,11 @@ def group_gemm_reference(qa: jax.Array, sa: jax.Array, qw: jax.Array, sw: jax.Ar
 
 
 def group_gemm_xla(qa: jax.Array, sa: jax.Array, qw: jax.Array, sw: jax.Array, bias: jax.Array | None = None,
-                   zw: jax.Array | None = None, out_dtype: Any = jnp.float32) -> jax.Array:
+                   zw: jax.Array | None = None, out_dtype: Any = jnp.float32, split_epilogue: bool = False) -> jax.Array:
     """XLA path: one batched low-bit ``dot_general`` over groups (int32 / float32 accumulation),
-    the scale products applied per group, then summed over groups."""
+    the scale products applied per group, then summed over groups. ``split_epilogue``: an
+    optimization barrier on the raw product keeps XLA from fusing the scale epilogue into the GEMM
+    (XLA then calls cuBLAS' int8 kernel and runs the epilogue as its own pass)."""
     w = weight_codes_int8(qw)
     g, m = sa.shape
     n, k = w.shape
@@ -100,6 +102,8 @@ def group_gemm_xla(qa: jax.Array, sa: jax.Array, qw: jax.Array, sw: jax.Array, b
         acc = lax.dot_general(qa, w, (((1,), (1,)), ((), ())), preferred_element_type=acc_t)[None]
     else:
         acc = lax.dot_general(a3, w3, (((2,), (2,)), ((1,), (1,))), preferred_element_type=acc_t)  # (G, M, N)
+    if split_epilogue:
+        acc = lax.optimization_barrier(acc)
     part = acc.astype(jnp.float32)
     if zw is not None:
         rs = jnp.sum(a3.astype(jnp.int32), axis=-1).T.astype(jnp.float32)  # (G, M)

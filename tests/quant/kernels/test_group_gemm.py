@@ -129,3 +129,20 @@ def test_kernel_round_is_numpy_round_half_even():
     x = np.concatenate([np.arange(-130, 130, 0.5), rng.normal(0, 60, 20000), [-0.5, 0.5, 1.5, -1.5, 2.5]])
     x = x.astype(np.float32)
     np.testing.assert_array_equal(np.asarray(_round_even(jnp.asarray(x))), np.round(x))
+
+
+@pytest.mark.parametrize("g", [1, 4])
+def test_split_epilogue_is_the_same_function(g):
+    """The barrier between the int8 GEMM and its scale epilogue changes scheduling, not values."""
+    r = np.random.default_rng(g)
+    m, n, k = 16, 24, 64
+    qa = jnp.asarray(r.integers(-128, 128, (m, k)), jnp.int8)
+    qw = jnp.asarray(r.integers(-128, 128, (n, k)), jnp.int8)
+    sa = jnp.asarray(r.uniform(0.01, 0.1, (g, m)), jnp.float32)
+    sw = jnp.asarray(r.uniform(0.01, 0.1, (g, n)), jnp.float32)
+    b = jnp.asarray(r.standard_normal(n), jnp.float32)
+    a = group_gemm_xla(qa, sa, qw, sw, b)
+    fn = lambda *args: group_gemm_xla(*args, split_epilogue=True)  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(jax.jit(fn)(qa, sa, qw, sw, b)), np.asarray(jax.jit(group_gemm_xla)(qa, sa, qw, sw, b)))
+    np.testing.assert_allclose(np.asarray(fn(qa, sa, qw, sw, b)), np.asarray(a), rtol=1e-6)
+    assert "optimization_barrier" in str(jax.make_jaxpr(fn)(qa, sa, qw, sw, b))
