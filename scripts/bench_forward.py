@@ -11,16 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qdit_jax.models.dit import DiT, dit_config, flops_per_forward, init_params
+from qdit_jax.cli import bench
+from qdit_jax.models.dit import DiT, dit_config, flops_per_forward
 
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by device kind substring.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5": 459e12}
+PEAK_BF16 = bench.PEAK_BF16
 
 
 def peak_for(device: jax.Device) -> float | None:
@@ -30,34 +29,14 @@ def peak_for(device: jax.Device) -> float | None:
     return None
 
 
-def randomize(params, key):
-    """Every weight random (DiT zero-initialises adaLN and the final layer)."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [0.02 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-
-
 def time_fn(fn, args_list, repeats: int, warmup: int = 3) -> list[float]:
     """Seconds per call; rotates among several input sets so caches do not flatter the result."""
-    for i in range(warmup):
-        jax.block_until_ready(fn(*args_list[i % len(args_list)]))
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args_list[i % len(args_list)]))
-        times.append(time.perf_counter() - t0)
-    return times
+    return bench.time_fn(fn, args_list, repeats, warmup=warmup)
 
 
 def measured_matmul_peak(n: int, repeats: int) -> float:
     """FLOP/s of an n x n x n bf16 matmul on random data: the ceiling actually reachable here."""
-    ka, kb = jax.random.split(jax.random.PRNGKey(7))
-    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
-    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
-    mm = jax.jit(lambda a, b: a @ b)
-    t = statistics.median(time_fn(mm, [(a, b)], repeats))
-    return 2 * n**3 / t
+    return bench.matmul_peak(n, repeats)
 
 
 def main() -> None:
@@ -73,7 +52,7 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = dit_config(args.model, image_size=args.image_size, dtype=args.dtype)
-    params = randomize(init_params(cfg, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+    params = bench.random_params(cfg)
     model = DiT(cfg)
     fwd = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
     dev = jax.devices()[0]

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qdit_jax.cli import bench  # noqa: E402
 from qdit_jax.diffusion.pipeline import SamplerConfig, initial_noise, make_sample_fn  # noqa: E402
-from qdit_jax.models.dit import dit_config, init_params  # noqa: E402
+from qdit_jax.models.dit import dit_config  # noqa: E402
 from qdit_jax.parallel.mesh import make_mesh, replicate  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     n_all = a.devices or jax.device_count()
     counts = sorted({1, n_all})
     cfg = dit_config(a.model, image_size=a.image_size, dtype=a.dtype)
-    params = bench.randomize(init_params(cfg, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+    params = bench.random_params(cfg)
     scfg = SamplerConfig(sampler="ddim", steps=a.steps, cfg_scale=a.cfg_scale)
     shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
     ids = np.arange(a.batch)

@@ -22,7 +22,8 @@ import numpy as np
 
 from qdit_jax.errors import QditError
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by device kind substring.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5": 459e12}
 
 # name -> (preset rules kwargs or None for FP, mode, real backend)
 VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
@@ -78,13 +79,32 @@ def time_fn(fn: Callable, args_list: list[tuple], repeats: int, warmup: int = 2)
 
 
 def randomize(params: Any, key: Any) -> Any:
-    """Every weight random, std 0.02 (DiT zero-initialises adaLN and the final layer)."""
+    """Every weight random, std 0.02 (DiT zero-initialises adaLN and the final layer). ``params``
+    may be arrays or ``ShapeDtypeStruct``s (``models.dit.param_shapes``: no Flax init at all).
+    One compiled draw per distinct (shape, dtype), so an XL/2 tree costs a handful of compiles."""
+    import functools
+
     import jax
+    import jax.numpy as jnp
+
+    @functools.lru_cache(maxsize=None)
+    def draw(shape: tuple[int, ...], dtype: Any):
+        return jax.jit(lambda k: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
 
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(key, len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [0.02 * jax.random.normal(k, x.shape, x.dtype)
+    return jax.tree_util.tree_unflatten(treedef, [draw(tuple(x.shape), jnp.dtype(x.dtype))(k)
                                                   for k, x in zip(keys, leaves)])
+
+
+def random_params(cfg: Any, seed: int = 1) -> Any:
+    """Random DiT params of ``cfg`` straight from its shapes (benchmarks: speed needs no trained or
+    properly initialised weights)."""
+    import jax
+
+    from qdit_jax.models.dit import param_shapes
+
+    return jax.block_until_ready(randomize(param_shapes(cfg), jax.random.PRNGKey(seed)))
 
 
 def matmul_peak(n: int, repeats: int) -> float:
@@ -148,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from qdit_jax.diffusion.pipeline import SamplerConfig, make_sample_fn
-    from qdit_jax.models.dit import dit_config, flops_per_forward, init_params
+    from qdit_jax.models.dit import dit_config, flops_per_forward
 
     for v in args.variants:
         if v not in VARIANTS:
@@ -160,7 +180,9 @@ def run(args: argparse.Namespace) -> int:
     dev = jax.devices()[0]
     peak = next((v for k, v in PEAK_BF16.items() if k.lower() in dev.device_kind.lower()), None)
     cfg = dit_config(args.model, image_size=args.image_size, dtype="bfloat16")
-    params = randomize(init_params(cfg, jax.random.PRNGKey(0)), jax.random.PRNGKey(1))
+    t0 = time.perf_counter()
+    params = random_params(cfg)
+    print(f"{args.model} random params in {time.perf_counter() - t0:.1f}s", flush=True)
     flops = flops_per_forward(cfg)
     measured = matmul_peak(args.matmul_peak, args.repeats) if args.matmul_peak else None
     if measured:
@@ -170,11 +192,15 @@ def run(args: argparse.Namespace) -> int:
         if args.time_budget and time.perf_counter() - t_start > args.time_budget:
             print(f"{name}: skipped (time budget)", flush=True)
             continue
+        t_build = time.perf_counter()
         try:
             apply_fn, vparams, info = build_variant(name, cfg, params, tiles, args.fuse_quant)
+            jax.block_until_ready(vparams)
         except Exception as e:  # a variant that cannot be built is reported, the rest still run
             print(f"{name}: build failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
+        t_build = time.perf_counter() - t_build
+        print(f"{name}: weights built in {t_build:.1f}s", flush=True)
         fwd = jax.jit(apply_fn)
         for b in args.batch:
             rng = np.random.default_rng(b)
@@ -186,7 +212,9 @@ def run(args: argparse.Namespace) -> int:
                 t0 = time.perf_counter()
                 compiled = fwd.lower(*inputs[0]).compile()
                 t_compile = time.perf_counter() - t0
+                t0 = time.perf_counter()
                 t = statistics.median(time_fn(compiled, inputs, args.repeats))
+                t_timed = time.perf_counter() - t0
             except Exception as e:
                 print(f"{name} batch {b}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
@@ -194,10 +222,11 @@ def run(args: argparse.Namespace) -> int:
             row = dict(variant=name, batch=b, median_s=t, images_per_s=ips, tflops=ips * flops / 1e12,
                        datasheet_fraction=ips * flops / peak if peak else None,
                        measured_fraction=ips * flops / measured if measured else None,
-                       program_bytes=_mem(compiled), compile_s=t_compile, **info)
+                       program_bytes=_mem(compiled), compile_s=t_compile, build_s=t_build, **info)
             rows.append(row)
             print(f"{name:22s} b{b:4d} {t * 1e3:8.2f} ms {ips:8.1f} img/s {row['tflops']:6.1f} TFLOP/s "
-                  f"prog {((row['program_bytes'] or 0) / 2**30):5.2f} GiB compile {t_compile:5.1f}s", flush=True)
+                  f"prog {((row['program_bytes'] or 0) / 2**30):5.2f} GiB compile {t_compile:5.1f}s timing {t_timed:5.1f}s",
+                  flush=True)
         if args.sample_batch:
             scfg = SamplerConfig(sampler="ddim", steps=args.sample_steps, cfg_scale=4.0)
             fn = make_sample_fn(apply_fn, cfg, scfg)
