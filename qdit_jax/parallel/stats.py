@@ -139,12 +139,10 @@ class ShardedHessianRunner:
         return u[0] + v[0], u[1] + v[1]
 
     def __call__(self, params: Any, calib: Any, batch_size: int) -> dict[str, jax.Array]:
-        sums = fold_batches(self.fn, params, calib, self.mesh, batch_size, self._combine)
-        if self.hosts is not None:
-            from qdit_jax.parallel.hosts import sums_across_hosts
+        from qdit_jax.quant.quantize import hessians_from_sums
 
-            sums = sums_across_hosts(sums, self.hosts)
-        return {p: 2.0 * s / n for (p, _), (s, n) in sums.items()}
+        sums = fold_batches(self.fn, params, calib, self.mesh, batch_size, self._combine)
+        return hessians_from_sums({p: v for (p, _), v in sums.items()}, self.hosts)
 
 
 def hessians_sharded(params: Any, cfg: Any, plan: Mapping[str, Any], calib: Any, mesh: Mesh, *,

@@ -104,16 +104,15 @@ def collect_calibration(apply_fn: ApplyFn, params: Any, cfg: DiTConfig, scfg: Sa
     shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
     rng = np.random.default_rng(seed)
     xs, ts, ys, finals = [], [], [], []
-    batch_size = min(batch_size, num_samples)
-    if mesh is not None:
-        from qdit_jax.parallel.mesh import data_size, round_up
-
-        batch_size = round_up(batch_size, data_size(mesh))
     key = jax.random.PRNGKey(seed + 1)
     lo, hi = (0, num_samples) if sample_range is None else (int(sample_range[0]), int(sample_range[1]))
     if not 0 <= lo < hi <= num_samples:
         raise QditError(f"sample_range {sample_range} must lie within 0..{num_samples} and hold a sample")
-    batch_size = min(batch_size, hi - lo) if mesh is None else batch_size
+    batch_size = min(batch_size, hi - lo)
+    if mesh is not None:
+        from qdit_jax.parallel.mesh import data_size, round_up
+
+        batch_size = round_up(batch_size, data_size(mesh))
     starts = range(lo, hi, batch_size)
     choices: list[np.ndarray] | None = None
     if progress:

@@ -62,6 +62,16 @@ def rtn_codes(params: Any, plan: Mapping[str, LayerQuant], paths: list[str] | No
     return out
 
 
+def hessians_from_sums(sums: Mapping[str, tuple[Any, Any]], hosts: Any = None) -> dict[str, jax.Array]:
+    """GPTQ's ``H = 2/n X^T X`` from per-layer ``(X^T X, n)``, first summed over hosts when
+    ``hosts`` (an allgather) is given."""
+    if hosts is not None:
+        from qdit_jax.parallel.hosts import sums_across_hosts
+
+        sums = sums_across_hosts(sums, hosts)
+    return {p: 2.0 * s / n for p, (s, n) in sums.items()}
+
+
 class _HessianRunner:
     """One compiled forward that returns sum(x^T x) and token counts of every weight-quantized
     layer's (quantized) input; reused for every block of GPTQ."""
@@ -98,11 +108,7 @@ class _HessianRunner:
                     sums[path][1] = sums[path][1] + n
                 else:
                     sums[path] = [xtx, n]
-        if self.hosts is not None:
-            from qdit_jax.parallel.hosts import sums_across_hosts
-
-            sums = sums_across_hosts({p: tuple(v) for p, v in sums.items()}, self.hosts)
-        return {p: 2.0 * s / n for p, (s, n) in sums.items()}  # H = 2/n X^T X, as GPTQ
+        return hessians_from_sums({p: tuple(v) for p, v in sums.items()}, self.hosts)
 
 
 def _group_by_block(paths: list[str]) -> list[list[str]]:

@@ -157,6 +157,10 @@ class CandidateSampler:
             yield idx, initial_noise(self.noise_seed, full, shape), jnp.asarray(self.labels[full]), key, \
                 jnp.asarray(full, jnp.uint32)
 
+    def _fit_chunk(self, chunk: int) -> int:
+        """Candidates per call: a multiple of the device count when they are sharded over devices."""
+        return round_up(chunk, self.ndev) if self.shard == "candidates" else chunk
+
     def samples(self, cands: Sequence[Candidate]) -> np.ndarray:
         """(K, N, H, W, C) float32 samples of the K candidates, vmapped in chunks."""
         idx = np.stack([self.space.to_indices(c) for c in cands]) if len(cands) else np.zeros((0, len(self.space)))
@@ -165,9 +169,7 @@ class CandidateSampler:
         out = np.empty((k, n, self.cfg.input_size, self.cfg.input_size, self.cfg.in_channels), np.float32)
         if k == 0:
             return out
-        chunk = self.chunk or k  # a fixed chunk (padded) keeps one compiled shape across calls
-        if self.ndev > 1 and self.shard == "candidates":
-            chunk = round_up(chunk, self.ndev)
+        chunk = self._fit_chunk(self.chunk or k)  # a fixed chunk (padded) keeps one compiled shape
         for sidx, z, y, key, ids in self._batches():
             start = 0
             while start < k:
@@ -179,9 +181,7 @@ class CandidateSampler:
                 except Exception as e:  # XLA's resource-exhausted error: retry with half the chunk
                     if not _is_oom(e) or chunk <= (self.ndev if self.shard == "candidates" else 1):
                         raise
-                    chunk = max(1, chunk // 2)
-                    if self.ndev > 1 and self.shard == "candidates":
-                        chunk = round_up(chunk, self.ndev)
+                    chunk = self._fit_chunk(max(1, chunk // 2))
                     self.chunk = chunk
                     warnings.warn(f"out of memory with {chunk * 2} candidates per call; retrying with {chunk}")
                     continue
