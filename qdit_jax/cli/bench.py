@@ -39,11 +39,11 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-w8a8-g128-xla": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "xla"),
     "real-w8a8-mat": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-mat"),
     "real-w8a8-qk": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-qk"),
-    "real-w8a8-split": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-split"),
-    "real-w8a8-qk-split": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real",
-                           "xla-qk-split"),
+    "real-w8a8-fused": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-fused"),
     "real-w8a8-g128-qk": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "auto-qk"),
     "real-fp8": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real", "xla"),
+    "real-fp8-f32": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
+                     "xla-f32"),
 }
 
 
@@ -148,9 +148,11 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
         return qm.apply_fn(), qm.bundle, {"weight_bytes": weight_bytes(qm)}
     rm = real_from_params(params, cfg, qcfg)
     tags = backend.split("-")  # backend plus options: -mat (codes behind a barrier), -qk (one-pass Pallas
-    # activation quantization), -split (the int8 GEMM's scale epilogue as its own pass)
+    # activation quantization), -fused (the GEMM's scale epilogue fused into it, not its own pass),
+    # -f32 (float32 fp8 products)
     opts = RealOptions(backend=tags[0], tiles=tiles, fuse_quant=fuse_quant, materialize="mat" in tags,
-                       quant_kernel="qk" in tags, split_epilogue="split" in tags)
+                       quant_kernel="qk" in tags, split_epilogue="fused" not in tags,
+                       float_product="float32" if "f32" in tags else "auto")
     return rm.apply_fn(opts), rm.variables(), {"weight_bytes": rm.weight_bytes(),
                                                "checkpoint_bytes": checkpoint_bytes(rm.variables())}
 

@@ -86,16 +86,18 @@ def group_gemm_reference(qa: jax.Array, sa: jax.Array, qw: jax.Array, sw: jax.Ar
 
 
 def group_gemm_xla(qa: jax.Array, sa: jax.Array, qw: jax.Array, sw: jax.Array, bias: jax.Array | None = None,
-                   zw: jax.Array | None = None, out_dtype: Any = jnp.float32, split_epilogue: bool = False) -> jax.Array:
+                   zw: jax.Array | None = None, out_dtype: Any = jnp.float32, split_epilogue: bool = False,
+                   product_dtype: Any = None) -> jax.Array:
     """XLA path: one batched low-bit ``dot_general`` over groups (int32 / float32 accumulation),
     the scale products applied per group, then summed over groups. ``split_epilogue``: an
     optimization barrier on the raw product keeps XLA from fusing the scale epilogue into the GEMM
-    (XLA then calls cuBLAS' int8 kernel and runs the epilogue as its own pass)."""
+    (XLA then calls cuBLAS' int8 kernel and runs the epilogue as its own pass). ``product_dtype``:
+    the raw product's dtype for float (fp8) operands (default float32); integer products are int32."""
     w = weight_codes_int8(qw)
     g, m = sa.shape
     n, k = w.shape
     gs = k // g
-    acc_t = jnp.int32 if jnp.issubdtype(qa.dtype, jnp.integer) else jnp.float32
+    acc_t = jnp.int32 if jnp.issubdtype(qa.dtype, jnp.integer) else (product_dtype or jnp.float32)
     a3 = qa.reshape(m, g, gs)
     w3 = w.reshape(n, g, gs)
     if g == 1:
