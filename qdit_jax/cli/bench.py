@@ -61,6 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuse-quant", action="store_true", help="quantize activations inside the Pallas kernel")
     p.add_argument("--tiles", default="128,128,128,8,3", help="Pallas tiles bm,bn,bk,warps,stages")
     p.add_argument("--time-budget", type=float, default=0, help="skip variants started after this many s (0: none)")
+    p.add_argument("--profile", type=int, default=0, metavar="CALLS",
+                   help="also trace CALLS forward calls per variant and batch with jax.profiler and print where "
+                        "the device time goes (kinds of kernels, slowest HLO instructions); 0: off")
+    p.add_argument("--profile-top", type=int, default=25, help="instructions listed per profile")
     p.add_argument("--json", default=None)
 
 
@@ -157,6 +161,21 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                                                "checkpoint_bytes": checkpoint_bytes(rm.variables())}
 
 
+def _profile(compiled: Any, inputs: list[tuple], calls: int, top: int, title: str) -> dict[str, Any]:
+    """Trace ``calls`` calls, print the breakdown; return the kind summary and the top instructions."""
+    from qdit_jax.perf.trace import format_profile, profile_compiled, summarize
+
+    try:
+        ops = profile_compiled(compiled, inputs, calls=calls)
+    except Exception as e:  # profiling is diagnostics: a missing CUPTI must not lose the timings
+        print(f"{title}: profile failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return {"error": f"{type(e).__name__}: {e}"}
+    print(format_profile(ops, top=top, title=title), flush=True)
+    return {"us_by_kind": summarize(ops),
+            "top": [dict(name=o.name, kind=o.kind, shape=o.shape, us=o.us_per_call, events=o.events_per_call)
+                    for o in ops[:top]]}
+
+
 def _mem(compiled: Any) -> int | None:
     try:
         ma = compiled.memory_analysis()
@@ -225,6 +244,8 @@ def run(args: argparse.Namespace) -> int:
                        datasheet_fraction=ips * flops / peak if peak else None,
                        measured_fraction=ips * flops / measured if measured else None,
                        program_bytes=_mem(compiled), compile_s=t_compile, build_s=t_build, **info)
+            if args.profile:
+                row["profile"] = _profile(compiled, inputs, args.profile, args.profile_top, f"{name} b{b}")
             rows.append(row)
             print(f"{name:22s} b{b:4d} {t * 1e3:8.2f} ms {ips:8.1f} img/s {row['tflops']:6.1f} TFLOP/s "
                   f"prog {((row['program_bytes'] or 0) / 2**30):5.2f} GiB compile {t_compile:5.1f}s timing {t_timed:5.1f}s",

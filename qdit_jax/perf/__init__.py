@@ -1,0 +1,1 @@
+"""Performance tooling: where a compiled program spends its device time (``perf.trace``)."""

@@ -1,0 +1,174 @@
+"""Where a compiled program's device time goes: trace it with ``jax.profiler``, sum the traced
+events per HLO instruction, and sort the instructions into kinds (GEMM library call, fused
+attention, Pallas/Triton kernel, XLA fusion, copy) read from the compiled HLO text.
+
+Why: the real low-bit forward is compared with bf16 layer by layer; isolated layer timings do not
+show what XLA does to a layer inside the whole model (which fusions absorb a quantize pass or an
+epilogue). ``profile_compiled`` answers that from one short trace, on any backend: on a GPU the
+kernels of the device plane, on CPU the host thunks (the same HLO names).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import os
+import re
+import tempfile
+from typing import Any, Callable, Sequence
+
+# gemm: a library GEMM (cuBLAS / cuBLASLt custom call, a bare dot); gemm-fusion: an XLA fusion
+# that computes a dot itself (XLA's own emitter, or the CPU backend's dot fusions); triton-gemm:
+# XLA's Triton GEMM fusions; pallas/triton: a Pallas (or other Triton / Mosaic) custom call
+KINDS = ("gemm", "gemm-fusion", "triton-gemm", "attention", "pallas/triton", "fusion", "copy/transpose", "other")
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-$]+)\s*=\s*(\([^=]*?\)|\S+)\s+([\w\-]+)\(")
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_FUSION_KIND = re.compile(r'"kind":"([^"]+)"')
+_CALLS = re.compile(r"calls=%?([\w.\-$]+)")
+_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-$]+)\s*\(.*\)\s*->.*\{\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpTime:
+    """Device time of one HLO instruction, per call of the program."""
+
+    name: str
+    kind: str
+    shape: str
+    us_per_call: float
+    events_per_call: float
+
+
+def hlo_kinds(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """HLO instruction name -> (kind, result shape) for the instructions of an optimized module."""
+    with_dot: set[str] = set()  # computations that contain a dot / convolution
+    current = None
+    for line in hlo_text.splitlines():
+        c = _COMP.match(line)
+        if c:
+            current = c.group(1)
+        elif current and (" dot(" in line or " convolution(" in line):
+            with_dot.add(current)
+    out: dict[str, tuple[str, str]] = {}
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, shape, opcode = m.groups()
+        kind = _classify(opcode, line)
+        if kind == "fusion" and (_CALLS.search(line) or [None, ""])[1] in with_dot:
+            kind = "gemm-fusion"
+        out[name] = (kind, shape)
+    return out
+
+
+def _classify(opcode: str, line: str) -> str:
+    low = line.lower()
+    if opcode == "custom-call":
+        target = (_TARGET.search(line) or [None, ""])[1].lower()
+        if "cublas" in target or "gemm" in target or "matmul" in target:
+            return "gemm"
+        if "fmha" in target or "cudnn" in target or "attention" in target:
+            return "attention"
+        if "triton" in target or "mosaic" in target or "pallas" in target:
+            return "pallas/triton"
+        return "other"
+    if opcode == "fusion":
+        fk = (_FUSION_KIND.search(line) or [None, ""])[1].lower()
+        if "triton_gemm" in fk:
+            return "triton-gemm"
+        if "cudnn" in fk or "fmha" in low:
+            return "attention"
+        if "cublas" in fk or "gemm" in fk:
+            return "gemm"
+        return "fusion"
+    if opcode in ("dot", "convolution"):
+        return "gemm"
+    if opcode in ("copy", "transpose", "copy-start", "copy-done", "bitcast-convert"):
+        return "copy/transpose"
+    return "other"
+
+
+def _stat(event: Any, key: str) -> Any:
+    for k, v in event.stats:
+        if k == key:
+            return v
+    return None
+
+
+def op_times(xspace_path: str, module_substr: str, calls: int) -> dict[str, tuple[float, int]]:
+    """HLO op name -> (total ns, event count) over the trace, divided later by ``calls``.
+
+    Device planes ("/device:...") are used when present, else the host plane (CPU backend). On a
+    device plane, kernel events on the stream lines carry ``hlo_op``; the derived "XLA Ops" line
+    repeats them, so it is used only when no stream line has any."""
+    from jax.profiler import ProfileData
+
+    pd = ProfileData.from_file(xspace_path)
+    planes = [p for p in pd.planes if p.name.startswith("/device:")] or \
+             [p for p in pd.planes if p.name.startswith("/host:CPU")]
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for plane in planes:
+        lines = list(plane.lines)
+        per_line = []
+        for line in lines:
+            evs = []
+            for e in line.events:
+                op, mod = _stat(e, "hlo_op"), _stat(e, "hlo_module")
+                if op and (mod is None or module_substr in str(mod)):
+                    evs.append((str(op), float(e.duration_ns)))
+            if evs:
+                per_line.append((line.name, evs))
+        chosen = [x for x in per_line if not x[0].startswith("XLA Ops")] or per_line
+        for _, evs in chosen:
+            for op, ns in evs:
+                totals[op][0] += ns
+                totals[op][1] += 1
+    return {k: (v[0], int(v[1])) for k, v in totals.items()}
+
+
+def profile_compiled(compiled: Any, args_list: Sequence[tuple], calls: int = 3,
+                     block: Callable[[Any], Any] | None = None) -> list[OpTime]:
+    """Trace ``calls`` calls of a compiled JAX function (after one untraced warm-up) and return its
+    HLO instructions with their device time per call, slowest first."""
+    import jax
+
+    block = block or jax.block_until_ready
+    block(compiled(*args_list[0]))
+    text = compiled.as_text()
+    mod = re.search(r"HloModule\s+([\w.\-]+)", text)
+    module = mod.group(1) if mod else ""
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for i in range(calls):
+                block(compiled(*args_list[i % len(args_list)]))
+        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            raise RuntimeError("jax.profiler wrote no .xplane.pb trace")
+        times = op_times(paths[0], module, calls)
+    kinds = hlo_kinds(text)
+    out = [OpTime(name, *kinds.get(name, ("other", "?")), ns / calls / 1e3, n / calls)
+           for name, (ns, n) in times.items()]
+    return sorted(out, key=lambda o: -o.us_per_call)
+
+
+def summarize(ops: Sequence[OpTime]) -> dict[str, float]:
+    """Microseconds per call by kind (``KINDS``) plus 'total'."""
+    out = {k: 0.0 for k in KINDS}
+    for o in ops:
+        out[o.kind] = out.get(o.kind, 0.0) + o.us_per_call
+    out["total"] = sum(o.us_per_call for o in ops)
+    return out
+
+
+def format_profile(ops: Sequence[OpTime], top: int = 25, title: str = "") -> str:
+    """A kind summary and the ``top`` slowest instructions, as text."""
+    s = summarize(ops)
+    tot = s["total"] or 1.0
+    rows = [f"profile {title}: {s['total'] / 1e3:.2f} ms of traced device time per call"]
+    rows += [f"  {k:15s} {s[k] / 1e3:9.3f} ms  {100 * s[k] / tot:5.1f}%" for k in KINDS if s[k]]
+    rows.append(f"  top {top} instructions:")
+    rows += [f"    {o.us_per_call:10.1f} us  {o.kind:14s} x{o.events_per_call:<5.3g} {o.name[:48]:48s} {o.shape[:40]}"
+             for o in ops[:top]]
+    return "\n".join(rows)

@@ -1,0 +1,68 @@
+"""The profile reader: HLO instructions sorted into kinds, and device time attributed to them."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qdit_jax.perf.trace import format_profile, hlo_kinds, profile_compiled, summarize
+
+HLO = """HloModule jit_f, is_scheduled=true
+
+%fused_dot (p0: s8[64,32], p1: s8[16,32]) -> bf16[64,16] {
+  %p0 = s8[64,32]{1,0} parameter(0)
+  %p1 = s8[16,32]{1,0} parameter(1)
+  %d = s32[64,16]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={1}
+  ROOT %c = bf16[64,16]{1,0} convert(%d)
+}
+
+%fused_gelu (p0.1: bf16[64,16]) -> bf16[64,16] {
+  %p0.1 = bf16[64,16]{1,0} parameter(0)
+  ROOT %t = bf16[64,16]{1,0} tanh(%p0.1)
+}
+
+ENTRY %main.3 (a: s8[64,32], b: s8[16,32], q: bf16[2,8,4,16]) -> bf16[64,16] {
+  %a = s8[64,32]{1,0} parameter(0)
+  %b = s8[16,32]{1,0} parameter(1)
+  %q = bf16[2,8,4,16]{3,2,1,0} parameter(2)
+  %custom-call.1 = (s32[64,16]{1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul"
+  %custom-call.2 = (bf16[2,8,4,16]{3,2,1,0}, u8[0]{0}) custom-call(%q, %q, %q), custom_call_target="__cudnn$fmhaSoftmax"
+  %custom-call.3 = bf16[64,16]{1,0} custom-call(%a, %b), custom_call_target="__gpu$xla.gpu.triton"
+  %gemm_fusion = bf16[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
+  %loop_fusion = bf16[64,16]{1,0} fusion(%a, %b), kind=kLoop, calls=%fused_dot
+  %copy.4 = bf16[64,16]{0,1} copy(%custom-call.3)
+  ROOT %gelu_fusion = bf16[64,16]{1,0} fusion(%loop_fusion), kind=kLoop, calls=%fused_gelu
+}
+"""
+
+
+def test_hlo_kinds_sorts_instructions():
+    k = {name: kind for name, (kind, _) in hlo_kinds(HLO).items()}
+    assert k["custom-call.1"] == "gemm"
+    assert k["custom-call.2"] == "attention"
+    assert k["custom-call.3"] == "pallas/triton"
+    assert k["gemm_fusion"] == "triton-gemm"
+    assert k["loop_fusion"] == "gemm-fusion"  # an XLA fusion that computes the dot itself
+    assert k["gelu_fusion"] == "fusion"
+    assert k["copy.4"] == "copy/transpose"
+    assert hlo_kinds(HLO)["copy.4"][1].startswith("bf16[64,16]")
+
+
+def test_profile_attributes_time_to_the_compiled_instructions():
+    """On CPU: every profiled name is an instruction of the compiled module, and a 768^3 matmul
+    outweighs an elementwise pass over a 768-vector."""
+    f = jax.jit(lambda a, b, v: (jnp.tanh(a @ b), v * 2.0 + 1.0))
+    r = np.random.default_rng(0)
+    args = [(jnp.asarray(r.standard_normal((768, 768)), jnp.float32),
+             jnp.asarray(r.standard_normal((768, 768)), jnp.float32),
+             jnp.asarray(r.standard_normal(768), jnp.float32)) for _ in range(2)]
+    compiled = f.lower(*args[0]).compile()
+    ops = profile_compiled(compiled, args, calls=2)
+    names = set(hlo_kinds(compiled.as_text()))
+    assert ops and all(o.name in names for o in ops)
+    assert all(o.us_per_call > 0 for o in ops)
+    s = summarize(ops)
+    assert s["gemm"] + s["gemm-fusion"] > 0.5 * s["total"]
+    assert ops[0].kind in ("gemm", "gemm-fusion")
+    text = format_profile(ops, top=3, title="t")
+    assert "profile t" in text and ops[0].name[:20] in text
