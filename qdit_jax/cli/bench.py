@@ -136,6 +136,7 @@ def parse_tiles(text: str):
 def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool) -> tuple[Callable, Any, dict]:
     """(apply_fn, its params pytree, info) for a variant name."""
     from qdit_jax.diffusion.pipeline import dit_apply_fn
+    from qdit_jax.models.dit import params_in_compute_dtype
     from qdit_jax.quant.config import QuantConfig, qdit_rules
     from qdit_jax.quant.quantize import quantize_model, weight_bytes
     from qdit_jax.quant.real import RealOptions, checkpoint_bytes, real_from_params
@@ -145,7 +146,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     rules, mode, backend = VARIANTS[name]
     if mode == "fp":
         fcfg = cfg.replace(attention="xla") if backend == "xla-attn" else cfg
-        return dit_apply_fn(fcfg), params, {"checkpoint_bytes": checkpoint_bytes(params)}
+        return dit_apply_fn(fcfg), params_in_compute_dtype(params, fcfg), {"checkpoint_bytes": checkpoint_bytes(params)}
     qcfg = QuantConfig(qdit_rules(**rules), name=name)
     if mode == "fake":
         qm = quantize_model(params, cfg, qcfg)

@@ -388,6 +388,17 @@ def init_params(cfg: DiTConfig, key: jax.Array) -> Any:
     return DiT(cfg).init(key, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
 
 
+def params_in_compute_dtype(params: Any, cfg: DiTConfig) -> Any:
+    """Floating params cast once to the compute dtype (``cfg.dtype``). Exact: every module casts its
+    params to ``dtype`` at each call anyway (Flax's ``promote_dtype``; the label table is cast
+    after the lookup); stored cast, the bf16 forward skips re-reading float32 weights and writing
+    bf16 copies each call (about 4 GB of memory traffic per DiT-XL/2 forward)."""
+    dt = _DTYPES[cfg.dtype]
+    if dt == jnp.float32:
+        return params
+    return jax.tree_util.tree_map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+
+
 def param_shapes(cfg: DiTConfig) -> Any:
     """Parameter ShapeDtypeStructs of ``cfg`` without allocating them."""
     return jax.eval_shape(lambda k: init_params(cfg, k), jax.random.PRNGKey(0))

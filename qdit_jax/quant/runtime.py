@@ -5,7 +5,7 @@ from typing import Any
 
 from qdit_jax.diffusion.pipeline import ApplyFn, dit_apply_fn
 from qdit_jax.io.loading import LoadedModel
-from qdit_jax.models.dit import DiTConfig
+from qdit_jax.models.dit import DiTConfig, params_in_compute_dtype
 
 
 def model_apply_fn(model: LoadedModel, cfg: DiTConfig | None = None) -> tuple[ApplyFn, Any]:
@@ -15,4 +15,4 @@ def model_apply_fn(model: LoadedModel, cfg: DiTConfig | None = None) -> tuple[Ap
         from qdit_jax.quant.checkpoint import quantized_apply_fn
 
         return quantized_apply_fn(model, cfg)
-    return dit_apply_fn(cfg), model.params
+    return dit_apply_fn(cfg), params_in_compute_dtype(model.params, cfg)

@@ -41,3 +41,25 @@ def test_forced_cudnn_without_cudnn_says_so():
 def test_config_round_trips_through_dict():
     cfg = DiTConfig(attention="xla", hidden_size=64, num_heads=4)
     assert DiTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_params_in_compute_dtype_is_exact_for_a_bf16_model():
+    """Casting the float32 params to bf16 once gives the bf16 forward bit for bit (every module
+    casts its params at each call anyway), and the cast tree really is bf16; a float32 model's
+    params are returned untouched."""
+    from qdit_jax.models.dit import DiT, param_shapes, params_in_compute_dtype
+
+    cfg = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2,
+                    num_classes=10, dtype="bfloat16")
+    r = np.random.default_rng(3)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(0.05 * r.standard_normal(a.shape), jnp.float32),
+                                    param_shapes(cfg))
+    cast = params_in_compute_dtype(params, cfg)
+    assert {str(a.dtype) for a in jax.tree_util.tree_leaves(cast)} == {"bfloat16"}
+    x = jnp.asarray(r.standard_normal((3, 8, 8, 4)), jnp.float32)
+    t, y = jnp.asarray([1, 400, 999], jnp.int32), jnp.asarray([0, 4, 10], jnp.int32)
+    fwd = jax.jit(lambda p: DiT(cfg).apply({"params": p}, x, t, y))
+    a, b = np.asarray(fwd(params)), np.asarray(fwd(cast))
+    assert np.isfinite(a).all() and np.abs(a).max() > 0
+    np.testing.assert_array_equal(a, b)
+    assert params_in_compute_dtype(params, cfg.replace(dtype="float32")) is params
