@@ -36,6 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="global batch (a multiple of the devices), or 'auto': the largest that fits 80%% of each "
                         "device's free memory, from XLA's memory analysis of the sampler")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype")
+    p.add_argument("--execution", choices=["fake", "real"], default="fake",
+                   help="quantized checkpoints: 'fake' simulates quantization in float (the paper's way); "
+                        "'real' runs int8 / fp8 / packed-int4 matmuls (same numbers up to accumulation order, "
+                        "less memory, the speed of docs/RESULTS.md on a GPU)")
+    p.add_argument("--real-backend", choices=["auto", "xla", "pallas"], default="auto",
+                   help="with --execution real: 'auto' (group-wise layers through the Pallas GPU kernel where it "
+                        "applies, XLA otherwise), 'xla' or 'pallas'")
     p.add_argument("--vae", default=None, help="diffusers AutoencoderKL directory to decode latents")
     p.add_argument("--out", required=True, help="output .npz (a PNG grid is written beside it)")
     from qdit_jax.parallel.cli import add_parallel_arguments
@@ -107,7 +114,12 @@ def run(args: argparse.Namespace) -> int:
         from qdit_jax.convert.vae import load_diffusers_vae
 
         vae = load_diffusers_vae(args.vae)
-    apply_fn, params = model_apply_fn(model, cfg)
+    real_options = None
+    if args.execution == "real":
+        from qdit_jax.quant.real import RealOptions
+
+        real_options = RealOptions(backend=args.real_backend)
+    apply_fn, params = model_apply_fn(model, cfg, args.execution, real_options)
     start, stop = host_slice(len(labels), pid, nproc)  # each host samples its slice of the global indices
     if args.batch_size == "auto":
         from qdit_jax.diffusion.pipeline import auto_batch_size
@@ -134,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     save_grid(grid_path, images[: min(len(images), 100)], nrow=cfg.num_classes if cfg.num_classes <= 10 else None,
               upscale=upscale)
     q = model.quantization
-    kind = f"quantized ({q.get('name', 'custom')})" if q else "full precision"
+    kind = f"quantized ({q.get('name', 'custom')}, {args.execution})" if q else "full precision"
     print(f"sampled {len(images)} images ({kind}, {scfg.sampler} {scfg.steps} steps, cfg {scfg.cfg_scale}) "
           f"in {elapsed:.1f}s -> {out_path} and {grid_path}")
     return 0

@@ -135,6 +135,21 @@ def quantized_apply_fn(model: LoadedModel, cfg: DiTConfig | None = None) -> tupl
     return _fake_apply_fn(cfg, qm.plan), qm.bundle
 
 
+def real_checkpoint_apply_fn(model: LoadedModel, cfg: DiTConfig | None = None,
+                             options: Any = None) -> tuple[ApplyFn, Any]:
+    """(apply_fn, variables) that run a loaded quantized checkpoint in real low precision (int8 /
+    fp8 / packed-int4 matmuls, ``quant.real``): the fake-quant mode's numbers up to accumulation
+    order. A plan the real mode cannot run (static or asymmetric activations) is a QditError."""
+    import dataclasses
+
+    from qdit_jax.quant.real import RealOptions, build_real
+
+    rm = build_real(from_storage(model.params, model.config, model.quantization))
+    if cfg is not None:
+        rm = dataclasses.replace(rm, config=cfg)
+    return rm.apply_fn(options or RealOptions()), rm.variables()
+
+
 def checkpoint_bytes(directory: str) -> int:
     """Bytes on disk of a checkpoint directory (all files)."""
     total = 0

@@ -106,14 +106,14 @@ def check_real_plan(plan: Mapping[str, LayerQuant], act_mode: str = "dynamic") -
             continue
         w, a = lq.weight, lq.act
         if act_mode != "dynamic":
-            raise QditError(f"{path}: real execution quantizes activations dynamically; use act_mode 'dynamic' "
-                            f"or run static activations in fake-quant mode")
+            raise QditError(f"{path}: real execution quantizes activations dynamically; quantize without "
+                            f"--static (act_mode 'dynamic') or run static activations in fake-quant mode")
         if (w.format == "int") != (a.format == "int"):
             raise QditError(f"{path}: weight format {w.format} and activation format {a.format} differ; real "
                             f"execution needs both integer or both fp8")
         if a.format == "int" and not a.symmetric:
             raise QditError(f"{path}: real execution needs symmetric activation quantization (int8 codes without "
-                            f"a zero point); set act symmetric=True (e.g. qdit_rules(..., a_sym=True))")
+                            f"a zero point); quantize with `qdit quantize --a-sym` (Python: qdit_rules(..., a_sym=True))")
 
 
 # ----------------------------------------------------------------------------- building

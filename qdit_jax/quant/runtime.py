@@ -4,13 +4,29 @@ from __future__ import annotations
 from typing import Any
 
 from qdit_jax.diffusion.pipeline import ApplyFn, dit_apply_fn
+from qdit_jax.errors import QditError
 from qdit_jax.io.loading import LoadedModel
 from qdit_jax.models.dit import DiTConfig, params_in_compute_dtype
 
 
-def model_apply_fn(model: LoadedModel, cfg: DiTConfig | None = None) -> tuple[ApplyFn, Any]:
-    """(apply_fn, first argument of apply_fn) for ``model``; a quantized checkpoint runs under its interceptor."""
+EXECUTIONS = ("fake", "real")
+
+
+def model_apply_fn(model: LoadedModel, cfg: DiTConfig | None = None, execution: str = "fake",
+                   real_options: Any = None) -> tuple[ApplyFn, Any]:
+    """(apply_fn, first argument of apply_fn) for ``model``. A quantized checkpoint runs under its
+    interceptor: simulated ('fake': float math on dequantized values) or in real low precision
+    ('real': integer / fp8 matmuls, ``quant.real``); a full-precision one runs plainly."""
     cfg = cfg or model.config
+    if execution not in EXECUTIONS:
+        raise QditError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    if execution == "real":
+        if not model.quantization:
+            raise QditError("real low-bit execution needs a quantized checkpoint: make one with "
+                            "`qdit quantize --ckpt DIR --out QDIR` and sample QDIR")
+        from qdit_jax.quant.checkpoint import real_checkpoint_apply_fn
+
+        return real_checkpoint_apply_fn(model, cfg, real_options)
     if model.quantization:
         from qdit_jax.quant.checkpoint import quantized_apply_fn
 

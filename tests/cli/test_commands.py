@@ -68,6 +68,48 @@ def test_sample_fp_and_quantized(tiny_ckpt, tmp_path, capsys):
     assert diff.max() > 0 and diff.mean() < 8
 
 
+def test_sample_real_execution_matches_fake(tiny_ckpt, tmp_path, capsys):
+    """`qdit sample --execution real` (int8 matmuls, packed int4) draws the fake-quant mode's
+    images up to accumulation order; on a full-precision checkpoint it is a one-line error."""
+    for preset in ("w8a8", "w4a8"):
+        qdir = str(tmp_path / preset)
+        assert main(["quantize", "--ckpt", tiny_ckpt, "--preset", preset, "--w-group", "32", "--a-group", "32",
+                     "--a-sym", "--out", qdir]) == 0
+        outs = {}
+        for ex in ("fake", "real"):
+            outs[ex] = str(tmp_path / f"{preset}-{ex}.npz")
+            assert main(["sample", "--ckpt", qdir, "--num-samples", "4", "--steps", "3", "--execution", ex,
+                         "--out", outs[ex]]) == 0
+        assert "real)" in capsys.readouterr().out
+        fake, real = load_samples(outs["fake"])[0].astype(int), load_samples(outs["real"])[0].astype(int)
+        assert fake.std() > 0 and np.abs(real - fake).max() <= 2, np.abs(real - fake).max()
+        # and 'real' really runs integer matmuls (fake-quant runs float ones)
+        import jax
+        import jax.numpy as jnp
+
+        from qdit_jax.io.loading import load_model
+        from qdit_jax.quant.runtime import model_apply_fn
+        from tests.quant.test_real import _dot_operand_dtypes
+
+        m = load_model(qdir)
+        x = jnp.zeros((2, 8, 8, 1), jnp.float32) + 0.5
+        t, y = jnp.asarray([3, 7], jnp.int32), jnp.asarray([1, 2], jnp.int32)
+        n_int8 = {}
+        for ex in ("fake", "real"):
+            fn, variables = model_apply_fn(m, execution=ex)
+            dts = _dot_operand_dtypes(jax.make_jaxpr(fn)(variables, x, t, y).jaxpr)
+            n_int8[ex] = sum(1 for d in dts if d == ("int8", "int8"))
+        assert n_int8 == {"fake": 0, "real": 4 * 2}, n_int8
+    err = _one_line_error(capsys, ["sample", "--ckpt", tiny_ckpt, "--execution", "real", "--out",
+                                   str(tmp_path / "x.npz")])
+    assert "quantized checkpoint" in err and "qdit quantize" in err
+    asym = str(tmp_path / "asym")  # the presets' asymmetric activations have no real int8 path
+    assert main(["quantize", "--ckpt", tiny_ckpt, "--preset", "w8a8", "--w-group", "32", "--a-group", "32",
+                 "--out", asym]) == 0
+    err = _one_line_error(capsys, ["sample", "--ckpt", asym, "--execution", "real", "--out", str(tmp_path / "y.npz")])
+    assert "--a-sym" in err
+
+
 def test_sample_bad_inputs_are_one_line_errors(tiny_ckpt, tmp_path, capsys):
     out = str(tmp_path / "s.npz")
     assert "--steps" in _one_line_error(capsys, ["sample", "--steps", "0", "--out", out])
