@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--execution", choices=["fake", "real"], default="fake",
                    help="quantized checkpoints: 'fake' simulates quantization in float (the paper's way); "
                         "'real' runs int8 / fp8 / packed-int4 matmuls (same numbers up to accumulation order, "
-                        "less memory, the speed of docs/RESULTS.md on a GPU)")
+                        "less memory; meant for GPUs: on CPU it is slower than 'fake', see docs/RESULTS.md)")
     p.add_argument("--real-backend", choices=["auto", "xla", "pallas"], default="auto",
                    help="with --execution real: 'auto' (group-wise layers through the Pallas GPU kernel where it "
                         "applies, XLA otherwise), 'xla' or 'pallas'")
