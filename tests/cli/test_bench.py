@@ -1,0 +1,60 @@
+"""`qdit bench`: every variant builds and computes the model it names (CPU), and the command writes
+its table / JSON; unknown variants are one-line errors."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qdit_jax.cli.bench import VARIANTS, build_variant, parse_tiles, random_params
+from qdit_jax.cli.main import main
+from qdit_jax.models.dit import DiT, DiTConfig
+
+CFG = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=128, depth=1, num_heads=2,
+                num_classes=10, dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def params():
+    return random_params(CFG)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_variant_computes_its_model(name, params):
+    """Each variant's forward is the bf16 model up to its quantization error: close, and (for the
+    quantized ones) not identical."""
+    apply_fn, vparams, info = build_variant(name, CFG, params, parse_tiles("16,16,32,4,2"), False)
+    r = np.random.default_rng(0)
+    x = jnp.asarray(r.standard_normal((2, 8, 8, 4)), jnp.float32)
+    t, y = jnp.asarray([5, 900], jnp.int32), jnp.asarray([1, 7], jnp.int32)
+    out = np.asarray(jax.jit(apply_fn)(vparams, x, t, y), np.float64)
+    ref = np.asarray(DiT(CFG.replace(dtype="float32")).apply({"params": params}, x, t, y), np.float64)
+    err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert np.isfinite(out).all() and err < 0.15, (name, err)
+    if VARIANTS[name][1] != "fp":
+        assert err > 1e-3, (name, err)  # really quantized
+        assert info["weight_bytes"]["quantized"] < info["weight_bytes"]["bf16"]
+
+
+def test_bench_command_writes_rows_and_profiles(tmp_path, capsys):
+    out = str(tmp_path / "b.json")
+    assert main(["bench", "--model", "S/8", "--batch", "2", "--variants", "bf16", "real-w8a8", "--repeats", "2",
+                 "--matmul-peak", "0", "--sample-batch", "2", "--sample-steps", "2", "--profile", "1",
+                 "--json", out]) == 0
+    rows = json.load(open(out))["rows"]
+    fwd = [r for r in rows if "batch" in r]
+    assert [(r["variant"], r["batch"]) for r in fwd] == [("bf16", 2), ("real-w8a8", 2)]
+    assert all(r["images_per_s"] > 0 and r["profile"]["us_by_kind"]["total"] > 0 for r in fwd)
+    assert fwd[1]["weight_bytes"]["quantized"] < 0.6 * fwd[1]["weight_bytes"]["bf16"]
+    assert sum(1 for r in rows if "sample_images_per_s" in r) == 2
+    text = capsys.readouterr().out
+    assert "profile bf16 b2" in text and "x bf16" in text
+
+
+def test_unknown_variant_is_a_one_line_error(capsys):
+    assert main(["bench", "--model", "S/8", "--variants", "bf17"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bf17" in err and "choose from" in err and "\n" not in err
