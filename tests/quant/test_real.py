@@ -38,20 +38,20 @@ def inputs():
             jnp.asarray([1, 3], jnp.int32))
 
 
-def _dot_operand_dtypes(jaxpr) -> list[tuple[str, str]]:
-    """dtypes of every dot_general's operands, recursing into sub-jaxprs (pjit, scan, custom calls)."""
-    out = []
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, recursing into sub-jaxprs (pjit, scan, custom calls)."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            out.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        yield eqn
         for val in eqn.params.values():
             for sub in (val if isinstance(val, (list, tuple)) else [val]):
-                inner = getattr(sub, "jaxpr", None)
-                if inner is not None and hasattr(inner, "eqns"):
-                    out += _dot_operand_dtypes(inner)
-                elif hasattr(sub, "eqns"):
-                    out += _dot_operand_dtypes(sub)
-    return out
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _eqns(inner)
+
+
+def _dot_operand_dtypes(jaxpr) -> list[tuple[str, ...]]:
+    """dtypes of every dot_general's operands."""
+    return [tuple(str(v.aval.dtype) for v in e.invars) for e in _eqns(jaxpr) if e.primitive.name == "dot_general"]
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
@@ -129,17 +129,9 @@ def test_materialized_codes_compute_the_same_function(params, inputs):
 
 
 def _count_barriers_on(jaxpr, dtype: str) -> int:
-    """optimization_barriers whose operand has ``dtype``, recursing into sub-jaxprs."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "optimization_barrier":
-            n += sum(1 for v in eqn.invars if str(v.aval.dtype) == dtype)
-        for val in eqn.params.values():
-            for sub in (val if isinstance(val, (list, tuple)) else [val]):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    n += _count_barriers_on(inner, dtype)
-    return n
+    """optimization_barrier operands of ``dtype``."""
+    return sum(1 for e in _eqns(jaxpr) if e.primitive.name == "optimization_barrier"
+               for v in e.invars if str(v.aval.dtype) == dtype)
 
 
 def test_split_epilogue_is_the_default_and_the_same_function(params, inputs):
@@ -158,16 +150,9 @@ def test_split_epilogue_is_the_default_and_the_same_function(params, inputs):
 
 
 def _dot_output_dtypes(jaxpr, operand: str) -> list[str]:
-    out = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general" and str(eqn.invars[0].aval.dtype) == operand:
-            out.append(str(eqn.outvars[0].aval.dtype))
-        for val in eqn.params.values():
-            for sub in (val if isinstance(val, (list, tuple)) else [val]):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    out += _dot_output_dtypes(inner, operand)
-    return out
+    """Output dtypes of the dot_generals whose first operand has dtype ``operand``."""
+    return [str(e.outvars[0].aval.dtype) for e in _eqns(jaxpr)
+            if e.primitive.name == "dot_general" and str(e.invars[0].aval.dtype) == operand]
 
 
 def test_fp8_product_follows_a_bf16_model(params, inputs):
