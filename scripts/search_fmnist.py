@@ -157,6 +157,7 @@ def speed(model, a) -> dict:
     t0 = time.perf_counter()
     xv = cs.samples(cands)  # host copies block until the device is done
     t_vmap = time.perf_counter() - t0
+    print(f"vmapped epoch: {t_vmap:.2f}s", flush=True)  # progress: a run cut by its time limit keeps this
     cs.samples_one_by_one(cands[:1])  # warm-up
     t0 = time.perf_counter()
     xs = cs.samples_one_by_one(cands)
