@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from qdit_jax.perf.trace import format_profile, hlo_kinds, profile_compiled, summarize
 
@@ -66,3 +67,19 @@ def test_profile_attributes_time_to_the_compiled_instructions():
     assert ops[0].kind in ("gemm", "gemm-fusion")
     text = format_profile(ops, top=3, title="t")
     assert "profile t" in text and ops[0].name[:20] in text
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "gemm"),
+    ("cutlass3x_sm90_tensorop_i8816gemm_s8_s8_s32", "gemm"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "attention"),
+    ("triton_softmax_1", "pallas/triton"),
+    ("loop_add_fusion_3", "fusion"),
+    ("Memcpy DtoD", "copy/transpose"),
+    ("nccl_all_reduce", "other"),
+])
+def test_kernel_names_get_kinds(name, kind):
+    """The fallback for traces whose kernels carry no HLO annotation."""
+    from qdit_jax.perf.trace import kernel_kind
+
+    assert kernel_kind(name) == kind
