@@ -15,7 +15,7 @@ import glob
 import os
 import re
 import tempfile
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 # gemm: a library GEMM (cuBLAS / cuBLASLt custom call, a bare dot); gemm-fusion: an XLA fusion
 # that computes a dot itself (XLA's own emitter, or the CPU backend's dot fusions); triton-gemm:
@@ -26,6 +26,7 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-$]+)\s*=\s*(\([^=]*?\)|\S+)\s+([\
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _FUSION_KIND = re.compile(r'"kind":"([^"]+)"')
 _CALLS = re.compile(r"calls=%?([\w.\-$]+)")
+KERNEL_PREFIX = "kernel:"  # names of kernels known without an HLO annotation
 _COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-$]+)\s*\(.*\)\s*->.*\{\s*$")
 
 
@@ -97,8 +98,8 @@ def _stat(event: Any, key: str) -> Any:
     return None
 
 
-def op_times(xspace_path: str, module_substr: str, calls: int) -> dict[str, tuple[float, int]]:
-    """HLO op name -> (total ns, event count) over the trace, divided later by ``calls``.
+def op_times(xspace_path: str, module_substr: str) -> dict[str, tuple[float, int]]:
+    """HLO op name -> (total ns, event count) over the whole trace.
 
     Device planes ("/device:...") are used when present, else the host plane (CPU backend). On a
     device plane, kernel events on the stream lines carry ``hlo_op``; the derived "XLA Ops" line
@@ -135,9 +136,6 @@ def op_times(xspace_path: str, module_substr: str, calls: int) -> dict[str, tupl
     return {k: (v[0], int(v[1])) for k, v in totals.items()}
 
 
-KERNEL_PREFIX = "kernel:"
-
-
 def kernel_kind(name: str) -> str:
     """A kind for a GPU kernel known only by its name (no HLO annotation in the trace)."""
     low = name.lower()
@@ -154,25 +152,23 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def profile_compiled(compiled: Any, args_list: Sequence[tuple], calls: int = 3,
-                     block: Callable[[Any], Any] | None = None) -> list[OpTime]:
+def profile_compiled(compiled: Any, args_list: Sequence[tuple], calls: int = 3) -> list[OpTime]:
     """Trace ``calls`` calls of a compiled JAX function (after one untraced warm-up) and return its
     HLO instructions with their device time per call, slowest first."""
     import jax
 
-    block = block or jax.block_until_ready
-    block(compiled(*args_list[0]))
+    jax.block_until_ready(compiled(*args_list[0]))
     text = compiled.as_text()
     mod = re.search(r"HloModule\s+([\w.\-]+)", text)
     module = mod.group(1) if mod else ""
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             for i in range(calls):
-                block(compiled(*args_list[i % len(args_list)]))
+                jax.block_until_ready(compiled(*args_list[i % len(args_list)]))
         paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
         if not paths:
             raise RuntimeError("jax.profiler wrote no .xplane.pb trace")
-        times = op_times(paths[0], module, calls)
+        times = op_times(paths[0], module)
     kinds = hlo_kinds(text)
 
     def kind_shape(name: str) -> tuple[str, str]:
