@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also trace CALLS forward calls per variant and batch with jax.profiler and print where "
                         "the device time goes (kinds of kernels, slowest HLO instructions); 0: off")
     p.add_argument("--profile-top", type=int, default=25, help="instructions listed per profile")
+    p.add_argument("--dump-hlo", default=None, metavar="DIR",
+                   help="write each compiled forward's optimized HLO to DIR/<variant>_b<batch>.hlo.txt "
+                        "(to read what a profiled instruction computes)")
     p.add_argument("--json", default=None)
 
 
@@ -163,7 +166,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
 
 
 def _profile(compiled: Any, inputs: list[tuple], calls: int, top: int, title: str) -> dict[str, Any]:
-    """Trace ``calls`` calls, print the breakdown; return the kind summary and the top instructions."""
+    """Trace ``calls`` calls, print the breakdown; return the kind summary and every instruction's time
+    (the JSON keeps them all, the printout only the ``top``)."""
     from qdit_jax.perf.trace import format_profile, profile_compiled, summarize
 
     try:
@@ -173,8 +177,8 @@ def _profile(compiled: Any, inputs: list[tuple], calls: int, top: int, title: st
         return {"error": f"{type(e).__name__}: {e}"}
     print(format_profile(ops, top=top, title=title), flush=True)
     return {"us_by_kind": summarize(ops),
-            "top": [dict(name=o.name, kind=o.kind, shape=o.shape, us=o.us_per_call, events=o.events_per_call)
-                    for o in ops[:top]]}
+            "ops": [dict(name=o.name, kind=o.kind, shape=o.shape, us=o.us_per_call, events=o.events_per_call)
+                    for o in ops]}
 
 
 def _mem(compiled: Any) -> int | None:
@@ -185,7 +189,34 @@ def _mem(compiled: Any) -> int | None:
         return None
 
 
+NO_COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer="
+
+
+def disable_command_buffers() -> bool:
+    """Turn XLA:GPU command buffers (CUDA graphs) off for this process, so a profile sees each HLO
+    instruction instead of one opaque graph launch. Works only before the backend starts; returns
+    whether the flag is now in effect."""
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if NO_COMMAND_BUFFERS not in flags.split():
+        os.environ["XLA_FLAGS"] = (flags + " " + NO_COMMAND_BUFFERS).strip()
+    try:
+        from jax._src import xla_bridge
+
+        return not xla_bridge._backends  # flags are read once, when the first backend starts
+    except Exception:  # private API moved: assume the flag arrived in time
+        return True
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.profile:
+        if disable_command_buffers():
+            print("profile: XLA command buffers (CUDA graphs) off for this run, so every kernel is seen; "
+                  "timings may differ slightly from a run without --profile", flush=True)
+        else:
+            print("profile: the backend had started, command buffers stay on (kernels inside them are "
+                  "attributed to one 'command_buffer' instruction)", flush=True)
     import jax
     import jax.numpy as jnp
 
@@ -234,6 +265,12 @@ def run(args: argparse.Namespace) -> int:
                 t0 = time.perf_counter()
                 compiled = fwd.lower(*inputs[0]).compile()
                 t_compile = time.perf_counter() - t0
+                if args.dump_hlo:
+                    import os
+
+                    os.makedirs(args.dump_hlo, exist_ok=True)
+                    with open(os.path.join(args.dump_hlo, f"{name}_b{b}.hlo.txt"), "w") as f:
+                        f.write(compiled.as_text())
                 t0 = time.perf_counter()
                 t = statistics.median(time_fn(compiled, inputs, args.repeats))
                 t_timed = time.perf_counter() - t0

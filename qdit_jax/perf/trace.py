@@ -198,4 +198,8 @@ def format_profile(ops: Sequence[OpTime], top: int = 25, title: str = "") -> str
     rows.append(f"  top {top} instructions:")
     rows += [f"    {o.us_per_call:10.1f} us  {o.kind:14s} x{o.events_per_call:<5.3g} {o.name[:48]:48s} {o.shape[:40]}"
              for o in ops[:top]]
+    graphs = sum(o.us_per_call for o in ops if o.name.startswith("command_buffer"))
+    if graphs > 0.5 * tot:
+        rows.append("  most time is inside XLA command buffers (CUDA graphs), which hide the kernels: run with "
+                    "XLA_FLAGS=--xla_gpu_enable_command_buffer= to see them")
     return "\n".join(rows)

@@ -39,15 +39,20 @@ def test_every_variant_computes_its_model(name, params):
         assert info["weight_bytes"]["quantized"] < info["weight_bytes"]["bf16"]
 
 
-def test_bench_command_writes_rows_and_profiles(tmp_path, capsys):
+def test_bench_command_writes_rows_and_profiles(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "")  # --profile adds a flag; keep it out of the other tests
     out = str(tmp_path / "b.json")
     assert main(["bench", "--model", "S/8", "--batch", "2", "--variants", "bf16", "real-w8a8", "--repeats", "2",
                  "--matmul-peak", "0", "--sample-batch", "2", "--sample-steps", "2", "--profile", "1",
-                 "--json", out]) == 0
+                 "--dump-hlo", str(tmp_path / "hlo"), "--json", out]) == 0
     rows = json.load(open(out))["rows"]
     fwd = [r for r in rows if "batch" in r]
     assert [(r["variant"], r["batch"]) for r in fwd] == [("bf16", 2), ("real-w8a8", 2)]
     assert all(r["images_per_s"] > 0 and r["profile"]["us_by_kind"]["total"] > 0 for r in fwd)
+    for r in fwd:  # every instruction is kept, and the times add up to the total
+        assert abs(sum(o["us"] for o in r["profile"]["ops"]) - r["profile"]["us_by_kind"]["total"]) < 1e-6 * max(
+            1.0, r["profile"]["us_by_kind"]["total"])
+    assert "dot" in (tmp_path / "hlo" / "real-w8a8_b2.hlo.txt").read_text()
     assert fwd[1]["weight_bytes"]["quantized"] < 0.6 * fwd[1]["weight_bytes"]["bf16"]
     assert sum(1 for r in rows if "sample_images_per_s" in r) == 2
     text = capsys.readouterr().out
@@ -58,3 +63,13 @@ def test_unknown_variant_is_a_one_line_error(capsys):
     assert main(["bench", "--model", "S/8", "--variants", "bf17"]) == 2
     err = capsys.readouterr().err.strip()
     assert "bf17" in err and "choose from" in err and "\n" not in err
+
+
+def test_disable_command_buffers_adds_the_flag_once(monkeypatch):
+    from qdit_jax.cli.bench import NO_COMMAND_BUFFERS, disable_command_buffers
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    disable_command_buffers()
+    disable_command_buffers()
+    flags = __import__("os").environ["XLA_FLAGS"].split()
+    assert flags.count(NO_COMMAND_BUFFERS) == 1 and "--xla_dump_to=/tmp/x" in flags

@@ -83,3 +83,12 @@ def test_kernel_names_get_kinds(name, kind):
     from qdit_jax.perf.trace import kernel_kind
 
     assert kernel_kind(name) == kind
+
+
+def test_format_profile_says_when_command_buffers_hide_the_kernels():
+    from qdit_jax.perf.trace import OpTime
+
+    hidden = [OpTime("command_buffer_12", "other", "?", 900.0, 1), OpTime("fusion.3", "fusion", "", 100.0, 1)]
+    seen = [OpTime("gemm.1", "gemm", "", 900.0, 1), OpTime("command_buffer_1", "other", "?", 100.0, 1)]
+    assert "xla_gpu_enable_command_buffer=" in format_profile(hidden)
+    assert "xla_gpu_enable_command_buffer=" not in format_profile(seen)
