@@ -65,6 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also trace CALLS forward calls per variant and batch with jax.profiler and print where "
                         "the device time goes (kinds of kernels, slowest HLO instructions); 0: off")
     p.add_argument("--profile-top", type=int, default=25, help="instructions listed per profile")
+    p.add_argument("--xla-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="XLA compiler option for the forward compiles, e.g. xla_gpu_enable_triton_gemm=false "
+                        "(repeatable; the row records them)")
+    p.add_argument("--no-xla-defaults", action="store_true",
+                   help="compile without qdit's default XLA options (qdit_jax.perf.compiler: on GPUs, Triton GEMM "
+                        "fusions off so GELU fuses into cuBLASLt), to measure what they change")
     p.add_argument("--dump-hlo", default=None, metavar="DIR",
                    help="write each compiled forward's optimized HLO to DIR/<variant>_b<batch>.hlo.txt "
                         "(to read what a profiled instruction computes)")
@@ -165,6 +171,18 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                                                "checkpoint_bytes": checkpoint_bytes(rm.variables())}
 
 
+def parse_xla_options(items: list[str]) -> dict[str, Any]:
+    """``["k=v", ...]`` -> compiler options; "true"/"false" become booleans, digits integers."""
+    out: dict[str, Any] = {}
+    for it in items:
+        key, sep, val = it.partition("=")
+        if not sep or not key:
+            raise QditError(f"--xla-option {it!r}: expected KEY=VALUE, e.g. xla_gpu_enable_triton_gemm=false")
+        low = val.lower()
+        out[key] = True if low == "true" else False if low == "false" else int(val) if val.lstrip("-").isdigit() else val
+    return out
+
+
 def _profile(compiled: Any, inputs: list[tuple], calls: int, top: int, title: str) -> dict[str, Any]:
     """Trace ``calls`` calls, print the breakdown; return the kind summary and every instruction's time
     (the JSON keeps them all, the printout only the ``top``)."""
@@ -229,6 +247,9 @@ def run(args: argparse.Namespace) -> int:
     if any(b < 1 for b in args.batch) or args.repeats < 1:
         raise QditError("--batch values and --repeats must be >= 1")
     tiles = parse_tiles(args.tiles)
+    from qdit_jax.perf.compiler import compiler_options
+
+    xla_opts = {**((None if args.no_xla_defaults else compiler_options()) or {}), **parse_xla_options(args.xla_option)}
     t_start = time.perf_counter()
     dev = jax.devices()[0]
     peak = next((v for k, v in PEAK_BF16.items() if k.lower() in dev.device_kind.lower()), None)
@@ -263,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
                        jnp.asarray(rng.integers(0, cfg.num_classes, b), jnp.int32)) for _ in range(2)]
             try:
                 t0 = time.perf_counter()
-                compiled = fwd.lower(*inputs[0]).compile()
+                compiled = fwd.lower(*inputs[0]).compile(compiler_options=xla_opts or None)
                 t_compile = time.perf_counter() - t0
                 if args.dump_hlo:
                     import os
@@ -281,7 +302,8 @@ def run(args: argparse.Namespace) -> int:
             row = dict(variant=name, batch=b, median_s=t, images_per_s=ips, tflops=ips * flops / 1e12,
                        datasheet_fraction=ips * flops / peak if peak else None,
                        measured_fraction=ips * flops / measured if measured else None,
-                       program_bytes=_mem(compiled), compile_s=t_compile, build_s=t_build, **info)
+                       program_bytes=_mem(compiled), compile_s=t_compile, build_s=t_build,
+                       xla_options=xla_opts, **info)
             if args.profile:
                 row["profile"] = _profile(compiled, inputs, args.profile, args.profile_top, f"{name} b{b}")
             rows.append(row)
@@ -291,6 +313,8 @@ def run(args: argparse.Namespace) -> int:
         if args.sample_batch:
             scfg = SamplerConfig(sampler="ddim", steps=args.sample_steps, cfg_scale=4.0)
             fn = make_sample_fn(apply_fn, cfg, scfg)
+            if args.no_xla_defaults or args.xla_option:  # the pipeline compiles with compiler_options() itself
+                fn = jax.jit(fn.__wrapped__ if hasattr(fn, "__wrapped__") else fn, compiler_options=xla_opts or None)
             b = args.sample_batch
             rng = np.random.default_rng(0)
             sets = [(vparams, jnp.asarray(rng.standard_normal((b, cfg.input_size, cfg.input_size, cfg.in_channels)),

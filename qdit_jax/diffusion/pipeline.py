@@ -19,6 +19,7 @@ from qdit_jax.diffusion.samplers import Trajectory, sample
 from qdit_jax.errors import QditError
 from qdit_jax.models.dit import DiT, DiTConfig
 from qdit_jax.parallel.mesh import DATA, check_divisible, data_parallel, data_size, round_up
+from qdit_jax.perf.compiler import jit as perf_jit
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -124,7 +125,7 @@ def make_sample_fn(apply_fn: ApplyFn, cfg: DiTConfig, scfg: SamplerConfig, *, re
                       sample_ids=sample_ids)
 
     if mesh is None:
-        return jax.jit(run)
+        return perf_jit(run)
     out = (P(DATA), Trajectory(P(None, DATA), P(None, DATA))) if return_trajectory else P(DATA)
     return data_parallel(run, mesh, (P(), P(DATA), P(DATA), P(), P(DATA)), out)
 

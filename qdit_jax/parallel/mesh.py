@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qdit_jax.errors import QditError
+from qdit_jax.perf.compiler import jit as perf_jit
 
 DATA = "data"
 MODEL = "model"
@@ -119,7 +120,7 @@ def data_parallel(fn: Callable, mesh: Mesh, in_specs: tuple, out_specs: Any, *, 
 
     ``check_vma=False`` turns off shard_map's replication typing, for functions whose loop carry
     starts replicated and becomes per-device (sampling one noise batch with per-device weights)."""
-    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma))
+    return perf_jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma))
 
 
 def free_device_bytes(device: jax.Device | None = None) -> int | None:

@@ -73,3 +73,13 @@ def test_disable_command_buffers_adds_the_flag_once(monkeypatch):
     disable_command_buffers()
     flags = __import__("os").environ["XLA_FLAGS"].split()
     assert flags.count(NO_COMMAND_BUFFERS) == 1 and "--xla_dump_to=/tmp/x" in flags
+
+
+def test_xla_options_parse_and_reject_bad_items():
+    from qdit_jax.cli.bench import parse_xla_options
+    from qdit_jax.errors import QditError
+
+    assert parse_xla_options(["xla_gpu_enable_triton_gemm=false", "a=3", "b=x"]) == {
+        "xla_gpu_enable_triton_gemm": False, "a": 3, "b": "x"}
+    with pytest.raises(QditError, match="KEY=VALUE"):
+        parse_xla_options(["no_value"])
