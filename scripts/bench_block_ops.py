@@ -128,8 +128,10 @@ def main() -> None:
         return o.reshape(x.shape) @ wp
 
     ref_o = np.asarray(jax.jit(attn_fused)(x, wqkv, bqkv, wp), np.float32)
-    for name, f in (("fused qkv + slices", attn_fused), ("three GEMMs", attn_split)):
-        jf = jax.jit(f)
+    no_merge = {**no_triton, "xla_gpu_dot_merger_threshold_mb": 0}  # XLA merges dots that share an operand
+    for name, f, opts in (("fused qkv + slices", attn_fused, no_triton), ("three GEMMs", attn_split, no_triton),
+                          ("three GEMMs no-merge", attn_split, no_merge)):
+        jf = jax.jit(f, compiler_options=opts)
         diff = np.abs(np.asarray(jf(x, wqkv, bqkv, wp), np.float32) - ref_o).max()
         s = timed(jf, (x, wqkv, bqkv, wp), a.repeats)
         print(f"attn {name:18s} {s * 1e6:8.1f} us   max |diff| vs fused {diff:.3g}", flush=True)

@@ -33,7 +33,7 @@ from qdit_jax.errors import QditError
 from qdit_jax.models.dit import DiT, DiTConfig
 from qdit_jax.quant.config import LayerQuant, QuantConfig, resolve
 from qdit_jax.quant.interceptor import discover_layers, get_kernel, module_path, quantize_activation
-from qdit_jax.quant.kernels.group_gemm import (Tiles, group_gemm_pallas, group_gemm_xla, kernel_applies,
+from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm_pallas, group_gemm_xla, kernel_applies,
                                                pack_blocked, weight_codes_int8)
 from qdit_jax.quant.quantizers import QParams, QuantSpec, _int_codes, params_of_groups
 
@@ -280,9 +280,10 @@ def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
     is_int = lq.act.format == "int"
     m = x2.shape[0]
     use_kernel = False
+    tiles = fit_tiles(options.tiles, m, n)
     if is_int and (options.backend == "pallas" or (options.backend == "auto" and g > 1)):
         a_dtype = x2.dtype if options.fuse_quant else jnp.int8
-        use_kernel, _ = kernel_applies(m, n, k, g, a_dtype, rw.codes.dtype, tiles=options.tiles,
+        use_kernel, _ = kernel_applies(m, n, k, g, a_dtype, rw.codes.dtype, tiles=tiles,
                                        fuse_quant=options.fuse_quant)
         fusable = (options.fuse_quant and _eff_group(lq.act, k) == group and lq.act.method == "max"
                    and lq.act.clip_ratio == 1.0 and lq.act.bits == 8)
@@ -290,17 +291,17 @@ def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
             use_kernel = False
         if use_kernel and options.fuse_quant:
             y = group_gemm_pallas(x2, None, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype,
-                                  tiles=options.tiles, fuse_quant=True)
+                                  tiles=tiles, fuse_quant=True)
             return y.reshape(*lead, n)
         if not use_kernel and options.fuse_quant:  # retry without in-kernel quantization
-            use_kernel, _ = kernel_applies(m, n, k, g, jnp.int8, rw.codes.dtype, tiles=options.tiles)
+            use_kernel, _ = kernel_applies(m, n, k, g, jnp.int8, rw.codes.dtype, tiles=tiles)
     qa, sa = _quantize_input(x2, lq.act, group, options)
     if use_kernel:
         rs = None
         if rw.zero is not None:
             rs = jnp.sum(qa.reshape(m, g, group).astype(jnp.int32), axis=-1).T
         y = group_gemm_pallas(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, rs, out_dtype=out_dtype,
-                              tiles=options.tiles)
+                              tiles=tiles)
     else:
         if options.materialize:
             qa, sa = jax.lax.optimization_barrier((qa, sa))

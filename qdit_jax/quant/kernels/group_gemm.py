@@ -134,6 +134,22 @@ def _pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
+MIN_TILE = 16  # the smallest output tile Triton's tensor-core dots take
+
+
+def fit_tiles(tiles: Tiles, m: int, n: int) -> Tiles:
+    """``tiles`` with bm / bn halved until they divide M / N (not below 16), so a layer whose width
+    is not a multiple of a wide tile (DiT-XL/2's proj and fc2: N = 1,152 with bn = 256) still runs
+    the kernel, at a narrower tile, instead of the XLA fallback. bk stays: it is tied to the group
+    and the 4-bit packing block. A shape no power-of-two tile >= 16 divides is left for the guard."""
+    bm, bn = tiles.bm, tiles.bn
+    while _pow2(bm) and bm > MIN_TILE and m % bm:
+        bm //= 2
+    while _pow2(bn) and bn > MIN_TILE and n % bn:
+        bn //= 2
+    return dataclasses.replace(tiles, bm=bm, bn=bn)
+
+
 def kernel_applies(m: int, n: int, k: int, n_groups: int, a_dtype: Any, w_dtype: Any, *, tiles: Tiles = Tiles(),
                    platform: str | None = None, fuse_quant: bool = False) -> tuple[bool, str]:
     """Whether the Pallas kernel can run this GEMM, and if not, why (the XLA path is used then)."""
@@ -290,6 +306,7 @@ def group_gemm(qa: jax.Array, sa: jax.Array, qw: jax.Array, sw: jax.Array, bias:
     if backend not in ("auto", "pallas", "xla"):
         raise QditError(f"backend must be 'auto', 'pallas' or 'xla', got {backend!r}")
     m, k = qa.shape
+    tiles = fit_tiles(tiles, m, qw.shape[0])
     ok, why = kernel_applies(m, qw.shape[0], k, sw.shape[0], qa.dtype, qw.dtype, tiles=tiles)
     if backend == "pallas" and not ok:
         raise QditError(f"the Pallas group GEMM does not apply here ({why}); use backend 'auto' or 'xla'")

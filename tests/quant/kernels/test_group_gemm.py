@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qdit_jax.quant.kernels.group_gemm import (Tiles, group_gemm, group_gemm_pallas, group_gemm_reference,
-                                               group_gemm_xla, kernel_applies, pack_blocked, unpack_blocked)
+from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm, group_gemm_pallas,
+                                               group_gemm_reference, group_gemm_xla, kernel_applies, pack_blocked,
+                                               unpack_blocked)
 
 TILES = Tiles(32, 32, 128)
 
@@ -146,3 +147,26 @@ def test_split_epilogue_is_the_same_function(g):
     np.testing.assert_array_equal(np.asarray(jax.jit(fn)(qa, sa, qw, sw, b)), np.asarray(jax.jit(group_gemm_xla)(qa, sa, qw, sw, b)))
     np.testing.assert_allclose(np.asarray(fn(qa, sa, qw, sw, b)), np.asarray(a), rtol=1e-6)
     assert "optimization_barrier" in str(jax.make_jaxpr(fn)(qa, sa, qw, sw, b))
+
+
+def test_fit_tiles_narrows_to_the_layer_and_keeps_k():
+    wide = Tiles(128, 256, 128, 8, 3)
+    assert fit_tiles(wide, 65536, 4608) == wide  # XL/2 fc1: fits as is
+    fitted = fit_tiles(wide, 65536, 1152)  # XL/2 proj / fc2: 1,152 is not a multiple of 256
+    assert (fitted.bm, fitted.bn, fitted.bk, fitted.num_warps, fitted.num_stages) == (128, 128, 128, 8, 3)
+    assert kernel_applies(65536, 1152, 1152, 9, jnp.int8, jnp.int8, tiles=fitted, platform="gpu")[0]
+    assert not kernel_applies(65536, 1152, 1152, 9, jnp.int8, jnp.int8, tiles=wide, platform="gpu")[0]
+    odd = fit_tiles(wide, 200, 1000)  # no power-of-two tile >= 16 divides: left for the guard to refuse
+    assert (odd.bm, odd.bn) == (16, 16) and not kernel_applies(200, 1000, 256, 2, jnp.int8, jnp.int8, tiles=odd,
+                                                                 platform="gpu")[0]
+
+
+def test_group_gemm_runs_the_kernel_at_fitted_tiles():
+    m, n, k, g = 64, 96, 256, 2  # N = 96: a 64-wide tile does not divide it, 32 does
+    qa, sa, w, store, sw, zw, bias = make(11, m, n, k, g, 8, False)
+    ref64 = numpy_ref(qa, sa, w, sw, bias, zw)
+    tiles = fit_tiles(Tiles(32, 64, 128), m, n)
+    assert tiles.bn == 32
+    out = group_gemm_pallas(jnp.asarray(qa), jnp.asarray(sa), store, jnp.asarray(sw), jnp.asarray(bias),
+                            out_dtype=jnp.float32, tiles=tiles, interpret=True)
+    assert relerr(out, ref64) < 1e-5
