@@ -29,6 +29,7 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "
 VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "bf16": (None, "fp", ""),
     "bf16-xla-attn": (None, "fp", "xla-attn"),  # XLA attention instead of cuDNN's fused kernel
+    "bf16-qkv3": (None, "fp", "qkv3"),  # q, k, v as three GEMMs (DiTConfig.qkv_gemms="split")
     "fake-w8a8-g128": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "fake", ""),
     "real-w8a8": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla"),
     "real-w8a8-pallas": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "pallas"),
@@ -44,6 +45,8 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-fp8": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real", "xla"),
     "real-fp8-f32": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
                      "xla-f32"),
+    "real-fp8-qkv3": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
+                      "xla-qkv3"),
 }
 
 
@@ -149,26 +152,29 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     from qdit_jax.quant.config import QuantConfig, qdit_rules
     from qdit_jax.quant.quantize import quantize_model, weight_bytes
     from qdit_jax.quant.real import RealOptions, checkpoint_bytes, real_from_params
+    from qdit_jax.quant.runtime import with_compute_params
 
     if name not in VARIANTS:
         raise QditError(f"unknown bench variant {name!r}; choose from {sorted(VARIANTS)}")
     rules, mode, backend = VARIANTS[name]
+    if "qkv3" in backend.split("-"):
+        cfg = cfg.replace(qkv_gemms="split")
     if mode == "fp":
         fcfg = cfg.replace(attention="xla") if backend == "xla-attn" else cfg
         return dit_apply_fn(fcfg), params_in_compute_dtype(params, fcfg), {"checkpoint_bytes": checkpoint_bytes(params)}
     qcfg = QuantConfig(qdit_rules(**rules), name=name)
     if mode == "fake":
         qm = quantize_model(params, cfg, qcfg)
-        return qm.apply_fn(), qm.bundle, {"weight_bytes": weight_bytes(qm)}
+        return qm.apply_fn(), with_compute_params(qm.bundle, cfg), {"weight_bytes": weight_bytes(qm)}
     rm = real_from_params(params, cfg, qcfg)
     tags = backend.split("-")  # backend plus options: -mat (codes behind a barrier), -qk (one-pass Pallas
     # activation quantization), -fused (the GEMM's scale epilogue fused into it, not its own pass),
-    # -f32 (float32 fp8 products)
+    # -f32 (float32 fp8 products), -qkv3 (q, k, v as three GEMMs)
     opts = RealOptions(backend=tags[0], tiles=tiles, fuse_quant=fuse_quant, materialize="mat" in tags,
                        quant_kernel="qk" in tags, split_epilogue="fused" not in tags,
                        float_product="float32" if "f32" in tags else "auto")
-    return rm.apply_fn(opts), rm.variables(), {"weight_bytes": rm.weight_bytes(),
-                                               "checkpoint_bytes": checkpoint_bytes(rm.variables())}
+    return rm.apply_fn(opts), with_compute_params(rm.variables(), cfg), {
+        "weight_bytes": rm.weight_bytes(), "checkpoint_bytes": checkpoint_bytes(rm.variables())}
 
 
 def parse_xla_options(items: list[str]) -> dict[str, Any]:

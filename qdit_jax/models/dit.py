@@ -33,6 +33,7 @@ _SIZES: dict[str, tuple[int, int, int]] = {
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+QKV_GEMMS = ("fused", "split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,10 @@ class DiTConfig:
     # attention kernel: "auto" (cuDNN's fused flash attention on GPU for bf16/fp16 where the head
     # size allows it, else XLA's), "xla" or "cudnn". An implementation choice, not architecture.
     attention: str = "auto"
+    # how the fused qkv projection runs: "fused" (one GEMM of width 3C, then q / k / v are sliced out,
+    # a copy each, since cuDNN wants them dense) or "split" (three GEMMs of width C on column slices
+    # of the same weight, each writing its output directly). Same parameters and function.
+    qkv_gemms: str = "fused"
 
     def __post_init__(self) -> None:
         problems = []
@@ -81,6 +86,8 @@ class DiTConfig:
                 problems.append(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
         if self.attention not in ATTENTION_IMPLS:
             problems.append(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        if self.qkv_gemms not in QKV_GEMMS:
+            problems.append(f"qkv_gemms must be one of {QKV_GEMMS}, got {self.qkv_gemms!r}")
         if problems:
             raise QditError("invalid DiTConfig: " + "; ".join(problems))
 
@@ -253,20 +260,49 @@ class AttentionCore(nn.Module):
         return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
 
+class SplitQKVDense(nn.Dense):
+    """``nn.Dense`` of width 3C (the checkpoint's fused q | k | v kernel and bias) computed as three
+    GEMMs of width C, one per column block, concatenated. The attention slices q / k / v back out at
+    the block boundaries, which XLA folds into the concatenation, so each GEMM's output feeds the
+    attention kernel without a copy. Still an ``nn.Dense`` with Dense's params: the quantization
+    interceptors treat it as one layer (and replace the whole call)."""
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if self.features % 3:
+            raise QditError(f"SplitQKVDense needs a width divisible by 3, got {self.features}")
+        kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        c = self.features // 3
+        parts = []
+        for i in range(3):
+            y = jax.lax.dot_general(inputs, kernel[:, i * c:(i + 1) * c], (((inputs.ndim - 1,), (0,)), ((), ())),
+                                    precision=self.precision)
+            parts.append(y if bias is None else y + bias[i * c:(i + 1) * c])
+        return jnp.concatenate(parts, axis=-1)
+
+
 class Attention(nn.Module):
     hidden_size: int
     num_heads: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention: str = "auto"
+    qkv_gemms: str = "fused"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, c = x.shape
         hd = c // self.num_heads
-        qkv = nn.Dense(3 * c, dtype=self.dtype, param_dtype=self.param_dtype, name="qkv")(x)
-        qkv = qkv.reshape(b, n, 3, self.num_heads, hd)  # timm's layout: (3, heads, head_dim)
-        out = AttentionCore(self.attention, name="core")(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        dense = SplitQKVDense if self.qkv_gemms == "split" else nn.Dense
+        qkv = dense(3 * c, dtype=self.dtype, param_dtype=self.param_dtype, name="qkv")(x)
+        if self.qkv_gemms == "split":  # column blocks of width C: slices of the concatenation, folded away
+            q, k, v = (qkv[..., i * c:(i + 1) * c].reshape(b, n, self.num_heads, hd) for i in range(3))
+        else:
+            qkv = qkv.reshape(b, n, 3, self.num_heads, hd)  # timm's layout: (3, heads, head_dim)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        out = AttentionCore(self.attention, name="core")(q, k, v)
         return nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out.reshape(b, n, c))
 
 
@@ -293,13 +329,15 @@ class DiTBlock(nn.Module):
     param_dtype: Any = jnp.float32
     mlp_norm_eps: float = 1e-6
     attention: str = "auto"
+    qkv_gemms: str = "fused"
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         mod = nn.Dense(6 * self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                        name="adaLN_modulation")(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-        attn = Attention(self.hidden_size, self.num_heads, self.dtype, self.param_dtype, self.attention, name="attn")
+        attn = Attention(self.hidden_size, self.num_heads, self.dtype, self.param_dtype, self.attention,
+                         self.qkv_gemms, name="attn")
         x = x + gate_msa[:, None] * attn(_modulate(_layer_norm(x), shift_msa, scale_msa))
         mlp = Mlp(self.mlp_hidden, self.hidden_size, self.dtype, self.param_dtype, name="mlp")
         return x + gate_mlp[:, None] * mlp(_modulate(_layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp))
@@ -334,8 +372,8 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(cfg.hidden_size, dtype=dt, param_dtype=pdt, freq_shift=cfg.freq_shift)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob, param_dtype=pdt)
         self.blocks = [
-            DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_hidden, dt, pdt, mlp_norm_eps=cfg.mlp_norm_eps, attention=cfg.attention,
-                     name=f"blocks_{i}")
+            DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_hidden, dt, pdt, mlp_norm_eps=cfg.mlp_norm_eps,
+                     attention=cfg.attention, qkv_gemms=cfg.qkv_gemms, name=f"blocks_{i}")
             for i in range(cfg.depth)
         ]
         self.final_layer = FinalLayer(cfg.hidden_size, p * p * cfg.out_channels, dt, pdt)

@@ -30,7 +30,7 @@ import numpy as np
 from flax import linen as nn
 
 from qdit_jax.errors import QditError
-from qdit_jax.models.dit import DiT, DiTConfig
+from qdit_jax.models.dit import DiT, DiTConfig, SplitQKVDense
 from qdit_jax.quant.config import LayerQuant, QuantConfig, resolve
 from qdit_jax.quant.interceptor import discover_layers, get_kernel, module_path, quantize_activation
 from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm_pallas, group_gemm_xla, kernel_applies,
@@ -264,6 +264,14 @@ def _dequant_weight(rw: RealWeight, dtype: Any) -> jax.Array:
     return (cg * rw.scale.T[:, :, None]).reshape(n, k).astype(dtype)
 
 
+def column_block(rw: RealWeight, start: int, stop: int) -> RealWeight:
+    """Output channels ``start:stop`` of a stored layer (codes are (N, K) rows; scales, zero points
+    (G, N) and the bias follow N), for running a fused layer as several narrower GEMMs."""
+    return RealWeight(rw.codes[start:stop], rw.scale[:, start:stop],
+                      None if rw.zero is None else rw.zero[:, start:stop],
+                      None if rw.bias is None else rw.bias[start:stop])
+
+
 def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
                options: RealOptions = RealOptions()) -> jax.Array:
     """``x @ W^T + b`` for a planned Dense, in real low precision (weight-only layers: dequantize)."""
@@ -322,7 +330,12 @@ def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str,
         if path in weights and isinstance(context.module, nn.Dense):
             x = args[0]
             out_dtype = context.module.dtype or x.dtype
-            return real_dense(x, weights[path], lq, out_dtype, options)
+            rw = weights[path]
+            if isinstance(context.module, SplitQKVDense):  # as the model does: three GEMMs of width N / 3
+                c = rw.scale.shape[1] // 3
+                return jnp.concatenate([real_dense(x, column_block(rw, i * c, (i + 1) * c), lq, out_dtype, options)
+                                        for i in range(3)], axis=-1)
+            return real_dense(x, rw, lq, out_dtype, options)
         if lq.act is None:
             return next_fun(*args, **kwargs)
         # act-only layers (the attention core): the fake-quant mode's dynamic quantization

@@ -1,7 +1,7 @@
 """The forward a command should run for a loaded model: plain, or under the quantization interceptor."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from qdit_jax.diffusion.pipeline import ApplyFn, dit_apply_fn
 from qdit_jax.errors import QditError
@@ -10,6 +10,16 @@ from qdit_jax.models.dit import DiTConfig, params_in_compute_dtype
 
 
 EXECUTIONS = ("fake", "real")
+
+
+def with_compute_params(first_arg: Any, cfg: DiTConfig) -> Any:
+    """An apply_fn's first argument with its float params stored once in ``cfg``'s compute dtype:
+    plain params, a fake-quant bundle ``{"params", "static"}`` or real-mode variables
+    ``{"params", "weights"}`` (the quantized weights stay as they are). Exact in all three modes:
+    every Dense casts its kernel to the compute dtype at each call anyway (tests/quant/test_runtime.py)."""
+    if isinstance(first_arg, Mapping) and "params" in first_arg:
+        return {**first_arg, "params": params_in_compute_dtype(first_arg["params"], cfg)}
+    return params_in_compute_dtype(first_arg, cfg)
 
 
 def model_apply_fn(model: LoadedModel, cfg: DiTConfig | None = None, execution: str = "fake",
@@ -26,9 +36,11 @@ def model_apply_fn(model: LoadedModel, cfg: DiTConfig | None = None, execution: 
                             "`qdit quantize --ckpt DIR --out QDIR` and sample QDIR")
         from qdit_jax.quant.checkpoint import real_checkpoint_apply_fn
 
-        return real_checkpoint_apply_fn(model, cfg, real_options)
+        fn, variables = real_checkpoint_apply_fn(model, cfg, real_options)
+        return fn, with_compute_params(variables, cfg)
     if model.quantization:
         from qdit_jax.quant.checkpoint import quantized_apply_fn
 
-        return quantized_apply_fn(model, cfg)
-    return dit_apply_fn(cfg), params_in_compute_dtype(model.params, cfg)
+        fn, bundle = quantized_apply_fn(model, cfg)
+        return fn, with_compute_params(bundle, cfg)
+    return dit_apply_fn(cfg), with_compute_params(model.params, cfg)
