@@ -14,6 +14,7 @@ Medians of repeated timed calls after warm-up, block_until_ready, rotating two r
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import statistics
 import sys
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdit_jax.cli import bench
+from qdit_jax.perf.trace import KINDS, hlo_kinds
 from qdit_jax.quant.kernels.group_gemm import (Tiles, group_gemm_pallas, group_gemm_reference, group_gemm_xla,
                                                pack_blocked)
 from qdit_jax.quant.quantizers import QuantSpec
@@ -89,10 +91,8 @@ def gemm_kinds(fj, args) -> str:
         text = fj.lower(*args).compile().as_text()
     except Exception as e:  # noqa: BLE001 - diagnostics only
         return f"hlo unavailable: {type(e).__name__}"
-    kinds = {"cublas": text.count('custom_call_target="__cublas'), "triton-gemm": text.count('"kind":"__triton_gemm'),
-             "pallas/triton": text.count('custom_call_target="__gpu$xla.gpu.triton'),
-             "fusions": text.count(" fusion(")}
-    return ", ".join(f"{k} {v}" for k, v in kinds.items() if v)
+    kinds = collections.Counter(kind for kind, _ in hlo_kinds(text, entry_only=True).values())
+    return ", ".join(f"{k} {kinds[k]}" for k in KINDS if kinds[k] and k != "other")
 
 
 def layer_profile(batch: int, repeats: int, tile_list: list[Tiles], log: list) -> Tiles:

@@ -41,8 +41,9 @@ class OpTime:
     events_per_call: float
 
 
-def hlo_kinds(hlo_text: str) -> dict[str, tuple[str, str]]:
-    """HLO instruction name -> (kind, result shape) for the instructions of an optimized module."""
+def hlo_kinds(hlo_text: str, entry_only: bool = False) -> dict[str, tuple[str, str]]:
+    """HLO instruction name -> (kind, result shape) for the instructions of an optimized module;
+    ``entry_only``: just the ENTRY computation's (the kernels the program launches)."""
     with_dot: set[str] = set()  # computations that contain a dot / convolution
     current = None
     for line in hlo_text.splitlines():
@@ -52,9 +53,13 @@ def hlo_kinds(hlo_text: str) -> dict[str, tuple[str, str]]:
         elif current and (" dot(" in line or " convolution(" in line):
             with_dot.add(current)
     out: dict[str, tuple[str, str]] = {}
+    in_entry = False
     for line in hlo_text.splitlines():
+        if _COMP.match(line):
+            in_entry = line.startswith("ENTRY")
+            continue
         m = _INSTR.match(line)
-        if not m:
+        if not m or (entry_only and not in_entry):
             continue
         name, shape, opcode = m.groups()
         kind = _classify(opcode, line)

@@ -92,3 +92,11 @@ def test_format_profile_says_when_command_buffers_hide_the_kernels():
     seen = [OpTime("gemm.1", "gemm", "", 900.0, 1), OpTime("command_buffer_1", "other", "?", 100.0, 1)]
     assert "xla_gpu_enable_command_buffer=" in format_profile(hidden)
     assert "xla_gpu_enable_command_buffer=" not in format_profile(seen)
+
+
+def test_hlo_kinds_entry_only_skips_the_fused_computations():
+    everything, entry = hlo_kinds(HLO), hlo_kinds(HLO, entry_only=True)
+    assert "d" in everything and "t" in everything  # the dot / tanh inside fused computations
+    assert "d" not in entry and "t" not in entry
+    assert set(entry) == {"a", "b", "q", "custom-call.1", "custom-call.2", "custom-call.3", "gemm_fusion",
+                          "loop_fusion", "copy.4", "gelu_fusion"}
