@@ -26,3 +26,18 @@ def test_xla_accepts_the_gpu_option_names():
 def test_jit_wrapper_computes_the_function():
     f = jit(lambda a, b: a * b + 1)
     assert float(f(jnp.float32(2), jnp.float32(3))) == 7.0
+
+
+def test_sampling_compiles_with_the_options(monkeypatch):
+    """make_sample_fn goes through perf.compiler.jit, so a GPU run gets GPU_OPTIONS (spied here)."""
+    import qdit_jax.perf.compiler as comp
+    from qdit_jax.diffusion.pipeline import SamplerConfig, dit_apply_fn, make_sample_fn
+    from qdit_jax.models.dit import DiTConfig
+
+    seen = []
+    real_jit = jax.jit
+    monkeypatch.setattr(comp, "compiler_options", lambda backend=None: dict(GPU_OPTIONS))
+    monkeypatch.setattr(comp.jax, "jit", lambda fn, **kw: seen.append(kw) or real_jit(fn, **kw))
+    cfg = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    make_sample_fn(dit_apply_fn(cfg), cfg, SamplerConfig(steps=2))
+    assert seen and seen[-1].get("compiler_options") == GPU_OPTIONS
