@@ -351,6 +351,14 @@ def run(args: argparse.Namespace) -> int:
         rel = r["images_per_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
         print(f"{r['variant']:22s} {r['batch']:5d} {r['images_per_s']:8.1f} {rel:7.3f} {r['tflops']:8.1f} "
               f"{(r['datasheet_fraction'] or 0):6.3f} {(wb or 0) / 1e6:9.1f} {(ck or 0) / 1e6:8.1f}")
+    samples = [r for r in rows if "sample_images_per_s" in r]
+    if samples:
+        sbase = next((r["sample_images_per_s"] for r in samples if r["variant"] == "bf16"), None)
+        print(f"\n{'sampling (DDIM, CFG)':22s} {'batch':>5s} {'steps':>5s} {'s/batch':>8s} {'img/s':>8s} {'x bf16':>7s}")
+        for r in samples:
+            rel = r["sample_images_per_s"] / sbase if sbase else float("nan")
+            print(f"{r['variant']:22s} {r['sample_batch']:5d} {r['steps']:5d} {r['sample_s']:8.3f} "
+                  f"{r['sample_images_per_s']:8.2f} {rel:7.3f}")
     print(f"peak device memory in use (process): {(summary['peak_bytes_in_use'] or 0) / 2**30:.2f} GiB")
     if args.json:
         with open(args.json, "w") as f:

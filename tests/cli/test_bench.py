@@ -57,6 +57,7 @@ def test_bench_command_writes_rows_and_profiles(tmp_path, capsys, monkeypatch):
     assert sum(1 for r in rows if "sample_images_per_s" in r) == 2
     text = capsys.readouterr().out
     assert "profile bf16 b2" in text and "x bf16" in text
+    assert "sampling (DDIM, CFG)" in text and "\nreal-w8a8 " in text.split("sampling (DDIM, CFG)")[1]
 
 
 def test_unknown_variant_is_a_one_line_error(capsys):
