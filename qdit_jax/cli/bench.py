@@ -37,6 +37,10 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-w4a8-pallas": (dict(wbits=4, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "pallas"),
     "real-w8a8-g128": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "auto"),
     "real-w4a8-g128": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "auto"),
+    "real-w8a8-g128-f16s": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
+                                 scale_dtype="float16"), "real", "auto"),  # weight scales stored in float16
+    "real-w4a8-g128-f16s": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
+                                 scale_dtype="float16"), "real", "auto"),
     "real-w8a8-g128-xla": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "xla"),
     "real-w8a8-mat": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-mat"),
     "real-w8a8-qk": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-qk"),

@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--a-sym", action="store_true", help="symmetric activations")
     q.add_argument("--method", choices=["max", "mse"], default="max", help="weight clipping: min-max or MSE search")
     q.add_argument("--format", choices=["int", "fp8_e4m3", "fp8_e5m2"], default="int")
+    q.add_argument("--scale-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="storage dtype of the weight scales; float16 brings W8 group-128 weights from 0.517x to "
+                        "~0.509x their bf16 size (scales are rounded up to it before the codes are computed)")
     q.add_argument("--gptq", action="store_true", help="GPTQ weights (needs calibration)")
     q.add_argument("--static", action="store_true", help="static activation scales from calibration (baseline)")
     q.add_argument("--quant-attention", action="store_true", help="also quantize the attention matmul inputs q, k, v")
@@ -71,7 +74,8 @@ def build_qconfig(args: argparse.Namespace):
     if args.static and not abits:
         raise QditError("--static needs activation quantization (--abits > 0)")
     rules = qdit_rules(wbits, abits or None, w_group=args.w_group, a_group=args.a_group, w_sym=args.w_sym,
-                       a_sym=args.a_sym, method=args.method, fmt=args.format, quantize_attention=args.quant_attention)
+                       a_sym=args.a_sym, method=args.method, fmt=args.format, quantize_attention=args.quant_attention,
+                       scale_dtype=args.scale_dtype)
     per_layer = read_per_layer(args.per_layer) if args.per_layer else {}
     name = args.preset or f"w{wbits}a{abits or 16}"
     return QuantConfig(rules, per_layer, act_mode="static" if args.static else "dynamic", gptq=args.gptq, name=name)

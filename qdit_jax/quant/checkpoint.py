@@ -23,7 +23,7 @@ from qdit_jax.quant.config import LayerQuant, QuantConfig
 from qdit_jax.quant.interceptor import discover_layers, get_kernel, quantized_apply_fn as _fake_apply_fn
 from qdit_jax.quant.packing import pack_int4, unpack_int4
 from qdit_jax.quant.quantize import QuantizedModel, WeightCodes, dequantized_params
-from qdit_jax.quant.quantizers import QParams
+from qdit_jax.quant.quantizers import SCALE_DTYPES, QParams
 
 LAYOUT = "qdit-quantized"
 FP8_DTYPES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
@@ -64,7 +64,7 @@ def to_storage(qm: QuantizedModel, fp_params: Any) -> dict[str, Any]:
         spec = qm.plan[path].weight
         layer = dict(get_kernel(tree, path))
         layer.pop("kernel")
-        layer.update(codes=encode_codes(codes, spec), scale=np.asarray(qp.scale, np.float32),
+        layer.update(codes=encode_codes(codes, spec), scale=np.asarray(qp.scale, SCALE_DTYPES[spec.scale_dtype]),
                      zero_point=np.asarray(qp.zero_point))
         _set(tree, path, layer)
     for path, qps in (qm.static or {}).items():
@@ -113,7 +113,8 @@ def from_storage(tree: Mapping[str, Any], cfg: DiTConfig, qmeta: Mapping[str, An
         if tuple(c.shape) != (info.out_features, info.in_features):
             raise QditError(f"quantized checkpoint does not match its model: {path} has codes {tuple(c.shape)}, "
                             f"the model expects ({info.out_features}, {info.in_features})")
-        codes[path] = (c, QParams(jnp.asarray(layer["scale"]), jnp.asarray(layer["zero_point"])))
+        # scales stored in float16 / bfloat16 (the spec's scale_dtype) hold float32 values exactly
+        codes[path] = (c, QParams(jnp.asarray(layer["scale"], jnp.float32), jnp.asarray(layer["zero_point"])))
         # A kernel placeholder of the right shape; dequantized_params fills it.
         _set(params, path, {**{k: v for k, v in layer.items() if k not in ("codes", "scale", "zero_point")},
                             "kernel": np.zeros((info.in_features, info.out_features), np.float32)})

@@ -26,7 +26,7 @@ from qdit_jax.errors import QditError
 from qdit_jax.models.dit import AttentionCore, DiT, DiTConfig
 from qdit_jax.quant import formats as F
 from qdit_jax.quant.config import LayerInfo, LayerQuant
-from qdit_jax.quant.quantizers import QParams, QuantSpec, _int_params, fake_of_groups, fake_quant_spec
+from qdit_jax.quant.quantizers import QParams, QuantSpec, _int_params, fake_of_groups, fake_quant_spec, round_scale_up
 
 Tap = Callable[[str, int, jax.Array], None]
 
@@ -43,12 +43,13 @@ def static_qparams(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> QParams:
     lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
     if spec.format != "int":
         absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * spec.clip_ratio
-        return QParams(F.fp8_scale_from_absmax(absmax, spec.format), jnp.zeros_like(absmax))
+        return QParams(round_scale_up(F.fp8_scale_from_absmax(absmax, spec.format), spec.scale_dtype),
+                       jnp.zeros_like(absmax))
     if spec.symmetric:
         absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * spec.clip_ratio
-        scale, zp = _int_params(-absmax, absmax, spec.bits, True)
+        scale, zp = _int_params(-absmax, absmax, spec.bits, True, spec.scale_dtype)
     else:
-        scale, zp = _int_params(lo * spec.clip_ratio, hi * spec.clip_ratio, spec.bits, False)
+        scale, zp = _int_params(lo * spec.clip_ratio, hi * spec.clip_ratio, spec.bits, False, spec.scale_dtype)
     return QParams(scale, zp)
 
 
@@ -116,7 +117,7 @@ def _choice_by_shared_stats(x: jax.Array, specs: list[QuantSpec], index: Any, g0
     idx = jnp.asarray(index, jnp.int32)
     lo = jnp.take(jnp.stack(los), idx, axis=0) * spec.clip_ratio
     hi = jnp.take(jnp.stack(his), idx, axis=0) * spec.clip_ratio
-    scale, zp = _int_params(lo, hi, spec.bits, spec.symmetric)
+    scale, zp = _int_params(lo, hi, spec.bits, spec.symmetric, spec.scale_dtype)
     return fake_of_groups(xg, scale, zp, spec).reshape(x.shape).astype(x.dtype)
 
 

@@ -16,7 +16,7 @@ from qdit_jax.quant.config import LayerQuant, QuantConfig, resolve
 from qdit_jax.quant.gptq import gptq_quantize_weight
 from qdit_jax.quant.interceptor import (discover_layers, get_kernel, make_bundle, quantized, quantized_apply_fn,
                                          set_leaf)
-from qdit_jax.quant.quantizers import QParams, dequantize, quantize_tensor
+from qdit_jax.quant.quantizers import SCALE_DTYPES, QParams, dequantize, quantize_tensor
 
 WeightCodes = dict[str, tuple[jax.Array, QParams]]
 
@@ -186,12 +186,14 @@ def quantize_model(params: Any, cfg: DiTConfig, qcfg: QuantConfig, *, calib: Cal
 
 def weight_bytes(qm: QuantizedModel) -> dict[str, int]:
     """Bytes of the quantized linears: codes at their bit width (4-bit packed two per byte),
-    plus scales (fp32) and zero points (1 byte); and the same linears in fp32 and bf16."""
+    plus scales (in the spec's ``scale_dtype``) and zero points (1 byte); and the same linears in
+    fp32 and bf16."""
     q = fp32 = 0
     for path, (c, qp) in qm.codes.items():
-        bits = qm.plan[path].weight.bits
+        spec = qm.plan[path].weight
         n = int(np.prod(c.shape))
-        q += (n + 1) // 2 if bits <= 4 else n  # 2..4-bit codes are stored packed as nibbles
-        q += int(np.prod(qp.scale.shape)) * 4 + int(np.prod(qp.zero_point.shape))
+        q += (n + 1) // 2 if spec.bits <= 4 else n  # 2..4-bit codes are stored packed as nibbles
+        q += (int(np.prod(qp.scale.shape)) * jnp.dtype(SCALE_DTYPES[spec.scale_dtype]).itemsize
+              + int(np.prod(qp.zero_point.shape)))
         fp32 += n * 4
     return {"quantized": q, "fp32": fp32, "bf16": fp32 // 2}

@@ -60,9 +60,15 @@ class QuantSpec:
     format: str = "int"
     clip_ratio: float = 1.0
     include_zero: bool = False
+    # dtype the scales are stored in (weights): "float16" / "bfloat16" round each scale *up* to that
+    # dtype before codes are computed, so fake-quant, GPTQ and the real path use the very scale that
+    # is stored (never clipping more, at most one ulp coarser); "float32" keeps them as computed
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         F.check_format(self.format)
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise QditError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         F.check_bits(self.bits)
         F.check_method(self.method)
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 0:
@@ -94,21 +100,40 @@ class QuantSpec:
 # ---------------------------------------------------------------------------------------------
 # Grouped building blocks (also used by GPTQ): xg is (..., G, g), parameters are (..., G).
 # ---------------------------------------------------------------------------------------------
+SCALE_DTYPES: dict[str, Any] = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+
+
+def round_scale_up(scale: jax.Array, scale_dtype: str) -> jax.Array:
+    """``scale`` (positive) rounded up to the nearest value of ``scale_dtype``, returned in its own
+    dtype. Values that dtype cannot hold clamp to its extremes: the smallest positive value that is
+    also a normal float32 (float16's subnormals count; bfloat16's would be flushed to zero where
+    float32 denormals are) and the largest finite one. Every result is exactly storable."""
+    if scale_dtype == "float32":
+        return scale
+    dt = SCALE_DTYPES[scale_dtype]
+    fi = jnp.finfo(dt)
+    floor = max(float(fi.smallest_subnormal), float(jnp.finfo(jnp.float32).tiny))
+    r = jnp.clip(scale.astype(dt), jnp.asarray(floor, dt), fi.max)
+    r = jnp.where(r.astype(scale.dtype) < scale, jnp.nextafter(r, jnp.asarray(jnp.inf, dt)), r)
+    return jnp.minimum(r, fi.max).astype(scale.dtype)
+
+
 def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
     """Code range ``(qmin, qmax)``."""
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
 
 
-def _int_params(lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool) -> tuple[jax.Array, jax.Array]:
+def _int_params(lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool,
+                scale_dtype: str = "float32") -> tuple[jax.Array, jax.Array]:
     """Scale and (float) zero point from a clipped range; ``hi`` is the absmax when symmetric."""
     qmin, qmax = int_range(bits, symmetric)
     if symmetric:
         s = hi / qmax
-        scale = jnp.where(s > 0, s, jnp.ones_like(s))
+        scale = round_scale_up(jnp.where(s > 0, s, jnp.ones_like(s)), scale_dtype)
         return scale, jnp.zeros_like(scale)
     s = (hi - lo) / qmax
     fallback = jnp.where(jnp.abs(hi) > 0, jnp.abs(hi), jnp.ones_like(hi))
-    scale = jnp.where(s > 0, s, fallback)
+    scale = round_scale_up(jnp.where(s > 0, s, fallback), scale_dtype)
     zp = jnp.clip(jnp.round(-lo / scale), qmin, qmax)
     return scale, zp
 
@@ -123,7 +148,8 @@ def params_of_groups(xg: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Arr
     """Per-group ``(scale, zero_point)`` in the compute dtype (zero point as float) for ``spec``."""
     if spec.format != "int":
         absmax = jnp.max(jnp.abs(xg), axis=-1)
-        params_at = lambda r: (F.fp8_scale_from_absmax(absmax * r, spec.format), jnp.zeros_like(absmax))
+        params_at = lambda r: (round_scale_up(F.fp8_scale_from_absmax(absmax * r, spec.format), spec.scale_dtype),
+                               jnp.zeros_like(absmax))
     else:
         if spec.symmetric:
             hi = jnp.max(jnp.abs(xg), axis=-1)
@@ -132,7 +158,7 @@ def params_of_groups(xg: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Arr
             hi, lo = jnp.max(xg, axis=-1), jnp.min(xg, axis=-1)
             if spec.include_zero:
                 hi, lo = jnp.maximum(hi, 0), jnp.minimum(lo, 0)
-        params_at = lambda r: _int_params(lo * r, hi * r, spec.bits, spec.symmetric)
+        params_at = lambda r: _int_params(lo * r, hi * r, spec.bits, spec.symmetric, spec.scale_dtype)
     if spec.method == "max":
         return params_at(jnp.asarray(spec.clip_ratio, xg.dtype))
     return F.clip_search(xg, params_at, lambda p: fake_of_groups(xg, p[0], p[1], spec), spec.clip_ratio)
@@ -221,12 +247,13 @@ def qparams_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> QParams
     if spec.format != "int" or spec.symmetric:
         absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * spec.clip_ratio
         if spec.format != "int":
-            return QParams(F.fp8_scale_from_absmax(absmax, spec.format), jnp.zeros(absmax.shape, jnp.int8))
-        scale, zp = _int_params(-absmax, absmax, spec.bits, True)
+            return QParams(round_scale_up(F.fp8_scale_from_absmax(absmax, spec.format), spec.scale_dtype),
+                           jnp.zeros(absmax.shape, jnp.int8))
+        scale, zp = _int_params(-absmax, absmax, spec.bits, True, spec.scale_dtype)
     else:
         if spec.include_zero:
             lo, hi = jnp.minimum(lo, 0), jnp.maximum(hi, 0)
-        scale, zp = _int_params(lo * spec.clip_ratio, hi * spec.clip_ratio, spec.bits, False)
+        scale, zp = _int_params(lo * spec.clip_ratio, hi * spec.clip_ratio, spec.bits, False, spec.scale_dtype)
     return QParams(scale, zp.astype(zp_dtype(spec)))
 
 

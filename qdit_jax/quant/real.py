@@ -35,7 +35,7 @@ from qdit_jax.quant.config import LayerQuant, QuantConfig, resolve
 from qdit_jax.quant.interceptor import discover_layers, get_kernel, module_path, quantize_activation
 from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm_pallas, group_gemm_xla, kernel_applies,
                                                pack_blocked, weight_codes_int8)
-from qdit_jax.quant.quantizers import QParams, QuantSpec, _int_codes, params_of_groups
+from qdit_jax.quant.quantizers import SCALE_DTYPES, QParams, QuantSpec, _int_codes, params_of_groups
 
 BACKENDS = ("auto", "xla", "pallas")
 FLOAT_PRODUCTS = ("auto", "float32", "bfloat16", "float16")
@@ -43,8 +43,9 @@ FLOAT_PRODUCTS = ("auto", "float32", "bfloat16", "float16")
 
 class RealWeight(NamedTuple):
     """Stored form of one layer: ``codes`` (N, K) int8 / fp8, or (N, K // 2) uint8 for packed
-    4-bit; ``scale`` (G, N) float32; ``zero`` (G, N) float32 shifted zero point (asymmetric int
-    weights) or None; ``bias`` (N,) float32 or None. G is the layer's effective group count."""
+    4-bit; ``scale`` (G, N) float32 (or float16 / bfloat16: the spec's ``scale_dtype``); ``zero``
+    (G, N) float32 shifted zero point (asymmetric int weights) or None; ``bias`` (N,) float32 or
+    None. G is the layer's effective group count."""
 
     codes: jax.Array
     scale: jax.Array
@@ -125,7 +126,8 @@ def real_weight(codes: jax.Array, qp: QParams, lq: LayerQuant, bias: Any, *, pac
     n, k = codes.shape
     ge = effective_group(lq, k) if lq.act is not None else _eff_group(w, k)
     rep = _eff_group(w, k) // ge
-    scale = jnp.repeat(jnp.asarray(qp.scale, jnp.float32), rep, axis=1).T
+    # stored in the spec's scale dtype: the quantizer rounded the scales to it, so this is lossless
+    scale = jnp.repeat(jnp.asarray(qp.scale, jnp.float32), rep, axis=1).T.astype(SCALE_DTYPES[w.scale_dtype])
     zero = None
     if w.format == "int":
         c = jnp.asarray(codes).astype(jnp.int32)
@@ -275,6 +277,8 @@ def column_block(rw: RealWeight, start: int, stop: int) -> RealWeight:
 def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
                options: RealOptions = RealOptions()) -> jax.Array:
     """``x @ W^T + b`` for a planned Dense, in real low precision (weight-only layers: dequantize)."""
+    if rw.scale.dtype != jnp.float32:  # float16 / bfloat16 storage: exact in float32, fused by XLA
+        rw = rw._replace(scale=rw.scale.astype(jnp.float32))
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     n = rw.scale.shape[1]

@@ -169,3 +169,16 @@ def test_sample_latent_model_decodes_with_vae(tmp_path, capsys):
                  "--out", out]) == 0
     images, labels = load_samples(out)
     assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8  # 2x upsampling VAE: 4x4 latents -> 8x8 RGB
+
+
+def test_quantize_scale_dtype_float16_is_stored(tiny_ckpt, tmp_path):
+    """`qdit quantize --scale-dtype float16` writes float16 weight scales (and the spec says so)."""
+    from qdit_jax.io.loading import load_model
+    from qdit_jax.quant.interceptor import get_kernel
+
+    qdir = str(tmp_path / "q16")
+    assert main(["quantize", "--ckpt", tiny_ckpt, "--preset", "w8a8", "--w-group", "32", "--a-group", "32",
+                 "--scale-dtype", "float16", "--summary-samples", "0", "--calib-samples", "4", "--out", qdir]) == 0
+    m = load_model(qdir)
+    assert get_kernel(m.params, "blocks_0/mlp/fc1")["scale"].dtype == np.float16
+    assert '"scale_dtype": "float16"' in json.dumps(m.quantization)

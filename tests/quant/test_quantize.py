@@ -86,7 +86,8 @@ def test_gptq_layer_error_below_rtn(tiny, tiny_calib):
 
 
 @pytest.mark.parametrize("name,kw", [("w4a8", {}), ("w8a8", {"act_mode": "static"}),
-                                     ("w8a8", {"fmt": "fp8_e4m3", "w_sym": True, "a_sym": True})])
+                                     ("w8a8", {"fmt": "fp8_e4m3", "w_sym": True, "a_sym": True}),
+                                     ("w8a8", {"scale_dtype": "float16"})])
 def test_quantized_checkpoint_round_trip(tmp_path, tiny, tiny_calib, name, kw):
     cfg, params = tiny
     qcfg = preset(name, w_group=32, a_group=32, **kw)
@@ -103,10 +104,16 @@ def test_quantized_checkpoint_round_trip(tmp_path, tiny, tiny_calib, name, kw):
     if kw.get("fmt") is None and name == "w4a8":
         assert stored["codes"].dtype == np.uint8 and stored["codes"].shape == (256, 32)  # (out, in/2): packed
     wb = weight_bytes(qm)
-    # Hand count: codes at 4 bits packed (or 1 byte), plus a 4-byte scale and a 1-byte zero point per group of 32.
+    # Hand count: codes at 4 bits packed (or 1 byte), plus a 4-byte (float16: 2-byte) scale and a 1-byte
+    # zero point per group of 32.
     shapes = [(l.out_features, l.in_features) for l in discover_layers(cfg) if l.path in qm.codes]
     per_code = 0.5 if name == "w4a8" else 1.0
-    assert wb["quantized"] == sum(int(o * i * per_code) + o * (i // 32) * 5 for o, i in shapes)
+    per_group = 3 if kw.get("scale_dtype") == "float16" else 5
+    assert wb["quantized"] == sum(int(o * i * per_code) + o * (i // 32) * per_group for o, i in shapes)
+    if kw.get("scale_dtype") == "float16":  # stored as float16, the values the codes were made with
+        assert stored["scale"].dtype == np.float16
+        np.testing.assert_array_equal(np.asarray(stored["scale"], np.float32),
+                                      np.asarray(qm.codes["blocks_0/mlp/fc1"][1].scale, np.float32))
     assert wb["bf16"] == sum(o * i * 2 for o, i in shapes)
 
 
@@ -141,3 +148,16 @@ def test_hessians_count_each_calibration_input_once(tiny, tiny_calib):
     h_padded = runner(params, sub, 2)  # batches of 2: the third batch repeats input 0
     for path in ("blocks_0/mlp/fc1", "blocks_1/attn/qkv"):
         np.testing.assert_allclose(np.asarray(h_padded[path]), np.asarray(h_whole[path]), rtol=2e-5, atol=1e-5)
+
+
+def test_gptq_with_float16_scales_stores_what_it_used(tiny, tiny_calib):
+    """GPTQ picks its scales through the same quantizer, so with float16 weight scales its float
+    weights are still exactly its codes times the (float16-representable) stored scales."""
+    cfg, params = tiny
+    gq = quantize_model(params, cfg, preset("w4a8", w_group=32, a_group=32, gptq=True, scale_dtype="float16"),
+                        calib=tiny_calib, batch_size=32)
+    path = "blocks_0/mlp/fc1"
+    c, qp = gq.codes[path]
+    scale = np.asarray(qp.scale, np.float32)
+    np.testing.assert_array_equal(scale.astype(np.float16).astype(np.float32), scale)
+    np.testing.assert_array_equal(np.asarray(dequantize(c, qp, 32)).T, np.asarray(get_kernel(gq.params, path)["kernel"]))

@@ -255,3 +255,44 @@ def test_dequantize_rejects_mismatched_qparams() -> None:
     dequantize(codes, qp, 16)
     with pytest.raises(QditError, match="do not match codes"):
         dequantize(codes, qp, 32)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_scales_round_up_to_their_storage_dtype(dtype: str) -> None:
+    """Stored scales are exactly representable, never smaller than computed (so nothing clips that
+    would not clip in float32) and at most one ulp of the storage dtype larger; the values outside
+    the dtype's range clamp to its extremes instead of becoming 0 or inf."""
+    from qdit_jax.quant.quantizers import SCALE_DTYPES, round_scale_up
+
+    dt = SCALE_DTYPES[dtype]
+    s = jnp.asarray(np.exp(np.random.default_rng(0).uniform(-16, 8, 4000)), jnp.float32)
+    r = np.asarray(round_scale_up(s, dtype), np.float64)
+    s64 = np.asarray(s, np.float64)
+    assert np.array_equal(np.asarray(jnp.asarray(r, jnp.float32).astype(dt).astype(jnp.float32)), r.astype(np.float32))
+    assert (r >= s64).all()
+    fi = jnp.finfo(dt)
+    normal = s64 >= float(fi.tiny)
+    assert (r[normal] <= s64[normal] * (1 + 2 * float(fi.eps))).all()
+    floor = max(float(fi.smallest_subnormal), float(jnp.finfo(jnp.float32).tiny))  # float16: 2**-24
+    below = np.float32(floor / 4) if floor / 4 >= float(jnp.finfo(jnp.float32).tiny) else np.float32(0)
+    assert float(round_scale_up(jnp.asarray([below, 1e-45], jnp.float32), dtype)[0]) == floor
+    if dtype == "float16":  # float16 tops out at 65504
+        assert float(round_scale_up(jnp.asarray([1e30], jnp.float32), dtype)[0]) == float(fi.max)
+
+
+def test_float16_scales_quantize_within_half_a_step() -> None:
+    """A spec with float16 scales: the scales are float16 values, no smaller than float32's, and every
+    value reconstructs within half a (stored) step: rounding the scale up never clips."""
+    from qdit_jax.quant.quantizers import fake_of_groups, params_of_groups
+
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((16, 256)) * 0.02, jnp.float32)
+    spec = QuantSpec(bits=8, group_size=128, symmetric=True, scale_dtype="float16")
+    xg = x.reshape(16, 2, 128)
+    scale, zp = params_of_groups(xg, spec)
+    assert np.array_equal(np.asarray(scale.astype(jnp.float16).astype(jnp.float32)), np.asarray(scale))
+    ref_scale, _ = params_of_groups(xg, QuantSpec(bits=8, group_size=128, symmetric=True))
+    assert (np.asarray(scale) >= np.asarray(ref_scale)).all() and not np.array_equal(scale, ref_scale)
+    fq = fake_of_groups(xg, scale, zp, spec)
+    assert (np.abs(np.asarray(fq - xg)) <= 0.5 * np.asarray(scale)[..., None] * (1 + 1e-6)).all()
+    with pytest.raises(QditError, match="scale_dtype"):
+        QuantSpec(bits=8, scale_dtype="float8")
