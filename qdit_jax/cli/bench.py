@@ -152,7 +152,6 @@ def parse_tiles(text: str):
 def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool) -> tuple[Callable, Any, dict]:
     """(apply_fn, its params pytree, info) for a variant name."""
     from qdit_jax.diffusion.pipeline import dit_apply_fn
-    from qdit_jax.models.dit import params_in_compute_dtype
     from qdit_jax.quant.config import QuantConfig, qdit_rules
     from qdit_jax.quant.quantize import quantize_model, weight_bytes
     from qdit_jax.quant.real import RealOptions, checkpoint_bytes, real_from_params
@@ -161,19 +160,19 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     if name not in VARIANTS:
         raise QditError(f"unknown bench variant {name!r}; choose from {sorted(VARIANTS)}")
     rules, mode, backend = VARIANTS[name]
-    if "qkv3" in backend.split("-"):
+    tags = backend.split("-")  # backend plus options: -mat (codes behind a barrier), -qk (one-pass Pallas
+    # activation quantization), -fused (the GEMM's scale epilogue fused into it, not its own pass),
+    # -f32 (float32 fp8 products), -qkv3 (q, k, v as three GEMMs), xla-attn (XLA attention)
+    if "qkv3" in tags:
         cfg = cfg.replace(qkv_gemms="split")
     if mode == "fp":
         fcfg = cfg.replace(attention="xla") if backend == "xla-attn" else cfg
-        return dit_apply_fn(fcfg), params_in_compute_dtype(params, fcfg), {"checkpoint_bytes": checkpoint_bytes(params)}
+        return dit_apply_fn(fcfg), with_compute_params(params, fcfg), {"checkpoint_bytes": checkpoint_bytes(params)}
     qcfg = QuantConfig(qdit_rules(**rules), name=name)
     if mode == "fake":
         qm = quantize_model(params, cfg, qcfg)
         return qm.apply_fn(), with_compute_params(qm.bundle, cfg), {"weight_bytes": weight_bytes(qm)}
     rm = real_from_params(params, cfg, qcfg)
-    tags = backend.split("-")  # backend plus options: -mat (codes behind a barrier), -qk (one-pass Pallas
-    # activation quantization), -fused (the GEMM's scale epilogue fused into it, not its own pass),
-    # -f32 (float32 fp8 products), -qkv3 (q, k, v as three GEMMs)
     opts = RealOptions(backend=tags[0], tiles=tiles, fuse_quant=fuse_quant, materialize="mat" in tags,
                        quant_kernel="qk" in tags, split_epilogue="fused" not in tags,
                        float_product="float32" if "f32" in tags else "auto")
@@ -322,9 +321,7 @@ def run(args: argparse.Namespace) -> int:
                   flush=True)
         if args.sample_batch:
             scfg = SamplerConfig(sampler="ddim", steps=args.sample_steps, cfg_scale=4.0)
-            fn = make_sample_fn(apply_fn, cfg, scfg)
-            if args.no_xla_defaults or args.xla_option:  # the pipeline compiles with compiler_options() itself
-                fn = jax.jit(fn.__wrapped__ if hasattr(fn, "__wrapped__") else fn, compiler_options=xla_opts or None)
+            fn = make_sample_fn(apply_fn, cfg, scfg, compiler_options=xla_opts)
             b = args.sample_batch
             rng = np.random.default_rng(0)
             sets = [(vparams, jnp.asarray(rng.standard_normal((b, cfg.input_size, cfg.input_size, cfg.in_channels)),

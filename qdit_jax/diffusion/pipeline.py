@@ -107,13 +107,14 @@ def initial_noise(seed: int, indices: np.ndarray, shape: tuple[int, ...]) -> jax
 
 
 def make_sample_fn(apply_fn: ApplyFn, cfg: DiTConfig, scfg: SamplerConfig, *, return_trajectory: bool = False,
-                   mesh: Any = None):
+                   mesh: Any = None, compiler_options: dict[str, Any] | None = None):
     """A jitted ``(params, noise, labels, key, sample_ids=None) -> x_0`` (and the trajectory, when asked).
 
     With ``sample_ids`` (N,) each sample's step noise comes from its own key (see the samplers), so
     results do not depend on the batching. With a ``mesh`` (``qdit_jax.parallel.make_mesh``) the
     function runs under ``shard_map``: noise, labels and ids split over the 'data' axis (N must
     divide), params and key replicated, every device sampling its slice; ``sample_ids`` is required.
+    ``compiler_options``: XLA options (None: ``perf.compiler``'s defaults for this backend).
     """
     diffusion = make_diffusion(scfg.num_timesteps, scfg.schedule, scfg.respacing, learn_sigma=cfg.learn_sigma)
 
@@ -125,9 +126,9 @@ def make_sample_fn(apply_fn: ApplyFn, cfg: DiTConfig, scfg: SamplerConfig, *, re
                       sample_ids=sample_ids)
 
     if mesh is None:
-        return perf_jit(run)
+        return perf_jit(run, compiler_options)
     out = (P(DATA), Trajectory(P(None, DATA), P(None, DATA))) if return_trajectory else P(DATA)
-    return data_parallel(run, mesh, (P(), P(DATA), P(DATA), P(), P(DATA)), out)
+    return data_parallel(run, mesh, (P(), P(DATA), P(DATA), P(), P(DATA)), out, compiler_options=compiler_options)
 
 
 def auto_batch_size(apply_fn: ApplyFn, params: Any, cfg: DiTConfig, scfg: SamplerConfig, *, mesh: Any = None,

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -267,16 +267,18 @@ class SplitQKVDense(nn.Dense):
     attention kernel without a copy. Still an ``nn.Dense`` with Dense's params: the quantization
     interceptors treat it as one layer (and replace the whole call)."""
 
+    BLOCKS: ClassVar[int] = 3  # q, k, v: the real-mode interceptor splits its stored weights alike
+
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        if self.features % 3:
-            raise QditError(f"SplitQKVDense needs a width divisible by 3, got {self.features}")
+        if self.features % self.BLOCKS:
+            raise QditError(f"SplitQKVDense needs a width divisible by {self.BLOCKS}, got {self.features}")
         kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        c = self.features // 3
+        c = self.features // self.BLOCKS
         parts = []
-        for i in range(3):
+        for i in range(self.BLOCKS):
             y = jax.lax.dot_general(inputs, kernel[:, i * c:(i + 1) * c], (((inputs.ndim - 1,), (0,)), ((), ())),
                                     precision=self.precision)
             parts.append(y if bias is None else y + bias[i * c:(i + 1) * c])

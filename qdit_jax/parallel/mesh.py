@@ -115,12 +115,15 @@ def shard_params(params: Any, mesh: Mesh, min_size: int = 1 << 16) -> Any:
     return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
 
 
-def data_parallel(fn: Callable, mesh: Mesh, in_specs: tuple, out_specs: Any, *, check_vma: bool = True) -> Callable:
+def data_parallel(fn: Callable, mesh: Mesh, in_specs: tuple, out_specs: Any, *, check_vma: bool = True,
+                  compiler_options: dict[str, Any] | None = None) -> Callable:
     """``jit(shard_map(fn))``: ``fn`` sees each device's slice; ``P('data')`` splits, ``P()`` replicates.
 
     ``check_vma=False`` turns off shard_map's replication typing, for functions whose loop carry
-    starts replicated and becomes per-device (sampling one noise batch with per-device weights)."""
-    return perf_jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma))
+    starts replicated and becomes per-device (sampling one noise batch with per-device weights).
+    ``compiler_options``: XLA options (None: ``perf.compiler``'s defaults for this backend)."""
+    return perf_jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma),
+                    compiler_options)
 
 
 def free_device_bytes(device: jax.Device | None = None) -> int | None:

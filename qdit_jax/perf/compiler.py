@@ -25,9 +25,8 @@ def compiler_options(backend: str | None = None) -> dict[str, Any] | None:
     return dict(GPU_OPTIONS) if backend in ("gpu", "cuda", "rocm") else None
 
 
-def jit(fn: Any, **kwargs: Any) -> Any:
-    """``jax.jit`` with this backend's ``compiler_options`` (explicit ones take precedence)."""
-    opts = compiler_options()
-    if opts or kwargs.get("compiler_options"):
-        kwargs["compiler_options"] = {**(opts or {}), **(kwargs.get("compiler_options") or {})}
-    return jax.jit(fn, **kwargs)
+def jit(fn: Any, options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """``jax.jit`` compiled with ``options``, or with this backend's :func:`compiler_options` when
+    None (an empty dict: XLA's own defaults)."""
+    opts = compiler_options() if options is None else options
+    return jax.jit(fn, compiler_options=opts or None, **kwargs)

@@ -24,9 +24,8 @@ from flax import linen as nn
 
 from qdit_jax.errors import QditError
 from qdit_jax.models.dit import AttentionCore, DiT, DiTConfig
-from qdit_jax.quant import formats as F
 from qdit_jax.quant.config import LayerInfo, LayerQuant
-from qdit_jax.quant.quantizers import QParams, QuantSpec, _int_params, fake_of_groups, fake_quant_spec, round_scale_up
+from qdit_jax.quant.quantizers import QParams, QuantSpec, _int_params, fake_of_groups, fake_quant_spec, fp8_scale
 
 Tap = Callable[[str, int, jax.Array], None]
 
@@ -43,8 +42,7 @@ def static_qparams(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> QParams:
     lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
     if spec.format != "int":
         absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * spec.clip_ratio
-        return QParams(round_scale_up(F.fp8_scale_from_absmax(absmax, spec.format), spec.scale_dtype),
-                       jnp.zeros_like(absmax))
+        return QParams(fp8_scale(absmax, spec), jnp.zeros_like(absmax))
     if spec.symmetric:
         absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * spec.clip_ratio
         scale, zp = _int_params(-absmax, absmax, spec.bits, True, spec.scale_dtype)

@@ -118,6 +118,11 @@ def round_scale_up(scale: jax.Array, scale_dtype: str) -> jax.Array:
     return jnp.minimum(r, fi.max).astype(scale.dtype)
 
 
+def fp8_scale(absmax: jax.Array, spec: QuantSpec) -> jax.Array:
+    """fp8 scale of ``spec`` for per-group abs-max values, rounded up to its ``scale_dtype``."""
+    return round_scale_up(F.fp8_scale_from_absmax(absmax, spec.format), spec.scale_dtype)
+
+
 def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
     """Code range ``(qmin, qmax)``."""
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
@@ -148,8 +153,7 @@ def params_of_groups(xg: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Arr
     """Per-group ``(scale, zero_point)`` in the compute dtype (zero point as float) for ``spec``."""
     if spec.format != "int":
         absmax = jnp.max(jnp.abs(xg), axis=-1)
-        params_at = lambda r: (round_scale_up(F.fp8_scale_from_absmax(absmax * r, spec.format), spec.scale_dtype),
-                               jnp.zeros_like(absmax))
+        params_at = lambda r: (fp8_scale(absmax * r, spec), jnp.zeros_like(absmax))
     else:
         if spec.symmetric:
             hi = jnp.max(jnp.abs(xg), axis=-1)
@@ -247,8 +251,7 @@ def qparams_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> QParams
     if spec.format != "int" or spec.symmetric:
         absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * spec.clip_ratio
         if spec.format != "int":
-            return QParams(round_scale_up(F.fp8_scale_from_absmax(absmax, spec.format), spec.scale_dtype),
-                           jnp.zeros(absmax.shape, jnp.int8))
+            return QParams(fp8_scale(absmax, spec), jnp.zeros(absmax.shape, jnp.int8))
         scale, zp = _int_params(-absmax, absmax, spec.bits, True, spec.scale_dtype)
     else:
         if spec.include_zero:

@@ -335,10 +335,11 @@ def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str,
             x = args[0]
             out_dtype = context.module.dtype or x.dtype
             rw = weights[path]
-            if isinstance(context.module, SplitQKVDense):  # as the model does: three GEMMs of width N / 3
-                c = rw.scale.shape[1] // 3
+            if isinstance(context.module, SplitQKVDense):  # as the model does: one GEMM per column block
+                nb = context.module.BLOCKS
+                c = rw.scale.shape[1] // nb
                 return jnp.concatenate([real_dense(x, column_block(rw, i * c, (i + 1) * c), lq, out_dtype, options)
-                                        for i in range(3)], axis=-1)
+                                        for i in range(nb)], axis=-1)
             return real_dense(x, rw, lq, out_dtype, options)
         if lq.act is None:
             return next_fun(*args, **kwargs)
