@@ -29,7 +29,7 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "
 VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "bf16": (None, "fp", ""),
     "bf16-xla-attn": (None, "fp", "xla-attn"),  # XLA attention instead of cuDNN's fused kernel
-    "bf16-qkv3": (None, "fp", "qkv3"),  # q, k, v as three GEMMs (DiTConfig.qkv_gemms="split")
+    "bf16-qkv1": (None, "fp", "qkv1"),  # q, k, v out of one fused GEMM (DiTConfig.qkv_gemms="fused")
     "fake-w8a8-g128": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "fake", ""),
     "real-w8a8": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla"),
     "real-w8a8-pallas": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "pallas"),
@@ -50,7 +50,8 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-fp8-f32": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
                      "xla-f32"),
     "real-fp8-qkv3": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
-                      "xla-qkv3"),
+                      "xla-qkv3"),  # RealOptions(split_qkv=True): q, k, v as three quantized GEMMs
+    "real-w8a8-qkv3": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-qkv3"),
 }
 
 
@@ -162,9 +163,10 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     rules, mode, backend = VARIANTS[name]
     tags = backend.split("-")  # backend plus options: -mat (codes behind a barrier), -qk (one-pass Pallas
     # activation quantization), -fused (the GEMM's scale epilogue fused into it, not its own pass),
-    # -f32 (float32 fp8 products), -qkv3 (q, k, v as three GEMMs), xla-attn (XLA attention)
-    if "qkv3" in tags:
-        cfg = cfg.replace(qkv_gemms="split")
+    # -f32 (float32 fp8 products), -qkv1 (q, k, v from one fused GEMM in
+    # the float model), -qkv3 (real mode: q, k, v as three quantized GEMMs), xla-attn (XLA attention)
+    if "qkv1" in tags:
+        cfg = cfg.replace(qkv_gemms="fused")
     if mode == "fp":
         fcfg = cfg.replace(attention="xla") if backend == "xla-attn" else cfg
         return dit_apply_fn(fcfg), with_compute_params(params, fcfg), {"checkpoint_bytes": checkpoint_bytes(params)}
@@ -175,7 +177,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     rm = real_from_params(params, cfg, qcfg)
     opts = RealOptions(backend=tags[0], tiles=tiles, fuse_quant=fuse_quant, materialize="mat" in tags,
                        quant_kernel="qk" in tags, split_epilogue="fused" not in tags,
-                       float_product="float32" if "f32" in tags else "auto")
+                       float_product="float32" if "f32" in tags else "auto", split_qkv="qkv3" in tags)
     return rm.apply_fn(opts), with_compute_params(rm.variables(), cfg), {
         "weight_bytes": rm.weight_bytes(), "checkpoint_bytes": checkpoint_bytes(rm.variables())}
 

@@ -59,10 +59,11 @@ class DiTConfig:
     # attention kernel: "auto" (cuDNN's fused flash attention on GPU for bf16/fp16 where the head
     # size allows it, else XLA's), "xla" or "cudnn". An implementation choice, not architecture.
     attention: str = "auto"
-    # how the fused qkv projection runs: "fused" (one GEMM of width 3C, then q / k / v are sliced out,
-    # a copy each, since cuDNN wants them dense) or "split" (three GEMMs of width C on column slices
-    # of the same weight, each writing its output directly). Same parameters and function.
-    qkv_gemms: str = "fused"
+    # how the fused qkv projection runs: "split" (three GEMMs of width C on column slices of the
+    # same weight, each writing its output directly; 1.05x the bf16 XL/2 forward on an H100,
+    # docs/RESULTS.md) or "fused" (one GEMM of width 3C, then q / k / v are sliced out, a copy
+    # each, since cuDNN wants them dense). Same parameters and function.
+    qkv_gemms: str = "split"
 
     def __post_init__(self) -> None:
         problems = []
@@ -291,7 +292,7 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention: str = "auto"
-    qkv_gemms: str = "fused"
+    qkv_gemms: str = "split"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -331,7 +332,7 @@ class DiTBlock(nn.Module):
     param_dtype: Any = jnp.float32
     mlp_norm_eps: float = 1e-6
     attention: str = "auto"
-    qkv_gemms: str = "fused"
+    qkv_gemms: str = "split"
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:

@@ -75,6 +75,10 @@ class RealOptions:
     # float32). cuBLAS accumulates in float32 either way; a bf16 product halves the bytes written
     # (fc1 at batch 256: 710 us vs 1,008 us for a float32 product) and rounds like the bf16 model does.
     float_product: str = "auto"
+    # a SplitQKVDense (DiTConfig.qkv_gemms="split") as three quantized column-block GEMMs, as the
+    # float model runs it, instead of one GEMM of the full width; off by default: in real mode the
+    # scale epilogue pass writes q, k, v anyway, so the slices cost nothing there (RESULTS.md)
+    split_qkv: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -335,7 +339,7 @@ def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str,
             x = args[0]
             out_dtype = context.module.dtype or x.dtype
             rw = weights[path]
-            if isinstance(context.module, SplitQKVDense):  # as the model does: one GEMM per column block
+            if options.split_qkv and isinstance(context.module, SplitQKVDense):  # one GEMM per column block
                 nb = context.module.BLOCKS
                 c = rw.scale.shape[1] // nb
                 return jnp.concatenate([real_dense(x, column_block(rw, i * c, (i + 1) * c), lq, out_dtype, options)

@@ -66,13 +66,15 @@ def test_params_in_compute_dtype_is_exact_for_a_bf16_model():
 
 
 def test_split_qkv_gemms_compute_the_same_model():
-    """qkv_gemms='split' keeps the parameter tree (checkpoints load unchanged) and the function (three
+    """qkv_gemms='split' (the default) keeps the parameter tree (checkpoints load unchanged) and the function (three
     column-block GEMMs concatenated equal the fused one), and XLA folds the concatenation away: the
     compiled program has two more dots per block and no more concatenations than the fused one."""
     from qdit_jax.models.dit import DiT, param_shapes
 
-    cfg = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2, num_classes=10)
+    cfg = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2, num_classes=10,
+                    qkv_gemms="fused")
     split = cfg.replace(qkv_gemms="split")
+    assert DiTConfig().qkv_gemms == "split"
     assert jax.tree_util.tree_structure(param_shapes(split)) == jax.tree_util.tree_structure(param_shapes(cfg))
     r = np.random.default_rng(4)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(0.05 * r.standard_normal(a.shape), jnp.float32),

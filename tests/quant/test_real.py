@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qdit_jax.errors import QditError
-from qdit_jax.models.dit import DiTConfig, param_shapes
+from qdit_jax.models.dit import DiTConfig, SplitQKVDense, param_shapes
 from qdit_jax.quant.config import QuantConfig, qdit_rules
 from qdit_jax.quant.quantize import quantize_model
 from qdit_jax.quant.real import build_real, checkpoint_bytes, real_from_params
@@ -227,22 +227,27 @@ def test_quant_kernel_route_gives_the_same_outputs(name, params, inputs, monkeyp
 
 
 @pytest.mark.parametrize("fmt", ["w8a8-int8-perchannel-asymw", "w4a8-packed-g32", "fp8-e4m3-perchannel"])
-def test_split_qkv_runs_three_quantized_gemms_with_the_same_result(params, inputs, fmt):
-    """With DiTConfig.qkv_gemms='split' the real path runs the qkv layer as three column-block GEMMs
-    (as the float model does) on slices of the same codes and scales: equal to the fused layer."""
+def test_split_qkv_runs_one_or_three_quantized_gemms_with_the_same_result(params, inputs, fmt):
+    """With DiTConfig.qkv_gemms='split' the real path runs the qkv layer as one GEMM of the full width
+    by default and, with RealOptions(split_qkv=True), as three column-block GEMMs (as the float model
+    does) on slices of the same codes and scales: both equal the fused model's layer."""
+    from qdit_jax.quant.real import RealOptions
+
     qcfg = QuantConfig(qdit_rules(**FORMATS[fmt]), name=fmt)
-    split = CFG.replace(qkv_gemms="split")
-    fused_rm, split_rm = real_from_params(params, CFG, qcfg), real_from_params(params, split, qcfg)
+    split, fused = CFG.replace(qkv_gemms="split"), CFG.replace(qkv_gemms="fused")
+    fused_rm, split_rm = real_from_params(params, fused, qcfg), real_from_params(params, split, qcfg)
     a = np.asarray(jax.jit(fused_rm.apply_fn())(fused_rm.variables(), *inputs))
-    b = np.asarray(jax.jit(split_rm.apply_fn())(split_rm.variables(), *inputs))
     assert np.abs(a).max() > 0
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
-    jaxpr = jax.make_jaxpr(split_rm.apply_fn())(split_rm.variables(), *inputs).jaxpr
-    widths = [e.outvars[0].aval.shape[-1] for e in _eqns(jaxpr) if e.primitive.name == "dot_general"
-              and e.invars[1].aval.dtype in (jnp.int8, jnp.float8_e4m3fn)]
-    assert widths.count(CFG.hidden_size) >= 3 * CFG.depth + CFG.depth  # q, k, v and proj per block
+    for opts, gemms in ((RealOptions(), 4), (RealOptions(split_qkv=True), 4 + SplitQKVDense.BLOCKS - 1)):
+        fn = split_rm.apply_fn(opts)
+        b = np.asarray(jax.jit(fn)(split_rm.variables(), *inputs))
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+        jaxpr = jax.make_jaxpr(fn)(split_rm.variables(), *inputs).jaxpr
+        low = [e for e in _eqns(jaxpr) if e.primitive.name == "dot_general"
+               and e.invars[1].aval.dtype in (jnp.int8, jnp.float8_e4m3fn)]
+        assert len(low) == gemms * CFG.depth
     fq = quantize_model(params, split, qcfg)  # fake-quant on the split model matches the fused one too
-    fq0 = quantize_model(params, CFG, qcfg)
+    fq0 = quantize_model(params, fused, qcfg)
     c = np.asarray(jax.jit(fq.apply_fn())(fq.bundle, *inputs))
     d = np.asarray(jax.jit(fq0.apply_fn())(fq0.bundle, *inputs))
     np.testing.assert_allclose(c, d, rtol=1e-5, atol=1e-5)
