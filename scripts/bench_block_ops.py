@@ -9,6 +9,9 @@
    into the cuBLASLt epilogue, and measures each one's error against a float64 reference.
 2. The attention's fused qkv: slicing q / k / v out of one (B, N, 3, H, D) output copies them
    (cuDNN wants each dense); three GEMMs on column slices of the same weight write them directly.
+3. The real W8A8 / fp8 MLP's middle step (fc1's scale epilogue, GELU, fc2's per-token activation
+   quantization): XLA's two passes against the one-pass Pallas kernel (``kernels.gelu_quant``) at
+   several tilings, with the kernel's agreement with XLA (codes equal, scales).
 
 Medians of ``--repeats`` timed calls after warm-up, device-synchronized; inputs are random.
 """
@@ -61,6 +64,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in"])
     a = p.parse_args()
     rng = np.random.default_rng(0)
     bf = jnp.bfloat16
@@ -71,6 +75,16 @@ def main() -> None:
     w2 = jnp.asarray(rng.standard_normal((HIDDEN, C)) / np.sqrt(HIDDEN), bf)
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, x {x.shape}", flush=True)
 
+    if "fc2in" in a.sections:
+        fc2_input(a, rng)
+    if "gelu" in a.sections:
+        gelu_forms(a, x, w1, b1, w2)
+    if "attn" in a.sections:
+        attention_forms(a, x, rng)
+
+
+def gelu_forms(a, x, w1, b1, w2) -> None:
+    bf = jnp.bfloat16
     # the formulations against float64 on a sample of values across GELU's range
     t = np.linspace(-8, 8, 20001).astype(np.float32)
     ref = 0.5 * t.astype(np.float64) * (1 + np.tanh(SQRT_2_OVER_PI * (t + 0.044715 * t.astype(np.float64) ** 3)))
@@ -110,6 +124,10 @@ def main() -> None:
         print(f"mlp {name + ' no-triton':18s} {s * 1e6:8.1f} us   GELU in GEMM epilogue: {'GELU' in jf.as_text()}",
               flush=True)
 
+
+def attention_forms(a, x, rng) -> None:
+    bf = jnp.bfloat16
+    no_triton = {"xla_gpu_enable_triton_gemm": False}
     wqkv = jnp.asarray(rng.standard_normal((C, 3 * C)) / np.sqrt(C), bf)
     bqkv = jnp.asarray(rng.standard_normal(3 * C) * 0.1, bf)
     wp = jnp.asarray(rng.standard_normal((C, C)) / np.sqrt(C), bf)
@@ -135,6 +153,49 @@ def main() -> None:
         diff = np.abs(np.asarray(jf(x, wqkv, bqkv, wp), np.float32) - ref_o).max()
         s = timed(jf, (x, wqkv, bqkv, wp), a.repeats)
         print(f"attn {name:18s} {s * 1e6:8.1f} us   max |diff| vs fused {diff:.3g}", flush=True)
+
+
+def fc2_input(a, rng) -> None:
+    """fc1 product -> fc2 codes: XLA (as the unfused real path) against the Pallas kernel's tilings."""
+    import functools
+
+    from qdit_jax.perf import compiler
+    from qdit_jax.quant.config import QuantSpec
+    from qdit_jax.quant.kernels.gelu_quant import gelu_quant_applies, gelu_quant_pallas, gelu_quant_xla
+
+    bf = jnp.bfloat16
+    m = a.batch * a.tokens
+    p = jnp.asarray(rng.standard_normal((m, HIDDEN)) * 100, bf)  # pre-activations ~ N(0, 1) after the scales
+    sa = jnp.asarray(rng.uniform(0.05, 0.15, (1, m)), jnp.float32)
+    sw = jnp.asarray(rng.uniform(0.05, 0.15, (1, HIDDEN)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(HIDDEN) * 0.1, jnp.float32)
+    for spec in (QuantSpec(bits=8, format="fp8_e4m3", symmetric=True, group_size=0),
+                 QuantSpec(bits=8, format="int", symmetric=True, group_size=0)):
+        ref_fn = compiler.jit(functools.partial(gelu_quant_xla, spec=spec, out_dtype=bf))
+        q0, s0 = ref_fn(p, sa, sw, b)
+        t = timed(ref_fn, (p, sa, sw, b), a.repeats)
+        print(f"fc2in {spec.format:8s} XLA two passes            {t * 1e6:8.1f} us", flush=True)
+        q0 = np.asarray(q0.astype(jnp.float32))
+        for bm, chunk, warps, fast in ((1, 512, 4, False), (1, 512, 4, True), (1, 512, 2, True), (1, 256, 2, True),
+                                       (2, 512, 4, True), (1, 1024, 4, True), (1, 512, 8, True)):
+            ok, why = gelu_quant_applies(m, HIDDEN, spec, block_m=bm, chunk=chunk)
+            if not ok:
+                print(f"fc2in {spec.format:8s} bm {bm} chunk {chunk}: {why}")
+                continue
+            fn = jax.jit(functools.partial(gelu_quant_pallas, spec=spec, out_dtype=bf, block_m=bm, chunk=chunk,
+                                           num_warps=warps, fast=fast))
+            try:
+                q1, s1 = fn(p, sa, sw, b)
+                t = timed(fn, (p, sa, sw, b), a.repeats)
+            except Exception as e:  # noqa: BLE001 - a tiling Triton cannot compile is reported, not fatal
+                print(f"fc2in {spec.format:8s} bm {bm} chunk {chunk} warps {warps}: failed: {str(e)[:200]}")
+                continue
+            q1 = np.asarray(q1.astype(jnp.float32))
+            rel = float(np.max(np.abs(np.asarray(s1) - np.asarray(s0)) / np.asarray(s0)))
+            print(f"fc2in {spec.format:8s} Pallas bm {bm} chunk {chunk:4d} w {warps}{' fast' if fast else '     '} "
+                  f"{t * 1e6:8.1f} us   codes equal "
+                  f"{np.mean(q1 == q0):.6f}, max |diff| {np.abs(q1 - q0).max():.3g}, scales max rel diff {rel:.2e}",
+                  flush=True)
 
 
 if __name__ == "__main__":
