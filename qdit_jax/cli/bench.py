@@ -163,8 +163,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     rules, mode, backend = VARIANTS[name]
     tags = backend.split("-")  # backend plus options: -mat (codes behind a barrier), -qk (one-pass Pallas
     # activation quantization), -fused (the GEMM's scale epilogue fused into it, not its own pass),
-    # -f32 (float32 fp8 products), -qkv1 (q, k, v from one fused GEMM in
-    # the float model), -qkv3 (real mode: q, k, v as three quantized GEMMs), xla-attn (XLA attention)
+    # -f32 (float32 fp8 products), -qkv1 (the float model's q, k, v from one fused GEMM), -qkv3 (real
+    # mode: q, k, v as three quantized GEMMs), xla-attn (XLA attention)
     if "qkv1" in tags:
         cfg = cfg.replace(qkv_gemms="fused")
     if mode == "fp":
