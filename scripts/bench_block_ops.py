@@ -176,14 +176,15 @@ def fc2_input(a, rng) -> None:
         t = timed(ref_fn, (p, sa, sw, b), a.repeats)
         print(f"fc2in {spec.format:8s} XLA two passes            {t * 1e6:8.1f} us", flush=True)
         q0 = np.asarray(q0.astype(jnp.float32))
-        for bm, chunk, warps, fast in ((1, 512, 4, False), (1, 512, 4, True), (1, 512, 2, True), (1, 256, 2, True),
-                                       (2, 512, 4, True), (1, 1024, 4, True), (1, 512, 8, True)):
+        for bm, chunk, warps, fast, rec, gelu in ((1, 512, 4, False, False, "dtype"), (1, 512, 4, False, False, "consts"),
+                                                  (1, 512, 4, False, False, "float32"), (1, 512, 4, True, False, "dtype"),
+                                                  (1, 512, 8, False, False, "dtype"), (4, 512, 4, False, True, "dtype")):
             ok, why = gelu_quant_applies(m, HIDDEN, spec, block_m=bm, chunk=chunk)
             if not ok:
                 print(f"fc2in {spec.format:8s} bm {bm} chunk {chunk}: {why}")
                 continue
             fn = jax.jit(functools.partial(gelu_quant_pallas, spec=spec, out_dtype=bf, block_m=bm, chunk=chunk,
-                                           num_warps=warps, fast=fast))
+                                           num_warps=warps, fast=fast, recompute=rec, gelu=gelu))
             try:
                 q1, s1 = fn(p, sa, sw, b)
                 t = timed(fn, (p, sa, sw, b), a.repeats)
@@ -192,7 +193,8 @@ def fc2_input(a, rng) -> None:
                 continue
             q1 = np.asarray(q1.astype(jnp.float32))
             rel = float(np.max(np.abs(np.asarray(s1) - np.asarray(s0)) / np.asarray(s0)))
-            print(f"fc2in {spec.format:8s} Pallas bm {bm} chunk {chunk:4d} w {warps}{' fast' if fast else '     '} "
+            print(f"fc2in {spec.format:8s} Pallas bm {bm:2d} chunk {chunk:4d} w {warps}{' fast' if fast else '     '}"
+                  f"{' recompute' if rec else ' registers'} {gelu:7s} "
                   f"{t * 1e6:8.1f} us   codes equal "
                   f"{np.mean(q1 == q0):.6f}, max |diff| {np.abs(q1 - q0).max():.3g}, scales max rel diff {rel:.2e}",
                   flush=True)

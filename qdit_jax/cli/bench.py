@@ -52,6 +52,10 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-fp8-qkv3": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
                       "xla-qkv3"),  # RealOptions(split_qkv=True): q, k, v as three quantized GEMMs
     "real-w8a8-qkv3": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-qkv3"),
+    # without the one-pass MLP middle step (kernels.gelu_quant): fc1, GELU, fc2 as separate layers
+    "real-fp8-nomlp": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
+                       "xla-nomlp"),
+    "real-w8a8-nomlp": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-nomlp"),
 }
 
 
@@ -76,6 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--xla-option", action="append", default=[], metavar="KEY=VALUE",
                    help="XLA compiler option for the forward compiles, e.g. xla_gpu_enable_triton_gemm=false "
                         "(repeatable; the row records them)")
+    p.add_argument("--diff-against", default="", metavar="VARIANT",
+                   help="also print each variant's output difference (relative L2, same inputs) from this "
+                        "variant's, e.g. to check that a faster path computes the same model")
     p.add_argument("--no-xla-defaults", action="store_true",
                    help="compile without qdit's default XLA options (qdit_jax.perf.compiler: on GPUs, Triton GEMM "
                         "fusions off so GELU fuses into cuBLASLt), to measure what they change")
@@ -164,7 +171,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     tags = backend.split("-")  # backend plus options: -mat (codes behind a barrier), -qk (one-pass Pallas
     # activation quantization), -fused (the GEMM's scale epilogue fused into it, not its own pass),
     # -f32 (float32 fp8 products), -qkv1 (the float model's q, k, v from one fused GEMM), -qkv3 (real
-    # mode: q, k, v as three quantized GEMMs), xla-attn (XLA attention)
+    # mode: q, k, v as three quantized GEMMs), -nomlp (no fused MLP middle step), xla-attn (XLA attention)
     if "qkv1" in tags:
         cfg = cfg.replace(qkv_gemms="fused")
     if mode == "fp":
@@ -177,7 +184,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     rm = real_from_params(params, cfg, qcfg)
     opts = RealOptions(backend=tags[0], tiles=tiles, fuse_quant=fuse_quant, materialize="mat" in tags,
                        quant_kernel="qk" in tags, split_epilogue="fused" not in tags,
-                       float_product="float32" if "f32" in tags else "auto", split_qkv="qkv3" in tags)
+                       float_product="float32" if "f32" in tags else "auto", split_qkv="qkv3" in tags,
+                       fused_mlp="nomlp" not in tags)
     return rm.apply_fn(opts), with_compute_params(rm.variables(), cfg), {
         "weight_bytes": rm.weight_bytes(), "checkpoint_bytes": checkpoint_bytes(rm.variables())}
 
@@ -272,7 +280,10 @@ def run(args: argparse.Namespace) -> int:
     measured = matmul_peak(args.matmul_peak, args.repeats) if args.matmul_peak else None
     if measured:
         print(f"bf16 matmul {args.matmul_peak}^3: {measured / 1e12:.1f} TFLOP/s on {dev.device_kind}", flush=True)
+    if args.diff_against and args.diff_against not in args.variants:
+        raise QditError(f"--diff-against {args.diff_against!r} must be one of the --variants")
     rows: list[dict[str, Any]] = []
+    outputs: dict[tuple[str, int], np.ndarray] = {}
     for name in args.variants:
         if args.time_budget and time.perf_counter() - t_start > args.time_budget:
             print(f"{name}: skipped (time budget)", flush=True)
@@ -317,6 +328,8 @@ def run(args: argparse.Namespace) -> int:
                        xla_options=xla_opts, **info)
             if args.profile:
                 row["profile"] = _profile(compiled, inputs, args.profile, args.profile_top, f"{name} b{b}")
+            if args.diff_against:
+                outputs[(name, b)] = np.asarray(compiled(*inputs[0]), np.float64)
             rows.append(row)
             print(f"{name:22s} b{b:4d} {t * 1e3:8.2f} ms {ips:8.1f} img/s {row['tflops']:6.1f} TFLOP/s "
                   f"prog {((row['program_bytes'] or 0) / 2**30):5.2f} GiB compile {t_compile:5.1f}s timing {t_timed:5.1f}s",
@@ -341,6 +354,12 @@ def run(args: argparse.Namespace) -> int:
             with open(args.json, "w") as f:
                 json.dump(dict(device=dev.device_kind, jax=jax.__version__, partial=True, rows=rows), f, indent=2,
                           default=str)
+    for r in rows:
+        ref = outputs.get((args.diff_against, r.get("batch")))
+        if ref is not None and (r["variant"], r["batch"]) in outputs:
+            r["rel_diff"] = float(np.linalg.norm(outputs[(r["variant"], r["batch"])] - ref) / np.linalg.norm(ref))
+            print(f"{r['variant']:22s} b{r['batch']:4d} output vs {args.diff_against}: relative L2 difference "
+                  f"{r['rel_diff']:.3e}", flush=True)
     stats = dev.memory_stats() or {}
     summary = dict(device=dev.device_kind, jax=jax.__version__, matmul_tflops=measured and measured / 1e12,
                    peak_bytes_in_use=stats.get("peak_bytes_in_use"), rows=rows)

@@ -310,6 +310,9 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc1 -> tanh GELU -> fc2. The real low-bit mode (quant.real) runs this exact sequence with its
+    middle step fused into one kernel; its tests compare that against the layers run one by one."""
+
     hidden: int
     out: int
     dtype: Any = jnp.float32

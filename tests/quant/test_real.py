@@ -251,3 +251,33 @@ def test_split_qkv_runs_one_or_three_quantized_gemms_with_the_same_result(params
     c = np.asarray(jax.jit(fq.apply_fn())(fq.bundle, *inputs))
     d = np.asarray(jax.jit(fq0.apply_fn())(fq0.bundle, *inputs))
     np.testing.assert_allclose(c, d, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt,fused", [("fp8-e4m3-perchannel", True), ("w8a8-int8-perchannel", True),
+                                       ("w8a8-int8-perchannel-asymw", False), ("w4a8-packed-g32", False)])
+def test_fused_mlp_route_gives_the_same_outputs(fmt, fused, params, inputs, monkeypatch):
+    """RealOptions(fused_mlp=True) with the gelu_quant guard forced open (interpret mode, as on a GPU):
+    each block's MLP runs fc1's GEMM, the one-pass epilogue + GELU + quantize kernel and fc2's GEMM,
+    with the same low-bit dots and the per-layer path's output (float32: up to a code moved by an ulp
+    of tanh); layers the kernel cannot serve (asymmetric or group-wise weights) keep that path."""
+    from qdit_jax.quant import real
+    from qdit_jax.quant.real import RealOptions
+
+    calls = []
+
+    def interp(p, sa, sw, bias, spec, out_dtype, **kw):
+        calls.append(p.shape)
+        return original(p, sa, sw, bias, spec, out_dtype, chunk=128, interpret=True)
+
+    original = real.gelu_quant_pallas
+    monkeypatch.setattr(real, "gelu_quant_applies", lambda m, n, spec, **kw: (n % 128 == 0, "test"))
+    monkeypatch.setattr(real, "gelu_quant_pallas", interp)
+    rules = FORMATS.get(fmt) or dict(FORMATS["w8a8-int8-perchannel-asymw"], w_sym=True)
+    rm = real_from_params(params, CFG, QuantConfig(qdit_rules(**rules)))
+    ref_fn, got_fn = rm.apply_fn(RealOptions(fused_mlp=False)), rm.apply_fn(RealOptions())
+    ref = np.asarray(jax.jit(ref_fn)(rm.variables(), *inputs), np.float64)
+    got = np.asarray(jax.jit(got_fn)(rm.variables(), *inputs), np.float64)
+    assert len(calls) == (CFG.depth if fused else 0)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
+    ops = [_dot_operand_dtypes(jax.make_jaxpr(f)(rm.variables(), *inputs).jaxpr) for f in (ref_fn, got_fn)]
+    assert sorted(ops[0]) == sorted(ops[1])

@@ -10,16 +10,15 @@ rows (N = 4,608 in ``chunk``-wide pieces), keeps them in registers, reads fc1's 
 writes the codes once (~0.9 GB).
 
 Same math as the unfused real path: the epilogue ``product * s_a[m] * s_w[n] + bias`` rounded to the
-layer's output dtype, ``jax.nn.gelu(approximate=True)`` rounded to that dtype again (the fc2 input
-the fake-quant mode sees), then the quantizer's symmetric scale and codes. Triton's ``tanh`` and
-float32 division are not XLA's, and XLA's fusions do not round where the dtypes say, so on a GPU a
-value near a rounding boundary can land a code apart (94.7% / 98.1% of fp8 / int8 codes equal to
-XLA's at XL/2's fc1 shape). On the CPU (interpret mode) it follows a float64 version of the steps
-above (tested).
+layer's output dtype, then ``jax.nn.gelu(approximate=True)`` as JAX defines it on an array of that
+dtype (its constants and every step rounded to the dtype: ``gelu="dtype"``, the default), then the
+quantizer's symmetric per-token scale and codes. On an H100 the codes and scales are identical to
+XLA's unfused path at XL/2's fc1 shape (100% of entries, fp8 and int8), and so are the model's outputs
+(``qdit bench --diff-against``); GELU evaluated in float32 instead would move 5% of fp8 codes.
 
-Status: measured, not wired into the real path. Best tiling 1 row x 512-wide pieces x 4 warps: 709-727
-us against XLA's 1,040-1,088 for fp8 at batch 256, far from the ~300 us byte floor; see
-docs/PERF_NOTES.md ("Fifth session") for why and what wiring it would take.
+Used by the real path for every DiT ``Mlp`` it can serve (``RealOptions.fused_mlp``). Measured: 592-625
+us against XLA's 1,041-1,103 (fp8 / int8) at batch 256; real fp8 forward 1.012x -> 1.109x bf16 with
+it (docs/RESULTS.md). Still ~2x its ~300 us byte floor.
 """
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qdit_jax.quant.config import QuantSpec
 from qdit_jax.quant.kernels.group_gemm import _pow2, _round_even
@@ -79,12 +79,26 @@ def _scale_and_codes(h: list[jax.Array], amax: jax.Array, spec: QuantSpec,
     return s, [F.fp8_round(x, spec.format) for x in scaled]
 
 
-def _gelu(y: jax.Array, fast: bool) -> jax.Array:
-    """tanh GELU; ``fast``: as ``x * sigmoid(2u)`` with one ``exp`` (the same function, rounded differently)."""
-    if not fast:
-        return jax.nn.gelu(y, approximate=True)
-    u2 = 1.5957691216057308 * (y + 0.044715 * y * y * y)
-    return y / (1.0 + jnp.exp(-u2))
+GELU_MODES = ("dtype", "consts", "float32")
+
+
+def _gelu(y: jax.Array, dtype: Any, mode: str, fast: bool) -> jax.Array:
+    """tanh GELU of float32 ``y`` (holding ``dtype`` values), as ``jax.nn.gelu(approximate=True)``
+    evaluates it on a ``dtype`` array: ``mode`` 'dtype' rounds every step and its constants to
+    ``dtype``; 'consts' rounds the constants only (XLA's fusions keep float32 between steps);
+    'float32': neither. ``fast``: tanh written as 2 sigmoid(2u) - 1 with one ``exp``."""
+    if mode not in GELU_MODES:
+        raise ValueError(f"gelu mode must be one of {GELU_MODES}, got {mode!r}")
+    if mode == "float32":
+        dtype = jnp.float32
+    c1, c2 = (float(np.asarray(c, dtype=jnp.dtype(dtype))) for c in (np.sqrt(2 / np.pi), 0.044715))
+
+    def r(v: jax.Array) -> jax.Array:
+        return v.astype(dtype).astype(jnp.float32) if mode == "dtype" else v
+
+    v = r(r(y + r(r(r(y * y) * y) * c2)) * c1)
+    th = 2.0 / (1.0 + jnp.exp(-2.0 * v)) - 1.0 if fast else jnp.tanh(v)
+    return r(y * r(r(r(th) + 1.0) * 0.5))
 
 
 def _codes_dtype(spec: QuantSpec) -> Any:
@@ -94,20 +108,30 @@ def _codes_dtype(spec: QuantSpec) -> Any:
 
 
 def _kernel(p_ref, sa_ref, sw_ref, b_ref, q_ref, s_ref, *, block_m: int, chunk: int, n_chunks: int,
-            spec: QuantSpec, out_dtype: Any, fast: bool):
+            spec: QuantSpec, out_dtype: Any, fast: bool, recompute: bool, gelu: str):
     from jax.experimental import pallas as pl
 
     rows = pl.ds(pl.program_id(0) * block_m, block_m)
     sa = sa_ref[0, rows]
-    hs, amax = [], jnp.zeros((block_m,), jnp.float32)
-    for j in range(n_chunks):  # unrolled: the whole row stays in registers
+
+    def gelu_chunk(j: int) -> jax.Array:
         cols = pl.ds(j * chunk, chunk)
         y = p_ref[rows, cols].astype(jnp.float32) * sa[:, None] * sw_ref[0, cols][None, :]
         y = y + b_ref[cols].astype(jnp.float32)[None, :]
         y = y.astype(out_dtype).astype(jnp.float32)
-        h = _gelu(y, fast).astype(out_dtype).astype(jnp.float32)
-        amax = jnp.maximum(amax, jnp.max(jnp.abs(h), axis=1))
-        hs.append(h)
+        return _gelu(y, out_dtype, gelu, fast).astype(out_dtype).astype(jnp.float32)
+
+    # unrolled over the row's chunks; either every chunk stays in registers, or (``recompute``) the
+    # codes pass recomputes them, its loads hitting L2, so more rows share each sw / bias load
+    hs, amax = [], None
+    for j in range(n_chunks):
+        h = gelu_chunk(j)
+        amax = jnp.abs(h) if amax is None else jnp.maximum(amax, jnp.abs(h))  # elementwise: no cross-thread step
+        if not recompute:
+            hs.append(h)
+    amax = jnp.max(amax, axis=1)  # one row reduction for the whole row
+    if recompute:
+        hs = [gelu_chunk(j) for j in range(n_chunks)]
     s, codes = _scale_and_codes(hs, amax, spec, fast)
     for j, q in enumerate(codes):
         q_ref[rows, pl.ds(j * chunk, chunk)] = q
@@ -116,14 +140,15 @@ def _kernel(p_ref, sa_ref, sw_ref, b_ref, q_ref, s_ref, *, block_m: int, chunk: 
 
 def gelu_quant_pallas(p: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, spec: QuantSpec,
                       out_dtype: Any, *, block_m: int = BLOCK_M, chunk: int = CHUNK, num_warps: int = NUM_WARPS,
-                      fast: bool = False, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                      fast: bool = False, recompute: bool = False, gelu: str = "dtype",
+                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """fc2's codes (M, N) and per-token scales (1, M) from fc1's raw product ``p`` (M, N), its
     per-token activation scales ``sa`` (1, M), per-channel weight scales ``sw`` (1, N) and bias."""
     from jax.experimental import pallas as pl
 
     m, n = p.shape
     kern = functools.partial(_kernel, block_m=block_m, chunk=chunk, n_chunks=n // chunk, spec=spec,
-                             out_dtype=jnp.dtype(out_dtype), fast=fast)
+                             out_dtype=jnp.dtype(out_dtype), fast=fast, recompute=recompute, gelu=gelu)
     args = (p, sa, sw, jnp.zeros((n,), jnp.float32) if bias is None else bias)
     kw: dict[str, Any] = {}
     if not interpret:

@@ -85,6 +85,19 @@ def group_gemm_reference(qa: jax.Array, sa: jax.Array, qw: jax.Array, sw: jax.Ar
     return y.astype(out_dtype)
 
 
+def low_bit_product(qa: jax.Array, qw: jax.Array, g: int, product_dtype: Any = None) -> jax.Array:
+    """The raw (G, M, N) products of ``g`` K-groups of codes ``qa`` (M, K) and weight codes ``qw``
+    (N, K, or packed 4-bit): int32 for integer codes, ``product_dtype`` (default float32) for fp8."""
+    w = weight_codes_int8(qw)
+    m, k = qa.shape
+    n = w.shape[0]
+    acc_t = jnp.int32 if jnp.issubdtype(qa.dtype, jnp.integer) else (product_dtype or jnp.float32)
+    if g == 1:
+        return lax.dot_general(qa, w, (((1,), (1,)), ((), ())), preferred_element_type=acc_t)[None]
+    a3, w3 = qa.reshape(m, g, k // g), w.reshape(n, g, k // g)
+    return lax.dot_general(a3, w3, (((2,), (2,)), ((1,), (1,))), preferred_element_type=acc_t)
+
+
 def group_gemm_xla(qa: jax.Array, sa: jax.Array, qw: jax.Array, sw: jax.Array, bias: jax.Array | None = None,
                    zw: jax.Array | None = None, out_dtype: Any = jnp.float32, split_epilogue: bool = False,
                    product_dtype: Any = None) -> jax.Array:
@@ -93,17 +106,9 @@ def group_gemm_xla(qa: jax.Array, sa: jax.Array, qw: jax.Array, sw: jax.Array, b
     optimization barrier on the raw product keeps XLA from fusing the scale epilogue into the GEMM
     (XLA then calls cuBLAS' int8 kernel and runs the epilogue as its own pass). ``product_dtype``:
     the raw product's dtype for float (fp8) operands (default float32); integer products are int32."""
-    w = weight_codes_int8(qw)
     g, m = sa.shape
-    n, k = w.shape
-    gs = k // g
-    acc_t = jnp.int32 if jnp.issubdtype(qa.dtype, jnp.integer) else (product_dtype or jnp.float32)
-    a3 = qa.reshape(m, g, gs)
-    w3 = w.reshape(n, g, gs)
-    if g == 1:
-        acc = lax.dot_general(qa, w, (((1,), (1,)), ((), ())), preferred_element_type=acc_t)[None]
-    else:
-        acc = lax.dot_general(a3, w3, (((2,), (2,)), ((1,), (1,))), preferred_element_type=acc_t)  # (G, M, N)
+    acc = low_bit_product(qa, qw, g, product_dtype)
+    a3 = qa.reshape(m, g, -1)
     if split_epilogue:
         acc = lax.optimization_barrier(acc)
     part = acc.astype(jnp.float32)

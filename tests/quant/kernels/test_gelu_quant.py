@@ -2,6 +2,7 @@
 interpret mode on CPU) against the XLA formulation and a float64 NumPy version of the same steps."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -43,23 +44,32 @@ def test_kernel_equals_xla_in_float32(name):
     assert np.abs(_codes(q)).max() >= (127 if name == "int8" else 448)  # each row's max reaches the top code
 
 
-@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("fast,recompute,block_m,gelu", [(False, False, 1, "dtype"), (True, False, 1, "dtype"),
+                                                        (False, True, 4, "dtype"), (False, False, 1, "float32")])
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_kernel_matches_float64_reference_in_bfloat16(name, fast):
-    """bf16 layer: the epilogue and GELU each rounded to bf16 once (the model's dtype), scales and codes
-    from float64 NumPy; the kernel's float32 GELU (exact or the exp form) may move a value across a
-    bf16 rounding boundary, so a few codes may differ by one step."""
+def test_kernel_matches_float64_reference_in_bfloat16(name, fast, recompute, block_m, gelu):
+    """bf16 layer, against float64 NumPy: the epilogue rounded to bf16, then the GELU as
+    ``jax.nn.gelu`` defines it on a bf16 array (bf16 constants, every step rounded to bf16: mode
+    'dtype', the default) or in float (mode 'float32', rounded once), then scales and codes. Float32
+    against float64 arithmetic may move a value across a bf16 rounding boundary: a few codes may
+    differ by one step."""
     spec = SPECS[name]
     p, sa, sw, b = _inputs(seed=1)
     p = p.astype(jnp.bfloat16)
-    q, s = gelu_quant_pallas(p, sa, sw, b, spec, jnp.bfloat16, fast=fast, interpret=True)
+    q, s = gelu_quant_pallas(p, sa, sw, b, spec, jnp.bfloat16, fast=fast, recompute=recompute, block_m=block_m,
+                             gelu=gelu, interpret=True)
 
     def bf(v):
         return np.asarray(jnp.asarray(v, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
 
     y = bf(np.asarray(p, np.float64) * np.asarray(sa, np.float64)[0][:, None] * np.asarray(sw, np.float64)
            + np.asarray(b, np.float64))
-    h = bf(0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y ** 3))))
+    if gelu == "dtype":
+        r, c1, c2 = bf, bf(np.sqrt(2 / np.pi)), bf(0.044715)
+    else:
+        r, c1, c2 = (lambda v: v), np.sqrt(2 / np.pi), 0.044715
+    u = r(r(y + r(r(r(y * y) * y) * c2)) * c1)
+    h = bf(r(y * r(r(r(np.tanh(u)) + 1.0) * 0.5)))
     amax = np.abs(h).max(axis=1)
     if name == "int8":
         s_ref = amax / 127
@@ -73,6 +83,21 @@ def test_kernel_matches_float64_reference_in_bfloat16(name, fast):
     got = _codes(q)
     assert np.mean(got == q_ref) > 0.99
     assert np.all(np.abs(got - q_ref) <= step * 1.0001)
+
+
+def test_gelu_modes_differ_and_dtype_mode_is_jax_gelu():
+    """Mode 'dtype' is ``jax.nn.gelu(approximate=True)`` on a bf16 array, value for value; 'float32'
+    is a different function of the same inputs (bf16 constants and roundings matter)."""
+    from qdit_jax.quant.kernels.gelu_quant import _gelu
+
+    y = jnp.asarray(np.random.default_rng(0).standard_normal(4096) * 2, jnp.bfloat16)
+    want = np.asarray(jax.nn.gelu(y, approximate=True).astype(jnp.float32))
+    got = {m: np.asarray(_gelu(y.astype(jnp.float32), jnp.bfloat16, m, False).astype(jnp.bfloat16)
+                         .astype(jnp.float32)) for m in ("dtype", "float32")}
+    np.testing.assert_array_equal(got["dtype"], want)
+    assert np.mean(got["float32"] != want) > 0.1
+    with pytest.raises(ValueError, match="gelu mode"):
+        _gelu(y.astype(jnp.float32), jnp.bfloat16, "bf16", False)
 
 
 def test_guard_names_why():
