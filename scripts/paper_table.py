@@ -26,7 +26,6 @@ import sys
 import time
 from typing import Any
 
-import jax
 import numpy as np
 
 from qdit_jax.convert.torch_dit import convert_torch_checkpoint, key_table

@@ -137,7 +137,7 @@ def auto_batch_size(apply_fn: ApplyFn, params: Any, cfg: DiTConfig, scfg: Sample
     bytes per sample come from XLA's memory analysis at two probe batches, the free bytes from the
     device's allocator (64 per device where the backend reports none, e.g. CPU). Capped at the
     sample count (rounded up to the device count)."""
-    from qdit_jax.parallel.mesh import compiled_bytes_per_sample, data_size, per_device_batch, round_up
+    from qdit_jax.parallel.mesh import compiled_bytes_per_sample, data_size, per_device_batch
 
     fn = make_sample_fn(apply_fn, cfg, scfg)
     shape = (cfg.input_size, cfg.input_size, cfg.in_channels)

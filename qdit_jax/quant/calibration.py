@@ -19,8 +19,8 @@ from qdit_jax.diffusion.pipeline import ApplyFn, SamplerConfig, check_labels, de
 from qdit_jax.errors import QditError
 from qdit_jax.models.dit import DiT, DiTConfig
 from qdit_jax.quant.config import LayerQuant
-from qdit_jax.quant.interceptor import quantized, static_qparams
-from qdit_jax.quant.quantizers import QParams, QuantSpec
+from qdit_jax.quant.interceptor import quantized
+from qdit_jax.quant.quantizers import QParams, QuantSpec, qparams_from_range
 
 
 @dataclasses.dataclass
@@ -189,7 +189,7 @@ def ranges_to_qparams(ranges: Mapping[tuple[str, int], Any], plan: Mapping[str, 
     """Calibrated ranges keyed by (layer path, argument index) -> fixed per-group parameters."""
     out: dict[str, list[QParams]] = {}
     for (path, i), (lo, hi) in sorted(ranges.items()):
-        out.setdefault(path, []).append(static_qparams(lo, hi, plan[path].act))
+        out.setdefault(path, []).append(qparams_from_range(lo, hi, plan[path].act))
     return out
 
 

@@ -25,7 +25,7 @@ from flax import linen as nn
 from qdit_jax.errors import QditError
 from qdit_jax.models.dit import AttentionCore, DiT, DiTConfig
 from qdit_jax.quant.config import LayerInfo, LayerQuant
-from qdit_jax.quant.quantizers import QParams, QuantSpec, _int_params, fake_of_groups, fake_quant_spec, fp8_scale
+from qdit_jax.quant.quantizers import QParams, QuantSpec, _int_params, fake_of_groups, fake_quant_spec
 
 Tap = Callable[[str, int, jax.Array], None]
 
@@ -35,20 +35,6 @@ def module_path(module: nn.Module) -> str:
 
 
 # ----------------------------------------------------------------------------- activations
-
-
-def static_qparams(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> QParams:
-    """Per-group parameters from calibrated ranges ``lo``/``hi`` of shape (n_groups,)."""
-    lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
-    if spec.format != "int":
-        absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * spec.clip_ratio
-        return QParams(fp8_scale(absmax, spec), jnp.zeros_like(absmax))
-    if spec.symmetric:
-        absmax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) * spec.clip_ratio
-        scale, zp = _int_params(-absmax, absmax, spec.bits, True, spec.scale_dtype)
-    else:
-        scale, zp = _int_params(lo * spec.clip_ratio, hi * spec.clip_ratio, spec.bits, False, spec.scale_dtype)
-    return QParams(scale, zp)
 
 
 def fake_quant_static(x: jax.Array, qp: QParams, spec: QuantSpec) -> jax.Array:

@@ -16,9 +16,10 @@ quantizer's symmetric per-token scale and codes. On an H100 the codes and scales
 XLA's unfused path at XL/2's fc1 shape (100% of entries, fp8 and int8), and so are the model's outputs
 (``qdit bench --diff-against``); GELU evaluated in float32 instead would move 5% of fp8 codes.
 
-Used by the real path for every DiT ``Mlp`` it can serve (``RealOptions.fused_mlp``). Measured: 592-625
-us against XLA's 1,041-1,103 (fp8 / int8) at batch 256; real fp8 forward 1.012x -> 1.109x bf16 with
-it (docs/RESULTS.md). Still ~2x its ~300 us byte floor.
+Used by the real path for every DiT ``Mlp`` it can serve (``RealOptions.fused_mlp``). Measured at
+batch 256: 625 us (fp8) / 774 us (int8) against XLA's 1,103 / 1,042; real fp8 forward 1.012x ->
+1.109x bf16 with it (docs/RESULTS.md). Still ~2x its ~300 us byte floor. ``fast``, ``recompute``
+and the other GELU modes are kept for ``scripts/bench_block_ops.py --sections fc2in``.
 """
 from __future__ import annotations
 
@@ -162,7 +163,8 @@ def gelu_quant_pallas(p: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Arra
 def gelu_quant_xla(p: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, spec: QuantSpec,
                    out_dtype: Any) -> tuple[jax.Array, jax.Array]:
     """The unfused real path's formulation (``group_gemm_xla``'s epilogue at G = 1, the model's GELU,
-    ``quantize_act`` per token): the kernel's reference and fallback."""
+    ``quantize_act`` per token): the kernel's reference on the GPU (the per-layer path computes the
+    same when the kernel does not apply)."""
     from qdit_jax.quant.real import quantize_act
 
     y = p.astype(jnp.float32) * sa[0][:, None] * sw[0][None, :]
