@@ -349,12 +349,12 @@ def _fused_mlp(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: 
     if _eff_group(l1.act, k) != k or _eff_group(l2.act, n) != n or not gelu_quant_applies(m, n, l2.act)[0]:
         return None
     out_dtype = mlp.dtype or x.dtype
+    product_dtype = _float_product(options.float_product, out_dtype)
     qa, sa = _quantize_input(x.reshape(m, k), l1.act, k, options)
-    product = low_bit_product(qa, w1.codes, 1, _float_product(options.float_product, out_dtype))[0]
+    product = low_bit_product(qa, w1.codes, 1, product_dtype)[0]
     q2, s2 = gelu_quant_pallas(product, sa, w1.scale.astype(jnp.float32), w1.bias, l2.act, out_dtype)
     y = group_gemm_xla(q2, s2, w2.codes, w2.scale.astype(jnp.float32), w2.bias, w2.zero, out_dtype=out_dtype,
-                       split_epilogue=options.split_epilogue,
-                       product_dtype=_float_product(options.float_product, out_dtype))
+                       split_epilogue=options.split_epilogue, product_dtype=product_dtype)
     return y.reshape(*lead, w2.scale.shape[1])
 
 
