@@ -12,6 +12,9 @@
 3. The real W8A8 / fp8 MLP's middle step (fc1's scale epilogue, GELU, fc2's per-token activation
    quantization): XLA's two passes against the one-pass Pallas kernel (``kernels.gelu_quant``) at
    several tilings, with the kernel's agreement with XLA (codes equal, scales).
+4. The per-token quantization of the qkv / fc1 inputs (LayerNorm + modulate + abs-max + codes) and of
+   the proj input (abs-max + codes): XLA's passes against the one-pass Pallas kernel
+   (``kernels.norm_quant``) at several tilings, with its agreement with XLA.
 
 Medians of ``--repeats`` timed calls after warm-up, device-synchronized; inputs are random.
 """
@@ -64,7 +67,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in"])
+    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "normq"])
     a = p.parse_args()
     rng = np.random.default_rng(0)
     bf = jnp.bfloat16
@@ -75,6 +78,8 @@ def main() -> None:
     w2 = jnp.asarray(rng.standard_normal((HIDDEN, C)) / np.sqrt(HIDDEN), bf)
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, x {x.shape}", flush=True)
 
+    if "normq" in a.sections:
+        norm_quant_forms(a, rng)
     if "fc2in" in a.sections:
         fc2_input(a, rng)
     if "gelu" in a.sections:
@@ -178,7 +183,9 @@ def fc2_input(a, rng) -> None:
         q0 = np.asarray(q0.astype(jnp.float32))
         for bm, chunk, warps, fast, rec, gelu in ((1, 512, 4, False, False, "dtype"), (1, 512, 4, False, False, "consts"),
                                                   (1, 512, 4, False, False, "float32"), (1, 512, 4, True, False, "dtype"),
-                                                  (1, 512, 8, False, False, "dtype"), (4, 512, 4, False, True, "dtype")):
+                                                  (1, 512, 8, False, False, "dtype"), (4, 512, 4, False, True, "dtype"),
+                                                  (1, 512, 2, False, False, "dtype"), (1, 256, 2, False, False, "dtype"),
+                                                  (2, 512, 4, False, False, "dtype"), (1, 1024, 4, False, False, "dtype")):
             ok, why = gelu_quant_applies(m, HIDDEN, spec, block_m=bm, chunk=chunk)
             if not ok:
                 print(f"fc2in {spec.format:8s} bm {bm} chunk {chunk}: {why}")
@@ -198,6 +205,50 @@ def fc2_input(a, rng) -> None:
                   f"{t * 1e6:8.1f} us   codes equal "
                   f"{np.mean(q1 == q0):.6f}, max |diff| {np.abs(q1 - q0).max():.3g}, scales max rel diff {rel:.2e}",
                   flush=True)
+
+
+def norm_quant_forms(a, rng) -> None:
+    """Residual stream -> LayerNorm + modulate -> per-token codes, and attention output -> codes: XLA
+    (as the unfused real path) against the Pallas kernel's tilings."""
+    import functools
+
+    from qdit_jax.perf import compiler
+    from qdit_jax.quant.config import QuantSpec
+    from qdit_jax.quant.kernels.norm_quant import norm_quant_applies, norm_quant_pallas, norm_quant_xla
+
+    bf = jnp.bfloat16
+    m = a.batch * a.tokens
+    x = jnp.asarray(rng.standard_normal((m, C)) * 2 + rng.standard_normal(C) * 0.5, bf)  # per-channel offsets
+    shift = jnp.asarray(rng.standard_normal((a.batch, C)) * 0.3, bf)
+    scale = jnp.asarray(rng.standard_normal((a.batch, C)) * 0.3, bf)
+    for spec in (QuantSpec(bits=8, format="fp8_e4m3", symmetric=True, group_size=0),
+                 QuantSpec(bits=8, format="int", symmetric=True, group_size=0)):
+        for norm in (True, False):
+            kw = dict(shift=shift, scale=scale, tokens=a.tokens) if norm else {}
+            what = "norm+quant" if norm else "quant     "
+            ref_fn = compiler.jit(functools.partial(norm_quant_xla, spec=spec, **kw))
+            q0, s0 = ref_fn(x)
+            t = timed(ref_fn, (x,), a.repeats)
+            print(f"normq {spec.format:8s} {what} XLA                  {t * 1e6:8.1f} us", flush=True)
+            q0 = np.asarray(q0.astype(jnp.float32))
+            for bm, chunk, warps in ((1, 128, 4), (1, 128, 2), (1, 64, 2), (2, 128, 4), (4, 128, 4), (1, 256, 4)):
+                ok, why = norm_quant_applies(m, C, spec, bf, tokens=a.tokens if norm else 0, block_m=bm, chunk=chunk)
+                if not ok:
+                    print(f"normq {spec.format:8s} {what} bm {bm} chunk {chunk}: {why}")
+                    continue
+                fn = jax.jit(functools.partial(norm_quant_pallas, spec=spec, block_m=bm, chunk=chunk,
+                                               num_warps=warps, **kw))
+                try:
+                    q1, s1 = fn(x)
+                    t = timed(fn, (x,), a.repeats)
+                except Exception as e:  # noqa: BLE001 - a tiling Triton cannot compile is reported, not fatal
+                    print(f"normq {spec.format:8s} {what} bm {bm} chunk {chunk} warps {warps}: failed: {str(e)[:200]}")
+                    continue
+                q1 = np.asarray(q1.astype(jnp.float32))
+                rel = np.abs(np.asarray(s1) - np.asarray(s0)) / np.asarray(s0)
+                print(f"normq {spec.format:8s} {what} Pallas bm {bm} chunk {chunk:4d} w {warps} {t * 1e6:8.1f} us   "
+                      f"codes equal {np.mean(q1 == q0):.6f}, max |diff| {np.abs(q1 - q0).max():.3g}, rows with "
+                      f"another scale {np.mean(rel > 0):.2e} (max rel {rel.max():.2e})", flush=True)
 
 
 if __name__ == "__main__":

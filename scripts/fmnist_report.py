@@ -20,6 +20,9 @@ and through the real int8 / packed-int4 execution (``quant.real``), and the tabl
 each plus the largest |fake - real| sample difference and the PSNR of real against fake:
 
     python scripts/fmnist_report.py --real --presets w8a8,w4a8 --methods c,d --out runs/fmnist_real
+
+``--group 0`` quantizes per channel / per token instead of in groups of 128 (the real path's
+per-token kernels), ``--format fp8_e4m3`` uses fp8 codes (8-bit presets).
 """
 from __future__ import annotations
 
@@ -70,6 +73,11 @@ def main() -> None:
     ap.add_argument("--real", action="store_true",
                     help="symmetric activations; each model sampled in fake-quant and through the real low-bit path")
     ap.add_argument("--real-backend", default="auto", choices=["auto", "xla", "pallas"])
+    ap.add_argument("--group", type=int, default=None,
+                    help="weight and activation group size for every preset (0: per-channel weights, per-token "
+                         "activations; default: the presets' 128)")
+    ap.add_argument("--format", default="int", choices=["int", "fp8_e4m3"],
+                    help="code format of weights and activations (fp8_e4m3: 8-bit presets only)")
     args = ap.parse_args()
     if args.eval_seed == args.calib_seed:
         raise SystemExit("--eval-seed must differ from --calib-seed")
@@ -125,6 +133,10 @@ def main() -> None:
             if f"{name}:{m}" in args.skip.split(","):
                 continue
             label, kw = METHODS[m]
+            if args.group is not None:
+                kw, label = dict(kw, w_group=args.group, a_group=args.group), label + f", group {args.group}"
+            if args.format != "int":  # fp8 codes are symmetric (no zero point)
+                kw, label = dict(kw, fmt=args.format, w_sym=True, a_sym=True), label + f", {args.format}"
             if args.real:
                 if kw.get("act_mode") != "dynamic":
                     raise SystemExit(f"--real needs dynamic activations: method {m} is static (use --methods c,d)")

@@ -56,6 +56,14 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-fp8-nomlp": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
                        "xla-nomlp"),
     "real-w8a8-nomlp": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-nomlp"),
+    # per-token inputs quantized by XLA's passes (no kernels.norm_quant: neither the LayerNorm +
+    # modulate fusion into the qkv / fc1 inputs' quantization nor the one-pass proj input)
+    "real-fp8-nonorm": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
+                        "xla-nonorm"),
+    "real-w8a8-nonorm": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-nonorm"),
+    # the one-pass kernel for every per-token input, but without the LayerNorm + modulate prologue
+    "real-fp8-rowq": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
+                      "xla-rowq"),
 }
 
 
@@ -171,7 +179,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     tags = backend.split("-")  # backend plus options: -mat (codes behind a barrier), -qk (one-pass Pallas
     # activation quantization), -fused (the GEMM's scale epilogue fused into it, not its own pass),
     # -f32 (float32 fp8 products), -qkv1 (the float model's q, k, v from one fused GEMM), -qkv3 (real
-    # mode: q, k, v as three quantized GEMMs), -nomlp (no fused MLP middle step), xla-attn (XLA attention)
+    # mode: q, k, v as three quantized GEMMs), -nomlp (no fused MLP middle step), -nonorm (no norm_quant
+    # kernel), -rowq (norm_quant without the LayerNorm prologue), xla-attn (XLA attention)
     if "qkv1" in tags:
         cfg = cfg.replace(qkv_gemms="fused")
     if mode == "fp":
@@ -185,7 +194,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     opts = RealOptions(backend=tags[0], tiles=tiles, fuse_quant=fuse_quant, materialize="mat" in tags,
                        quant_kernel="qk" in tags, split_epilogue="fused" not in tags,
                        float_product="float32" if "f32" in tags else "auto", split_qkv="qkv3" in tags,
-                       fused_mlp="nomlp" not in tags)
+                       fused_mlp="nomlp" not in tags, fused_norm=not {"nonorm", "rowq"} & set(tags),
+                       row_quant="nonorm" not in tags)
     return rm.apply_fn(opts), with_compute_params(rm.variables(), cfg), {
         "weight_bytes": rm.weight_bytes(), "checkpoint_bytes": checkpoint_bytes(rm.variables())}
 

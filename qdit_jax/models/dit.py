@@ -182,7 +182,7 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, freq
     return emb
 
 
-def _layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """LayerNorm, eps 1e-6 by default, no affine, computed in float32 whatever the compute dtype."""
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
@@ -190,11 +190,25 @@ def _layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN's modulation of (B, N, C) tokens by per-sample (B, C) shift and scale."""
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
 # ----------------------------------------------------------------------------- modules
+
+
+class ModulatedNorm(nn.Module):
+    """``modulate(layer_norm(x), shift, scale)``: the LayerNorm without affine parameters that
+    precedes every adaLN-modulated layer (DiT's ``norm1`` / ``norm2`` / ``norm_final``). It owns no
+    parameters; it is a module so that interceptors can see it (the real low-bit mode fuses it into
+    the next layer's activation quantization)."""
+
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+        return modulate(layer_norm(x, self.eps), shift, scale)
 
 
 class TimestepEmbedder(nn.Module):
@@ -344,9 +358,9 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         attn = Attention(self.hidden_size, self.num_heads, self.dtype, self.param_dtype, self.attention,
                          self.qkv_gemms, name="attn")
-        x = x + gate_msa[:, None] * attn(_modulate(_layer_norm(x), shift_msa, scale_msa))
+        x = x + gate_msa[:, None] * attn(ModulatedNorm(name="norm1")(x, shift_msa, scale_msa))
         mlp = Mlp(self.mlp_hidden, self.hidden_size, self.dtype, self.param_dtype, name="mlp")
-        return x + gate_mlp[:, None] * mlp(_modulate(_layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp))
+        return x + gate_mlp[:, None] * mlp(ModulatedNorm(self.mlp_norm_eps, name="norm2")(x, shift_mlp, scale_mlp))
 
 
 class FinalLayer(nn.Module):
@@ -360,7 +374,7 @@ class FinalLayer(nn.Module):
         mod = nn.Dense(2 * self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                        name="adaLN_modulation")(nn.silu(c))
         shift, scale = jnp.split(mod, 2, axis=-1)
-        x = _modulate(_layer_norm(x), shift, scale)
+        x = ModulatedNorm(name="norm_final")(x, shift, scale)
         return nn.Dense(self.out_features, dtype=self.dtype, param_dtype=self.param_dtype, name="linear")(x)
 
 

@@ -30,12 +30,13 @@ import numpy as np
 from flax import linen as nn
 
 from qdit_jax.errors import QditError
-from qdit_jax.models.dit import DiT, DiTConfig, Mlp, SplitQKVDense
+from qdit_jax.models.dit import DiT, DiTConfig, Mlp, ModulatedNorm, SplitQKVDense
 from qdit_jax.quant.config import LayerQuant, QuantConfig, resolve
 from qdit_jax.quant.interceptor import discover_layers, get_kernel, module_path, quantize_activation
 from qdit_jax.quant.kernels.gelu_quant import gelu_quant_applies, gelu_quant_pallas
 from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm_pallas, group_gemm_xla, kernel_applies,
                                                low_bit_product, pack_blocked, weight_codes_int8)
+from qdit_jax.quant.kernels.norm_quant import norm_quant_applies, norm_quant_pallas
 from qdit_jax.quant.quantizers import SCALE_DTYPES, QParams, QuantSpec, _int_codes, params_of_groups
 
 BACKENDS = ("auto", "xla", "pallas")
@@ -85,6 +86,14 @@ class RealOptions:
     # (kernels.gelu_quant) where its guard allows (GPU). Same outputs bit for bit on an H100; real
     # fp8 XL/2 forward 1.012x -> 1.109x bf16, int8 0.871x -> 0.921x (docs/RESULTS.md)
     fused_mlp: bool = True
+    # a per-token quantized layer fed straight by a ModulatedNorm (DiT's qkv and fc1): its codes
+    # computed from the norm's input in one Pallas pass (LayerNorm + modulate + abs-max + codes,
+    # kernels.norm_quant) where the guard allows (GPU), instead of XLA writing the modulated
+    # activation and reading it twice
+    fused_norm: bool = True
+    # other per-token quantized inputs (DiT's proj input) through the same kernel without the norm:
+    # one read and one write instead of XLA's abs-max pass and quantize pass
+    row_quant: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -246,8 +255,32 @@ def quantize_act(x2: jax.Array, spec: QuantSpec, group: int) -> tuple[jax.Array,
     return q.reshape(m, k), jnp.repeat(scale, ga // group, axis=1).T
 
 
-def _quantize_input(x2: jax.Array, spec: QuantSpec, group: int, options: RealOptions) -> tuple[jax.Array, jax.Array]:
-    """``quantize_act``, through the one-pass Pallas kernel when asked and its guard allows."""
+class NormSource(NamedTuple):
+    """A ModulatedNorm call seen by the real interceptor: its output ``out`` (the next layer's input)
+    and what it was computed from, so that layer can quantize from ``x`` in one pass."""
+
+    out: jax.Array
+    x: jax.Array
+    shift: jax.Array
+    scale: jax.Array
+    eps: float
+
+
+def _quantize_input(x2: jax.Array, spec: QuantSpec, group: int, options: RealOptions,
+                    source: NormSource | None = None) -> tuple[jax.Array, jax.Array]:
+    """``quantize_act``, through a one-pass Pallas kernel when asked and its guard allows: per token,
+    ``kernels.norm_quant`` (from ``source``'s input through its LayerNorm + modulation when given);
+    per group, ``kernels.act_quant`` (``options.quant_kernel``)."""
+    m, k = x2.shape
+    if _eff_group(spec, k) == k == group:
+        if source is not None and options.fused_norm:
+            b, t = source.x.shape[0], m // source.x.shape[0]
+            if (source.x.shape == (b, t, k) and source.x.dtype == x2.dtype
+                    and norm_quant_applies(m, k, spec, x2.dtype, tokens=t)[0]):
+                return norm_quant_pallas(source.x.reshape(m, k), spec, shift=source.shift, scale=source.scale,
+                                         tokens=t, eps=source.eps)
+        if options.row_quant and norm_quant_applies(m, k, spec, x2.dtype)[0]:
+            return norm_quant_pallas(x2, spec)
     if options.quant_kernel and spec.format == "int" and spec.method == "max" and spec.clip_ratio == 1.0:
         from qdit_jax.quant.kernels.act_quant import quant_applies, quantize_rows_pallas
 
@@ -285,8 +318,9 @@ def column_block(rw: RealWeight, start: int, stop: int) -> RealWeight:
 
 
 def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
-               options: RealOptions = RealOptions()) -> jax.Array:
-    """``x @ W^T + b`` for a planned Dense, in real low precision (weight-only layers: dequantize)."""
+               options: RealOptions = RealOptions(), source: NormSource | None = None) -> jax.Array:
+    """``x @ W^T + b`` for a planned Dense, in real low precision (weight-only layers: dequantize).
+    ``source``: the ModulatedNorm call that produced ``x``, if one did."""
     if rw.scale.dtype != jnp.float32:  # float16 / bfloat16 storage: exact in float32, fused by XLA
         rw = rw._replace(scale=rw.scale.astype(jnp.float32))
     lead, k = x.shape[:-1], x.shape[-1]
@@ -317,7 +351,7 @@ def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
             return y.reshape(*lead, n)
         if not use_kernel and options.fuse_quant:  # retry without in-kernel quantization
             use_kernel, _ = kernel_applies(m, n, k, g, jnp.int8, rw.codes.dtype, tiles=tiles)
-    qa, sa = _quantize_input(x2, lq.act, group, options)
+    qa, sa = _quantize_input(x2, lq.act, group, options, source)
     if use_kernel:
         rs = None
         if rw.zero is not None:
@@ -334,7 +368,7 @@ def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
 
 
 def _fused_mlp(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: Mapping[str, RealWeight],
-               options: RealOptions) -> jax.Array | None:
+               options: RealOptions, source: NormSource | None = None) -> jax.Array | None:
     """The DiT ``Mlp`` (fc1, tanh GELU, fc2) with its middle step in one kernel, or None where that
     does not apply (the layers then run one by one). fc1: per-token x per-channel low-bit GEMM; the
     kernel takes its raw product to fc2's per-token codes; fc2: low-bit GEMM and scale epilogue."""
@@ -350,7 +384,7 @@ def _fused_mlp(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: 
         return None
     out_dtype = mlp.dtype or x.dtype
     product_dtype = _float_product(options.float_product, out_dtype)
-    qa, sa = _quantize_input(x.reshape(m, k), l1.act, k, options)
+    qa, sa = _quantize_input(x.reshape(m, k), l1.act, k, options, source)
     product = low_bit_product(qa, w1.codes, 1, product_dtype)[0]
     q2, s2 = gelu_quant_pallas(product, sa, w1.scale.astype(jnp.float32), w1.bias, l2.act, out_dtype)
     y = group_gemm_xla(q2, s2, w2.codes, w2.scale.astype(jnp.float32), w2.bias, w2.zero, out_dtype=out_dtype,
@@ -359,11 +393,25 @@ def _fused_mlp(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: 
 
 
 def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str, RealWeight], options: RealOptions):
+    # ModulatedNorm outputs of this trace, by id, with what they were computed from: the layer that
+    # takes one as its input may quantize from the source in one kernel pass (the float output is
+    # then unused and XLA drops it). The entry holds the output itself, so its id stays unique.
+    norms: dict[int, NormSource] = {}
+
+    def source_of(a: Any) -> NormSource | None:
+        src = norms.get(id(a))
+        return src if src is not None and src.out is a else None
+
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
+        if options.fused_norm and type(context.module) is ModulatedNorm:
+            y = next_fun(*args, **kwargs)
+            x, shift, scale = (kwargs[n] if n in kwargs else args[i] for i, n in enumerate(("x", "shift", "scale")))
+            norms[id(y)] = NormSource(y, x, shift, scale, context.module.eps)
+            return y
         if options.fused_mlp and type(context.module) is Mlp:
-            y = _fused_mlp(context.module, args[0], plan, weights, options)
+            y = _fused_mlp(context.module, args[0], plan, weights, options, source_of(args[0]))
             if y is not None:
                 return y
         path = module_path(context.module)
@@ -379,7 +427,7 @@ def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str,
                 c = rw.scale.shape[1] // nb
                 return jnp.concatenate([real_dense(x, column_block(rw, i * c, (i + 1) * c), lq, out_dtype, options)
                                         for i in range(nb)], axis=-1)
-            return real_dense(x, rw, lq, out_dtype, options)
+            return real_dense(x, rw, lq, out_dtype, options, source_of(x))
         if lq.act is None:
             return next_fun(*args, **kwargs)
         # act-only layers (the attention core): the fake-quant mode's dynamic quantization

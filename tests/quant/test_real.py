@@ -281,3 +281,36 @@ def test_fused_mlp_route_gives_the_same_outputs(fmt, fused, params, inputs, monk
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
     ops = [_dot_operand_dtypes(jax.make_jaxpr(f)(rm.variables(), *inputs).jaxpr) for f in (ref_fn, got_fn)]
     assert sorted(ops[0]) == sorted(ops[1])
+
+
+@pytest.mark.parametrize("fmt", ["w8a8-int8-perchannel-asymw", "fp8-e4m3-perchannel"])
+def test_norm_quant_routes_give_the_same_outputs(fmt, params, inputs, monkeypatch):
+    """With the norm_quant guard forced open (interpret mode, as on a GPU) the qkv and fc1 inputs are
+    quantized from the residual stream through the LayerNorm + modulation in one kernel pass
+    (RealOptions.fused_norm) and the proj / fc2 inputs by the same kernel without it (row_quant):
+    the same low-bit dots and the XLA path's output (float32 model: up to a code moved by an ulp)."""
+    from qdit_jax.quant import real
+    from qdit_jax.quant.real import RealOptions
+
+    calls = []
+
+    def interp(x, spec, **kw):
+        calls.append("norm" if kw.get("shift") is not None else "plain")
+        return original(x, spec, chunk=32, interpret=True, **kw)
+
+    original = real.norm_quant_pallas
+    monkeypatch.setattr(real, "norm_quant_applies", lambda m, k, spec, dtype, **kw: (k % 32 == 0, "test"))
+    monkeypatch.setattr(real, "norm_quant_pallas", interp)
+    rm = real_from_params(params, CFG, QuantConfig(qdit_rules(**FORMATS[fmt])))
+    ref_fn = rm.apply_fn(RealOptions(fused_norm=False, row_quant=False))
+    ref = np.asarray(jax.jit(ref_fn)(rm.variables(), *inputs), np.float64)
+    assert not calls
+    for opts, want in ((RealOptions(), ["norm", "plain", "norm", "plain"]),
+                       (RealOptions(fused_norm=False), ["plain"] * 4)):
+        calls.clear()
+        fn = rm.apply_fn(opts)
+        got = np.asarray(jax.jit(fn)(rm.variables(), *inputs), np.float64)
+        assert calls == want * CFG.depth  # qkv, proj, fc1, fc2 of each block (the fused MLP needs a GPU)
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
+        ops = [_dot_operand_dtypes(jax.make_jaxpr(f)(rm.variables(), *inputs).jaxpr) for f in (ref_fn, fn)]
+        assert sorted(ops[0]) == sorted(ops[1])

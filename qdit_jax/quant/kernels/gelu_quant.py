@@ -31,20 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdit_jax.quant.config import QuantSpec
-from qdit_jax.quant.kernels.group_gemm import _pow2, _round_even
+from qdit_jax.quant.kernels.group_gemm import _pow2
+from qdit_jax.quant.kernels.row_quant import check_row_spec, codes_dtype, scale_and_codes
 
 BLOCK_M, CHUNK, NUM_WARPS = 1, 512, 4  # the fastest tiling measured on the H100
-
-
-def _check_spec(spec: QuantSpec) -> str:
-    """Why ``spec`` is outside what the kernel computes ('' when inside)."""
-    if not spec.symmetric or spec.method != "max" or spec.clip_ratio != 1.0 or spec.scale_dtype != "float32":
-        return "the kernel computes symmetric max-calibrated activation scales in float32 only"
-    if spec.format == "int" and spec.bits == 8:
-        return ""
-    if spec.format == "fp8_e4m3":
-        return ""
-    return f"activation format {spec.format} at {spec.bits} bits (the kernel writes int8 or fp8 e4m3 codes)"
 
 
 def gelu_quant_applies(m: int, n: int, spec: QuantSpec, *, block_m: int = BLOCK_M, chunk: int = CHUNK,
@@ -57,27 +47,8 @@ def gelu_quant_applies(m: int, n: int, spec: QuantSpec, *, block_m: int = BLOCK_
         return False, f"block_m {block_m} and chunk {chunk} must be powers of two"
     if m % block_m or n % chunk:
         return False, f"(M, N) = ({m}, {n}) is not a multiple of ({block_m}, {chunk})"
-    why = _check_spec(spec)
+    why = check_row_spec(spec)
     return (not why), (why or "ok")
-
-
-def _scale_and_codes(h: list[jax.Array], amax: jax.Array, spec: QuantSpec,
-                     fast: bool) -> tuple[jax.Array, list[jax.Array]]:
-    """The quantizer's symmetric per-row scale from ``amax`` and the codes of each chunk of ``h``
-    (``fast``: multiply by the scale's reciprocal instead of dividing)."""
-    from qdit_jax.quant import formats as F
-    from qdit_jax.quant.quantizers import _int_params, fp8_scale, int_range
-
-    if spec.format == "int":
-        qmin, qmax = int_range(spec.bits, True)
-        s, _ = _int_params(-amax, amax, spec.bits, True, spec.scale_dtype)
-    else:
-        s = fp8_scale(amax, spec)
-    inv = 1.0 / s
-    scaled = [x * inv[:, None] if fast else x / s[:, None] for x in h]
-    if spec.format == "int":
-        return s, [jnp.clip(_round_even(x), qmin, qmax).astype(jnp.int8) for x in scaled]
-    return s, [F.fp8_round(x, spec.format) for x in scaled]
 
 
 GELU_MODES = ("dtype", "consts", "float32")
@@ -100,12 +71,6 @@ def _gelu(y: jax.Array, dtype: Any, mode: str, fast: bool) -> jax.Array:
     v = r(r(y + r(r(r(y * y) * y) * c2)) * c1)
     th = 2.0 / (1.0 + jnp.exp(-2.0 * v)) - 1.0 if fast else jnp.tanh(v)
     return r(y * r(r(r(th) + 1.0) * 0.5))
-
-
-def _codes_dtype(spec: QuantSpec) -> Any:
-    from qdit_jax.quant.formats import FP8_DTYPES
-
-    return jnp.int8 if spec.format == "int" else FP8_DTYPES[spec.format]
 
 
 def _kernel(p_ref, sa_ref, sw_ref, b_ref, q_ref, s_ref, *, block_m: int, chunk: int, n_chunks: int,
@@ -133,7 +98,7 @@ def _kernel(p_ref, sa_ref, sw_ref, b_ref, q_ref, s_ref, *, block_m: int, chunk: 
     amax = jnp.max(amax, axis=1)  # one row reduction for the whole row
     if recompute:
         hs = [gelu_chunk(j) for j in range(n_chunks)]
-    s, codes = _scale_and_codes(hs, amax, spec, fast)
+    s, codes = scale_and_codes(hs, amax, spec, fast)
     for j, q in enumerate(codes):
         q_ref[rows, pl.ds(j * chunk, chunk)] = q
     s_ref[0, rows] = s
@@ -156,7 +121,7 @@ def gelu_quant_pallas(p: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Arra
         from jax.experimental.pallas import triton as plgpu
 
         kw["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-    out_shape = (jax.ShapeDtypeStruct((m, n), _codes_dtype(spec)), jax.ShapeDtypeStruct((1, m), jnp.float32))
+    out_shape = (jax.ShapeDtypeStruct((m, n), codes_dtype(spec)), jax.ShapeDtypeStruct((1, m), jnp.float32))
     return pl.pallas_call(kern, out_shape=out_shape, grid=(m // block_m,), interpret=interpret, **kw)(*args)
 
 

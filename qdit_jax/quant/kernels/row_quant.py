@@ -1,0 +1,59 @@
+"""What the per-row quantization kernels share: which activation specs they compute, the symmetric
+per-row scale from a row's abs-max, and the codes, exactly as the fake-quant quantizer computes them
+(``quantizers.params_of_groups`` and its code functions). Used inside Pallas kernel bodies
+(``gelu_quant``, ``norm_quant``) on lists of a row block's column pieces."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qdit_jax.quant.config import QuantSpec
+from qdit_jax.quant.kernels.group_gemm import _round_even
+
+
+def check_row_spec(spec: QuantSpec) -> str:
+    """Why ``spec`` is outside what the row kernels compute ('' when inside)."""
+    if not spec.symmetric or spec.method != "max" or spec.clip_ratio != 1.0 or spec.scale_dtype != "float32":
+        return "the kernel computes symmetric max-calibrated activation scales in float32 only"
+    if spec.format == "int" and spec.bits == 8:
+        return ""
+    if spec.format == "fp8_e4m3":
+        return ""
+    return f"activation format {spec.format} at {spec.bits} bits (the kernel writes int8 or fp8 e4m3 codes)"
+
+
+def codes_dtype(spec: QuantSpec) -> Any:
+    """The dtype of the codes a row kernel writes for ``spec``."""
+    from qdit_jax.quant.formats import FP8_DTYPES
+
+    return jnp.int8 if spec.format == "int" else FP8_DTYPES[spec.format]
+
+
+def scale_and_codes(h: list[jax.Array], amax: jax.Array, spec: QuantSpec,
+                    fast: bool = False) -> tuple[jax.Array, list[jax.Array]]:
+    """The quantizer's symmetric per-row scale from ``amax`` and the codes of each piece of ``h``
+    (``fast``: multiply by the scale's reciprocal instead of dividing)."""
+    from qdit_jax.quant import formats as F
+    from qdit_jax.quant.quantizers import _int_params, fp8_scale, int_range
+
+    if spec.format == "int":
+        qmin, qmax = int_range(spec.bits, True)
+        s, _ = _int_params(-amax, amax, spec.bits, True, spec.scale_dtype)
+    else:
+        s = fp8_scale(amax, spec)
+    inv = 1.0 / s
+    scaled = [x * inv[:, None] if fast else x / s[:, None] for x in h]
+    if spec.format == "int":
+        return s, [jnp.clip(_round_even(x), qmin, qmax).astype(jnp.int8) for x in scaled]
+    return s, [F.fp8_round(x, spec.format) for x in scaled]
+
+
+def row_amax(h: list[jax.Array]) -> jax.Array:
+    """Per-row abs-max over the pieces of ``h``: elementwise across pieces first, then one row
+    reduction (a cross-thread reduction per piece costs more than the math in these kernels)."""
+    acc = jnp.abs(h[0])
+    for x in h[1:]:
+        acc = jnp.maximum(acc, jnp.abs(x))
+    return jnp.max(acc, axis=1)
