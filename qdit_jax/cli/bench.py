@@ -47,6 +47,8 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-w8a8-fused": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-fused"),
     "real-w8a8-g128-qk": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "auto-qk"),
     "real-fp8": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real", "xla"),
+    "real-fp8-fused": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
+                       "xla-fused"),  # scale epilogues left to XLA to fuse into the GEMMs (no barrier)
     "real-fp8-f32": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
                      "xla-f32"),
     "real-fp8-qkv3": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
