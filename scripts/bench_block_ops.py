@@ -15,6 +15,9 @@
 4. The per-token quantization of the qkv / fc1 inputs (LayerNorm + modulate + abs-max + codes) and of
    the proj input (abs-max + codes): XLA's passes against the one-pass Pallas kernel
    (``kernels.norm_quant``) at several tilings, with its agreement with XLA.
+5. The real fp8 qkv layer's GEMM and scale epilogue writing q, k, v: cuBLAS + XLA's epilogue pass
+   against a Pallas (Triton) fp8 GEMM that applies the scales in its epilogue (an experiment: is a
+   Triton fp8 GEMM close enough to cuBLAS to pay for the pass it saves?).
 
 Each time is the median over 5 rounds of ``--repeats`` calls dispatched back to back and
 device-synchronized once, after warm-up (until 2026-11-26 each call was synchronized on its own,
@@ -73,7 +76,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "normq"])
+    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "normq", "qkvgemm"])
     a = p.parse_args()
     rng = np.random.default_rng(0)
     bf = jnp.bfloat16
@@ -86,6 +89,8 @@ def main() -> None:
 
     if "normq" in a.sections:
         norm_quant_forms(a, rng)
+    if "qkvgemm" in a.sections:
+        qkv_gemm_forms(a, rng)
     if "fc2in" in a.sections:
         fc2_input(a, rng)
     if "gelu" in a.sections:
@@ -189,14 +194,15 @@ def fc2_input(a, rng) -> None:
         q0 = np.asarray(q0.astype(jnp.float32))
         for bm, chunk, warps, fast, rec, gelu in ((1, 512, 4, False, False, "dtype"), (1, 512, 4, False, False, "float32"),
                                                   (1, 512, 4, True, False, "dtype"), (1, 512, 8, False, False, "dtype"),
-                                                  (1, 512, 2, False, False, "dtype"), (1, 512, 1, False, False, "dtype"),
-                                                  (1, 256, 1, False, False, "dtype"), (2, 512, 2, False, False, "dtype")):
+                                                  (1, 512, 4, False, False, "approx"), (1, 512, 4, True, False, "approx")):
             ok, why = gelu_quant_applies(m, HIDDEN, spec, block_m=bm, chunk=chunk)
             if not ok:
                 print(f"fc2in {spec.format:8s} bm {bm} chunk {chunk}: {why}")
                 continue
+            approx = gelu == "approx"  # tanh.approx.f32, GELU otherwise as mode 'dtype'
             fn = jax.jit(functools.partial(gelu_quant_pallas, spec=spec, out_dtype=bf, block_m=bm, chunk=chunk,
-                                           num_warps=warps, fast=fast, recompute=rec, gelu=gelu))
+                                           num_warps=warps, fast=fast, recompute=rec,
+                                           gelu="dtype" if approx else gelu, approx_tanh=approx))
             try:
                 q1, s1 = fn(p, sa, sw, b)
                 t = timed(fn, (p, sa, sw, b), a.repeats)
@@ -254,6 +260,74 @@ def norm_quant_forms(a, rng) -> None:
                 print(f"normq {spec.format:8s} {what} Pallas bm {bm} chunk {chunk:4d} w {warps} {t * 1e6:8.1f} us   "
                       f"codes equal {np.mean(q1 == q0):.6f}, max |diff| {np.abs(q1 - q0).max():.3g}, rows with "
                       f"another scale {np.mean(rel > 0):.2e} (max rel {rel.max():.2e})", flush=True)
+
+
+def _fp8_gemm_epilogue(a, sa, w, sw, b, *, n_off: int, n: int, bm: int, bn: int, bk: int, warps: int, stages: int):
+    """Columns ``n_off:n_off + n`` of ``a @ w.T`` (fp8 codes, float32 accumulation), rounded to bf16
+    as the XLA path's product is, then ``* sa[m] * sw[n] + b[n]`` in float32, written as bf16."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    m, k = a.shape
+
+    def kern(a_ref, sa_ref, w_ref, sw_ref, b_ref, o_ref):
+        rows = pl.ds(pl.program_id(0) * bm, bm)
+        cols = pl.ds(n_off + pl.program_id(1) * bn, bn)
+
+        def body(t, acc):
+            kk = pl.ds(pl.multiple_of(t * bk, bk), bk)
+            return acc + jax.lax.dot_general(a_ref[rows, kk], w_ref[cols, kk], (((1,), (1,)), ((), ())),
+                                             preferred_element_type=jnp.float32)
+
+        acc = jax.lax.fori_loop(0, k // bk, body, jnp.zeros((bm, bn), jnp.float32))
+        y = acc.astype(jnp.bfloat16).astype(jnp.float32) * sa_ref[0, rows][:, None] * sw_ref[0, cols][None, :]
+        o_ref[rows, pl.ds(pl.program_id(1) * bn, bn)] = (y + b_ref[cols][None, :]).astype(jnp.bfloat16)
+
+    return pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((m, n), jnp.bfloat16), grid=(m // bm, n // bn),
+                          compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))(a, sa, w, sw, b)
+
+
+def qkv_gemm_forms(a, rng) -> None:
+    """fp8 qkv layer from codes to q, k, v (three dense bf16 outputs, as cuDNN attention takes them)."""
+    import functools
+
+    from qdit_jax.perf import compiler
+    from qdit_jax.quant.kernels.group_gemm import group_gemm_xla
+
+    f8 = jnp.float8_e4m3fn
+    m, n3 = a.batch * a.tokens, 3 * C
+    qa = jnp.asarray(np.clip(rng.standard_normal((m, C)) * 100, -448, 448), jnp.float32).astype(f8)  # e4m3 range
+    w = jnp.asarray(np.clip(rng.standard_normal((n3, C)) * 100, -448, 448), jnp.float32).astype(f8)
+    sa = jnp.asarray(rng.uniform(0.001, 0.003, (1, m)), jnp.float32)
+    sw = jnp.asarray(rng.uniform(0.001, 0.003, (1, n3)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(n3) * 0.1, jnp.float32)
+
+    def xla(qa, sa, w, sw, b):
+        y = group_gemm_xla(qa, sa, w, sw, b, out_dtype=jnp.bfloat16, split_epilogue=True,
+                           product_dtype=jnp.bfloat16)
+        return tuple(y[:, i * C:(i + 1) * C] for i in range(3))
+
+    ref_fn = compiler.jit(xla)
+    ref = ref_fn(qa, sa, w, sw, b)
+    t = timed(ref_fn, (qa, sa, w, sw, b), a.repeats)
+    print(f"qkvgemm XLA: cuBLAS fp8 + epilogue pass -> q, k, v   {t * 1e6:8.1f} us", flush=True)
+    ref = np.concatenate([np.asarray(r.astype(jnp.float32)) for r in ref], axis=1)
+    for bm, bn, bk, warps, stages in ((128, 128, 128, 8, 3), (128, 128, 128, 4, 4), (128, 128, 64, 4, 5),
+                                      (256, 128, 128, 8, 3), (256, 128, 64, 8, 4), (128, 64, 128, 4, 4)):
+        def pallas(qa, sa, w, sw, b):
+            return tuple(_fp8_gemm_epilogue(qa, sa, w, sw, b, n_off=i * C, n=C, bm=bm, bn=bn, bk=bk, warps=warps,
+                                            stages=stages) for i in range(3))
+        fn = jax.jit(pallas)
+        try:
+            out = fn(qa, sa, w, sw, b)
+            t = timed(fn, (qa, sa, w, sw, b), a.repeats)
+        except Exception as e:  # noqa: BLE001 - a tiling Triton cannot compile is reported, not fatal
+            print(f"qkvgemm Pallas {bm}x{bn}x{bk} w{warps} s{stages}: failed: {str(e)[:300]}", flush=True)
+            continue
+        got = np.concatenate([np.asarray(o.astype(jnp.float32)) for o in out], axis=1)
+        rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        print(f"qkvgemm Pallas fp8 GEMM + epilogue {bm}x{bn}x{bk} w{warps} s{stages}: {t * 1e6:8.1f} us   "
+              f"rel L2 vs XLA {rel:.2e}, equal {np.mean(got == ref):.4f}", flush=True)
 
 
 if __name__ == "__main__":

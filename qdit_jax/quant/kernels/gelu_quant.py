@@ -12,14 +12,16 @@ writes the codes once (~0.9 GB).
 Same math as the unfused real path: the epilogue ``product * s_a[m] * s_w[n] + bias`` rounded to the
 layer's output dtype, then ``jax.nn.gelu(approximate=True)`` as JAX defines it on an array of that
 dtype (its constants and every step rounded to the dtype: ``gelu="dtype"``, the default), then the
-quantizer's symmetric per-token scale and codes. On an H100 the codes and scales are identical to
-XLA's unfused path at XL/2's fc1 shape (100% of entries, fp8 and int8), and so are the model's outputs
-(``qdit bench --diff-against``); GELU evaluated in float32 instead would move 5% of fp8 codes.
+quantizer's symmetric per-token scale and codes. The tanh is the GPU's ``tanh.approx.f32``
+(``approx_tanh``, the default; libdevice's ``tanhf`` in interpret mode): on an H100 the codes and
+scales are identical to XLA's unfused path at XL/2's fc1 shape (100% of entries, fp8 and int8, with
+either tanh), and so are the model's outputs (``qdit bench --diff-against``); GELU evaluated in
+float32 instead would move 5% of fp8 codes.
 
 Used by the real path for every DiT ``Mlp`` it can serve (``RealOptions.fused_mlp``). Measured at
-batch 256: 625 us (fp8) / 774 us (int8) against XLA's 1,103 / 1,042; real fp8 forward 1.012x ->
-1.109x bf16 with it (docs/RESULTS.md). Still ~2x its ~300 us byte floor. ``fast``, ``recompute``
-and the other GELU modes are kept for ``scripts/bench_block_ops.py --sections fc2in``.
+batch 256 (back-to-back calls): 408 us (fp8) / 468 us (int8) with ``tanh.approx``, 468 / 635 with
+``tanhf``, against XLA's 886 / 882 (docs/RESULTS.md); its byte floor is ~300 us. ``fast``,
+``recompute`` and the other GELU modes are kept for ``scripts/bench_block_ops.py --sections fc2in``.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def gelu_quant_applies(m: int, n: int, spec: QuantSpec, *, block_m: int = BLOCK_
 GELU_MODES = ("dtype", "consts", "float32")
 
 
-def _gelu(y: jax.Array, dtype: Any, mode: str, fast: bool) -> jax.Array:
+def _gelu(y: jax.Array, dtype: Any, mode: str, fast: bool, approx_tanh: bool = False) -> jax.Array:
     """tanh GELU of float32 ``y`` (holding ``dtype`` values), as ``jax.nn.gelu(approximate=True)``
     evaluates it on a ``dtype`` array: ``mode`` 'dtype' rounds every step and its constants to
     ``dtype``; 'consts' rounds the constants only (XLA's fusions keep float32 between steps);
@@ -69,12 +71,17 @@ def _gelu(y: jax.Array, dtype: Any, mode: str, fast: bool) -> jax.Array:
         return v.astype(dtype).astype(jnp.float32) if mode == "dtype" else v
 
     v = r(r(y + r(r(r(y * y) * y) * c2)) * c1)
-    th = 2.0 / (1.0 + jnp.exp(-2.0 * v)) - 1.0 if fast else jnp.tanh(v)
+    if approx_tanh:  # the GPU's tanh.approx.f32 (max relative error ~2^-11): fewer instructions
+        from jax.experimental.pallas import triton as plgpu
+
+        th = plgpu.approx_tanh(v)
+    else:
+        th = 2.0 / (1.0 + jnp.exp(-2.0 * v)) - 1.0 if fast else jnp.tanh(v)
     return r(y * r(r(r(th) + 1.0) * 0.5))
 
 
 def _kernel(p_ref, sa_ref, sw_ref, b_ref, q_ref, s_ref, *, block_m: int, chunk: int, n_chunks: int,
-            spec: QuantSpec, out_dtype: Any, fast: bool, recompute: bool, gelu: str):
+            spec: QuantSpec, out_dtype: Any, fast: bool, recompute: bool, gelu: str, approx_tanh: bool):
     from jax.experimental import pallas as pl
 
     rows = pl.ds(pl.program_id(0) * block_m, block_m)
@@ -85,7 +92,7 @@ def _kernel(p_ref, sa_ref, sw_ref, b_ref, q_ref, s_ref, *, block_m: int, chunk: 
         y = p_ref[rows, cols].astype(jnp.float32) * sa[:, None] * sw_ref[0, cols][None, :]
         y = y + b_ref[cols].astype(jnp.float32)[None, :]
         y = y.astype(out_dtype).astype(jnp.float32)
-        return _gelu(y, out_dtype, gelu, fast).astype(out_dtype).astype(jnp.float32)
+        return _gelu(y, out_dtype, gelu, fast, approx_tanh).astype(out_dtype).astype(jnp.float32)
 
     # unrolled over the row's chunks; either every chunk stays in registers, or (``recompute``) the
     # codes pass recomputes them, its loads hitting L2, so more rows share each sw / bias load
@@ -107,14 +114,15 @@ def _kernel(p_ref, sa_ref, sw_ref, b_ref, q_ref, s_ref, *, block_m: int, chunk: 
 def gelu_quant_pallas(p: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, spec: QuantSpec,
                       out_dtype: Any, *, block_m: int = BLOCK_M, chunk: int = CHUNK, num_warps: int = NUM_WARPS,
                       fast: bool = False, recompute: bool = False, gelu: str = "dtype",
-                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                      approx_tanh: bool = True, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """fc2's codes (M, N) and per-token scales (1, M) from fc1's raw product ``p`` (M, N), its
     per-token activation scales ``sa`` (1, M), per-channel weight scales ``sw`` (1, N) and bias."""
     from jax.experimental import pallas as pl
 
     m, n = p.shape
     kern = functools.partial(_kernel, block_m=block_m, chunk=chunk, n_chunks=n // chunk, spec=spec,
-                             out_dtype=jnp.dtype(out_dtype), fast=fast, recompute=recompute, gelu=gelu)
+                             out_dtype=jnp.dtype(out_dtype), fast=fast, recompute=recompute, gelu=gelu,
+                             approx_tanh=approx_tanh and not interpret)  # an inline PTX instruction
     args = (p, sa, sw, jnp.zeros((n,), jnp.float32) if bias is None else bias)
     kw: dict[str, Any] = {}
     if not interpret:
