@@ -7,7 +7,10 @@ fly (per token, or per token and group; dynamic, symmetric), and the product run
 ``lax.dot_general`` on int8 operands with int32 accumulation (fp8: float32 accumulation); the
 scales (per-channel weights x per-token activations, per group for group-wise layers) and the bias
 are applied after. Group-wise layers use the Pallas kernel of ``kernels.group_gemm`` on the GPU
-where its guard allows, else the same math in XLA.
+where its guard allows, else the same math in XLA. On the GPU, per-token inputs are quantized in one
+Pallas pass (``kernels.norm_quant``), from the residual stream through the adaLN LayerNorm +
+modulation where a ``ModulatedNorm`` feeds the layer, and each DiT MLP runs its middle step (fc1's
+epilogue, GELU, fc2's quantization) as one pass (``kernels.gelu_quant``).
 
 The plan (rules + per-layer configs) is the fake-quant mode's: ``build_real`` takes a
 ``QuantizedModel`` (or float params + ``QuantConfig``) and reuses its codes and scales, so both
