@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from qdit_jax.quant.config import QuantSpec
 from qdit_jax.quant.kernels.group_gemm import _pow2
-from qdit_jax.quant.kernels.row_quant import check_row_spec, codes_dtype, row_amax, scale_and_codes
+from qdit_jax.quant.kernels.row_quant import check_row_spec, codes_dtype, row_amax, row_sum, scale_and_codes
 
 BLOCK_M, CHUNK, NUM_WARPS = 1, 128, 1  # the fastest tiling measured on the H100 (RESULTS.md)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -72,15 +72,9 @@ def _kernel(*refs, block_m: int, chunk: int, n_chunks: int, spec: QuantSpec, nor
             return v.astype(dtype).astype(jnp.float32)
 
         k = float(n_chunks * chunk)
-        acc = h[0]
-        for v in h[1:]:
-            acc = acc + v
-        mean = jnp.sum(acc, axis=1, keepdims=True) / k
+        mean = row_sum(h) / k
         h = [v - mean for v in h]
-        acc = h[0] * h[0]
-        for v in h[1:]:
-            acc = acc + v * v
-        inv = jax.lax.rsqrt(jnp.sum(acc, axis=1, keepdims=True) / k + eps)
+        inv = jax.lax.rsqrt(row_sum([v * v for v in h]) / k + eps)
         sample = pl.ds((pid * block_m) // tokens, 1)
         h = [r(r(r(v * inv) * r(1.0 + scale_ref[sample, c].astype(jnp.float32)))
                + shift_ref[sample, c].astype(jnp.float32)) for v, c in zip(h, cols)]

@@ -57,3 +57,11 @@ def row_amax(h: list[jax.Array]) -> jax.Array:
     for x in h[1:]:
         acc = jnp.maximum(acc, jnp.abs(x))
     return jnp.max(acc, axis=1)
+
+
+def row_sum(h: list[jax.Array]) -> jax.Array:
+    """Per-row sum over the pieces of ``h``, (rows, 1): elementwise across pieces, then one row reduction."""
+    acc = h[0]
+    for x in h[1:]:
+        acc = acc + x
+    return jnp.sum(acc, axis=1, keepdims=True)

@@ -9,6 +9,7 @@ import pytest
 
 from qdit_jax.quant.kernels.gelu_quant import gelu_quant_applies, gelu_quant_pallas, gelu_quant_xla
 from qdit_jax.quant.quantizers import QuantSpec
+from tests.quant.kernels import CPU_NUMERICS
 
 SPECS = {"int8": QuantSpec(bits=8, group_size=0, symmetric=True),
          "fp8": QuantSpec(bits=8, format="fp8_e4m3", group_size=0, symmetric=True)}
@@ -27,6 +28,7 @@ def _codes(q) -> np.ndarray:
     return np.asarray(jnp.asarray(q).astype(jnp.float32), np.float64)
 
 
+@CPU_NUMERICS
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_kernel_equals_xla_in_float32(name):
     """With a float32 layer output neither rounds in between: scales equal to float32 rounding (XLA's
@@ -44,6 +46,7 @@ def test_kernel_equals_xla_in_float32(name):
     assert np.abs(_codes(q)).max() >= (127 if name == "int8" else 448)  # each row's max reaches the top code
 
 
+@CPU_NUMERICS
 @pytest.mark.parametrize("fast,recompute,block_m,gelu", [(False, False, 1, "dtype"), (True, False, 1, "dtype"),
                                                         (False, True, 4, "dtype"), (False, False, 1, "float32")])
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -85,6 +88,7 @@ def test_kernel_matches_float64_reference_in_bfloat16(name, fast, recompute, blo
     assert np.all(np.abs(got - q_ref) <= step * 1.0001)
 
 
+@CPU_NUMERICS
 def test_gelu_modes_differ_and_dtype_mode_is_jax_gelu():
     """Mode 'dtype' is ``jax.nn.gelu(approximate=True)`` on a bf16 array, value for value; 'float32'
     is a different function of the same inputs (bf16 constants and roundings matter)."""

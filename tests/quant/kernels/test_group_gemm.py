@@ -10,6 +10,7 @@ import pytest
 from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm, group_gemm_pallas,
                                                group_gemm_reference, group_gemm_xla, kernel_applies, pack_blocked,
                                                unpack_blocked)
+from tests.quant.kernels import CPU_NUMERICS
 
 TILES = Tiles(32, 32, 128)
 
@@ -132,6 +133,7 @@ def test_kernel_round_is_numpy_round_half_even():
     np.testing.assert_array_equal(np.asarray(_round_even(jnp.asarray(x))), np.round(x))
 
 
+@CPU_NUMERICS
 @pytest.mark.parametrize("g", [1, 4])
 def test_split_epilogue_is_the_same_function(g):
     """The barrier between the int8 GEMM and its scale epilogue changes scheduling, not values."""

@@ -9,6 +9,7 @@ import pytest
 
 from qdit_jax.quant.kernels.norm_quant import norm_quant_applies, norm_quant_pallas, norm_quant_xla
 from qdit_jax.quant.quantizers import QuantSpec
+from tests.quant.kernels import CPU_NUMERICS
 
 SPECS = {"int8": QuantSpec(bits=8, group_size=0, symmetric=True),
          "fp8": QuantSpec(bits=8, format="fp8_e4m3", group_size=0, symmetric=True)}
@@ -26,6 +27,7 @@ def _f64(a) -> np.ndarray:
     return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
 
 
+@CPU_NUMERICS
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -46,6 +48,7 @@ def test_kernel_equals_xla(name, dtype, norm):
     assert np.abs(got).max(axis=1).min() >= (127 if name == "int8" else 448)  # each row reaches the top code
 
 
+@CPU_NUMERICS
 @pytest.mark.parametrize("block_m,chunk", [(1, 128), (2, 64), (4, 128)])
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_norm_matches_float64_reference_in_bfloat16(name, block_m, chunk):

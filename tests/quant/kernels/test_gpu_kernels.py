@@ -1,0 +1,55 @@
+"""The row kernels compiled for the GPU (Triton; skipped elsewhere) against the XLA formulation they
+replace, on random data at DiT-XL/2's widths: what interpret mode cannot check (the Triton lowering,
+``tanh.approx``, Triton's reduction order). Run on a GPU machine: ``pytest tests/quant/kernels``."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qdit_jax.quant.kernels.gelu_quant import gelu_quant_pallas, gelu_quant_xla
+from qdit_jax.quant.kernels.norm_quant import norm_quant_pallas, norm_quant_xla
+from qdit_jax.quant.quantizers import QuantSpec
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the Triton kernels: GPU only")
+
+SPECS = {"int8": QuantSpec(bits=8, group_size=0, symmetric=True),
+         "fp8": QuantSpec(bits=8, format="fp8_e4m3", group_size=0, symmetric=True)}
+B, T, C, HIDDEN = 16, 256, 1152, 4608
+
+
+def _codes(q) -> np.ndarray:
+    return np.asarray(jnp.asarray(q).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_norm_quant_matches_xla(name, norm):
+    r = np.random.default_rng(0)
+    x = jnp.asarray(r.standard_normal((B * T, C)) * 2 + r.standard_normal(C), jnp.bfloat16)
+    kw = {}
+    if norm:
+        kw = dict(shift=jnp.asarray(r.standard_normal((B, C)) * 0.3, jnp.bfloat16),
+                  scale=jnp.asarray(r.standard_normal((B, C)) * 0.3, jnp.bfloat16), tokens=T)
+    q, s = jax.jit(lambda v: norm_quant_pallas(v, SPECS[name], **kw))(x)
+    q0, s0 = jax.jit(lambda v: norm_quant_xla(v, SPECS[name], **kw))(x)
+    rel = np.abs(np.asarray(s) - np.asarray(s0)) / np.asarray(s0)
+    assert rel.max() < 2 ** -7 and np.mean(rel > 0) < 1e-3  # a bf16 ulp of a row maximum, rarely
+    got, want = _codes(q), _codes(q0)
+    assert np.mean(got == want) > 0.9999
+    assert np.abs(got).max() >= (127 if name == "int8" else 448)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_gelu_quant_matches_xla(name):
+    r = np.random.default_rng(1)
+    p = jnp.asarray(r.standard_normal((B * T, HIDDEN)) * 100, jnp.bfloat16)
+    sa = jnp.asarray(r.uniform(0.005, 0.015, (1, B * T)), jnp.float32)
+    sw = jnp.asarray(r.uniform(0.5, 1.5, (1, HIDDEN)), jnp.float32)
+    b = jnp.asarray(r.standard_normal(HIDDEN) * 0.1, jnp.float32)
+    for approx in (True, False):
+        q, s = jax.jit(lambda *a: gelu_quant_pallas(*a, SPECS[name], jnp.bfloat16, approx_tanh=approx))(p, sa, sw, b)
+        q0, s0 = jax.jit(lambda *a: gelu_quant_xla(*a, SPECS[name], jnp.bfloat16))(p, sa, sw, b)
+        np.testing.assert_allclose(np.asarray(s), np.asarray(s0), rtol=2 ** -7)
+        assert np.mean(_codes(q) == _codes(q0)) > 0.999
