@@ -40,6 +40,7 @@ from qdit_jax.quant.kernels.gelu_quant import gelu_quant_applies, gelu_quant_pal
 from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm_pallas, group_gemm_xla, kernel_applies,
                                                low_bit_product, pack_blocked, weight_codes_int8)
 from qdit_jax.quant.kernels.norm_quant import norm_quant_applies, norm_quant_pallas
+from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_mosaic
 from qdit_jax.quant.quantizers import SCALE_DTYPES, QParams, QuantSpec, _int_codes, params_of_groups
 
 BACKENDS = ("auto", "xla", "pallas")
@@ -97,6 +98,13 @@ class RealOptions:
     # other per-token quantized inputs (DiT's proj input) through the same kernel without the norm:
     # one read and one write instead of XLA's abs-max pass and quantize pass
     row_quant: bool = True
+    # an fp8 SplitQKVDense (per-channel weights, per-token inputs, bf16 output): q, k, v each from
+    # one Mosaic GPU GEMM that applies the scales and bias in its epilogue (kernels.scaled_gemm)
+    # where the guard allows (Hopper), instead of cuBLAS + an epilogue pass writing q, k, v. Off by
+    # default: measured in the model it was slower (2,823 vs 2,911 images/s) because XLA still
+    # copied q, k, v out of the concatenation; the reshape fix for that is not yet measured
+    # (docs/PERF_NOTES.md). The kernel alone: 474 vs 671 us for the three blocks at batch 256.
+    qkv_kernel: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -395,6 +403,31 @@ def _fused_mlp(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: 
     return y.reshape(*lead, w2.scale.shape[1])
 
 
+def _qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, options: RealOptions,
+                source: NormSource | None, blocks: int) -> jax.Array | None:
+    """A SplitQKVDense in fp8 as ``blocks`` column-block GEMMs with the scales in their epilogue
+    (``kernels.scaled_gemm``), concatenated (the attention's slices of the concatenation fold away),
+    or None where the kernel does not apply."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    m, n = int(np.prod(lead)), rw.scale.shape[1]
+    if (lq.act is None or lq.act.format == "int" or rw.scale.shape[0] != 1 or rw.zero is not None
+            or jnp.dtype(out_dtype) != jnp.dtype(jnp.bfloat16) or _eff_group(lq.act, k) != k or n % blocks):
+        return None
+    c = n // blocks
+    if not scaled_gemm_applies(m, c, k, rw.codes.dtype, rw.codes.dtype)[0]:
+        return None
+    qa, sa = _quantize_input(x.reshape(m, k), lq.act, k, options, source)
+    if qa.dtype != rw.codes.dtype:
+        return None
+    sw = rw.scale.astype(jnp.float32)[0]
+    # each block reshaped before the concatenation, as SplitQKVDense does: XLA folds the attention's
+    # slices of a concatenation into its operands, but not of a reshaped concatenation (measured:
+    # concatenating (M, C) blocks and reshaping after left a q / k / v copy pass of ~300 us per block)
+    parts = [scaled_gemm_mosaic(qa, rw.codes, sa[0], sw, rw.bias, n_off=i * c, n=c).reshape(*lead, c)
+             for i in range(blocks)]
+    return jnp.concatenate(parts, axis=-1)
+
+
 def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str, RealWeight], options: RealOptions):
     # ModulatedNorm outputs of this trace, by id, with what they were computed from: the layer that
     # takes one as its input may quantize from the source in one kernel pass (the float output is
@@ -425,6 +458,10 @@ def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str,
             x = args[0]
             out_dtype = context.module.dtype or x.dtype
             rw = weights[path]
+            if options.qkv_kernel and isinstance(context.module, SplitQKVDense):
+                y = _qkv_scaled(x, rw, lq, out_dtype, options, source_of(x), context.module.BLOCKS)
+                if y is not None:
+                    return y
             if options.split_qkv and isinstance(context.module, SplitQKVDense):  # one GEMM per column block
                 nb = context.module.BLOCKS
                 c = rw.scale.shape[1] // nb

@@ -314,3 +314,38 @@ def test_norm_quant_routes_give_the_same_outputs(fmt, params, inputs, monkeypatc
         assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
         ops = [_dot_operand_dtypes(jax.make_jaxpr(f)(rm.variables(), *inputs).jaxpr) for f in (ref_fn, fn)]
         assert sorted(ops[0]) == sorted(ops[1])
+
+
+def test_qkv_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
+    """With the scaled_gemm guard forced open (its XLA formulation standing in for the Mosaic GPU
+    kernel, which needs a Hopper GPU) an fp8 SplitQKVDense runs as one scaled GEMM per q / k / v
+    column block from the same codes: the same model output as the qkv GEMM + epilogue path."""
+    from qdit_jax.quant import real
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_xla
+    from qdit_jax.quant.real import RealOptions
+
+    calls = []
+
+    def stand_in(a, w, sa, sw, bias, *, n_off, n, **kw):
+        calls.append((n_off, n))
+        return scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n)
+
+    monkeypatch.setattr(real, "scaled_gemm_applies", lambda m, n, k, ad, wd, **kw: (True, "test"))
+    monkeypatch.setattr(real, "scaled_gemm_mosaic", stand_in)
+    cfg = CFG.replace(dtype="bfloat16")  # the kernel writes bf16
+    rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**FORMATS["fp8-e4m3-perchannel"])))
+    ref = np.asarray(jax.jit(rm.apply_fn(RealOptions()))(rm.variables(), *inputs), np.float64)
+    assert not calls  # opt-in
+    fn = rm.apply_fn(RealOptions(qkv_kernel=True))
+    got = np.asarray(jax.jit(fn)(rm.variables(), *inputs), np.float64)
+    c = CFG.hidden_size
+    assert calls == [(0, c), (c, c), (2 * c, c)] * CFG.depth
+    np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3
+    # q, k, v are concatenated in the model's (B, N, C) layout, as SplitQKVDense does, so XLA can fold
+    # the attention's slices into the blocks (a slice of a reshaped concatenation stays a copy pass)
+    jaxpr = jax.make_jaxpr(fn)(rm.variables(), *inputs).jaxpr
+    cats = [e for e in _eqns(jaxpr) if e.primitive.name == "concatenate" and e.outvars[0].aval.shape[-1] == 3 * c]
+    assert len(cats) == CFG.depth
+    assert all(v.aval.shape[:-1] == cats[0].outvars[0].aval.shape[:-1] and v.aval.ndim == 3
+               for e in cats for v in e.invars)

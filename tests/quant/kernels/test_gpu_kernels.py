@@ -53,3 +53,24 @@ def test_gelu_quant_matches_xla(name):
         q0, s0 = jax.jit(lambda *a: gelu_quant_xla(*a, SPECS[name], jnp.bfloat16))(p, sa, sw, b)
         np.testing.assert_allclose(np.asarray(s), np.asarray(s0), rtol=2 ** -7)
         assert np.mean(_codes(q) == _codes(q0)) > 0.999
+
+
+def test_scaled_gemm_matches_xla():
+    """The Mosaic GPU fp8 GEMM with the scale epilogue, one q / k / v column block at a time."""
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_mosaic, scaled_gemm_xla
+
+    r = np.random.default_rng(2)
+    m, f8 = B * T, jnp.float8_e4m3fn
+    if not scaled_gemm_applies(m, C, C, f8, f8)[0]:
+        pytest.skip(scaled_gemm_applies(m, C, C, f8, f8)[1])
+    a = jnp.asarray(np.clip(r.standard_normal((m, C)) * 60, -448, 448), jnp.float32).astype(f8)
+    w = jnp.asarray(np.clip(r.standard_normal((3 * C, C)) * 60, -448, 448), jnp.float32).astype(f8)
+    sa = jnp.asarray(r.uniform(0.001, 0.003, (m,)), jnp.float32)
+    sw = jnp.asarray(r.uniform(0.001, 0.003, (3 * C,)), jnp.float32)
+    b = jnp.asarray(r.standard_normal(3 * C) * 0.1, jnp.float32)
+    for i in range(3):
+        got = np.asarray(jax.jit(lambda *x: scaled_gemm_mosaic(*x, n_off=i * C, n=C))(a, w, sa, sw, b), np.float32)
+        want = np.asarray(jax.jit(lambda *x: scaled_gemm_xla(*x, n_off=i * C, n=C))(a, w, sa, sw, b), np.float32)
+        assert np.abs(want).max() > 0
+        assert np.mean(got == want) > 0.999
+        np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-6)

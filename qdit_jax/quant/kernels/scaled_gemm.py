@@ -1,0 +1,145 @@
+"""An fp8 GEMM that applies the per-token x per-channel scales and the bias in its epilogue: a Pallas
+Mosaic GPU kernel (Hopper wgmma), its guard and the XLA formulation it replaces.
+
+Why: in the real fp8 DiT the qkv layer's scale epilogue is its own pass (cuBLASLt takes only
+per-tensor fp8 scales), reading the GEMM's bf16 product and writing q, k and v: 28 x ~300 us at
+DiT-XL/2's batch 256, at the memory floor, so only a GEMM that scales its own accumulator removes it.
+Here each output column block (q, k or v) is one call: a persistent kernel (one CTA per SM looping
+over output tiles), warp-specialized (a memory warpgroup streams the A and W tiles through a
+``max_concurrent_steps``-deep pipeline while two compute warpgroups run wgmma on 128 rows each),
+each compute warpgroup applying ``acc * s_a[m] * s_w[n] + b[n]`` in registers and storing its tile
+through its own SMEM slot asynchronously.
+
+Same math as the XLA path (``group_gemm_xla`` at one group with a bf16 product): the float32
+accumulator rounded to bf16, then scaled and biased in float32 and rounded to bf16. On an H100 the
+outputs are bit-identical to cuBLAS + XLA's epilogue at XL/2's qkv shape, in 474 us against 671 us
+for the three column blocks (docs/RESULTS.md, ``scripts/bench_block_ops.py --sections qkvgemm``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+TILE_M, TILE_N, TILE_K, STEPS = 128, 128, 128, 3  # per compute warpgroup; the fastest measured on the H100
+
+
+def _hopper() -> bool:
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", "")
+    return str(cc).startswith("9")
+
+
+def scaled_gemm_applies(m: int, n: int, k: int, a_dtype: Any, w_dtype: Any, *, tile_m: int = TILE_M,
+                        tile_n: int = TILE_N, platform: str | None = None) -> tuple[bool, str]:
+    """Whether the kernel can compute an (M, K) x (N, K)^T fp8 product block of width N, and if not, why."""
+    platform = platform or jax.default_backend()
+    if platform != "gpu":
+        return False, f"platform is {platform}, the kernel is GPU-only"
+    if platform == jax.default_backend() and not _hopper():
+        return False, "the kernel uses Hopper's wgmma (compute capability 9.x)"
+    f8 = jnp.dtype(jnp.float8_e4m3fn)
+    if jnp.dtype(a_dtype) != f8 or jnp.dtype(w_dtype) != f8:
+        return False, f"operands {jnp.dtype(a_dtype)} x {jnp.dtype(w_dtype)}: the kernel takes fp8 e4m3 codes"
+    if m % (2 * tile_m) or n % tile_n or k % TILE_K:
+        return False, f"(M, N, K) = ({m}, {n}, {k}) is not a multiple of ({2 * tile_m}, {tile_n}, {TILE_K})"
+    try:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+    except ImportError as e:  # pragma: no cover - depends on the JAX build
+        return False, f"Pallas Mosaic GPU is not available ({e})"
+    if not all(hasattr(plgpu, f) for f in ("kernel", "emit_pipeline_warp_specialized", "nd_loop")):
+        return False, "this JAX's Pallas Mosaic GPU lacks kernel / emit_pipeline_warp_specialized / nd_loop"
+    return True, "ok"
+
+
+def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
+                       n_off: int = 0, n: int | None = None, tile_m: int = TILE_M, tile_n: int = TILE_N,
+                       steps: int = STEPS) -> jax.Array:
+    """Columns ``n_off : n_off + n`` of ``(a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
+    ``a`` (M, K) and ``w`` (N_total, K) fp8 codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,) float32."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    m, k = a.shape
+    n = w.shape[0] - n_off if n is None else n
+    if n_off % tile_n:
+        raise ValueError(f"column offset {n_off} is not a multiple of the {tile_n}-wide tile")
+    bias = jnp.zeros((w.shape[0],), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    sa, sw = sa.astype(jnp.float32).reshape(-1), sw.astype(jnp.float32).reshape(-1)
+    tr = (plgpu.TilingTransform((8, TILE_K)), plgpu.SwizzleTransform(128))  # 128-byte rows of fp8
+    cta_m = 2 * tile_m
+    m_tiles, n_tiles = m // cta_m, n // tile_n
+    w_tile0 = n_off // tile_n
+
+    def make_pipeline(body: Any, ctx: Any) -> Any:
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(k // TILE_K,), memory_registers=40,
+            in_specs=[plgpu.BlockSpec((cta_m, TILE_K), lambda kk: (0, kk), transforms=tr),
+                      plgpu.BlockSpec((tile_n, TILE_K), lambda kk: (0, kk), transforms=tr)],
+            wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps, compute_context=ctx)
+
+    def kernel(a_gmem, w_gmem, sa_gmem, sw_gmem, b_gmem, o_gmem):
+        def ignore(*_: Any, **__: Any) -> None:
+            return None
+
+        allocations = make_pipeline(ignore, ignore).get_allocations(a_gmem.at[pl.ds(0, cta_m)],
+                                                                      w_gmem.at[pl.ds(0, tile_n)])
+
+        @functools.partial(pl.run_scoped, allocs=allocations,
+                           o_smem=plgpu.SMEM((2, tile_m, tile_n), jnp.bfloat16), collective_axes="wg")
+        def scope(allocs: Any, o_smem: Any) -> None:
+            wg = lax.axis_index("wg")
+
+            @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
+            def tile(info: Any) -> None:
+                (lin,) = info.index
+                pm, pn = lin // n_tiles, lin % n_tiles
+
+                def epilogue(eval_pipeline: Any) -> None:
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
+                    def _(acc_ref: Any) -> None:
+                        eval_pipeline(acc_ref)
+                        rows, wcols = pm * cta_m + wg * tile_m, pl.ds(n_off + pn * tile_n, tile_n)
+                        row_l, col_l = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+                        s_a = plgpu.load(sa_gmem.at[pl.ds(rows, tile_m)], (), layout=row_l, optimized=False)
+                        s_w = plgpu.load(sw_gmem.at[wcols], (), layout=col_l, optimized=False)
+                        b = plgpu.load(b_gmem.at[wcols], (), layout=col_l, optimized=False)
+                        shape = (tile_m, tile_n)
+                        y = acc_ref[...].astype(jnp.bfloat16).astype(jnp.float32)  # the XLA path's bf16 product
+                        y = (y * lax.broadcast_in_dim(s_a, shape, [0]) * lax.broadcast_in_dim(s_w, shape, [1])
+                             + lax.broadcast_in_dim(b, shape, [1]))
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this slot's previous store has read it
+                        o_smem[wg] = y.astype(jnp.bfloat16)
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(o_smem.at[wg],
+                                                o_gmem.at[pl.ds(rows, tile_m), pl.ds(pn * tile_n, tile_n)])
+
+                def mma(_: Any, a_smem: Any, w_smem: Any, acc_ref: Any) -> Any:
+                    # fp8 wgmma takes B K-major: the (tile_n, K) weight tile, transposed as a view
+                    plgpu.wgmma(acc_ref, a_smem.at[pl.ds(wg * tile_m, tile_m)], plgpu.transpose_ref(w_smem, (1, 0)))
+                    plgpu.wgmma_wait(0)
+                    return acc_ref
+
+                make_pipeline(mma, epilogue)(a_gmem.at[pl.ds(pm * cta_m, cta_m)],
+                                             w_gmem.at[pl.ds((w_tile0 + pn) * tile_n, tile_n)], allocations=allocs)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    num_sms = jax.devices()[0].core_count
+    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((m, n), jnp.bfloat16), grid=(num_sms,),
+                        grid_names=("sm",), num_threads=3, thread_name="wg")(a, w, sa, sw, bias)
+
+
+def scaled_gemm_xla(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
+                    n_off: int = 0, n: int | None = None) -> jax.Array:
+    """The real path's XLA formulation of the same columns (bf16 product, float32 epilogue): the reference."""
+    from qdit_jax.quant.kernels.group_gemm import group_gemm_xla
+
+    n = w.shape[0] - n_off if n is None else n
+    cols = slice(n_off, n_off + n)
+    b = None if bias is None else bias[cols]
+    return group_gemm_xla(a, sa.reshape(1, -1), w[cols], sw.reshape(1, -1)[:, cols], b, out_dtype=jnp.bfloat16,
+                          split_epilogue=True, product_dtype=jnp.bfloat16)

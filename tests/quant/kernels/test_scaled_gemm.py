@@ -1,0 +1,39 @@
+"""The scaled fp8 GEMM's guard (the kernel itself needs a Hopper GPU: test_gpu_kernels.py) and its XLA
+formulation against a float64 NumPy version of the same steps."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_xla
+
+F8 = jnp.float8_e4m3fn
+
+
+def test_guard_names_why():
+    assert scaled_gemm_applies(65536, 1152, 1152, F8, F8, platform="gpu") == (True, "ok")
+    assert "GPU-only" in scaled_gemm_applies(65536, 1152, 1152, F8, F8, platform="cpu")[1]
+    assert "fp8" in scaled_gemm_applies(65536, 1152, 1152, jnp.int8, jnp.int8, platform="gpu")[1]
+    assert "multiple" in scaled_gemm_applies(65536, 1000, 1152, F8, F8, platform="gpu")[1]
+    assert "multiple" in scaled_gemm_applies(100, 1152, 1152, F8, F8, platform="gpu")[1]
+
+
+def test_xla_formulation_is_bf16_product_then_scales():
+    """Columns n_off:n_off+n of bf16(a @ w.T) * sa * sw + b, rounded to bf16, against float64 NumPy."""
+    r = np.random.default_rng(0)
+    m, k, n_all, n_off, n = 32, 64, 96, 32, 32
+    a = jnp.asarray(r.integers(-16, 16, (m, k)), jnp.float32).astype(F8)  # exact in e4m3
+    w = jnp.asarray(r.integers(-16, 16, (n_all, k)), jnp.float32).astype(F8)
+    sa, sw = r.uniform(0.01, 0.02, m).astype(np.float32), r.uniform(0.01, 0.02, n_all).astype(np.float32)
+    b = r.standard_normal(n_all).astype(np.float32)
+    got = np.asarray(scaled_gemm_xla(a, w, jnp.asarray(sa), jnp.asarray(sw), jnp.asarray(b), n_off=n_off, n=n),
+                     np.float64)
+
+    def bf(v: np.ndarray) -> np.ndarray:
+        return v.astype(ml_dtypes.bfloat16).astype(np.float64)
+
+    p = bf(np.asarray(a, np.float64) @ np.asarray(w, np.float64).T)[:, n_off:n_off + n]
+    want = bf(p * sa[:, None] * sw[None, n_off:n_off + n] + b[n_off:n_off + n])
+    np.testing.assert_allclose(got, want, rtol=2 ** -8)
+    assert np.mean(got == want) > 0.98
