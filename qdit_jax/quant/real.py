@@ -378,6 +378,12 @@ def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
     return y.reshape(*lead, n)
 
 
+def _per_channel_per_token(lq: LayerQuant, rw: RealWeight, k: int) -> bool:
+    """Whether a layer has one symmetric scale per output channel and per-token activations (what
+    the fused MLP and qkv kernels take)."""
+    return lq.act is not None and rw.scale.shape[0] == 1 and rw.zero is None and _eff_group(lq.act, k) == k
+
+
 def _fused_mlp(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: Mapping[str, RealWeight],
                options: RealOptions, source: NormSource | None = None) -> jax.Array | None:
     """The DiT ``Mlp`` (fc1, tanh GELU, fc2) with its middle step in one kernel, or None where that
@@ -385,14 +391,13 @@ def _fused_mlp(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: 
     kernel takes its raw product to fc2's per-token codes; fc2: low-bit GEMM and scale epilogue."""
     base = module_path(mlp)
     (l1, w1), (l2, w2) = ((plan.get(f"{base}/{n}"), weights.get(f"{base}/{n}")) for n in ("fc1", "fc2"))
-    if None in (l1, w1, l2, w2) or l1.act is None or l2.act is None or options.backend == "pallas":
+    if None in (l1, w1, l2, w2) or options.backend == "pallas":
         return None
-    if w1.scale.shape[0] != 1 or w2.scale.shape[0] != 1 or w1.zero is not None:
-        return None  # group-wise or asymmetric weights: the per-layer path
     lead, k, n = x.shape[:-1], x.shape[-1], w1.scale.shape[1]
     m = int(np.prod(lead))
-    if _eff_group(l1.act, k) != k or _eff_group(l2.act, n) != n or not gelu_quant_applies(m, n, l2.act)[0]:
-        return None
+    if not (_per_channel_per_token(l1, w1, k) and l2.act is not None and w2.scale.shape[0] == 1
+            and _eff_group(l2.act, n) == n and gelu_quant_applies(m, n, l2.act)[0]):
+        return None  # group-wise or asymmetric layers, or no kernel here: the per-layer path
     out_dtype = mlp.dtype or x.dtype
     product_dtype = _float_product(options.float_product, out_dtype)
     qa, sa = _quantize_input(x.reshape(m, k), l1.act, k, options, source)
@@ -410,8 +415,8 @@ def _qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, op
     or None where the kernel does not apply."""
     lead, k = x.shape[:-1], x.shape[-1]
     m, n = int(np.prod(lead)), rw.scale.shape[1]
-    if (lq.act is None or lq.act.format == "int" or rw.scale.shape[0] != 1 or rw.zero is not None
-            or jnp.dtype(out_dtype) != jnp.dtype(jnp.bfloat16) or _eff_group(lq.act, k) != k or n % blocks):
+    if (not _per_channel_per_token(lq, rw, k) or lq.act.format == "int"
+            or jnp.dtype(out_dtype) != jnp.dtype(jnp.bfloat16) or n % blocks):
         return None
     c = n // blocks
     if not scaled_gemm_applies(m, c, k, rw.codes.dtype, rw.codes.dtype)[0]:

@@ -33,8 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdit_jax.quant.config import QuantSpec
-from qdit_jax.quant.kernels.group_gemm import _pow2
-from qdit_jax.quant.kernels.row_quant import check_row_spec, codes_dtype, scale_and_codes
+from qdit_jax.quant.kernels.row_quant import check_row_spec, check_row_tiling, codes_dtype, scale_and_codes
 
 BLOCK_M, CHUNK, NUM_WARPS = 1, 512, 4  # the fastest tiling measured on the H100
 
@@ -42,14 +41,7 @@ BLOCK_M, CHUNK, NUM_WARPS = 1, 512, 4  # the fastest tiling measured on the H100
 def gelu_quant_applies(m: int, n: int, spec: QuantSpec, *, block_m: int = BLOCK_M, chunk: int = CHUNK,
                        platform: str | None = None) -> tuple[bool, str]:
     """Whether the kernel can take an (M, N) fc1 product to fc2's codes, and if not, why."""
-    platform = platform or jax.default_backend()
-    if platform != "gpu":
-        return False, f"platform is {platform}, the kernel is GPU-only"
-    if not (_pow2(block_m) and _pow2(chunk)):
-        return False, f"block_m {block_m} and chunk {chunk} must be powers of two"
-    if m % block_m or n % chunk:
-        return False, f"(M, N) = ({m}, {n}) is not a multiple of ({block_m}, {chunk})"
-    why = check_row_spec(spec)
+    why = check_row_tiling(m, n, block_m, chunk, platform) or check_row_spec(spec)
     return (not why), (why or "ok")
 
 

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from qdit_jax.quant.config import QuantSpec
-from qdit_jax.quant.kernels.group_gemm import _pow2
-from qdit_jax.quant.kernels.row_quant import check_row_spec, codes_dtype, row_amax, row_sum, scale_and_codes
+from qdit_jax.quant.kernels.row_quant import (check_row_spec, check_row_tiling, codes_dtype, row_amax, row_sum,
+                                              scale_and_codes)
 
 BLOCK_M, CHUNK, NUM_WARPS = 1, 128, 1  # the fastest tiling measured on the H100 (RESULTS.md)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -40,18 +40,12 @@ def norm_quant_applies(m: int, k: int, spec: QuantSpec, dtype: Any, *, tokens: i
                        chunk: int = CHUNK, platform: str | None = None) -> tuple[bool, str]:
     """Whether the kernel can quantize an (M, K) activation per token (``tokens`` > 0: rows of
     ``tokens``-token samples through the LayerNorm + modulation), and if not, why."""
-    platform = platform or jax.default_backend()
-    if platform != "gpu":
-        return False, f"platform is {platform}, the kernel is GPU-only"
-    if not (_pow2(block_m) and _pow2(chunk)):
-        return False, f"block_m {block_m} and chunk {chunk} must be powers of two"
-    if m % block_m or k % chunk:
-        return False, f"(M, K) = ({m}, {k}) is not a multiple of ({block_m}, {chunk})"
-    if tokens and tokens % block_m:
-        return False, f"{tokens} tokens per sample is not a multiple of block_m {block_m}"
-    if jnp.dtype(dtype) not in _DTYPES:
-        return False, f"activations of dtype {jnp.dtype(dtype)}"
-    why = check_row_spec(spec)
+    why = check_row_tiling(m, k, block_m, chunk, platform, dims="(M, K)")
+    if not why and tokens and tokens % block_m:
+        why = f"{tokens} tokens per sample is not a multiple of block_m {block_m}"
+    if not why and jnp.dtype(dtype) not in _DTYPES:
+        why = f"activations of dtype {jnp.dtype(dtype)}"
+    why = why or check_row_spec(spec)
     return (not why), (why or "ok")
 
 

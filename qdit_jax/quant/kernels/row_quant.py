@@ -13,6 +13,21 @@ from qdit_jax.quant.config import QuantSpec
 from qdit_jax.quant.kernels.group_gemm import _round_even
 
 
+def check_row_tiling(m: int, width: int, block_m: int, chunk: int, platform: str | None, dims: str = "(M, N)") -> str:
+    """Why an (M, width) array cannot go through a row kernel of ``block_m`` rows per program in
+    ``chunk``-wide pieces on ``platform`` (default: JAX's backend); '' when it can."""
+    from qdit_jax.quant.kernels.group_gemm import _pow2
+
+    platform = platform or jax.default_backend()
+    if platform != "gpu":
+        return f"platform is {platform}, the kernel is GPU-only"
+    if not (_pow2(block_m) and _pow2(chunk)):
+        return f"block_m {block_m} and chunk {chunk} must be powers of two"
+    if m % block_m or width % chunk:
+        return f"{dims} = ({m}, {width}) is not a multiple of ({block_m}, {chunk})"
+    return ""
+
+
 def check_row_spec(spec: QuantSpec) -> str:
     """Why ``spec`` is outside what the row kernels compute ('' when inside)."""
     if not spec.symmetric or spec.method != "max" or spec.clip_ratio != 1.0 or spec.scale_dtype != "float32":
