@@ -47,10 +47,10 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-w8a8-fused": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-fused"),
     "real-w8a8-g128-qk": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "auto-qk"),
     "real-fp8": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real", "xla"),
-    # q, k, v from the Mosaic GPU scaled GEMM (kernels.scaled_gemm, RealOptions.qkv_kernel) instead of
-    # cuBLAS + XLA's epilogue pass
-    "real-fp8-qkvk": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
-                      "xla-qkvk"),
+    # q, k, v from cuBLAS + XLA's epilogue pass instead of the Mosaic GPU scaled GEMM (kernels.scaled_gemm,
+    # RealOptions.qkv_kernel, on by default)
+    "real-fp8-noqkvk": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
+                        "xla-noqkvk"),
     "real-fp8-fused": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
                        "xla-fused"),  # scale epilogues left to XLA to fuse into the GEMMs (no barrier)
     "real-fp8-f32": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
@@ -186,7 +186,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # activation quantization), -fused (the GEMM's scale epilogue fused into it, not its own pass),
     # -f32 (float32 fp8 products), -qkv1 (the float model's q, k, v from one fused GEMM), -qkv3 (real
     # mode: q, k, v as three quantized GEMMs), -nomlp (no fused MLP middle step), -nonorm (no norm_quant
-    # kernel), -rowq (norm_quant without the LayerNorm prologue), -qkvk (scaled_gemm for qkv),
+    # kernel), -rowq (norm_quant without the LayerNorm prologue), -noqkvk (no scaled_gemm for qkv),
     # xla-attn (XLA attention)
     if "qkv1" in tags:
         cfg = cfg.replace(qkv_gemms="fused")
@@ -202,7 +202,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        quant_kernel="qk" in tags, split_epilogue="fused" not in tags,
                        float_product="float32" if "f32" in tags else "auto", split_qkv="qkv3" in tags,
                        fused_mlp="nomlp" not in tags, fused_norm=not {"nonorm", "rowq"} & set(tags),
-                       row_quant="nonorm" not in tags, qkv_kernel="qkvk" in tags)
+                       row_quant="nonorm" not in tags, qkv_kernel="noqkvk" not in tags)
     return rm.apply_fn(opts), with_compute_params(rm.variables(), cfg), {
         "weight_bytes": rm.weight_bytes(), "checkpoint_bytes": checkpoint_bytes(rm.variables())}
 

@@ -100,11 +100,9 @@ class RealOptions:
     row_quant: bool = True
     # an fp8 SplitQKVDense (per-channel weights, per-token inputs, bf16 output): q, k, v each from
     # one Mosaic GPU GEMM that applies the scales and bias in its epilogue (kernels.scaled_gemm)
-    # where the guard allows (Hopper), instead of cuBLAS + an epilogue pass writing q, k, v. Off by
-    # default: measured in the model it was slower (2,823 vs 2,911 images/s) because XLA still
-    # copied q, k, v out of the concatenation; the reshape fix for that is not yet measured
-    # (docs/PERF_NOTES.md). The kernel alone: 474 vs 671 us for the three blocks at batch 256.
-    qkv_kernel: bool = False
+    # where the guard allows (Hopper), instead of cuBLAS + an epilogue pass writing q, k, v. Real
+    # fp8 XL/2 forward at batch 256: 1.270x -> 1.332x bf16 (docs/RESULTS.md, seventh session)
+    qkv_kernel: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

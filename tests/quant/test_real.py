@@ -334,9 +334,9 @@ def test_qkv_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
     monkeypatch.setattr(real, "scaled_gemm_mosaic", stand_in)
     cfg = CFG.replace(dtype="bfloat16")  # the kernel writes bf16
     rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**FORMATS["fp8-e4m3-perchannel"])))
-    ref = np.asarray(jax.jit(rm.apply_fn(RealOptions()))(rm.variables(), *inputs), np.float64)
-    assert not calls  # opt-in
-    fn = rm.apply_fn(RealOptions(qkv_kernel=True))
+    ref = np.asarray(jax.jit(rm.apply_fn(RealOptions(qkv_kernel=False)))(rm.variables(), *inputs), np.float64)
+    assert not calls
+    fn = rm.apply_fn(RealOptions())  # on by default
     got = np.asarray(jax.jit(fn)(rm.variables(), *inputs), np.float64)
     c = CFG.hidden_size
     assert calls == [(0, c), (c, c), (2 * c, c)] * CFG.depth
