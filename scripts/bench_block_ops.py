@@ -76,7 +76,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "normq", "qkvgemm"])
+    p.add_argument("--mosaic-only", action="store_true", help="qkvgemm: skip the Pallas Triton forms")
+    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "normq", "qkvgemm", "resgemm"])
     a = p.parse_args()
     rng = np.random.default_rng(0)
     bf = jnp.bfloat16
@@ -91,6 +92,8 @@ def main() -> None:
         norm_quant_forms(a, rng)
     if "qkvgemm" in a.sections:
         qkv_gemm_forms(a, rng)
+    if "resgemm" in a.sections:
+        residual_gemm_forms(a, rng)
     if "fc2in" in a.sections:
         fc2_input(a, rng)
     if "gelu" in a.sections:
@@ -287,6 +290,49 @@ def _fp8_gemm_epilogue(a, sa, w, sw, b, *, n_off: int, n: int, bm: int, bn: int,
                           compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))(a, sa, w, sw, b)
 
 
+MOSAIC_FORMS = (dict(tile_m=128, tile_n=128, steps=3), dict(tile_m=64, tile_n=192, steps=4),
+                dict(tile_m=64, tile_n=128, steps=5))
+
+
+def residual_gemm_forms(a, rng) -> None:
+    """proj / fc2 in fp8 with the block's gated residual: cuBLAS + XLA's epilogue-and-residual pass
+    against kernels.scaled_gemm with the residual in its epilogue, at K = C and K = 4C."""
+    from qdit_jax.perf import compiler
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_mosaic, scaled_gemm_xla
+
+    f8 = jnp.float8_e4m3fn
+    m = a.batch * a.tokens
+    for k in (C, HIDDEN):
+        qa = jnp.asarray(np.clip(rng.standard_normal((m, k)) * 100, -448, 448), jnp.float32).astype(f8)
+        w = jnp.asarray(np.clip(rng.standard_normal((C, k)) * 100, -448, 448), jnp.float32).astype(f8)
+        sa = jnp.asarray(rng.uniform(0.001, 0.003, (m,)), jnp.float32)
+        sw = jnp.asarray(rng.uniform(0.001, 0.003, (C,)) / np.sqrt(k / C), jnp.float32)
+        b = jnp.asarray(rng.standard_normal(C) * 0.1, jnp.float32)
+        x = jnp.asarray(rng.standard_normal((m, C)) * 4, jnp.bfloat16)
+        g = jnp.asarray(rng.standard_normal((a.batch, C)) * 0.5, jnp.bfloat16)
+        args = (qa, w, sa, sw, b, x, g)
+        ref_fn = compiler.jit(lambda qa, w, sa, sw, b, x, g: scaled_gemm_xla(qa, w, sa, sw, b, residual=x, gate=g))
+        ref = np.asarray(ref_fn(*args).astype(jnp.float32))
+        t = timed(ref_fn, args, a.repeats)
+        print(f"resgemm K={k}: cuBLAS fp8 + XLA epilogue / gated residual pass {t * 1e6:8.1f} us", flush=True)
+        ok, why = scaled_gemm_applies(m, C, k, f8, f8)
+        if not ok:
+            print(f"resgemm Mosaic GPU kernel skipped: {why}", flush=True)
+            continue
+        for kw in MOSAIC_FORMS:
+            fn = jax.jit(lambda qa, w, sa, sw, b, x, g: scaled_gemm_mosaic(qa, w, sa, sw, b, residual=x, gate=g, **kw))
+            try:
+                got = np.asarray(fn(*args).astype(jnp.float32))
+                t = timed(fn, args, a.repeats)
+            except Exception as e:  # noqa: BLE001 - reported, not fatal
+                print(f"resgemm K={k} Mosaic {kw}: failed: {str(e)[:400]}", flush=True)
+                continue
+            err = np.abs(got - ref)
+            print(f"resgemm K={k} Mosaic (kernels.scaled_gemm, residual epilogue) {kw}: {t * 1e6:8.1f} us   equal "
+                  f"{np.mean(got == ref):.4f}, max |diff| {err.max():.3g} (|ref| max {np.abs(ref).max():.3g})",
+                  flush=True)
+
+
 def qkv_gemm_forms(a, rng) -> None:
     """fp8 qkv layer from codes to q, k, v (three dense bf16 outputs, as cuDNN attention takes them)."""
     import functools
@@ -315,17 +361,22 @@ def qkv_gemm_forms(a, rng) -> None:
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_mosaic
 
     ok, why = scaled_gemm_applies(m, C, C, f8, f8)
-    for tm, tn, st in ((128, 128, 3), (64, 192, 4)) if ok else ():
+    for kw in MOSAIC_FORMS if ok else ():
         fn = jax.jit(lambda qa, sa, w, sw, b: tuple(
-            scaled_gemm_mosaic(qa, w, sa[0], sw[0], b, n_off=i * C, n=C, tile_m=tm, tile_n=tn, steps=st)
-            for i in range(3)))
-        out = fn(qa, sa, w, sw, b)
-        t = timed(fn, (qa, sa, w, sw, b), a.repeats)
+            scaled_gemm_mosaic(qa, w, sa[0], sw[0], b, n_off=i * C, n=C, **kw) for i in range(3)))
+        try:
+            out = fn(qa, sa, w, sw, b)
+            t = timed(fn, (qa, sa, w, sw, b), a.repeats)
+        except Exception as e:  # noqa: BLE001 - a form Mosaic cannot compile is reported, not fatal
+            print(f"qkvgemm Mosaic {kw}: failed: {str(e)[:400]}", flush=True)
+            continue
         got = np.concatenate([np.asarray(o.astype(jnp.float32)) for o in out], axis=1)
-        print(f"qkvgemm Mosaic GPU fp8 GEMM + epilogue (kernels.scaled_gemm) 2x{tm}x{tn} steps {st}: "
+        print(f"qkvgemm Mosaic GPU fp8 GEMM + epilogue (kernels.scaled_gemm) {kw}: "
               f"{t * 1e6:8.1f} us   equal to XLA {np.mean(got == ref):.4f}", flush=True)
     if not ok:
         print(f"qkvgemm Mosaic GPU kernel skipped: {why}", flush=True)
+    if a.mosaic_only:
+        return
     for bm, bn, bk, warps, stages in ((128, 128, 128, 8, 3), (128, 128, 128, 4, 4), (128, 128, 64, 4, 5),
                                       (256, 128, 128, 8, 3), (256, 128, 64, 8, 4), (128, 64, 128, 4, 4)):
         def pallas(qa, sa, w, sw, b):

@@ -51,6 +51,10 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     # RealOptions.qkv_kernel, on by default)
     "real-fp8-noqkvk": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
                         "xla-noqkvk"),
+    # proj / fc2 from cuBLAS + XLA's epilogue-and-residual pass instead of scaled_gemm with the gated
+    # residual in its epilogue (RealOptions.residual_kernel, on by default)
+    "real-fp8-nores": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
+                       "xla-nores"),
     "real-fp8-fused": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
                        "xla-fused"),  # scale epilogues left to XLA to fuse into the GEMMs (no barrier)
     "real-fp8-f32": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
@@ -187,7 +191,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # -f32 (float32 fp8 products), -qkv1 (the float model's q, k, v from one fused GEMM), -qkv3 (real
     # mode: q, k, v as three quantized GEMMs), -nomlp (no fused MLP middle step), -nonorm (no norm_quant
     # kernel), -rowq (norm_quant without the LayerNorm prologue), -noqkvk (no scaled_gemm for qkv),
-    # xla-attn (XLA attention)
+    # -nores (no scaled_gemm with the residual for proj / fc2), xla-attn (XLA attention)
     if "qkv1" in tags:
         cfg = cfg.replace(qkv_gemms="fused")
     if mode == "fp":
@@ -202,7 +206,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        quant_kernel="qk" in tags, split_epilogue="fused" not in tags,
                        float_product="float32" if "f32" in tags else "auto", split_qkv="qkv3" in tags,
                        fused_mlp="nomlp" not in tags, fused_norm=not {"nonorm", "rowq"} & set(tags),
-                       row_quant="nonorm" not in tags, qkv_kernel="noqkvk" not in tags)
+                       row_quant="nonorm" not in tags, qkv_kernel="noqkvk" not in tags,
+                       residual_kernel="nores" not in tags)
     return rm.apply_fn(opts), with_compute_params(rm.variables(), cfg), {
         "weight_bytes": rm.weight_bytes(), "checkpoint_bytes": checkpoint_bytes(rm.variables())}
 

@@ -211,6 +211,16 @@ class ModulatedNorm(nn.Module):
         return modulate(layer_norm(x, self.eps), shift, scale)
 
 
+class GatedResidual(nn.Module):
+    """``x + gate[:, None] * y``: adaLN-Zero's gated residual update after each branch (DiT's
+    attention and MLP). It owns no parameters; it is a module so that interceptors can see it (the
+    real low-bit mode computes it in the epilogue of the branch's last GEMM)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, gate: jax.Array, y: jax.Array) -> jax.Array:
+        return x + gate[:, None] * y
+
+
 class TimestepEmbedder(nn.Module):
     hidden_size: int
     frequency_embedding_size: int = 256
@@ -358,9 +368,10 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         attn = Attention(self.hidden_size, self.num_heads, self.dtype, self.param_dtype, self.attention,
                          self.qkv_gemms, name="attn")
-        x = x + gate_msa[:, None] * attn(ModulatedNorm(name="norm1")(x, shift_msa, scale_msa))
+        x = GatedResidual(name="res1")(x, gate_msa, attn(ModulatedNorm(name="norm1")(x, shift_msa, scale_msa)))
         mlp = Mlp(self.mlp_hidden, self.hidden_size, self.dtype, self.param_dtype, name="mlp")
-        return x + gate_mlp[:, None] * mlp(ModulatedNorm(self.mlp_norm_eps, name="norm2")(x, shift_mlp, scale_mlp))
+        return GatedResidual(name="res2")(x, gate_mlp,
+                                          mlp(ModulatedNorm(self.mlp_norm_eps, name="norm2")(x, shift_mlp, scale_mlp)))
 
 
 class FinalLayer(nn.Module):

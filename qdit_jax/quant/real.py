@@ -33,7 +33,7 @@ import numpy as np
 from flax import linen as nn
 
 from qdit_jax.errors import QditError
-from qdit_jax.models.dit import DiT, DiTConfig, Mlp, ModulatedNorm, SplitQKVDense
+from qdit_jax.models.dit import DiT, DiTConfig, GatedResidual, Mlp, ModulatedNorm, SplitQKVDense
 from qdit_jax.quant.config import LayerQuant, QuantConfig, resolve
 from qdit_jax.quant.interceptor import discover_layers, get_kernel, module_path, quantize_activation
 from qdit_jax.quant.kernels.gelu_quant import gelu_quant_applies, gelu_quant_pallas
@@ -103,6 +103,12 @@ class RealOptions:
     # where the guard allows (Hopper), instead of cuBLAS + an epilogue pass writing q, k, v. Real
     # fp8 XL/2 forward at batch 256: 1.270x -> 1.332x bf16 (docs/RESULTS.md, seventh session)
     qkv_kernel: bool = True
+    # a GatedResidual ``x + gate * y`` whose ``y`` is an fp8 per-channel x per-token GEMM's bf16
+    # output (DiT's proj and fc2): the GEMM rerun by the same Mosaic GPU kernel with the scales,
+    # bias and gated residual in its epilogue (kernels.scaled_gemm) where the guard allows (Hopper),
+    # instead of cuBLAS + XLA's epilogue-and-residual pass (the GEMM XLA emitted first goes unused
+    # and is dropped)
+    residual_kernel: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -275,6 +281,17 @@ class NormSource(NamedTuple):
     eps: float
 
 
+class GemmSource(NamedTuple):
+    """A per-token x per-channel low-bit GEMM's output ``out`` seen by the real interceptor, with the
+    codes it was computed from, so the GatedResidual that takes it can rerun it with the residual in
+    the kernel's epilogue."""
+
+    out: jax.Array
+    qa: jax.Array  # (M, K) activation codes
+    sa: jax.Array  # (1, M) float32 token scales
+    rw: RealWeight  # float32 scales
+
+
 def _quantize_input(x2: jax.Array, spec: QuantSpec, group: int, options: RealOptions,
                     source: NormSource | None = None) -> tuple[jax.Array, jax.Array]:
     """``quantize_act``, through a one-pass Pallas kernel when asked and its guard allows: per token,
@@ -370,10 +387,44 @@ def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
     else:
         if options.materialize:
             qa, sa = jax.lax.optimization_barrier((qa, sa))
-        y = group_gemm_xla(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype,
-                           split_epilogue=options.split_epilogue,
-                           product_dtype=_float_product(options.float_product, out_dtype))
+        y = _codes_gemm(qa, sa, rw, out_dtype, options)
     return y.reshape(*lead, n)
+
+
+def _codes_gemm(qa: jax.Array, sa: jax.Array, rw: RealWeight, out_dtype: Any, options: RealOptions) -> jax.Array:
+    """The XLA low-bit GEMM from activation codes and scales: product, then scales and bias."""
+    return group_gemm_xla(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype,
+                          split_epilogue=options.split_epilogue,
+                          product_dtype=_float_product(options.float_product, out_dtype))
+
+
+def _dense_with_codes(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, options: RealOptions,
+                      source: NormSource | None) -> GemmSource | None:
+    """``real_dense`` of a per-channel x per-token fp8 layer, keeping its codes (see GemmSource), or
+    None for other layers."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    if not (_per_channel_per_token(lq, rw, k) and lq.act.format != "int"):
+        return None
+    rw = rw._replace(scale=rw.scale.astype(jnp.float32))
+    qa, sa = _quantize_input(x.reshape(-1, k), lq.act, k, options, source)
+    y = _codes_gemm(qa, sa, rw, out_dtype, options)
+    return GemmSource(y.reshape(*lead, y.shape[-1]), qa, sa, rw)
+
+
+def _residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource) -> jax.Array | None:
+    """``x + gate[:, None] * src.out`` as one fp8 GEMM with the gated residual in its epilogue
+    (``kernels.scaled_gemm``), or None where the kernel does not apply."""
+    m, k = src.qa.shape
+    n = src.rw.scale.shape[1]
+    bf16 = jnp.dtype(jnp.bfloat16)
+    if (x.ndim != 3 or x.shape[0] * x.shape[1] != m or x.shape[2] != n or gate.shape != (x.shape[0], n)
+            or jnp.dtype(x.dtype) != bf16 or jnp.dtype(src.out.dtype) != bf16 or jnp.dtype(gate.dtype) != bf16):
+        return None
+    if not scaled_gemm_applies(m, n, k, src.qa.dtype, src.rw.codes.dtype, rows_per_gate=x.shape[1])[0]:
+        return None
+    y = scaled_gemm_mosaic(src.qa, src.rw.codes, src.sa.reshape(-1), src.rw.scale[0], src.rw.bias,
+                           residual=x.reshape(m, n), gate=gate)
+    return y.reshape(x.shape)
 
 
 def _per_channel_per_token(lq: LayerQuant, rw: RealWeight, k: int) -> bool:
@@ -383,10 +434,11 @@ def _per_channel_per_token(lq: LayerQuant, rw: RealWeight, k: int) -> bool:
 
 
 def _fused_mlp(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: Mapping[str, RealWeight],
-               options: RealOptions, source: NormSource | None = None) -> jax.Array | None:
+               options: RealOptions, source: NormSource | None = None) -> GemmSource | None:
     """The DiT ``Mlp`` (fc1, tanh GELU, fc2) with its middle step in one kernel, or None where that
     does not apply (the layers then run one by one). fc1: per-token x per-channel low-bit GEMM; the
-    kernel takes its raw product to fc2's per-token codes; fc2: low-bit GEMM and scale epilogue."""
+    kernel takes its raw product to fc2's per-token codes; fc2: low-bit GEMM and scale epilogue.
+    Returned with fc2's codes (its output is ``.out``)."""
     base = module_path(mlp)
     (l1, w1), (l2, w2) = ((plan.get(f"{base}/{n}"), weights.get(f"{base}/{n}")) for n in ("fc1", "fc2"))
     if None in (l1, w1, l2, w2) or options.backend == "pallas":
@@ -401,9 +453,9 @@ def _fused_mlp(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: 
     qa, sa = _quantize_input(x.reshape(m, k), l1.act, k, options, source)
     product = low_bit_product(qa, w1.codes, 1, product_dtype)[0]
     q2, s2 = gelu_quant_pallas(product, sa, w1.scale.astype(jnp.float32), w1.bias, l2.act, out_dtype)
-    y = group_gemm_xla(q2, s2, w2.codes, w2.scale.astype(jnp.float32), w2.bias, w2.zero, out_dtype=out_dtype,
-                       split_epilogue=options.split_epilogue, product_dtype=product_dtype)
-    return y.reshape(*lead, w2.scale.shape[1])
+    w2 = w2._replace(scale=w2.scale.astype(jnp.float32))
+    y = _codes_gemm(q2, s2, w2, out_dtype, options)
+    return GemmSource(y.reshape(*lead, w2.scale.shape[1]), q2, s2, w2)
 
 
 def _qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, options: RealOptions,
@@ -441,18 +493,35 @@ def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str,
         src = norms.get(id(a))
         return src if src is not None and src.out is a else None
 
+    # per-token x per-channel GEMM outputs of this trace, by id, with their codes: a GatedResidual
+    # taking one may rerun the GEMM with the residual in its epilogue (XLA then drops the first)
+    gemms: dict[int, GemmSource] = {}
+
+    def recorded(src: GemmSource) -> jax.Array:
+        gemms[id(src.out)] = src
+        return src.out
+
+    def gemm_of(a: Any) -> GemmSource | None:
+        src = gemms.get(id(a))
+        return src if src is not None and src.out is a else None
+
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
+        if options.residual_kernel and type(context.module) is GatedResidual:
+            x, gate, y = (kwargs[n] if n in kwargs else args[i] for i, n in enumerate(("x", "gate", "y")))
+            src = gemm_of(y)
+            out = None if src is None else _residual_scaled(x, gate, src)
+            return next_fun(*args, **kwargs) if out is None else out
         if options.fused_norm and type(context.module) is ModulatedNorm:
             y = next_fun(*args, **kwargs)
             x, shift, scale = (kwargs[n] if n in kwargs else args[i] for i, n in enumerate(("x", "shift", "scale")))
             norms[id(y)] = NormSource(y, x, shift, scale, context.module.eps)
             return y
         if options.fused_mlp and type(context.module) is Mlp:
-            y = _fused_mlp(context.module, args[0], plan, weights, options, source_of(args[0]))
-            if y is not None:
-                return y
+            src = _fused_mlp(context.module, args[0], plan, weights, options, source_of(args[0]))
+            if src is not None:
+                return recorded(src)
         path = module_path(context.module)
         lq = plan.get(path)
         if lq is None:
@@ -470,6 +539,10 @@ def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str,
                 c = rw.scale.shape[1] // nb
                 return jnp.concatenate([real_dense(x, column_block(rw, i * c, (i + 1) * c), lq, out_dtype, options)
                                         for i in range(nb)], axis=-1)
+            if options.residual_kernel:
+                src = _dense_with_codes(x, rw, lq, out_dtype, options, source_of(x))
+                if src is not None:
+                    return recorded(src)
             return real_dense(x, rw, lq, out_dtype, options, source_of(x))
         if lq.act is None:
             return next_fun(*args, **kwargs)

@@ -334,9 +334,10 @@ def test_qkv_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
     monkeypatch.setattr(real, "scaled_gemm_mosaic", stand_in)
     cfg = CFG.replace(dtype="bfloat16")  # the kernel writes bf16
     rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**FORMATS["fp8-e4m3-perchannel"])))
-    ref = np.asarray(jax.jit(rm.apply_fn(RealOptions(qkv_kernel=False)))(rm.variables(), *inputs), np.float64)
+    ref = np.asarray(jax.jit(rm.apply_fn(RealOptions(qkv_kernel=False, residual_kernel=False)))(
+        rm.variables(), *inputs), np.float64)
     assert not calls
-    fn = rm.apply_fn(RealOptions())  # on by default
+    fn = rm.apply_fn(RealOptions(residual_kernel=False))  # qkv_kernel on by default
     got = np.asarray(jax.jit(fn)(rm.variables(), *inputs), np.float64)
     c = CFG.hidden_size
     assert calls == [(0, c), (c, c), (2 * c, c)] * CFG.depth
@@ -349,3 +350,45 @@ def test_qkv_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
     assert len(cats) == CFG.depth
     assert all(v.aval.shape[:-1] == cats[0].outvars[0].aval.shape[:-1] and v.aval.ndim == 3
                for e in cats for v in e.invars)
+
+
+@pytest.mark.parametrize("fused_mlp", [False, True])
+def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, params, inputs, monkeypatch):
+    """With the scaled_gemm guard forced open (its XLA formulation standing in for the Mosaic GPU
+    kernel) each GatedResidual whose branch ends in an fp8 per-channel x per-token GEMM (proj, fc2;
+    fc2 also from the fused MLP route) runs as that GEMM with the gated residual in its epilogue:
+    the same model output as the GEMM + XLA residual path, and the first GEMM is left unused."""
+    from qdit_jax.quant import real
+    from qdit_jax.quant.kernels.gelu_quant import gelu_quant_xla
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_xla
+    from qdit_jax.quant.real import RealOptions
+
+    calls = []
+
+    def stand_in(a, w, sa, sw, bias, *, residual=None, gate=None, **kw):
+        calls.append((a.shape, w.shape, residual is not None))
+        return scaled_gemm_xla(a, w, sa, sw, bias, residual=residual, gate=gate, **kw)
+
+    monkeypatch.setattr(real, "scaled_gemm_applies", lambda m, n, k, ad, wd, **kw: (True, "test"))
+    monkeypatch.setattr(real, "scaled_gemm_mosaic", stand_in)
+    if fused_mlp:  # its XLA formulation standing in for the GPU-only kernel
+        monkeypatch.setattr(real, "gelu_quant_applies", lambda m, n, spec, **kw: (True, "test"))
+        monkeypatch.setattr(real, "gelu_quant_pallas", lambda p, sa, sw, b, spec, dt, **kw: gelu_quant_xla(
+            p, sa, sw, b, spec, dt))
+    cfg = CFG.replace(dtype="bfloat16")
+    rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**FORMATS["fp8-e4m3-perchannel"])))
+    off = RealOptions(qkv_kernel=False, residual_kernel=False)
+    ref = np.asarray(jax.jit(rm.apply_fn(off))(rm.variables(), *inputs), np.float64)
+    assert not calls
+    fn = rm.apply_fn(RealOptions(qkv_kernel=False))  # on by default
+    got = np.asarray(jax.jit(fn)(rm.variables(), *inputs), np.float64)
+    c, m = CFG.hidden_size, inputs[0].shape[0] * (CFG.input_size // CFG.patch_size) ** 2
+    want = [((m, c), (c, c), True), ((m, 4 * c), (c, 4 * c), True)] * CFG.depth  # proj, fc2
+    assert calls == want
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3
+    # the GEMMs the residual route replaced are gone from the compiled program: one fp8 dot per
+    # qkv / fc1 layer (the stand-in's own dots are the rest)
+    hlo = jax.jit(fn).lower(rm.variables(), *inputs).compile().as_text()
+    ref_hlo = jax.jit(rm.apply_fn(off)).lower(rm.variables(), *inputs).compile().as_text()
+    assert hlo.count("f8e4m3fn") > 0 and ref_hlo.count(" dot(") >= 4 * CFG.depth
+    assert hlo.count(" dot(") == ref_hlo.count(" dot(")

@@ -34,8 +34,10 @@ def _hopper() -> bool:
 
 
 def scaled_gemm_applies(m: int, n: int, k: int, a_dtype: Any, w_dtype: Any, *, tile_m: int = TILE_M,
-                        tile_n: int = TILE_N, platform: str | None = None) -> tuple[bool, str]:
-    """Whether the kernel can compute an (M, K) x (N, K)^T fp8 product block of width N, and if not, why."""
+                        tile_n: int = TILE_N, rows_per_gate: int | None = None,
+                        platform: str | None = None) -> tuple[bool, str]:
+    """Whether the kernel can compute an (M, K) x (N, K)^T fp8 product block of width N (with a gated
+    residual whose gate changes every ``rows_per_gate`` rows, if given), and if not, why."""
     platform = platform or jax.default_backend()
     if platform != "gpu":
         return False, f"platform is {platform}, the kernel is GPU-only"
@@ -46,6 +48,8 @@ def scaled_gemm_applies(m: int, n: int, k: int, a_dtype: Any, w_dtype: Any, *, t
         return False, f"operands {jnp.dtype(a_dtype)} x {jnp.dtype(w_dtype)}: the kernel takes fp8 e4m3 codes"
     if m % (2 * tile_m) or n % tile_n or k % TILE_K:
         return False, f"(M, N, K) = ({m}, {n}, {k}) is not a multiple of ({2 * tile_m}, {tile_n}, {TILE_K})"
+    if rows_per_gate is not None and (rows_per_gate % tile_m or m % rows_per_gate):
+        return False, f"{rows_per_gate} rows per gate row is not a multiple of the {tile_m}-row tile or of M = {m}"
     try:
         from jax.experimental.pallas import mosaic_gpu as plgpu
     except ImportError as e:  # pragma: no cover - depends on the JAX build
@@ -56,10 +60,15 @@ def scaled_gemm_applies(m: int, n: int, k: int, a_dtype: Any, w_dtype: Any, *, t
 
 
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
-                       n_off: int = 0, n: int | None = None, tile_m: int = TILE_M, tile_n: int = TILE_N,
+                       n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
+                       gate: jax.Array | None = None, tile_m: int = TILE_M, tile_n: int = TILE_N,
                        steps: int = STEPS) -> jax.Array:
-    """Columns ``n_off : n_off + n`` of ``(a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
-    ``a`` (M, K) and ``w`` (N_total, K) fp8 codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,) float32."""
+    """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
+    ``a`` (M, K) and ``w`` (N_total, K) fp8 codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,) float32.
+
+    With ``residual`` (M, n) and ``gate`` (G, n) (one row per M // G consecutive rows, i.e. per
+    sample): ``residual + gate * y`` instead, each step rounded to bf16 as the DiT block's
+    ``x + gate[:, None] * y`` in bf16 does (adaLN-Zero's gated residual, in the epilogue)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -67,6 +76,18 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     n = w.shape[0] - n_off if n is None else n
     if n_off % tile_n:
         raise ValueError(f"column offset {n_off} is not a multiple of the {tile_n}-wide tile")
+    if (residual is None) != (gate is None):
+        raise ValueError("the gated residual epilogue takes both residual and gate")
+    rows_per_gate = m
+    if residual is not None:
+        if residual.shape != (m, n) or gate.ndim != 2 or gate.shape[1] != n or m % gate.shape[0]:
+            raise ValueError(f"residual {residual.shape} / gate {gate.shape} do not fit the ({m}, {n}) output "
+                             "(residual (M, n), gate (G, n) with G dividing M)")
+        rows_per_gate = m // gate.shape[0]
+        if rows_per_gate % tile_m:
+            raise ValueError(f"{rows_per_gate} rows per gate row is not a multiple of the {tile_m}-row tile")
+        gate = gate.astype(jnp.float32).reshape(-1)
+        residual = residual.astype(jnp.bfloat16)
     bias = jnp.zeros((w.shape[0],), jnp.float32) if bias is None else bias.astype(jnp.float32)
     sa, sw = sa.astype(jnp.float32).reshape(-1), sw.astype(jnp.float32).reshape(-1)
     tr = (plgpu.TilingTransform((8, TILE_K)), plgpu.SwizzleTransform(128))  # 128-byte rows of fp8
@@ -81,7 +102,8 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                       plgpu.BlockSpec((tile_n, TILE_K), lambda kk: (0, kk), transforms=tr)],
             wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps, compute_context=ctx)
 
-    def kernel(a_gmem, w_gmem, sa_gmem, sw_gmem, b_gmem, o_gmem):
+    def kernel(a_gmem, w_gmem, sa_gmem, sw_gmem, b_gmem, *rest):
+        r_gmem, g_gmem, o_gmem = rest if residual is not None else (None, None, rest[0])
         def ignore(*_: Any, **__: Any) -> None:
             return None
 
@@ -89,8 +111,9 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                                                                       w_gmem.at[pl.ds(0, tile_n)])
 
         @functools.partial(pl.run_scoped, allocs=allocations,
-                           o_smem=plgpu.SMEM((2, tile_m, tile_n), jnp.bfloat16), collective_axes="wg")
-        def scope(allocs: Any, o_smem: Any) -> None:
+                           o_smem=plgpu.SMEM((2, tile_m, tile_n), jnp.bfloat16),
+                           r_bar=None if residual is None else plgpu.Barrier(num_barriers=2), collective_axes="wg")
+        def scope(allocs: Any, o_smem: Any, r_bar: Any) -> None:
             wg = lax.axis_index("wg")
 
             @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
@@ -101,9 +124,18 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                 def epilogue(eval_pipeline: Any) -> None:
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
                     def _(acc_ref: Any) -> None:
-                        eval_pipeline(acc_ref)
                         rows, wcols = pm * cta_m + wg * tile_m, pl.ds(n_off + pn * tile_n, tile_n)
                         row_l, col_l = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+                        ocols = pl.ds(pn * tile_n, tile_n)
+                        if residual is not None:
+                            # the residual tile by TMA into this warpgroup's output slot (once its previous
+                            # store has read it), issued before the K loop so that it lands during it
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                            plgpu.copy_gmem_to_smem(r_gmem.at[pl.ds(rows, tile_m), ocols], o_smem.at[wg],
+                                                    r_bar.at[wg])
+                            g = plgpu.load(g_gmem.at[pl.ds((rows // rows_per_gate) * n + pn * tile_n, tile_n)], (),
+                                           layout=col_l, optimized=False)
+                        eval_pipeline(acc_ref)
                         s_a = plgpu.load(sa_gmem.at[pl.ds(rows, tile_m)], (), layout=row_l, optimized=False)
                         s_w = plgpu.load(sw_gmem.at[wcols], (), layout=col_l, optimized=False)
                         b = plgpu.load(b_gmem.at[wcols], (), layout=col_l, optimized=False)
@@ -111,11 +143,16 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                         y = acc_ref[...].astype(jnp.bfloat16).astype(jnp.float32)  # the XLA path's bf16 product
                         y = (y * lax.broadcast_in_dim(s_a, shape, [0]) * lax.broadcast_in_dim(s_w, shape, [1])
                              + lax.broadcast_in_dim(b, shape, [1]))
+                        if residual is not None:  # x + gate * y, each step rounded to bf16 as the model's
+                            y = y.astype(jnp.bfloat16).astype(jnp.float32)
+                            y = (lax.broadcast_in_dim(g, shape, [1]) * y).astype(jnp.bfloat16).astype(jnp.float32)
+                            plgpu.barrier_wait(r_bar.at[wg])
+                            res = plgpu.load(o_smem.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
+                            y = res.astype(jnp.float32) + y
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this slot's previous store has read it
                         o_smem[wg] = y.astype(jnp.bfloat16)
                         plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(o_smem.at[wg],
-                                                o_gmem.at[pl.ds(rows, tile_m), pl.ds(pn * tile_n, tile_n)])
+                        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[pl.ds(rows, tile_m), ocols])
 
                 def mma(_: Any, a_smem: Any, w_smem: Any, acc_ref: Any) -> Any:
                     # fp8 wgmma takes B K-major: the (tile_n, K) weight tile, transposed as a view
@@ -130,16 +167,24 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
     num_sms = jax.devices()[0].core_count
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((m, n), jnp.bfloat16), grid=(num_sms,),
-                        grid_names=("sm",), num_threads=3, thread_name="wg")(a, w, sa, sw, bias)
+                        grid_names=("sm",), num_threads=3, thread_name="wg")(
+        a, w, sa, sw, bias, *(() if residual is None else (residual, gate)))
 
 
 def scaled_gemm_xla(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
-                    n_off: int = 0, n: int | None = None) -> jax.Array:
-    """The real path's XLA formulation of the same columns (bf16 product, float32 epilogue): the reference."""
+                    n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
+                    gate: jax.Array | None = None) -> jax.Array:
+    """The real path's XLA formulation of the same columns (bf16 product, float32 epilogue, then the
+    model's bf16 gated residual when given): the reference."""
     from qdit_jax.quant.kernels.group_gemm import group_gemm_xla
 
     n = w.shape[0] - n_off if n is None else n
     cols = slice(n_off, n_off + n)
     b = None if bias is None else bias[cols]
-    return group_gemm_xla(a, sa.reshape(1, -1), w[cols], sw.reshape(1, -1)[:, cols], b, out_dtype=jnp.bfloat16,
-                          split_epilogue=True, product_dtype=jnp.bfloat16)
+    y = group_gemm_xla(a, sa.reshape(1, -1), w[cols], sw.reshape(1, -1)[:, cols], b, out_dtype=jnp.bfloat16,
+                       split_epilogue=True, product_dtype=jnp.bfloat16)
+    if residual is None:
+        return y
+    g = gate.astype(jnp.bfloat16)
+    y3 = y.reshape(g.shape[0], -1, n)
+    return (residual.astype(jnp.bfloat16).reshape(y3.shape) + g[:, None, :] * y3).reshape(y.shape)

@@ -74,3 +74,29 @@ def test_scaled_gemm_matches_xla():
         assert np.abs(want).max() > 0
         assert np.mean(got == want) > 0.999
         np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [C, HIDDEN])
+def test_scaled_gemm_residual_matches_xla(k):
+    """The same kernel with adaLN-Zero's gated residual in its epilogue (DiT's proj, K = C, and fc2,
+    K = 4C) against cuBLAS + XLA's epilogue-and-residual pass."""
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_mosaic, scaled_gemm_xla
+
+    r = np.random.default_rng(3)
+    m, f8 = B * T, jnp.float8_e4m3fn
+    if not scaled_gemm_applies(m, C, k, f8, f8, rows_per_gate=T)[0]:
+        pytest.skip(scaled_gemm_applies(m, C, k, f8, f8, rows_per_gate=T)[1])
+    a = jnp.asarray(np.clip(r.standard_normal((m, k)) * 60, -448, 448), jnp.float32).astype(f8)
+    w = jnp.asarray(np.clip(r.standard_normal((C, k)) * 60, -448, 448), jnp.float32).astype(f8)
+    sa = jnp.asarray(r.uniform(0.001, 0.003, (m,)), jnp.float32)
+    sw = jnp.asarray(r.uniform(0.001, 0.003, (C,)), jnp.float32)
+    b = jnp.asarray(r.standard_normal(C) * 0.1, jnp.float32)
+    x = jnp.asarray(r.standard_normal((m, C)) * 4, jnp.bfloat16)
+    g = jnp.asarray(r.standard_normal((B, C)) * 0.5, jnp.bfloat16)
+    got = np.asarray(jax.jit(lambda *v: scaled_gemm_mosaic(*v[:5], residual=v[5], gate=v[6]))(a, w, sa, sw, b, x, g),
+                     np.float32)
+    want = np.asarray(jax.jit(lambda *v: scaled_gemm_xla(*v[:5], residual=v[5], gate=v[6]))(a, w, sa, sw, b, x, g),
+                      np.float32)
+    assert np.abs(want - np.asarray(x, np.float32)).max() > 1  # the GEMM term is not negligible
+    assert np.mean(got == want) > 0.999
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2 ** -6)

@@ -37,3 +37,33 @@ def test_xla_formulation_is_bf16_product_then_scales():
     want = bf(p * sa[:, None] * sw[None, n_off:n_off + n] + b[n_off:n_off + n])
     np.testing.assert_allclose(got, want, rtol=2 ** -8)
     assert np.mean(got == want) > 0.98
+
+
+def test_xla_formulation_with_gated_residual():
+    """residual + gate * y, each step rounded to bf16 as the DiT block computes it in bf16, with one
+    gate row per sample (M // G consecutive rows), against float64 NumPy."""
+    r = np.random.default_rng(1)
+    m, k, n, g_rows = 32, 64, 32, 4
+    a = jnp.asarray(r.integers(-16, 16, (m, k)), jnp.float32).astype(F8)
+    w = jnp.asarray(r.integers(-16, 16, (n, k)), jnp.float32).astype(F8)
+    sa, sw = r.uniform(0.01, 0.02, m).astype(np.float32), r.uniform(0.01, 0.02, n).astype(np.float32)
+    b = r.standard_normal(n).astype(np.float32)
+    x = r.standard_normal((m, n)).astype(ml_dtypes.bfloat16)
+    gate = r.standard_normal((g_rows, n)).astype(ml_dtypes.bfloat16)
+    got = np.asarray(scaled_gemm_xla(a, w, jnp.asarray(sa), jnp.asarray(sw), jnp.asarray(b), residual=jnp.asarray(x),
+                                     gate=jnp.asarray(gate)), np.float64)
+
+    def bf(v: np.ndarray) -> np.ndarray:
+        return v.astype(ml_dtypes.bfloat16).astype(np.float64)
+
+    y = bf(bf(np.asarray(a, np.float64) @ np.asarray(w, np.float64).T) * sa[:, None] * sw[None] + b)
+    gr = np.repeat(gate.astype(np.float64), m // g_rows, axis=0)
+    want = bf(x.astype(np.float64) + bf(gr * y))
+    assert np.abs(want - x.astype(np.float64)).max() > 0.1
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2 ** -8)
+    assert np.mean(got == want) > 0.95
+
+
+def test_guard_checks_the_gate_rows():
+    assert scaled_gemm_applies(65536, 1152, 1152, F8, F8, rows_per_gate=256, platform="gpu") == (True, "ok")
+    assert "rows per gate" in scaled_gemm_applies(65536, 1152, 1152, F8, F8, rows_per_gate=64, platform="gpu")[1]
