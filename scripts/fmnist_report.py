@@ -22,7 +22,8 @@ each plus the largest |fake - real| sample difference and the PSNR of real again
     python scripts/fmnist_report.py --real --presets w8a8,w4a8 --methods c,d --out runs/fmnist_real
 
 ``--group 0`` quantizes per channel / per token instead of in groups of 128 (the real path's
-per-token kernels), ``--format fp8_e4m3`` uses fp8 codes (8-bit presets).
+per-token kernels), ``--format fp8_e4m3`` uses fp8 codes (8-bit presets), ``--dtype bfloat16``
+computes in bf16 (where the fp8 GEMM kernels with their epilogues apply).
 """
 from __future__ import annotations
 
@@ -78,6 +79,9 @@ def main() -> None:
                          "activations; default: the presets' 128)")
     ap.add_argument("--format", default="int", choices=["int", "fp8_e4m3"],
                     help="code format of weights and activations (fp8_e4m3: 8-bit presets only)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="compute dtype of every model (default: the bundled config's float32); bfloat16 engages "
+                         "the real path's bf16-only GPU kernels (kernels.scaled_gemm)")
     args = ap.parse_args()
     if args.eval_seed == args.calib_seed:
         raise SystemExit("--eval-seed must differ from --calib-seed")
@@ -86,6 +90,8 @@ def main() -> None:
 
     model = load_model(None)
     cfg, params = model.config, model.params
+    if args.dtype:
+        cfg = cfg.replace(dtype=args.dtype)
     scfg = SamplerConfig(steps=args.steps, cfg_scale=args.cfg_scale, clip_denoised=True, guidance_channels=None)
     labels = default_labels(args.num_samples, cfg.num_classes)
     cparams = clf.load_classifier()

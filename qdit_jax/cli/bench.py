@@ -55,6 +55,9 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     # residual in its epilogue (RealOptions.residual_kernel, on by default)
     "real-fp8-nores": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
                        "xla-nores"),
+    # int8 without the Mosaic GPU GEMMs (qkv and the residual routes), as the fp8 -noqkvk / -nores pair
+    "real-w8a8-nomosaic": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real",
+                           "xla-noqkvk-nores"),
     "real-fp8-fused": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
                        "xla-fused"),  # scale epilogues left to XLA to fuse into the GEMMs (no barrier)
     "real-fp8-f32": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",

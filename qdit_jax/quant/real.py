@@ -40,7 +40,7 @@ from qdit_jax.quant.kernels.gelu_quant import gelu_quant_applies, gelu_quant_pal
 from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm_pallas, group_gemm_xla, kernel_applies,
                                                low_bit_product, pack_blocked, weight_codes_int8)
 from qdit_jax.quant.kernels.norm_quant import norm_quant_applies, norm_quant_pallas
-from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_mosaic
+from qdit_jax.quant.kernels.scaled_gemm import CODE_DTYPES, scaled_gemm_applies, scaled_gemm_mosaic
 from qdit_jax.quant.quantizers import SCALE_DTYPES, QParams, QuantSpec, _int_codes, params_of_groups
 
 BACKENDS = ("auto", "xla", "pallas")
@@ -98,16 +98,15 @@ class RealOptions:
     # other per-token quantized inputs (DiT's proj input) through the same kernel without the norm:
     # one read and one write instead of XLA's abs-max pass and quantize pass
     row_quant: bool = True
-    # an fp8 SplitQKVDense (per-channel weights, per-token inputs, bf16 output): q, k, v each from
-    # one Mosaic GPU GEMM that applies the scales and bias in its epilogue (kernels.scaled_gemm)
-    # where the guard allows (Hopper), instead of cuBLAS + an epilogue pass writing q, k, v. Real
-    # fp8 XL/2 forward at batch 256: 1.270x -> 1.332x bf16 (docs/RESULTS.md, seventh session)
+    # a SplitQKVDense with fp8 or int8 codes (per-channel weights, per-token inputs, bf16 output): q, k,
+    # v each from one Mosaic GPU GEMM that applies the scales and bias in its epilogue
+    # (kernels.scaled_gemm) where the guard allows (Hopper), instead of cuBLAS + an epilogue pass
+    # writing q, k, v. Real fp8 XL/2 forward at batch 256: 1.270x -> 1.332x bf16 (docs/RESULTS.md)
     qkv_kernel: bool = True
-    # a GatedResidual ``x + gate * y`` whose ``y`` is an fp8 per-channel x per-token GEMM's bf16
-    # output (DiT's proj and fc2): the GEMM rerun by the same Mosaic GPU kernel with the scales,
-    # bias and gated residual in its epilogue (kernels.scaled_gemm) where the guard allows (Hopper),
-    # instead of cuBLAS + XLA's epilogue-and-residual pass (the GEMM XLA emitted first goes unused
-    # and is dropped)
+    # a GatedResidual ``x + gate * y`` whose ``y`` is such a GEMM's bf16 output (DiT's proj and fc2):
+    # the GEMM rerun by the same kernel with the scales, bias and gated residual in its epilogue
+    # instead of cuBLAS + XLA's epilogue-and-residual pass (XLA drops the GEMM it emitted first).
+    # Real fp8 XL/2 at batch 256: 1.355x -> 1.402x bf16
     residual_kernel: bool = True
 
     def __post_init__(self) -> None:
@@ -400,10 +399,10 @@ def _codes_gemm(qa: jax.Array, sa: jax.Array, rw: RealWeight, out_dtype: Any, op
 
 def _dense_with_codes(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, options: RealOptions,
                       source: NormSource | None) -> GemmSource | None:
-    """``real_dense`` of a per-channel x per-token fp8 layer, keeping its codes (see GemmSource), or
-    None for other layers."""
+    """``real_dense`` of a per-channel x per-token layer with symmetric int8 or fp8 weight codes
+    through XLA, keeping its codes (see GemmSource), or None for other layers."""
     lead, k = x.shape[:-1], x.shape[-1]
-    if not (_per_channel_per_token(lq, rw, k) and lq.act.format != "int"):
+    if not (_per_channel_per_token(lq, rw, k) and rw.codes.dtype in CODE_DTYPES) or options.backend == "pallas":
         return None
     rw = rw._replace(scale=rw.scale.astype(jnp.float32))
     qa, sa = _quantize_input(x.reshape(-1, k), lq.act, k, options, source)
@@ -412,7 +411,7 @@ def _dense_with_codes(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: A
 
 
 def _residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource) -> jax.Array | None:
-    """``x + gate[:, None] * src.out`` as one fp8 GEMM with the gated residual in its epilogue
+    """``x + gate[:, None] * src.out`` as one fp8 / int8 GEMM with the gated residual in its epilogue
     (``kernels.scaled_gemm``), or None where the kernel does not apply."""
     m, k = src.qa.shape
     n = src.rw.scale.shape[1]
@@ -460,13 +459,12 @@ def _fused_mlp(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: 
 
 def _qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, options: RealOptions,
                 source: NormSource | None, blocks: int) -> jax.Array | None:
-    """A SplitQKVDense in fp8 as ``blocks`` column-block GEMMs with the scales in their epilogue
+    """A SplitQKVDense in fp8 / int8 as ``blocks`` column-block GEMMs with the scales in their epilogue
     (``kernels.scaled_gemm``), concatenated (the attention's slices of the concatenation fold away),
     or None where the kernel does not apply."""
     lead, k = x.shape[:-1], x.shape[-1]
     m, n = int(np.prod(lead)), rw.scale.shape[1]
-    if (not _per_channel_per_token(lq, rw, k) or lq.act.format == "int"
-            or jnp.dtype(out_dtype) != jnp.dtype(jnp.bfloat16) or n % blocks):
+    if (not _per_channel_per_token(lq, rw, k) or jnp.dtype(out_dtype) != jnp.dtype(jnp.bfloat16) or n % blocks):
         return None
     c = n // blocks
     if not scaled_gemm_applies(m, c, k, rw.codes.dtype, rw.codes.dtype)[0]:
@@ -530,7 +528,7 @@ def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str,
             x = args[0]
             out_dtype = context.module.dtype or x.dtype
             rw = weights[path]
-            if options.qkv_kernel and isinstance(context.module, SplitQKVDense):
+            if options.qkv_kernel and options.backend != "pallas" and isinstance(context.module, SplitQKVDense):
                 y = _qkv_scaled(x, rw, lq, out_dtype, options, source_of(x), context.module.BLOCKS)
                 if y is not None:
                     return y

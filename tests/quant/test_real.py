@@ -352,8 +352,9 @@ def test_qkv_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
                for e in cats for v in e.invars)
 
 
+@pytest.mark.parametrize("fmt", ["fp8-e4m3-perchannel", "w8a8-int8-perchannel"])
 @pytest.mark.parametrize("fused_mlp", [False, True])
-def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, params, inputs, monkeypatch):
+def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, fmt, params, inputs, monkeypatch):
     """With the scaled_gemm guard forced open (its XLA formulation standing in for the Mosaic GPU
     kernel) each GatedResidual whose branch ends in an fp8 per-channel x per-token GEMM (proj, fc2;
     fc2 also from the fused MLP route) runs as that GEMM with the gated residual in its epilogue:
@@ -376,7 +377,8 @@ def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, params, inputs,
         monkeypatch.setattr(real, "gelu_quant_pallas", lambda p, sa, sw, b, spec, dt, **kw: gelu_quant_xla(
             p, sa, sw, b, spec, dt))
     cfg = CFG.replace(dtype="bfloat16")
-    rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**FORMATS["fp8-e4m3-perchannel"])))
+    rules = FORMATS.get(fmt) or dict(FORMATS["w8a8-int8-perchannel-asymw"], w_sym=True)
+    rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**rules)))
     off = RealOptions(qkv_kernel=False, residual_kernel=False)
     ref = np.asarray(jax.jit(rm.apply_fn(off))(rm.variables(), *inputs), np.float64)
     assert not calls
@@ -390,5 +392,5 @@ def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, params, inputs,
     # qkv / fc1 layer (the stand-in's own dots are the rest)
     hlo = jax.jit(fn).lower(rm.variables(), *inputs).compile().as_text()
     ref_hlo = jax.jit(rm.apply_fn(off)).lower(rm.variables(), *inputs).compile().as_text()
-    assert hlo.count("f8e4m3fn") > 0 and ref_hlo.count(" dot(") >= 4 * CFG.depth
+    assert hlo.count("f8e4m3fn" if "fp8" in fmt else "s8[") > 0 and ref_hlo.count(" dot(") >= 4 * CFG.depth
     assert hlo.count(" dot(") == ref_hlo.count(" dot(")

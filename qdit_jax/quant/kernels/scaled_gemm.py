@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 TILE_M, TILE_N, TILE_K, STEPS = 128, 128, 128, 3  # per compute warpgroup; the fastest measured on the H100
+CODE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))  # wgmma: float32 / int32 accumulation
 
 
 def _hopper() -> bool:
@@ -43,9 +44,9 @@ def scaled_gemm_applies(m: int, n: int, k: int, a_dtype: Any, w_dtype: Any, *, t
         return False, f"platform is {platform}, the kernel is GPU-only"
     if platform == jax.default_backend() and not _hopper():
         return False, "the kernel uses Hopper's wgmma (compute capability 9.x)"
-    f8 = jnp.dtype(jnp.float8_e4m3fn)
-    if jnp.dtype(a_dtype) != f8 or jnp.dtype(w_dtype) != f8:
-        return False, f"operands {jnp.dtype(a_dtype)} x {jnp.dtype(w_dtype)}: the kernel takes fp8 e4m3 codes"
+    if jnp.dtype(a_dtype) != jnp.dtype(w_dtype) or jnp.dtype(a_dtype) not in CODE_DTYPES:
+        return False, (f"operands {jnp.dtype(a_dtype)} x {jnp.dtype(w_dtype)}: the kernel takes fp8 e4m3 x fp8 e4m3 "
+                       "or int8 x int8 codes")
     if m % (2 * tile_m) or n % tile_n or k % TILE_K:
         return False, f"(M, N, K) = ({m}, {n}, {k}) is not a multiple of ({2 * tile_m}, {tile_n}, {TILE_K})"
     if rows_per_gate is not None and (rows_per_gate % tile_m or m % rows_per_gate):
@@ -59,12 +60,16 @@ def scaled_gemm_applies(m: int, n: int, k: int, a_dtype: Any, w_dtype: Any, *, t
     return True, "ok"
 
 
+# jitted so that the DiT's identical calls (the same layer shape in every block) share one lowering:
+# unjitted, each of XL/2's 140 calls was lowered to Mosaic GPU again (compiles of 104-118 s per forward)
+@functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                        gate: jax.Array | None = None, tile_m: int = TILE_M, tile_n: int = TILE_N,
                        steps: int = STEPS) -> jax.Array:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
-    ``a`` (M, K) and ``w`` (N_total, K) fp8 codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,) float32.
+    ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
+    float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
 
     With ``residual`` (M, n) and ``gate`` (G, n) (one row per M // G consecutive rows, i.e. per
     sample): ``residual + gate * y`` instead, each step rounded to bf16 as the DiT block's
@@ -91,6 +96,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     bias = jnp.zeros((w.shape[0],), jnp.float32) if bias is None else bias.astype(jnp.float32)
     sa, sw = sa.astype(jnp.float32).reshape(-1), sw.astype(jnp.float32).reshape(-1)
     tr = (plgpu.TilingTransform((8, TILE_K)), plgpu.SwizzleTransform(128))  # 128-byte rows of fp8
+    int_codes = jnp.dtype(a.dtype) == jnp.dtype(jnp.int8)
     cta_m = 2 * tile_m
     m_tiles, n_tiles = m // cta_m, n // tile_n
     w_tile0 = n_off // tile_n
@@ -122,7 +128,8 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                 pm, pn = lin // n_tiles, lin % n_tiles
 
                 def epilogue(eval_pipeline: Any) -> None:
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n),
+                                                                            jnp.int32 if int_codes else jnp.float32))
                     def _(acc_ref: Any) -> None:
                         rows, wcols = pm * cta_m + wg * tile_m, pl.ds(n_off + pn * tile_n, tile_n)
                         row_l, col_l = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
@@ -140,7 +147,8 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                         s_w = plgpu.load(sw_gmem.at[wcols], (), layout=col_l, optimized=False)
                         b = plgpu.load(b_gmem.at[wcols], (), layout=col_l, optimized=False)
                         shape = (tile_m, tile_n)
-                        y = acc_ref[...].astype(jnp.bfloat16).astype(jnp.float32)  # the XLA path's bf16 product
+                        y = acc_ref[...]  # rounded as the XLA path's product: int32 sums to float32, fp8 to bf16
+                        y = y.astype(jnp.float32) if int_codes else y.astype(jnp.bfloat16).astype(jnp.float32)
                         y = (y * lax.broadcast_in_dim(s_a, shape, [0]) * lax.broadcast_in_dim(s_w, shape, [1])
                              + lax.broadcast_in_dim(b, shape, [1]))
                         if residual is not None:  # x + gate * y, each step rounded to bf16 as the model's

@@ -55,16 +55,22 @@ def test_gelu_quant_matches_xla(name):
         assert np.mean(_codes(q) == _codes(q0)) > 0.999
 
 
-def test_scaled_gemm_matches_xla():
-    """The Mosaic GPU fp8 GEMM with the scale epilogue, one q / k / v column block at a time."""
+def _random_codes(r, shape, dtype):
+    if dtype == jnp.int8:
+        return jnp.asarray(r.integers(-127, 128, shape), jnp.int8)
+    return jnp.asarray(np.clip(r.standard_normal(shape) * 60, -448, 448), jnp.float32).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.int8])
+def test_scaled_gemm_matches_xla(dtype):
+    """The Mosaic GPU fp8 / int8 GEMM with the scale epilogue, one q / k / v column block at a time."""
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_mosaic, scaled_gemm_xla
 
     r = np.random.default_rng(2)
-    m, f8 = B * T, jnp.float8_e4m3fn
-    if not scaled_gemm_applies(m, C, C, f8, f8)[0]:
-        pytest.skip(scaled_gemm_applies(m, C, C, f8, f8)[1])
-    a = jnp.asarray(np.clip(r.standard_normal((m, C)) * 60, -448, 448), jnp.float32).astype(f8)
-    w = jnp.asarray(np.clip(r.standard_normal((3 * C, C)) * 60, -448, 448), jnp.float32).astype(f8)
+    m = B * T
+    if not scaled_gemm_applies(m, C, C, dtype, dtype)[0]:
+        pytest.skip(scaled_gemm_applies(m, C, C, dtype, dtype)[1])
+    a, w = _random_codes(r, (m, C), dtype), _random_codes(r, (3 * C, C), dtype)
     sa = jnp.asarray(r.uniform(0.001, 0.003, (m,)), jnp.float32)
     sw = jnp.asarray(r.uniform(0.001, 0.003, (3 * C,)), jnp.float32)
     b = jnp.asarray(r.standard_normal(3 * C) * 0.1, jnp.float32)
@@ -76,18 +82,18 @@ def test_scaled_gemm_matches_xla():
         np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.int8])
 @pytest.mark.parametrize("k", [C, HIDDEN])
-def test_scaled_gemm_residual_matches_xla(k):
+def test_scaled_gemm_residual_matches_xla(k, dtype):
     """The same kernel with adaLN-Zero's gated residual in its epilogue (DiT's proj, K = C, and fc2,
     K = 4C) against cuBLAS + XLA's epilogue-and-residual pass."""
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_mosaic, scaled_gemm_xla
 
     r = np.random.default_rng(3)
-    m, f8 = B * T, jnp.float8_e4m3fn
-    if not scaled_gemm_applies(m, C, k, f8, f8, rows_per_gate=T)[0]:
-        pytest.skip(scaled_gemm_applies(m, C, k, f8, f8, rows_per_gate=T)[1])
-    a = jnp.asarray(np.clip(r.standard_normal((m, k)) * 60, -448, 448), jnp.float32).astype(f8)
-    w = jnp.asarray(np.clip(r.standard_normal((C, k)) * 60, -448, 448), jnp.float32).astype(f8)
+    m = B * T
+    if not scaled_gemm_applies(m, C, k, dtype, dtype, rows_per_gate=T)[0]:
+        pytest.skip(scaled_gemm_applies(m, C, k, dtype, dtype, rows_per_gate=T)[1])
+    a, w = _random_codes(r, (m, k), dtype), _random_codes(r, (C, k), dtype)
     sa = jnp.asarray(r.uniform(0.001, 0.003, (m,)), jnp.float32)
     sw = jnp.asarray(r.uniform(0.001, 0.003, (C,)), jnp.float32)
     b = jnp.asarray(r.standard_normal(C) * 0.1, jnp.float32)

@@ -14,7 +14,9 @@ F8 = jnp.float8_e4m3fn
 def test_guard_names_why():
     assert scaled_gemm_applies(65536, 1152, 1152, F8, F8, platform="gpu") == (True, "ok")
     assert "GPU-only" in scaled_gemm_applies(65536, 1152, 1152, F8, F8, platform="cpu")[1]
-    assert "fp8" in scaled_gemm_applies(65536, 1152, 1152, jnp.int8, jnp.int8, platform="gpu")[1]
+    assert scaled_gemm_applies(65536, 1152, 1152, jnp.int8, jnp.int8, platform="gpu") == (True, "ok")
+    assert "int8 x int8" in scaled_gemm_applies(65536, 1152, 1152, jnp.int8, F8, platform="gpu")[1]
+    assert "int8 x int8" in scaled_gemm_applies(65536, 1152, 1152, jnp.uint8, jnp.uint8, platform="gpu")[1]
     assert "multiple" in scaled_gemm_applies(65536, 1000, 1152, F8, F8, platform="gpu")[1]
     assert "multiple" in scaled_gemm_applies(100, 1152, 1152, F8, F8, platform="gpu")[1]
 
