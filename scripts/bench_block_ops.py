@@ -335,7 +335,6 @@ def residual_gemm_forms(a, rng) -> None:
 
 def qkv_gemm_forms(a, rng) -> None:
     """fp8 qkv layer from codes to q, k, v (three dense bf16 outputs, as cuDNN attention takes them)."""
-    import functools
 
     from qdit_jax.perf import compiler
     from qdit_jax.quant.kernels.group_gemm import group_gemm_xla

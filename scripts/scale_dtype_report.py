@@ -43,8 +43,8 @@ def main() -> None:
     t = jnp.asarray(r.integers(0, 1000, 32), jnp.int32)
     y = jnp.asarray(r.integers(0, cfg.num_classes, 32), jnp.int32)
     ref = np.asarray(dit_apply_fn(cfg)(params, x, t, y), np.float64)
-    print(f"| preset | weight scales | quantized linears (bytes) | x bf16 | forward rel. error vs FP "
-          f"| PSNR vs FP (dB) | PSNR vs float32 scales (dB) |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| preset | weight scales | quantized linears (bytes) | x bf16 | forward rel. error vs FP "
+          "| PSNR vs FP (dB) | PSNR vs float32 scales (dB) |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name in args.presets.split(","):
         images = {}
         for sd in ("float32", "float16"):

@@ -260,7 +260,7 @@ def test_fused_mlp_route_gives_the_same_outputs(fmt, fused, params, inputs, monk
     each block's MLP runs fc1's GEMM, the one-pass epilogue + GELU + quantize kernel and fc2's GEMM,
     with the same low-bit dots and the per-layer path's output (float32: up to a code moved by an ulp
     of tanh); layers the kernel cannot serve (asymmetric or group-wise weights) keep that path."""
-    from qdit_jax.quant import real
+    from qdit_jax.quant import real_layers
     from qdit_jax.quant.real import RealOptions
 
     calls = []
@@ -269,9 +269,9 @@ def test_fused_mlp_route_gives_the_same_outputs(fmt, fused, params, inputs, monk
         calls.append(p.shape)
         return original(p, sa, sw, bias, spec, out_dtype, chunk=128, interpret=True)
 
-    original = real.gelu_quant_pallas
-    monkeypatch.setattr(real, "gelu_quant_applies", lambda m, n, spec, **kw: (n % 128 == 0, "test"))
-    monkeypatch.setattr(real, "gelu_quant_pallas", interp)
+    original = real_layers.gelu_quant_pallas
+    monkeypatch.setattr(real_layers, "gelu_quant_applies", lambda m, n, spec, **kw: (n % 128 == 0, "test"))
+    monkeypatch.setattr(real_layers, "gelu_quant_pallas", interp)
     rules = FORMATS.get(fmt) or dict(FORMATS["w8a8-int8-perchannel-asymw"], w_sym=True)
     rm = real_from_params(params, CFG, QuantConfig(qdit_rules(**rules)))
     ref_fn, got_fn = rm.apply_fn(RealOptions(fused_mlp=False)), rm.apply_fn(RealOptions())
@@ -289,7 +289,7 @@ def test_norm_quant_routes_give_the_same_outputs(fmt, params, inputs, monkeypatc
     quantized from the residual stream through the LayerNorm + modulation in one kernel pass
     (RealOptions.fused_norm) and the proj / fc2 inputs by the same kernel without it (row_quant):
     the same low-bit dots and the XLA path's output (float32 model: up to a code moved by an ulp)."""
-    from qdit_jax.quant import real
+    from qdit_jax.quant import real_layers
     from qdit_jax.quant.real import RealOptions
 
     calls = []
@@ -298,9 +298,9 @@ def test_norm_quant_routes_give_the_same_outputs(fmt, params, inputs, monkeypatc
         calls.append("norm" if kw.get("shift") is not None else "plain")
         return original(x, spec, chunk=32, interpret=True, **kw)
 
-    original = real.norm_quant_pallas
-    monkeypatch.setattr(real, "norm_quant_applies", lambda m, k, spec, dtype, **kw: (k % 32 == 0, "test"))
-    monkeypatch.setattr(real, "norm_quant_pallas", interp)
+    original = real_layers.norm_quant_pallas
+    monkeypatch.setattr(real_layers, "norm_quant_applies", lambda m, k, spec, dtype, **kw: (k % 32 == 0, "test"))
+    monkeypatch.setattr(real_layers, "norm_quant_pallas", interp)
     rm = real_from_params(params, CFG, QuantConfig(qdit_rules(**FORMATS[fmt])))
     ref_fn = rm.apply_fn(RealOptions(fused_norm=False, row_quant=False))
     ref = np.asarray(jax.jit(ref_fn)(rm.variables(), *inputs), np.float64)
@@ -320,7 +320,7 @@ def test_qkv_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
     """With the scaled_gemm guard forced open (its XLA formulation standing in for the Mosaic GPU
     kernel, which needs a Hopper GPU) an fp8 SplitQKVDense runs as one scaled GEMM per q / k / v
     column block from the same codes: the same model output as the qkv GEMM + epilogue path."""
-    from qdit_jax.quant import real
+    from qdit_jax.quant import real_layers
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_xla
     from qdit_jax.quant.real import RealOptions
 
@@ -330,8 +330,8 @@ def test_qkv_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
         calls.append((n_off, n))
         return scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n)
 
-    monkeypatch.setattr(real, "scaled_gemm_applies", lambda m, n, k, ad, wd, **kw: (True, "test"))
-    monkeypatch.setattr(real, "scaled_gemm_mosaic", stand_in)
+    monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, **kw: (True, "test"))
+    monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
     cfg = CFG.replace(dtype="bfloat16")  # the kernel writes bf16
     rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**FORMATS["fp8-e4m3-perchannel"])))
     ref = np.asarray(jax.jit(rm.apply_fn(RealOptions(qkv_kernel=False, residual_kernel=False)))(
@@ -359,7 +359,7 @@ def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, fmt, params, in
     kernel) each GatedResidual whose branch ends in an fp8 per-channel x per-token GEMM (proj, fc2;
     fc2 also from the fused MLP route) runs as that GEMM with the gated residual in its epilogue:
     the same model output as the GEMM + XLA residual path, and the first GEMM is left unused."""
-    from qdit_jax.quant import real
+    from qdit_jax.quant import real_layers
     from qdit_jax.quant.kernels.gelu_quant import gelu_quant_xla
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_xla
     from qdit_jax.quant.real import RealOptions
@@ -370,11 +370,11 @@ def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, fmt, params, in
         calls.append((a.shape, w.shape, residual is not None))
         return scaled_gemm_xla(a, w, sa, sw, bias, residual=residual, gate=gate, **kw)
 
-    monkeypatch.setattr(real, "scaled_gemm_applies", lambda m, n, k, ad, wd, **kw: (True, "test"))
-    monkeypatch.setattr(real, "scaled_gemm_mosaic", stand_in)
+    monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, **kw: (True, "test"))
+    monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
     if fused_mlp:  # its XLA formulation standing in for the GPU-only kernel
-        monkeypatch.setattr(real, "gelu_quant_applies", lambda m, n, spec, **kw: (True, "test"))
-        monkeypatch.setattr(real, "gelu_quant_pallas", lambda p, sa, sw, b, spec, dt, **kw: gelu_quant_xla(
+        monkeypatch.setattr(real_layers, "gelu_quant_applies", lambda m, n, spec, **kw: (True, "test"))
+        monkeypatch.setattr(real_layers, "gelu_quant_pallas", lambda p, sa, sw, b, spec, dt, **kw: gelu_quant_xla(
             p, sa, sw, b, spec, dt))
     cfg = CFG.replace(dtype="bfloat16")
     rules = FORMATS.get(fmt) or dict(FORMATS["w8a8-int8-perchannel-asymw"], w_sym=True)

@@ -130,7 +130,7 @@ def gelu_quant_xla(p: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array |
     """The unfused real path's formulation (``group_gemm_xla``'s epilogue at G = 1, the model's GELU,
     ``quantize_act`` per token): the kernel's reference on the GPU (the per-layer path computes the
     same when the kernel does not apply)."""
-    from qdit_jax.quant.real import quantize_act
+    from qdit_jax.quant.real_layers import quantize_act
 
     y = p.astype(jnp.float32) * sa[0][:, None] * sw[0][None, :]
     if bias is not None:

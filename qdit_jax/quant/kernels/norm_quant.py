@@ -109,7 +109,7 @@ def norm_quant_xla(x: jax.Array, spec: QuantSpec, *, shift: jax.Array | None = N
     """The unfused real path's formulation (the model's ``ModulatedNorm``, then ``quantize_act`` per
     token): the kernel's reference."""
     from qdit_jax.models.dit import layer_norm, modulate
-    from qdit_jax.quant.real import quantize_act
+    from qdit_jax.quant.real_layers import quantize_act
 
     m, k = x.shape
     if shift is not None:

@@ -1,19 +1,24 @@
-"""An fp8 GEMM that applies the per-token x per-channel scales and the bias in its epilogue: a Pallas
-Mosaic GPU kernel (Hopper wgmma), its guard and the XLA formulation it replaces.
+"""An fp8 / int8 GEMM that applies the per-token x per-channel scales, the bias and optionally
+adaLN-Zero's gated residual in its epilogue: a Pallas Mosaic GPU kernel (Hopper wgmma), its guard
+and the XLA formulation it replaces.
 
-Why: in the real fp8 DiT the qkv layer's scale epilogue is its own pass (cuBLASLt takes only
-per-tensor fp8 scales), reading the GEMM's bf16 product and writing q, k and v: 28 x ~300 us at
-DiT-XL/2's batch 256, at the memory floor, so only a GEMM that scales its own accumulator removes it.
-Here each output column block (q, k or v) is one call: a persistent kernel (one CTA per SM looping
-over output tiles), warp-specialized (a memory warpgroup streams the A and W tiles through a
-``max_concurrent_steps``-deep pipeline while two compute warpgroups run wgmma on 128 rows each),
-each compute warpgroup applying ``acc * s_a[m] * s_w[n] + b[n]`` in registers and storing its tile
-through its own SMEM slot asynchronously.
+Why: in the real low-bit DiT every per-token GEMM's scale epilogue was its own pass (cuBLASLt takes
+only per-tensor fp8 scales and no per-token int8 scales), reading the GEMM's product and writing the
+layer output: for q, k, v 28 x ~300 us at DiT-XL/2's batch 256, and after proj and fc2 a pass that
+also adds ``gate * y`` to the residual stream (56 x ~156 us). Only a GEMM that scales its own
+accumulator removes them. Each call computes one output column block (q, k or v; or all of proj /
+fc2): a persistent kernel (one CTA per SM looping over output tiles), warp-specialized (a memory
+warpgroup streams the A and W tiles through a ``steps``-deep pipeline while two compute warpgroups
+run wgmma on 128 rows each), each compute warpgroup applying ``acc * s_a[m] * s_w[n] + b[n]`` in
+registers and storing its tile through its own SMEM slot asynchronously. With a residual, the
+residual tile is copied by TMA into that slot before the K loop and added in the epilogue.
 
-Same math as the XLA path (``group_gemm_xla`` at one group with a bf16 product): the float32
-accumulator rounded to bf16, then scaled and biased in float32 and rounded to bf16. On an H100 the
-outputs are bit-identical to cuBLAS + XLA's epilogue at XL/2's qkv shape, in 474 us against 671 us
-for the three column blocks (docs/RESULTS.md, ``scripts/bench_block_ops.py --sections qkvgemm``).
+Same math as the XLA path (``group_gemm_xla`` at one group): the accumulator rounded as the XLA
+product is (fp8: float32 to bf16; int8: int32 to float32), then scaled and biased in float32 and
+rounded to bf16, then ``x + gate * y`` with the model's bf16 roundings. On an H100 the outputs equal
+cuBLAS + XLA's epilogue on 99.9%+ of entries (the rest one bf16 ulp): q, k, v in 474-487 us against
+667-677 us, proj / fc2 with the residual in 229 / 549 us against 288 / 608 us (docs/RESULTS.md,
+``scripts/bench_block_ops.py --sections qkvgemm resgemm --mosaic-only``).
 """
 from __future__ import annotations
 

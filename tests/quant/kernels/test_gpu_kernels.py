@@ -1,6 +1,7 @@
-"""The row kernels compiled for the GPU (Triton; skipped elsewhere) against the XLA formulation they
-replace, on random data at DiT-XL/2's widths: what interpret mode cannot check (the Triton lowering,
-``tanh.approx``, Triton's reduction order). Run on a GPU machine: ``pytest tests/quant/kernels``."""
+"""The kernels compiled for the GPU (the Triton row kernels; the Mosaic GPU scaled GEMM on Hopper;
+skipped elsewhere) against the XLA formulation they replace, on random data at DiT-XL/2's widths:
+what interpret mode cannot check (the lowering, ``tanh.approx``, the reduction order, wgmma). Run on
+a GPU machine: ``pytest tests/quant/kernels``."""
 from __future__ import annotations
 
 import jax
@@ -12,7 +13,7 @@ from qdit_jax.quant.kernels.gelu_quant import gelu_quant_pallas, gelu_quant_xla
 from qdit_jax.quant.kernels.norm_quant import norm_quant_pallas, norm_quant_xla
 from qdit_jax.quant.quantizers import QuantSpec
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the Triton kernels: GPU only")
+pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the Triton and Mosaic GPU kernels: GPU only")
 
 SPECS = {"int8": QuantSpec(bits=8, group_size=0, symmetric=True),
          "fp8": QuantSpec(bits=8, format="fp8_e4m3", group_size=0, symmetric=True)}

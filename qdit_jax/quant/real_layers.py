@@ -1,0 +1,351 @@
+"""One planned layer in real low precision (the real mode's execution; ``quant.real`` builds the
+stored weights and runs the model through its interceptor).
+
+``real_dense`` runs a Dense from its stored codes: the input quantized on the fly (per token, or
+per token and group), the product on int8 / fp8 operands in XLA (``lax.dot_general``, int32 /
+float32 accumulation) or in the group-wise Pallas kernel, the scales and bias applied after. The
+GPU routes replace several XLA passes by one kernel where its guard allows: per-token inputs in one
+pass, from the residual stream through the adaLN LayerNorm + modulation when a ``ModulatedNorm``
+feeds the layer (``kernels.norm_quant``); each DiT MLP's middle step as one pass
+(``kernels.gelu_quant``); q, k, v, and proj / fc2 with the block's gated residual, as Hopper GEMMs
+with the scales in their epilogue (``kernels.scaled_gemm``). Each route computes the XLA path's
+function; the interceptor (``quant.real``) decides which applies.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qdit_jax.errors import QditError
+from qdit_jax.models.dit import Mlp
+from qdit_jax.quant.config import LayerQuant
+from qdit_jax.quant.interceptor import module_path
+from qdit_jax.quant.kernels.gelu_quant import gelu_quant_applies, gelu_quant_pallas
+from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm_pallas, group_gemm_xla, kernel_applies,
+                                               low_bit_product, weight_codes_int8)
+from qdit_jax.quant.kernels.norm_quant import norm_quant_applies, norm_quant_pallas
+from qdit_jax.quant.kernels.scaled_gemm import CODE_DTYPES, scaled_gemm_applies, scaled_gemm_mosaic
+from qdit_jax.quant.quantizers import QuantSpec, _int_codes, params_of_groups
+
+BACKENDS = ("auto", "xla", "pallas")
+FLOAT_PRODUCTS = ("auto", "float32", "bfloat16", "float16")
+
+
+class RealWeight(NamedTuple):
+    """Stored form of one layer: ``codes`` (N, K) int8 / fp8, or (N, K // 2) uint8 for packed
+    4-bit; ``scale`` (G, N) float32 (or float16 / bfloat16: the spec's ``scale_dtype``); ``zero``
+    (G, N) float32 shifted zero point (asymmetric int weights) or None; ``bias`` (N,) float32 or
+    None. G is the layer's effective group count."""
+
+    codes: jax.Array
+    scale: jax.Array
+    zero: jax.Array | None
+    bias: jax.Array | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RealOptions:
+    """``backend``: 'auto' (per-channel layers in XLA, group-wise layers through the Pallas kernel
+    where it applies), 'xla' (XLA everywhere) or 'pallas' (the kernel wherever it applies);
+    ``fuse_quant``: quantize activations inside the kernel where it can."""
+
+    backend: str = "auto"
+    tiles: Tiles = Tiles()
+    fuse_quant: bool = False
+    # optimization_barrier on the activation codes before an XLA GEMM, so XLA cannot fuse the
+    # quantize pass into the GEMM (which would move it off cuBLAS' int8 kernel)
+    materialize: bool = False
+    # quantize activations with the one-pass Pallas kernel (kernels.act_quant) where its guard allows
+    quant_kernel: bool = False
+    # XLA path: keep the low-bit GEMM a plain cuBLAS call and run the scale epilogue as its own pass;
+    # measured faster for the whole XL/2 forward on the H100 (1,938 vs 1,684 images/s, RESULTS.md):
+    # the pass merges with the consumer's elementwise work while the GEMM stays on cuBLAS
+    split_epilogue: bool = True
+    # fp8 GEMMs: dtype of the raw product ('auto': the layer's output dtype when it is 16-bit, else
+    # float32). cuBLAS accumulates in float32 either way; a bf16 product halves the bytes written
+    # (fc1 at batch 256: 710 us vs 1,008 us for a float32 product) and rounds like the bf16 model does.
+    float_product: str = "auto"
+    # a SplitQKVDense (DiTConfig.qkv_gemms="split") as three quantized column-block GEMMs, as the
+    # float model runs it, instead of one GEMM of the full width; off by default: in real mode the
+    # scale epilogue pass writes q, k, v anyway, so the slices cost nothing there (RESULTS.md)
+    split_qkv: bool = False
+    # an MLP whose fc1 is per-channel and whose fc2 input is quantized per token (int8 / fp8): fc1's
+    # scale epilogue, the GELU and fc2's activation quantization in one Pallas pass
+    # (kernels.gelu_quant) where its guard allows (GPU). Same outputs bit for bit on an H100; real
+    # fp8 XL/2 forward 1.012x -> 1.109x bf16, int8 0.871x -> 0.921x (docs/RESULTS.md)
+    fused_mlp: bool = True
+    # a per-token quantized layer fed straight by a ModulatedNorm (DiT's qkv and fc1): its codes
+    # computed from the norm's input in one Pallas pass (LayerNorm + modulate + abs-max + codes,
+    # kernels.norm_quant) where the guard allows (GPU), instead of XLA writing the modulated
+    # activation and reading it twice
+    fused_norm: bool = True
+    # other per-token quantized inputs (DiT's proj input) through the same kernel without the norm:
+    # one read and one write instead of XLA's abs-max pass and quantize pass
+    row_quant: bool = True
+    # a SplitQKVDense with fp8 or int8 codes (per-channel weights, per-token inputs, bf16 output): q, k,
+    # v each from one Mosaic GPU GEMM that applies the scales and bias in its epilogue
+    # (kernels.scaled_gemm) where the guard allows (Hopper), instead of cuBLAS + an epilogue pass
+    # writing q, k, v. Real fp8 XL/2 forward at batch 256: 1.270x -> 1.332x bf16 (docs/RESULTS.md)
+    qkv_kernel: bool = True
+    # a GatedResidual ``x + gate * y`` whose ``y`` is such a GEMM's bf16 output (DiT's proj and fc2):
+    # the GEMM rerun by the same kernel with the scales, bias and gated residual in its epilogue
+    # instead of cuBLAS + XLA's epilogue-and-residual pass (XLA drops the GEMM it emitted first).
+    # Real fp8 XL/2 at batch 256: 1.355x -> 1.402x bf16
+    residual_kernel: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise QditError(f"real-mode backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.float_product not in FLOAT_PRODUCTS:
+            raise QditError(f"float_product must be one of {FLOAT_PRODUCTS}, got {self.float_product!r}")
+
+
+def group_width(spec: QuantSpec | None, k: int) -> int:
+    """The width of one operand's quantization groups along K (K itself when per channel / per token)."""
+    return k if spec is None or spec.group_size == 0 else spec.group_size
+
+
+def effective_group(lq: LayerQuant, k: int) -> int:
+    """The group width both operands are split into: the finer of the two (one must divide the other)."""
+    gw, ga = group_width(lq.weight, k), group_width(lq.act, k)
+    lo, hi = min(gw, ga), max(gw, ga)
+    if hi % lo:
+        raise QditError(f"real execution needs the weight group ({gw}) and activation group ({ga}) to nest "
+                        f"(one a multiple of the other); choose group sizes such as 64 and 128")
+    return lo
+
+
+def quantize_act(x2: jax.Array, spec: QuantSpec, group: int) -> tuple[jax.Array, jax.Array]:
+    """Dynamic symmetric codes of ``x2`` (M, K) and their scales (G_eff, M), computed exactly as the
+    fake-quant mode computes them (float32), repeated to ``group``-wide groups."""
+    m, k = x2.shape
+    ga = group_width(spec, k)
+    xg = x2.astype(jnp.float32).reshape(m, k // ga, ga)
+    scale, zp = params_of_groups(xg, spec)
+    if spec.format == "int":
+        q = _int_codes(xg, scale, zp, spec.bits, True).astype(jnp.int8)
+    else:
+        from qdit_jax.quant import formats as F
+
+        q = F.fp8_round(xg / scale[..., None], spec.format)
+    return q.reshape(m, k), jnp.repeat(scale, ga // group, axis=1).T
+
+
+class NormSource(NamedTuple):
+    """A ModulatedNorm call seen by the real interceptor: its output ``out`` (the next layer's input)
+    and what it was computed from, so that layer can quantize from ``x`` in one pass."""
+
+    out: jax.Array
+    x: jax.Array
+    shift: jax.Array
+    scale: jax.Array
+    eps: float
+
+
+class GemmSource(NamedTuple):
+    """A per-token x per-channel low-bit GEMM's output ``out`` seen by the real interceptor, with the
+    codes it was computed from, so the GatedResidual that takes it can rerun it with the residual in
+    the kernel's epilogue."""
+
+    out: jax.Array
+    qa: jax.Array  # (M, K) activation codes
+    sa: jax.Array  # (1, M) float32 token scales
+    rw: RealWeight  # float32 scales
+
+
+def _quantize_input(x2: jax.Array, spec: QuantSpec, group: int, options: RealOptions,
+                    source: NormSource | None = None) -> tuple[jax.Array, jax.Array]:
+    """``quantize_act``, through a one-pass Pallas kernel when asked and its guard allows: per token,
+    ``kernels.norm_quant`` (from ``source``'s input through its LayerNorm + modulation when given);
+    per group, ``kernels.act_quant`` (``options.quant_kernel``)."""
+    m, k = x2.shape
+    if group_width(spec, k) == k == group:
+        if source is not None and options.fused_norm:
+            b, t = source.x.shape[0], m // source.x.shape[0]
+            if (source.x.shape == (b, t, k) and source.x.dtype == x2.dtype
+                    and norm_quant_applies(m, k, spec, x2.dtype, tokens=t)[0]):
+                return norm_quant_pallas(source.x.reshape(m, k), spec, shift=source.shift, scale=source.scale,
+                                         tokens=t, eps=source.eps)
+        if options.row_quant and norm_quant_applies(m, k, spec, x2.dtype)[0]:
+            return norm_quant_pallas(x2, spec)
+    if options.quant_kernel and spec.format == "int" and spec.method == "max" and spec.clip_ratio == 1.0:
+        from qdit_jax.quant.kernels.act_quant import quant_applies, quantize_rows_pallas
+
+        m, k = x2.shape
+        ga = group_width(spec, k)
+        if quant_applies(m, k, ga, spec.bits, x2.dtype)[0]:
+            q, s = quantize_rows_pallas(x2, ga, spec.bits)
+            return q, jnp.repeat(s, ga // group, axis=0)
+    return quantize_act(x2, spec, group)
+
+
+def _float_product(choice: str, out_dtype: Any) -> Any:
+    """The raw product dtype of a float (fp8) GEMM (see ``RealOptions.float_product``)."""
+    if choice == "auto":
+        return out_dtype if jnp.dtype(out_dtype).itemsize == 2 else jnp.float32
+    return jnp.dtype(choice)
+
+
+def _dequant_weight(rw: RealWeight, dtype: Any) -> jax.Array:
+    c = weight_codes_int8(rw.codes) if rw.codes.dtype == jnp.uint8 else rw.codes
+    g, n = rw.scale.shape
+    k = c.shape[1]
+    cg = c.astype(jnp.float32).reshape(n, g, k // g)
+    if rw.zero is not None:
+        cg = cg - rw.zero.T[:, :, None]
+    return (cg * rw.scale.T[:, :, None]).reshape(n, k).astype(dtype)
+
+
+def column_block(rw: RealWeight, start: int, stop: int) -> RealWeight:
+    """Output channels ``start:stop`` of a stored layer (codes are (N, K) rows; scales, zero points
+    (G, N) and the bias follow N), for running a fused layer as several narrower GEMMs."""
+    return RealWeight(rw.codes[start:stop], rw.scale[:, start:stop],
+                      None if rw.zero is None else rw.zero[:, start:stop],
+                      None if rw.bias is None else rw.bias[start:stop])
+
+
+def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
+               options: RealOptions = RealOptions(), source: NormSource | None = None) -> jax.Array:
+    """``x @ W^T + b`` for a planned Dense, in real low precision (weight-only layers: dequantize).
+    ``source``: the ModulatedNorm call that produced ``x``, if one did."""
+    if rw.scale.dtype != jnp.float32:  # float16 / bfloat16 storage: exact in float32, fused by XLA
+        rw = rw._replace(scale=rw.scale.astype(jnp.float32))
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    n = rw.scale.shape[1]
+    if lq.act is None:  # weight-only (adaLN): tiny M, dequantize the weight and multiply
+        w = _dequant_weight(rw, x.dtype)
+        y = jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        y = y if rw.bias is None else y + rw.bias
+        return y.astype(out_dtype).reshape(*lead, n)
+    g = rw.scale.shape[0]
+    group = k // g
+    is_int = lq.act.format == "int"
+    m = x2.shape[0]
+    use_kernel = False
+    tiles = fit_tiles(options.tiles, m, n)
+    if is_int and (options.backend == "pallas" or (options.backend == "auto" and g > 1)):
+        a_dtype = x2.dtype if options.fuse_quant else jnp.int8
+        use_kernel, _ = kernel_applies(m, n, k, g, a_dtype, rw.codes.dtype, tiles=tiles,
+                                       fuse_quant=options.fuse_quant)
+        fusable = (options.fuse_quant and group_width(lq.act, k) == group and lq.act.method == "max"
+                   and lq.act.clip_ratio == 1.0 and lq.act.bits == 8)
+        if use_kernel and options.fuse_quant and not fusable:
+            use_kernel = False
+        if use_kernel and options.fuse_quant:
+            y = group_gemm_pallas(x2, None, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype,
+                                  tiles=tiles, fuse_quant=True)
+            return y.reshape(*lead, n)
+        if not use_kernel and options.fuse_quant:  # retry without in-kernel quantization
+            use_kernel, _ = kernel_applies(m, n, k, g, jnp.int8, rw.codes.dtype, tiles=tiles)
+    qa, sa = _quantize_input(x2, lq.act, group, options, source)
+    if use_kernel:
+        rs = None
+        if rw.zero is not None:
+            rs = jnp.sum(qa.reshape(m, g, group).astype(jnp.int32), axis=-1).T
+        y = group_gemm_pallas(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, rs, out_dtype=out_dtype,
+                              tiles=tiles)
+    else:
+        if options.materialize:
+            qa, sa = jax.lax.optimization_barrier((qa, sa))
+        y = _codes_gemm(qa, sa, rw, out_dtype, options)
+    return y.reshape(*lead, n)
+
+
+def _codes_gemm(qa: jax.Array, sa: jax.Array, rw: RealWeight, out_dtype: Any, options: RealOptions) -> jax.Array:
+    """The XLA low-bit GEMM from activation codes and scales: product, then scales and bias."""
+    return group_gemm_xla(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype,
+                          split_epilogue=options.split_epilogue,
+                          product_dtype=_float_product(options.float_product, out_dtype))
+
+
+def dense_with_codes(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, options: RealOptions,
+                      source: NormSource | None) -> GemmSource | None:
+    """``real_dense`` of a per-channel x per-token layer with symmetric int8 or fp8 weight codes
+    through XLA, keeping its codes (see GemmSource), or None for other layers."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    if not (_per_channel_per_token(lq, rw, k) and rw.codes.dtype in CODE_DTYPES) or options.backend == "pallas":
+        return None
+    rw = rw._replace(scale=rw.scale.astype(jnp.float32))
+    qa, sa = _quantize_input(x.reshape(-1, k), lq.act, k, options, source)
+    y = _codes_gemm(qa, sa, rw, out_dtype, options)
+    return GemmSource(y.reshape(*lead, y.shape[-1]), qa, sa, rw)
+
+
+def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource) -> jax.Array | None:
+    """``x + gate[:, None] * src.out`` as one fp8 / int8 GEMM with the gated residual in its epilogue
+    (``kernels.scaled_gemm``), or None where the kernel does not apply."""
+    m, k = src.qa.shape
+    n = src.rw.scale.shape[1]
+    bf16 = jnp.dtype(jnp.bfloat16)
+    if (x.ndim != 3 or x.shape[0] * x.shape[1] != m or x.shape[2] != n or gate.shape != (x.shape[0], n)
+            or jnp.dtype(x.dtype) != bf16 or jnp.dtype(src.out.dtype) != bf16 or jnp.dtype(gate.dtype) != bf16):
+        return None
+    if not scaled_gemm_applies(m, n, k, src.qa.dtype, src.rw.codes.dtype, rows_per_gate=x.shape[1])[0]:
+        return None
+    y = scaled_gemm_mosaic(src.qa, src.rw.codes, src.sa.reshape(-1), src.rw.scale[0], src.rw.bias,
+                           residual=x.reshape(m, n), gate=gate)
+    return y.reshape(x.shape)
+
+
+def _per_channel_per_token(lq: LayerQuant, rw: RealWeight, k: int) -> bool:
+    """Whether a layer has one symmetric scale per output channel and per-token activations (what
+    the fused MLP and qkv kernels take)."""
+    return lq.act is not None and rw.scale.shape[0] == 1 and rw.zero is None and group_width(lq.act, k) == k
+
+
+def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: Mapping[str, RealWeight],
+               options: RealOptions, source: NormSource | None = None) -> GemmSource | None:
+    """The DiT ``Mlp`` (fc1, tanh GELU, fc2) with its middle step in one kernel, or None where that
+    does not apply (the layers then run one by one). fc1: per-token x per-channel low-bit GEMM; the
+    kernel takes its raw product to fc2's per-token codes; fc2: low-bit GEMM and scale epilogue.
+    Returned with fc2's codes (its output is ``.out``)."""
+    base = module_path(mlp)
+    (l1, w1), (l2, w2) = ((plan.get(f"{base}/{n}"), weights.get(f"{base}/{n}")) for n in ("fc1", "fc2"))
+    if None in (l1, w1, l2, w2) or options.backend == "pallas":
+        return None
+    lead, k, n = x.shape[:-1], x.shape[-1], w1.scale.shape[1]
+    m = int(np.prod(lead))
+    if not (_per_channel_per_token(l1, w1, k) and l2.act is not None and w2.scale.shape[0] == 1
+            and group_width(l2.act, n) == n and gelu_quant_applies(m, n, l2.act)[0]):
+        return None  # group-wise or asymmetric layers, or no kernel here: the per-layer path
+    out_dtype = mlp.dtype or x.dtype
+    product_dtype = _float_product(options.float_product, out_dtype)
+    qa, sa = _quantize_input(x.reshape(m, k), l1.act, k, options, source)
+    product = low_bit_product(qa, w1.codes, 1, product_dtype)[0]
+    q2, s2 = gelu_quant_pallas(product, sa, w1.scale.astype(jnp.float32), w1.bias, l2.act, out_dtype)
+    w2 = w2._replace(scale=w2.scale.astype(jnp.float32))
+    y = _codes_gemm(q2, s2, w2, out_dtype, options)
+    return GemmSource(y.reshape(*lead, w2.scale.shape[1]), q2, s2, w2)
+
+
+def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, options: RealOptions,
+                source: NormSource | None, blocks: int) -> jax.Array | None:
+    """A SplitQKVDense in fp8 / int8 as ``blocks`` column-block GEMMs with the scales in their epilogue
+    (``kernels.scaled_gemm``), concatenated (the attention's slices of the concatenation fold away),
+    or None where the kernel does not apply."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    m, n = int(np.prod(lead)), rw.scale.shape[1]
+    if (not _per_channel_per_token(lq, rw, k) or jnp.dtype(out_dtype) != jnp.dtype(jnp.bfloat16) or n % blocks):
+        return None
+    c = n // blocks
+    if not scaled_gemm_applies(m, c, k, rw.codes.dtype, rw.codes.dtype)[0]:
+        return None
+    qa, sa = _quantize_input(x.reshape(m, k), lq.act, k, options, source)
+    if qa.dtype != rw.codes.dtype:
+        return None
+    sw = rw.scale.astype(jnp.float32)[0]
+    # each block reshaped before the concatenation, as SplitQKVDense does: XLA folds the attention's
+    # slices of a concatenation into its operands, but not of a reshaped concatenation (measured:
+    # concatenating (M, C) blocks and reshaping after left a q / k / v copy pass of ~300 us per block)
+    parts = [scaled_gemm_mosaic(qa, rw.codes, sa[0], sw, rw.bias, n_off=i * c, n=c).reshape(*lead, c)
+             for i in range(blocks)]
+    return jnp.concatenate(parts, axis=-1)
+
+
+__all__ = ["RealWeight", "RealOptions", "NormSource", "GemmSource", "group_width", "effective_group", "quantize_act",
+           "column_block", "real_dense", "dense_with_codes", "residual_scaled", "mlp_fused", "qkv_scaled"]
