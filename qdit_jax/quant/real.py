@@ -37,7 +37,7 @@ from qdit_jax.quant.config import LayerQuant, QuantConfig, resolve
 from qdit_jax.quant.interceptor import discover_layers, get_kernel, module_path, quantize_activation
 from qdit_jax.quant.kernels.group_gemm import pack_blocked
 from qdit_jax.quant.quantizers import SCALE_DTYPES, QParams
-from qdit_jax.quant.real_layers import (GemmSource, NormSource, RealOptions, RealWeight, column_block,
+from qdit_jax.quant.real_layers import (NormSource, RealOptions, RealWeight, column_block,
                                         dense_with_codes, effective_group, group_width, mlp_fused, qkv_scaled,
                                         quantize_act, real_dense, residual_scaled)
 
@@ -161,45 +161,51 @@ def real_from_params(params: Any, cfg: DiTConfig, qcfg: QuantConfig, *, pack4: b
     return RealModel(cfg, plan, strip_kernels(params, list(weights)), weights)
 
 
+class _Traced:
+    """Records of this trace keyed by the identity of a traced output array (``entry.out``); the entry
+    holds the array itself, so its id stays unique while the record lives."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, Any] = {}
+
+    def put(self, entry: Any) -> jax.Array:
+        self._by_id[id(entry.out)] = entry
+        return entry.out
+
+    def get(self, a: Any) -> Any:
+        entry = self._by_id.get(id(a))
+        return entry if entry is not None and entry.out is a else None
+
+
+def _call_args(args: tuple, kwargs: dict, names: tuple[str, ...]) -> tuple:
+    """A module call's arguments by name, whether passed by position or keyword."""
+    return tuple(kwargs[n] if n in kwargs else args[i] for i, n in enumerate(names))
+
+
 def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str, RealWeight], options: RealOptions):
-    # ModulatedNorm outputs of this trace, by id, with what they were computed from: the layer that
-    # takes one as its input may quantize from the source in one kernel pass (the float output is
-    # then unused and XLA drops it). The entry holds the output itself, so its id stays unique.
-    norms: dict[int, NormSource] = {}
-
-    def source_of(a: Any) -> NormSource | None:
-        src = norms.get(id(a))
-        return src if src is not None and src.out is a else None
-
-    # per-token x per-channel GEMM outputs of this trace, by id, with their codes: a GatedResidual
-    # taking one may rerun the GEMM with the residual in its epilogue (XLA then drops the first)
-    gemms: dict[int, GemmSource] = {}
-
-    def recorded(src: GemmSource) -> jax.Array:
-        gemms[id(src.out)] = src
-        return src.out
-
-    def gemm_of(a: Any) -> GemmSource | None:
-        src = gemms.get(id(a))
-        return src if src is not None and src.out is a else None
+    # ModulatedNorm outputs with what they were computed from: the layer that takes one as its
+    # input may quantize from the source in one kernel pass (XLA then drops the unused float output)
+    norms = _Traced()
+    # per-token GEMM outputs with their codes: a GatedResidual taking one may rerun the GEMM with
+    # the residual in its epilogue (XLA then drops the first GEMM)
+    gemms = _Traced()
 
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         if options.residual_kernel and type(context.module) is GatedResidual:
-            x, gate, y = (kwargs[n] if n in kwargs else args[i] for i, n in enumerate(("x", "gate", "y")))
-            src = gemm_of(y)
+            x, gate, y = _call_args(args, kwargs, ("x", "gate", "y"))
+            src = gemms.get(y)
             out = None if src is None else residual_scaled(x, gate, src)
             return next_fun(*args, **kwargs) if out is None else out
         if options.fused_norm and type(context.module) is ModulatedNorm:
             y = next_fun(*args, **kwargs)
-            x, shift, scale = (kwargs[n] if n in kwargs else args[i] for i, n in enumerate(("x", "shift", "scale")))
-            norms[id(y)] = NormSource(y, x, shift, scale, context.module.eps)
-            return y
+            x, shift, scale = _call_args(args, kwargs, ("x", "shift", "scale"))
+            return norms.put(NormSource(y, x, shift, scale, context.module.eps))
         if options.fused_mlp and type(context.module) is Mlp:
-            src = mlp_fused(context.module, args[0], plan, weights, options, source_of(args[0]))
+            src = mlp_fused(context.module, args[0], plan, weights, options, norms.get(args[0]))
             if src is not None:
-                return recorded(src)
+                return gemms.put(src)
         path = module_path(context.module)
         lq = plan.get(path)
         if lq is None:
@@ -209,7 +215,7 @@ def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str,
             out_dtype = context.module.dtype or x.dtype
             rw = weights[path]
             if options.qkv_kernel and options.backend != "pallas" and isinstance(context.module, SplitQKVDense):
-                y = qkv_scaled(x, rw, lq, out_dtype, options, source_of(x), context.module.BLOCKS)
+                y = qkv_scaled(x, rw, lq, out_dtype, options, norms.get(x), context.module.BLOCKS)
                 if y is not None:
                     return y
             if options.split_qkv and isinstance(context.module, SplitQKVDense):  # one GEMM per column block
@@ -218,10 +224,10 @@ def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str,
                 return jnp.concatenate([real_dense(x, column_block(rw, i * c, (i + 1) * c), lq, out_dtype, options)
                                         for i in range(nb)], axis=-1)
             if options.residual_kernel:
-                src = dense_with_codes(x, rw, lq, out_dtype, options, source_of(x))
+                src = dense_with_codes(x, rw, lq, out_dtype, options, norms.get(x))
                 if src is not None:
-                    return recorded(src)
-            return real_dense(x, rw, lq, out_dtype, options, source_of(x))
+                    return gemms.put(src)
+            return real_dense(x, rw, lq, out_dtype, options, norms.get(x))
         if lq.act is None:
             return next_fun(*args, **kwargs)
         # act-only layers (the attention core): the fake-quant mode's dynamic quantization
