@@ -268,7 +268,8 @@ def dense_with_codes(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: An
     """``real_dense`` of a per-channel x per-token layer with symmetric int8 or fp8 weight codes
     through XLA, keeping its codes (see GemmSource), or None for other layers."""
     lead, k = x.shape[:-1], x.shape[-1]
-    if not (_per_channel_per_token(lq, rw, k) and rw.codes.dtype in CODE_DTYPES) or options.backend == "pallas":
+    if (not (_per_channel_per_token(lq, rw, k) and rw.codes.dtype in CODE_DTYPES) or options.backend == "pallas"
+            or options.materialize):  # those ask for the Pallas GEMM / the barrier of real_dense
         return None
     rw = rw._replace(scale=rw.scale.astype(jnp.float32))
     qa, sa = _quantize_input(x.reshape(-1, k), lq.act, k, options, source)
