@@ -71,6 +71,16 @@ def timed(fn, args, repeats: int, rounds: int = 5) -> float:
     return statistics.median(ts)
 
 
+def run_timed(label: str, fn, args, repeats: int):
+    """``(fn(*args), seconds per call)``, or None after printing why ``fn`` failed to compile or run
+    (a form a kernel cannot compile is reported, not fatal)."""
+    try:
+        return fn(*args), timed(fn, args, repeats)
+    except Exception as e:  # noqa: BLE001
+        print(f"{label}: failed: {str(e)[:400]}", flush=True)
+        return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=256)
@@ -206,12 +216,11 @@ def fc2_input(a, rng) -> None:
             fn = jax.jit(functools.partial(gelu_quant_pallas, spec=spec, out_dtype=bf, block_m=bm, chunk=chunk,
                                            num_warps=warps, fast=fast, recompute=rec,
                                            gelu="dtype" if approx else gelu, approx_tanh=approx))
-            try:
-                q1, s1 = fn(p, sa, sw, b)
-                t = timed(fn, (p, sa, sw, b), a.repeats)
-            except Exception as e:  # noqa: BLE001 - a tiling Triton cannot compile is reported, not fatal
-                print(f"fc2in {spec.format:8s} bm {bm} chunk {chunk} warps {warps}: failed: {str(e)[:200]}")
+            res = run_timed(f"fc2in {spec.format:8s} bm {bm} chunk {chunk} warps {warps}", fn, (p, sa, sw, b),
+                            a.repeats)
+            if res is None:
                 continue
+            (q1, s1), t = res
             q1 = np.asarray(q1.astype(jnp.float32))
             rel = float(np.max(np.abs(np.asarray(s1) - np.asarray(s0)) / np.asarray(s0)))
             print(f"fc2in {spec.format:8s} Pallas bm {bm:2d} chunk {chunk:4d} w {warps}{' fast' if fast else '     '}"
@@ -252,12 +261,11 @@ def norm_quant_forms(a, rng) -> None:
                     continue
                 fn = jax.jit(functools.partial(norm_quant_pallas, spec=spec, block_m=bm, chunk=chunk,
                                                num_warps=warps, **kw))
-                try:
-                    q1, s1 = fn(x)
-                    t = timed(fn, (x,), a.repeats)
-                except Exception as e:  # noqa: BLE001 - a tiling Triton cannot compile is reported, not fatal
-                    print(f"normq {spec.format:8s} {what} bm {bm} chunk {chunk} warps {warps}: failed: {str(e)[:200]}")
+                res = run_timed(f"normq {spec.format:8s} {what} bm {bm} chunk {chunk} warps {warps}", fn, (x,),
+                                a.repeats)
+                if res is None:
                     continue
+                (q1, s1), t = res
                 q1 = np.asarray(q1.astype(jnp.float32))
                 rel = np.abs(np.asarray(s1) - np.asarray(s0)) / np.asarray(s0)
                 print(f"normq {spec.format:8s} {what} Pallas bm {bm} chunk {chunk:4d} w {warps} {t * 1e6:8.1f} us   "
@@ -321,12 +329,10 @@ def residual_gemm_forms(a, rng) -> None:
             continue
         for kw in MOSAIC_FORMS:
             fn = jax.jit(lambda qa, w, sa, sw, b, x, g: scaled_gemm_mosaic(qa, w, sa, sw, b, residual=x, gate=g, **kw))
-            try:
-                got = np.asarray(fn(*args).astype(jnp.float32))
-                t = timed(fn, args, a.repeats)
-            except Exception as e:  # noqa: BLE001 - reported, not fatal
-                print(f"resgemm K={k} Mosaic {kw}: failed: {str(e)[:400]}", flush=True)
+            res = run_timed(f"resgemm K={k} Mosaic {kw}", fn, args, a.repeats)
+            if res is None:
                 continue
+            got, t = np.asarray(res[0].astype(jnp.float32)), res[1]
             err = np.abs(got - ref)
             print(f"resgemm K={k} Mosaic (kernels.scaled_gemm, residual epilogue) {kw}: {t * 1e6:8.1f} us   equal "
                   f"{np.mean(got == ref):.4f}, max |diff| {err.max():.3g} (|ref| max {np.abs(ref).max():.3g})",
@@ -363,12 +369,10 @@ def qkv_gemm_forms(a, rng) -> None:
     for kw in MOSAIC_FORMS if ok else ():
         fn = jax.jit(lambda qa, sa, w, sw, b: tuple(
             scaled_gemm_mosaic(qa, w, sa[0], sw[0], b, n_off=i * C, n=C, **kw) for i in range(3)))
-        try:
-            out = fn(qa, sa, w, sw, b)
-            t = timed(fn, (qa, sa, w, sw, b), a.repeats)
-        except Exception as e:  # noqa: BLE001 - a form Mosaic cannot compile is reported, not fatal
-            print(f"qkvgemm Mosaic {kw}: failed: {str(e)[:400]}", flush=True)
+        res = run_timed(f"qkvgemm Mosaic {kw}", fn, (qa, sa, w, sw, b), a.repeats)
+        if res is None:
             continue
+        out, t = res
         got = np.concatenate([np.asarray(o.astype(jnp.float32)) for o in out], axis=1)
         print(f"qkvgemm Mosaic GPU fp8 GEMM + epilogue (kernels.scaled_gemm) {kw}: "
               f"{t * 1e6:8.1f} us   equal to XLA {np.mean(got == ref):.4f}", flush=True)
@@ -382,12 +386,10 @@ def qkv_gemm_forms(a, rng) -> None:
             return tuple(_fp8_gemm_epilogue(qa, sa, w, sw, b, n_off=i * C, n=C, bm=bm, bn=bn, bk=bk, warps=warps,
                                             stages=stages) for i in range(3))
         fn = jax.jit(pallas)
-        try:
-            out = fn(qa, sa, w, sw, b)
-            t = timed(fn, (qa, sa, w, sw, b), a.repeats)
-        except Exception as e:  # noqa: BLE001 - a tiling Triton cannot compile is reported, not fatal
-            print(f"qkvgemm Pallas {bm}x{bn}x{bk} w{warps} s{stages}: failed: {str(e)[:300]}", flush=True)
+        res = run_timed(f"qkvgemm Pallas {bm}x{bn}x{bk} w{warps} s{stages}", fn, (qa, sa, w, sw, b), a.repeats)
+        if res is None:
             continue
+        out, t = res
         got = np.concatenate([np.asarray(o.astype(jnp.float32)) for o in out], axis=1)
         rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
         print(f"qkvgemm Pallas fp8 GEMM + epilogue {bm}x{bn}x{bk} w{warps} s{stages}: {t * 1e6:8.1f} us   "

@@ -212,8 +212,7 @@ def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
                options: RealOptions = RealOptions(), source: NormSource | None = None) -> jax.Array:
     """``x @ W^T + b`` for a planned Dense, in real low precision (weight-only layers: dequantize).
     ``source``: the ModulatedNorm call that produced ``x``, if one did."""
-    if rw.scale.dtype != jnp.float32:  # float16 / bfloat16 storage: exact in float32, fused by XLA
-        rw = rw._replace(scale=rw.scale.astype(jnp.float32))
+    rw = _scales_f32(rw)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     n = rw.scale.shape[1]
@@ -256,6 +255,11 @@ def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
     return y.reshape(*lead, n)
 
 
+def _scales_f32(rw: RealWeight) -> RealWeight:
+    """``rw`` with float32 scales (float16 / bfloat16 storage is exact in float32; XLA fuses the cast)."""
+    return rw if rw.scale.dtype == jnp.float32 else rw._replace(scale=rw.scale.astype(jnp.float32))
+
+
 def _codes_gemm(qa: jax.Array, sa: jax.Array, rw: RealWeight, out_dtype: Any, options: RealOptions) -> jax.Array:
     """The XLA low-bit GEMM from activation codes and scales: product, then scales and bias."""
     return group_gemm_xla(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype,
@@ -271,7 +275,7 @@ def dense_with_codes(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: An
     if (not (_per_channel_per_token(lq, rw, k) and rw.codes.dtype in CODE_DTYPES) or options.backend == "pallas"
             or options.materialize):  # those ask for the Pallas GEMM / the barrier of real_dense
         return None
-    rw = rw._replace(scale=rw.scale.astype(jnp.float32))
+    rw = _scales_f32(rw)
     qa, sa = _quantize_input(x.reshape(-1, k), lq.act, k, options, source)
     y = _codes_gemm(qa, sa, rw, out_dtype, options)
     return GemmSource(y.reshape(*lead, y.shape[-1]), qa, sa, rw)
@@ -314,12 +318,12 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
     if not (_per_channel_per_token(l1, w1, k) and l2.act is not None and w2.scale.shape[0] == 1
             and group_width(l2.act, n) == n and gelu_quant_applies(m, n, l2.act)[0]):
         return None  # group-wise or asymmetric layers, or no kernel here: the per-layer path
+    w1, w2 = _scales_f32(w1), _scales_f32(w2)
     out_dtype = mlp.dtype or x.dtype
     product_dtype = _float_product(options.float_product, out_dtype)
     qa, sa = _quantize_input(x.reshape(m, k), l1.act, k, options, source)
     product = low_bit_product(qa, w1.codes, 1, product_dtype)[0]
-    q2, s2 = gelu_quant_pallas(product, sa, w1.scale.astype(jnp.float32), w1.bias, l2.act, out_dtype)
-    w2 = w2._replace(scale=w2.scale.astype(jnp.float32))
+    q2, s2 = gelu_quant_pallas(product, sa, w1.scale, w1.bias, l2.act, out_dtype)
     y = _codes_gemm(q2, s2, w2, out_dtype, options)
     return GemmSource(y.reshape(*lead, w2.scale.shape[1]), q2, s2, w2)
 
@@ -339,7 +343,7 @@ def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, opt
     qa, sa = _quantize_input(x.reshape(m, k), lq.act, k, options, source)
     if qa.dtype != rw.codes.dtype:
         return None
-    sw = rw.scale.astype(jnp.float32)[0]
+    sw = _scales_f32(rw).scale[0]
     # each block reshaped before the concatenation, as SplitQKVDense does: XLA folds the attention's
     # slices of a concatenation into its operands, but not of a reshaped concatenation (measured:
     # concatenating (M, C) blocks and reshaping after left a q / k / v copy pass of ~300 us per block)
