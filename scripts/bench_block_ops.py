@@ -18,6 +18,10 @@
 5. The real fp8 qkv layer's GEMM and scale epilogue writing q, k, v: cuBLAS + XLA's epilogue pass
    against fp8 GEMMs that apply the scales in their epilogue: the Mosaic GPU kernel
    (``kernels.scaled_gemm``) and a Pallas (Triton) one (1.85x slower than cuBLAS + the pass).
+6. ``groupgemm``: group-128 fp8 / int8 GEMMs at the DiT's three shapes (proj, fc1, fc2): XLA's
+   batched group product + epilogue, the Triton group kernel (int8, ``kernels.group_gemm``) and
+   the Mosaic GPU GEMM with the group scales in its K loop (``kernels.scaled_gemm``) at several
+   tilings, beside the per-channel Mosaic GEMM and cuBLAS' per-channel fp8 GEMM of the same shape.
 
 Each time is the median over 5 rounds of ``--repeats`` calls dispatched back to back and
 device-synchronized once, after warm-up (until 2026-11-26 each call was synchronized on its own,
@@ -87,7 +91,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--mosaic-only", action="store_true", help="qkvgemm: skip the Pallas Triton forms")
-    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "normq", "qkvgemm", "resgemm"])
+    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "normq", "qkvgemm", "resgemm", "groupgemm"])
+    p.add_argument("--group-forms", nargs="+", default=["64x128x4", "64x192x4", "64x128x6"],
+                   help="groupgemm: Mosaic tilings tile_m x tile_n x steps")
     a = p.parse_args()
     rng = np.random.default_rng(0)
     bf = jnp.bfloat16
@@ -104,6 +110,8 @@ def main() -> None:
         qkv_gemm_forms(a, rng)
     if "resgemm" in a.sections:
         residual_gemm_forms(a, rng)
+    if "groupgemm" in a.sections:
+        group_gemm_forms(a, rng)
     if "fc2in" in a.sections:
         fc2_input(a, rng)
     if "gelu" in a.sections:
@@ -398,3 +406,57 @@ def qkv_gemm_forms(a, rng) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def group_gemm_forms(a, rng) -> None:
+    """Group-128 GEMMs from codes to bf16 output at proj (K = N = C), fc1 (K = C, N = 4C) and fc2
+    (K = 4C, N = C): what one group-wise layer costs on each route, against per channel."""
+    from qdit_jax.perf import compiler
+    from qdit_jax.quant.kernels.group_gemm import Tiles, fit_tiles, group_gemm_pallas, kernel_applies
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_mosaic, scaled_gemm_xla
+
+    m = a.batch * a.tokens
+    for dtype in (jnp.float8_e4m3fn, jnp.int8):
+        for k, n in ((C, C), (C, HIDDEN), (HIDDEN, C)):
+            g = k // 128
+            lim = 448 if dtype != jnp.int8 else 127
+            qa = jnp.asarray(np.clip(rng.standard_normal((m, k)) * lim / 4, -lim, lim), jnp.float32).astype(dtype)
+            w = jnp.asarray(np.clip(rng.standard_normal((n, k)) * lim / 4, -lim, lim), jnp.float32).astype(dtype)
+            sa = jnp.asarray(rng.uniform(0.001, 0.003, (g, m)), jnp.float32)
+            sw = jnp.asarray(rng.uniform(0.001, 0.003, (g, n)), jnp.float32)
+            b = jnp.asarray(rng.standard_normal(n) * 0.1, jnp.float32)
+            name = f"groupgemm {jnp.dtype(dtype).name} K={k} N={n}"
+            ref_fn = compiler.jit(scaled_gemm_xla)
+            ref = np.asarray(ref_fn(qa, w, sa, sw, b).astype(jnp.float32))
+            t = timed(ref_fn, (qa, w, sa, sw, b), a.repeats)
+            print(f"{name}: XLA group-128 (batched product + epilogue) {t * 1e6:8.1f} us", flush=True)
+            pc = (qa, w, sa[0], sw[0], b)
+            t = timed(compiler.jit(scaled_gemm_xla), pc, a.repeats)
+            print(f"{name}: per channel, cuBLAS + XLA epilogue      {t * 1e6:8.1f} us", flush=True)
+            if scaled_gemm_applies(m, n, k, dtype, dtype)[0]:
+                res = run_timed(f"{name} Mosaic per channel", jax.jit(scaled_gemm_mosaic), pc, a.repeats)
+                if res is not None:
+                    print(f"{name}: per channel, Mosaic GEMM               {res[1] * 1e6:8.1f} us", flush=True)
+            if dtype == jnp.int8:
+                tiles = fit_tiles(Tiles(), m, n)
+                if kernel_applies(m, n, k, g, jnp.int8, jnp.int8, tiles=tiles)[0]:
+                    fn = jax.jit(lambda qa, sa, w, sw, b: group_gemm_pallas(qa, sa, w, sw, b, tiles=tiles))
+                    res = run_timed(f"{name} Triton", fn, (qa, sa, w, sw, b), a.repeats)
+                    if res is not None:
+                        got = np.asarray(res[0].astype(jnp.float32))
+                        print(f"{name}: Triton group kernel                {res[1] * 1e6:8.1f} us   equal "
+                              f"{np.mean(got == ref):.4f}", flush=True)
+            for form in a.group_forms:
+                tm, tn, st = (int(v) for v in form.split("x"))
+                ok, why = scaled_gemm_applies(m, n, k, dtype, dtype, groups=g, tile_m=tm, tile_n=tn)
+                if not ok:
+                    print(f"{name}: Mosaic {form} skipped: {why}", flush=True)
+                    continue
+                fn = jax.jit(lambda *v, tm=tm, tn=tn, st=st: scaled_gemm_mosaic(*v, tile_m=tm, tile_n=tn, steps=st))
+                res = run_timed(f"{name} Mosaic {form}", fn, (qa, w, sa, sw, b), a.repeats)
+                if res is None:
+                    continue
+                got = np.asarray(res[0].astype(jnp.float32))
+                err = np.abs(got - ref).max() / np.abs(ref).max()
+                print(f"{name}: Mosaic group-128 {form:10s}           {res[1] * 1e6:8.1f} us   equal "
+                      f"{np.mean(got == ref):.4f}, max |diff| / max |ref| {err:.2e}", flush=True)

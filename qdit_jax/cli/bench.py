@@ -42,6 +42,14 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-w4a8-g128-f16s": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
                                  scale_dtype="float16"), "real", "auto"),
     "real-w8a8-g128-xla": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "xla"),
+    "real-fp8-g128": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, fmt="fp8_e4m3"),
+                      "real", "auto"),
+    # group-128 without the Mosaic GPU group-scaled GEMM (RealOptions.group_kernel, on by default): the
+    # Triton group kernel (int8) or XLA's batched product (fp8), the group inputs quantized by XLA
+    "real-w8a8-g128-triton": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
+                              "auto-nogroupk"),
+    "real-fp8-g128-nogroupk": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
+                                    fmt="fp8_e4m3"), "real", "auto-nogroupk"),
     "real-w8a8-mat": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-mat"),
     "real-w8a8-qk": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-qk"),
     "real-w8a8-fused": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-fused"),
@@ -194,7 +202,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # -f32 (float32 fp8 products), -qkv1 (the float model's q, k, v from one fused GEMM), -qkv3 (real
     # mode: q, k, v as three quantized GEMMs), -nomlp (no fused MLP middle step), -nonorm (no norm_quant
     # kernel), -rowq (norm_quant without the LayerNorm prologue), -noqkvk (no scaled_gemm for qkv),
-    # -nores (no scaled_gemm with the residual for proj / fc2), xla-attn (XLA attention)
+    # -nores (no scaled_gemm with the residual for proj / fc2), -nogroupk (no scaled_gemm for group-wise
+    # layers), xla-attn (XLA attention)
     if "qkv1" in tags:
         cfg = cfg.replace(qkv_gemms="fused")
     if mode == "fp":
@@ -210,7 +219,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        float_product="float32" if "f32" in tags else "auto", split_qkv="qkv3" in tags,
                        fused_mlp="nomlp" not in tags, fused_norm=not {"nonorm", "rowq"} & set(tags),
                        row_quant="nonorm" not in tags, qkv_kernel="noqkvk" not in tags,
-                       residual_kernel="nores" not in tags)
+                       residual_kernel="nores" not in tags, group_kernel="nogroupk" not in tags)
     return rm.apply_fn(opts), with_compute_params(rm.variables(), cfg), {
         "weight_bytes": rm.weight_bytes(), "checkpoint_bytes": checkpoint_bytes(rm.variables())}
 

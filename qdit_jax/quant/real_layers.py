@@ -28,7 +28,7 @@ from qdit_jax.quant.kernels.gelu_quant import gelu_quant_applies, gelu_quant_pal
 from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm_pallas, group_gemm_xla, kernel_applies,
                                                low_bit_product, weight_codes_int8)
 from qdit_jax.quant.kernels.norm_quant import norm_quant_applies, norm_quant_pallas
-from qdit_jax.quant.kernels.scaled_gemm import CODE_DTYPES, scaled_gemm_applies, scaled_gemm_mosaic
+from qdit_jax.quant.kernels.scaled_gemm import TILE_K, CODE_DTYPES, scaled_gemm_applies, scaled_gemm_mosaic
 from qdit_jax.quant.quantizers import QuantSpec, _int_codes, params_of_groups
 
 BACKENDS = ("auto", "xla", "pallas")
@@ -96,6 +96,12 @@ class RealOptions:
     # instead of cuBLAS + XLA's epilogue-and-residual pass (XLA drops the GEMM it emitted first).
     # Real fp8 XL/2 at batch 256: 1.355x -> 1.402x bf16
     residual_kernel: bool = True
+    # group-wise fp8 / int8 layers (128-wide groups on both operands, symmetric weights, bf16 output)
+    # through the same Mosaic GPU GEMM with the group scales applied per K step inside its
+    # accumulation, where the guard allows (Hopper), instead of the Triton group kernel
+    # (kernels.group_gemm) or XLA's batched product; with it the group-wise inputs go through the
+    # one-pass quantize kernels and the MLP middle step through kernels.gelu_quant
+    group_kernel: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -163,15 +169,19 @@ def _quantize_input(x2: jax.Array, spec: QuantSpec, group: int, options: RealOpt
     ``kernels.norm_quant`` (from ``source``'s input through its LayerNorm + modulation when given);
     per group, ``kernels.act_quant`` (``options.quant_kernel``)."""
     m, k = x2.shape
-    if group_width(spec, k) == k == group:
+    ga = group_width(spec, k)
+    if ga % group == 0 and (ga == k or options.group_kernel):
+        def repeated(qs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+            return qs[0], jnp.repeat(qs[1], ga // group, axis=0)  # scales (K // group, M)
+
         if source is not None and options.fused_norm:
             b, t = source.x.shape[0], m // source.x.shape[0]
             if (source.x.shape == (b, t, k) and source.x.dtype == x2.dtype
                     and norm_quant_applies(m, k, spec, x2.dtype, tokens=t)[0]):
-                return norm_quant_pallas(source.x.reshape(m, k), spec, shift=source.shift, scale=source.scale,
-                                         tokens=t, eps=source.eps)
+                return repeated(norm_quant_pallas(source.x.reshape(m, k), spec, shift=source.shift,
+                                                  scale=source.scale, tokens=t, eps=source.eps))
         if options.row_quant and norm_quant_applies(m, k, spec, x2.dtype)[0]:
-            return norm_quant_pallas(x2, spec)
+            return repeated(norm_quant_pallas(x2, spec))
     if options.quant_kernel and spec.format == "int" and spec.method == "max" and spec.clip_ratio == 1.0:
         from qdit_jax.quant.kernels.act_quant import quant_applies, quantize_rows_pallas
 
@@ -227,6 +237,9 @@ def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
     m = x2.shape[0]
     use_kernel = False
     tiles = fit_tiles(options.tiles, m, n)
+    if g > 1 and _group_scaled_applies(m, lq, rw, k, out_dtype, options):
+        qa, sa = _quantize_input(x2, lq.act, group, options, source)
+        return _codes_gemm(qa, sa, rw, out_dtype, options).reshape(*lead, n)
     if is_int and (options.backend == "pallas" or (options.backend == "auto" and g > 1)):
         a_dtype = x2.dtype if options.fuse_quant else jnp.int8
         use_kernel, _ = kernel_applies(m, n, k, g, a_dtype, rw.codes.dtype, tiles=tiles,
@@ -260,8 +273,39 @@ def _scales_f32(rw: RealWeight) -> RealWeight:
     return rw if rw.scale.dtype == jnp.float32 else rw._replace(scale=rw.scale.astype(jnp.float32))
 
 
+def _scaled_groups(lq: LayerQuant, rw: RealWeight, k: int) -> int | None:
+    """The scale-group count G with which ``kernels.scaled_gemm`` computes this layer (1: per channel x
+    per token; G > 1: both operands in 128-wide groups), or None (asymmetric weights, 4-bit or other
+    codes, other groups)."""
+    if lq.act is None or rw.zero is not None or rw.codes.dtype not in CODE_DTYPES:
+        return None
+    g = rw.scale.shape[0]
+    if g == 1:
+        return 1 if group_width(lq.act, k) == k else None
+    return g if k == g * TILE_K else None
+
+
+def _group_scaled_applies(m: int, lq: LayerQuant, rw: RealWeight, k: int, out_dtype: Any,
+                          options: RealOptions) -> bool:
+    """Whether a group-wise layer runs on ``kernels.scaled_gemm`` (``RealOptions.group_kernel``)."""
+    g = _scaled_groups(lq, rw, k)
+    if g is None or g == 1 or not options.group_kernel or options.backend != "auto" or options.fuse_quant:
+        return False
+    from qdit_jax.quant.kernels.row_quant import codes_dtype
+
+    return (jnp.dtype(out_dtype) == jnp.dtype(jnp.bfloat16) and jnp.dtype(codes_dtype(lq.act)) == rw.codes.dtype
+            and scaled_gemm_applies(m, rw.scale.shape[1], k, rw.codes.dtype, rw.codes.dtype, groups=g)[0])
+
+
 def _codes_gemm(qa: jax.Array, sa: jax.Array, rw: RealWeight, out_dtype: Any, options: RealOptions) -> jax.Array:
-    """The XLA low-bit GEMM from activation codes and scales: product, then scales and bias."""
+    """The low-bit GEMM from activation codes and scales: product, then scales and bias; in XLA, or
+    for group-wise codes through ``kernels.scaled_gemm`` where it applies (``RealOptions.group_kernel``)."""
+    g, n = rw.scale.shape
+    m, k = qa.shape
+    if (g > 1 and options.group_kernel and options.backend == "auto" and rw.zero is None
+            and jnp.dtype(out_dtype) == jnp.dtype(jnp.bfloat16) and qa.dtype == rw.codes.dtype
+            and scaled_gemm_applies(m, n, k, qa.dtype, rw.codes.dtype, groups=g)[0]):
+        return scaled_gemm_mosaic(qa, rw.codes, sa, rw.scale, rw.bias)
     return group_gemm_xla(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype,
                           split_epilogue=options.split_epilogue,
                           product_dtype=_float_product(options.float_product, out_dtype))
@@ -269,14 +313,15 @@ def _codes_gemm(qa: jax.Array, sa: jax.Array, rw: RealWeight, out_dtype: Any, op
 
 def dense_with_codes(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, options: RealOptions,
                       source: NormSource | None) -> GemmSource | None:
-    """``real_dense`` of a per-channel x per-token layer with symmetric int8 or fp8 weight codes
-    through XLA, keeping its codes (see GemmSource), or None for other layers."""
+    """``real_dense`` of a layer ``kernels.scaled_gemm`` can compute (symmetric int8 / fp8 codes, per
+    channel x per token or 128-wide groups), keeping its codes (see GemmSource), or None for others."""
     lead, k = x.shape[:-1], x.shape[-1]
-    if (not (_per_channel_per_token(lq, rw, k) and rw.codes.dtype in CODE_DTYPES) or options.backend == "pallas"
-            or options.materialize):  # those ask for the Pallas GEMM / the barrier of real_dense
-        return None
+    g = _scaled_groups(lq, rw, k)
+    if (g is None or options.backend == "pallas" or options.materialize
+            or (g > 1 and not _group_scaled_applies(int(np.prod(lead)), lq, rw, k, out_dtype, options))):
+        return None  # those ask for the Pallas GEMM / the barrier of real_dense / its group route
     rw = _scales_f32(rw)
-    qa, sa = _quantize_input(x.reshape(-1, k), lq.act, k, options, source)
+    qa, sa = _quantize_input(x.reshape(-1, k), lq.act, k // g, options, source)
     y = _codes_gemm(qa, sa, rw, out_dtype, options)
     return GemmSource(y.reshape(*lead, y.shape[-1]), qa, sa, rw)
 
@@ -290,10 +335,11 @@ def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource) -> jax.Array
     if (x.ndim != 3 or x.shape[0] * x.shape[1] != m or x.shape[2] != n or gate.shape != (x.shape[0], n)
             or jnp.dtype(x.dtype) != bf16 or jnp.dtype(src.out.dtype) != bf16 or jnp.dtype(gate.dtype) != bf16):
         return None
-    if not scaled_gemm_applies(m, n, k, src.qa.dtype, src.rw.codes.dtype, rows_per_gate=x.shape[1])[0]:
+    g = src.sa.shape[0]
+    if not scaled_gemm_applies(m, n, k, src.qa.dtype, src.rw.codes.dtype, groups=g, rows_per_gate=x.shape[1])[0]:
         return None
-    y = scaled_gemm_mosaic(src.qa, src.rw.codes, src.sa.reshape(-1), src.rw.scale[0], src.rw.bias,
-                           residual=x.reshape(m, n), gate=gate)
+    y = scaled_gemm_mosaic(src.qa, src.rw.codes, src.sa, src.rw.scale, src.rw.bias, residual=x.reshape(m, n),
+                           gate=gate)
     return y.reshape(x.shape)
 
 
@@ -306,48 +352,62 @@ def _per_channel_per_token(lq: LayerQuant, rw: RealWeight, k: int) -> bool:
 def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: Mapping[str, RealWeight],
                options: RealOptions, source: NormSource | None = None) -> GemmSource | None:
     """The DiT ``Mlp`` (fc1, tanh GELU, fc2) with its middle step in one kernel, or None where that
-    does not apply (the layers then run one by one). fc1: per-token x per-channel low-bit GEMM; the
-    kernel takes its raw product to fc2's per-token codes; fc2: low-bit GEMM and scale epilogue.
-    Returned with fc2's codes (its output is ``.out``)."""
+    does not apply (the layers then run one by one). Per channel: fc1 is a per-token x per-channel
+    low-bit GEMM whose raw product the kernel takes to fc2's per-token codes; group-wise (both
+    layers on ``kernels.scaled_gemm`` with 128-wide groups): fc1's bf16 output to fc2's group codes.
+    fc2: low-bit GEMM and scale epilogue. Returned with fc2's codes (its output is ``.out``)."""
     base = module_path(mlp)
     (l1, w1), (l2, w2) = ((plan.get(f"{base}/{n}"), weights.get(f"{base}/{n}")) for n in ("fc1", "fc2"))
     if None in (l1, w1, l2, w2) or options.backend == "pallas":
         return None
     lead, k, n = x.shape[:-1], x.shape[-1], w1.scale.shape[1]
     m = int(np.prod(lead))
-    if not (_per_channel_per_token(l1, w1, k) and l2.act is not None and w2.scale.shape[0] == 1
-            and group_width(l2.act, n) == n and gelu_quant_applies(m, n, l2.act)[0]):
-        return None  # group-wise or asymmetric layers, or no kernel here: the per-layer path
-    w1, w2 = _scales_f32(w1), _scales_f32(w2)
     out_dtype = mlp.dtype or x.dtype
-    product_dtype = _float_product(options.float_product, out_dtype)
-    qa, sa = _quantize_input(x.reshape(m, k), l1.act, k, options, source)
-    product = low_bit_product(qa, w1.codes, 1, product_dtype)[0]
-    q2, s2 = gelu_quant_pallas(product, sa, w1.scale, w1.bias, l2.act, out_dtype)
+    w1, w2 = _scales_f32(w1), _scales_f32(w2)
+    if w1.scale.shape[0] > 1:  # group-wise: fc1 through the group-scaled GEMM, then GELU + fc2's group codes
+        g2 = w2.scale.shape[0]
+        if not (_group_scaled_applies(m, l1, w1, k, out_dtype, options)
+                and _group_scaled_applies(m, l2, w2, n, out_dtype, options)
+                and group_width(l2.act, n) % (n // g2) == 0 and gelu_quant_applies(m, n, l2.act)[0]):
+            return None
+        qa, sa = _quantize_input(x.reshape(m, k), l1.act, k // w1.scale.shape[0], options, source)
+        y1 = _codes_gemm(qa, sa, w1, out_dtype, options)
+        q2, s2 = gelu_quant_pallas(y1, None, None, None, l2.act, out_dtype)
+        s2 = jnp.repeat(s2, g2 // s2.shape[0], axis=0)  # to fc2's (effective) weight groups
+    else:
+        if not (_per_channel_per_token(l1, w1, k) and l2.act is not None and w2.scale.shape[0] == 1
+                and group_width(l2.act, n) == n and gelu_quant_applies(m, n, l2.act)[0]):
+            return None  # asymmetric layers, or no kernel here: the per-layer path
+        product_dtype = _float_product(options.float_product, out_dtype)
+        qa, sa = _quantize_input(x.reshape(m, k), l1.act, k, options, source)
+        product = low_bit_product(qa, w1.codes, 1, product_dtype)[0]
+        q2, s2 = gelu_quant_pallas(product, sa, w1.scale, w1.bias, l2.act, out_dtype)
     y = _codes_gemm(q2, s2, w2, out_dtype, options)
     return GemmSource(y.reshape(*lead, w2.scale.shape[1]), q2, s2, w2)
 
 
 def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, options: RealOptions,
                 source: NormSource | None, blocks: int) -> jax.Array | None:
-    """A SplitQKVDense in fp8 / int8 as ``blocks`` column-block GEMMs with the scales in their epilogue
-    (``kernels.scaled_gemm``), concatenated (the attention's slices of the concatenation fold away),
+    """A SplitQKVDense in fp8 / int8 as ``blocks`` column-block GEMMs with the scales in their epilogue,
+    or group scales in their K loop (``kernels.scaled_gemm``), concatenated (the attention's slices of the concatenation fold away),
     or None where the kernel does not apply."""
     lead, k = x.shape[:-1], x.shape[-1]
     m, n = int(np.prod(lead)), rw.scale.shape[1]
-    if (not _per_channel_per_token(lq, rw, k) or jnp.dtype(out_dtype) != jnp.dtype(jnp.bfloat16) or n % blocks):
+    g = _scaled_groups(lq, rw, k)
+    if (g is None or (g > 1 and not _group_scaled_applies(m, lq, rw, k, out_dtype, options))
+            or jnp.dtype(out_dtype) != jnp.dtype(jnp.bfloat16) or n % blocks):
         return None
     c = n // blocks
-    if not scaled_gemm_applies(m, c, k, rw.codes.dtype, rw.codes.dtype)[0]:
+    if not scaled_gemm_applies(m, c, k, rw.codes.dtype, rw.codes.dtype, groups=g)[0]:
         return None
-    qa, sa = _quantize_input(x.reshape(m, k), lq.act, k, options, source)
+    qa, sa = _quantize_input(x.reshape(m, k), lq.act, k // g, options, source)
     if qa.dtype != rw.codes.dtype:
         return None
-    sw = _scales_f32(rw).scale[0]
+    sw = _scales_f32(rw).scale
     # each block reshaped before the concatenation, as SplitQKVDense does: XLA folds the attention's
     # slices of a concatenation into its operands, but not of a reshaped concatenation (measured:
     # concatenating (M, C) blocks and reshaping after left a q / k / v copy pass of ~300 us per block)
-    parts = [scaled_gemm_mosaic(qa, rw.codes, sa[0], sw, rw.bias, n_off=i * c, n=c).reshape(*lead, c)
+    parts = [scaled_gemm_mosaic(qa, rw.codes, sa, sw, rw.bias, n_off=i * c, n=c).reshape(*lead, c)
              for i in range(blocks)]
     return jnp.concatenate(parts, axis=-1)
 

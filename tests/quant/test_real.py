@@ -394,3 +394,64 @@ def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, fmt, params, in
     ref_hlo = jax.jit(rm.apply_fn(off)).lower(rm.variables(), *inputs).compile().as_text()
     assert hlo.count("f8e4m3fn" if "fp8" in fmt else "s8[") > 0 and ref_hlo.count(" dot(") >= 4 * CFG.depth
     assert hlo.count(" dot(") == ref_hlo.count(" dot(")
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int"])
+def test_group_kernel_routes_give_the_same_outputs(fmt, inputs, monkeypatch):
+    """128-wide groups on both operands with the GPU guards forced open (the scaled GEMM's and the
+    quantize kernels' formulations standing in, interpret mode): q, k, v, proj (with the gated
+    residual), fc1 and fc2 (with it) each run as one group-scaled GEMM from 128-wide group codes, the
+    MLP's middle step in one pass; the same model output as the XLA group path (RealOptions(
+    group_kernel=False)), with low-bit dots only, and the XLA path's GEMMs gone."""
+    from qdit_jax.quant import real_layers
+    from qdit_jax.quant.kernels.gelu_quant import gelu_quant_pallas
+    from qdit_jax.quant.kernels.norm_quant import norm_quant_pallas
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_xla
+    from qdit_jax.quant.real import RealOptions
+
+    cfg = CFG.replace(hidden_size=256, dtype="bfloat16")  # K = 256 and 1,024: 2 and 8 groups of 128
+    r = np.random.default_rng(3)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(0.05 * r.standard_normal(a.shape), jnp.float32),
+                                    param_shapes(cfg))
+    calls = []
+
+    def stand_in(a, w, sa, sw, bias, *, n_off=0, n=None, residual=None, gate=None, **kw):
+        calls.append((sa.shape[0], a.shape[1], n or w.shape[0], residual is not None))
+        return scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n, residual=residual, gate=gate)
+
+    monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, groups=1, **kw: (
+        groups == 1 or k == 128 * groups, "test"))
+    monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
+    monkeypatch.setattr(real_layers, "norm_quant_applies", lambda m, k, spec, dtype, **kw: (True, "test"))
+    monkeypatch.setattr(real_layers, "norm_quant_pallas", lambda x, spec, **kw: norm_quant_pallas(
+        x, spec, interpret=True, **kw))
+    monkeypatch.setattr(real_layers, "gelu_quant_applies", lambda m, n, spec, **kw: (True, "test"))
+    monkeypatch.setattr(real_layers, "gelu_quant_pallas", lambda p, sa, sw, b, spec, dt, **kw: gelu_quant_pallas(
+        p, sa, sw, b, spec, dt, interpret=True))
+    rules = dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, fmt=fmt)
+    rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**rules)))
+    off = RealOptions(group_kernel=False)
+    ref = np.asarray(jax.jit(rm.apply_fn(off))(rm.variables(), *inputs), np.float64)
+    assert not calls
+    fn = rm.apply_fn(RealOptions())
+    got = np.asarray(jax.jit(fn)(rm.variables(), *inputs), np.float64)
+    c = cfg.hidden_size
+    # q, k, v (three column blocks), proj, then proj with the residual, fc1, fc2, then fc2 with the
+    # residual: all with their group scales (the first proj / fc2 calls are left unused, see below)
+    assert calls == [(2, c, c, False)] * 3 + [(2, c, c, False), (2, c, c, True), (2, c, 4 * c, False),
+                                              (8, 4 * c, c, False), (8, 4 * c, c, True)]
+    # a bf16 model (an ulp is 2^-8 relative; XLA on the CPU may skip a bf16 rounding inside its fusions
+    # that a kernel boundary keeps), and the XLA group path rounds fp8 group products to bf16 where the
+    # kernel keeps them in float32; a group's scales applied wrongly would be off by O(1)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < (2e-2 if fmt == "fp8_e4m3" else 1e-2)
+    jaxpr = jax.make_jaxpr(fn)(rm.variables(), *inputs).jaxpr
+    low = "float8_e4m3fn" if fmt == "fp8_e4m3" else "int8"
+    dots = _dot_operand_dtypes(jaxpr)
+    assert sum(d == (low, low) for d in dots) >= 6 and all(d[0] in (low, "bfloat16", "float32") for d in dots)
+    # the GEMMs the residual route reran are gone from the compiled program: one low-bit (stand-in)
+    # dot per layer, as many dots as without the residual route
+    hlo = jax.jit(fn).lower(rm.variables(), *inputs).compile().as_text()
+    no_res = jax.jit(rm.apply_fn(RealOptions(residual_kernel=False))).lower(rm.variables(), *inputs).compile()
+    lines = [ln for ln in hlo.splitlines() if " dot(" in ln]
+    assert sum(("s32[" if fmt == "int" else "f8e4m3fn") in ln for ln in lines) == 6 or fmt != "int"
+    assert len(lines) == no_res.as_text().count(" dot(")

@@ -40,9 +40,19 @@ BLOCK_M, CHUNK, NUM_WARPS = 1, 512, 4  # the fastest tiling measured on the H100
 
 def gelu_quant_applies(m: int, n: int, spec: QuantSpec, *, block_m: int = BLOCK_M, chunk: int = CHUNK,
                        platform: str | None = None) -> tuple[bool, str]:
-    """Whether the kernel can take an (M, N) fc1 product to fc2's codes, and if not, why."""
+    """Whether the kernel can take an (M, N) fc1 product to fc2's codes (per token, or per token and
+    group as ``spec`` says), and if not, why."""
+    chunk = group_chunk(spec, n, chunk)
     why = check_row_tiling(m, n, block_m, chunk, platform) or check_row_spec(spec)
+    group = spec.group_size or n
+    if not why and (group % chunk or n % group):
+        why = f"groups of {group} channels are not whole {chunk}-wide pieces of N = {n}"
     return (not why), (why or "ok")
+
+
+def group_chunk(spec: QuantSpec, n: int, chunk: int = CHUNK) -> int:
+    """The piece width for ``spec``'s groups: ``chunk``, narrowed to the group when that is narrower."""
+    return min(chunk, spec.group_size or n)
 
 
 GELU_MODES = ("dtype", "consts", "float32")
@@ -72,68 +82,83 @@ def _gelu(y: jax.Array, dtype: Any, mode: str, fast: bool, approx_tanh: bool = F
     return r(y * r(r(r(th) + 1.0) * 0.5))
 
 
-def _kernel(p_ref, sa_ref, sw_ref, b_ref, q_ref, s_ref, *, block_m: int, chunk: int, n_chunks: int,
-            spec: QuantSpec, out_dtype: Any, fast: bool, recompute: bool, gelu: str, approx_tanh: bool):
+def _kernel(*refs, block_m: int, chunk: int, n_chunks: int, group_chunks: int, spec: QuantSpec, out_dtype: Any,
+            fast: bool, recompute: bool, gelu: str, approx_tanh: bool, epilogue: bool):
     from jax.experimental import pallas as pl
 
+    p_ref, sa_ref, sw_ref, b_ref, q_ref, s_ref = refs if epilogue else (refs[0], None, None, None, *refs[1:])
     rows = pl.ds(pl.program_id(0) * block_m, block_m)
-    sa = sa_ref[0, rows]
+    sa = sa_ref[0, rows] if epilogue else None
 
     def gelu_chunk(j: int) -> jax.Array:
         cols = pl.ds(j * chunk, chunk)
-        y = p_ref[rows, cols].astype(jnp.float32) * sa[:, None] * sw_ref[0, cols][None, :]
-        y = y + b_ref[cols].astype(jnp.float32)[None, :]
+        y = p_ref[rows, cols].astype(jnp.float32)
+        if epilogue:
+            y = y * sa[:, None] * sw_ref[0, cols][None, :] + b_ref[cols].astype(jnp.float32)[None, :]
         y = y.astype(out_dtype).astype(jnp.float32)
         return _gelu(y, out_dtype, gelu, fast, approx_tanh).astype(out_dtype).astype(jnp.float32)
 
     # unrolled over the row's chunks; either every chunk stays in registers, or (``recompute``) the
     # codes pass recomputes them, its loads hitting L2, so more rows share each sw / bias load
-    hs, amax = [], None
-    for j in range(n_chunks):
-        h = gelu_chunk(j)
-        amax = jnp.abs(h) if amax is None else jnp.maximum(amax, jnp.abs(h))  # elementwise: no cross-thread step
-        if not recompute:
-            hs.append(h)
-    amax = jnp.max(amax, axis=1)  # one row reduction for the whole row
-    if recompute:
-        hs = [gelu_chunk(j) for j in range(n_chunks)]
-    s, codes = scale_and_codes(hs, amax, spec, fast)
-    for j, q in enumerate(codes):
-        q_ref[rows, pl.ds(j * chunk, chunk)] = q
-    s_ref[0, rows] = s
+    # (per group of pieces when the spec is group-wise: one group is the whole row)
+    for gi in range(n_chunks // group_chunks):
+        js = range(gi * group_chunks, (gi + 1) * group_chunks)
+        hs, amax = [], None
+        for j in js:
+            h = gelu_chunk(j)
+            amax = jnp.abs(h) if amax is None else jnp.maximum(amax, jnp.abs(h))  # elementwise: no cross-thread step
+            if not recompute:
+                hs.append(h)
+        amax = jnp.max(amax, axis=1)  # one row reduction per group
+        if recompute:
+            hs = [gelu_chunk(j) for j in js]
+        s, codes = scale_and_codes(hs, amax, spec, fast)
+        for j, q in zip(js, codes):
+            q_ref[rows, pl.ds(j * chunk, chunk)] = q
+        s_ref[gi, rows] = s
 
 
-def gelu_quant_pallas(p: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, spec: QuantSpec,
-                      out_dtype: Any, *, block_m: int = BLOCK_M, chunk: int = CHUNK, num_warps: int = NUM_WARPS,
-                      fast: bool = False, recompute: bool = False, gelu: str = "dtype",
+def gelu_quant_pallas(p: jax.Array, sa: jax.Array | None, sw: jax.Array | None, bias: jax.Array | None,
+                      spec: QuantSpec, out_dtype: Any, *, block_m: int = BLOCK_M, chunk: int = CHUNK,
+                      num_warps: int = NUM_WARPS, fast: bool = False, recompute: bool = False, gelu: str = "dtype",
                       approx_tanh: bool = True, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-    """fc2's codes (M, N) and per-token scales (1, M) from fc1's raw product ``p`` (M, N), its
-    per-token activation scales ``sa`` (1, M), per-channel weight scales ``sw`` (1, N) and bias."""
+    """fc2's codes (M, N) and scales (G, M) (per token: G = 1; or per token and group as ``spec``
+    says) from fc1's raw product ``p`` (M, N), its per-token activation scales ``sa`` (1, M),
+    per-channel weight scales ``sw`` (1, N) and bias; or, with ``sa`` None, from fc1's output ``p``
+    itself (a group-wise fc1 applies its scales inside its GEMM)."""
     from jax.experimental import pallas as pl
 
     m, n = p.shape
-    kern = functools.partial(_kernel, block_m=block_m, chunk=chunk, n_chunks=n // chunk, spec=spec,
-                             out_dtype=jnp.dtype(out_dtype), fast=fast, recompute=recompute, gelu=gelu,
-                             approx_tanh=approx_tanh and not interpret)  # an inline PTX instruction
-    args = (p, sa, sw, jnp.zeros((n,), jnp.float32) if bias is None else bias)
+    chunk = group_chunk(spec, n, chunk)
+    group = spec.group_size or n
+    if group % chunk or n % group:
+        raise ValueError(f"gelu_quant_pallas: groups of {group} channels are not whole {chunk}-wide pieces of N = {n}")
+    epilogue = sa is not None
+    kern = functools.partial(_kernel, block_m=block_m, chunk=chunk, n_chunks=n // chunk, group_chunks=group // chunk,
+                             spec=spec, out_dtype=jnp.dtype(out_dtype), fast=fast, recompute=recompute, gelu=gelu,
+                             approx_tanh=approx_tanh and not interpret,  # an inline PTX instruction
+                             epilogue=epilogue)
+    args = (p, sa, sw, jnp.zeros((n,), jnp.float32) if bias is None else bias) if epilogue else (p,)
     kw: dict[str, Any] = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
         kw["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-    out_shape = (jax.ShapeDtypeStruct((m, n), codes_dtype(spec)), jax.ShapeDtypeStruct((1, m), jnp.float32))
+    out_shape = (jax.ShapeDtypeStruct((m, n), codes_dtype(spec)), jax.ShapeDtypeStruct((n // group, m), jnp.float32))
     return pl.pallas_call(kern, out_shape=out_shape, grid=(m // block_m,), interpret=interpret, **kw)(*args)
 
 
-def gelu_quant_xla(p: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, spec: QuantSpec,
-                   out_dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """The unfused real path's formulation (``group_gemm_xla``'s epilogue at G = 1, the model's GELU,
-    ``quantize_act`` per token): the kernel's reference on the GPU (the per-layer path computes the
-    same when the kernel does not apply)."""
+def gelu_quant_xla(p: jax.Array, sa: jax.Array | None, sw: jax.Array | None, bias: jax.Array | None,
+                   spec: QuantSpec, out_dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """The unfused real path's formulation (``group_gemm_xla``'s epilogue at G = 1 unless ``sa`` is
+    None, the model's GELU, ``quantize_act`` as ``spec`` groups): the kernel's reference on the GPU
+    (the per-layer path computes the same when the kernel does not apply)."""
     from qdit_jax.quant.real_layers import quantize_act
 
-    y = p.astype(jnp.float32) * sa[0][:, None] * sw[0][None, :]
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
+    y = p.astype(jnp.float32)
+    if sa is not None:
+        y = y * sa[0][:, None] * sw[0][None, :]
+        if bias is not None:
+            y = y + bias.astype(jnp.float32)
     h = jax.nn.gelu(y.astype(out_dtype), approximate=True)
-    return quantize_act(h, spec, p.shape[1])
+    return quantize_act(h, spec, spec.group_size or p.shape[1])

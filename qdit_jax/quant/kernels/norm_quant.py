@@ -38,9 +38,13 @@ _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float3
 
 def norm_quant_applies(m: int, k: int, spec: QuantSpec, dtype: Any, *, tokens: int = 0, block_m: int = BLOCK_M,
                        chunk: int = CHUNK, platform: str | None = None) -> tuple[bool, str]:
-    """Whether the kernel can quantize an (M, K) activation per token (``tokens`` > 0: rows of
-    ``tokens``-token samples through the LayerNorm + modulation), and if not, why."""
+    """Whether the kernel can quantize an (M, K) activation as ``spec`` says (per token, or per
+    token and group of input channels; ``tokens`` > 0: rows of ``tokens``-token samples through the
+    LayerNorm + modulation), and if not, why."""
     why = check_row_tiling(m, k, block_m, chunk, platform, dims="(M, K)")
+    group = spec.group_size or k
+    if not why and (group % chunk or k % group):
+        why = f"groups of {group} channels are not whole {chunk}-wide pieces of K = {k}"
     if not why and tokens and tokens % block_m:
         why = f"{tokens} tokens per sample is not a multiple of block_m {block_m}"
     if not why and jnp.dtype(dtype) not in _DTYPES:
@@ -49,8 +53,8 @@ def norm_quant_applies(m: int, k: int, spec: QuantSpec, dtype: Any, *, tokens: i
     return (not why), (why or "ok")
 
 
-def _kernel(*refs, block_m: int, chunk: int, n_chunks: int, spec: QuantSpec, norm: bool, tokens: int,
-            eps: float, dtype: Any):
+def _kernel(*refs, block_m: int, chunk: int, n_chunks: int, group_chunks: int, spec: QuantSpec, norm: bool,
+            tokens: int, eps: float, dtype: Any):
     from jax.experimental import pallas as pl
 
     if norm:
@@ -72,18 +76,20 @@ def _kernel(*refs, block_m: int, chunk: int, n_chunks: int, spec: QuantSpec, nor
         sample = pl.ds((pid * block_m) // tokens, 1)
         h = [r(r(r(v * inv) * r(1.0 + scale_ref[sample, c].astype(jnp.float32)))
                + shift_ref[sample, c].astype(jnp.float32)) for v, c in zip(h, cols)]
-    s, codes = scale_and_codes(h, row_amax(h), spec)
-    for q, c in zip(codes, cols):
-        q_ref[rows, c] = q
-    s_ref[0, rows] = s
+    for gi in range(n_chunks // group_chunks):  # one scale per group of pieces (one group: per token)
+        hg = h[gi * group_chunks:(gi + 1) * group_chunks]
+        s, codes = scale_and_codes(hg, row_amax(hg), spec)
+        for q, c in zip(codes, cols[gi * group_chunks:(gi + 1) * group_chunks]):
+            q_ref[rows, c] = q
+        s_ref[gi, rows] = s
 
 
 def norm_quant_pallas(x: jax.Array, spec: QuantSpec, *, shift: jax.Array | None = None,
-                      scale: jax.Array | None = None, tokens: int = 0, eps: float = 1e-6,
-                      block_m: int = BLOCK_M, chunk: int = CHUNK, num_warps: int = NUM_WARPS,
+                      scale: jax.Array | None = None, tokens: int = 0, eps: float = 1e-6, block_m: int = BLOCK_M, chunk: int = CHUNK, num_warps: int = NUM_WARPS,
                       interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """Per-token codes (M, K) and scales (1, M) of ``x`` (M, K), or, given ``shift`` / ``scale``
-    (B, K) and ``tokens`` (M = B * tokens), of ``modulate(layer_norm(x, eps), shift, scale)``."""
+    (B, K) and ``tokens`` (M = B * tokens), of ``modulate(layer_norm(x, eps), shift, scale)``;
+    with a group-wise ``spec``: one scale per token and group of channels, scales (K // group, M)."""
     from jax.experimental import pallas as pl
 
     m, k = x.shape
@@ -92,22 +98,25 @@ def norm_quant_pallas(x: jax.Array, spec: QuantSpec, *, shift: jax.Array | None 
         raise ValueError(f"norm_quant_pallas: shift / scale of shape (B, K) with B * tokens = M={m} needed, got "
                          f"{None if shift is None else shift.shape}, {None if scale is None else scale.shape}, "
                          f"tokens={tokens}")
-    kern = functools.partial(_kernel, block_m=block_m, chunk=chunk, n_chunks=k // chunk, spec=spec, norm=norm,
-                             tokens=tokens, eps=float(eps), dtype=x.dtype)
+    group = spec.group_size or k
+    if group % chunk or k % group:
+        raise ValueError(f"norm_quant_pallas: groups of {group} channels are not whole {chunk}-wide pieces of K = {k}")
+    kern = functools.partial(_kernel, block_m=block_m, chunk=chunk, n_chunks=k // chunk, group_chunks=group // chunk,
+                             spec=spec, norm=norm, tokens=tokens, eps=float(eps), dtype=x.dtype)
     args = (x, shift, scale) if norm else (x,)
     kw: dict[str, Any] = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
         kw["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-    out_shape = (jax.ShapeDtypeStruct((m, k), codes_dtype(spec)), jax.ShapeDtypeStruct((1, m), jnp.float32))
+    out_shape = (jax.ShapeDtypeStruct((m, k), codes_dtype(spec)), jax.ShapeDtypeStruct((k // group, m), jnp.float32))
     return pl.pallas_call(kern, out_shape=out_shape, grid=(m // block_m,), interpret=interpret, **kw)(*args)
 
 
 def norm_quant_xla(x: jax.Array, spec: QuantSpec, *, shift: jax.Array | None = None, scale: jax.Array | None = None,
                    tokens: int = 0, eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
     """The unfused real path's formulation (the model's ``ModulatedNorm``, then ``quantize_act`` per
-    token): the kernel's reference."""
+    token or per group): the kernel's reference."""
     from qdit_jax.models.dit import layer_norm, modulate
     from qdit_jax.quant.real_layers import quantize_act
 
@@ -115,4 +124,4 @@ def norm_quant_xla(x: jax.Array, spec: QuantSpec, *, shift: jax.Array | None = N
     if shift is not None:
         x3 = modulate(layer_norm(x.reshape(m // tokens, tokens, k), eps), shift, scale)
         x = x3.reshape(m, k)
-    return quantize_act(x, spec, k)
+    return quantize_act(x, spec, spec.group_size or k)

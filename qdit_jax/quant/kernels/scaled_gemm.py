@@ -30,6 +30,9 @@ import jax.numpy as jnp
 from jax import lax
 
 TILE_M, TILE_N, TILE_K, STEPS = 128, 128, 128, 3  # per compute warpgroup; the fastest measured on the H100
+# with group scales each warpgroup holds its running float32 sum beside the wgmma accumulator: two
+# 64 x 128 float32 tiles (128 registers a thread) where one 128 x 128 tile would not fit twice
+GROUP_TILE_M, GROUP_STEPS = 64, 4
 CODE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))  # wgmma: float32 / int32 accumulation
 
 
@@ -39,12 +42,14 @@ def _hopper() -> bool:
     return str(cc).startswith("9")
 
 
-def scaled_gemm_applies(m: int, n: int, k: int, a_dtype: Any, w_dtype: Any, *, tile_m: int = TILE_M,
-                        tile_n: int = TILE_N, rows_per_gate: int | None = None,
+def scaled_gemm_applies(m: int, n: int, k: int, a_dtype: Any, w_dtype: Any, *, groups: int = 1,
+                        tile_m: int | None = None, tile_n: int = TILE_N, rows_per_gate: int | None = None,
                         platform: str | None = None) -> tuple[bool, str]:
-    """Whether the kernel can compute an (M, K) x (N, K)^T fp8 product block of width N (with a gated
-    residual whose gate changes every ``rows_per_gate`` rows, if given), and if not, why."""
+    """Whether the kernel can compute an (M, K) x (N, K)^T fp8 / int8 product block of width N, with
+    ``groups`` scale groups along K (1: per token x per channel), with a gated residual whose gate
+    changes every ``rows_per_gate`` rows if given; and if not, why."""
     platform = platform or jax.default_backend()
+    tile_m = default_tile_m(groups) if tile_m is None else tile_m
     if platform != "gpu":
         return False, f"platform is {platform}, the kernel is GPU-only"
     if platform == jax.default_backend() and not _hopper():
@@ -54,6 +59,9 @@ def scaled_gemm_applies(m: int, n: int, k: int, a_dtype: Any, w_dtype: Any, *, t
                        "or int8 x int8 codes")
     if m % (2 * tile_m) or n % tile_n or k % TILE_K:
         return False, f"(M, N, K) = ({m}, {n}, {k}) is not a multiple of ({2 * tile_m}, {tile_n}, {TILE_K})"
+    if groups > 1 and k != groups * TILE_K:
+        return False, f"groups of {k // groups if k % groups == 0 else k / groups} input channels; the kernel " \
+                      f"applies group scales per {TILE_K}-deep K step (group size {TILE_K} only)"
     if rows_per_gate is not None and (rows_per_gate % tile_m or m % rows_per_gate):
         return False, f"{rows_per_gate} rows per gate row is not a multiple of the {tile_m}-row tile or of M = {m}"
     try:
@@ -65,16 +73,26 @@ def scaled_gemm_applies(m: int, n: int, k: int, a_dtype: Any, w_dtype: Any, *, t
     return True, "ok"
 
 
+def default_tile_m(groups: int) -> int:
+    """Rows per compute warpgroup: 128 per channel, 64 with group scales (see GROUP_TILE_M)."""
+    return TILE_M if groups == 1 else GROUP_TILE_M
+
+
 # jitted so that the DiT's identical calls (the same layer shape in every block) share one lowering:
 # unjitted, each of XL/2's 140 calls was lowered to Mosaic GPU again (compiles of 104-118 s per forward)
 @functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
-                       gate: jax.Array | None = None, tile_m: int = TILE_M, tile_n: int = TILE_N,
-                       steps: int = STEPS) -> jax.Array:
+                       gate: jax.Array | None = None, tile_m: int | None = None, tile_n: int = TILE_N,
+                       steps: int | None = None) -> jax.Array:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
     ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
     float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
+
+    Group scales: ``sa`` (G, M) and ``sw`` (G, N_total) with K = G x 128, i.e.
+    ``y = sum_g (a_g @ w_g.T) * sa[g][:, None] * sw[g][None, :] + bias`` over 128-wide K groups (Q-DiT's
+    granularity): each K step's product (int32 sums to float32; fp8's float32 sums kept in float32) is
+    scaled and added to a float32 running sum in registers, inside the accumulation.
 
     With ``residual`` (M, n) and ``gate`` (G, n) (one row per M // G consecutive rows, i.e. per
     sample): ``residual + gate * y`` instead, each step rounded to bf16 as the DiT block's
@@ -84,6 +102,12 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
+    groups = sa.shape[0] if sa.ndim == 2 else 1
+    if (sw.shape[0] if sw.ndim == 2 else 1) != groups or (groups > 1 and k != groups * TILE_K):
+        raise ValueError(f"scales {sa.shape} x {sw.shape} for K = {k}: per token (M,) x per channel (N,), or "
+                         f"(G, M) x (G, N) with K = G x {TILE_K}")
+    tile_m = default_tile_m(groups) if tile_m is None else tile_m
+    steps = (STEPS if groups == 1 else GROUP_STEPS) if steps is None else steps
     if n_off % tile_n:
         raise ValueError(f"column offset {n_off} is not a multiple of the {tile_n}-wide tile")
     if (residual is None) != (gate is None):
@@ -99,27 +123,43 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         gate = gate.astype(jnp.float32).reshape(-1)
         residual = residual.astype(jnp.bfloat16)
     bias = jnp.zeros((w.shape[0],), jnp.float32) if bias is None else bias.astype(jnp.float32)
-    sa, sw = sa.astype(jnp.float32).reshape(-1), sw.astype(jnp.float32).reshape(-1)
+    if groups == 1:
+        sa, sw = sa.astype(jnp.float32).reshape(-1), sw.astype(jnp.float32).reshape(-1)
+    else:
+        sa, sw = sa.astype(jnp.float32), sw.astype(jnp.float32)
     tr = (plgpu.TilingTransform((8, TILE_K)), plgpu.SwizzleTransform(128))  # 128-byte rows of fp8
     int_codes = jnp.dtype(a.dtype) == jnp.dtype(jnp.int8)
+    acc_dtype = jnp.int32 if int_codes else jnp.float32
     cta_m = 2 * tile_m
     m_tiles, n_tiles = m // cta_m, n // tile_n
     w_tile0 = n_off // tile_n
+    row_l, col_l = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+    shape = (tile_m, tile_n)
 
     def make_pipeline(body: Any, ctx: Any) -> Any:
+        specs = [plgpu.BlockSpec((cta_m, TILE_K), lambda kk: (0, kk), transforms=tr),
+                 plgpu.BlockSpec((tile_n, TILE_K), lambda kk: (0, kk), transforms=tr)]
+        if groups > 1:  # this K step's scale rows come with its tiles, by TMA
+            specs += [plgpu.BlockSpec((1, cta_m), lambda kk: (kk, 0)), plgpu.BlockSpec((1, tile_n), lambda kk: (kk, 0))]
         return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(k // TILE_K,), memory_registers=40,
-            in_specs=[plgpu.BlockSpec((cta_m, TILE_K), lambda kk: (0, kk), transforms=tr),
-                      plgpu.BlockSpec((tile_n, TILE_K), lambda kk: (0, kk), transforms=tr)],
+            body, grid=(k // TILE_K,), memory_registers=40, in_specs=specs,
             wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps, compute_context=ctx)
 
     def kernel(a_gmem, w_gmem, sa_gmem, sw_gmem, b_gmem, *rest):
         r_gmem, g_gmem, o_gmem = rest if residual is not None else (None, None, rest[0])
+
+        def pipeline_operands(pm: Any, pn: Any) -> tuple:
+            """The pipeline's inputs for output tile (pm, pn): A rows, W rows, and the group scale rows."""
+            cols = pl.ds((w_tile0 + pn) * tile_n, tile_n)
+            ops = (a_gmem.at[pl.ds(pm * cta_m, cta_m)], w_gmem.at[cols])
+            if groups > 1:
+                ops += (sa_gmem.at[:, pl.ds(pm * cta_m, cta_m)], sw_gmem.at[:, cols])
+            return ops
+
         def ignore(*_: Any, **__: Any) -> None:
             return None
 
-        allocations = make_pipeline(ignore, ignore).get_allocations(a_gmem.at[pl.ds(0, cta_m)],
-                                                                      w_gmem.at[pl.ds(0, tile_n)])
+        allocations = make_pipeline(ignore, ignore).get_allocations(*pipeline_operands(0, 0))
 
         @functools.partial(pl.run_scoped, allocs=allocations,
                            o_smem=plgpu.SMEM((2, tile_m, tile_n), jnp.bfloat16),
@@ -131,50 +171,67 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
             def tile(info: Any) -> None:
                 (lin,) = info.index
                 pm, pn = lin // n_tiles, lin % n_tiles
+                rows, wcols = pm * cta_m + wg * tile_m, pl.ds(n_off + pn * tile_n, tile_n)
 
-                def epilogue(eval_pipeline: Any) -> None:
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n),
-                                                                            jnp.int32 if int_codes else jnp.float32))
-                    def _(acc_ref: Any) -> None:
-                        rows, wcols = pm * cta_m + wg * tile_m, pl.ds(n_off + pn * tile_n, tile_n)
-                        row_l, col_l = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
-                        ocols = pl.ds(pn * tile_n, tile_n)
-                        if residual is not None:
-                            # the residual tile by TMA into this warpgroup's output slot (once its previous
-                            # store has read it), issued before the K loop so that it lands during it
-                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                            plgpu.copy_gmem_to_smem(r_gmem.at[pl.ds(rows, tile_m), ocols], o_smem.at[wg],
-                                                    r_bar.at[wg])
-                            g = plgpu.load(g_gmem.at[pl.ds((rows // rows_per_gate) * n + pn * tile_n, tile_n)], (),
-                                           layout=col_l, optimized=False)
-                        eval_pipeline(acc_ref)
-                        s_a = plgpu.load(sa_gmem.at[pl.ds(rows, tile_m)], (), layout=row_l, optimized=False)
-                        s_w = plgpu.load(sw_gmem.at[wcols], (), layout=col_l, optimized=False)
-                        b = plgpu.load(b_gmem.at[wcols], (), layout=col_l, optimized=False)
-                        shape = (tile_m, tile_n)
-                        y = acc_ref[...]  # rounded as the XLA path's product: int32 sums to float32, fp8 to bf16
-                        y = y.astype(jnp.float32) if int_codes else y.astype(jnp.bfloat16).astype(jnp.float32)
-                        y = (y * lax.broadcast_in_dim(s_a, shape, [0]) * lax.broadcast_in_dim(s_w, shape, [1])
-                             + lax.broadcast_in_dim(b, shape, [1]))
-                        if residual is not None:  # x + gate * y, each step rounded to bf16 as the model's
-                            y = y.astype(jnp.bfloat16).astype(jnp.float32)
-                            y = (lax.broadcast_in_dim(g, shape, [1]) * y).astype(jnp.bfloat16).astype(jnp.float32)
-                            plgpu.barrier_wait(r_bar.at[wg])
-                            res = plgpu.load(o_smem.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
-                            y = res.astype(jnp.float32) + y
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this slot's previous store has read it
-                        o_smem[wg] = y.astype(jnp.bfloat16)
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[pl.ds(rows, tile_m), ocols])
-
-                def mma(_: Any, a_smem: Any, w_smem: Any, acc_ref: Any) -> Any:
-                    # fp8 wgmma takes B K-major: the (tile_n, K) weight tile, transposed as a view
+                def product(a_smem: Any, w_smem: Any, acc_ref: Any) -> None:
+                    # fp8 / int8 wgmma takes B K-major: the (tile_n, K) weight tile, transposed as a view
                     plgpu.wgmma(acc_ref, a_smem.at[pl.ds(wg * tile_m, tile_m)], plgpu.transpose_ref(w_smem, (1, 0)))
                     plgpu.wgmma_wait(0)
+
+                def epilogue(eval_pipeline: Any) -> None:
+                    ocols = pl.ds(pn * tile_n, tile_n)
+                    if residual is not None:
+                        # the residual tile by TMA into this warpgroup's output slot (once its previous
+                        # store has read it), issued before the K loop so that it lands during it
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        plgpu.copy_gmem_to_smem(r_gmem.at[pl.ds(rows, tile_m), ocols], o_smem.at[wg], r_bar.at[wg])
+                        g = plgpu.load(g_gmem.at[pl.ds((rows // rows_per_gate) * n + pn * tile_n, tile_n)], (),
+                                       layout=col_l, optimized=False)
+                    b = plgpu.load(b_gmem.at[wcols], (), layout=col_l, optimized=False)
+                    if groups == 1:
+                        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, acc_dtype))
+                        def y(acc_ref: Any) -> jax.Array:
+                            eval_pipeline(acc_ref)
+                            return acc_ref[...]
+
+                        s_a = plgpu.load(sa_gmem.at[pl.ds(rows, tile_m)], (), layout=row_l, optimized=False)
+                        s_w = plgpu.load(sw_gmem.at[wcols], (), layout=col_l, optimized=False)
+                        # rounded as the XLA path's product: int32 sums to float32, fp8 to bf16
+                        y = y.astype(jnp.float32) if int_codes else y.astype(jnp.bfloat16).astype(jnp.float32)
+                        y = y * lax.broadcast_in_dim(s_a, shape, [0]) * lax.broadcast_in_dim(s_w, shape, [1])
+                    else:  # the scaled groups' float32 sum, from the K loop
+                        y = eval_pipeline(plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA))
+                    y = y + lax.broadcast_in_dim(b, shape, [1])
+                    if residual is not None:  # x + gate * y, each step rounded to bf16 as the model's
+                        y = y.astype(jnp.bfloat16).astype(jnp.float32)
+                        y = (lax.broadcast_in_dim(g, shape, [1]) * y).astype(jnp.bfloat16).astype(jnp.float32)
+                        plgpu.barrier_wait(r_bar.at[wg])
+                        res = plgpu.load(o_smem.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
+                        y = res.astype(jnp.float32) + y
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this slot's previous store has read it
+                    o_smem[wg] = y.astype(jnp.bfloat16)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[pl.ds(rows, tile_m), ocols])
+
+                def mma(_: Any, a_smem: Any, w_smem: Any, acc_ref: Any) -> Any:
+                    product(a_smem, w_smem, acc_ref)
                     return acc_ref
 
-                make_pipeline(mma, epilogue)(a_gmem.at[pl.ds(pm * cta_m, cta_m)],
-                                             w_gmem.at[pl.ds((w_tile0 + pn) * tile_n, tile_n)], allocations=allocs)
+                def mma_grouped(_: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any, total: Any) -> Any:
+                    # this group's scales (from SMEM) first, then its product in a fresh accumulator
+                    s_a = plgpu.load(sa_smem.at[0, pl.ds(wg * tile_m, tile_m)], (), layout=row_l, optimized=False)
+                    s_w = plgpu.load(sw_smem.at[0], (), layout=col_l, optimized=False)
+
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, acc_dtype))
+                    def p(acc_ref: Any) -> jax.Array:
+                        product(a_smem, w_smem, acc_ref)
+                        return acc_ref[...]
+
+                    p = p.astype(jnp.float32)  # int32 sums of one group are exact in float32 (|sum| < 2^24)
+                    return total + p * lax.broadcast_in_dim(s_a, shape, [0]) * lax.broadcast_in_dim(s_w, shape, [1])
+
+                make_pipeline(mma if groups == 1 else mma_grouped, epilogue)(*pipeline_operands(pm, pn),
+                                                                           allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -187,15 +244,17 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 def scaled_gemm_xla(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                     n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                     gate: jax.Array | None = None) -> jax.Array:
-    """The real path's XLA formulation of the same columns (bf16 product, float32 epilogue, then the
-    model's bf16 gated residual when given): the reference."""
+    """The real path's XLA formulation of the same columns (per channel: bf16 product; with group
+    scales: each group's product in float32; float32 epilogue, then the model's bf16 gated residual
+    when given): the reference."""
     from qdit_jax.quant.kernels.group_gemm import group_gemm_xla
 
     n = w.shape[0] - n_off if n is None else n
     cols = slice(n_off, n_off + n)
     b = None if bias is None else bias[cols]
-    y = group_gemm_xla(a, sa.reshape(1, -1), w[cols], sw.reshape(1, -1)[:, cols], b, out_dtype=jnp.bfloat16,
-                       split_epilogue=True, product_dtype=jnp.bfloat16)
+    groups = sa.shape[0] if sa.ndim == 2 else 1
+    y = group_gemm_xla(a, sa.reshape(groups, -1), w[cols], sw.reshape(groups, -1)[:, cols], b, out_dtype=jnp.bfloat16,
+                       split_epilogue=True, product_dtype=jnp.bfloat16 if groups == 1 else jnp.float32)
     if residual is None:
         return y
     g = gate.astype(jnp.bfloat16)

@@ -114,3 +114,33 @@ def test_guard_names_why():
     assert not ok and "4 bits" in why
     ok, why = gelu_quant_applies(*xl2_fc2, QuantSpec(bits=8, group_size=0, symmetric=False), platform="gpu")
     assert not ok and "symmetric" in why
+
+
+@CPU_NUMERICS
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_group_codes_from_the_layer_output(name):
+    """A group-wise fc2 input from a group-wise fc1's bf16 output (``sa`` None: no epilogue): the
+    GELU, then one scale per token and 128 channels; against the XLA formulation, and each group's
+    scale is that group's own abs-max (not the row's)."""
+    spec = QuantSpec(bits=8, format=SPECS[name].format, group_size=128, symmetric=True)
+    r = np.random.default_rng(4)
+    y = r.standard_normal((8, 512)) * np.array([0.5, 2.0, 8.0, 1.0]).repeat(128)[None, :]  # groups of unequal range
+    y = jnp.asarray(y, jnp.bfloat16)
+    assert gelu_quant_applies(8, 512, spec, platform="gpu") == (True, "ok")
+    q, s = gelu_quant_pallas(y, None, None, None, spec, jnp.bfloat16, interpret=True)
+    q0, s0 = gelu_quant_xla(y, None, None, None, spec, jnp.bfloat16)
+    assert s.shape == s0.shape == (4, 8)
+    np.testing.assert_allclose(np.asarray(s), np.asarray(s0), rtol=2 ** -7)
+    h = np.asarray(jax.nn.gelu(y, approximate=True).astype(jnp.float32), np.float64)
+    amax = np.abs(h.reshape(8, 4, 128)).max(axis=2).T
+    np.testing.assert_allclose(np.asarray(s), amax / (127 if name == "int8" else 448), rtol=2 ** -7)
+    got, want = _codes(q), _codes(q0)
+    assert np.mean(got == want) > 0.99
+    assert np.all(np.abs(got - want) <= np.maximum(np.abs(want) * 2 ** -3, 1.0))
+
+
+def test_group_guard():
+    g128 = QuantSpec(bits=8, group_size=128, symmetric=True)
+    assert gelu_quant_applies(64, 4608, g128, platform="gpu") == (True, "ok")
+    g96 = QuantSpec(bits=8, group_size=96, symmetric=True)
+    assert not gelu_quant_applies(64, 4608, g96, platform="gpu")[0]

@@ -107,3 +107,52 @@ def test_scaled_gemm_residual_matches_xla(k, dtype):
     assert np.abs(want - np.asarray(x, np.float32)).max() > 1  # the GEMM term is not negligible
     assert np.mean(got == want) > 0.999
     np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2 ** -6)
+
+
+G128 = {n: QuantSpec(bits=8, format=s.format, group_size=128, symmetric=True) for n, s in SPECS.items()}
+
+
+@pytest.mark.parametrize("name", sorted(G128))
+def test_group_quant_kernels_match_xla(name):
+    """128-wide group codes: norm_quant from the residual stream through the LayerNorm, and
+    gelu_quant from a group-wise fc1's bf16 output, against the XLA formulations."""
+    r = np.random.default_rng(5)
+    x = jnp.asarray(r.standard_normal((B * T, C)) * 2 + r.standard_normal(C), jnp.bfloat16)
+    kw = dict(shift=jnp.asarray(r.standard_normal((B, C)) * 0.3, jnp.bfloat16),
+              scale=jnp.asarray(r.standard_normal((B, C)) * 0.3, jnp.bfloat16), tokens=T)
+    y = jnp.asarray(r.standard_normal((B * T, HIDDEN)) * 2, jnp.bfloat16)
+    for got, want, g in ((jax.jit(lambda v: norm_quant_pallas(v, G128[name], **kw))(x),
+                          jax.jit(lambda v: norm_quant_xla(v, G128[name], **kw))(x), C // 128),
+                         (jax.jit(lambda v: gelu_quant_pallas(v, None, None, None, G128[name], jnp.bfloat16))(y),
+                          jax.jit(lambda v: gelu_quant_xla(v, None, None, None, G128[name], jnp.bfloat16))(y),
+                          HIDDEN // 128)):
+        (q, s), (q0, s0) = got, want
+        assert s.shape == s0.shape == (g, B * T)
+        np.testing.assert_allclose(np.asarray(s), np.asarray(s0), rtol=2 ** -7)
+        assert np.mean(_codes(q) == _codes(q0)) > 0.999
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.int8])
+@pytest.mark.parametrize("k", [C, HIDDEN])
+def test_group_scaled_gemm_matches_xla(k, dtype):
+    """The Mosaic GPU GEMM with 128-wide group scales applied in its K loop, without and with the
+    gated residual, against XLA's batched group product (float32 group products) + epilogue."""
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_mosaic, scaled_gemm_xla
+
+    r = np.random.default_rng(6)
+    m, g = B * T, k // 128
+    if not scaled_gemm_applies(m, C, k, dtype, dtype, groups=g, rows_per_gate=T)[0]:
+        pytest.skip(scaled_gemm_applies(m, C, k, dtype, dtype, groups=g, rows_per_gate=T)[1])
+    a, w = _random_codes(r, (m, k), dtype), _random_codes(r, (2 * C, k), dtype)
+    # scales that differ a lot between groups, so a group scale applied to the wrong K step shows
+    sa = jnp.asarray(r.uniform(0.001, 0.003, (g, m)) * r.uniform(0.1, 10, (g, 1)), jnp.float32)
+    sw = jnp.asarray(r.uniform(0.001, 0.003, (g, 2 * C)) * r.uniform(0.1, 10, (g, 1)), jnp.float32)
+    b = jnp.asarray(r.standard_normal(2 * C) * 0.1, jnp.float32)
+    x = jnp.asarray(r.standard_normal((m, C)) * 4, jnp.bfloat16)
+    gate = jnp.asarray(r.standard_normal((B, C)) * 0.5, jnp.bfloat16)
+    for kw in (dict(n_off=C, n=C), dict(n_off=C, n=C, residual=x, gate=gate)):
+        got = np.asarray(jax.jit(lambda *v: scaled_gemm_mosaic(*v, **kw))(a, w, sa, sw, b), np.float32)
+        want = np.asarray(jax.jit(lambda *v: scaled_gemm_xla(*v, **kw))(a, w, sa, sw, b), np.float32)
+        assert np.abs(want).max() > 1
+        assert np.mean(got == want) > 0.99  # float32 sums over groups in another order: rarely a bf16 ulp
+        np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2 ** -6)

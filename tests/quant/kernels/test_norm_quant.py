@@ -95,3 +95,29 @@ def test_mismatched_modulation_is_rejected():
     x, shift, scale = _inputs(jnp.float32)
     with pytest.raises(ValueError, match="B \\* tokens"):
         norm_quant_pallas(x, SPECS["int8"], shift=shift, scale=scale, tokens=T + 1, interpret=True)
+
+
+@CPU_NUMERICS
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_group_scales(name, norm):
+    """A group-wise spec (128 channels): scales (K // 128, M), each its own group's abs-max, codes as
+    the XLA formulation computes them."""
+    spec = QuantSpec(bits=8, format=SPECS[name].format, group_size=128, symmetric=True)
+    x, shift, scale = _inputs(jnp.bfloat16, seed=2)
+    x = x * jnp.asarray(np.array([0.25, 1.0, 4.0]).repeat(128), jnp.bfloat16)  # groups of unequal range
+    kw = dict(shift=shift, scale=scale, tokens=T) if norm else {}
+    assert norm_quant_applies(B * T, K, spec, jnp.bfloat16, platform="gpu", **({"tokens": T} if norm else {}))[0]
+    q, s = norm_quant_pallas(x, spec, interpret=True, **kw)
+    q0, s0 = norm_quant_xla(x, spec, **kw)
+    assert s.shape == s0.shape == (K // 128, B * T)
+    np.testing.assert_allclose(np.asarray(s), np.asarray(s0), rtol=2 ** -7)
+    got, want = _f64(q), _f64(q0)
+    assert np.mean(got == want) > 0.99
+    assert np.all(np.abs(got - want) <= np.maximum(np.abs(want) * 2 ** -3, 1.0))
+    assert np.abs(got.reshape(B * T, K // 128, 128)).max(axis=2).min() >= (127 if name == "int8" else 448)
+    if not norm:  # each group's scale is its own abs-max
+        amax = np.abs(_f64(x).reshape(B * T, K // 128, 128)).max(axis=2).T
+        np.testing.assert_allclose(np.asarray(s), amax / (127 if name == "int8" else 448), rtol=1e-6)
+    g96 = QuantSpec(bits=8, group_size=96, symmetric=True)
+    assert "pieces" in norm_quant_applies(B * T, K, g96, jnp.bfloat16, platform="gpu")[1]

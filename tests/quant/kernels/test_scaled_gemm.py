@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import pytest
 
 from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_xla
 
@@ -69,3 +70,56 @@ def test_xla_formulation_with_gated_residual():
 def test_guard_checks_the_gate_rows():
     assert scaled_gemm_applies(65536, 1152, 1152, F8, F8, rows_per_gate=256, platform="gpu") == (True, "ok")
     assert "rows per gate" in scaled_gemm_applies(65536, 1152, 1152, F8, F8, rows_per_gate=64, platform="gpu")[1]
+
+
+def test_guard_takes_128_wide_groups_only():
+    assert scaled_gemm_applies(65536, 1152, 1152, F8, F8, groups=9, platform="gpu") == (True, "ok")
+    assert scaled_gemm_applies(65536, 1152, 4608, jnp.int8, jnp.int8, groups=36, platform="gpu") == (True, "ok")
+    assert "group size 128" in scaled_gemm_applies(65536, 1152, 1152, F8, F8, groups=18, platform="gpu")[1]
+    assert "group size 128" in scaled_gemm_applies(65536, 1152, 1152, F8, F8, groups=3, platform="gpu")[1]
+    # group scales run 64-row warpgroup tiles: gates every 64 rows fit, every 32 do not
+    assert scaled_gemm_applies(65536, 1152, 1152, F8, F8, groups=9, rows_per_gate=64, platform="gpu")[0]
+    assert "rows per gate" in scaled_gemm_applies(65536, 1152, 1152, F8, F8, groups=9, rows_per_gate=32,
+                                                  platform="gpu")[1]
+
+
+@pytest.mark.parametrize("dtype", [F8, jnp.int8])
+def test_xla_formulation_with_group_scales(dtype):
+    """Group scales: sum over 128-wide K groups of (a_g @ w_g.T) * sa[g] * sw[g] (each group's product
+    in float32), + b, rounded to bf16, then the gated residual; against float64 NumPy."""
+    r = np.random.default_rng(2)
+    m, g, n_all, n_off, n, g_rows = 32, 3, 96, 32, 32, 4
+    k = 128 * g
+    lim = 16 if dtype == F8 else 127
+    a = jnp.asarray(r.integers(-lim, lim, (m, k)), jnp.float32).astype(dtype)
+    w = jnp.asarray(r.integers(-lim, lim, (n_all, k)), jnp.float32).astype(dtype)
+    sa, sw = r.uniform(0.01, 0.02, (g, m)).astype(np.float32), r.uniform(0.01, 0.02, (g, n_all)).astype(np.float32)
+    b = r.standard_normal(n_all).astype(np.float32)
+    x = r.standard_normal((m, n)).astype(ml_dtypes.bfloat16)
+    gate = r.standard_normal((g_rows, n)).astype(ml_dtypes.bfloat16)
+    args = (a, w, jnp.asarray(sa), jnp.asarray(sw), jnp.asarray(b))
+    got = np.asarray(scaled_gemm_xla(*args, n_off=n_off, n=n), np.float64)
+    got_r = np.asarray(scaled_gemm_xla(*args, n_off=n_off, n=n, residual=jnp.asarray(x), gate=jnp.asarray(gate)),
+                       np.float64)
+
+    def bf(v: np.ndarray) -> np.ndarray:
+        return v.astype(ml_dtypes.bfloat16).astype(np.float64)
+
+    a64, w64 = np.asarray(a, np.float64).reshape(m, g, 128), np.asarray(w, np.float64)[n_off:n_off + n].reshape(n, g, 128)
+    parts = np.einsum("mgk,ngk->gmn", a64, w64)  # exact: integers below 2^24
+    y = (parts * sa[:, :, None] * sw[:, None, n_off:n_off + n]).sum(0) + b[n_off:n_off + n]
+    np.testing.assert_allclose(got, bf(y), rtol=2 ** -8)
+    assert np.mean(got == bf(y)) > 0.95
+    gr = np.repeat(gate.astype(np.float64), m // g_rows, axis=0)
+    want_r = bf(x.astype(np.float64) + bf(gr * bf(y)))
+    np.testing.assert_allclose(got_r, want_r, rtol=2 ** -7, atol=2 ** -7)
+    # a per-channel reading of the same scales (the first group's rows only) would be far off
+    assert np.abs(got - bf(parts.sum(0) * sa[0][:, None] * sw[0][None, n_off:n_off + n])).max() > 0.1
+
+
+def test_kernel_rejects_scales_that_do_not_match_k():
+    a = jnp.zeros((256, 256), F8)
+    with pytest.raises(ValueError, match="K = G x 128"):
+        from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
+
+        scaled_gemm_mosaic(a, jnp.zeros((128, 256), F8), jnp.ones((4, 256)), jnp.ones((4, 128)), None)
