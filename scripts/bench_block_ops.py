@@ -92,8 +92,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--mosaic-only", action="store_true", help="qkvgemm: skip the Pallas Triton forms")
     p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "normq", "qkvgemm", "resgemm", "groupgemm"])
-    p.add_argument("--group-forms", nargs="+", default=["64x128x4", "64x192x4", "64x128x6"],
-                   help="groupgemm: Mosaic tilings tile_m x tile_n x steps")
+    p.add_argument("--group-forms", nargs="+", default=["64x128x4p", "64x128x4o", "64x128x5p"],
+                   help="groupgemm: Mosaic tilings tile_m x tile_n x steps and group mode ("
+                        "o: overlap; p: plain; see kernels.scaled_gemm.GROUP_MODES)")
     a = p.parse_args()
     rng = np.random.default_rng(0)
     bf = jnp.bfloat16
@@ -404,9 +405,6 @@ def qkv_gemm_forms(a, rng) -> None:
               f"rel L2 vs XLA {rel:.2e}, equal {np.mean(got == ref):.4f}", flush=True)
 
 
-if __name__ == "__main__":
-    main()
-
 
 def group_gemm_forms(a, rng) -> None:
     """Group-128 GEMMs from codes to bf16 output at proj (K = N = C), fc1 (K = C, N = 4C) and fc2
@@ -447,12 +445,14 @@ def group_gemm_forms(a, rng) -> None:
                         print(f"{name}: Triton group kernel                {res[1] * 1e6:8.1f} us   equal "
                               f"{np.mean(got == ref):.4f}", flush=True)
             for form in a.group_forms:
-                tm, tn, st = (int(v) for v in form.split("x"))
+                mode = {"o": "overlap", "p": "plain"}[form[-1]]
+                tm, tn, st = (int(v) for v in form[:-1].split("x"))
                 ok, why = scaled_gemm_applies(m, n, k, dtype, dtype, groups=g, tile_m=tm, tile_n=tn)
                 if not ok:
                     print(f"{name}: Mosaic {form} skipped: {why}", flush=True)
                     continue
-                fn = jax.jit(lambda *v, tm=tm, tn=tn, st=st: scaled_gemm_mosaic(*v, tile_m=tm, tile_n=tn, steps=st))
+                fn = jax.jit(lambda *v, tm=tm, tn=tn, st=st, mode=mode: scaled_gemm_mosaic(
+                    *v, tile_m=tm, tile_n=tn, steps=st, group_mode=mode))
                 res = run_timed(f"{name} Mosaic {form}", fn, (qa, w, sa, sw, b), a.repeats)
                 if res is None:
                     continue
@@ -460,3 +460,7 @@ def group_gemm_forms(a, rng) -> None:
                 err = np.abs(got - ref).max() / np.abs(ref).max()
                 print(f"{name}: Mosaic group-128 {form:10s}           {res[1] * 1e6:8.1f} us   equal "
                       f"{np.mean(got == ref):.4f}, max |diff| / max |ref| {err:.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

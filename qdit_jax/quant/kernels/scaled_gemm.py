@@ -30,9 +30,15 @@ import jax.numpy as jnp
 from jax import lax
 
 TILE_M, TILE_N, TILE_K, STEPS = 128, 128, 128, 3  # per compute warpgroup; the fastest measured on the H100
-# with group scales each warpgroup holds its running float32 sum beside the wgmma accumulator: two
-# 64 x 128 float32 tiles (128 registers a thread) where one 128 x 128 tile would not fit twice
-GROUP_TILE_M, GROUP_STEPS = 64, 4
+# group scales: a float32 running sum beside the wgmma accumulator (two 64 x 128 float32 tiles per
+# warpgroup, where one 128 x 128 tile would not fit twice in registers), and how each K step's product
+# is scaled into it (static ``group_mode``): 'plain', after the step's wgmma (fp8's default, the
+# faster for fp8 on the H100); 'overlap', the previous step's product while this step's wgmma runs
+# (a third register tile; int8's default, 10-15% faster for int8). Measured and dropped: rescaling
+# the fp8 accumulator itself between groups by the ratio of their scales (one 128 x 128 tile, as
+# flash attention rescales): slower (290 vs 245 us) and off by fp8 wgmma's accumulation precision.
+GROUP_MODES = ("plain", "overlap")
+GROUP_TILE_M, GROUP_STEPS = 64, 4  # the fastest tiling measured on the H100
 CODE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))  # wgmma: float32 / int32 accumulation
 
 
@@ -49,7 +55,6 @@ def scaled_gemm_applies(m: int, n: int, k: int, a_dtype: Any, w_dtype: Any, *, g
     ``groups`` scale groups along K (1: per token x per channel), with a gated residual whose gate
     changes every ``rows_per_gate`` rows if given; and if not, why."""
     platform = platform or jax.default_backend()
-    tile_m = default_tile_m(groups) if tile_m is None else tile_m
     if platform != "gpu":
         return False, f"platform is {platform}, the kernel is GPU-only"
     if platform == jax.default_backend() and not _hopper():
@@ -57,6 +62,7 @@ def scaled_gemm_applies(m: int, n: int, k: int, a_dtype: Any, w_dtype: Any, *, g
     if jnp.dtype(a_dtype) != jnp.dtype(w_dtype) or jnp.dtype(a_dtype) not in CODE_DTYPES:
         return False, (f"operands {jnp.dtype(a_dtype)} x {jnp.dtype(w_dtype)}: the kernel takes fp8 e4m3 x fp8 e4m3 "
                        "or int8 x int8 codes")
+    tile_m = default_tiling(groups)[0] if tile_m is None else tile_m
     if m % (2 * tile_m) or n % tile_n or k % TILE_K:
         return False, f"(M, N, K) = ({m}, {n}, {k}) is not a multiple of ({2 * tile_m}, {tile_n}, {TILE_K})"
     if groups > 1 and k != groups * TILE_K:
@@ -73,18 +79,28 @@ def scaled_gemm_applies(m: int, n: int, k: int, a_dtype: Any, w_dtype: Any, *, g
     return True, "ok"
 
 
-def default_tile_m(groups: int) -> int:
-    """Rows per compute warpgroup: 128 per channel, 64 with group scales (see GROUP_TILE_M)."""
-    return TILE_M if groups == 1 else GROUP_TILE_M
+def group_mode_for(groups: int, a_dtype: Any, mode: str | None = None) -> str | None:
+    """The group mode used for ``a_dtype`` codes (None per channel): fp8 'plain', int8 'overlap'."""
+    if groups == 1:
+        return None
+    mode = mode or ("overlap" if jnp.dtype(a_dtype) == jnp.dtype(jnp.int8) else "plain")
+    if mode not in GROUP_MODES:
+        raise ValueError(f"group_mode must be one of {GROUP_MODES}, got {mode!r}")
+    return mode
+
+
+def default_tiling(groups: int) -> tuple[int, int]:
+    """(rows per compute warpgroup, pipeline steps): 128 / 3 per channel, 64 / 4 with group scales."""
+    return (TILE_M, STEPS) if groups == 1 else (GROUP_TILE_M, GROUP_STEPS)
 
 
 # jitted so that the DiT's identical calls (the same layer shape in every block) share one lowering:
 # unjitted, each of XL/2's 140 calls was lowered to Mosaic GPU again (compiles of 104-118 s per forward)
-@functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps"))
+@functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                        gate: jax.Array | None = None, tile_m: int | None = None, tile_n: int = TILE_N,
-                       steps: int | None = None) -> jax.Array:
+                       steps: int | None = None, group_mode: str | None = None) -> jax.Array:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
     ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
     float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
@@ -92,7 +108,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     Group scales: ``sa`` (G, M) and ``sw`` (G, N_total) with K = G x 128, i.e.
     ``y = sum_g (a_g @ w_g.T) * sa[g][:, None] * sw[g][None, :] + bias`` over 128-wide K groups (Q-DiT's
     granularity): each K step's product (int32 sums to float32; fp8's float32 sums kept in float32) is
-    scaled and added to a float32 running sum in registers, inside the accumulation.
+    scaled into the sum inside the accumulation (``group_mode``: see GROUP_MODES).
 
     With ``residual`` (M, n) and ``gate`` (G, n) (one row per M // G consecutive rows, i.e. per
     sample): ``residual + gate * y`` instead, each step rounded to bf16 as the DiT block's
@@ -106,8 +122,9 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     if (sw.shape[0] if sw.ndim == 2 else 1) != groups or (groups > 1 and k != groups * TILE_K):
         raise ValueError(f"scales {sa.shape} x {sw.shape} for K = {k}: per token (M,) x per channel (N,), or "
                          f"(G, M) x (G, N) with K = G x {TILE_K}")
-    tile_m = default_tile_m(groups) if tile_m is None else tile_m
-    steps = (STEPS if groups == 1 else GROUP_STEPS) if steps is None else steps
+    group_mode = group_mode_for(groups, a.dtype, group_mode)
+    tile_m0, steps0 = default_tiling(groups)
+    tile_m, steps = tile_m0 if tile_m is None else tile_m, steps0 if steps is None else steps
     if n_off % tile_n:
         raise ValueError(f"column offset {n_off} is not a multiple of the {tile_n}-wide tile")
     if (residual is None) != (gate is None):
@@ -135,6 +152,14 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     w_tile0 = n_off // tile_n
     row_l, col_l = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
     shape = (tile_m, tile_n)
+
+    def zeros(dtype: Any) -> jax.Array:
+        return plgpu.layout_cast(jnp.zeros(shape, dtype), plgpu.Layout.WGMMA)
+
+    def scaled(p: jax.Array, s_a: jax.Array, s_w: jax.Array) -> jax.Array:
+        """One group's product (int32 sums are exact in float32: |sum| < 2^24) times its scales."""
+        p = p.astype(jnp.float32)
+        return p * lax.broadcast_in_dim(s_a, shape, [0]) * lax.broadcast_in_dim(s_w, shape, [1])
 
     def make_pipeline(body: Any, ctx: Any) -> Any:
         specs = [plgpu.BlockSpec((cta_m, TILE_K), lambda kk: (0, kk), transforms=tr),
@@ -199,8 +224,13 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                         # rounded as the XLA path's product: int32 sums to float32, fp8 to bf16
                         y = y.astype(jnp.float32) if int_codes else y.astype(jnp.bfloat16).astype(jnp.float32)
                         y = y * lax.broadcast_in_dim(s_a, shape, [0]) * lax.broadcast_in_dim(s_w, shape, [1])
-                    else:  # the scaled groups' float32 sum, from the K loop
-                        y = eval_pipeline(plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA))
+                    elif group_mode == "plain":  # the scaled groups' float32 sum, from the K loop
+                        y = eval_pipeline(zeros(jnp.float32))
+                    else:  # the sum of all but the last group, and the last group's product and scales
+                        y, p, s_a, s_w = eval_pipeline((zeros(jnp.float32), zeros(acc_dtype),
+                                                        plgpu.layout_cast(jnp.zeros((tile_m,), jnp.float32), row_l),
+                                                        plgpu.layout_cast(jnp.zeros((tile_n,), jnp.float32), col_l)))
+                        y = y + scaled(p, s_a, s_w)
                     y = y + lax.broadcast_in_dim(b, shape, [1])
                     if residual is not None:  # x + gate * y, each step rounded to bf16 as the model's
                         y = y.astype(jnp.bfloat16).astype(jnp.float32)
@@ -227,10 +257,26 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                         product(a_smem, w_smem, acc_ref)
                         return acc_ref[...]
 
-                    p = p.astype(jnp.float32)  # int32 sums of one group are exact in float32 (|sum| < 2^24)
-                    return total + p * lax.broadcast_in_dim(s_a, shape, [0]) * lax.broadcast_in_dim(s_w, shape, [1])
+                    return total + scaled(p, s_a, s_w)
 
-                make_pipeline(mma if groups == 1 else mma_grouped, epilogue)(*pipeline_operands(pm, pn),
+                def mma_overlapped(_: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any, carry: Any) -> Any:
+                    # issue this group's wgmma, scale and add the previous group's product meanwhile (on
+                    # the CUDA cores while the tensor cores run), then wait and keep this product raw
+                    total, p_prev, sa_prev, sw_prev = carry
+                    s_a = plgpu.load(sa_smem.at[0, pl.ds(wg * tile_m, tile_m)], (), layout=row_l, optimized=False)
+                    s_w = plgpu.load(sw_smem.at[0], (), layout=col_l, optimized=False)
+
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, acc_dtype))
+                    def step(acc_ref: Any) -> tuple[jax.Array, jax.Array]:
+                        plgpu.wgmma(acc_ref, a_smem.at[pl.ds(wg * tile_m, tile_m)], plgpu.transpose_ref(w_smem, (1, 0)))
+                        new_total = total + scaled(p_prev, sa_prev, sw_prev)
+                        plgpu.wgmma_wait(0)
+                        return new_total, acc_ref[...]
+
+                    return step[0], step[1], s_a, s_w
+
+                body = {None: mma, "overlap": mma_overlapped, "plain": mma_grouped}[group_mode]
+                make_pipeline(body, epilogue)(*pipeline_operands(pm, pn),
                                                                            allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
