@@ -18,7 +18,9 @@
 5. The real fp8 qkv layer's GEMM and scale epilogue writing q, k, v: cuBLAS + XLA's epilogue pass
    against fp8 GEMMs that apply the scales in their epilogue: the Mosaic GPU kernel
    (``kernels.scaled_gemm``) and a Pallas (Triton) one (1.85x slower than cuBLAS + the pass).
-6. ``groupgemm``: group-128 fp8 / int8 GEMMs at the DiT's three shapes (proj, fc1, fc2): XLA's
+6. ``fc2ing``: the group-128 MLP middle step (a group-wise fc1's bf16 output -> GELU -> fc2's group
+   codes): XLA against ``kernels.gelu_quant`` at several tilings.
+7. ``groupgemm``: group-128 fp8 / int8 GEMMs at the DiT's three shapes (proj, fc1, fc2): XLA's
    batched group product + epilogue, the Triton group kernel (int8, ``kernels.group_gemm``) and
    the Mosaic GPU GEMM with the group scales in its K loop (``kernels.scaled_gemm``) at several
    tilings, beside the per-channel Mosaic GEMM and cuBLAS' per-channel fp8 GEMM of the same shape.
@@ -91,7 +93,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--mosaic-only", action="store_true", help="qkvgemm: skip the Pallas Triton forms")
-    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "normq", "qkvgemm", "resgemm", "groupgemm"])
+    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "fc2ing", "normq", "qkvgemm", "resgemm", "groupgemm"])
     p.add_argument("--group-forms", nargs="+", default=["64x128x4p", "64x128x4o", "64x128x5p"],
                    help="groupgemm: Mosaic tilings tile_m x tile_n x steps and group mode ("
                         "o: overlap; p: plain; see kernels.scaled_gemm.GROUP_MODES)")
@@ -115,6 +117,8 @@ def main() -> None:
         group_gemm_forms(a, rng)
     if "fc2in" in a.sections:
         fc2_input(a, rng)
+    if "fc2ing" in a.sections:
+        fc2_input_groups(a, rng)
     if "gelu" in a.sections:
         gelu_forms(a, x, w1, b1, w2)
     if "attn" in a.sections:
@@ -460,6 +464,37 @@ def group_gemm_forms(a, rng) -> None:
                 err = np.abs(got - ref).max() / np.abs(ref).max()
                 print(f"{name}: Mosaic group-128 {form:10s}           {res[1] * 1e6:8.1f} us   equal "
                       f"{np.mean(got == ref):.4f}, max |diff| / max |ref| {err:.2e}", flush=True)
+
+
+def fc2_input_groups(a, rng) -> None:
+    """Group-128 fc2 codes from a group-wise fc1's bf16 output: XLA against gelu_quant's tilings."""
+    import functools
+
+    from qdit_jax.perf import compiler
+    from qdit_jax.quant.config import QuantSpec
+    from qdit_jax.quant.kernels.gelu_quant import gelu_quant_applies, gelu_quant_pallas, gelu_quant_xla
+
+    bf = jnp.bfloat16
+    m = a.batch * a.tokens
+    y = jnp.asarray(rng.standard_normal((m, HIDDEN)), bf)
+    for fmt in ("fp8_e4m3", "int"):
+        spec = QuantSpec(bits=8, format=fmt, symmetric=True, group_size=128)
+        ref_fn = compiler.jit(lambda v: gelu_quant_xla(v, None, None, None, spec, bf))
+        q0, s0 = ref_fn(y)
+        t = timed(ref_fn, (y,), a.repeats)
+        print(f"fc2ing {fmt:8s} XLA GELU + group-128 quantize      {t * 1e6:8.1f} us", flush=True)
+        q0 = np.asarray(q0.astype(jnp.float32))
+        for bm, warps in ((1, 4), (1, 1), (1, 2), (2, 1), (2, 2), (4, 4)):
+            if not gelu_quant_applies(m, HIDDEN, spec, block_m=bm)[0]:
+                continue
+            fn = jax.jit(lambda v, bm=bm, warps=warps: gelu_quant_pallas(v, None, None, None, spec, bf, block_m=bm,
+                                                                          num_warps=warps))
+            res = run_timed(f"fc2ing {fmt} bm {bm} warps {warps}", fn, (y,), a.repeats)
+            if res is None:
+                continue
+            (q1, s1), t = res
+            print(f"fc2ing {fmt:8s} Pallas bm {bm} warps {warps}                {t * 1e6:8.1f} us   codes equal "
+                  f"{np.mean(np.asarray(q1.astype(jnp.float32)) == q0):.5f}", flush=True)
 
 
 if __name__ == "__main__":

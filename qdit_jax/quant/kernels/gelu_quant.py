@@ -36,18 +36,27 @@ from qdit_jax.quant.config import QuantSpec
 from qdit_jax.quant.kernels.row_quant import check_row_spec, check_row_tiling, codes_dtype, scale_and_codes
 
 BLOCK_M, CHUNK, NUM_WARPS = 1, 512, 4  # the fastest tiling measured on the H100
+# group-wise codes (128-wide groups: 128-wide pieces, one reduction each): 4 rows per program, measured
+# on the H100 at XL/2's batch 256: fp8 396 us, int8 520 us, against 839 / 909 us at one row
+GROUP_BLOCK_M = 4
 
 
-def gelu_quant_applies(m: int, n: int, spec: QuantSpec, *, block_m: int = BLOCK_M, chunk: int = CHUNK,
+def gelu_quant_applies(m: int, n: int, spec: QuantSpec, *, block_m: int | None = None, chunk: int = CHUNK,
                        platform: str | None = None) -> tuple[bool, str]:
     """Whether the kernel can take an (M, N) fc1 product to fc2's codes (per token, or per token and
     group as ``spec`` says), and if not, why."""
     chunk = group_chunk(spec, n, chunk)
+    block_m = default_block_m(spec) if block_m is None else block_m
     why = check_row_tiling(m, n, block_m, chunk, platform) or check_row_spec(spec)
     group = spec.group_size or n
     if not why and (group % chunk or n % group):
         why = f"groups of {group} channels are not whole {chunk}-wide pieces of N = {n}"
     return (not why), (why or "ok")
+
+
+def default_block_m(spec: QuantSpec) -> int:
+    """Rows per program: BLOCK_M per token, GROUP_BLOCK_M for group-wise codes."""
+    return GROUP_BLOCK_M if spec.group_size else BLOCK_M
 
 
 def group_chunk(spec: QuantSpec, n: int, chunk: int = CHUNK) -> int:
@@ -119,7 +128,7 @@ def _kernel(*refs, block_m: int, chunk: int, n_chunks: int, group_chunks: int, s
 
 
 def gelu_quant_pallas(p: jax.Array, sa: jax.Array | None, sw: jax.Array | None, bias: jax.Array | None,
-                      spec: QuantSpec, out_dtype: Any, *, block_m: int = BLOCK_M, chunk: int = CHUNK,
+                      spec: QuantSpec, out_dtype: Any, *, block_m: int | None = None, chunk: int = CHUNK,
                       num_warps: int = NUM_WARPS, fast: bool = False, recompute: bool = False, gelu: str = "dtype",
                       approx_tanh: bool = True, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """fc2's codes (M, N) and scales (G, M) (per token: G = 1; or per token and group as ``spec``
@@ -130,6 +139,7 @@ def gelu_quant_pallas(p: jax.Array, sa: jax.Array | None, sw: jax.Array | None, 
 
     m, n = p.shape
     chunk = group_chunk(spec, n, chunk)
+    block_m = default_block_m(spec) if block_m is None else block_m
     group = spec.group_size or n
     if group % chunk or n % group:
         raise ValueError(f"gelu_quant_pallas: groups of {group} channels are not whole {chunk}-wide pieces of N = {n}")
