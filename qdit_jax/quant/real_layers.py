@@ -8,7 +8,8 @@ GPU routes replace several XLA passes by one kernel where its guard allows: per-
 pass, from the residual stream through the adaLN LayerNorm + modulation when a ``ModulatedNorm``
 feeds the layer (``kernels.norm_quant``); each DiT MLP's middle step as one pass
 (``kernels.gelu_quant``); q, k, v, and proj / fc2 with the block's gated residual, as Hopper GEMMs
-with the scales in their epilogue (``kernels.scaled_gemm``). Each route computes the XLA path's
+with the scales in their epilogue (``kernels.scaled_gemm``); group-128 fp8 / int8 layers through the
+same GEMM with the group scales in its K loop, their inputs through the same row kernels. Each route computes the XLA path's
 function; the interceptor (``quant.real``) decides which applies.
 """
 from __future__ import annotations

@@ -18,6 +18,9 @@ scales are identical to XLA's unfused path at XL/2's fc1 shape (100% of entries,
 either tanh), and so are the model's outputs (``qdit bench --diff-against``); GELU evaluated in
 float32 instead would move 5% of fp8 codes.
 
+Group-wise fc2 inputs (128-wide groups): one scale per token and group, from a group-wise fc1's bf16
+output (``sa=None``: that fc1 applies its scales inside its GEMM, ``kernels.scaled_gemm``).
+
 Used by the real path for every DiT ``Mlp`` it can serve (``RealOptions.fused_mlp``). Measured at
 batch 256 (back-to-back calls): 408 us (fp8) / 468 us (int8) with ``tanh.approx``, 468 / 635 with
 ``tanhf``, against XLA's 886 / 882 (docs/RESULTS.md); its byte floor is ~300 us. ``fast``,

@@ -1,6 +1,7 @@
-"""Per-token activation quantization in one pass, optionally with the adaLN LayerNorm + modulation
-that produces the activation: a Pallas (Triton) kernel, its guard and the XLA formulation it
-replaces.
+"""Per-token (or per-token-and-group) activation quantization in one pass, optionally with the adaLN
+LayerNorm + modulation that produces the activation: a Pallas (Triton) kernel, its guard and the XLA
+formulation it replaces. A group-wise spec (groups of whole ``chunk``-wide pieces, e.g. Q-DiT's 128)
+gets one scale per token and group, scales (K // group, M).
 
 Why: in the real W8A8 / fp8 DiT, XLA runs every per-token quantized input as three passes over
 memory: the producer writes the bf16 activation (for qkv and fc1 inputs: LayerNorm + modulate),
