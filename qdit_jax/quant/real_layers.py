@@ -9,8 +9,8 @@ pass, from the residual stream through the adaLN LayerNorm + modulation when a `
 feeds the layer (``kernels.norm_quant``); each DiT MLP's middle step as one pass
 (``kernels.gelu_quant``); q, k, v, and proj / fc2 with the block's gated residual, as Hopper GEMMs
 with the scales in their epilogue (``kernels.scaled_gemm``); group-128 fp8 / int8 layers through the
-same GEMM with the group scales in its K loop, their inputs through the same row kernels. Each route computes the XLA path's
-function; the interceptor (``quant.real``) decides which applies.
+same GEMM with the group scales in its K loop, their inputs through the same row kernels. Each route
+computes the XLA path's function; the interceptor (``quant.real``) decides which applies.
 """
 from __future__ import annotations
 
@@ -286,26 +286,29 @@ def _scaled_groups(lq: LayerQuant, rw: RealWeight, k: int) -> int | None:
     return g if k == g * TILE_K else None
 
 
+def _group_route(m: int, k: int, a_dtype: Any, rw: RealWeight, out_dtype: Any, options: RealOptions) -> bool:
+    """Whether (M, K) activation codes of ``a_dtype`` times group-wise ``rw`` run on
+    ``kernels.scaled_gemm`` (``RealOptions.group_kernel``; bf16 output, symmetric weights)."""
+    g, n = rw.scale.shape
+    return (g > 1 and options.group_kernel and options.backend == "auto" and not options.fuse_quant
+            and rw.zero is None and jnp.dtype(out_dtype) == jnp.dtype(jnp.bfloat16)
+            and jnp.dtype(a_dtype) == rw.codes.dtype
+            and scaled_gemm_applies(m, n, k, rw.codes.dtype, rw.codes.dtype, groups=g)[0])
+
+
 def _group_scaled_applies(m: int, lq: LayerQuant, rw: RealWeight, k: int, out_dtype: Any,
                           options: RealOptions) -> bool:
-    """Whether a group-wise layer runs on ``kernels.scaled_gemm`` (``RealOptions.group_kernel``)."""
-    g = _scaled_groups(lq, rw, k)
-    if g is None or g == 1 or not options.group_kernel or options.backend != "auto" or options.fuse_quant:
-        return False
+    """Whether a group-wise layer runs on ``kernels.scaled_gemm`` (its input codes as ``lq.act`` makes them)."""
     from qdit_jax.quant.kernels.row_quant import codes_dtype
 
-    return (jnp.dtype(out_dtype) == jnp.dtype(jnp.bfloat16) and jnp.dtype(codes_dtype(lq.act)) == rw.codes.dtype
-            and scaled_gemm_applies(m, rw.scale.shape[1], k, rw.codes.dtype, rw.codes.dtype, groups=g)[0])
+    g = _scaled_groups(lq, rw, k)
+    return g is not None and g > 1 and _group_route(m, k, codes_dtype(lq.act), rw, out_dtype, options)
 
 
 def _codes_gemm(qa: jax.Array, sa: jax.Array, rw: RealWeight, out_dtype: Any, options: RealOptions) -> jax.Array:
     """The low-bit GEMM from activation codes and scales: product, then scales and bias; in XLA, or
     for group-wise codes through ``kernels.scaled_gemm`` where it applies (``RealOptions.group_kernel``)."""
-    g, n = rw.scale.shape
-    m, k = qa.shape
-    if (g > 1 and options.group_kernel and options.backend == "auto" and rw.zero is None
-            and jnp.dtype(out_dtype) == jnp.dtype(jnp.bfloat16) and qa.dtype == rw.codes.dtype
-            and scaled_gemm_applies(m, n, k, qa.dtype, rw.codes.dtype, groups=g)[0]):
+    if _group_route(*qa.shape, qa.dtype, rw, out_dtype, options):
         return scaled_gemm_mosaic(qa, rw.codes, sa, rw.scale, rw.bias)
     return group_gemm_xla(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype,
                           split_epilogue=options.split_epilogue,
