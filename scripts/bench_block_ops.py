@@ -464,6 +464,27 @@ def group_gemm_forms(a, rng) -> None:
                 err = np.abs(got - ref).max() / np.abs(ref).max()
                 print(f"{name}: Mosaic group-128 {form:10s}           {res[1] * 1e6:8.1f} us   equal "
                       f"{np.mean(got == ref):.4f}, max |diff| / max |ref| {err:.2e}", flush=True)
+            if n == HIDDEN:  # fc1: its output to fc2's group codes, in the epilogue or by gelu_quant after it
+                gelu_codes_forms(a, name, (qa, w, sa, sw, b), dtype)
+
+
+def gelu_codes_forms(a, name: str, args: tuple, dtype) -> None:
+    """fc1 (group-wise) to fc2's 128-wide group codes: the Mosaic GEMM writing bf16 + gelu_quant's pass,
+    against the GEMM's own epilogue (``scaled_gemm_mosaic(gelu_codes=...)``), with code agreement."""
+    from qdit_jax.quant.config import QuantSpec
+    from qdit_jax.quant.kernels.gelu_quant import gelu_quant_pallas
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
+
+    spec = QuantSpec(bits=8, format="int" if dtype == jnp.int8 else "fp8_e4m3", symmetric=True, group_size=128)
+    two = jax.jit(lambda *v: gelu_quant_pallas(scaled_gemm_mosaic(*v), None, None, None, spec, jnp.bfloat16))
+    one = jax.jit(lambda *v: scaled_gemm_mosaic(*v, gelu_codes=spec))
+    r2 = run_timed(f"{name} GEMM + gelu_quant", two, args, a.repeats)
+    r1 = run_timed(f"{name} GEMM with the codes epilogue", one, args, a.repeats)
+    if r2 is None or r1 is None:
+        return
+    eq = np.mean(np.asarray(r1[0][0].astype(jnp.float32)) == np.asarray(r2[0][0].astype(jnp.float32)))
+    print(f"{name}: fc1 -> fc2 group codes: GEMM + gelu_quant {r2[1] * 1e6:8.1f} us, codes epilogue "
+          f"{r1[1] * 1e6:8.1f} us (codes equal {eq:.4f})", flush=True)
 
 
 def fc2_input_groups(a, rng) -> None:

@@ -29,7 +29,7 @@ from qdit_jax.quant.kernels.gelu_quant import gelu_quant_applies, gelu_quant_pal
 from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm_pallas, group_gemm_xla, kernel_applies,
                                                low_bit_product, weight_codes_int8)
 from qdit_jax.quant.kernels.norm_quant import norm_quant_applies, norm_quant_pallas
-from qdit_jax.quant.kernels.scaled_gemm import TILE_K, CODE_DTYPES, scaled_gemm_applies, scaled_gemm_mosaic
+from qdit_jax.quant.kernels.scaled_gemm import CODE_DTYPES, TILE_K, TILE_N, scaled_gemm_applies, scaled_gemm_mosaic
 from qdit_jax.quant.quantizers import QuantSpec, _int_codes, params_of_groups
 
 BACKENDS = ("auto", "xla", "pallas")
@@ -103,6 +103,11 @@ class RealOptions:
     # (kernels.group_gemm) or XLA's batched product; with it the group-wise inputs go through the
     # one-pass quantize kernels and the MLP middle step through kernels.gelu_quant
     group_kernel: bool = True
+    # with group_kernel, a group-wise MLP's fc1 writes fc2's 128-wide group codes and scales from its
+    # own epilogue (GELU + group abs-max + codes in registers: kernels.scaled_gemm ``gelu_codes``)
+    # instead of its bf16 output and gelu_quant's pass over it. Built and checked on the CPU (its
+    # XLA formulation, the Mosaic lowering), not yet run on a GPU: off until measured
+    gelu_epilogue: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -375,8 +380,11 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
                 and group_width(l2.act, n) % (n // g2) == 0 and gelu_quant_applies(m, n, l2.act)[0]):
             return None
         qa, sa = _quantize_input(x.reshape(m, k), l1.act, k // w1.scale.shape[0], options, source)
-        y1 = _codes_gemm(qa, sa, w1, out_dtype, options)
-        q2, s2 = gelu_quant_pallas(y1, None, None, None, l2.act, out_dtype)
+        if options.gelu_epilogue and l2.act.group_size == TILE_N and jnp.dtype(out_dtype) == jnp.dtype(jnp.bfloat16):
+            q2, s2 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, gelu_codes=l2.act)
+        else:
+            y1 = _codes_gemm(qa, sa, w1, out_dtype, options)
+            q2, s2 = gelu_quant_pallas(y1, None, None, None, l2.act, out_dtype)
         s2 = jnp.repeat(s2, g2 // s2.shape[0], axis=0)  # to fc2's (effective) weight groups
     else:
         if not (_per_channel_per_token(l1, w1, k) and l2.act is not None and w2.scale.shape[0] == 1

@@ -396,15 +396,16 @@ def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, fmt, params, in
     assert hlo.count(" dot(") == ref_hlo.count(" dot(")
 
 
-@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int"])
-def test_group_kernel_routes_give_the_same_outputs(fmt, inputs, monkeypatch):
+@pytest.mark.parametrize("fmt,gelu_epilogue", [("fp8_e4m3", False), ("int", False), ("int", True)])
+def test_group_kernel_routes_give_the_same_outputs(fmt, gelu_epilogue, inputs, monkeypatch):
     """128-wide groups on both operands with the GPU guards forced open (the scaled GEMM's and the
     quantize kernels' formulations standing in, interpret mode): q, k, v, proj (with the gated
     residual), fc1 and fc2 (with it) each run as one group-scaled GEMM from 128-wide group codes, the
     MLP's middle step in one pass; the same model output as the XLA group path (RealOptions(
-    group_kernel=False)), with low-bit dots only, and the XLA path's GEMMs gone."""
+    group_kernel=False)), with low-bit dots only, and the XLA path's GEMMs gone. With
+    ``gelu_epilogue`` fc1's GEMM writes fc2's group codes itself (no separate middle-step pass)."""
     from qdit_jax.quant import real_layers
-    from qdit_jax.quant.kernels.gelu_quant import gelu_quant_pallas
+    from qdit_jax.quant.kernels.gelu_quant import gelu_quant_pallas, gelu_quant_xla
     from qdit_jax.quant.kernels.norm_quant import norm_quant_pallas
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_xla
     from qdit_jax.quant.real import RealOptions
@@ -415,9 +416,10 @@ def test_group_kernel_routes_give_the_same_outputs(fmt, inputs, monkeypatch):
                                     param_shapes(cfg))
     calls = []
 
-    def stand_in(a, w, sa, sw, bias, *, n_off=0, n=None, residual=None, gate=None, **kw):
+    def stand_in(a, w, sa, sw, bias, *, n_off=0, n=None, residual=None, gate=None, gelu_codes=None, **kw):
         calls.append((sa.shape[0], a.shape[1], n or w.shape[0], residual is not None))
-        return scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n, residual=residual, gate=gate)
+        y = scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n, residual=residual, gate=gate)
+        return y if gelu_codes is None else gelu_quant_xla(y, None, None, None, gelu_codes, jnp.bfloat16)
 
     monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, groups=1, **kw: (
         groups == 1 or k == 128 * groups, "test"))
@@ -426,15 +428,22 @@ def test_group_kernel_routes_give_the_same_outputs(fmt, inputs, monkeypatch):
     monkeypatch.setattr(real_layers, "norm_quant_pallas", lambda x, spec, **kw: norm_quant_pallas(
         x, spec, interpret=True, **kw))
     monkeypatch.setattr(real_layers, "gelu_quant_applies", lambda m, n, spec, **kw: (True, "test"))
-    monkeypatch.setattr(real_layers, "gelu_quant_pallas", lambda p, sa, sw, b, spec, dt, **kw: gelu_quant_pallas(
-        p, sa, sw, b, spec, dt, interpret=True))
+    middle = []
+
+    def gelu_interp(p, sa, sw, b, spec, dt, **kw):
+        middle.append(p.shape)
+        return gelu_quant_pallas(p, sa, sw, b, spec, dt, interpret=True)
+
+    monkeypatch.setattr(real_layers, "gelu_quant_pallas", gelu_interp)
     rules = dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, fmt=fmt)
     rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**rules)))
     off = RealOptions(group_kernel=False)
     ref = np.asarray(jax.jit(rm.apply_fn(off))(rm.variables(), *inputs), np.float64)
     assert not calls
-    fn = rm.apply_fn(RealOptions())
+    fn = rm.apply_fn(RealOptions(gelu_epilogue=gelu_epilogue))
+    middle.clear()
     got = np.asarray(jax.jit(fn)(rm.variables(), *inputs), np.float64)
+    assert len(middle) == (0 if gelu_epilogue else cfg.depth)
     c = cfg.hidden_size
     # q, k, v (three column blocks), proj, then proj with the residual, fc1, fc2, then fc2 with the
     # residual: all with their group scales (the first proj / fc2 calls are left unused, see below)
@@ -451,7 +460,8 @@ def test_group_kernel_routes_give_the_same_outputs(fmt, inputs, monkeypatch):
     # the GEMMs the residual route reran are gone from the compiled program: one low-bit (stand-in)
     # dot per layer, as many dots as without the residual route
     hlo = jax.jit(fn).lower(rm.variables(), *inputs).compile().as_text()
-    no_res = jax.jit(rm.apply_fn(RealOptions(residual_kernel=False))).lower(rm.variables(), *inputs).compile()
+    no_res = jax.jit(rm.apply_fn(RealOptions(residual_kernel=False, gelu_epilogue=gelu_epilogue))).lower(
+        rm.variables(), *inputs).compile()
     lines = [ln for ln in hlo.splitlines() if " dot(" in ln]
     assert sum(("s32[" if fmt == "int" else "f8e4m3fn") in ln for ln in lines) == 6 or fmt != "int"
     assert len(lines) == no_res.as_text().count(" dot(")

@@ -46,18 +46,25 @@ def codes_dtype(spec: QuantSpec) -> Any:
     return jnp.int8 if spec.format == "int" else FP8_DTYPES[spec.format]
 
 
+def row_scale(amax: jax.Array, spec: QuantSpec) -> jax.Array:
+    """The quantizer's symmetric per-row scale from a row's abs-max."""
+    from qdit_jax.quant.quantizers import _int_params, fp8_scale
+
+    if spec.format == "int":
+        return _int_params(-amax, amax, spec.bits, True, spec.scale_dtype)[0]
+    return fp8_scale(amax, spec)
+
+
 def scale_and_codes(h: list[jax.Array], amax: jax.Array, spec: QuantSpec,
                     fast: bool = False) -> tuple[jax.Array, list[jax.Array]]:
     """The quantizer's symmetric per-row scale from ``amax`` and the codes of each piece of ``h``
     (``fast``: multiply by the scale's reciprocal instead of dividing)."""
     from qdit_jax.quant import formats as F
-    from qdit_jax.quant.quantizers import _int_params, fp8_scale, int_range
+    from qdit_jax.quant.quantizers import int_range
 
+    s = row_scale(amax, spec)
     if spec.format == "int":
         qmin, qmax = int_range(spec.bits, True)
-        s, _ = _int_params(-amax, amax, spec.bits, True, spec.scale_dtype)
-    else:
-        s = fp8_scale(amax, spec)
     inv = 1.0 / s
     scaled = [x * inv[:, None] if fast else x / s[:, None] for x in h]
     if spec.format == "int":

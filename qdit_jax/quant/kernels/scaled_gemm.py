@@ -102,11 +102,12 @@ def default_tiling(groups: int) -> tuple[int, int]:
 
 # jitted so that the DiT's identical calls (the same layer shape in every block) share one lowering:
 # unjitted, each of XL/2's 140 calls was lowered to Mosaic GPU again (compiles of 104-118 s per forward)
-@functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode"))
+@functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode", "gelu_codes"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                        gate: jax.Array | None = None, tile_m: int | None = None, tile_n: int = TILE_N,
-                       steps: int | None = None, group_mode: str | None = None) -> jax.Array:
+                       steps: int | None = None, group_mode: str | None = None,
+                       gelu_codes: Any = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
     ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
     float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
@@ -118,7 +119,12 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
     With ``residual`` (M, n) and ``gate`` (G, n) (one row per M // G consecutive rows, i.e. per
     sample): ``residual + gate * y`` instead, each step rounded to bf16 as the DiT block's
-    ``x + gate[:, None] * y`` in bf16 does (adaLN-Zero's gated residual, in the epilogue)."""
+    ``x + gate[:, None] * y`` in bf16 does (adaLN-Zero's gated residual, in the epilogue).
+
+    With ``gelu_codes`` (the next layer's activation QuantSpec: symmetric 8-bit, groups of ``tile_n``
+    channels): the epilogue computes that layer's input from the bf16 output instead of writing it:
+    the tanh GELU (as ``kernels.gelu_quant`` evaluates it), then per token and group the scale and
+    codes; returns (codes (M, n), scales (n // tile_n, M)). A DiT MLP's fc1 on group-wise layers."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -135,6 +141,13 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         raise ValueError(f"column offset {n_off} is not a multiple of the {tile_n}-wide tile")
     if (residual is None) != (gate is None):
         raise ValueError("the gated residual epilogue takes both residual and gate")
+    if gelu_codes is not None:
+        from qdit_jax.quant.kernels.row_quant import check_row_spec
+
+        why = check_row_spec(gelu_codes)
+        if why or gelu_codes.group_size != tile_n or residual is not None:
+            raise ValueError(f"gelu_codes {gelu_codes}: needs a symmetric 8-bit group-wise spec with groups of the "
+                             f"{tile_n}-wide output tile and no residual ({why or 'group / residual'})")
     rows_per_gate = m
     if residual is not None:
         if residual.shape != (m, n) or gate.ndim != 2 or gate.shape[1] != n or m % gate.shape[0]:
@@ -158,6 +171,12 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     w_tile0 = n_off // tile_n
     row_l, col_l = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
     shape = (tile_m, tile_n)
+    if gelu_codes is None:
+        out_dtype = jnp.bfloat16
+    else:
+        from qdit_jax.quant.kernels.row_quant import codes_dtype
+
+        out_dtype = codes_dtype(gelu_codes)
 
     def zeros(dtype: Any) -> jax.Array:
         return plgpu.layout_cast(jnp.zeros(shape, dtype), plgpu.Layout.WGMMA)
@@ -177,7 +196,8 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
             wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps, compute_context=ctx)
 
     def kernel(a_gmem, w_gmem, sa_gmem, sw_gmem, b_gmem, *rest):
-        r_gmem, g_gmem, o_gmem = rest if residual is not None else (None, None, rest[0])
+        r_gmem, g_gmem = rest[:2] if residual is not None else (None, None)
+        o_gmem, s_gmem = (rest[-2], rest[-1]) if gelu_codes is not None else (rest[-1], None)
 
         def pipeline_operands(pm: Any, pn: Any) -> tuple:
             """The pipeline's inputs for output tile (pm, pn): A rows, W rows, and the group scale rows."""
@@ -193,9 +213,10 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         allocations = make_pipeline(ignore, ignore).get_allocations(*pipeline_operands(0, 0))
 
         @functools.partial(pl.run_scoped, allocs=allocations,
-                           o_smem=plgpu.SMEM((2, tile_m, tile_n), jnp.bfloat16),
+                           o_smem=plgpu.SMEM((2, tile_m, tile_n), out_dtype),
+                           s_smem=None if gelu_codes is None else plgpu.SMEM((2, tile_m), jnp.float32),
                            r_bar=None if residual is None else plgpu.Barrier(num_barriers=2), collective_axes="wg")
-        def scope(allocs: Any, o_smem: Any, r_bar: Any) -> None:
+        def scope(allocs: Any, o_smem: Any, s_smem: Any, r_bar: Any) -> None:
             wg = lax.axis_index("wg")
 
             @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
@@ -244,10 +265,16 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                         plgpu.barrier_wait(r_bar.at[wg])
                         res = plgpu.load(o_smem.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
                         y = res.astype(jnp.float32) + y
+                    if gelu_codes is not None:  # the next layer's codes and group scales instead of y
+                        s_g, y = _gelu_group_codes(y, gelu_codes, shape)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this slot's previous store has read it
-                    o_smem[wg] = y.astype(jnp.bfloat16)
+                    o_smem[wg] = y.astype(out_dtype)
+                    if gelu_codes is not None:
+                        s_smem[wg] = s_g
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[pl.ds(rows, tile_m), ocols])
+                    if gelu_codes is not None:  # group pn of the output's columns (tile_n is one group)
+                        plgpu.copy_smem_to_gmem(s_smem.at[wg], s_gmem.at[pn, pl.ds(rows, tile_m)])
 
                 def mma(_: Any, a_smem: Any, w_smem: Any, acc_ref: Any) -> Any:
                     product(a_smem, w_smem, acc_ref)
@@ -291,9 +318,32 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     num_sms = jax.devices()[0].core_count
-    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((m, n), jnp.bfloat16), grid=(num_sms,),
+    out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
+    if gelu_codes is not None:
+        out_type = (out_type, jax.ShapeDtypeStruct((n // tile_n, m), jnp.float32))
+    return plgpu.kernel(kernel, out_type=out_type, grid=(num_sms,),
                         grid_names=("sm",), num_threads=3, thread_name="wg")(
         a, w, sa, sw, bias, *(() if residual is None else (residual, gate)))
+
+
+def _gelu_group_codes(y: jax.Array, spec: Any, shape: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+    """Inside the kernel: the tanh GELU of a float32 tile holding the layer's bf16-rounded output
+    (``kernels.gelu_quant``'s 'dtype' evaluation, libdevice tanh), and its symmetric codes with one
+    scale per row (the tile is one group wide): (scales (rows,), codes as float32)."""
+    from qdit_jax.quant.kernels.gelu_quant import _gelu
+    from qdit_jax.quant.kernels.row_quant import row_scale
+
+    bf16 = jnp.bfloat16
+    y = y.astype(bf16).astype(jnp.float32)
+    h = _gelu(y, bf16, "dtype", fast=False).astype(bf16).astype(jnp.float32)
+    s = row_scale(jnp.max(jnp.abs(h), axis=1), spec)
+    x = h / lax.broadcast_in_dim(s, shape, [0])
+    if spec.format == "int":
+        return s, jnp.clip(jnp.round(x), -128.0, 127.0)
+    from qdit_jax.quant.formats import fp8_max
+
+    lim = fp8_max(spec.format)
+    return s, jnp.clip(x, -lim, lim)
 
 
 def scaled_gemm_xla(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,

@@ -167,3 +167,26 @@ def test_group_scaled_gemm_matches_xla(k, dtype):
         terms = np.abs(np.asarray(x, np.float64)) + np.abs(np.repeat(np.asarray(gate, np.float64), T, axis=0) * y0)
         assert np.mean(got == want) > 0.99
         assert np.all(np.abs(got - want) <= 2 ** -6 * terms + 2 ** -6)
+
+
+@pytest.mark.parametrize("name", sorted(G128))
+def test_gelu_codes_epilogue_matches_xla(name):
+    """fc1 on group-wise codes writing fc2's 128-wide group codes from its epilogue (GELU, group
+    abs-max, codes in registers) against the group GEMM's XLA formulation + gelu_quant's."""
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_mosaic, scaled_gemm_xla
+
+    dtype = jnp.int8 if name == "int8" else jnp.float8_e4m3fn
+    r = np.random.default_rng(7)
+    m, g = B * T, C // 128
+    if not scaled_gemm_applies(m, HIDDEN, C, dtype, dtype, groups=g)[0]:
+        pytest.skip(scaled_gemm_applies(m, HIDDEN, C, dtype, dtype, groups=g)[1])
+    a, w = _random_codes(r, (m, C), dtype), _random_codes(r, (HIDDEN, C), dtype)
+    sa = jnp.asarray(r.uniform(0.001, 0.003, (g, m)), jnp.float32)
+    sw = jnp.asarray(r.uniform(0.001, 0.003, (g, HIDDEN)) / 4, jnp.float32)
+    b = jnp.asarray(r.standard_normal(HIDDEN) * 0.1, jnp.float32)
+    q, s = jax.jit(lambda *v: scaled_gemm_mosaic(*v, gelu_codes=G128[name]))(a, w, sa, sw, b)
+    q0, s0 = jax.jit(lambda *v: gelu_quant_xla(scaled_gemm_xla(*v), None, None, None, G128[name], jnp.bfloat16))(
+        a, w, sa, sw, b)
+    assert q.dtype == q0.dtype and s.shape == s0.shape == (HIDDEN // 128, m)
+    np.testing.assert_allclose(np.asarray(s), np.asarray(s0), rtol=2 ** -7)
+    assert np.mean(_codes(q) == _codes(q0)) > 0.99  # a bf16 ulp of the GEMM output may move a code

@@ -123,3 +123,35 @@ def test_kernel_rejects_scales_that_do_not_match_k():
         from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
 
         scaled_gemm_mosaic(a, jnp.zeros((128, 256), F8), jnp.ones((4, 256)), jnp.ones((4, 128)), None)
+
+
+@pytest.mark.parametrize("fmt", ["int", "fp8_e4m3"])
+def test_gelu_codes_epilogue_math_equals_gelu_quant(fmt):
+    """The fc1 epilogue's per-tile math (``_gelu_group_codes``, plain jnp: the kernel runs the same ops
+    on its register tile) against gelu_quant's XLA formulation of the next layer's group codes."""
+    from qdit_jax.quant.kernels.gelu_quant import gelu_quant_xla
+    from qdit_jax.quant.kernels.scaled_gemm import _gelu_group_codes
+    from qdit_jax.quant.quantizers import QuantSpec
+
+    spec = QuantSpec(bits=8, format=fmt, group_size=128, symmetric=True)
+    r = np.random.default_rng(5)
+    y = (r.standard_normal((64, 128)) * r.uniform(0.2, 5, (64, 1))).astype(np.float32)  # rows of unequal range
+    s, codes = _gelu_group_codes(jnp.asarray(y), spec, (64, 128))
+    q0, s0 = gelu_quant_xla(jnp.asarray(y, jnp.bfloat16), None, None, None, spec, jnp.bfloat16)
+    np.testing.assert_allclose(np.asarray(s), np.asarray(s0)[0], rtol=1e-6)
+    got = np.asarray(codes.astype(q0.dtype).astype(jnp.float32))
+    want = np.asarray(q0.astype(jnp.float32))
+    assert np.mean(got == want) > 0.999
+    assert np.abs(want).max(axis=1).min() >= (127 if fmt == "int" else 448)
+
+
+def test_gelu_codes_needs_group_wise_8_bit_spec():
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
+    from qdit_jax.quant.quantizers import QuantSpec
+
+    a = jnp.zeros((256, 256), F8)
+    args = (a, jnp.zeros((256, 256), F8), jnp.ones((2, 256)), jnp.ones((2, 256)), None)
+    with pytest.raises(ValueError, match="gelu_codes"):
+        scaled_gemm_mosaic(*args, gelu_codes=QuantSpec(bits=8, group_size=0, symmetric=True))
+    with pytest.raises(ValueError, match="gelu_codes"):
+        scaled_gemm_mosaic(*args, gelu_codes=QuantSpec(bits=8, group_size=128, symmetric=False))
