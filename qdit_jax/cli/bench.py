@@ -53,6 +53,10 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
                             "real", "auto-gelue"),
     "real-w8a8-g128-gelue": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
                              "auto-gelue"),
+    # W4A8 g128 with its packed weights unpacked to int8 in memory each forward (RealOptions.unpack_w4):
+    # the int8 Mosaic group GEMM instead of the Triton kernel
+    "real-w4a8-g128-unpack": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
+                              "auto-unpack"),
     "real-fp8-g128-nogroupk": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
                                     fmt="fp8_e4m3"), "real", "auto-nogroupk"),
     "real-w8a8-mat": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-mat"),
@@ -208,7 +212,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # mode: q, k, v as three quantized GEMMs), -nomlp (no fused MLP middle step), -nonorm (no norm_quant
     # kernel), -rowq (norm_quant without the LayerNorm prologue), -noqkvk (no scaled_gemm for qkv),
     # -nores (no scaled_gemm with the residual for proj / fc2), -nogroupk (no scaled_gemm for group-wise
-    # layers), -gelue (group-wise fc1 writing fc2's codes from its epilogue), xla-attn (XLA attention)
+    # layers), -gelue (group-wise fc1 writing fc2's codes from its epilogue), -unpack (4-bit weights
+    # unpacked to int8 each forward), xla-attn (XLA attention)
     if "qkv1" in tags:
         cfg = cfg.replace(qkv_gemms="fused")
     if mode == "fp":
@@ -225,7 +230,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        fused_mlp="nomlp" not in tags, fused_norm=not {"nonorm", "rowq"} & set(tags),
                        row_quant="nonorm" not in tags, qkv_kernel="noqkvk" not in tags,
                        residual_kernel="nores" not in tags, group_kernel="nogroupk" not in tags,
-                       gelu_epilogue="gelue" in tags)
+                       gelu_epilogue="gelue" in tags, unpack_w4="unpack" in tags)
     return rm.apply_fn(opts), with_compute_params(rm.variables(), cfg), {
         "weight_bytes": rm.weight_bytes(), "checkpoint_bytes": checkpoint_bytes(rm.variables())}
 

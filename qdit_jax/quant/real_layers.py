@@ -108,6 +108,12 @@ class RealOptions:
     # instead of its bf16 output and gelu_quant's pass over it. Built and checked on the CPU (its
     # XLA formulation, the Mosaic lowering), not yet run on a GPU: off until measured
     gelu_epilogue: bool = False
+    # packed 4-bit weights unpacked to int8 codes in memory at the start of each forward (one XLA pass:
+    # ~1 GB of traffic for XL/2's linears, ~0.35 ms by bandwidth; the stored weights stay packed), so
+    # that W4A8 group-128 layers take the int8 routes (the Mosaic group GEMM) instead of the Triton
+    # group kernel, which unpacks in registers (its int8 GEMM alone is 2.2-2.8x slower). Not yet
+    # measured on a GPU: off
+    unpack_w4: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -396,30 +396,28 @@ def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, fmt, params, in
     assert hlo.count(" dot(") == ref_hlo.count(" dot(")
 
 
-@pytest.mark.parametrize("fmt,gelu_epilogue", [("fp8_e4m3", False), ("int", False), ("int", True)])
-def test_group_kernel_routes_give_the_same_outputs(fmt, gelu_epilogue, inputs, monkeypatch):
-    """128-wide groups on both operands with the GPU guards forced open (the scaled GEMM's and the
-    quantize kernels' formulations standing in, interpret mode): q, k, v, proj (with the gated
-    residual), fc1 and fc2 (with it) each run as one group-scaled GEMM from 128-wide group codes, the
-    MLP's middle step in one pass; the same model output as the XLA group path (RealOptions(
-    group_kernel=False)), with low-bit dots only, and the XLA path's GEMMs gone. With
-    ``gelu_epilogue`` fc1's GEMM writes fc2's group codes itself (no separate middle-step pass)."""
+CFG256 = CFG.replace(hidden_size=256, dtype="bfloat16")  # K = 256 and 1,024: 2 and 8 groups of 128
+
+
+def _open_group_routes(monkeypatch) -> tuple[list, list]:
+    """The GPU guards forced open for the group routes, with stand-ins (the scaled GEMM's XLA
+    formulation, the quantize kernels in interpret mode); returns the lists the stand-ins record
+    their calls in: (scaled GEMM calls (groups, K, N, residual?), MLP middle-step calls)."""
     from qdit_jax.quant import real_layers
     from qdit_jax.quant.kernels.gelu_quant import gelu_quant_pallas, gelu_quant_xla
     from qdit_jax.quant.kernels.norm_quant import norm_quant_pallas
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_xla
-    from qdit_jax.quant.real import RealOptions
 
-    cfg = CFG.replace(hidden_size=256, dtype="bfloat16")  # K = 256 and 1,024: 2 and 8 groups of 128
-    r = np.random.default_rng(3)
-    params = jax.tree_util.tree_map(lambda a: jnp.asarray(0.05 * r.standard_normal(a.shape), jnp.float32),
-                                    param_shapes(cfg))
-    calls = []
+    calls, middle = [], []
 
     def stand_in(a, w, sa, sw, bias, *, n_off=0, n=None, residual=None, gate=None, gelu_codes=None, **kw):
         calls.append((sa.shape[0], a.shape[1], n or w.shape[0], residual is not None))
         y = scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n, residual=residual, gate=gate)
         return y if gelu_codes is None else gelu_quant_xla(y, None, None, None, gelu_codes, jnp.bfloat16)
+
+    def gelu_interp(p, sa, sw, b, spec, dt, **kw):
+        middle.append(p.shape)
+        return gelu_quant_pallas(p, sa, sw, b, spec, dt, interpret=True)
 
     monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, groups=1, **kw: (
         groups == 1 or k == 128 * groups, "test"))
@@ -428,13 +426,28 @@ def test_group_kernel_routes_give_the_same_outputs(fmt, gelu_epilogue, inputs, m
     monkeypatch.setattr(real_layers, "norm_quant_pallas", lambda x, spec, **kw: norm_quant_pallas(
         x, spec, interpret=True, **kw))
     monkeypatch.setattr(real_layers, "gelu_quant_applies", lambda m, n, spec, **kw: (True, "test"))
-    middle = []
-
-    def gelu_interp(p, sa, sw, b, spec, dt, **kw):
-        middle.append(p.shape)
-        return gelu_quant_pallas(p, sa, sw, b, spec, dt, interpret=True)
-
     monkeypatch.setattr(real_layers, "gelu_quant_pallas", gelu_interp)
+    return calls, middle
+
+
+def _params256():
+    r = np.random.default_rng(3)
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(0.05 * r.standard_normal(a.shape), jnp.float32),
+                                  param_shapes(CFG256))
+
+
+@pytest.mark.parametrize("fmt,gelu_epilogue", [("fp8_e4m3", False), ("int", False), ("int", True)])
+def test_group_kernel_routes_give_the_same_outputs(fmt, gelu_epilogue, inputs, monkeypatch):
+    """128-wide groups on both operands with the GPU guards forced open (the scaled GEMM's and the
+    quantize kernels' formulations standing in, interpret mode): q, k, v, proj (with the gated
+    residual), fc1 and fc2 (with it) each run as one group-scaled GEMM from 128-wide group codes, the
+    MLP's middle step in one pass; the same model output as the XLA group path (RealOptions(
+    group_kernel=False)), with low-bit dots only, and the XLA path's GEMMs gone. With
+    ``gelu_epilogue`` fc1's GEMM writes fc2's group codes itself (no separate middle-step pass)."""
+    from qdit_jax.quant.real import RealOptions
+
+    cfg, params = CFG256, _params256()
+    calls, middle = _open_group_routes(monkeypatch)
     rules = dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, fmt=fmt)
     rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**rules)))
     off = RealOptions(group_kernel=False)
@@ -465,3 +478,23 @@ def test_group_kernel_routes_give_the_same_outputs(fmt, gelu_epilogue, inputs, m
     lines = [ln for ln in hlo.splitlines() if " dot(" in ln]
     assert sum(("s32[" if fmt == "int" else "f8e4m3fn") in ln for ln in lines) == 6 or fmt != "int"
     assert len(lines) == no_res.as_text().count(" dot(")
+
+
+def test_unpacked_w4_takes_the_int8_group_route(inputs, monkeypatch):
+    """RealOptions(unpack_w4=True): W4A8 group-128's packed weights become int8 codes inside the
+    forward and take the Mosaic group route (stand-in), with the same output as the packed-weight
+    path; the stored weights stay packed (uint8) and no dot takes uint8 operands."""
+    from qdit_jax.quant.real import RealOptions
+
+    calls, _ = _open_group_routes(monkeypatch)
+    rules = dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True)
+    rm = real_from_params(_params256(), CFG256, QuantConfig(qdit_rules(**rules)))
+    assert all(w.codes.dtype == jnp.uint8 for w in rm.weights.values())
+    ref = np.asarray(jax.jit(rm.apply_fn(RealOptions()))(rm.variables(), *inputs), np.float64)
+    assert not calls  # packed codes: not the Mosaic route
+    fn = rm.apply_fn(RealOptions(unpack_w4=True))
+    got = np.asarray(jax.jit(fn)(rm.variables(), *inputs), np.float64)
+    assert len(calls) == 8 * CFG256.depth  # q, k, v, proj (+ residual), fc1, fc2 (+ residual)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-2  # bf16 model, exact integer products
+    dots = _dot_operand_dtypes(jax.make_jaxpr(fn)(rm.variables(), *inputs).jaxpr)
+    assert ("int8", "int8") in dots and not any("uint8" in d for d in dots)
