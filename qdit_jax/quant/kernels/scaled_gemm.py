@@ -100,6 +100,34 @@ def default_tiling(groups: int) -> tuple[int, int]:
     return (TILE_M, STEPS) if groups == 1 else (GROUP_TILE_M, GROUP_STEPS)
 
 
+def _check_call(a: jax.Array, sa: jax.Array, sw: jax.Array, n_off: int, n: int, tile_m: int, tile_n: int,
+                residual: jax.Array | None, gate: jax.Array | None, gelu_codes: Any) -> None:
+    """ValueError naming what does not fit for a direct call of ``scaled_gemm_mosaic`` (the real path
+    asks ``scaled_gemm_applies`` first)."""
+    m, k = a.shape
+    groups = sa.shape[0] if sa.ndim == 2 else 1
+    if (sw.shape[0] if sw.ndim == 2 else 1) != groups or (groups > 1 and k != groups * TILE_K):
+        raise ValueError(f"scales {sa.shape} x {sw.shape} for K = {k}: per token (M,) x per channel (N,), or "
+                         f"(G, M) x (G, N) with K = G x {TILE_K}")
+    if n_off % tile_n:
+        raise ValueError(f"column offset {n_off} is not a multiple of the {tile_n}-wide tile")
+    if (residual is None) != (gate is None):
+        raise ValueError("the gated residual epilogue takes both residual and gate")
+    if gelu_codes is not None:
+        from qdit_jax.quant.kernels.row_quant import check_row_spec
+
+        why = check_row_spec(gelu_codes)
+        if why or gelu_codes.group_size != tile_n or residual is not None:
+            raise ValueError(f"gelu_codes {gelu_codes}: needs a symmetric 8-bit group-wise spec with groups of the "
+                             f"{tile_n}-wide output tile and no residual ({why or 'group / residual'})")
+    if residual is not None:
+        if residual.shape != (m, n) or gate.ndim != 2 or gate.shape[1] != n or m % gate.shape[0]:
+            raise ValueError(f"residual {residual.shape} / gate {gate.shape} do not fit the ({m}, {n}) output "
+                             "(residual (M, n), gate (G, n) with G dividing M)")
+        if (m // gate.shape[0]) % tile_m:
+            raise ValueError(f"{m // gate.shape[0]} rows per gate row is not a multiple of the {tile_m}-row tile")
+
+
 # jitted so that the DiT's identical calls (the same layer shape in every block) share one lowering:
 # unjitted, each of XL/2's 140 calls was lowered to Mosaic GPU again (compiles of 104-118 s per forward)
 @functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode", "gelu_codes"))
@@ -131,31 +159,13 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
     groups = sa.shape[0] if sa.ndim == 2 else 1
-    if (sw.shape[0] if sw.ndim == 2 else 1) != groups or (groups > 1 and k != groups * TILE_K):
-        raise ValueError(f"scales {sa.shape} x {sw.shape} for K = {k}: per token (M,) x per channel (N,), or "
-                         f"(G, M) x (G, N) with K = G x {TILE_K}")
     group_mode = group_mode_for(groups, a.dtype, group_mode)
     tile_m0, steps0 = default_tiling(groups)
     tile_m, steps = tile_m0 if tile_m is None else tile_m, steps0 if steps is None else steps
-    if n_off % tile_n:
-        raise ValueError(f"column offset {n_off} is not a multiple of the {tile_n}-wide tile")
-    if (residual is None) != (gate is None):
-        raise ValueError("the gated residual epilogue takes both residual and gate")
-    if gelu_codes is not None:
-        from qdit_jax.quant.kernels.row_quant import check_row_spec
-
-        why = check_row_spec(gelu_codes)
-        if why or gelu_codes.group_size != tile_n or residual is not None:
-            raise ValueError(f"gelu_codes {gelu_codes}: needs a symmetric 8-bit group-wise spec with groups of the "
-                             f"{tile_n}-wide output tile and no residual ({why or 'group / residual'})")
+    _check_call(a, sa, sw, n_off, n, tile_m, tile_n, residual, gate, gelu_codes)
     rows_per_gate = m
     if residual is not None:
-        if residual.shape != (m, n) or gate.ndim != 2 or gate.shape[1] != n or m % gate.shape[0]:
-            raise ValueError(f"residual {residual.shape} / gate {gate.shape} do not fit the ({m}, {n}) output "
-                             "(residual (M, n), gate (G, n) with G dividing M)")
         rows_per_gate = m // gate.shape[0]
-        if rows_per_gate % tile_m:
-            raise ValueError(f"{rows_per_gate} rows per gate row is not a multiple of the {tile_m}-row tile")
         gate = gate.astype(jnp.float32).reshape(-1)
         residual = residual.astype(jnp.bfloat16)
     bias = jnp.zeros((w.shape[0],), jnp.float32) if bias is None else bias.astype(jnp.float32)
