@@ -101,8 +101,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="XL/2")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batch", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--variants", nargs="+", default=["bf16", "fake-w8a8-g128", "real-w8a8", "real-w8a8-g128",
-                                                     "real-w4a8-g128"], help=f"of {sorted(VARIANTS)}")
+    p.add_argument("--variants", nargs="+", default=["bf16", "fake-w8a8-g128", "real-w8a8", "real-fp8", "real-w8a8-g128",
+                                                     "real-fp8-g128", "real-w4a8-g128"], help=f"of {sorted(VARIANTS)}")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--sample-batch", type=int, default=0, help="also time DDIM sampling at this batch (0: skip)")
     p.add_argument("--sample-steps", type=int, default=50)
