@@ -26,6 +26,14 @@ FORMATS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _float32_dots():
+    """Full float32 dots for the float parts of these float32 models on every backend: GPUs default to
+    TF32 (~1e-3 relative), which the real-vs-fake tolerances here (1e-4 .. 1e-6) are not about."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def params():
     shapes = param_shapes(CFG)  # every weight random (numpy: no per-shape compiles)
