@@ -53,7 +53,7 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
                             "real", "auto-gelue"),
     "real-w8a8-g128-gelue": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
                              "auto-gelue"),
-    # W4A8 g128 with its packed weights unpacked to int8 in memory each forward (RealOptions.unpack_w4):
+    # W4A8 g128 with its packed weights unpacked to int8 once before timing (RealModel.variables(unpack_w4)):
     # the int8 Mosaic group GEMM instead of the Triton kernel
     "real-w4a8-g128-unpack": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
                               "auto-unpack"),
@@ -213,7 +213,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # kernel), -rowq (norm_quant without the LayerNorm prologue), -noqkvk (no scaled_gemm for qkv),
     # -nores (no scaled_gemm with the residual for proj / fc2), -nogroupk (no scaled_gemm for group-wise
     # layers), -gelue (group-wise fc1 writing fc2's codes from its epilogue), -unpack (4-bit weights
-    # unpacked to int8 each forward), xla-attn (XLA attention)
+    # unpacked to int8 once, RealModel.variables), xla-attn (XLA attention)
     if "qkv1" in tags:
         cfg = cfg.replace(qkv_gemms="fused")
     if mode == "fp":
@@ -230,8 +230,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        fused_mlp="nomlp" not in tags, fused_norm=not {"nonorm", "rowq"} & set(tags),
                        row_quant="nonorm" not in tags, qkv_kernel="noqkvk" not in tags,
                        residual_kernel="nores" not in tags, group_kernel="nogroupk" not in tags,
-                       gelu_epilogue="gelue" in tags, unpack_w4="unpack" in tags)
-    return rm.apply_fn(opts), with_compute_params(rm.variables(), cfg), {
+                       gelu_epilogue="gelue" in tags)
+    return rm.apply_fn(opts), with_compute_params(rm.variables(unpack_w4="unpack" in tags), cfg), {
         "weight_bytes": rm.weight_bytes(), "checkpoint_bytes": checkpoint_bytes(rm.variables())}
 
 

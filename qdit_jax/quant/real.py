@@ -35,7 +35,7 @@ from qdit_jax.errors import QditError
 from qdit_jax.models.dit import DiT, DiTConfig, GatedResidual, Mlp, ModulatedNorm, SplitQKVDense
 from qdit_jax.quant.config import LayerQuant, QuantConfig, resolve
 from qdit_jax.quant.interceptor import discover_layers, get_kernel, module_path, quantize_activation
-from qdit_jax.quant.kernels.group_gemm import pack_blocked, unpack_blocked
+from qdit_jax.quant.kernels.group_gemm import pack_blocked, weight_codes_int8
 from qdit_jax.quant.quantizers import SCALE_DTYPES, QParams
 from qdit_jax.quant.real_layers import (NormSource, RealOptions, RealWeight, column_block,
                                         dense_with_codes, effective_group, group_width, mlp_fused, qkv_scaled,
@@ -118,9 +118,16 @@ class RealModel:
     params: dict[str, Any]
     weights: dict[str, RealWeight]
 
-    def variables(self) -> dict[str, Any]:
-        """The pytree ``real_apply_fn``'s apply_fn takes as its params argument."""
-        return {"params": self.params, "weights": self.weights}
+    def variables(self, unpack_w4: bool = False) -> dict[str, Any]:
+        """The pytree ``real_apply_fn``'s apply_fn takes as its params argument. ``unpack_w4``: packed
+        4-bit codes as int8 codes, once, before any forward (the stored weights stay packed), so
+        W4A8 group-128 layers take the int8 routes (the Mosaic group GEMM) instead of the Triton
+        group kernel, which unpacks in registers (its int8 GEMM alone is 2.2-2.8x slower); in device
+        memory the linears then take W8's bytes. Not yet measured on a GPU."""
+        weights = self.weights
+        if unpack_w4:
+            weights = {p: rw._replace(codes=weight_codes_int8(rw.codes)) for p, rw in weights.items()}
+        return {"params": self.params, "weights": weights}
 
     def apply_fn(self, options: RealOptions = RealOptions()):
         return real_apply_fn(self.config, self.plan, options)
@@ -183,9 +190,6 @@ def _call_args(args: tuple, kwargs: dict, names: tuple[str, ...]) -> tuple:
 
 
 def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str, RealWeight], options: RealOptions):
-    if options.unpack_w4:  # packed 4-bit codes as int8 codes for this forward (see RealOptions.unpack_w4)
-        weights = {p: rw._replace(codes=unpack_blocked(rw.codes)) if rw.codes.dtype == jnp.uint8 else rw
-                   for p, rw in weights.items()}
     # ModulatedNorm outputs with what they were computed from: the layer that takes one as its
     # input may quantize from the source in one kernel pass (XLA then drops the unused float output)
     norms = _Traced()

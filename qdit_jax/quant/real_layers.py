@@ -108,12 +108,6 @@ class RealOptions:
     # instead of its bf16 output and gelu_quant's pass over it. Built and checked on the CPU (its
     # XLA formulation, the Mosaic lowering), not yet run on a GPU: off until measured
     gelu_epilogue: bool = False
-    # packed 4-bit weights unpacked to int8 codes in memory at the start of each forward (one XLA pass:
-    # ~1 GB of traffic for XL/2's linears, ~0.35 ms by bandwidth; the stored weights stay packed), so
-    # that W4A8 group-128 layers take the int8 routes (the Mosaic group GEMM) instead of the Triton
-    # group kernel, which unpacks in registers (its int8 GEMM alone is 2.2-2.8x slower). Not yet
-    # measured on a GPU: off
-    unpack_w4: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -165,21 +159,22 @@ class NormSource(NamedTuple):
 
 
 class GemmSource(NamedTuple):
-    """A per-token x per-channel low-bit GEMM's output ``out`` seen by the real interceptor, with the
-    codes it was computed from, so the GatedResidual that takes it can rerun it with the residual in
-    the kernel's epilogue."""
+    """A low-bit GEMM's output ``out`` (one ``kernels.scaled_gemm`` can compute: per token x per
+    channel, or 128-wide groups) seen by the real interceptor, with the codes it was computed from, so
+    the GatedResidual that takes it can rerun it with the residual in the kernel's epilogue."""
 
     out: jax.Array
     qa: jax.Array  # (M, K) activation codes
-    sa: jax.Array  # (1, M) float32 token scales
+    sa: jax.Array  # (G, M) float32 token (G = 1) or token-and-group scales
     rw: RealWeight  # float32 scales
 
 
 def _quantize_input(x2: jax.Array, spec: QuantSpec, group: int, options: RealOptions,
                     source: NormSource | None = None) -> tuple[jax.Array, jax.Array]:
-    """``quantize_act``, through a one-pass Pallas kernel when asked and its guard allows: per token,
-    ``kernels.norm_quant`` (from ``source``'s input through its LayerNorm + modulation when given);
-    per group, ``kernels.act_quant`` (``options.quant_kernel``)."""
+    """``quantize_act``, through a one-pass Pallas kernel where its guard allows: per token (and, with
+    ``options.group_kernel``, per group), ``kernels.norm_quant`` (from ``source``'s input through its
+    LayerNorm + modulation when given); otherwise per group ``kernels.act_quant`` when asked
+    (``options.quant_kernel``)."""
     m, k = x2.shape
     ga = group_width(spec, k)
     if ga % group == 0 and (ga == k or options.group_kernel):

@@ -489,9 +489,9 @@ def test_group_kernel_routes_give_the_same_outputs(fmt, gelu_epilogue, inputs, m
 
 
 def test_unpacked_w4_takes_the_int8_group_route(inputs, monkeypatch):
-    """RealOptions(unpack_w4=True): W4A8 group-128's packed weights become int8 codes inside the
-    forward and take the Mosaic group route (stand-in), with the same output as the packed-weight
-    path; the stored weights stay packed (uint8) and no dot takes uint8 operands."""
+    """RealModel.variables(unpack_w4=True): W4A8 group-128's packed weights become int8 codes (once,
+    outside the forward) and take the Mosaic group route (stand-in), with the same output as the
+    packed-weight path; the stored weights stay packed (uint8) and no dot takes uint8 operands."""
     from qdit_jax.quant.real import RealOptions
 
     calls, _ = _open_group_routes(monkeypatch)
@@ -500,9 +500,9 @@ def test_unpacked_w4_takes_the_int8_group_route(inputs, monkeypatch):
     assert all(w.codes.dtype == jnp.uint8 for w in rm.weights.values())
     ref = np.asarray(jax.jit(rm.apply_fn(RealOptions()))(rm.variables(), *inputs), np.float64)
     assert not calls  # packed codes: not the Mosaic route
-    fn = rm.apply_fn(RealOptions(unpack_w4=True))
-    got = np.asarray(jax.jit(fn)(rm.variables(), *inputs), np.float64)
+    fn, unpacked = rm.apply_fn(RealOptions()), rm.variables(unpack_w4=True)
+    got = np.asarray(jax.jit(fn)(unpacked, *inputs), np.float64)
     assert len(calls) == 8 * CFG256.depth  # q, k, v, proj (+ residual), fc1, fc2 (+ residual)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-2  # bf16 model, exact integer products
-    dots = _dot_operand_dtypes(jax.make_jaxpr(fn)(rm.variables(), *inputs).jaxpr)
+    dots = _dot_operand_dtypes(jax.make_jaxpr(fn)(unpacked, *inputs).jaxpr)
     assert ("int8", "int8") in dots and not any("uint8" in d for d in dots)

@@ -85,6 +85,11 @@ def scaled_gemm_applies(m: int, n: int, k: int, a_dtype: Any, w_dtype: Any, *, g
     return True, "ok"
 
 
+def _groups(sa: jax.Array) -> int:
+    """Scale groups along K: (M,) per-token scales are one group, (G, M) group scales G."""
+    return sa.shape[0] if sa.ndim == 2 else 1
+
+
 def group_mode_for(groups: int, a_dtype: Any, mode: str | None = None) -> str | None:
     """The group mode used for ``a_dtype`` codes (None per channel): fp8 'plain', int8 'overlap'."""
     if groups == 1:
@@ -105,8 +110,8 @@ def _check_call(a: jax.Array, sa: jax.Array, sw: jax.Array, n_off: int, n: int, 
     """ValueError naming what does not fit for a direct call of ``scaled_gemm_mosaic`` (the real path
     asks ``scaled_gemm_applies`` first)."""
     m, k = a.shape
-    groups = sa.shape[0] if sa.ndim == 2 else 1
-    if (sw.shape[0] if sw.ndim == 2 else 1) != groups or (groups > 1 and k != groups * TILE_K):
+    groups = _groups(sa)
+    if _groups(sw) != groups or (groups > 1 and k != groups * TILE_K):
         raise ValueError(f"scales {sa.shape} x {sw.shape} for K = {k}: per token (M,) x per channel (N,), or "
                          f"(G, M) x (G, N) with K = G x {TILE_K}")
     if n_off % tile_n:
@@ -158,7 +163,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
-    groups = sa.shape[0] if sa.ndim == 2 else 1
+    groups = _groups(sa)
     group_mode = group_mode_for(groups, a.dtype, group_mode)
     tile_m0, steps0 = default_tiling(groups)
     tile_m, steps = tile_m0 if tile_m is None else tile_m, steps0 if steps is None else steps
@@ -235,9 +240,12 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                 pm, pn = lin // n_tiles, lin % n_tiles
                 rows, wcols = pm * cta_m + wg * tile_m, pl.ds(n_off + pn * tile_n, tile_n)
 
-                def product(a_smem: Any, w_smem: Any, acc_ref: Any) -> None:
+                def issue(a_smem: Any, w_smem: Any, acc_ref: Any) -> None:
                     # fp8 / int8 wgmma takes B K-major: the (tile_n, K) weight tile, transposed as a view
                     plgpu.wgmma(acc_ref, a_smem.at[pl.ds(wg * tile_m, tile_m)], plgpu.transpose_ref(w_smem, (1, 0)))
+
+                def product(a_smem: Any, w_smem: Any, acc_ref: Any) -> None:
+                    issue(a_smem, w_smem, acc_ref)
                     plgpu.wgmma_wait(0)
 
                 def epilogue(eval_pipeline: Any) -> None:
@@ -276,7 +284,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                         res = plgpu.load(o_smem.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
                         y = res.astype(jnp.float32) + y
                     if gelu_codes is not None:  # the next layer's codes and group scales instead of y
-                        s_g, y = _gelu_group_codes(y, gelu_codes, shape)
+                        s_g, y = _gelu_group_codes(y, gelu_codes)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this slot's previous store has read it
                     o_smem[wg] = y.astype(out_dtype)
                     if gelu_codes is not None:
@@ -314,7 +322,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, acc_dtype))
                     def step(acc_ref: Any) -> tuple[jax.Array, jax.Array]:
-                        plgpu.wgmma(acc_ref, a_smem.at[pl.ds(wg * tile_m, tile_m)], plgpu.transpose_ref(w_smem, (1, 0)))
+                        issue(a_smem, w_smem, acc_ref)
                         new_total = total + scaled(p_prev, sa_prev, sw_prev)
                         plgpu.wgmma_wait(0)
                         return new_total, acc_ref[...]
@@ -322,8 +330,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                     return step[0], step[1], s_a, s_w
 
                 body = {None: mma, "overlap": mma_overlapped, "plain": mma_grouped}[group_mode]
-                make_pipeline(body, epilogue)(*pipeline_operands(pm, pn),
-                                                                           allocations=allocs)
+                make_pipeline(body, epilogue)(*pipeline_operands(pm, pn), allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -336,20 +343,23 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         a, w, sa, sw, bias, *(() if residual is None else (residual, gate)))
 
 
-def _gelu_group_codes(y: jax.Array, spec: Any, shape: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+def _gelu_group_codes(y: jax.Array, spec: Any) -> tuple[jax.Array, jax.Array]:
     """Inside the kernel: the tanh GELU of a float32 tile holding the layer's bf16-rounded output
     (``kernels.gelu_quant``'s 'dtype' evaluation, libdevice tanh), and its symmetric codes with one
-    scale per row (the tile is one group wide): (scales (rows,), codes as float32)."""
+    scale per row (the tile is one group wide): (scales (rows,), codes as float32). The codes step of
+    ``row_quant.scale_and_codes``, written for Mosaic: a row vector broadcast with
+    ``broadcast_in_dim`` (``s[:, None]`` does not lower there) and ``jnp.round``."""
     from qdit_jax.quant.kernels.gelu_quant import _gelu
     from qdit_jax.quant.kernels.row_quant import row_scale
+    from qdit_jax.quant.quantizers import int_range
 
     bf16 = jnp.bfloat16
     y = y.astype(bf16).astype(jnp.float32)
     h = _gelu(y, bf16, "dtype", fast=False).astype(bf16).astype(jnp.float32)
     s = row_scale(jnp.max(jnp.abs(h), axis=1), spec)
-    x = h / lax.broadcast_in_dim(s, shape, [0])
+    x = h / lax.broadcast_in_dim(s, h.shape, [0])
     if spec.format == "int":
-        return s, jnp.clip(jnp.round(x), -128.0, 127.0)
+        return s, jnp.clip(jnp.round(x), *int_range(spec.bits, True))
     from qdit_jax.quant.formats import fp8_max
 
     lim = fp8_max(spec.format)
@@ -367,7 +377,7 @@ def scaled_gemm_xla(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bi
     n = w.shape[0] - n_off if n is None else n
     cols = slice(n_off, n_off + n)
     b = None if bias is None else bias[cols]
-    groups = sa.shape[0] if sa.ndim == 2 else 1
+    groups = _groups(sa)
     y = group_gemm_xla(a, sa.reshape(groups, -1), w[cols], sw.reshape(groups, -1)[:, cols], b, out_dtype=jnp.bfloat16,
                        split_epilogue=True, product_dtype=jnp.bfloat16 if groups == 1 else jnp.float32)
     if residual is None:

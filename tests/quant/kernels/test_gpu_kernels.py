@@ -150,21 +150,21 @@ def test_group_scaled_gemm_matches_xla(k, dtype):
     b = jnp.asarray(r.standard_normal(2 * C) * 0.1, jnp.float32)
     x = jnp.asarray(r.standard_normal((m, C)) * 4, jnp.bfloat16)
     gate = jnp.asarray(r.standard_normal((B, C)) * 0.5, jnp.bfloat16)
+    kw = dict(n_off=C, n=C, residual=x, gate=gate)
+    y0 = np.asarray(jax.jit(lambda *v: scaled_gemm_xla(*v, n_off=C, n=C))(a, w, sa, sw, b), np.float64)
+    want = np.asarray(jax.jit(lambda *v: scaled_gemm_xla(*v, **kw))(a, w, sa, sw, b), np.float64)
+    # x + gate * y: an ulp of y moves the sum by an ulp of its terms (more than one of the sum where
+    # they cancel)
+    terms = np.abs(np.asarray(x, np.float64)) + np.abs(np.repeat(np.asarray(gate, np.float64), T, axis=0) * y0)
     for mode in ("plain", "overlap"):
         y = np.asarray(jax.jit(lambda *v: scaled_gemm_mosaic(*v, n_off=C, n=C, group_mode=mode))(a, w, sa, sw, b),
                        np.float64)
-        y0 = np.asarray(jax.jit(lambda *v: scaled_gemm_xla(*v, n_off=C, n=C))(a, w, sa, sw, b), np.float64)
         assert np.abs(y0).max() > 1
         # float32 sums over groups in another order (and fp8 wgmma's accumulation): rarely a bf16 ulp
         assert np.mean(y == y0) > 0.99
         np.testing.assert_allclose(y, y0, rtol=2 ** -7, atol=2 ** -6)
-        kw = dict(n_off=C, n=C, residual=x, gate=gate)
         got = np.asarray(jax.jit(lambda *v: scaled_gemm_mosaic(*v, group_mode=mode, **kw))(a, w, sa, sw, b),
                          np.float64)
-        want = np.asarray(jax.jit(lambda *v: scaled_gemm_xla(*v, **kw))(a, w, sa, sw, b), np.float64)
-        # x + gate * y: an ulp of y moves the sum by an ulp of its terms (more than one of the sum
-        # where they cancel)
-        terms = np.abs(np.asarray(x, np.float64)) + np.abs(np.repeat(np.asarray(gate, np.float64), T, axis=0) * y0)
         assert np.mean(got == want) > 0.99
         assert np.all(np.abs(got - want) <= 2 ** -6 * terms + 2 ** -6)
 
