@@ -48,15 +48,16 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     # Triton group kernel (int8) or XLA's batched product (fp8), the group inputs quantized by XLA
     "real-w8a8-g128-triton": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
                               "auto-nogroupk"),
-    # fc1's epilogue writes fc2's group codes (RealOptions.gelu_epilogue; off by default until measured)
-    "real-fp8-g128-gelue": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, fmt="fp8_e4m3"),
-                            "real", "auto-gelue"),
-    "real-w8a8-g128-gelue": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
-                             "auto-gelue"),
-    # W4A8 g128 with its packed weights unpacked to int8 once before timing (RealModel.variables(unpack_w4)):
-    # the int8 Mosaic group GEMM instead of the Triton kernel
-    "real-w4a8-g128-unpack": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
-                              "auto-unpack"),
+    # fc1 with a bf16 output and gelu_quant's pass writing fc2's group codes, instead of fc1's epilogue
+    # writing them (RealOptions.gelu_epilogue, on by default)
+    "real-fp8-g128-nogelue": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
+                                   fmt="fp8_e4m3"), "real", "auto-nogelue"),
+    "real-w8a8-g128-nogelue": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
+                               "auto-nogelue"),
+    # W4A8 g128 with its weights kept packed in device memory (RealModel.variables(unpack_w4=False)): the
+    # Triton group kernel unpacking in registers, instead of int8 codes unpacked once for the Mosaic GEMM
+    "real-w4a8-g128-packed": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
+                              "auto-packed"),
     "real-fp8-g128-nogroupk": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
                                     fmt="fp8_e4m3"), "real", "auto-nogroupk"),
     "real-w8a8-mat": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-mat"),
@@ -212,8 +213,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # mode: q, k, v as three quantized GEMMs), -nomlp (no fused MLP middle step), -nonorm (no norm_quant
     # kernel), -rowq (norm_quant without the LayerNorm prologue), -noqkvk (no scaled_gemm for qkv),
     # -nores (no scaled_gemm with the residual for proj / fc2), -nogroupk (no scaled_gemm for group-wise
-    # layers), -gelue (group-wise fc1 writing fc2's codes from its epilogue), -unpack (4-bit weights
-    # unpacked to int8 once, RealModel.variables), xla-attn (XLA attention)
+    # layers), -nogelue (group-wise fc1 with a bf16 output, then gelu_quant), -packed (4-bit weights
+    # kept packed on the device, RealModel.variables), xla-attn (XLA attention)
     if "qkv1" in tags:
         cfg = cfg.replace(qkv_gemms="fused")
     if mode == "fp":
@@ -230,9 +231,10 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        fused_mlp="nomlp" not in tags, fused_norm=not {"nonorm", "rowq"} & set(tags),
                        row_quant="nonorm" not in tags, qkv_kernel="noqkvk" not in tags,
                        residual_kernel="nores" not in tags, group_kernel="nogroupk" not in tags,
-                       gelu_epilogue="gelue" in tags)
-    return rm.apply_fn(opts), with_compute_params(rm.variables(unpack_w4="unpack" in tags), cfg), {
-        "weight_bytes": rm.weight_bytes(), "checkpoint_bytes": checkpoint_bytes(rm.variables())}
+                       gelu_epilogue="nogelue" not in tags)
+    return rm.apply_fn(opts), with_compute_params(rm.variables(unpack_w4=False if "packed" in tags else None),
+                                                   cfg), {
+        "weight_bytes": rm.weight_bytes(), "checkpoint_bytes": checkpoint_bytes(rm.variables(unpack_w4=False))}
 
 
 def parse_xla_options(items: list[str]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from qdit_jax.models.dit import DiT, DiTConfig, GatedResidual, Mlp, ModulatedNor
 from qdit_jax.quant.config import LayerQuant, QuantConfig, resolve
 from qdit_jax.quant.interceptor import discover_layers, get_kernel, module_path, quantize_activation
 from qdit_jax.quant.kernels.group_gemm import pack_blocked, weight_codes_int8
+from qdit_jax.quant.kernels.scaled_gemm import GROUP_TILE_M, scaled_gemm_applies
 from qdit_jax.quant.quantizers import SCALE_DTYPES, QParams
 from qdit_jax.quant.real_layers import (NormSource, RealOptions, RealWeight, column_block,
                                         dense_with_codes, effective_group, group_width, mlp_fused, qkv_scaled,
@@ -109,6 +110,14 @@ def strip_kernels(params: Any, paths: list[str]) -> dict[str, Any]:
     return walk(params, "")
 
 
+def _mosaic_takes_unpacked(rw: RealWeight) -> bool:
+    """Whether a packed 4-bit layer, unpacked to int8, fits the Mosaic group GEMM on this device."""
+    if rw.codes.dtype != jnp.uint8 or rw.zero is not None:
+        return False
+    n, k, g = rw.codes.shape[0], 2 * rw.codes.shape[1], rw.scale.shape[0]
+    return g > 1 and scaled_gemm_applies(2 * GROUP_TILE_M, n, k, jnp.int8, jnp.int8, groups=g)[0]
+
+
 @dataclasses.dataclass
 class RealModel:
     """A DiT in real low-bit form: float params of the unquantized layers plus RealWeights."""
@@ -118,16 +127,22 @@ class RealModel:
     params: dict[str, Any]
     weights: dict[str, RealWeight]
 
-    def variables(self, unpack_w4: bool = False) -> dict[str, Any]:
+    def variables(self, unpack_w4: bool | None = None) -> dict[str, Any]:
         """The pytree ``real_apply_fn``'s apply_fn takes as its params argument. ``unpack_w4``: packed
         4-bit codes as int8 codes, once, before any forward (the stored weights stay packed), so
         W4A8 group-128 layers take the int8 routes (the Mosaic group GEMM) instead of the Triton
-        group kernel, which unpacks in registers (its int8 GEMM alone is 2.2-2.8x slower); in device
-        memory the linears then take W8's bytes. Not yet measured on a GPU."""
+        group kernel, which unpacks in registers: XL/2 W4A8 g128 at batch 256 on the H100 0.28x ->
+        1.00x bf16 (docs/RESULTS.md). In device memory the unpacked linears take W8's bytes.
+        None (default): unpack the layers the Mosaic group GEMM can take (symmetric, 128-wide
+        groups) when it can run here (Hopper); False: keep every layer packed; True: unpack all."""
         weights = self.weights
-        if unpack_w4:
-            weights = {p: rw._replace(codes=weight_codes_int8(rw.codes)) for p, rw in weights.items()}
-        return {"params": self.params, "weights": weights}
+        if unpack_w4 is None:
+            unpack = {p for p, rw in weights.items() if _mosaic_takes_unpacked(rw)}
+        else:
+            unpack = set(weights) if unpack_w4 else set()
+        return {"params": self.params,
+                "weights": {p: rw._replace(codes=weight_codes_int8(rw.codes)) if p in unpack else rw
+                            for p, rw in weights.items()}}
 
     def apply_fn(self, options: RealOptions = RealOptions()):
         return real_apply_fn(self.config, self.plan, options)

@@ -105,9 +105,9 @@ class RealOptions:
     group_kernel: bool = True
     # with group_kernel, a group-wise MLP's fc1 writes fc2's 128-wide group codes and scales from its
     # own epilogue (GELU + group abs-max + codes in registers: kernels.scaled_gemm ``gelu_codes``)
-    # instead of its bf16 output and gelu_quant's pass over it. Built and checked on the CPU (its
-    # XLA formulation, the Mosaic lowering), not yet run on a GPU: off until measured
-    gelu_epilogue: bool = False
+    # instead of its bf16 output and gelu_quant's pass over it. XL/2 on the H100 (same call): fp8 g128
+    # 1.056x -> 1.069x / 1.066x bf16 at batch 64 / 256, int8 g128 0.980x -> 0.984x, 0.986x -> 1.008x
+    gelu_epilogue: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

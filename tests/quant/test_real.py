@@ -71,12 +71,15 @@ def test_real_equals_fake_on_same_codes(name, params, inputs):
     rm = build_real(qm)
     real = np.asarray(jax.jit(rm.apply_fn())(rm.variables(), *inputs), np.float64)
     err = np.linalg.norm(real - fake) / np.linalg.norm(fake)
-    assert np.all(np.isfinite(real)) and err < 1e-4, err
-    # and the quantization mattered: the FP model differs by far more than the accumulation error
+    # float32 accumulation: 1e-4; Hopper's fp8 tensor-core products accumulate with fewer mantissa
+    # bits than float32 (7.9e-4 measured on the H100), the fake path's fp8 dot in float32
+    tol = 2e-3 if "fp8" in name and jax.default_backend() == "gpu" else 1e-4
+    assert np.all(np.isfinite(real)) and err < tol, err
+    # and the quantization mattered: the FP model differs by far more than float32 accumulation error
     from qdit_jax.models.dit import DiT
 
     fp = np.asarray(DiT(CFG).apply({"params": params}, *inputs), np.float64)
-    assert np.linalg.norm(fp - fake) / np.linalg.norm(fake) > 10 * err
+    assert np.linalg.norm(fp - fake) / np.linalg.norm(fake) > 10 * min(err, 1e-4)
 
 
 @pytest.mark.parametrize("name,want", [("w8a8-int8-perchannel-asymw", "int8"), ("w4a8-packed-g32", "int8"),
@@ -121,7 +124,7 @@ def test_packed_storage_is_smaller(params):
     b8, b4 = r8.weight_bytes(), r4.weight_bytes()
     assert b8["quantized"] < 0.3 * b8["fp32"] and b4["quantized"] < 0.6 * b8["quantized"]
     assert all(w.codes.dtype == jnp.uint8 for w in r4.weights.values())
-    assert checkpoint_bytes(r4.variables()) < checkpoint_bytes(r8.variables()) < checkpoint_bytes(params)
+    assert checkpoint_bytes(r4.variables(False)) < checkpoint_bytes(r8.variables(False)) < checkpoint_bytes(params)
 
 
 def test_asymmetric_activations_are_rejected(params):
@@ -231,7 +234,9 @@ def test_quant_kernel_route_gives_the_same_outputs(name, params, inputs, monkeyp
     ref = jax.jit(rm.apply_fn(RealOptions(backend="xla")))(rm.variables(), *inputs)
     got = jax.jit(rm.apply_fn(RealOptions(backend="xla", quant_kernel=True)))(rm.variables(), *inputs)
     assert calls, "the kernel route was not taken"
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    # equal on the CPU; on a GPU the two programs fuse differently (an ulp apart, 1.2e-7 seen); a
+    # code moved by one step would change an output by ~1e-3
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("fmt", ["w8a8-int8-perchannel-asymw", "w4a8-packed-g32", "fp8-e4m3-perchannel"])
@@ -310,15 +315,16 @@ def test_norm_quant_routes_give_the_same_outputs(fmt, params, inputs, monkeypatc
     monkeypatch.setattr(real_layers, "norm_quant_applies", lambda m, k, spec, dtype, **kw: (k % 32 == 0, "test"))
     monkeypatch.setattr(real_layers, "norm_quant_pallas", interp)
     rm = real_from_params(params, CFG, QuantConfig(qdit_rules(**FORMATS[fmt])))
-    ref_fn = rm.apply_fn(RealOptions(fused_norm=False, row_quant=False))
+    ref_fn = rm.apply_fn(RealOptions(fused_norm=False, row_quant=False, fused_mlp=False))
     ref = np.asarray(jax.jit(ref_fn)(rm.variables(), *inputs), np.float64)
     assert not calls
-    for opts, want in ((RealOptions(), ["norm", "plain", "norm", "plain"]),
-                       (RealOptions(fused_norm=False), ["plain"] * 4)):
+    # the fused MLP off: on a GPU its gelu_quant pass would quantize fc2's input instead
+    for opts, want in ((RealOptions(fused_mlp=False), ["norm", "plain", "norm", "plain"]),
+                       (RealOptions(fused_norm=False, fused_mlp=False), ["plain"] * 4)):
         calls.clear()
         fn = rm.apply_fn(opts)
         got = np.asarray(jax.jit(fn)(rm.variables(), *inputs), np.float64)
-        assert calls == want * CFG.depth  # qkv, proj, fc1, fc2 of each block (the fused MLP needs a GPU)
+        assert calls == want * CFG.depth  # qkv, proj, fc1, fc2 of each block
         assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
         ops = [_dot_operand_dtypes(jax.make_jaxpr(f)(rm.variables(), *inputs).jaxpr) for f in (ref_fn, fn)]
         assert sorted(ops[0]) == sorted(ops[1])
@@ -484,7 +490,8 @@ def test_group_kernel_routes_give_the_same_outputs(fmt, gelu_epilogue, inputs, m
     no_res = jax.jit(rm.apply_fn(RealOptions(residual_kernel=False, gelu_epilogue=gelu_epilogue))).lower(
         rm.variables(), *inputs).compile()
     lines = [ln for ln in hlo.splitlines() if " dot(" in ln]
-    assert sum(("s32[" if fmt == "int" else "f8e4m3fn") in ln for ln in lines) == 6 or fmt != "int"
+    if jax.default_backend() == "cpu":  # a GPU runs some int8 dots as cuBLAS custom calls instead
+        assert sum(("s32[" if fmt == "int" else "f8e4m3fn") in ln for ln in lines) == 6 or fmt != "int"
     assert len(lines) == no_res.as_text().count(" dot(")
 
 
@@ -498,7 +505,7 @@ def test_unpacked_w4_takes_the_int8_group_route(inputs, monkeypatch):
     rules = dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True)
     rm = real_from_params(_params256(), CFG256, QuantConfig(qdit_rules(**rules)))
     assert all(w.codes.dtype == jnp.uint8 for w in rm.weights.values())
-    ref = np.asarray(jax.jit(rm.apply_fn(RealOptions()))(rm.variables(), *inputs), np.float64)
+    ref = np.asarray(jax.jit(rm.apply_fn(RealOptions()))(rm.variables(unpack_w4=False), *inputs), np.float64)
     assert not calls  # packed codes: not the Mosaic route
     fn, unpacked = rm.apply_fn(RealOptions()), rm.variables(unpack_w4=True)
     got = np.asarray(jax.jit(fn)(unpacked, *inputs), np.float64)
@@ -506,3 +513,18 @@ def test_unpacked_w4_takes_the_int8_group_route(inputs, monkeypatch):
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-2  # bf16 model, exact integer products
     dots = _dot_operand_dtypes(jax.make_jaxpr(fn)(unpacked, *inputs).jaxpr)
     assert ("int8", "int8") in dots and not any("uint8" in d for d in dots)
+    assert all(w.codes.dtype == jnp.uint8 for w in rm.weights.values())
+
+
+@pytest.mark.parametrize("group,mosaic", [(128, True), (128, False), (64, True)])
+def test_default_unpacks_w4_only_where_the_mosaic_group_gemm_runs(group, mosaic, monkeypatch):
+    """RealModel.variables()'s default: packed 4-bit layers become int8 codes only where the Mosaic
+    group GEMM can take them (its guard, here forced open or shut; 128-wide groups only)."""
+    from qdit_jax.quant import real
+
+    monkeypatch.setattr(real, "scaled_gemm_applies", lambda m, n, k, ad, wd, groups=1, **kw: (
+        mosaic and groups > 1 and k == 128 * groups, "test"))
+    rules = dict(wbits=4, abits=8, w_group=group, a_group=group, w_sym=True, a_sym=True)
+    rm = real_from_params(_params256(), CFG256, QuantConfig(qdit_rules(**rules)))
+    dtypes = {str(w.codes.dtype) for w in rm.variables()["weights"].values()}
+    assert dtypes == ({"int8"} if mosaic and group == 128 else {"uint8"})

@@ -188,5 +188,10 @@ def test_gelu_codes_epilogue_matches_xla(name):
     q0, s0 = jax.jit(lambda *v: gelu_quant_xla(scaled_gemm_xla(*v), None, None, None, G128[name], jnp.bfloat16))(
         a, w, sa, sw, b)
     assert q.dtype == q0.dtype and s.shape == s0.shape == (HIDDEN // 128, m)
-    np.testing.assert_allclose(np.asarray(s), np.asarray(s0), rtol=2 ** -7)
+    # a group's abs-max from the float32 accumulator vs the bf16-rounded GEMM output (2^-8), and
+    # for fp8 the tensor core's shorter accumulator where the group max is a cancellation of large
+    # products (1 scale in 147,456 off by 1.3% on the H100): nearly all within 2^-7, all within 2^-4
+    s, s0 = np.asarray(s), np.asarray(s0)
+    assert np.mean(np.isclose(s, s0, rtol=2 ** -7, atol=0)) > 0.999
+    np.testing.assert_allclose(s, s0, rtol=2 ** -4)
     assert np.mean(_codes(q) == _codes(q0)) > 0.99  # a bf16 ulp of the GEMM output may move a code
