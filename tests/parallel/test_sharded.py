@@ -1,4 +1,4 @@
-"""Sharded sampling and statistics on 1, 2, 4 and 8 virtual CPU devices.
+"""Sharded sampling and statistics on up to 8 virtual CPU devices.
 
 XLA_FLAGS must be set before JAX starts, so every check runs in one subprocess
 (``tests/parallel/_multidevice.py``) that compares against single-device references and reports
@@ -26,7 +26,7 @@ def results() -> dict:
 
 
 @pytest.mark.parametrize("name", [
-    "sample_ddim_bitwise",         # DDIM samples bit-identical on 1, 2, 4, 8 devices and unsharded
+    "sample_ddim_bitwise",         # DDIM samples bit-identical on 2 and 8 devices and unsharded
     "sample_ddpm_bitwise",         # DDPM (per-sample step noise) likewise
     "sampler_hlo_no_collectives",  # data-parallel sampler: no all-gather / all-reduce at all
     "indivisible_batch_error",     # a batch that does not divide over 8 devices: one-line QditError
@@ -36,7 +36,7 @@ def results() -> dict:
     "fid_stats_equal",             # FID mean / covariance == metrics.frechet.feature_statistics
     "fid_hlo_all_reduce",          # FID statistics compile to an all-reduce, no all-gather
     "model_axis_forward",          # params split over a 'model' axis give the same forward
-    "search_epoch_equal",          # a search epoch, batch- or candidate-sharded on 2/4/8 devices == 1 device
+    "search_epoch_equal",          # a search epoch, batch- (8) or candidate-sharded (4, 8) == 1 device
     "search_hlo_no_collectives",   # the sharded candidate sampler compiles without any collective
     "calibration_data_equal",      # collect_calibration on 4 devices == 1 device (per-sample keys)
     "quantize_model_mesh",         # quantize_model(mesh=): same static ranges, GPTQ codes agree >= 99.9%
