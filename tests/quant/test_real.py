@@ -75,11 +75,15 @@ def test_real_equals_fake_on_same_codes(name, params, inputs):
     # bits than float32 (7.9e-4 measured on the H100), the fake path's fp8 dot in float32
     tol = 2e-3 if "fp8" in name and jax.default_backend() == "gpu" else 1e-4
     assert np.all(np.isfinite(real)) and err < tol, err
-    # and the quantization mattered: the FP model differs by far more than float32 accumulation error
+    # and the quantization mattered: the FP model differs by far more than float32 accumulation
+    # error, and the real path quantized too (on a GPU, fp8's real-vs-fake gap is close to the fp8
+    # quantization effect itself on this small model: 7.9e-4 vs 8.6e-4 on the H100)
     from qdit_jax.models.dit import DiT
 
     fp = np.asarray(DiT(CFG).apply({"params": params}, *inputs), np.float64)
-    assert np.linalg.norm(fp - fake) / np.linalg.norm(fake) > 10 * min(err, 1e-4)
+    quant = np.linalg.norm(fp - fake) / np.linalg.norm(fake)
+    assert quant > 1e-4, quant  # 2.3e-4 (W8A8 int8) to 8.6e-4 (fp8) and more
+    assert np.linalg.norm(real - fp) / np.linalg.norm(fake) > 0.5 * quant
 
 
 @pytest.mark.parametrize("name,want", [("w8a8-int8-perchannel-asymw", "int8"), ("w4a8-packed-g32", "int8"),
