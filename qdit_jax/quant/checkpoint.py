@@ -137,10 +137,12 @@ def quantized_apply_fn(model: LoadedModel, cfg: DiTConfig | None = None) -> tupl
 
 
 def real_checkpoint_apply_fn(model: LoadedModel, cfg: DiTConfig | None = None,
-                             options: Any = None) -> tuple[ApplyFn, Any]:
+                             options: Any = None, unpack_w4: bool | None = None) -> tuple[ApplyFn, Any]:
     """(apply_fn, variables) that run a loaded quantized checkpoint in real low precision (int8 /
     fp8 / packed-int4 matmuls, ``quant.real``): the fake-quant mode's numbers up to accumulation
-    order. A plan the real mode cannot run (static or asymmetric activations) is a QditError."""
+    order. A plan the real mode cannot run (static or asymmetric activations) is a QditError.
+    ``unpack_w4``: see ``RealModel.variables`` (default: unpack packed 4-bit group-128 layers where
+    the Hopper group GEMM runs them)."""
     import dataclasses
 
     from qdit_jax.quant.real import RealOptions, build_real
@@ -148,7 +150,7 @@ def real_checkpoint_apply_fn(model: LoadedModel, cfg: DiTConfig | None = None,
     rm = build_real(from_storage(model.params, model.config, model.quantization))
     if cfg is not None:
         rm = dataclasses.replace(rm, config=cfg)
-    return rm.apply_fn(options or RealOptions()), rm.variables()
+    return rm.apply_fn(options or RealOptions()), rm.variables(unpack_w4)
 
 
 def checkpoint_bytes(directory: str) -> int:

@@ -23,10 +23,11 @@ def with_compute_params(first_arg: Any, cfg: DiTConfig) -> Any:
 
 
 def model_apply_fn(model: LoadedModel, cfg: DiTConfig | None = None, execution: str = "fake",
-                   real_options: Any = None) -> tuple[ApplyFn, Any]:
+                   real_options: Any = None, unpack_w4: bool | None = None) -> tuple[ApplyFn, Any]:
     """(apply_fn, first argument of apply_fn) for ``model``. A quantized checkpoint runs under its
     interceptor: simulated ('fake': float math on dequantized values) or in real low precision
-    ('real': integer / fp8 matmuls, ``quant.real``); a full-precision one runs plainly."""
+    ('real': integer / fp8 matmuls, ``quant.real``; ``unpack_w4`` as ``RealModel.variables``); a
+    full-precision one runs plainly."""
     cfg = cfg or model.config
     if execution not in EXECUTIONS:
         raise QditError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
@@ -36,7 +37,7 @@ def model_apply_fn(model: LoadedModel, cfg: DiTConfig | None = None, execution: 
                             "`qdit quantize --ckpt DIR --out QDIR` and sample QDIR")
         from qdit_jax.quant.checkpoint import real_checkpoint_apply_fn
 
-        fn, variables = real_checkpoint_apply_fn(model, cfg, real_options)
+        fn, variables = real_checkpoint_apply_fn(model, cfg, real_options, unpack_w4)
         return fn, with_compute_params(variables, cfg)
     if model.quantization:
         from qdit_jax.quant.checkpoint import quantized_apply_fn

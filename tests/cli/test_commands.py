@@ -78,8 +78,9 @@ def test_sample_real_execution_matches_fake(tiny_ckpt, tmp_path, capsys):
         outs = {}
         for ex in ("fake", "real"):
             outs[ex] = str(tmp_path / f"{preset}-{ex}.npz")
+            packed = ["--keep-w4-packed"] if ex == "real" and preset == "w4a8" else []
             assert main(["sample", "--ckpt", qdir, "--num-samples", "4", "--steps", "3", "--execution", ex,
-                         "--out", outs[ex]]) == 0
+                         "--out", outs[ex]] + packed) == 0
         assert "real)" in capsys.readouterr().out
         fake, real = load_samples(outs["fake"])[0].astype(int), load_samples(outs["real"])[0].astype(int)
         assert fake.std() > 0 and np.abs(real - fake).max() <= 2, np.abs(real - fake).max()
@@ -100,6 +101,10 @@ def test_sample_real_execution_matches_fake(tiny_ckpt, tmp_path, capsys):
             dts = _dot_operand_dtypes(jax.make_jaxpr(fn)(variables, x, t, y).jaxpr)
             n_int8[ex] = sum(1 for d in dts if d == ("int8", "int8"))
         assert n_int8 == {"fake": 0, "real": 4 * 2}, n_int8
+        if preset == "w4a8":  # packed 4-bit codes stay packed or become int8 codes at load, as asked
+            dts = {u: {str(w.codes.dtype) for w in model_apply_fn(m, execution="real", unpack_w4=u)[1]["weights"].values()}
+                   for u in (True, False)}
+            assert dts == {True: {"int8"}, False: {"uint8"}}, dts
     err = _one_line_error(capsys, ["sample", "--ckpt", tiny_ckpt, "--execution", "real", "--out",
                                    str(tmp_path / "x.npz")])
     assert "quantized checkpoint" in err and "qdit quantize" in err
