@@ -232,8 +232,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        row_quant="nonorm" not in tags, qkv_kernel="noqkvk" not in tags,
                        residual_kernel="nores" not in tags, group_kernel="nogroupk" not in tags,
                        gelu_epilogue="nogelue" not in tags)
-    return rm.apply_fn(opts), with_compute_params(rm.variables(unpack_w4=False if "packed" in tags else None),
-                                                   cfg), {
+    variables = rm.variables(unpack_w4=False if "packed" in tags else None)
+    return rm.apply_fn(opts), with_compute_params(variables, cfg), {
         "weight_bytes": rm.weight_bytes(), "checkpoint_bytes": checkpoint_bytes(rm.variables(unpack_w4=False))}
 
 

@@ -115,6 +115,7 @@ def _mosaic_takes_unpacked(rw: RealWeight) -> bool:
     if rw.codes.dtype != jnp.uint8 or rw.zero is not None:
         return False
     n, k, g = rw.codes.shape[0], 2 * rw.codes.shape[1], rw.scale.shape[0]
+    # M: one CTA's rows (the batch does not matter here; the forward's own guard checks it)
     return g > 1 and scaled_gemm_applies(2 * GROUP_TILE_M, n, k, jnp.int8, jnp.int8, groups=g)[0]
 
 
@@ -132,7 +133,7 @@ class RealModel:
         4-bit codes as int8 codes, once, before any forward (the stored weights stay packed), so
         W4A8 group-128 layers take the int8 routes (the Mosaic group GEMM) instead of the Triton
         group kernel, which unpacks in registers: XL/2 W4A8 g128 at batch 256 on the H100 0.28x ->
-        1.00x bf16 (docs/RESULTS.md). In device memory the unpacked linears take W8's bytes.
+        0.99x bf16 (docs/RESULTS.md). In device memory the unpacked linears take W8's bytes.
         None (default): unpack the layers the Mosaic group GEMM can take (symmetric, 128-wide
         groups) when it can run here (Hopper); False: keep every layer packed; True: unpack all."""
         weights = self.weights
