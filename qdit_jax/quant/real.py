@@ -36,10 +36,10 @@ from qdit_jax.models.dit import DiT, DiTConfig, GatedResidual, Mlp, ModulatedNor
 from qdit_jax.quant.config import LayerQuant, QuantConfig, resolve
 from qdit_jax.quant.interceptor import discover_layers, get_kernel, module_path, quantize_activation
 from qdit_jax.quant.kernels.group_gemm import pack_blocked, weight_codes_int8
-from qdit_jax.quant.kernels.scaled_gemm import GROUP_TILE_M, scaled_gemm_applies
+from qdit_jax.quant.kernels.scaled_gemm import GROUP_TILE_M
 from qdit_jax.quant.quantizers import SCALE_DTYPES, QParams
-from qdit_jax.quant.real_layers import (NormSource, RealOptions, RealWeight, column_block,
-                                        dense_with_codes, effective_group, group_width, mlp_fused, qkv_scaled,
+from qdit_jax.quant.real_layers import (NormSource, RealOptions, RealWeight, column_block, dense_with_codes,
+                                        effective_group, group_scaled_applies, group_width, mlp_fused, qkv_scaled,
                                         quantize_act, real_dense, residual_scaled)
 
 # ----------------------------------------------------------------------------- plan checks
@@ -110,13 +110,14 @@ def strip_kernels(params: Any, paths: list[str]) -> dict[str, Any]:
     return walk(params, "")
 
 
-def _mosaic_takes_unpacked(rw: RealWeight) -> bool:
-    """Whether a packed 4-bit layer, unpacked to int8, fits the Mosaic group GEMM on this device."""
-    if rw.codes.dtype != jnp.uint8 or rw.zero is not None:
+def _mosaic_takes_unpacked(lq: LayerQuant, rw: RealWeight, dtype: Any) -> bool:
+    """Whether a packed 4-bit layer, unpacked to int8, would take the Mosaic group GEMM route of a
+    ``dtype`` forward here (the forward's own predicate, at one CTA's rows: the batch does not matter)."""
+    if rw.codes.dtype != jnp.uint8:
         return False
-    n, k, g = rw.codes.shape[0], 2 * rw.codes.shape[1], rw.scale.shape[0]
-    # M: one CTA's rows (the batch does not matter here; the forward's own guard checks it)
-    return g > 1 and scaled_gemm_applies(2 * GROUP_TILE_M, n, k, jnp.int8, jnp.int8, groups=g)[0]
+    n, k = rw.codes.shape[0], 2 * rw.codes.shape[1]
+    unpacked = rw._replace(codes=jax.ShapeDtypeStruct((n, k), jnp.int8))
+    return group_scaled_applies(2 * GROUP_TILE_M, lq, unpacked, k, dtype, RealOptions())
 
 
 @dataclasses.dataclass
@@ -134,11 +135,13 @@ class RealModel:
         W4A8 group-128 layers take the int8 routes (the Mosaic group GEMM) instead of the Triton
         group kernel, which unpacks in registers: XL/2 W4A8 g128 at batch 256 on the H100 0.28x ->
         0.99x bf16 (docs/RESULTS.md). In device memory the unpacked linears take W8's bytes.
-        None (default): unpack the layers the Mosaic group GEMM can take (symmetric, 128-wide
-        groups) when it can run here (Hopper); False: keep every layer packed; True: unpack all."""
+        None (default): unpack the layers the Mosaic group GEMM would take (symmetric, 128-wide
+        groups, int8 activation codes, a bf16 model) when it can run here (Hopper); False: keep every
+        layer packed; True: unpack all."""
         weights = self.weights
         if unpack_w4 is None:
-            unpack = {p for p, rw in weights.items() if _mosaic_takes_unpacked(rw)}
+            dtype = jnp.dtype(self.config.dtype)
+            unpack = {p for p, rw in weights.items() if _mosaic_takes_unpacked(self.plan[p], rw, dtype)}
         else:
             unpack = set(weights) if unpack_w4 else set()
         return {"params": self.params,

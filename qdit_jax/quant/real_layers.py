@@ -244,7 +244,7 @@ def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
     m = x2.shape[0]
     use_kernel = False
     tiles = fit_tiles(options.tiles, m, n)
-    if g > 1 and _group_scaled_applies(m, lq, rw, k, out_dtype, options):
+    if g > 1 and group_scaled_applies(m, lq, rw, k, out_dtype, options):
         qa, sa = _quantize_input(x2, lq.act, group, options, source)
         return _codes_gemm(qa, sa, rw, out_dtype, options).reshape(*lead, n)
     if is_int and (options.backend == "pallas" or (options.backend == "auto" and g > 1)):
@@ -302,7 +302,7 @@ def _group_route(m: int, k: int, a_dtype: Any, rw: RealWeight, out_dtype: Any, o
             and scaled_gemm_applies(m, n, k, rw.codes.dtype, rw.codes.dtype, groups=g)[0])
 
 
-def _group_scaled_applies(m: int, lq: LayerQuant, rw: RealWeight, k: int, out_dtype: Any,
+def group_scaled_applies(m: int, lq: LayerQuant, rw: RealWeight, k: int, out_dtype: Any,
                           options: RealOptions) -> bool:
     """Whether a group-wise layer runs on ``kernels.scaled_gemm`` (its input codes as ``lq.act`` makes them)."""
     from qdit_jax.quant.kernels.row_quant import codes_dtype
@@ -328,7 +328,7 @@ def dense_with_codes(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: An
     lead, k = x.shape[:-1], x.shape[-1]
     g = _scaled_groups(lq, rw, k)
     if (g is None or options.backend == "pallas" or options.materialize
-            or (g > 1 and not _group_scaled_applies(int(np.prod(lead)), lq, rw, k, out_dtype, options))):
+            or (g > 1 and not group_scaled_applies(int(np.prod(lead)), lq, rw, k, out_dtype, options))):
         return None  # those ask for the Pallas GEMM / the barrier of real_dense / its group route
     rw = _scales_f32(rw)
     qa, sa = _quantize_input(x.reshape(-1, k), lq.act, k // g, options, source)
@@ -376,12 +376,12 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
     w1, w2 = _scales_f32(w1), _scales_f32(w2)
     if w1.scale.shape[0] > 1:  # group-wise: fc1 through the group-scaled GEMM, then GELU + fc2's group codes
         g2 = w2.scale.shape[0]
-        if not (_group_scaled_applies(m, l1, w1, k, out_dtype, options)
-                and _group_scaled_applies(m, l2, w2, n, out_dtype, options)
+        if not (group_scaled_applies(m, l1, w1, k, out_dtype, options)
+                and group_scaled_applies(m, l2, w2, n, out_dtype, options)
                 and group_width(l2.act, n) % (n // g2) == 0 and gelu_quant_applies(m, n, l2.act)[0]):
             return None
         qa, sa = _quantize_input(x.reshape(m, k), l1.act, k // w1.scale.shape[0], options, source)
-        if options.gelu_epilogue and l2.act.group_size == TILE_N and jnp.dtype(out_dtype) == jnp.dtype(jnp.bfloat16):
+        if options.gelu_epilogue and l2.act.group_size == TILE_N:  # (bf16 output: group_scaled_applies)
             q2, s2 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, gelu_codes=l2.act)
         else:
             y1 = _codes_gemm(qa, sa, w1, out_dtype, options)
@@ -407,7 +407,7 @@ def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, opt
     lead, k = x.shape[:-1], x.shape[-1]
     m, n = int(np.prod(lead)), rw.scale.shape[1]
     g = _scaled_groups(lq, rw, k)
-    if (g is None or (g > 1 and not _group_scaled_applies(m, lq, rw, k, out_dtype, options))
+    if (g is None or (g > 1 and not group_scaled_applies(m, lq, rw, k, out_dtype, options))
             or jnp.dtype(out_dtype) != jnp.dtype(jnp.bfloat16) or n % blocks):
         return None
     c = n // blocks

@@ -520,15 +520,19 @@ def test_unpacked_w4_takes_the_int8_group_route(inputs, monkeypatch):
     assert all(w.codes.dtype == jnp.uint8 for w in rm.weights.values())
 
 
-@pytest.mark.parametrize("group,mosaic", [(128, True), (128, False), (64, True)])
-def test_default_unpacks_w4_only_where_the_mosaic_group_gemm_runs(group, mosaic, monkeypatch):
-    """RealModel.variables()'s default: packed 4-bit layers become int8 codes only where the Mosaic
-    group GEMM can take them (its guard, here forced open or shut; 128-wide groups only)."""
-    from qdit_jax.quant import real
+@pytest.mark.parametrize("group,mosaic,dtype", [(128, True, "bfloat16"), (128, False, "bfloat16"), (64, True, "bfloat16"),
+                                               (128, True, "float32")])
+def test_default_unpacks_w4_only_where_the_mosaic_group_gemm_runs(group, mosaic, dtype, monkeypatch):
+    """RealModel.variables()'s default: packed 4-bit layers become int8 codes only where the forward
+    would run them on the Mosaic group GEMM (its guard here forced open or shut): 128-wide groups,
+    activation codes (not the weight-only adaLN layer), a bf16 model; the rest stay packed."""
+    from qdit_jax.quant import real_layers
 
-    monkeypatch.setattr(real, "scaled_gemm_applies", lambda m, n, k, ad, wd, groups=1, **kw: (
+    monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, groups=1, **kw: (
         mosaic and groups > 1 and k == 128 * groups, "test"))
     rules = dict(wbits=4, abits=8, w_group=group, a_group=group, w_sym=True, a_sym=True)
-    rm = real_from_params(_params256(), CFG256, QuantConfig(qdit_rules(**rules)))
-    dtypes = {str(w.codes.dtype) for w in rm.variables()["weights"].values()}
-    assert dtypes == ({"int8"} if mosaic and group == 128 else {"uint8"})
+    rm = real_from_params(_params256(), CFG256.replace(dtype=dtype), QuantConfig(qdit_rules(**rules)))
+    got = {p: str(w.codes.dtype) for p, w in rm.variables()["weights"].items()}
+    runs = mosaic and group == 128 and dtype == "bfloat16"
+    assert got == {p: "int8" if runs and rm.plan[p].act is not None else "uint8" for p in got}
+    assert ("int8" in got.values()) == runs
