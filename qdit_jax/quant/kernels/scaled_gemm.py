@@ -17,7 +17,8 @@ Group scales (Q-DiT's granularity: weights and activations in 128-channel groups
 (G, M) x (G, N) scale rows come by TMA with each K step's tiles, each step's product goes into a fresh
 wgmma accumulator and is scaled into a float32 running sum in registers (64-row warpgroup tiles; see
 GROUP_MODES). At XL/2's shapes 1.4-1.7x the per-channel kernel's time, 2.2-2.8x faster than the
-Triton group kernel (``kernels.group_gemm``), which stays for packed 4-bit weights.
+Triton group kernel (``kernels.group_gemm``), which stays for 4-bit weights kept packed on the
+device (``RealModel.variables(unpack_w4=False)``; by default they are unpacked to int8 codes at load).
 
 Same math as the XLA path (``group_gemm_xla`` at one group): the accumulator rounded as the XLA
 product is (fp8: float32 to bf16; int8: int32 to float32), then scaled and biased in float32 and
