@@ -44,7 +44,11 @@ TILE_M, TILE_N, TILE_K, STEPS = 128, 128, 128, 3  # per compute warpgroup; the f
 # (a third register tile; int8's default, 10-15% faster for int8). Measured and dropped: rescaling
 # the fp8 accumulator itself between groups by the ratio of their scales (one 128 x 128 tile, as
 # flash attention rescales): slower (290 vs 245 us) and off by fp8 wgmma's accumulation precision.
-GROUP_MODES = ("plain", "overlap")
+# 'pingpong' (built, not yet run on a GPU; opt-in): as 'plain', with the two compute warpgroups
+# taking turns at the tensor cores through two shared-memory barriers: one issues its wgmma only once
+# the other's has finished, so that each one's promotion runs under the other's wgmma instead of
+# both promoting at once (the group GEMMs cost 1.4-1.75x their per-channel time on the H100)
+GROUP_MODES = ("plain", "overlap", "pingpong")
 GROUP_TILE_M, GROUP_STEPS = 64, 4  # the fastest tiling measured on the H100
 CODE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))  # wgmma: float32 / int32 accumulation
 
@@ -231,9 +235,15 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         @functools.partial(pl.run_scoped, allocs=allocations,
                            o_smem=plgpu.SMEM((2, tile_m, tile_n), out_dtype),
                            s_smem=None if gelu_codes is None else plgpu.SMEM((2, tile_m), jnp.float32),
-                           r_bar=None if residual is None else plgpu.Barrier(num_barriers=2), collective_axes="wg")
-        def scope(allocs: Any, o_smem: Any, s_smem: Any, r_bar: Any) -> None:
+                           r_bar=None if residual is None else plgpu.Barrier(num_barriers=2),
+                           turn=plgpu.Barrier(num_arrivals=1, num_barriers=2) if group_mode == "pingpong" else None,
+                           collective_axes="wg")
+        def scope(allocs: Any, o_smem: Any, s_smem: Any, r_bar: Any, turn: Any) -> None:
             wg = lax.axis_index("wg")
+            if turn is not None:  # warpgroup 0 takes the first turn (the turns then chain across tiles)
+                @pl.when(wg == 1)
+                def _() -> None:
+                    plgpu.barrier_arrive(turn.at[0])
 
             @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
             def tile(info: Any) -> None:
@@ -270,7 +280,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                         # rounded as the XLA path's product: int32 sums to float32, fp8 to bf16
                         y = y.astype(jnp.float32) if int_codes else y.astype(jnp.bfloat16).astype(jnp.float32)
                         y = y * lax.broadcast_in_dim(s_a, shape, [0]) * lax.broadcast_in_dim(s_w, shape, [1])
-                    elif group_mode == "plain":  # the scaled groups' float32 sum, from the K loop
+                    elif group_mode in ("plain", "pingpong"):  # the scaled groups' float32 sum, from the K loop
                         y = eval_pipeline(zeros(jnp.float32))
                     else:  # the sum of all but the last group, and the last group's product and scales
                         y, p, s_a, s_w = eval_pipeline((zeros(jnp.float32), zeros(acc_dtype),
@@ -330,7 +340,22 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
                     return step[0], step[1], s_a, s_w
 
-                body = {None: mma, "overlap": mma_overlapped, "plain": mma_grouped}[group_mode]
+                def mma_pingpong(_: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any, total: Any) -> Any:
+                    # wait for this warpgroup's turn, run the wgmma, hand the turn over, then promote
+                    # (while the other warpgroup's wgmma runs)
+                    s_a, s_w = group_scales(sa_smem, sw_smem)
+
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, acc_dtype))
+                    def p(acc_ref: Any) -> jax.Array:
+                        plgpu.barrier_wait(turn.at[wg])
+                        product(a_smem, w_smem, acc_ref)
+                        plgpu.barrier_arrive(turn.at[1 - wg])
+                        return acc_ref[...]
+
+                    return total + scaled(p, s_a, s_w)
+
+                body = {None: mma, "overlap": mma_overlapped, "plain": mma_grouped,
+                        "pingpong": mma_pingpong}[group_mode]
                 make_pipeline(body, epilogue)(*pipeline_operands(pm, pn), allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)

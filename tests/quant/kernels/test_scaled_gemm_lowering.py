@@ -36,6 +36,8 @@ CASES = {
     "int8 per channel + residual": (jnp.int8, 4 * C, C, 1, dict(residual=True)),
     "fp8 group-128 plain + residual": (F8, C, C, 2, dict(residual=True)),
     "int8 group-128 overlap": (jnp.int8, 4 * C, C, 8, {}),
+    "int8 group-128 pingpong": (jnp.int8, 4 * C, C, 8, dict(group_mode="pingpong")),
+    "fp8 group-128 pingpong + residual": (F8, C, C, 2, dict(group_mode="pingpong", residual=True)),
     "fp8 group-128 gelu_codes": (F8, C, 4 * C, 2, dict(gelu_codes=QuantSpec(bits=8, format="fp8_e4m3", group_size=128,
                                                                               symmetric=True))),
     "int8 group-128 gelu_codes": (jnp.int8, C, 4 * C, 2, dict(gelu_codes=QuantSpec(bits=8, group_size=128,
