@@ -315,12 +315,18 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                             plgpu.load(sw_smem.at[0], (), layout=col_l, optimized=False))
 
                 def mma_grouped(_: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any, total: Any) -> Any:
-                    # this group's scales first, then its product in a fresh accumulator
+                    # this group's scales first, then its product in a fresh accumulator; 'pingpong': the
+                    # wgmma only in this warpgroup's turn, the turn handed over before the promotion (which
+                    # then runs while the other warpgroup's wgmma does)
                     s_a, s_w = group_scales(sa_smem, sw_smem)
 
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, acc_dtype))
                     def p(acc_ref: Any) -> jax.Array:
+                        if turn is not None:
+                            plgpu.barrier_wait(turn.at[wg])
                         product(a_smem, w_smem, acc_ref)
+                        if turn is not None:
+                            plgpu.barrier_arrive(turn.at[1 - wg])
                         return acc_ref[...]
 
                     return total + scaled(p, s_a, s_w)
@@ -340,22 +346,8 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
                     return step[0], step[1], s_a, s_w
 
-                def mma_pingpong(_: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any, total: Any) -> Any:
-                    # wait for this warpgroup's turn, run the wgmma, hand the turn over, then promote
-                    # (while the other warpgroup's wgmma runs)
-                    s_a, s_w = group_scales(sa_smem, sw_smem)
-
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, acc_dtype))
-                    def p(acc_ref: Any) -> jax.Array:
-                        plgpu.barrier_wait(turn.at[wg])
-                        product(a_smem, w_smem, acc_ref)
-                        plgpu.barrier_arrive(turn.at[1 - wg])
-                        return acc_ref[...]
-
-                    return total + scaled(p, s_a, s_w)
-
                 body = {None: mma, "overlap": mma_overlapped, "plain": mma_grouped,
-                        "pingpong": mma_pingpong}[group_mode]
+                        "pingpong": mma_grouped}[group_mode]
                 make_pipeline(body, epilogue)(*pipeline_operands(pm, pn), allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
