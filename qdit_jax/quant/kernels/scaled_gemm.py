@@ -44,10 +44,11 @@ TILE_M, TILE_N, TILE_K, STEPS = 128, 128, 128, 3  # per compute warpgroup; the f
 # (a third register tile; int8's default, 10-15% faster for int8). Measured and dropped: rescaling
 # the fp8 accumulator itself between groups by the ratio of their scales (one 128 x 128 tile, as
 # flash attention rescales): slower (290 vs 245 us) and off by fp8 wgmma's accumulation precision.
-# 'pingpong' (built, not yet run on a GPU; opt-in): as 'plain', with the two compute warpgroups
-# taking turns at the tensor cores through two shared-memory barriers: one issues its wgmma only once
-# the other's has finished, so that each one's promotion runs under the other's wgmma instead of
-# both promoting at once (the group GEMMs cost 1.4-1.75x their per-channel time on the H100)
+# 'pingpong' (opt-in): as 'plain', with the two compute warpgroups taking turns at the tensor cores
+# through two shared-memory barriers: one issues its wgmma only once the other's has finished, so
+# that each one's promotion runs under the other's wgmma instead of both promoting at once. Correct
+# on the H100, but no faster: within noise of 'plain' for fp8, 4-9% slower than 'overlap' for int8
+# (docs/RESULTS.md, tenth session)
 GROUP_MODES = ("plain", "overlap", "pingpong")
 GROUP_TILE_M, GROUP_STEPS = 64, 4  # the fastest tiling measured on the H100
 CODE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))  # wgmma: float32 / int32 accumulation
