@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "fc2ing", "normq", "qkvgemm", "resgemm", "groupgemm"])
     p.add_argument("--group-forms", nargs="+", default=["64x128x4p", "64x128x4o", "64x128x5p"],
                    help="groupgemm: Mosaic tilings tile_m x tile_n x steps and group mode ("
-                        "o: overlap; p: plain; g: pingpong; see kernels.scaled_gemm.GROUP_MODES)")
+                        "o: overlap; p: plain; g: pingpong; s: split; see kernels.scaled_gemm.GROUP_MODES)")
     a = p.parse_args()
     rng = np.random.default_rng(0)
     bf = jnp.bfloat16
@@ -449,7 +449,7 @@ def group_gemm_forms(a, rng) -> None:
                         print(f"{name}: Triton group kernel                {res[1] * 1e6:8.1f} us   equal "
                               f"{np.mean(got == ref):.4f}", flush=True)
             for form in a.group_forms:
-                mode = {"o": "overlap", "p": "plain", "g": "pingpong"}[form[-1]]
+                mode = {"o": "overlap", "p": "plain", "g": "pingpong", "s": "split"}[form[-1]]
                 tm, tn, st = (int(v) for v in form[:-1].split("x"))
                 ok, why = scaled_gemm_applies(m, n, k, dtype, dtype, groups=g, tile_m=tm, tile_n=tn)
                 if not ok:
@@ -485,6 +485,12 @@ def gelu_codes_forms(a, name: str, args: tuple, dtype) -> None:
     eq = np.mean(np.asarray(r1[0][0].astype(jnp.float32)) == np.asarray(r2[0][0].astype(jnp.float32)))
     print(f"{name}: fc1 -> fc2 group codes: GEMM + gelu_quant {r2[1] * 1e6:8.1f} us, codes epilogue "
           f"{r1[1] * 1e6:8.1f} us (codes equal {eq:.4f})", flush=True)
+    for mode in ("plain", "overlap", "split"):
+        res = run_timed(f"{name} codes epilogue, {mode}", jax.jit(lambda *v, mode=mode: scaled_gemm_mosaic(
+            *v, gelu_codes=spec, group_mode=mode)), args, a.repeats)
+        if res is not None:
+            eq = np.mean(np.asarray(res[0][0].astype(jnp.float32)) == np.asarray(r1[0][0].astype(jnp.float32)))
+            print(f"{name}: codes epilogue, {mode:8s} {res[1] * 1e6:8.1f} us (codes equal {eq:.4f})", flush=True)
 
 
 def fc2_input_groups(a, rng) -> None:

@@ -48,6 +48,9 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     # Triton group kernel (int8) or XLA's batched product (fp8), the group inputs quantized by XLA
     "real-w8a8-g128-triton": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
                               "auto-nogroupk"),
+    # fp8 group-128 with the group GEMM's schedule 'plain' everywhere (the default before 'split')
+    "real-fp8-g128-plain": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
+                                 fmt="fp8_e4m3"), "real", "auto-gmplain"),
     # fc1 with a bf16 output and gelu_quant's pass writing fc2's group codes, instead of fc1's epilogue
     # writing them (RealOptions.gelu_epilogue, on by default)
     "real-fp8-g128-nogelue": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
@@ -213,7 +216,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # mode: q, k, v as three quantized GEMMs), -nomlp (no fused MLP middle step), -nonorm (no norm_quant
     # kernel), -rowq (norm_quant without the LayerNorm prologue), -noqkvk (no scaled_gemm for qkv),
     # -nores (no scaled_gemm with the residual for proj / fc2), -nogroupk (no scaled_gemm for group-wise
-    # layers), -nogelue (group-wise fc1 with a bf16 output, then gelu_quant), -packed (4-bit weights
+    # layers), -nogelue (group-wise fc1 with a bf16 output, then gelu_quant), -gmMODE (the group GEMM's
+    # schedule, kernels.scaled_gemm.GROUP_MODES), -packed (4-bit weights
     # kept packed on the device, RealModel.variables), xla-attn (XLA attention)
     if "qkv1" in tags:
         cfg = cfg.replace(qkv_gemms="fused")
@@ -231,7 +235,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        fused_mlp="nomlp" not in tags, fused_norm=not {"nonorm", "rowq"} & set(tags),
                        row_quant="nonorm" not in tags, qkv_kernel="noqkvk" not in tags,
                        residual_kernel="nores" not in tags, group_kernel="nogroupk" not in tags,
-                       gelu_epilogue="nogelue" not in tags)
+                       gelu_epilogue="nogelue" not in tags,
+                       group_mode=next((t[len("gm"):] for t in tags if t.startswith("gm")), None))
     variables = rm.variables(unpack_w4=False if "packed" in tags else None)
     return rm.apply_fn(opts), with_compute_params(variables, cfg), {
         "weight_bytes": rm.weight_bytes(), "checkpoint_bytes": checkpoint_bytes(rm.variables(unpack_w4=False))}

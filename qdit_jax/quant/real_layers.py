@@ -29,7 +29,8 @@ from qdit_jax.quant.kernels.gelu_quant import gelu_quant_applies, gelu_quant_pal
 from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm_pallas, group_gemm_xla, kernel_applies,
                                                low_bit_product, weight_codes_int8)
 from qdit_jax.quant.kernels.norm_quant import norm_quant_applies, norm_quant_pallas
-from qdit_jax.quant.kernels.scaled_gemm import CODE_DTYPES, TILE_K, TILE_N, scaled_gemm_applies, scaled_gemm_mosaic
+from qdit_jax.quant.kernels.scaled_gemm import (CODE_DTYPES, GROUP_MODES, TILE_K, TILE_N, scaled_gemm_applies,
+                                                scaled_gemm_mosaic)
 from qdit_jax.quant.quantizers import QuantSpec, _int_codes, params_of_groups
 
 BACKENDS = ("auto", "xla", "pallas")
@@ -108,12 +109,18 @@ class RealOptions:
     # instead of its bf16 output and gelu_quant's pass over it. XL/2 on the H100 (same call): fp8 g128
     # 1.056x -> 1.069x / 1.066x bf16 at batch 64 / 256, int8 g128 0.980x -> 0.984x, 0.986x -> 1.008x
     gelu_epilogue: bool = True
+    # the group-scaled GEMM's schedule (kernels.scaled_gemm.GROUP_MODES); None: its default for the
+    # codes and K (group_mode_for: int8 'overlap', fp8 'split' on fc2's long K loop, else 'plain')
+    group_mode: str | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise QditError(f"real-mode backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.float_product not in FLOAT_PRODUCTS:
             raise QditError(f"float_product must be one of {FLOAT_PRODUCTS}, got {self.float_product!r}")
+        if self.group_mode is not None and self.group_mode not in GROUP_MODES:
+            raise QditError(f"group_mode must be one of {GROUP_MODES} or None (the kernel's default), "
+                            f"got {self.group_mode!r}")
 
 
 def group_width(spec: QuantSpec | None, k: int) -> int:
@@ -315,7 +322,7 @@ def _codes_gemm(qa: jax.Array, sa: jax.Array, rw: RealWeight, out_dtype: Any, op
     """The low-bit GEMM from activation codes and scales: product, then scales and bias; in XLA, or
     for group-wise codes through ``kernels.scaled_gemm`` where it applies (``RealOptions.group_kernel``)."""
     if _group_route(*qa.shape, qa.dtype, rw, out_dtype, options):
-        return scaled_gemm_mosaic(qa, rw.codes, sa, rw.scale, rw.bias)
+        return scaled_gemm_mosaic(qa, rw.codes, sa, rw.scale, rw.bias, group_mode=options.group_mode)
     return group_gemm_xla(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype,
                           split_epilogue=options.split_epilogue,
                           product_dtype=_float_product(options.float_product, out_dtype))
@@ -336,9 +343,9 @@ def dense_with_codes(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: An
     return GemmSource(y.reshape(*lead, y.shape[-1]), qa, sa, rw)
 
 
-def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource) -> jax.Array | None:
+def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource, group_mode: str | None = None) -> jax.Array | None:
     """``x + gate[:, None] * src.out`` as one fp8 / int8 GEMM with the gated residual in its epilogue
-    (``kernels.scaled_gemm``), or None where the kernel does not apply."""
+    (``kernels.scaled_gemm``, ``group_mode`` for group scales), or None where the kernel does not apply."""
     m, k = src.qa.shape
     n = src.rw.scale.shape[1]
     bf16 = jnp.dtype(jnp.bfloat16)
@@ -349,7 +356,7 @@ def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource) -> jax.Array
     if not scaled_gemm_applies(m, n, k, src.qa.dtype, src.rw.codes.dtype, groups=g, rows_per_gate=x.shape[1])[0]:
         return None
     y = scaled_gemm_mosaic(src.qa, src.rw.codes, src.sa, src.rw.scale, src.rw.bias, residual=x.reshape(m, n),
-                           gate=gate)
+                           gate=gate, group_mode=group_mode)
     return y.reshape(x.shape)
 
 
@@ -382,7 +389,8 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
             return None
         qa, sa = _quantize_input(x.reshape(m, k), l1.act, k // w1.scale.shape[0], options, source)
         if options.gelu_epilogue and l2.act.group_size == TILE_N:  # (bf16 output: group_scaled_applies)
-            q2, s2 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, gelu_codes=l2.act)
+            q2, s2 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, gelu_codes=l2.act,
+                                        group_mode=options.group_mode)
         else:
             y1 = _codes_gemm(qa, sa, w1, out_dtype, options)
             q2, s2 = gelu_quant_pallas(y1, None, None, None, l2.act, out_dtype)
@@ -420,8 +428,8 @@ def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, opt
     # each block reshaped before the concatenation, as SplitQKVDense does: XLA folds the attention's
     # slices of a concatenation into its operands, but not of a reshaped concatenation (measured:
     # concatenating (M, C) blocks and reshaping after left a q / k / v copy pass of ~300 us per block)
-    parts = [scaled_gemm_mosaic(qa, rw.codes, sa, sw, rw.bias, n_off=i * c, n=c).reshape(*lead, c)
-             for i in range(blocks)]
+    parts = [scaled_gemm_mosaic(qa, rw.codes, sa, sw, rw.bias, n_off=i * c, n=c, group_mode=options.group_mode)
+             .reshape(*lead, c) for i in range(blocks)]
     return jnp.concatenate(parts, axis=-1)
 
 

@@ -39,8 +39,11 @@ from jax import lax
 TILE_M, TILE_N, TILE_K, STEPS = 128, 128, 128, 3  # per compute warpgroup; the fastest measured on the H100
 # group scales: a float32 running sum beside the wgmma accumulator (two 64 x 128 float32 tiles per
 # warpgroup, where one 128 x 128 tile would not fit twice in registers), and how each K step's product
-# is scaled into it (static ``group_mode``): 'plain', after the step's wgmma (fp8's default, the
-# faster for fp8 on the H100); 'overlap', the previous step's product while this step's wgmma runs
+# is scaled into it (static ``group_mode``; defaults: ``group_mode_for``): 'plain', after the step's
+# wgmma (fp8's default on short K loops); 'split', the tile's two 64-column halves as two wgmmas in
+# flight, the first half scaled while the second runs (fp8's default on long K loops: fc2 10-17%
+# faster than 'plain' alone, +0.5% on the XL/2 forward; four quarters were slower);
+# 'overlap', the previous step's product while this step's wgmma runs
 # (a third register tile; int8's default, 10-15% faster for int8). Measured and dropped: rescaling
 # the fp8 accumulator itself between groups by the ratio of their scales (one 128 x 128 tile, as
 # flash attention rescales): slower (290 vs 245 us) and off by fp8 wgmma's accumulation precision.
@@ -49,8 +52,9 @@ TILE_M, TILE_N, TILE_K, STEPS = 128, 128, 128, 3  # per compute warpgroup; the f
 # that each one's promotion runs under the other's wgmma instead of both promoting at once. Correct
 # on the H100, but no faster: within noise of 'plain' for fp8, 4-9% slower than 'overlap' for int8
 # (docs/RESULTS.md, tenth session)
-GROUP_MODES = ("plain", "overlap", "pingpong")
+GROUP_MODES = ("plain", "overlap", "pingpong", "split")
 GROUP_TILE_M, GROUP_STEPS = 64, 4  # the fastest tiling measured on the H100
+SPLIT_MIN_GROUPS = 16  # fp8 defaults to 'split' above this many K steps
 CODE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))  # wgmma: float32 / int32 accumulation
 
 
@@ -97,10 +101,13 @@ def _groups(sa: jax.Array) -> int:
 
 
 def group_mode_for(groups: int, a_dtype: Any, mode: str | None = None) -> str | None:
-    """The group mode used for ``a_dtype`` codes (None per channel): fp8 'plain', int8 'overlap'."""
+    """The group mode used for ``a_dtype`` codes and ``groups`` K steps (None per channel): int8
+    'overlap'; fp8 'split' for long K loops (fc2's 36 groups: 10-17% faster than 'plain' on the H100)
+    and 'plain' for short ones (9 groups: within noise of 'split', which lost 3% on fc1 in one call)."""
     if groups == 1:
         return None
-    mode = mode or ("overlap" if jnp.dtype(a_dtype) == jnp.dtype(jnp.int8) else "plain")
+    if mode is None:
+        mode = "overlap" if jnp.dtype(a_dtype) == jnp.dtype(jnp.int8) else ("split" if groups > SPLIT_MIN_GROUPS else "plain")
     if mode not in GROUP_MODES:
         raise ValueError(f"group_mode must be one of {GROUP_MODES}, got {mode!r}")
     return mode
@@ -192,6 +199,9 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     w_tile0 = n_off // tile_n
     row_l, col_l = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
     shape = (tile_m, tile_n)
+    n_parts = 2 if group_mode == "split" else 1  # column parts with their own wgmma (4: slower on the H100)
+    part_n = tile_n // n_parts
+    part = (tile_m, part_n)
     if gelu_codes is None:
         out_dtype = jnp.bfloat16
     else:
@@ -267,9 +277,6 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                         # store has read it), issued before the K loop so that it lands during it
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                         plgpu.copy_gmem_to_smem(r_gmem.at[pl.ds(rows, tile_m), ocols], o_smem.at[wg], r_bar.at[wg])
-                        g = plgpu.load(g_gmem.at[pl.ds((rows // rows_per_gate) * n + pn * tile_n, tile_n)], (),
-                                       layout=col_l, optimized=False)
-                    b = plgpu.load(b_gmem.at[wcols], (), layout=col_l, optimized=False)
                     if groups == 1:
                         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, acc_dtype))
                         def y(acc_ref: Any) -> jax.Array:
@@ -283,22 +290,38 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                         y = y * lax.broadcast_in_dim(s_a, shape, [0]) * lax.broadcast_in_dim(s_w, shape, [1])
                     elif group_mode in ("plain", "pingpong"):  # the scaled groups' float32 sum, from the K loop
                         y = eval_pipeline(zeros(jnp.float32))
+                    elif group_mode == "split":  # the column parts' sums
+                        y = eval_pipeline(tuple(plgpu.layout_cast(jnp.zeros(part, jnp.float32), plgpu.Layout.WGMMA)
+                                                for _ in range(n_parts)))
                     else:  # the sum of all but the last group, and the last group's product and scales
                         y, p, s_a, s_w = eval_pipeline((zeros(jnp.float32), zeros(acc_dtype),
                                                         plgpu.layout_cast(jnp.zeros((tile_m,), jnp.float32), row_l),
                                                         plgpu.layout_cast(jnp.zeros((tile_n,), jnp.float32), col_l)))
                         y = y + scaled(p, s_a, s_w)
-                    y = y + lax.broadcast_in_dim(b, shape, [1])
-                    if residual is not None:  # x + gate * y, each step rounded to bf16 as the model's
-                        y = y.astype(jnp.bfloat16).astype(jnp.float32)
-                        y = (lax.broadcast_in_dim(g, shape, [1]) * y).astype(jnp.bfloat16).astype(jnp.float32)
+                    # the rest column part by column part (split: two halves; Mosaic has no concatenate)
+                    parts = list(y) if isinstance(y, tuple) else [y]
+                    width = tile_n // len(parts)
+                    pshape = (tile_m, width)
+                    if residual is not None:
                         plgpu.barrier_wait(r_bar.at[wg])
-                        res = plgpu.load(o_smem.at[wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
-                        y = res.astype(jnp.float32) + y
+                    for j, yj in enumerate(parts):
+                        pcols = pl.ds(j * width, width)
+                        bj = plgpu.load(b_gmem.at[pl.ds(n_off + pn * tile_n + j * width, width)], (), layout=col_l,
+                                        optimized=False)
+                        yj = yj + lax.broadcast_in_dim(bj, pshape, [1])
+                        if residual is not None:  # x + gate * y, each step rounded to bf16 as the model's
+                            gj = plgpu.load(g_gmem.at[pl.ds((rows // rows_per_gate) * n + pn * tile_n + j * width,
+                                                            width)], (), layout=col_l, optimized=False)
+                            yj = yj.astype(jnp.bfloat16).astype(jnp.float32)
+                            yj = (lax.broadcast_in_dim(gj, pshape, [1]) * yj).astype(jnp.bfloat16).astype(jnp.float32)
+                            res = plgpu.load(o_smem.at[wg, :, pcols], (), layout=plgpu.Layout.WGMMA, optimized=False)
+                            yj = res.astype(jnp.float32) + yj
+                        parts[j] = yj
                     if gelu_codes is not None:  # the next layer's codes and group scales instead of y
-                        s_g, y = _gelu_group_codes(y, gelu_codes)
+                        s_g, parts = _gelu_group_codes(parts, gelu_codes)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this slot's previous store has read it
-                    o_smem[wg] = y.astype(out_dtype)
+                    for j, yj in enumerate(parts):
+                        o_smem[wg, :, pl.ds(j * width, width)] = yj.astype(out_dtype)
                     if gelu_codes is not None:
                         s_smem[wg] = s_g
                     plgpu.commit_smem()
@@ -347,8 +370,30 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
                     return step[0], step[1], s_a, s_w
 
+                def mma_split(_: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any, sums: Any) -> Any:
+                    # the tile's column parts as wgmmas all in flight at once: each part's product is
+                    # scaled into its sum while the later parts' wgmmas still run
+                    s_a = plgpu.load(sa_smem.at[0, pl.ds(wg * tile_m, tile_m)], (), layout=row_l, optimized=False)
+                    s_w = [plgpu.load(sw_smem.at[0, pl.ds(j * part_n, part_n)], (), layout=col_l, optimized=False)
+                           for j in range(n_parts)]
+                    a_rows = a_smem.at[pl.ds(wg * tile_m, tile_m)]
+
+                    def step(*accs: Any) -> tuple[jax.Array, ...]:
+                        for j, acc in enumerate(accs):
+                            w_part = plgpu.transpose_ref(w_smem.at[pl.ds(j * part_n, part_n)], (1, 0))
+                            plgpu.wgmma(acc, a_rows, w_part)
+                        new = []
+                        for j, acc in enumerate(accs):
+                            plgpu.wgmma_wait(n_parts - 1 - j)  # part j's wgmma (issued in order) is done
+                            p = acc[...].astype(jnp.float32)
+                            new.append(sums[j] + p * lax.broadcast_in_dim(s_a, part, [0])
+                                       * lax.broadcast_in_dim(s_w[j], part, [1]))
+                        return tuple(new)
+
+                    return pl.run_scoped(step, *[plgpu.ACC(part, acc_dtype) for _ in range(n_parts)])
+
                 body = {None: mma, "overlap": mma_overlapped, "plain": mma_grouped,
-                        "pingpong": mma_grouped}[group_mode]
+                        "pingpong": mma_grouped, "split": mma_split}[group_mode]
                 make_pipeline(body, epilogue)(*pipeline_operands(pm, pn), allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -362,27 +407,32 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         a, w, sa, sw, bias, *(() if residual is None else (residual, gate)))
 
 
-def _gelu_group_codes(y: jax.Array, spec: Any) -> tuple[jax.Array, jax.Array]:
-    """Inside the kernel: the tanh GELU of a float32 tile holding the layer's bf16-rounded output
-    (``kernels.gelu_quant``'s 'dtype' evaluation, libdevice tanh), and its symmetric codes with one
-    scale per row (the tile is one group wide): (scales (rows,), codes as float32). The codes step of
-    ``row_quant.scale_and_codes``, written for Mosaic: a row vector broadcast with
-    ``broadcast_in_dim`` (``s[:, None]`` does not lower there) and ``jnp.round``."""
+def _gelu_group_codes(parts: list[jax.Array], spec: Any) -> tuple[jax.Array, list[jax.Array]]:
+    """Inside the kernel: the tanh GELU of float32 column parts of a tile holding the layer's
+    bf16-rounded output (``kernels.gelu_quant``'s 'dtype' evaluation, libdevice tanh), and their
+    symmetric codes with one scale per row (the tile is one group wide): (scales (rows,), codes as
+    float32, part by part). The codes step of ``row_quant.scale_and_codes``, written for Mosaic: a row
+    vector broadcast with ``broadcast_in_dim`` (``s[:, None]`` does not lower there) and ``jnp.round``."""
     from qdit_jax.quant.kernels.gelu_quant import _gelu
     from qdit_jax.quant.kernels.row_quant import row_scale
     from qdit_jax.quant.quantizers import int_range
 
     bf16 = jnp.bfloat16
-    y = y.astype(bf16).astype(jnp.float32)
-    h = _gelu(y, bf16, "dtype", fast=False).astype(bf16).astype(jnp.float32)
-    s = row_scale(jnp.max(jnp.abs(h), axis=1), spec)
-    x = h / lax.broadcast_in_dim(s, h.shape, [0])
-    if spec.format == "int":
-        return s, jnp.clip(jnp.round(x), *int_range(spec.bits, True))
-    from qdit_jax.quant.formats import fp8_max
+    hs = [_gelu(y.astype(bf16).astype(jnp.float32), bf16, "dtype", fast=False).astype(bf16).astype(jnp.float32)
+          for y in parts]
+    amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(h), axis=1) for h in hs])
+    s = row_scale(amax, spec)
+    codes = []
+    for h in hs:
+        x = h / lax.broadcast_in_dim(s, h.shape, [0])
+        if spec.format == "int":
+            codes.append(jnp.clip(jnp.round(x), *int_range(spec.bits, True)))
+        else:
+            from qdit_jax.quant.formats import fp8_max
 
-    lim = fp8_max(spec.format)
-    return s, jnp.clip(x, -lim, lim)
+            lim = fp8_max(spec.format)
+            codes.append(jnp.clip(x, -lim, lim))
+    return s, codes
 
 
 def scaled_gemm_xla(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,

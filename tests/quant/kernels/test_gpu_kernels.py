@@ -156,7 +156,7 @@ def test_group_scaled_gemm_matches_xla(k, dtype):
     # x + gate * y: an ulp of y moves the sum by an ulp of its terms (more than one of the sum where
     # they cancel)
     terms = np.abs(np.asarray(x, np.float64)) + np.abs(np.repeat(np.asarray(gate, np.float64), T, axis=0) * y0)
-    for mode in ("plain", "overlap", "pingpong"):  # (pingpong: if it hangs, its turn barriers deadlock)
+    for mode in ("plain", "overlap", "pingpong", "split"):  # (pingpong: if it hangs, its turn barriers deadlock)
         y = np.asarray(jax.jit(lambda *v: scaled_gemm_mosaic(*v, n_off=C, n=C, group_mode=mode))(a, w, sa, sw, b),
                        np.float64)
         assert np.abs(y0).max() > 1
@@ -169,8 +169,9 @@ def test_group_scaled_gemm_matches_xla(k, dtype):
         assert np.all(np.abs(got - want) <= 2 ** -6 * terms + 2 ** -6)
 
 
+@pytest.mark.parametrize("mode", [None, "split"])
 @pytest.mark.parametrize("name", sorted(G128))
-def test_gelu_codes_epilogue_matches_xla(name):
+def test_gelu_codes_epilogue_matches_xla(name, mode):
     """fc1 on group-wise codes writing fc2's 128-wide group codes from its epilogue (GELU, group
     abs-max, codes in registers) against the group GEMM's XLA formulation + gelu_quant's."""
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_mosaic, scaled_gemm_xla
@@ -184,7 +185,7 @@ def test_gelu_codes_epilogue_matches_xla(name):
     sa = jnp.asarray(r.uniform(0.001, 0.003, (g, m)), jnp.float32)
     sw = jnp.asarray(r.uniform(0.001, 0.003, (g, HIDDEN)) / 4, jnp.float32)
     b = jnp.asarray(r.standard_normal(HIDDEN) * 0.1, jnp.float32)
-    q, s = jax.jit(lambda *v: scaled_gemm_mosaic(*v, gelu_codes=G128[name]))(a, w, sa, sw, b)
+    q, s = jax.jit(lambda *v: scaled_gemm_mosaic(*v, gelu_codes=G128[name], group_mode=mode))(a, w, sa, sw, b)
     q0, s0 = jax.jit(lambda *v: gelu_quant_xla(scaled_gemm_xla(*v), None, None, None, G128[name], jnp.bfloat16))(
         a, w, sa, sw, b)
     assert q.dtype == q0.dtype and s.shape == s0.shape == (HIDDEN // 128, m)

@@ -136,13 +136,16 @@ def test_gelu_codes_epilogue_math_equals_gelu_quant(fmt):
     spec = QuantSpec(bits=8, format=fmt, group_size=128, symmetric=True)
     r = np.random.default_rng(5)
     y = (r.standard_normal((64, 128)) * r.uniform(0.2, 5, (64, 1))).astype(np.float32)  # rows of unequal range
-    s, codes = _gelu_group_codes(jnp.asarray(y), spec)
     q0, s0 = gelu_quant_xla(jnp.asarray(y, jnp.bfloat16), None, None, None, spec, jnp.bfloat16)
-    np.testing.assert_allclose(np.asarray(s), np.asarray(s0)[0], rtol=1e-6)
-    got = np.asarray(codes.astype(q0.dtype).astype(jnp.float32))
     want = np.asarray(q0.astype(jnp.float32))
-    assert np.mean(got == want) > 0.999
     assert np.abs(want).max(axis=1).min() >= (127 if fmt == "int" else 448)
+    # the tile whole, and in two column halves ('split' mode: the row max spans both)
+    for parts in ([jnp.asarray(y)], [jnp.asarray(y[:, :64]), jnp.asarray(y[:, 64:])]):
+        s, codes = _gelu_group_codes(parts, spec)
+        assert len(codes) == len(parts)
+        np.testing.assert_allclose(np.asarray(s), np.asarray(s0)[0], rtol=1e-6)
+        got = np.concatenate([np.asarray(c.astype(q0.dtype).astype(jnp.float32)) for c in codes], axis=1)
+        assert np.mean(got == want) > 0.999
 
 
 def test_gelu_codes_needs_group_wise_8_bit_spec():
@@ -158,12 +161,15 @@ def test_gelu_codes_needs_group_wise_8_bit_spec():
 
 
 def test_group_modes_default_by_code_type_and_reject_unknown_ones():
-    """Per channel has no group mode; group scales default to 'plain' for fp8 and 'overlap' for int8
-    (the faster of each on the H100); 'pingpong' can be asked for; anything else is named in an error."""
+    """Per channel has no group mode; group scales default to 'overlap' for int8, and for fp8 to
+    'plain' on short K loops and 'split' on long ones (the faster of each on the H100); 'pingpong'
+    can be asked for; anything else is named in an error."""
     from qdit_jax.quant.kernels.scaled_gemm import GROUP_MODES, group_mode_for
 
     assert group_mode_for(1, jnp.int8) is None
     assert group_mode_for(2, jnp.int8) == "overlap" and group_mode_for(2, jnp.float8_e4m3fn) == "plain"
     assert group_mode_for(8, jnp.int8, "pingpong") == "pingpong" and "pingpong" in GROUP_MODES
+    assert group_mode_for(36, jnp.float8_e4m3fn) == "split" and group_mode_for(36, jnp.int8) == "overlap"
+    assert group_mode_for(9, jnp.float8_e4m3fn) == "plain"
     with pytest.raises(ValueError, match="pingpong"):
         group_mode_for(2, jnp.int8, "zigzag")

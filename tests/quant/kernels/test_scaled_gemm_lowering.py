@@ -38,6 +38,10 @@ CASES = {
     "int8 group-128 overlap": (jnp.int8, 4 * C, C, 8, {}),
     "int8 group-128 pingpong": (jnp.int8, 4 * C, C, 8, dict(group_mode="pingpong")),
     "fp8 group-128 pingpong + residual": (F8, C, C, 2, dict(group_mode="pingpong", residual=True)),
+    "int8 group-128 split + residual": (jnp.int8, 4 * C, C, 8, dict(group_mode="split", residual=True)),
+    "fp8 group-128 split + residual (default above 16 groups)": (F8, 17 * 128, C, 17, dict(residual=True)),
+    "fp8 group-128 split, gelu_codes": (F8, C, 4 * C, 2, dict(group_mode="split", gelu_codes=QuantSpec(
+        bits=8, format="fp8_e4m3", group_size=128, symmetric=True))),
     "fp8 group-128 gelu_codes": (F8, C, 4 * C, 2, dict(gelu_codes=QuantSpec(bits=8, format="fp8_e4m3", group_size=128,
                                                                               symmetric=True))),
     "int8 group-128 gelu_codes": (jnp.int8, C, 4 * C, 2, dict(gelu_codes=QuantSpec(bits=8, group_size=128,
