@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "fc2ing", "normq", "qkvgemm", "resgemm", "groupgemm"])
     p.add_argument("--group-forms", nargs="+", default=["64x128x4p", "64x128x4o", "64x128x5p"],
                    help="groupgemm: Mosaic tilings tile_m x tile_n x steps and group mode ("
-                        "o: overlap; p: plain; g: pingpong; s: split; see kernels.scaled_gemm.GROUP_MODES)")
+                        "o: overlap; p: plain; s: split; see kernels.scaled_gemm.GROUP_MODES)")
     a = p.parse_args()
     rng = np.random.default_rng(0)
     bf = jnp.bfloat16
@@ -449,7 +449,7 @@ def group_gemm_forms(a, rng) -> None:
                         print(f"{name}: Triton group kernel                {res[1] * 1e6:8.1f} us   equal "
                               f"{np.mean(got == ref):.4f}", flush=True)
             for form in a.group_forms:
-                mode = {"o": "overlap", "p": "plain", "g": "pingpong", "s": "split"}[form[-1]]
+                mode = {"o": "overlap", "p": "plain", "s": "split"}[form[-1]]
                 tm, tn, st = (int(v) for v in form[:-1].split("x"))
                 ok, why = scaled_gemm_applies(m, n, k, dtype, dtype, groups=g, tile_m=tm, tile_n=tn)
                 if not ok:

@@ -47,12 +47,10 @@ TILE_M, TILE_N, TILE_K, STEPS = 128, 128, 128, 3  # per compute warpgroup; the f
 # (a third register tile; int8's default, 10-15% faster for int8). Measured and dropped: rescaling
 # the fp8 accumulator itself between groups by the ratio of their scales (one 128 x 128 tile, as
 # flash attention rescales): slower (290 vs 245 us) and off by fp8 wgmma's accumulation precision.
-# 'pingpong' (opt-in): as 'plain', with the two compute warpgroups taking turns at the tensor cores
-# through two shared-memory barriers: one issues its wgmma only once the other's has finished, so
-# that each one's promotion runs under the other's wgmma instead of both promoting at once. Correct
-# on the H100, but no faster: within noise of 'plain' for fp8, 4-9% slower than 'overlap' for int8
-# (docs/RESULTS.md, tenth session)
-GROUP_MODES = ("plain", "overlap", "pingpong", "split")
+# Also measured and dropped (tenth session): a ping-pong schedule, the two compute warpgroups taking
+# turns at the tensor cores through shared-memory barriers (correct, but within noise of 'plain' for
+# fp8 and 4-9% slower than 'overlap' for int8), and CTA pairs sharing the weight tile by TMA multicast.
+GROUP_MODES = ("plain", "overlap", "split")
 GROUP_TILE_M, GROUP_STEPS = 64, 4  # the fastest tiling measured on the H100
 SPLIT_MIN_GROUPS = 16  # fp8 defaults to 'split' above this many K steps
 CODE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))  # wgmma: float32 / int32 accumulation
@@ -247,14 +245,9 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                            o_smem=plgpu.SMEM((2, tile_m, tile_n), out_dtype),
                            s_smem=None if gelu_codes is None else plgpu.SMEM((2, tile_m), jnp.float32),
                            r_bar=None if residual is None else plgpu.Barrier(num_barriers=2),
-                           turn=plgpu.Barrier(num_arrivals=1, num_barriers=2) if group_mode == "pingpong" else None,
                            collective_axes="wg")
-        def scope(allocs: Any, o_smem: Any, s_smem: Any, r_bar: Any, turn: Any) -> None:
+        def scope(allocs: Any, o_smem: Any, s_smem: Any, r_bar: Any) -> None:
             wg = lax.axis_index("wg")
-            if turn is not None:  # warpgroup 0 takes the first turn (the turns then chain across tiles)
-                @pl.when(wg == 1)
-                def _() -> None:
-                    plgpu.barrier_arrive(turn.at[0])
 
             @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
             def tile(info: Any) -> None:
@@ -288,7 +281,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                         # rounded as the XLA path's product: int32 sums to float32, fp8 to bf16
                         y = y.astype(jnp.float32) if int_codes else y.astype(jnp.bfloat16).astype(jnp.float32)
                         y = y * lax.broadcast_in_dim(s_a, shape, [0]) * lax.broadcast_in_dim(s_w, shape, [1])
-                    elif group_mode in ("plain", "pingpong"):  # the scaled groups' float32 sum, from the K loop
+                    elif group_mode == "plain":  # the scaled groups' float32 sum, from the K loop
                         y = eval_pipeline(zeros(jnp.float32))
                     elif group_mode == "split":  # the column parts' sums
                         y = eval_pipeline(tuple(plgpu.layout_cast(jnp.zeros(part, jnp.float32), plgpu.Layout.WGMMA)
@@ -339,18 +332,12 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                             plgpu.load(sw_smem.at[0], (), layout=col_l, optimized=False))
 
                 def mma_grouped(_: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any, total: Any) -> Any:
-                    # this group's scales first, then its product in a fresh accumulator; 'pingpong': the
-                    # wgmma only in this warpgroup's turn, the turn handed over before the promotion (which
-                    # then runs while the other warpgroup's wgmma does)
+                    # this group's scales first, then its product in a fresh accumulator
                     s_a, s_w = group_scales(sa_smem, sw_smem)
 
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, acc_dtype))
                     def p(acc_ref: Any) -> jax.Array:
-                        if turn is not None:
-                            plgpu.barrier_wait(turn.at[wg])
                         product(a_smem, w_smem, acc_ref)
-                        if turn is not None:
-                            plgpu.barrier_arrive(turn.at[1 - wg])
                         return acc_ref[...]
 
                     return total + scaled(p, s_a, s_w)
@@ -393,7 +380,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                     return pl.run_scoped(step, *[plgpu.ACC(part, acc_dtype) for _ in range(n_parts)])
 
                 body = {None: mma, "overlap": mma_overlapped, "plain": mma_grouped,
-                        "pingpong": mma_grouped, "split": mma_split}[group_mode]
+                        "split": mma_split}[group_mode]
                 make_pipeline(body, epilogue)(*pipeline_operands(pm, pn), allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)

@@ -36,8 +36,7 @@ CASES = {
     "int8 per channel + residual": (jnp.int8, 4 * C, C, 1, dict(residual=True)),
     "fp8 group-128 plain + residual": (F8, C, C, 2, dict(residual=True)),
     "int8 group-128 overlap": (jnp.int8, 4 * C, C, 8, {}),
-    "int8 group-128 pingpong": (jnp.int8, 4 * C, C, 8, dict(group_mode="pingpong")),
-    "fp8 group-128 pingpong + residual": (F8, C, C, 2, dict(group_mode="pingpong", residual=True)),
+    "fp8 group-128 overlap + residual": (F8, C, C, 2, dict(group_mode="overlap", residual=True)),
     "int8 group-128 split + residual": (jnp.int8, 4 * C, C, 8, dict(group_mode="split", residual=True)),
     "fp8 group-128 split + residual (default above 16 groups)": (F8, 17 * 128, C, 17, dict(residual=True)),
     "fp8 group-128 split, gelu_codes": (F8, C, 4 * C, 2, dict(group_mode="split", gelu_codes=QuantSpec(
