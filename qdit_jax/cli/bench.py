@@ -48,9 +48,12 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     # Triton group kernel (int8) or XLA's batched product (fp8), the group inputs quantized by XLA
     "real-w8a8-g128-triton": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
                               "auto-nogroupk"),
-    # fp8 group-128 with the group GEMM's schedule 'plain' everywhere (the default before 'split')
+    # group-128 with another schedule of the group GEMM than the default (fp8 'split', int8 'overlap';
+    # RealOptions.group_mode): fp8 'plain' (the default before 'split'), int8 'split'
     "real-fp8-g128-plain": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
                                  fmt="fp8_e4m3"), "real", "auto-gmplain"),
+    "real-w8a8-g128-split": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
+                             "auto-gmsplit"),
     # fc1 with a bf16 output and gelu_quant's pass writing fc2's group codes, instead of fc1's epilogue
     # writing them (RealOptions.gelu_epilogue, on by default)
     "real-fp8-g128-nogelue": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,

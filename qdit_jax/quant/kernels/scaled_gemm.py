@@ -40,10 +40,9 @@ TILE_M, TILE_N, TILE_K, STEPS = 128, 128, 128, 3  # per compute warpgroup; the f
 # group scales: a float32 running sum beside the wgmma accumulator (two 64 x 128 float32 tiles per
 # warpgroup, where one 128 x 128 tile would not fit twice in registers), and how each K step's product
 # is scaled into it (static ``group_mode``; defaults: ``group_mode_for``): 'plain', after the step's
-# wgmma (fp8's default on short K loops); 'split', the tile's two 64-column halves as two wgmmas in
-# flight, the first half scaled while the second runs (fp8's default on long K loops: fc2 10-17%
-# faster than 'plain' alone, +0.5% on the XL/2 forward; four quarters were slower);
-# 'overlap', the previous step's product while this step's wgmma runs
+# wgmma; 'split', the tile's two 64-column halves as two wgmmas in flight, the first half scaled
+# while the second runs (fp8's default: fc2 10-17% faster than 'plain' alone, the XL/2 forward 1.2%;
+# four quarters were slower); 'overlap', the previous step's product while this step's wgmma runs
 # (a third register tile; int8's default, 10-15% faster for int8). Measured and dropped: rescaling
 # the fp8 accumulator itself between groups by the ratio of their scales (one 128 x 128 tile, as
 # flash attention rescales): slower (290 vs 245 us) and off by fp8 wgmma's accumulation precision.
@@ -52,7 +51,6 @@ TILE_M, TILE_N, TILE_K, STEPS = 128, 128, 128, 3  # per compute warpgroup; the f
 # fp8 and 4-9% slower than 'overlap' for int8), and CTA pairs sharing the weight tile by TMA multicast.
 GROUP_MODES = ("plain", "overlap", "split")
 GROUP_TILE_M, GROUP_STEPS = 64, 4  # the fastest tiling measured on the H100
-SPLIT_MIN_GROUPS = 16  # fp8 defaults to 'split' above this many K steps
 CODE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))  # wgmma: float32 / int32 accumulation
 
 
@@ -99,13 +97,11 @@ def _groups(sa: jax.Array) -> int:
 
 
 def group_mode_for(groups: int, a_dtype: Any, mode: str | None = None) -> str | None:
-    """The group mode used for ``a_dtype`` codes and ``groups`` K steps (None per channel): int8
-    'overlap'; fp8 'split' for long K loops (fc2's 36 groups: 10-17% faster than 'plain' on the H100)
-    and 'plain' for short ones (9 groups: within noise of 'split', which lost 3% on fc1 in one call)."""
+    """The group mode used for ``a_dtype`` codes (None per channel): fp8 'split', int8 'overlap' (the
+    faster of each in the XL/2 forward on the H100)."""
     if groups == 1:
         return None
-    if mode is None:
-        mode = "overlap" if jnp.dtype(a_dtype) == jnp.dtype(jnp.int8) else ("split" if groups > SPLIT_MIN_GROUPS else "plain")
+    mode = mode or ("overlap" if jnp.dtype(a_dtype) == jnp.dtype(jnp.int8) else "split")
     if mode not in GROUP_MODES:
         raise ValueError(f"group_mode must be one of {GROUP_MODES}, got {mode!r}")
     return mode

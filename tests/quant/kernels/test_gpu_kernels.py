@@ -169,7 +169,7 @@ def test_group_scaled_gemm_matches_xla(k, dtype):
         assert np.all(np.abs(got - want) <= 2 ** -6 * terms + 2 ** -6)
 
 
-@pytest.mark.parametrize("mode", [None, "split"])
+@pytest.mark.parametrize("mode", [None, "plain", "split"])
 @pytest.mark.parametrize("name", sorted(G128))
 def test_gelu_codes_epilogue_matches_xla(name, mode):
     """fc1 on group-wise codes writing fc2's 128-wide group codes from its epilogue (GELU, group

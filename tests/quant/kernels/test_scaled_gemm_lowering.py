@@ -34,12 +34,12 @@ def _lower(dtype, k: int, n: int, groups: int, **kw) -> str:
 CASES = {
     "fp8 per channel": (F8, C, C, 1, {}),
     "int8 per channel + residual": (jnp.int8, 4 * C, C, 1, dict(residual=True)),
-    "fp8 group-128 plain + residual": (F8, C, C, 2, dict(residual=True)),
+    "fp8 group-128 (split) + residual": (F8, C, C, 2, dict(residual=True)),
     "int8 group-128 overlap": (jnp.int8, 4 * C, C, 8, {}),
     "fp8 group-128 overlap + residual": (F8, C, C, 2, dict(group_mode="overlap", residual=True)),
     "int8 group-128 split + residual": (jnp.int8, 4 * C, C, 8, dict(group_mode="split", residual=True)),
-    "fp8 group-128 split + residual (default above 16 groups)": (F8, 17 * 128, C, 17, dict(residual=True)),
-    "fp8 group-128 split, gelu_codes": (F8, C, 4 * C, 2, dict(group_mode="split", gelu_codes=QuantSpec(
+    "fp8 group-128 plain": (F8, 4 * C, C, 8, dict(group_mode="plain")),
+    "fp8 group-128 plain, gelu_codes": (F8, C, 4 * C, 2, dict(group_mode="plain", gelu_codes=QuantSpec(
         bits=8, format="fp8_e4m3", group_size=128, symmetric=True))),
     "fp8 group-128 gelu_codes": (F8, C, 4 * C, 2, dict(gelu_codes=QuantSpec(bits=8, format="fp8_e4m3", group_size=128,
                                                                               symmetric=True))),
