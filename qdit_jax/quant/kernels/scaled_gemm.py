@@ -397,6 +397,7 @@ def _gelu_group_codes(parts: list[jax.Array], spec: Any) -> tuple[jax.Array, lis
     float32, part by part). The codes step of ``row_quant.scale_and_codes``, written for Mosaic: a row
     vector broadcast with ``broadcast_in_dim`` (``s[:, None]`` does not lower there) and ``jnp.round``."""
     from qdit_jax.quant.kernels.gelu_quant import _gelu
+    from qdit_jax.quant.formats import fp8_max
     from qdit_jax.quant.kernels.row_quant import row_scale
     from qdit_jax.quant.quantizers import int_range
 
@@ -405,17 +406,11 @@ def _gelu_group_codes(parts: list[jax.Array], spec: Any) -> tuple[jax.Array, lis
           for y in parts]
     amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(h), axis=1) for h in hs])
     s = row_scale(amax, spec)
-    codes = []
-    for h in hs:
-        x = h / lax.broadcast_in_dim(s, h.shape, [0])
-        if spec.format == "int":
-            codes.append(jnp.clip(jnp.round(x), *int_range(spec.bits, True)))
-        else:
-            from qdit_jax.quant.formats import fp8_max
-
-            lim = fp8_max(spec.format)
-            codes.append(jnp.clip(x, -lim, lim))
-    return s, codes
+    if spec.format == "int":
+        lo, hi = int_range(spec.bits, True)
+        return s, [jnp.clip(jnp.round(h / lax.broadcast_in_dim(s, h.shape, [0])), lo, hi) for h in hs]
+    lim = fp8_max(spec.format)
+    return s, [jnp.clip(h / lax.broadcast_in_dim(s, h.shape, [0]), -lim, lim) for h in hs]
 
 
 def scaled_gemm_xla(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
