@@ -54,6 +54,14 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
                                  fmt="fp8_e4m3"), "real", "auto-gmplain"),
     "real-w8a8-g128-split": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
                              "auto-gmsplit"),
+    # kernels.scaled_gemm with a pipeline per output tile instead of one chained across each CTA's
+    # tiles (RealOptions.chain_tiles, on by default)
+    "real-fp8-nochain": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
+                         "xla-nochain"),
+    "real-fp8-g128-nochain": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
+                                   fmt="fp8_e4m3"), "real", "auto-nochain"),
+    "real-w8a8-g128-nochain": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
+                               "auto-nochain"),
     # fc1 with a bf16 output and gelu_quant's pass writing fc2's group codes, instead of fc1's epilogue
     # writing them (RealOptions.gelu_epilogue, on by default)
     "real-fp8-g128-nogelue": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
@@ -238,7 +246,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        fused_mlp="nomlp" not in tags, fused_norm=not {"nonorm", "rowq"} & set(tags),
                        row_quant="nonorm" not in tags, qkv_kernel="noqkvk" not in tags,
                        residual_kernel="nores" not in tags, group_kernel="nogroupk" not in tags,
-                       gelu_epilogue="nogelue" not in tags,
+                       gelu_epilogue="nogelue" not in tags, chain_tiles="nochain" not in tags,
                        group_mode=next((t[len("gm"):] for t in tags if t.startswith("gm")), None))
     variables = rm.variables(unpack_w4=False if "packed" in tags else None)
     return rm.apply_fn(opts), with_compute_params(variables, cfg), {

@@ -222,7 +222,7 @@ def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str,
         if options.residual_kernel and type(context.module) is GatedResidual:
             x, gate, y = _call_args(args, kwargs, ("x", "gate", "y"))
             src = gemms.get(y)
-            out = None if src is None else residual_scaled(x, gate, src, options.group_mode)
+            out = None if src is None else residual_scaled(x, gate, src, options)
             return next_fun(*args, **kwargs) if out is None else out
         if options.fused_norm and type(context.module) is ModulatedNorm:
             y = next_fun(*args, **kwargs)

@@ -112,6 +112,9 @@ class RealOptions:
     # the group-scaled GEMM's schedule (kernels.scaled_gemm.GROUP_MODES); None: its default for the
     # codes (group_mode_for: int8 'overlap', fp8 'split')
     group_mode: str | None = None
+    # kernels.scaled_gemm's pipeline chained across each CTA's output tiles (the next tile's first
+    # loads during this tile's last K steps and epilogue); False: a pipeline per tile, as before
+    chain_tiles: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -322,7 +325,7 @@ def _codes_gemm(qa: jax.Array, sa: jax.Array, rw: RealWeight, out_dtype: Any, op
     """The low-bit GEMM from activation codes and scales: product, then scales and bias; in XLA, or
     for group-wise codes through ``kernels.scaled_gemm`` where it applies (``RealOptions.group_kernel``)."""
     if _group_route(*qa.shape, qa.dtype, rw, out_dtype, options):
-        return scaled_gemm_mosaic(qa, rw.codes, sa, rw.scale, rw.bias, group_mode=options.group_mode)
+        return scaled_gemm_mosaic(qa, rw.codes, sa, rw.scale, rw.bias, **_kernel_schedule(options))
     return group_gemm_xla(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype,
                           split_epilogue=options.split_epilogue,
                           product_dtype=_float_product(options.float_product, out_dtype))
@@ -343,9 +346,14 @@ def dense_with_codes(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: An
     return GemmSource(y.reshape(*lead, y.shape[-1]), qa, sa, rw)
 
 
-def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource, group_mode: str | None = None) -> jax.Array | None:
+def _kernel_schedule(options: RealOptions) -> dict[str, Any]:
+    """The schedule arguments of ``kernels.scaled_gemm`` that RealOptions set."""
+    return dict(group_mode=options.group_mode, chain=options.chain_tiles)
+
+
+def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource, options: RealOptions) -> jax.Array | None:
     """``x + gate[:, None] * src.out`` as one fp8 / int8 GEMM with the gated residual in its epilogue
-    (``kernels.scaled_gemm``, ``group_mode`` for group scales), or None where the kernel does not apply."""
+    (``kernels.scaled_gemm``, scheduled as ``options`` say), or None where the kernel does not apply."""
     m, k = src.qa.shape
     n = src.rw.scale.shape[1]
     bf16 = jnp.dtype(jnp.bfloat16)
@@ -356,7 +364,7 @@ def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource, group_mode: 
     if not scaled_gemm_applies(m, n, k, src.qa.dtype, src.rw.codes.dtype, groups=g, rows_per_gate=x.shape[1])[0]:
         return None
     y = scaled_gemm_mosaic(src.qa, src.rw.codes, src.sa, src.rw.scale, src.rw.bias, residual=x.reshape(m, n),
-                           gate=gate, group_mode=group_mode)
+                           gate=gate, **_kernel_schedule(options))
     return y.reshape(x.shape)
 
 
@@ -390,7 +398,7 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
         qa, sa = _quantize_input(x.reshape(m, k), l1.act, k // w1.scale.shape[0], options, source)
         if options.gelu_epilogue and l2.act.group_size == TILE_N:  # (bf16 output: group_scaled_applies)
             q2, s2 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, gelu_codes=l2.act,
-                                        group_mode=options.group_mode)
+                                        **_kernel_schedule(options))
         else:
             y1 = _codes_gemm(qa, sa, w1, out_dtype, options)
             q2, s2 = gelu_quant_pallas(y1, None, None, None, l2.act, out_dtype)
@@ -428,7 +436,7 @@ def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, opt
     # each block reshaped before the concatenation, as SplitQKVDense does: XLA folds the attention's
     # slices of a concatenation into its operands, but not of a reshaped concatenation (measured:
     # concatenating (M, C) blocks and reshaping after left a q / k / v copy pass of ~300 us per block)
-    parts = [scaled_gemm_mosaic(qa, rw.codes, sa, sw, rw.bias, n_off=i * c, n=c, group_mode=options.group_mode)
+    parts = [scaled_gemm_mosaic(qa, rw.codes, sa, sw, rw.bias, n_off=i * c, n=c, **_kernel_schedule(options))
              .reshape(*lead, c) for i in range(blocks)]
     return jnp.concatenate(parts, axis=-1)
 

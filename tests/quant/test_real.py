@@ -387,7 +387,7 @@ def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, fmt, params, in
 
     calls = []
 
-    def stand_in(a, w, sa, sw, bias, *, residual=None, gate=None, group_mode=None, **kw):
+    def stand_in(a, w, sa, sw, bias, *, residual=None, gate=None, group_mode=None, chain=True, **kw):
         calls.append((a.shape, w.shape, residual is not None))
         return scaled_gemm_xla(a, w, sa, sw, bias, residual=residual, gate=gate, **kw)
 
@@ -424,7 +424,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
     """The GPU guards forced open for the group routes, with stand-ins (the scaled GEMM's XLA
     formulation, the quantize kernels in interpret mode); returns the lists the stand-ins record
     their calls in: (scaled GEMM calls (groups, K, N, residual?), MLP middle-step calls); each scaled
-    GEMM call's ``group_mode`` argument goes to the stand-in's ``modes`` attribute."""
+    GEMM call's schedule (``group_mode``, ``chain``) goes to the stand-in's ``modes`` attribute."""
     from qdit_jax.quant import real_layers
     from qdit_jax.quant.kernels.gelu_quant import gelu_quant_pallas, gelu_quant_xla
     from qdit_jax.quant.kernels.norm_quant import norm_quant_pallas
@@ -434,7 +434,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
 
     def stand_in(a, w, sa, sw, bias, *, n_off=0, n=None, residual=None, gate=None, gelu_codes=None, **kw):
         calls.append((sa.shape[0], a.shape[1], n or w.shape[0], residual is not None))
-        stand_in.modes.append(kw.get("group_mode"))
+        stand_in.modes.append((kw.get("group_mode"), kw.get("chain")))
         y = scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n, residual=residual, gate=gate)
         return y if gelu_codes is None else gelu_quant_xla(y, None, None, None, gelu_codes, jnp.bfloat16)
 
@@ -503,14 +503,16 @@ def test_group_kernel_routes_give_the_same_outputs(fmt, gelu_epilogue, inputs, m
     if jax.default_backend() == "cpu":  # a GPU runs some int8 dots as cuBLAS custom calls instead
         assert sum(("s32[" if fmt == "int" else "f8e4m3fn") in ln for ln in lines) == 6 or fmt != "int"
     assert len(lines) == no_res.as_text().count(" dot(")
-    # RealOptions.group_mode reaches every group-scaled GEMM (None: the kernel's own default)
+    # RealOptions.group_mode and chain_tiles reach every group-scaled GEMM (group_mode None: the
+    # kernel's own default)
     from qdit_jax.quant import real_layers
 
     modes = real_layers.scaled_gemm_mosaic.modes
-    assert set(modes) == {None}
+    assert set(modes) == {(None, True)}
     modes.clear()
-    jax.make_jaxpr(rm.apply_fn(RealOptions(gelu_epilogue=gelu_epilogue, group_mode="split")))(rm.variables(), *inputs)
-    assert len(modes) == 8 and set(modes) == {"split"}
+    jax.make_jaxpr(rm.apply_fn(RealOptions(gelu_epilogue=gelu_epilogue, group_mode="split", chain_tiles=False)))(
+        rm.variables(), *inputs)
+    assert len(modes) == 8 and set(modes) == {("split", False)}
 
 
 def test_unpacked_w4_takes_the_int8_group_route(inputs, monkeypatch):

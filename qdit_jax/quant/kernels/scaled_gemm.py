@@ -112,6 +112,21 @@ def default_tiling(groups: int) -> tuple[int, int]:
     return (TILE_M, STEPS) if groups == 1 else (GROUP_TILE_M, GROUP_STEPS)
 
 
+def chained_steps(k_steps: int, tiles: int, num_sms: int, steps: int, chain: bool, *,
+                  explicit: bool = False) -> tuple[int, bool]:
+    """(pipeline depth, whether the tiles are chained). A chained pipeline (Pallas' START / STEADY /
+    STOP pipeline states) needs its depth to divide the K steps (its buffer slots carry on from tile to
+    tile) and every CTA to own two tiles or more (the first starts the chain, the last stops it): the
+    default depth drops to the largest divisor of ``k_steps`` from 2 up, an explicit one is kept."""
+    if not chain or tiles < 2 * num_sms:
+        return min(steps, k_steps), False
+    if explicit or k_steps % steps == 0:
+        depth = min(steps, k_steps)
+        return depth, k_steps % depth == 0
+    depth = max((d for d in range(2, steps + 1) if k_steps % d == 0), default=0)
+    return (depth, True) if depth else (min(steps, k_steps), False)
+
+
 def _check_call(a: jax.Array, sa: jax.Array, sw: jax.Array, n_off: int, n: int, tile_m: int, tile_n: int,
                 residual: jax.Array | None, gate: jax.Array | None, gelu_codes: Any) -> None:
     """ValueError naming what does not fit for a direct call of ``scaled_gemm_mosaic`` (the real path
@@ -142,12 +157,14 @@ def _check_call(a: jax.Array, sa: jax.Array, sw: jax.Array, n_off: int, n: int, 
 
 # jitted so that the DiT's identical calls (the same layer shape in every block) share one lowering:
 # unjitted, each of XL/2's 140 calls was lowered to Mosaic GPU again (compiles of 104-118 s per forward)
-@functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode", "gelu_codes"))
+@functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode", "gelu_codes",
+                                             "chain", "approx_tanh"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                        gate: jax.Array | None = None, tile_m: int | None = None, tile_n: int = TILE_N,
                        steps: int | None = None, group_mode: str | None = None,
-                       gelu_codes: Any = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+                       gelu_codes: Any = None, chain: bool = True,
+                       approx_tanh: bool = True) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
     ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
     float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
@@ -163,8 +180,14 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
     With ``gelu_codes`` (the next layer's activation QuantSpec: symmetric 8-bit, groups of ``tile_n``
     channels): the epilogue computes that layer's input from the bf16 output instead of writing it:
-    the tanh GELU (as ``kernels.gelu_quant`` evaluates it), then per token and group the scale and
-    codes; returns (codes (M, n), scales (n // tile_n, M)). A DiT MLP's fc1 on group-wise layers."""
+    the tanh GELU (as ``kernels.gelu_quant`` evaluates it; its tanh the GPU's ``tanh.approx.f32`` with
+    ``approx_tanh``, as gelu_quant's default, else libdevice's ``tanhf``), then per token and group the
+    scale and codes; returns (codes (M, n), scales (n // tile_n, M)). A DiT MLP's fc1 on group-wise
+    layers.
+
+    ``chain``: one pipeline across each CTA's output tiles (``chained_steps``), so that the memory
+    warpgroup loads the next tile's first K steps during this tile's last steps and epilogue; False
+    restarts the pipeline per tile (its prologue loads wait for the previous tile's K loop to end)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -173,8 +196,11 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     groups = _groups(sa)
     group_mode = group_mode_for(groups, a.dtype, group_mode)
     tile_m0, steps0 = default_tiling(groups)
-    tile_m, steps = tile_m0 if tile_m is None else tile_m, steps0 if steps is None else steps
+    tile_m = tile_m0 if tile_m is None else tile_m
     _check_call(a, sa, sw, n_off, n, tile_m, tile_n, residual, gate, gelu_codes)
+    num_sms = jax.devices()[0].core_count
+    steps, chained = chained_steps(k // TILE_K, (m // (2 * tile_m)) * (n // tile_n), num_sms,
+                                   steps0 if steps is None else steps, chain, explicit=steps is not None)
     rows_per_gate = m
     if residual is not None:
         rows_per_gate = m // gate.shape[0]
@@ -211,14 +237,15 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         p = p.astype(jnp.float32)
         return p * lax.broadcast_in_dim(s_a, shape, [0]) * lax.broadcast_in_dim(s_w, shape, [1])
 
-    def make_pipeline(body: Any, ctx: Any) -> Any:
+    def make_pipeline(body: Any, ctx: Any, state: Any = None) -> Any:
         specs = [plgpu.BlockSpec((cta_m, TILE_K), lambda kk: (0, kk), transforms=tr),
                  plgpu.BlockSpec((tile_n, TILE_K), lambda kk: (0, kk), transforms=tr)]
         if groups > 1:  # this K step's scale rows come with its tiles, by TMA
             specs += [plgpu.BlockSpec((1, cta_m), lambda kk: (kk, 0)), plgpu.BlockSpec((1, tile_n), lambda kk: (kk, 0))]
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k // TILE_K,), memory_registers=40, in_specs=specs,
-            wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps, compute_context=ctx)
+            wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps, compute_context=ctx,
+            pipeline_state=state)
 
     def kernel(a_gmem, w_gmem, sa_gmem, sw_gmem, b_gmem, *rest):
         r_gmem, g_gmem = rest[:2] if residual is not None else (None, None)
@@ -377,16 +404,23 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
                 body = {None: mma, "overlap": mma_overlapped, "plain": mma_grouped,
                         "split": mma_split}[group_mode]
-                make_pipeline(body, epilogue)(*pipeline_operands(pm, pn), allocations=allocs)
+                state = None
+                if chained:  # this CTA's first tile starts the chained pipeline, its last one drains it
+                    last = info.local_index == info.num_local_steps - 1
+                    state = jnp.where(info.local_index == 0, int(plgpu.PipelinePipeline.START),
+                                      jnp.where(last, int(plgpu.PipelinePipeline.STOP),
+                                                int(plgpu.PipelinePipeline.STEADY))).astype(jnp.int32)
+                make_pipeline(body, epilogue, state)(*pipeline_operands(pm, pn), allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    num_sms = jax.devices()[0].core_count
     out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
     if gelu_codes is not None:
         out_type = (out_type, jax.ShapeDtypeStruct((n // tile_n, m), jnp.float32))
-    return plgpu.kernel(kernel, out_type=out_type, grid=(num_sms,),
-                        grid_names=("sm",), num_threads=3, thread_name="wg")(
+    # approx_math: tanh.approx.f32 for the GELU's tanh (division and the rest stay exact)
+    params = plgpu.CompilerParams(approx_math=gelu_codes is not None and approx_tanh)
+    return plgpu.kernel(kernel, out_type=out_type, grid=(num_sms,), grid_names=("sm",), num_threads=3,
+                        thread_name="wg", compiler_params=params)(
         a, w, sa, sw, bias, *(() if residual is None else (residual, gate)))
 
 

@@ -196,3 +196,36 @@ def test_gelu_codes_epilogue_matches_xla(name, mode):
     assert np.mean(np.isclose(s, s0, rtol=2 ** -7, atol=0)) > 0.999
     np.testing.assert_allclose(s, s0, rtol=2 ** -4)
     assert np.mean(_codes(q) == _codes(q0)) > 0.99  # a bf16 ulp of the GEMM output may move a code
+
+
+@pytest.mark.parametrize("groups", [1, 9])
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.int8])
+def test_chained_pipeline_equals_per_tile_pipelines(dtype, groups):
+    """One pipeline chained across each CTA's output tiles (the next tile's loads during this tile's
+    last steps and epilogue) computes exactly what per-tile pipelines do: same products, same order,
+    only the schedule differs; a slot or barrier phase off by one would mix tiles' operands. With the
+    gated residual, at a size where every CTA owns several tiles of different lengths."""
+    from qdit_jax.quant.kernels.scaled_gemm import (chained_steps, default_tiling, scaled_gemm_applies,
+                                                    scaled_gemm_mosaic, scaled_gemm_xla)
+
+    r = np.random.default_rng(8)
+    batch = 33  # 8,448 rows: per channel 33 x 9 = 297 tiles over 132 SMs (2 or 3 tiles each)
+    m, k = batch * T, C
+    if not scaled_gemm_applies(m, C, k, dtype, dtype, groups=groups, rows_per_gate=T)[0]:
+        pytest.skip(scaled_gemm_applies(m, C, k, dtype, dtype, groups=groups, rows_per_gate=T)[1])
+    tile_m, depth = default_tiling(groups)
+    assert chained_steps(k // 128, m // (2 * tile_m) * (C // 128), jax.devices()[0].core_count, depth, True)[1]
+    a, w = _random_codes(r, (m, k), dtype), _random_codes(r, (C, k), dtype)
+    shape = (m,) if groups == 1 else (groups, m)
+    sa = jnp.asarray(r.uniform(0.001, 0.003, shape) * r.uniform(0.1, 10, shape[:-1] + (1,)), jnp.float32)
+    sw = jnp.asarray(r.uniform(0.001, 0.003, shape[:-1] + (C,)), jnp.float32)
+    b = jnp.asarray(r.standard_normal(C) * 0.1, jnp.float32)
+    x = jnp.asarray(r.standard_normal((m, C)) * 4, jnp.bfloat16)
+    g = jnp.asarray(r.standard_normal((batch, C)) * 0.5, jnp.bfloat16)
+    for kw in ({}, dict(residual=x, gate=g)):
+        chained, per_tile = (np.asarray(jax.jit(lambda *v, c=c: scaled_gemm_mosaic(*v, chain=c, **kw))(a, w, sa, sw, b),
+                                        np.float32) for c in (True, False))
+        want = np.asarray(jax.jit(lambda *v: scaled_gemm_xla(*v, **kw))(a, w, sa, sw, b), np.float32)
+        assert np.abs(want).max() > 1
+        np.testing.assert_array_equal(chained, per_tile)
+        assert np.mean(chained == want) > 0.99

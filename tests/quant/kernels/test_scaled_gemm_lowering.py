@@ -54,3 +54,51 @@ def test_kernel_lowers_for_cuda(case, monkeypatch):
     dtype, k, n, groups, kw = CASES[case]
     text = _lower(dtype, k, n, groups, **kw)
     assert "mosaic_gpu" in text  # the kernel's custom call, with its serialized module
+
+
+class _TwoSMs:
+    core_count = 2  # every CTA owns two tiles or more at these shapes: the chained pipeline applies
+
+
+CHAINED = {
+    "fp8 per channel": (F8, C, C, 1, {}),
+    "int8 group-128 overlap + residual": (jnp.int8, 4 * C, C, 8, dict(residual=True)),
+    "fp8 group-128 split, 3 K steps": (F8, 3 * 128, C, 3, {}),
+    "fp8 group-128 gelu_codes": (F8, C, 4 * C, 2, dict(gelu_codes=QuantSpec(bits=8, format="fp8_e4m3", group_size=128,
+                                                                              symmetric=True))),
+}
+
+
+@pytest.mark.parametrize("case", list(CHAINED))
+def test_chained_kernel_lowers_for_cuda(case, monkeypatch):
+    monkeypatch.setattr(jax, "devices", lambda *a: [_TwoSMs()])
+    dtype, k, n, groups, kw = CHAINED[case]
+    m_tile = 256 if groups == 1 else 128
+    assert sg.chained_steps(k // 128, (M // m_tile) * (n // 128), 2, sg.default_tiling(groups)[1], True)[1]
+    chained = _lower(dtype, k, n, groups, **kw)
+    unchained = _lower(dtype, k, n, groups, chain=False, **kw)
+    assert "mosaic_gpu" in chained and chained != unchained
+
+
+@pytest.mark.parametrize("k_steps, tiles, steps, explicit, want", [
+    (9, 1000, 3, False, (3, True)),      # XL/2's K = 1,152 per channel
+    (9, 1000, 4, False, (3, True)),      # group default depth 4 drops to a divisor of 9
+    (36, 1000, 4, False, (4, True)),     # fc2's K = 4,608
+    (7, 1000, 4, False, (4, False)),     # no divisor from 2 to 4: per-tile pipelines
+    (9, 1000, 4, True, (4, False)),      # an explicit depth is kept, unchained
+    (9, 200, 3, False, (3, False)),      # some CTA would own one tile only
+    (2, 1000, 4, False, (2, True)),
+])
+def test_chained_steps(k_steps, tiles, steps, explicit, want):
+    assert sg.chained_steps(k_steps, tiles, 132, steps, True, explicit=explicit) == want
+    assert sg.chained_steps(k_steps, tiles, 132, steps, False, explicit=explicit)[1] is False
+
+
+def test_gelu_codes_epilogue_uses_the_approximate_tanh_only_when_asked(monkeypatch):
+    """``approx_tanh`` (the default) puts the GPU's tanh.approx.f32 in the kernel for the GELU of the
+    codes epilogue; without it, or in a kernel with no GELU, it is absent."""
+    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
+    spec = QuantSpec(bits=8, format="fp8_e4m3", group_size=128, symmetric=True)
+    assert "tanh.approx" in _lower(F8, C, 4 * C, 2, gelu_codes=spec)
+    assert "tanh.approx" not in _lower(F8, C, 4 * C, 2, gelu_codes=spec, approx_tanh=False)
+    assert "tanh.approx" not in _lower(F8, C, 4 * C, 2)
