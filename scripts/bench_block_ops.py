@@ -97,8 +97,7 @@ def main() -> None:
     p.add_argument("--group-forms", nargs="+", default=["64x128x4p", "64x128x4o", "64x128x5p"],
                    help="groupgemm: Mosaic tilings tile_m x tile_n x steps and group mode ("
                         "o: overlap; p: plain; s: split; see kernels.scaled_gemm.GROUP_MODES), then u for a "
-                        "pipeline per output tile instead of one chained across the CTA's tiles, d (e) for one "
-                        "pipeline with the epilogue deferred into the next tile's first K step (at the tile's end)")
+                        "pipeline per output tile instead of one chained across the CTA's tiles")
     a = p.parse_args()
     rng = np.random.default_rng(0)
     bf = jnp.bfloat16
@@ -453,18 +452,15 @@ def group_gemm_forms(a, rng) -> None:
                         print(f"{name}: Triton group kernel                {res[1] * 1e6:8.1f} us   equal "
                               f"{np.mean(got == ref):.4f}", flush=True)
             for form in a.group_forms:
-                # 'u': a pipeline per tile; 'd' / 'e': one pipeline, the epilogue deferred ('next') / at the end
-                flags = form[len(form.rstrip("ude")):]
-                chain = "u" not in flags
-                defer = "next" if "d" in flags else ("end" if "e" in flags else None)
-                mode = {"o": "overlap", "p": "plain", "s": "split"}[form.rstrip("ude")[-1]]
-                tm, tn, st = (int(v) for v in form.rstrip("ude")[:-1].split("x"))
+                chain = not form.endswith("u")  # 'u': a pipeline per tile
+                mode = {"o": "overlap", "p": "plain", "s": "split"}[form.rstrip("u")[-1]]
+                tm, tn, st = (int(v) for v in form.rstrip("u")[:-1].split("x"))
                 ok, why = scaled_gemm_applies(m, n, k, dtype, dtype, groups=g, tile_m=tm, tile_n=tn)
                 if not ok:
                     print(f"{name}: Mosaic {form} skipped: {why}", flush=True)
                     continue
-                fn = jax.jit(lambda *v, tm=tm, tn=tn, st=st, mode=mode, chain=chain, defer=defer: scaled_gemm_mosaic(
-                    *v, tile_m=tm, tile_n=tn, steps=st, group_mode=mode, chain=chain, defer=defer))
+                fn = jax.jit(lambda *v, tm=tm, tn=tn, st=st, mode=mode, chain=chain: scaled_gemm_mosaic(
+                    *v, tile_m=tm, tile_n=tn, steps=st, group_mode=mode, chain=chain))
                 res = run_timed(f"{name} Mosaic {form}", fn, (qa, w, sa, sw, b), a.repeats)
                 if res is None:
                     continue
@@ -493,15 +489,12 @@ def gelu_codes_forms(a, name: str, args: tuple, dtype) -> None:
     eq = np.mean(np.asarray(r1[0][0].astype(jnp.float32)) == np.asarray(r2[0][0].astype(jnp.float32)))
     print(f"{name}: fc1 -> fc2 group codes: GEMM + gelu_quant {r2[1] * 1e6:8.1f} us, codes epilogue "
           f"{r1[1] * 1e6:8.1f} us (codes equal {eq:.4f})", flush=True)
-    for mode, approx, defer in (("plain", True, None), ("overlap", True, None), ("split", True, None),
-                                ("split", False, None), ("split", True, "next"), ("split", True, "end")):
-        res = run_timed(f"{name} codes epilogue, {mode}", jax.jit(
-            lambda *v, mode=mode, approx=approx, defer=defer: scaled_gemm_mosaic(
-                *v, gelu_codes=spec, group_mode=mode, approx_tanh=approx, defer=defer)), args, a.repeats)
+    for mode, approx in (("plain", True), ("overlap", True), ("split", True), ("split", False)):
+        res = run_timed(f"{name} codes epilogue, {mode}", jax.jit(lambda *v, mode=mode, approx=approx: scaled_gemm_mosaic(
+            *v, gelu_codes=spec, group_mode=mode, approx_tanh=approx)), args, a.repeats)
         if res is not None:
             eq = np.mean(np.asarray(res[0][0].astype(jnp.float32)) == np.asarray(r1[0][0].astype(jnp.float32)))
-            print(f"{name}: codes epilogue, {mode:8s}{'' if approx else ' tanhf'}{' defer ' + defer if defer else ''} "
-                  f"{res[1] * 1e6:8.1f} us "
+            print(f"{name}: codes epilogue, {mode:8s}{'' if approx else ' tanhf'} {res[1] * 1e6:8.1f} us "
                   f"(codes equal {eq:.4f})", flush=True)
 
 

@@ -62,16 +62,6 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
                                    fmt="fp8_e4m3"), "real", "auto-nochain"),
     "real-w8a8-g128-nochain": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
                                "auto-nochain"),
-    # group-128 in one pipeline per CTA, each tile's epilogue under the next tile's first wgmmas ('defer') or at
-    # its last K step ('deferend'): RealOptions.defer_epilogue
-    "real-fp8-g128-defer": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
-                                 fmt="fp8_e4m3"), "real", "auto-defer"),
-    "real-w8a8-g128-defer": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
-                             "auto-defer"),
-    "real-w4a8-g128-defer": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
-                             "auto-defer"),
-    "real-fp8-g128-deferend": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
-                                    fmt="fp8_e4m3"), "real", "auto-deferend"),
     # fc1 with a bf16 output and gelu_quant's pass writing fc2's group codes, instead of fc1's epilogue
     # writing them (RealOptions.gelu_epilogue, on by default)
     "real-fp8-g128-nogelue": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
@@ -257,7 +247,6 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        row_quant="nonorm" not in tags, qkv_kernel="noqkvk" not in tags,
                        residual_kernel="nores" not in tags, group_kernel="nogroupk" not in tags,
                        gelu_epilogue="nogelue" not in tags, chain_tiles="nochain" not in tags,
-                       defer_epilogue="next" if "defer" in tags else ("end" if "deferend" in tags else None),
                        group_mode=next((t[len("gm"):] for t in tags if t.startswith("gm")), None))
     variables = rm.variables(unpack_w4=False if "packed" in tags else None)
     return rm.apply_fn(opts), with_compute_params(variables, cfg), {

@@ -29,7 +29,7 @@ from qdit_jax.quant.kernels.gelu_quant import gelu_quant_applies, gelu_quant_pal
 from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm_pallas, group_gemm_xla, kernel_applies,
                                                low_bit_product, weight_codes_int8)
 from qdit_jax.quant.kernels.norm_quant import norm_quant_applies, norm_quant_pallas
-from qdit_jax.quant.kernels.scaled_gemm import (CODE_DTYPES, DEFER_MODES, GROUP_MODES, TILE_K, TILE_N, scaled_gemm_applies,
+from qdit_jax.quant.kernels.scaled_gemm import (CODE_DTYPES, GROUP_MODES, TILE_K, TILE_N, scaled_gemm_applies,
                                                 scaled_gemm_mosaic)
 from qdit_jax.quant.quantizers import QuantSpec, _int_codes, params_of_groups
 
@@ -115,10 +115,6 @@ class RealOptions:
     # kernels.scaled_gemm's pipeline chained across each CTA's output tiles (the next tile's first
     # loads during this tile's last K steps and epilogue); False: a pipeline per tile, as before
     chain_tiles: bool = True
-    # group scales: one pipeline over each CTA's tiles with the tile epilogue at its last K step ('end')
-    # or under the next tile's first wgmmas ('next'); kernels.scaled_gemm ``defer``, group modes 'plain'
-    # / 'split' only ('split' by default then); None: a pipeline per tile
-    defer_epilogue: str | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -128,11 +124,6 @@ class RealOptions:
         if self.group_mode is not None and self.group_mode not in GROUP_MODES:
             raise QditError(f"group_mode must be one of {GROUP_MODES} or None (the kernel's default), "
                             f"got {self.group_mode!r}")
-        if self.defer_epilogue not in DEFER_MODES:
-            raise QditError(f"defer_epilogue must be one of {DEFER_MODES}, got {self.defer_epilogue!r}")
-        if self.defer_epilogue and self.group_mode == "overlap":
-            raise QditError("defer_epilogue takes group_mode 'plain', 'split' or None, not 'overlap' (it would "
-                            "hold a fourth register tile)")
 
 
 def group_width(spec: QuantSpec | None, k: int) -> int:
@@ -357,7 +348,7 @@ def dense_with_codes(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: An
 
 def _kernel_schedule(options: RealOptions) -> dict[str, Any]:
     """The schedule arguments of ``kernels.scaled_gemm`` that RealOptions set."""
-    return dict(group_mode=options.group_mode, chain=options.chain_tiles, defer=options.defer_epilogue)
+    return dict(group_mode=options.group_mode, chain=options.chain_tiles)
 
 
 def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource, options: RealOptions) -> jax.Array | None:

@@ -219,10 +219,6 @@ def test_unknown_float_product_is_rejected():
     with pytest.raises(QditError, match="group_mode.*split"):  # the message lists the modes
         RealOptions(group_mode="zigzag")
     assert RealOptions(group_mode="split").group_mode == "split"
-    with pytest.raises(QditError, match="defer_epilogue.*overlap"):
-        RealOptions(group_mode="overlap", defer_epilogue="next")
-    with pytest.raises(QditError, match="defer_epilogue must be one of"):
-        RealOptions(defer_epilogue="later")
 
 
 @pytest.mark.parametrize("name", ["w8a8-int8-perchannel-asymw", "w4a8-packed-g32w-pertoken-asymw"])
@@ -391,7 +387,7 @@ def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, fmt, params, in
 
     calls = []
 
-    def stand_in(a, w, sa, sw, bias, *, residual=None, gate=None, group_mode=None, chain=True, defer=None, **kw):
+    def stand_in(a, w, sa, sw, bias, *, residual=None, gate=None, group_mode=None, chain=True, **kw):
         calls.append((a.shape, w.shape, residual is not None))
         return scaled_gemm_xla(a, w, sa, sw, bias, residual=residual, gate=gate, **kw)
 
@@ -428,7 +424,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
     """The GPU guards forced open for the group routes, with stand-ins (the scaled GEMM's XLA
     formulation, the quantize kernels in interpret mode); returns the lists the stand-ins record
     their calls in: (scaled GEMM calls (groups, K, N, residual?), MLP middle-step calls); each scaled
-    GEMM call's schedule (``group_mode``, ``chain``, ``defer``) goes to the stand-in's ``modes`` attribute."""
+    GEMM call's schedule (``group_mode``, ``chain``) goes to the stand-in's ``modes`` attribute."""
     from qdit_jax.quant import real_layers
     from qdit_jax.quant.kernels.gelu_quant import gelu_quant_pallas, gelu_quant_xla
     from qdit_jax.quant.kernels.norm_quant import norm_quant_pallas
@@ -438,7 +434,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
 
     def stand_in(a, w, sa, sw, bias, *, n_off=0, n=None, residual=None, gate=None, gelu_codes=None, **kw):
         calls.append((sa.shape[0], a.shape[1], n or w.shape[0], residual is not None))
-        stand_in.modes.append((kw.get("group_mode"), kw.get("chain"), kw.get("defer")))
+        stand_in.modes.append((kw.get("group_mode"), kw.get("chain")))
         y = scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n, residual=residual, gate=gate)
         return y if gelu_codes is None else gelu_quant_xla(y, None, None, None, gelu_codes, jnp.bfloat16)
 
@@ -512,11 +508,11 @@ def test_group_kernel_routes_give_the_same_outputs(fmt, gelu_epilogue, inputs, m
     from qdit_jax.quant import real_layers
 
     modes = real_layers.scaled_gemm_mosaic.modes
-    assert set(modes) == {(None, True, None)}
+    assert set(modes) == {(None, True)}
     modes.clear()
-    jax.make_jaxpr(rm.apply_fn(RealOptions(gelu_epilogue=gelu_epilogue, group_mode="split", chain_tiles=False,
-                                           defer_epilogue="next")))(rm.variables(), *inputs)
-    assert len(modes) == 8 and set(modes) == {("split", False, "next")}
+    jax.make_jaxpr(rm.apply_fn(RealOptions(gelu_epilogue=gelu_epilogue, group_mode="split", chain_tiles=False)))(
+        rm.variables(), *inputs)
+    assert len(modes) == 8 and set(modes) == {("split", False)}
 
 
 def test_unpacked_w4_takes_the_int8_group_route(inputs, monkeypatch):

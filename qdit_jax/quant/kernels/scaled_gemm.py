@@ -50,8 +50,6 @@ TILE_M, TILE_N, TILE_K, STEPS = 128, 128, 128, 3  # per compute warpgroup; the f
 # turns at the tensor cores through shared-memory barriers (correct, but within noise of 'plain' for
 # fp8 and 4-9% slower than 'overlap' for int8), and CTA pairs sharing the weight tile by TMA multicast.
 GROUP_MODES = ("plain", "overlap", "split")
-DEFER_MODES = (None, "end", "next")  # where a group GEMM's tile epilogue runs in a one-pipeline kernel
-DEFER_STEPS = 3
 GROUP_TILE_M, GROUP_STEPS = 64, 4  # the fastest tiling measured on the H100
 CODE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))  # wgmma: float32 / int32 accumulation
 
@@ -98,18 +96,14 @@ def _groups(sa: jax.Array) -> int:
     return sa.shape[0] if sa.ndim == 2 else 1
 
 
-def group_mode_for(groups: int, a_dtype: Any, mode: str | None = None, defer: bool = False) -> str | None:
+def group_mode_for(groups: int, a_dtype: Any, mode: str | None = None) -> str | None:
     """The group mode used for ``a_dtype`` codes (None per channel): fp8 'split', int8 'overlap' (the
-    faster of each in the XL/2 forward on the H100); 'split' for both with a deferred epilogue, which
-    takes 'plain' or 'split' only ('overlap' would hold a fourth register tile)."""
+    faster of each in the XL/2 forward on the H100)."""
     if groups == 1:
         return None
-    int8 = jnp.dtype(a_dtype) == jnp.dtype(jnp.int8)
-    mode = mode or ("overlap" if int8 and not defer else "split")
+    mode = mode or ("overlap" if jnp.dtype(a_dtype) == jnp.dtype(jnp.int8) else "split")
     if mode not in GROUP_MODES:
         raise ValueError(f"group_mode must be one of {GROUP_MODES}, got {mode!r}")
-    if defer and mode == "overlap":
-        raise ValueError("the deferred epilogue takes group_mode 'plain' or 'split', not 'overlap'")
     return mode
 
 
@@ -164,13 +158,13 @@ def _check_call(a: jax.Array, sa: jax.Array, sw: jax.Array, n_off: int, n: int, 
 # jitted so that the DiT's identical calls (the same layer shape in every block) share one lowering:
 # unjitted, each of XL/2's 140 calls was lowered to Mosaic GPU again (compiles of 104-118 s per forward)
 @functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode", "gelu_codes",
-                                             "chain", "approx_tanh", "defer"))
+                                             "chain", "approx_tanh"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                        gate: jax.Array | None = None, tile_m: int | None = None, tile_n: int = TILE_N,
                        steps: int | None = None, group_mode: str | None = None,
-                       gelu_codes: Any = None, chain: bool = True, approx_tanh: bool = True,
-                       defer: str | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+                       gelu_codes: Any = None, chain: bool = True,
+                       approx_tanh: bool = True) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
     ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
     float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
@@ -193,30 +187,20 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
     ``chain``: one pipeline across each CTA's output tiles (``chained_steps``), so that the memory
     warpgroup loads the next tile's first K steps during this tile's last steps and epilogue; False
-    restarts the pipeline per tile (its prologue loads wait for the previous tile's K loop to end).
-
-    ``defer`` (group scales, modes 'plain' and 'split'; see DEFER_MODES): one pipeline over the CTA's
-    tiles with the epilogue at each tile's last K step ('end') or mostly at the next tile's first,
-    under its wgmmas ('next'); None: a pipeline per tile (``run_deferred``)."""
+    restarts the pipeline per tile (its prologue loads wait for the previous tile's K loop to end)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
     groups = _groups(sa)
-    if defer not in DEFER_MODES:
-        raise ValueError(f"defer must be one of {DEFER_MODES}, got {defer!r}")
-    group_mode = group_mode_for(groups, a.dtype, group_mode, defer is not None)
-    defer = defer if groups > 1 else None
+    group_mode = group_mode_for(groups, a.dtype, group_mode)
     tile_m0, steps0 = default_tiling(groups)
     tile_m = tile_m0 if tile_m is None else tile_m
     _check_call(a, sa, sw, n_off, n, tile_m, tile_n, residual, gate, gelu_codes)
     num_sms = jax.devices()[0].core_count
-    if defer:  # one pipeline, no chaining; 3 steps leave SMEM for two output slots and the staging tile
-        steps, chained = (DEFER_STEPS if steps is None else steps), False
-    else:
-        steps, chained = chained_steps(k // TILE_K, (m // (2 * tile_m)) * (n // tile_n), num_sms,
-                                       steps0 if steps is None else steps, chain, explicit=steps is not None)
+    steps, chained = chained_steps(k // TILE_K, (m // (2 * tile_m)) * (n // tile_n), num_sms,
+                                   steps0 if steps is None else steps, chain, explicit=steps is not None)
     rows_per_gate = m
     if residual is not None:
         rows_per_gate = m // gate.shape[0]
@@ -263,170 +247,9 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
             wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps, compute_context=ctx,
             pipeline_state=state)
 
-    def run_deferred(finish: Any, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any, b_gmem: Any,
-                     r_gmem: Any) -> None:
-        """Group scales in one pipeline over all of this CTA's (tile, K step) pairs (a dynamic grid), the
-        running sums restarted at each tile's first step (multiplied by 0 there: no branch on the carry).
-        ``defer`` 'end': the tile's epilogue at its last step; 'next': its last step only writes
-        bf16(sums + bias) (the value every epilogue starts from) to an SMEM staging tile, and the rest of
-        the epilogue (gated residual or GELU codes, the store) runs at the next tile's first step while
-        that step's wgmmas run on the tensor cores (with per-tile pipelines both compute warpgroups run
-        their epilogue at once and the tensor cores wait). Output and residual tiles alternate between two
-        SMEM slots per warpgroup: tile t's residual lands during its own K loop."""
-        from jax.experimental import pallas as pl
-        from jax.experimental.pallas import mosaic_gpu as plgpu
-
-        sm = lax.axis_index("sm")
-        local = (m_tiles * n_tiles - sm + num_sms - 1) // num_sms  # tiles sm, sm + num_sms, ...
-        copies = 1 if gelu_codes is None else 2  # TMA stores per tile
-        last_step = k // TILE_K - 1
-
-        def coords(t: Any) -> tuple[Any, Any]:
-            lin = sm + t * num_sms
-            return lin // n_tiles, lin % n_tiles
-
-        specs = [plgpu.BlockSpec((cta_m, TILE_K), lambda t, kk: (coords(t)[0], kk), transforms=tr),
-                 plgpu.BlockSpec((tile_n, TILE_K), lambda t, kk: (w_tile0 + coords(t)[1], kk), transforms=tr),
-                 plgpu.BlockSpec((1, cta_m), lambda t, kk: (kk, coords(t)[0])),
-                 plgpu.BlockSpec((1, tile_n), lambda t, kk: (kk, w_tile0 + coords(t)[1]))]
-
-        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((2, 2, tile_m, tile_n), out_dtype),
-                           s_smem=None if gelu_codes is None else plgpu.SMEM((2, 2, tile_m), jnp.float32),
-                           r_bar=None if residual is None else plgpu.Barrier(num_barriers=4),
-                           staged=plgpu.SMEM((2, tile_m, tile_n), jnp.bfloat16) if defer == "next" else None,
-                           collective_axes="wg")
-        def scope(o_smem: Any, s_smem: Any, r_bar: Any, staged: Any) -> None:
-            wg = lax.axis_index("wg")
-
-            def where(t: Any) -> tuple[Any, Any, Any, Any, Any]:
-                """Tile t's first row for this warpgroup, its column tile, and its SMEM slot refs."""
-                pm, pn = coords(t)
-                slot = lax.rem(t, 2)
-                return (pm * cta_m + wg * tile_m, pn, o_smem.at[wg, slot],
-                        None if s_smem is None else s_smem.at[wg, slot],
-                        None if r_bar is None else r_bar.at[wg * 2 + slot])
-
-            def finish_tile(parts: list, t: Any, biased: bool) -> None:
-                rows, pn, o_slot, s_slot, bar = where(t)
-                if residual is not None:
-                    plgpu.barrier_wait(bar)
-                # this slot's last store (tile t - 2's) has read it; tile t - 1's may still be reading
-                finish(parts, rows, pn, o_slot, s_slot, lambda: plgpu.wait_smem_to_gmem(copies, wait_read_only=True),
-                       biased=biased)
-
-            def load_residual(t: Any) -> None:
-                if residual is None:
-                    return
-                rows, pn, o_slot, _, bar = where(t)
-                plgpu.wait_smem_to_gmem(copies, wait_read_only=True)  # tile t - 2's store has read the slot
-                plgpu.copy_gmem_to_smem(r_gmem.at[pl.ds(rows, tile_m), pl.ds(pn * tile_n, tile_n)], o_slot, bar)
-
-            def stage(parts: tuple, t: Any) -> None:
-                _, pn, *_ = where(t)
-                for j, yj in enumerate(parts):
-                    bj = plgpu.load(b_gmem.at[pl.ds(n_off + pn * tile_n + j * part_n, part_n)], (), layout=col_l,
-                                    optimized=False)
-                    staged[wg, :, pl.ds(j * part_n, part_n)] = (yj + lax.broadcast_in_dim(bj, part, [1])).astype(
-                        jnp.bfloat16)
-
-            def finish_staged(t: Any) -> None:
-                parts = [plgpu.load(staged.at[wg, :, pl.ds(j * part_n, part_n)], (), layout=plgpu.Layout.WGMMA,
-                                    optimized=False).astype(jnp.float32) for j in range(n_parts)]
-                finish_tile(parts, t, biased=True)
-
-            def body(idx: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any, sums: Any) -> Any:
-                t, kk = idx
-                keep = (kk != 0).astype(jnp.float32)  # 0 at a tile's first step: the sums restart
-                s_a = plgpu.load(sa_smem.at[0, pl.ds(wg * tile_m, tile_m)], (), layout=row_l, optimized=False)
-                s_w = [plgpu.load(sw_smem.at[0, pl.ds(j * part_n, part_n)], (), layout=col_l, optimized=False)
-                       for j in range(n_parts)]
-                a_rows = a_smem.at[pl.ds(wg * tile_m, tile_m)]
-
-                def step(*accs: Any) -> tuple[jax.Array, ...]:
-                    for j, acc in enumerate(accs):
-                        plgpu.wgmma(acc, a_rows, plgpu.transpose_ref(w_smem.at[pl.ds(j * part_n, part_n)], (1, 0)))
-
-                    @pl.when(kk == 0)  # while this tile's first wgmmas run
-                    def _() -> None:
-                        if defer == "next":
-                            @pl.when(t > 0)
-                            def _() -> None:
-                                finish_staged(t - 1)
-
-                        load_residual(t)
-
-                    new = []
-                    for j, acc in enumerate(accs):
-                        plgpu.wgmma_wait(n_parts - 1 - j)  # part j's wgmma (issued in order) is done
-                        p = acc[...].astype(jnp.float32)
-                        new.append(sums[j] * keep + p * lax.broadcast_in_dim(s_a, part, [0])
-                                   * lax.broadcast_in_dim(s_w[j], part, [1]))
-                    return tuple(new)
-
-                new = pl.run_scoped(step, *[plgpu.ACC(part, acc_dtype) for _ in range(n_parts)])
-
-                @pl.when(kk == last_step)
-                def _() -> None:
-                    if defer == "next":
-                        stage(new, t)
-                    else:
-                        finish_tile(list(new), t, biased=False)
-
-                return new
-
-            def context(eval_pipeline: Any) -> None:
-                eval_pipeline(tuple(plgpu.layout_cast(jnp.zeros(part, jnp.float32), plgpu.Layout.WGMMA)
-                                    for _ in range(n_parts)))
-                if defer == "next":
-                    @pl.when(local > 0)
-                    def _() -> None:
-                        finish_staged(local - 1)
-
-            plgpu.emit_pipeline_warp_specialized(
-                body, grid=(local, k // TILE_K), memory_registers=40, in_specs=specs, wg_axis="wg",
-                num_compute_wgs=2, max_concurrent_steps=steps, compute_context=context)(
-                    a_gmem, w_gmem, sa_gmem, sw_gmem)
-
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
     def kernel(a_gmem, w_gmem, sa_gmem, sw_gmem, b_gmem, *rest):
         r_gmem, g_gmem = rest[:2] if residual is not None else (None, None)
         o_gmem, s_gmem = (rest[-2], rest[-1]) if gelu_codes is not None else (rest[-1], None)
-
-        def finish(parts: list[jax.Array], rows: Any, pn: Any, o_slot: Any, s_slot: Any, before_store: Any,
-                   biased: bool = False) -> None:
-            """A tile's epilogue from its float32 column parts: bias (unless ``biased``), the gated
-            residual (its tile already in ``o_slot``), or fc2's group codes; the result into ``o_slot``
-            once ``before_store`` returns, and from there by TMA to the output (the codes' scales through
-            ``s_slot``)."""
-            width = tile_n // len(parts)
-            pshape = (tile_m, width)
-            parts = list(parts)
-            for j, yj in enumerate(parts):
-                pcols = pl.ds(j * width, width)
-                if not biased:
-                    bj = plgpu.load(b_gmem.at[pl.ds(n_off + pn * tile_n + j * width, width)], (), layout=col_l,
-                                    optimized=False)
-                    yj = yj + lax.broadcast_in_dim(bj, pshape, [1])
-                if residual is not None:  # x + gate * y, each step rounded to bf16 as the model's
-                    gj = plgpu.load(g_gmem.at[pl.ds((rows // rows_per_gate) * n + pn * tile_n + j * width, width)],
-                                    (), layout=col_l, optimized=False)
-                    yj = yj.astype(jnp.bfloat16).astype(jnp.float32)
-                    yj = (lax.broadcast_in_dim(gj, pshape, [1]) * yj).astype(jnp.bfloat16).astype(jnp.float32)
-                    res = plgpu.load(o_slot.at[:, pcols], (), layout=plgpu.Layout.WGMMA, optimized=False)
-                    yj = res.astype(jnp.float32) + yj
-                parts[j] = yj
-            if gelu_codes is not None:  # the next layer's codes and group scales instead of y
-                s_g, parts = _gelu_group_codes(parts, gelu_codes)
-            before_store()
-            for j, yj in enumerate(parts):
-                o_slot[:, pl.ds(j * width, width)] = yj.astype(out_dtype)
-            if gelu_codes is not None:
-                s_slot[...] = s_g
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_slot, o_gmem.at[pl.ds(rows, tile_m), pl.ds(pn * tile_n, tile_n)])
-            if gelu_codes is not None:  # group pn of the output's columns (tile_n is one group)
-                plgpu.copy_smem_to_gmem(s_slot, s_gmem.at[pn, pl.ds(rows, tile_m)])
 
         def pipeline_operands(pm: Any, pn: Any) -> tuple:
             """The pipeline's inputs for output tile (pm, pn): A rows, W rows, and the group scale rows."""
@@ -435,10 +258,6 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
             if groups > 1:
                 ops += (sa_gmem.at[:, pl.ds(pm * cta_m, cta_m)], sw_gmem.at[:, cols])
             return ops
-
-        if defer:
-            run_deferred(finish, a_gmem, w_gmem, sa_gmem, sw_gmem, b_gmem, r_gmem)
-            return
 
         def ignore(*_: Any, **__: Any) -> None:
             return None
@@ -496,11 +315,35 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                                                         plgpu.layout_cast(jnp.zeros((tile_n,), jnp.float32), col_l)))
                         y = y + scaled(p, s_a, s_w)
                     # the rest column part by column part (split: two halves; Mosaic has no concatenate)
+                    parts = list(y) if isinstance(y, tuple) else [y]
+                    width = tile_n // len(parts)
+                    pshape = (tile_m, width)
                     if residual is not None:
                         plgpu.barrier_wait(r_bar.at[wg])
-                    finish(list(y) if isinstance(y, tuple) else [y], rows, pn, o_smem.at[wg],
-                           None if s_smem is None else s_smem.at[wg],
-                           lambda: plgpu.wait_smem_to_gmem(0, wait_read_only=True))  # the slot's last store read it
+                    for j, yj in enumerate(parts):
+                        pcols = pl.ds(j * width, width)
+                        bj = plgpu.load(b_gmem.at[pl.ds(n_off + pn * tile_n + j * width, width)], (), layout=col_l,
+                                        optimized=False)
+                        yj = yj + lax.broadcast_in_dim(bj, pshape, [1])
+                        if residual is not None:  # x + gate * y, each step rounded to bf16 as the model's
+                            gj = plgpu.load(g_gmem.at[pl.ds((rows // rows_per_gate) * n + pn * tile_n + j * width,
+                                                            width)], (), layout=col_l, optimized=False)
+                            yj = yj.astype(jnp.bfloat16).astype(jnp.float32)
+                            yj = (lax.broadcast_in_dim(gj, pshape, [1]) * yj).astype(jnp.bfloat16).astype(jnp.float32)
+                            res = plgpu.load(o_smem.at[wg, :, pcols], (), layout=plgpu.Layout.WGMMA, optimized=False)
+                            yj = res.astype(jnp.float32) + yj
+                        parts[j] = yj
+                    if gelu_codes is not None:  # the next layer's codes and group scales instead of y
+                        s_g, parts = _gelu_group_codes(parts, gelu_codes)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this slot's previous store has read it
+                    for j, yj in enumerate(parts):
+                        o_smem[wg, :, pl.ds(j * width, width)] = yj.astype(out_dtype)
+                    if gelu_codes is not None:
+                        s_smem[wg] = s_g
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[pl.ds(rows, tile_m), ocols])
+                    if gelu_codes is not None:  # group pn of the output's columns (tile_n is one group)
+                        plgpu.copy_smem_to_gmem(s_smem.at[wg], s_gmem.at[pn, pl.ds(rows, tile_m)])
 
                 def mma(_: Any, a_smem: Any, w_smem: Any, acc_ref: Any) -> Any:
                     product(a_smem, w_smem, acc_ref)

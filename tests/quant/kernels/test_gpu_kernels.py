@@ -229,35 +229,3 @@ def test_chained_pipeline_equals_per_tile_pipelines(dtype, groups):
         assert np.abs(want).max() > 1
         np.testing.assert_array_equal(chained, per_tile)
         assert np.mean(chained == want) > 0.99
-
-
-@pytest.mark.parametrize("mode", ["plain", "split"])
-@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.int8])
-def test_deferred_epilogue_equals_in_place_epilogue(dtype, mode):
-    """Group scales in one pipeline over the CTA's tiles, with each tile's epilogue at its last K step
-    ('end') or deferred into the next tile's first ('next'), compute exactly what per-tile pipelines do: plain output, the gated
-    residual, and fc1's codes epilogue; at a size where CTAs own 4 or 5 tiles and at one where most
-    own none (18 tiles over the SMs)."""
-    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_mosaic
-
-    r = np.random.default_rng(9)
-    for batch in (33, 1):
-        m, g = batch * T, C // 128
-        if not scaled_gemm_applies(m, C, C, dtype, dtype, groups=g, rows_per_gate=T)[0]:
-            pytest.skip(scaled_gemm_applies(m, C, C, dtype, dtype, groups=g, rows_per_gate=T)[1])
-        a, w = _random_codes(r, (m, C), dtype), _random_codes(r, (HIDDEN, C), dtype)
-        sa = jnp.asarray(r.uniform(0.001, 0.003, (g, m)) * r.uniform(0.1, 10, (g, 1)), jnp.float32)
-        sw = jnp.asarray(r.uniform(0.001, 0.003, (g, HIDDEN)) / 4, jnp.float32)
-        b = jnp.asarray(r.standard_normal(HIDDEN) * 0.1, jnp.float32)
-        x = jnp.asarray(r.standard_normal((m, C)) * 4, jnp.bfloat16)
-        gate = jnp.asarray(r.standard_normal((batch, C)) * 0.5, jnp.bfloat16)
-        cases = (dict(n_off=C, n=C), dict(n_off=C, n=C, residual=x, gate=gate), dict(gelu_codes=G128[
-            "int8" if dtype == jnp.int8 else "fp8"]))
-        for kw in cases:
-            want, *got = (jax.jit(lambda *v, d=d: scaled_gemm_mosaic(*v, group_mode=mode, defer=d, **kw))(
-                a, w, sa, sw, b) for d in (None, "end", "next"))
-            for g in got:
-                for u, v in zip(jax.tree.leaves(g), jax.tree.leaves(want)):
-                    u, v = np.asarray(u.astype(jnp.float32)), np.asarray(v.astype(jnp.float32))
-                    assert np.abs(v).max() > 0
-                    np.testing.assert_array_equal(u, v)

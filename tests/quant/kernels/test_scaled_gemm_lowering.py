@@ -102,30 +102,3 @@ def test_gelu_codes_epilogue_uses_the_approximate_tanh_only_when_asked(monkeypat
     assert "tanh.approx" in _lower(F8, C, 4 * C, 2, gelu_codes=spec)
     assert "tanh.approx" not in _lower(F8, C, 4 * C, 2, gelu_codes=spec, approx_tanh=False)
     assert "tanh.approx" not in _lower(F8, C, 4 * C, 2)
-
-
-DEFERRED = {
-    "fp8 group-128 split": (F8, C, C, 2, {}),
-    "int8 group-128 split + residual": (jnp.int8, 4 * C, C, 8, dict(residual=True)),
-    "fp8 group-128 plain + residual": (F8, C, C, 2, dict(group_mode="plain", residual=True)),
-    "int8 group-128 gelu_codes": (jnp.int8, C, 4 * C, 2, dict(gelu_codes=QuantSpec(bits=8, group_size=128,
-                                                                                     symmetric=True))),
-}
-
-
-@pytest.mark.parametrize("case", list(DEFERRED))
-def test_deferred_epilogue_kernel_lowers_for_cuda(case, monkeypatch):
-    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
-    dtype, k, n, groups, kw = DEFERRED[case]
-    texts = [_lower(dtype, k, n, groups, defer=d, **kw) for d in (None, "end", "next")]
-    assert all("mosaic_gpu" in t for t in texts) and len(set(texts)) == 3
-
-
-def test_deferred_epilogue_rejects_overlap():
-    with pytest.raises(ValueError, match="deferred.*overlap"):
-        sg.group_mode_for(2, jnp.int8, "overlap", defer=True)
-    with pytest.raises(ValueError, match="defer must be one of"):
-        sg.scaled_gemm_mosaic(jnp.zeros((256, 256), F8), jnp.zeros((128, 256), F8), jnp.ones((2, 256)),
-                              jnp.ones((2, 128)), None, defer="later")
-    assert sg.group_mode_for(2, jnp.int8, None, defer=True) == "split"
-    assert sg.group_mode_for(2, jnp.int8, None) == "overlap"
