@@ -90,12 +90,17 @@ def dataset_dir(data_dir: str | os.PathLike[str] | None = None, split: str | Non
     else:
         env = os.environ.get(ENV_VAR)
         candidates = ([Path(env)] if env else []) + [DEFAULT_DIR]
+    pairs = [_FILES[split]] if split in _FILES else list(_FILES.values())
+    stems = [stem for pair in pairs for stem in pair]
     for d in candidates:
-        pairs = [_FILES[split]] if split in _FILES else list(_FILES.values())
-        if all(_find(d, stem) for pair in pairs for stem in pair):
+        if all(_find(d, stem) for stem in stems):
             return d
+    # name the files missing from the first folder tried (a folder holding only the test split is not
+    # "no Fashion-MNIST")
+    missing = ", ".join(stem + ".gz" for stem in stems if not _find(candidates[0], stem))
     tried = ", ".join(str(d) for d in candidates)
-    raise QditError(f"Fashion-MNIST not found (looked in {tried}); {_INSTALL_HINT}")
+    what = f"Fashion-MNIST {split} split" if split in _FILES else "Fashion-MNIST"
+    raise QditError(f"{what} not found (looked in {tried}; {candidates[0]} lacks {missing}); {_INSTALL_HINT}")
 
 
 def load_fashion_mnist(split: str = "train",

@@ -98,6 +98,15 @@ def test_load_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _write_dataset(tmp_path)
     with pytest.raises(QditError, match="unknown Fashion-MNIST split"):
         fmnist.load_fashion_mnist("val", data_dir=tmp_path)
+    # a folder with the test split only: the train split's error names the split and its missing files
+    only_test = tmp_path / "only_test"
+    only_test.mkdir()
+    for stem in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (only_test / stem).write_bytes((tmp_path / stem).read_bytes())
+    assert fmnist.load_fashion_mnist("test", data_dir=only_test)[0].shape[1:] == (28, 28)
+    with pytest.raises(QditError, match="train split not found.*lacks train-images-idx3-ubyte.gz, "
+                                        "train-labels-idx1-ubyte.gz"):
+        fmnist.load_fashion_mnist("train", data_dir=only_test)
     # Labels out of range are caught at load time.
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(np.full(4, 10, np.uint8))))
     with pytest.raises(QditError, match="label 10"):
