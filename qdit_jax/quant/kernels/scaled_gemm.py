@@ -7,7 +7,8 @@ only per-tensor fp8 scales and no per-token int8 scales), reading the GEMM's pro
 layer output: for q, k, v 28 x ~300 us at DiT-XL/2's batch 256, and after proj and fc2 a pass that
 also adds ``gate * y`` to the residual stream (56 x ~156 us). Only a GEMM that scales its own
 accumulator removes them. Each call computes one output column block (q, k or v; or all of proj /
-fc2): a persistent kernel (one CTA per SM looping over output tiles), warp-specialized (a memory
+fc2): a persistent kernel (one CTA per SM looping over output tiles, one pipeline chained across
+them: ``chained_steps``), warp-specialized (a memory
 warpgroup streams the A and W tiles through a ``steps``-deep pipeline while two compute warpgroups
 run wgmma on 128 rows each), each compute warpgroup applying ``acc * s_a[m] * s_w[n] + b[n]`` in
 registers and storing its tile through its own SMEM slot asynchronously. With a residual, the
@@ -426,7 +427,8 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
 def _gelu_group_codes(parts: list[jax.Array], spec: Any) -> tuple[jax.Array, list[jax.Array]]:
     """Inside the kernel: the tanh GELU of float32 column parts of a tile holding the layer's
-    bf16-rounded output (``kernels.gelu_quant``'s 'dtype' evaluation, libdevice tanh), and their
+    bf16-rounded output (``kernels.gelu_quant``'s 'dtype' evaluation; the tanh is whatever the kernel's
+    ``approx_math`` makes of ``jnp.tanh``: tanh.approx.f32 or libdevice's tanhf), and their
     symmetric codes with one scale per row (the tile is one group wide): (scales (rows,), codes as
     float32, part by part). The codes step of ``row_quant.scale_and_codes``, written for Mosaic: a row
     vector broadcast with ``broadcast_in_dim`` (``s[:, None]`` does not lower there) and ``jnp.round``."""
