@@ -315,7 +315,7 @@ def _fp8_gemm_epilogue(a, sa, w, sw, b, *, n_off: int, n: int, bm: int, bn: int,
 # the default (128 x 128 per warpgroup, 3 steps, the pipeline chained across each CTA's tiles), the
 # same with a pipeline per tile, and a deeper unchained one (4 steps do not divide K = 1,152's 9)
 MOSAIC_FORMS = (dict(tile_m=128, tile_n=128, steps=3), dict(tile_m=128, tile_n=128, steps=3, chain=False),
-                dict(tile_m=128, tile_n=128, steps=3, stagger=1))
+                dict(tile_m=128, tile_n=128, steps=4))
 
 
 def residual_gemm_forms(a, rng) -> None:
@@ -452,16 +452,15 @@ def group_gemm_forms(a, rng) -> None:
                         print(f"{name}: Triton group kernel                {res[1] * 1e6:8.1f} us   equal "
                               f"{np.mean(got == ref):.4f}", flush=True)
             for form in a.group_forms:
-                base, _, lag = form.partition("+")  # '+N': warpgroup 1 starts N K steps after warpgroup 0
-                chain = not base.endswith("u")  # 'u': a pipeline per tile
-                mode = {"o": "overlap", "p": "plain", "s": "split"}[base.rstrip("u")[-1]]
-                tm, tn, st = (int(v) for v in base.rstrip("u")[:-1].split("x"))
+                chain = not form.endswith("u")  # 'u': a pipeline per tile
+                mode = {"o": "overlap", "p": "plain", "s": "split"}[form.rstrip("u")[-1]]
+                tm, tn, st = (int(v) for v in form.rstrip("u")[:-1].split("x"))
                 ok, why = scaled_gemm_applies(m, n, k, dtype, dtype, groups=g, tile_m=tm, tile_n=tn)
                 if not ok:
                     print(f"{name}: Mosaic {form} skipped: {why}", flush=True)
                     continue
-                fn = jax.jit(lambda *v, tm=tm, tn=tn, st=st, mode=mode, chain=chain, lag=int(lag or 0): scaled_gemm_mosaic(
-                    *v, tile_m=tm, tile_n=tn, steps=st, group_mode=mode, chain=chain, stagger=lag))
+                fn = jax.jit(lambda *v, tm=tm, tn=tn, st=st, mode=mode, chain=chain: scaled_gemm_mosaic(
+                    *v, tile_m=tm, tile_n=tn, steps=st, group_mode=mode, chain=chain))
                 res = run_timed(f"{name} Mosaic {form}", fn, (qa, w, sa, sw, b), a.repeats)
                 if res is None:
                     continue
@@ -490,15 +489,12 @@ def gelu_codes_forms(a, name: str, args: tuple, dtype) -> None:
     eq = np.mean(np.asarray(r1[0][0].astype(jnp.float32)) == np.asarray(r2[0][0].astype(jnp.float32)))
     print(f"{name}: fc1 -> fc2 group codes: GEMM + gelu_quant {r2[1] * 1e6:8.1f} us, codes epilogue "
           f"{r1[1] * 1e6:8.1f} us (codes equal {eq:.4f})", flush=True)
-    for mode, approx, lag in (("plain", True, 0), ("overlap", True, 0), ("split", True, 0), ("split", False, 0),
-                              ("split", True, 1), ("split", True, 2)):
-        res = run_timed(f"{name} codes epilogue, {mode}", jax.jit(
-            lambda *v, mode=mode, approx=approx, lag=lag: scaled_gemm_mosaic(
-                *v, gelu_codes=spec, group_mode=mode, approx_tanh=approx, stagger=lag)), args, a.repeats)
+    for mode, approx in (("plain", True), ("overlap", True), ("split", True), ("split", False)):
+        res = run_timed(f"{name} codes epilogue, {mode}", jax.jit(lambda *v, mode=mode, approx=approx: scaled_gemm_mosaic(
+            *v, gelu_codes=spec, group_mode=mode, approx_tanh=approx)), args, a.repeats)
         if res is not None:
             eq = np.mean(np.asarray(res[0][0].astype(jnp.float32)) == np.asarray(r1[0][0].astype(jnp.float32)))
-            print(f"{name}: codes epilogue, {mode:8s}{'' if approx else ' tanhf'}{f' stagger {lag}' if lag else ''} "
-                  f"{res[1] * 1e6:8.1f} us "
+            print(f"{name}: codes epilogue, {mode:8s}{'' if approx else ' tanhf'} {res[1] * 1e6:8.1f} us "
                   f"(codes equal {eq:.4f})", flush=True)
 
 

@@ -159,13 +159,13 @@ def _check_call(a: jax.Array, sa: jax.Array, sw: jax.Array, n_off: int, n: int, 
 # jitted so that the DiT's identical calls (the same layer shape in every block) share one lowering:
 # unjitted, each of XL/2's 140 calls was lowered to Mosaic GPU again (compiles of 104-118 s per forward)
 @functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode", "gelu_codes",
-                                             "chain", "approx_tanh", "stagger"))
+                                             "chain", "approx_tanh"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                        gate: jax.Array | None = None, tile_m: int | None = None, tile_n: int = TILE_N,
                        steps: int | None = None, group_mode: str | None = None,
-                       gelu_codes: Any = None, chain: bool = True, approx_tanh: bool = True,
-                       stagger: int = 0) -> jax.Array | tuple[jax.Array, jax.Array]:
+                       gelu_codes: Any = None, chain: bool = True,
+                       approx_tanh: bool = True) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
     ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
     float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
@@ -269,9 +269,8 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                            o_smem=plgpu.SMEM((2, tile_m, tile_n), out_dtype),
                            s_smem=None if gelu_codes is None else plgpu.SMEM((2, tile_m), jnp.float32),
                            r_bar=None if residual is None else plgpu.Barrier(num_barriers=2),
-                           lag_bar=plgpu.Barrier(num_arrivals=1, num_barriers=2) if stagger else None,  # (one used)
                            collective_axes="wg")
-        def scope(allocs: Any, o_smem: Any, s_smem: Any, r_bar: Any, lag_bar: Any) -> None:
+        def scope(allocs: Any, o_smem: Any, s_smem: Any, r_bar: Any) -> None:
             wg = lax.axis_index("wg")
 
             @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
@@ -290,11 +289,6 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
                 def epilogue(eval_pipeline: Any) -> None:
                     ocols = pl.ds(pn * tile_n, tile_n)
-                    if stagger:  # warpgroup 1 starts its first tile once warpgroup 0 has done `stagger` steps
-                        @pl.when((wg == 1) & (info.local_index == 0))
-                        def _() -> None:
-                            plgpu.barrier_wait(lag_bar.at[0])
-
                     if residual is not None:
                         # the residual tile by TMA into this warpgroup's output slot (once its previous
                         # store has read it), issued before the K loop so that it lands during it
@@ -411,17 +405,6 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
                 body = {None: mma, "overlap": mma_overlapped, "plain": mma_grouped,
                         "split": mma_split}[group_mode]
-                if stagger:
-                    inner = body
-
-                    def body(idx: Any, *refs: Any) -> Any:
-                        out = inner(idx, *refs)
-
-                        @pl.when((wg == 0) & (info.local_index == 0) & (idx[0] == stagger - 1))
-                        def _() -> None:
-                            plgpu.barrier_arrive(lag_bar.at[0])
-
-                        return out
                 state = None
                 if chained:  # this CTA's first tile starts the chained pipeline, its last one drains it
                     last = info.local_index == info.num_local_steps - 1
