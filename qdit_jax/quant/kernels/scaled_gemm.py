@@ -350,14 +350,19 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                     product(a_smem, w_smem, acc_ref)
                     return acc_ref
 
-                def group_scales(sa_smem: Any, sw_smem: Any) -> tuple[jax.Array, jax.Array]:
-                    """This K step's scale rows (TMA'd with its tiles) for this warpgroup's rows / the tile's columns."""
-                    return (plgpu.load(sa_smem.at[0, pl.ds(wg * tile_m, tile_m)], (), layout=row_l, optimized=False),
-                            plgpu.load(sw_smem.at[0], (), layout=col_l, optimized=False))
+                def group_scales(sa_smem: Any, sw_smem: Any, parts: int = 1) -> tuple[jax.Array, list[jax.Array]]:
+                    """This K step's scale rows (TMA'd with its tiles): this warpgroup's rows, and the tile's
+                    columns in ``parts`` column parts."""
+                    s_a = plgpu.load(sa_smem.at[0, pl.ds(wg * tile_m, tile_m)], (), layout=row_l, optimized=False)
+                    if parts == 1:
+                        return s_a, [plgpu.load(sw_smem.at[0], (), layout=col_l, optimized=False)]
+                    width = tile_n // parts
+                    return s_a, [plgpu.load(sw_smem.at[0, pl.ds(j * width, width)], (), layout=col_l, optimized=False)
+                                 for j in range(parts)]
 
                 def mma_grouped(_: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any, total: Any) -> Any:
                     # this group's scales first, then its product in a fresh accumulator
-                    s_a, s_w = group_scales(sa_smem, sw_smem)
+                    s_a, (s_w,) = group_scales(sa_smem, sw_smem)
 
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, acc_dtype))
                     def p(acc_ref: Any) -> jax.Array:
@@ -370,7 +375,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                     # issue this group's wgmma, scale and add the previous group's product meanwhile (on
                     # the CUDA cores while the tensor cores run), then wait and keep this product raw
                     total, p_prev, sa_prev, sw_prev = carry
-                    s_a, s_w = group_scales(sa_smem, sw_smem)
+                    s_a, (s_w,) = group_scales(sa_smem, sw_smem)
 
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, acc_dtype))
                     def step(acc_ref: Any) -> tuple[jax.Array, jax.Array]:
@@ -384,9 +389,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                 def mma_split(_: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any, sums: Any) -> Any:
                     # the tile's column parts as wgmmas all in flight at once: each part's product is
                     # scaled into its sum while the later parts' wgmmas still run
-                    s_a = plgpu.load(sa_smem.at[0, pl.ds(wg * tile_m, tile_m)], (), layout=row_l, optimized=False)
-                    s_w = [plgpu.load(sw_smem.at[0, pl.ds(j * part_n, part_n)], (), layout=col_l, optimized=False)
-                           for j in range(n_parts)]
+                    s_a, s_w = group_scales(sa_smem, sw_smem, n_parts)
                     a_rows = a_smem.at[pl.ds(wg * tile_m, tile_m)]
 
                     def step(*accs: Any) -> tuple[jax.Array, ...]:
