@@ -437,14 +437,13 @@ def _gelu_group_codes(parts: list[jax.Array], spec: Any) -> tuple[jax.Array, lis
     vector broadcast with ``broadcast_in_dim`` (``s[:, None]`` does not lower there) and ``jnp.round``."""
     from qdit_jax.quant.kernels.gelu_quant import _gelu
     from qdit_jax.quant.formats import fp8_max
-    from qdit_jax.quant.kernels.row_quant import row_scale
+    from qdit_jax.quant.kernels.row_quant import row_amax, row_scale
     from qdit_jax.quant.quantizers import int_range
 
     bf16 = jnp.bfloat16
     hs = [_gelu(y.astype(bf16).astype(jnp.float32), bf16, "dtype", fast=False).astype(bf16).astype(jnp.float32)
           for y in parts]
-    amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(h), axis=1) for h in hs])
-    s = row_scale(amax, spec)
+    s = row_scale(row_amax(hs), spec)
     if spec.format == "int":
         lo, hi = int_range(spec.bits, True)
         return s, [jnp.clip(jnp.round(h / lax.broadcast_in_dim(s, h.shape, [0])), lo, hi) for h in hs]
