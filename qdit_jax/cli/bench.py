@@ -130,6 +130,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also trace CALLS forward calls per variant and batch with jax.profiler and print where "
                         "the device time goes (kinds of kernels, slowest HLO instructions); 0: off")
     p.add_argument("--profile-top", type=int, default=25, help="instructions listed per profile")
+    p.add_argument("--gaps", type=int, default=0, metavar="CALLS",
+                   help="also trace CALLS forward calls as timed (CUDA graphs as configured) and print how long "
+                        "the device sits idle between kernels inside a call, and after which kernels; 0: off")
     p.add_argument("--xla-option", action="append", default=[], metavar="KEY=VALUE",
                    help="XLA compiler option for the forward compiles, e.g. xla_gpu_enable_triton_gemm=false "
                         "(repeatable; the row records them)")
@@ -281,6 +284,22 @@ def _profile(compiled: Any, inputs: list[tuple], calls: int, top: int, title: st
                     for o in ops]}
 
 
+def _gaps(compiled: Any, inputs: list[tuple], calls: int, title: str) -> dict[str, Any]:
+    """Trace ``calls`` calls and print the idle time between kernels (perf.trace.idle_gaps)."""
+    import dataclasses
+
+    from qdit_jax.perf.trace import format_gaps, profile_compiled
+
+    found: list = []
+    try:
+        profile_compiled(compiled, inputs, calls=calls, gaps=found)
+    except Exception as e:  # diagnostics, as _profile
+        print(f"{title}: gap trace failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return {"error": f"{type(e).__name__}: {e}"}
+    print(format_gaps(found[0], title), flush=True)
+    return dataclasses.asdict(found[0])
+
+
 def _mem(compiled: Any) -> int | None:
     try:
         ma = compiled.memory_analysis()
@@ -391,6 +410,8 @@ def run(args: argparse.Namespace) -> int:
                        xla_options=xla_opts, **info)
             if args.profile:
                 row["profile"] = _profile(compiled, inputs, args.profile, args.profile_top, f"{name} b{b}")
+            if args.gaps:
+                row["gaps"] = _gaps(compiled, inputs, args.gaps, f"{name} b{b}")
             if args.diff_against:
                 outputs[(name, b)] = np.asarray(compiled(*inputs[0]), np.float64)
             rows.append(row)

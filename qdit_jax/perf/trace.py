@@ -157,9 +157,88 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def profile_compiled(compiled: Any, args_list: Sequence[tuple], calls: int = 3) -> list[OpTime]:
+def kernel_events(xspace_path: str) -> list[tuple[int, int, str]]:
+    """(start ns, end ns, name) of every event on the device planes' stream lines (kernels, copies;
+    CUDA-graph kernels included, whether or not they carry an HLO name), sorted by start; the host
+    plane's HLO thunks when there is no device plane (CPU backend)."""
+    from jax.profiler import ProfileData
+
+    pd = ProfileData.from_file(xspace_path)
+    dev = [p for p in pd.planes if p.name.startswith("/device:")]
+    out = []
+    for plane in dev or [p for p in pd.planes if p.name.startswith("/host:CPU")]:
+        for line in plane.lines:
+            if dev and not line.name.startswith("Stream"):
+                continue
+            for e in line.events:
+                name = _stat(e, "hlo_op")
+                if name or dev:  # host lines also hold the Python / runtime spans around the thunks
+                    out.append((int(e.start_ns), int(e.end_ns), str(name or e.name)))
+    return sorted(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gaps:
+    """Device idle time inside traced calls: ``span_us`` (first kernel start to last kernel end, per
+    call), ``busy_us`` (the union of kernel intervals, per call), ``idle_us = span - busy``,
+    ``count`` (idle intervals per call) and ``top``: (previous kernel, next kernel, total us per call,
+    intervals per call), the largest first."""
+
+    span_us: float
+    busy_us: float
+    idle_us: float
+    count: float
+    top: list[tuple[str, str, float, float]]
+
+
+def idle_gaps(events: Sequence[tuple[int, int, str]], calls: int, top: int = 12) -> Gaps:
+    """Where the device waits between kernels. ``events`` are (start, end, name) intervals of
+    ``calls`` calls run one after another with a host sync between them: the ``calls - 1`` longest
+    idle intervals are taken as those syncs and left out. Overlapping kernels (several streams)
+    count once."""
+    if calls < 1 or not events:
+        raise ValueError(f"idle_gaps needs events of at least one call (got {len(events)} events, calls={calls})")
+    ev = sorted(events)
+    idle: list[tuple[int, str, str]] = []  # (ns, kernel that ended last, kernel that starts)
+    busy, cur_s, cur_e, last = 0, ev[0][0], ev[0][1], ev[0][2]
+    for s, e, name in ev[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            idle.append((s - cur_e, last, name))
+            cur_s, cur_e, last = s, e, name
+        elif e >= cur_e:
+            cur_e, last = e, name
+    busy += cur_e - cur_s
+    between = sorted(range(len(idle)), key=lambda i: -idle[i][0])[:calls - 1]
+    inside = [g for i, g in enumerate(idle) if i not in set(between)]
+    span = ev[-1][1] - ev[0][0] - sum(idle[i][0] for i in between)
+    pairs: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for ns, a, b in inside:
+        pairs[(_short(a), _short(b))][0] += ns
+        pairs[(_short(a), _short(b))][1] += 1
+    ranked = sorted(pairs.items(), key=lambda kv: -kv[1][0])[:top]
+    return Gaps(span / calls / 1e3, busy / calls / 1e3, (span - busy) / calls / 1e3, len(inside) / calls,
+                [(a, b, ns / calls / 1e3, n / calls) for (a, b), (ns, n) in ranked])
+
+
+def _short(name: str) -> str:
+    """A kernel name without its template / argument list and numeric suffix, for grouping."""
+    name = re.split(r"[(<]", name, 1)[0]
+    return re.sub(r"[._]\d+$", "", name)[:60]
+
+
+def format_gaps(g: Gaps, title: str = "") -> str:
+    rows = [f"gaps {title}: span {g.span_us / 1e3:.2f} ms per call, kernels busy {g.busy_us / 1e3:.2f} ms, "
+            f"idle {g.idle_us / 1e3:.2f} ms in {g.count:.0f} intervals"]
+    rows += [f"    {us:9.1f} us x{n:<6.3g} {a[:44]:44s} -> {b[:44]}" for a, b, us, n in g.top]
+    return "\n".join(rows)
+
+
+def profile_compiled(compiled: Any, args_list: Sequence[tuple], calls: int = 3,
+                     gaps: list[Gaps] | None = None) -> list[OpTime]:
     """Trace ``calls`` calls of a compiled JAX function (after one untraced warm-up) and return its
-    HLO instructions with their device time per call, slowest first."""
+    HLO instructions with their device time per call, slowest first. With ``gaps`` (a list), the
+    same trace's :func:`idle_gaps` is appended to it."""
     import jax
 
     jax.block_until_ready(compiled(*args_list[0]))
@@ -174,6 +253,8 @@ def profile_compiled(compiled: Any, args_list: Sequence[tuple], calls: int = 3) 
         if not paths:
             raise RuntimeError("jax.profiler wrote no .xplane.pb trace")
         times = op_times(paths[0], module)
+        if gaps is not None:
+            gaps.append(idle_gaps(kernel_events(paths[0]), calls))
     kinds = hlo_kinds(text)
 
     def kind_shape(name: str) -> tuple[str, str]:

@@ -100,3 +100,35 @@ def test_hlo_kinds_entry_only_skips_the_fused_computations():
     assert "d" not in entry and "t" not in entry
     assert set(entry) == {"a", "b", "q", "custom-call.1", "custom-call.2", "custom-call.3", "gemm_fusion",
                           "loop_fusion", "copy.4", "gelu_fusion"}
+
+
+def test_idle_gaps_counts_idle_time_inside_calls_only():
+    """Two calls of three kernels (us): the sync between the calls is left out, overlapping kernels on
+    two streams count once, and each idle interval is charged to the kernels around it."""
+    from qdit_jax.perf.trace import idle_gaps
+
+    us = 1000
+    call = [(0, 10, "gemm.1"), (12, 20, "fusion.2"), (15, 18, "copy.3"), (25, 30, "gemm.1")]
+    events = [(s * us, e * us, n) for s, e, n in call] + [((s + 500) * us, (e + 500) * us, n) for s, e, n in call]
+    g = idle_gaps(events, calls=2)
+    assert g.span_us == pytest.approx(30.0) and g.busy_us == pytest.approx(23.0)
+    assert g.idle_us == pytest.approx(7.0) and g.count == pytest.approx(2.0)
+    assert g.top[0] == ("fusion", "gemm", pytest.approx(5.0), pytest.approx(1.0))
+    assert g.top[1] == ("gemm", "fusion", pytest.approx(2.0), pytest.approx(1.0))
+    # one call: nothing is taken as a sync, so the 470 us between the copies is idle inside it
+    assert idle_gaps(events, calls=1).idle_us == pytest.approx(14.0 + 470.0)
+    with pytest.raises(ValueError, match="at least one call"):
+        idle_gaps([], calls=1)
+
+
+def test_profile_reports_gaps_of_a_real_trace():
+    """On CPU: the host thunks of a traced program give a span no shorter than their busy time."""
+    f = jax.jit(lambda a, b: jnp.tanh(a @ b) @ b)
+    r = np.random.default_rng(1)
+    args = [(jnp.asarray(r.standard_normal((256, 256)), jnp.float32),
+             jnp.asarray(r.standard_normal((256, 256)), jnp.float32))]
+    found: list = []
+    profile_compiled(f.lower(*args[0]).compile(), args, calls=2, gaps=found)
+    (g,) = found
+    assert g.busy_us > 0 and g.span_us >= g.busy_us - 1e-6
+    assert g.idle_us == pytest.approx(g.span_us - g.busy_us)
