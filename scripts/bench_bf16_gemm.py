@@ -10,27 +10,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qdit_jax.perf.timing import chained_median
+
 C = 1152  # DiT-XL/2's width
-
-
-def timed(fn, args, repeats: int) -> tuple[jax.Array, float]:
-    """(output, median seconds per call over 5 rounds of ``repeats`` back-to-back calls)."""
-    out = jax.block_until_ready(fn(*args))
-    rounds = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(repeats):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        rounds.append((time.perf_counter() - t) / repeats)
-    return out, statistics.median(rounds)
 
 
 def main() -> None:
@@ -51,11 +38,11 @@ def main() -> None:
         x = jnp.asarray(r.standard_normal((m, n)), bf)
         g = jnp.asarray(r.standard_normal((a.batch, n)), bf)
         flop = 2 * m * k * n
-        ref, t0 = timed(jax.jit(lambda h, w: h @ w), (h, w), a.repeats)
-        _, t1 = timed(jax.jit(lambda h, w, b: h @ w + b), (h, w, b), a.repeats)
+        ref, t0 = chained_median(jax.jit(lambda h, w: h @ w), (h, w), a.repeats)
+        _, t1 = chained_median(jax.jit(lambda h, w, b: h @ w + b), (h, w, b), a.repeats)
         res = jax.jit(lambda h, w, b, x, g: (x.reshape(a.batch, -1, n)
                                              + g[:, None] * (h @ w + b).reshape(a.batch, -1, n)).reshape(m, n))
-        _, t2 = timed(res, (h, w, b, x, g), a.repeats)
+        _, t2 = chained_median(res, (h, w, b, x, g), a.repeats)
         print(f"K={k} N={n}: cuBLAS {t0 * 1e6:.1f} us ({flop / t0 / 1e12:.0f} TFLOP/s), + bias {t1 * 1e6:.1f} us, "
               f"+ bias + gated residual {t2 * 1e6:.1f} us", flush=True)
         for tn, steps, wgd in itertools.product((128, 256), (3, 4), (hm.MatmulDimension.N, hm.MatmulDimension.M)):
@@ -65,7 +52,7 @@ def main() -> None:
                                   epi_tile_m=64, wg_dimension=wgd)
             label = f"  Mosaic 128x{tn}, {steps} steps, warpgroups along {wgd}"
             try:
-                out, t = timed(jax.jit(lambda h, w, cfg=cfg: hm.matmul(h, w, None, cfg)), (h, w), a.repeats)
+                out, t = chained_median(jax.jit(lambda h, w, cfg=cfg: hm.matmul(h, w, None, cfg)), (h, w), a.repeats)
             except Exception as e:  # noqa: BLE001 - a tiling that does not fit is reported, not fatal
                 print(f"{label}: failed: {str(e)[:160]}", flush=True)
                 continue

@@ -33,12 +33,12 @@ random.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from qdit_jax.perf.timing import chained_median
 
 C, HIDDEN, HEADS = 1152, 4608, 16
 SQRT_2_OVER_PI = 0.7978845608028654
@@ -63,25 +63,16 @@ def gelu_tanh32(y):
 GELUS = {"jax.nn.gelu": gelu_jax, "sigmoid-exp f32": gelu_sigmoid, "tanh f32": gelu_tanh32, "none": lambda y: y}
 
 
-def timed(fn, args, repeats: int, rounds: int = 5) -> float:
-    """Seconds per call: ``repeats`` calls dispatched back to back and synchronized once (so short
-    kernels are not timed with a host round trip each), median over ``rounds``."""
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        outs = [fn(*args) for _ in range(repeats)]
-        jax.block_until_ready(outs)
-        ts.append((time.perf_counter() - t0) / repeats)
-    return statistics.median(ts)
+def timed(fn, args, repeats: int) -> float:
+    """Median seconds per call of ``repeats`` back-to-back calls (``perf.timing.chained_median``)."""
+    return chained_median(fn, args, repeats)[1]
 
 
 def run_timed(label: str, fn, args, repeats: int):
     """``(fn(*args), seconds per call)``, or None after printing why ``fn`` failed to compile or run
     (a form a kernel cannot compile is reported, not fatal)."""
     try:
-        return fn(*args), timed(fn, args, repeats)
+        return chained_median(fn, args, repeats)
     except Exception as e:  # noqa: BLE001
         print(f"{label}: failed: {str(e)[:400]}", flush=True)
         return None
@@ -500,8 +491,6 @@ def gelu_codes_forms(a, name: str, args: tuple, dtype) -> None:
 
 def fc2_input_groups(a, rng) -> None:
     """Group-128 fc2 codes from a group-wise fc1's bf16 output: XLA against gelu_quant's tilings."""
-    import functools
-
     from qdit_jax.perf import compiler
     from qdit_jax.quant.config import QuantSpec
     from qdit_jax.quant.kernels.gelu_quant import gelu_quant_applies, gelu_quant_pallas, gelu_quant_xla

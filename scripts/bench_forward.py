@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdit_jax.cli import bench
+from qdit_jax.perf.timing import synced_calls
 from qdit_jax.models.dit import DiT, dit_config, flops_per_forward
 
 PEAK_BF16 = bench.PEAK_BF16
@@ -27,11 +28,6 @@ def peak_for(device: jax.Device) -> float | None:
         if name.lower() in device.device_kind.lower():
             return peak
     return None
-
-
-def time_fn(fn, args_list, repeats: int, warmup: int = 3) -> list[float]:
-    """Seconds per call; rotates among several input sets so caches do not flatter the result."""
-    return bench.time_fn(fn, args_list, repeats, warmup=warmup)
 
 
 def measured_matmul_peak(n: int, repeats: int) -> float:
@@ -71,7 +67,7 @@ def main() -> None:
              jnp.asarray(rng.integers(0, cfg.num_classes, b), jnp.int32))
             for _ in range(3)
         ]
-        t = statistics.median(time_fn(fwd, inputs, args.repeats))
+        t = statistics.median(synced_calls(fwd, inputs, args.repeats, warmup=3))
         ips = b / t
         frac = ips * flops / peak if peak else float("nan")
         mfrac = ips * flops / measured if measured else float("nan")

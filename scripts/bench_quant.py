@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdit_jax.cli import bench
+from qdit_jax.perf.timing import synced_calls
 from qdit_jax.perf.trace import KINDS, hlo_kinds
 from qdit_jax.quant.kernels.group_gemm import (Tiles, group_gemm_pallas, group_gemm_reference, group_gemm_xla,
                                                pack_blocked)
@@ -108,7 +109,7 @@ def layer_profile(batch: int, repeats: int, tile_list: list[Tiles], log: list) -
     def t(name, fn, args_list):
         try:
             fj = jax.jit(fn)
-            s = statistics.median(bench.time_fn(fj, args_list, repeats, warmup=2))
+            s = statistics.median(synced_calls(fj, args_list, repeats, warmup=2))
             results[name] = s
             line = (f"layer b{batch} {name:44s} {s * 1e6:9.1f} us  {flop / s / 1e12:7.1f} T(FL)OP/s-equiv  "
                     f"[{gemm_kinds(fj, args_list[0])}]")

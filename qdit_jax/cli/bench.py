@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from qdit_jax.errors import QditError
+from qdit_jax.perf.timing import synced_calls
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by device kind substring.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5": 459e12}
@@ -130,6 +131,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also trace CALLS forward calls per variant and batch with jax.profiler and print where "
                         "the device time goes (kinds of kernels, slowest HLO instructions); 0: off")
     p.add_argument("--profile-top", type=int, default=25, help="instructions listed per profile")
+    p.add_argument("--loop", type=int, default=0, metavar="K",
+                   help="also time K forwards inside one jitted lax.scan (distinct inputs per step, as the "
+                        "sampler's loop runs them) and report images/s per forward; 0: off")
     p.add_argument("--gaps", type=int, default=0, metavar="CALLS",
                    help="also trace CALLS forward calls as timed (CUDA graphs as configured) and print how long "
                         "the device sits idle between kernels inside a call, and after which kernels; 0: off")
@@ -146,20 +150,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write each compiled forward's optimized HLO to DIR/<variant>_b<batch>.hlo.txt "
                         "(to read what a profiled instruction computes)")
     p.add_argument("--json", default=None)
-
-
-def time_fn(fn: Callable, args_list: list[tuple], repeats: int, warmup: int = 2) -> list[float]:
-    """Seconds per call over ``repeats`` calls after ``warmup``, rotating among input sets."""
-    import jax
-
-    for i in range(warmup):
-        jax.block_until_ready(fn(*args_list[i % len(args_list)]))
-    out = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args_list[i % len(args_list)]))
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def randomize(params: Any, key: Any) -> Any:
@@ -199,7 +189,7 @@ def matmul_peak(n: int, repeats: int) -> float:
     ka, kb = jax.random.split(jax.random.PRNGKey(7))
     sets = [(jax.random.normal(jax.random.fold_in(ka, i), (n, n), jnp.bfloat16),
              jax.random.normal(jax.random.fold_in(kb, i), (n, n), jnp.bfloat16)) for i in range(2)]
-    t = statistics.median(time_fn(jax.jit(lambda a, b: a @ b), sets, repeats))
+    t = statistics.median(synced_calls(jax.jit(lambda a, b: a @ b), sets, repeats))
     return 2 * n**3 / t
 
 
@@ -284,6 +274,18 @@ def _profile(compiled: Any, inputs: list[tuple], calls: int, top: int, title: st
                     for o in ops]}
 
 
+def looped_forward(apply_fn: Callable) -> Callable:
+    """(params, xs, ts, ys) -> the forward of each leading-axis slice, in one ``lax.scan``: K forwards
+    in one program, so the per-call dispatch (and XLA's command-buffer update for new input / output
+    addresses) is paid once per K, as in a jitted sampling loop."""
+    import jax
+
+    def run(params: Any, xs: Any, ts: Any, ys: Any) -> Any:
+        return jax.lax.scan(lambda c, inp: (c, apply_fn(params, *inp)), 0, (xs, ts, ys))[1]
+
+    return run
+
+
 def _gaps(compiled: Any, inputs: list[tuple], calls: int, title: str) -> dict[str, Any]:
     """Trace ``calls`` calls and print the idle time between kernels (perf.trace.idle_gaps)."""
     import dataclasses
@@ -298,6 +300,29 @@ def _gaps(compiled: Any, inputs: list[tuple], calls: int, title: str) -> dict[st
         return {"error": f"{type(e).__name__}: {e}"}
     print(format_gaps(found[0], title), flush=True)
     return dataclasses.asdict(found[0])
+
+
+def _time_loop(apply_fn: Callable, cfg: Any, vparams: Any, b: int, args: argparse.Namespace,
+               xla_opts: dict[str, Any]) -> dict[str, Any]:
+    """Time ``args.loop`` forwards of batch ``b`` in one scan (:func:`looped_forward`); per-forward
+    seconds and images/s, or an error entry (diagnostics: a failure keeps the single-call row)."""
+    import jax
+    import jax.numpy as jnp
+
+    k = args.loop
+    rng = np.random.default_rng(1000 + b)
+    sets = [(vparams,
+             jnp.asarray(rng.standard_normal((k, b, cfg.input_size, cfg.input_size, cfg.in_channels)), jnp.float32),
+             jnp.asarray(rng.integers(0, 1000, (k, b)), jnp.int32),
+             jnp.asarray(rng.integers(0, cfg.num_classes, (k, b)), jnp.int32)) for _ in range(2)]
+    try:
+        compiled = jax.jit(looped_forward(apply_fn)).lower(*sets[0]).compile(compiler_options=xla_opts or None)
+        t = statistics.median(synced_calls(compiled, sets, max(3, args.repeats // 2))) / k
+    except Exception as e:
+        print(f"loop of {k} at batch {b}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return {"loop_error": f"{type(e).__name__}: {e}"}
+    print(f"    {k} forwards in one scan: {t * 1e3:8.2f} ms per forward, {b / t:8.1f} img/s", flush=True)
+    return {"loop_k": k, "loop_median_s": t, "loop_images_per_s": b / t}
 
 
 def _mem(compiled: Any) -> int | None:
@@ -397,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
                     with open(os.path.join(args.dump_hlo, f"{name}_b{b}.hlo.txt"), "w") as f:
                         f.write(compiled.as_text())
                 t0 = time.perf_counter()
-                t = statistics.median(time_fn(compiled, inputs, args.repeats))
+                t = statistics.median(synced_calls(compiled, inputs, args.repeats))
                 t_timed = time.perf_counter() - t0
             except Exception as e:
                 print(f"{name} batch {b}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -408,6 +433,8 @@ def run(args: argparse.Namespace) -> int:
                        measured_fraction=ips * flops / measured if measured else None,
                        program_bytes=_mem(compiled), compile_s=t_compile, build_s=t_build,
                        xla_options=xla_opts, **info)
+            if args.loop:
+                row.update(_time_loop(apply_fn, cfg, vparams, b, args, xla_opts))
             if args.profile:
                 row["profile"] = _profile(compiled, inputs, args.profile, args.profile_top, f"{name} b{b}")
             if args.gaps:
@@ -427,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
                                           jnp.float32), jnp.asarray(rng.integers(0, 1000, b), jnp.int32),
                      jax.random.PRNGKey(i)) for i in range(2)]
             try:
-                ts = time_fn(fn, sets, args.sample_repeats, warmup=1)
+                ts = synced_calls(fn, sets, args.sample_repeats, warmup=1)
                 t = statistics.median(ts)
                 rows.append(dict(variant=name, sample_batch=b, steps=args.sample_steps, sample_s=t,
                                  sample_images_per_s=b / t))
@@ -448,15 +475,22 @@ def run(args: argparse.Namespace) -> int:
     summary = dict(device=dev.device_kind, jax=jax.__version__, matmul_tflops=measured and measured / 1e12,
                    peak_bytes_in_use=stats.get("peak_bytes_in_use"), rows=rows)
     base = {r["batch"]: r["images_per_s"] for r in rows if r["variant"] == "bf16" and "batch" in r}
-    print(f"\n{'variant':22s} {'batch':>5s} {'img/s':>8s} {'x bf16':>7s} {'TFLOP/s':>8s} {'frac':>6s} {'weightMB':>9s} {'ckptMB':>8s}")
+    lbase = {r["batch"]: r["loop_images_per_s"] for r in rows if r["variant"] == "bf16" and "loop_images_per_s" in r}
+    loops = any("loop_images_per_s" in r for r in rows)
+    print(f"\n{'variant':22s} {'batch':>5s} {'img/s':>8s} {'x bf16':>7s} {'TFLOP/s':>8s} {'frac':>6s} {'weightMB':>9s} "
+          f"{'ckptMB':>8s}" + (f" {'loop img/s':>10s} {'x bf16':>7s}" if loops else ""))
     for r in rows:
         if "batch" not in r:
             continue
         wb = r.get("weight_bytes", {}).get("quantized")
         ck = r.get("checkpoint_bytes")
         rel = r["images_per_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
-        print(f"{r['variant']:22s} {r['batch']:5d} {r['images_per_s']:8.1f} {rel:7.3f} {r['tflops']:8.1f} "
-              f"{(r['datasheet_fraction'] or 0):6.3f} {(wb or 0) / 1e6:9.1f} {(ck or 0) / 1e6:8.1f}")
+        line = (f"{r['variant']:22s} {r['batch']:5d} {r['images_per_s']:8.1f} {rel:7.3f} {r['tflops']:8.1f} "
+                f"{(r['datasheet_fraction'] or 0):6.3f} {(wb or 0) / 1e6:9.1f} {(ck or 0) / 1e6:8.1f}")
+        if "loop_images_per_s" in r:
+            lrel = r["loop_images_per_s"] / lbase[r["batch"]] if r["batch"] in lbase else float("nan")
+            line += f" {r['loop_images_per_s']:10.1f} {lrel:7.3f}"
+        print(line)
     samples = [r for r in rows if "sample_images_per_s" in r]
     if samples:
         sbase = next((r["sample_images_per_s"] for r in samples if r["variant"] == "bf16"), None)

@@ -84,3 +84,30 @@ def test_xla_options_parse_and_reject_bad_items():
         "xla_gpu_enable_triton_gemm": False, "a": 3, "b": "x"}
     with pytest.raises(QditError, match="KEY=VALUE"):
         parse_xla_options(["no_value"])
+
+
+def test_looped_forward_equals_one_call_per_step(params):
+    """The scan of K forwards gives each step's forward, in order (so the loop timing times the model)."""
+    from qdit_jax.cli.bench import looped_forward
+
+    apply_fn, vparams, _ = build_variant("bf16", CFG, params, parse_tiles("16,16,32,4,2"), False)
+    r = np.random.default_rng(3)
+    xs = jnp.asarray(r.standard_normal((3, 2, 8, 8, 4)), jnp.float32)
+    ts, ys = jnp.asarray(r.integers(0, 1000, (3, 2)), jnp.int32), jnp.asarray(r.integers(0, 10, (3, 2)), jnp.int32)
+    looped = np.asarray(jax.jit(looped_forward(apply_fn))(vparams, xs, ts, ys), np.float32)
+    one = jax.jit(apply_fn)
+    for i in range(3):
+        np.testing.assert_allclose(looped[i], np.asarray(one(vparams, xs[i], ts[i], ys[i]), np.float32),
+                                   rtol=2e-2, atol=2e-2)
+    assert np.abs(looped[0] - looped[1]).max() > 1e-2  # the steps really differ
+
+
+def test_bench_loop_and_gaps_rows(tmp_path, capsys):
+    out = str(tmp_path / "b.json")
+    assert main(["bench", "--model", "S/8", "--batch", "2", "--variants", "bf16", "--repeats", "2",
+                 "--matmul-peak", "0", "--loop", "3", "--gaps", "2", "--json", out]) == 0
+    (row,) = [r for r in json.load(open(out))["rows"] if "batch" in r]
+    assert row["loop_k"] == 3 and row["loop_images_per_s"] > 0
+    assert row["gaps"]["span_us"] >= row["gaps"]["busy_us"] > 0
+    text = capsys.readouterr().out
+    assert "forwards in one scan" in text and "loop img/s" in text and "gaps bf16 b2" in text
