@@ -12,7 +12,8 @@ them: ``chained_steps``), warp-specialized (a memory
 warpgroup streams the A and W tiles through a ``steps``-deep pipeline while two compute warpgroups
 run wgmma on 128 rows each), each compute warpgroup applying ``acc * s_a[m] * s_w[n] + b[n]`` in
 registers and storing its tile through its own SMEM slot asynchronously. With a residual, the
-residual tile is copied by TMA into that slot before the K loop and added in the epilogue.
+residual tile is copied by TMA into that slot before the K loop and added in the epilogue. The
+kernel body (K step per group mode, tile epilogue) is ``kernels.scaled_gemm_body``.
 
 Group scales (Q-DiT's granularity: weights and activations in 128-channel groups along K): the
 (G, M) x (G, N) scale rows come by TMA with each K step's tiles, each step's product goes into a fresh
@@ -35,9 +36,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-TILE_M, TILE_N, TILE_K, STEPS = 128, 128, 128, 3  # per compute warpgroup; the fastest measured on the H100
+from qdit_jax.quant.kernels.scaled_gemm_body import TILE_K, Plan, kernel_body
+
+TILE_M, TILE_N, STEPS = 128, 128, 3  # per compute warpgroup; the fastest measured on the H100
 # group scales: a float32 running sum beside the wgmma accumulator (two 64 x 128 float32 tiles per
 # warpgroup, where one 128 x 128 tile would not fit twice in registers), and how each K step's product
 # is scaled into it (static ``group_mode``; defaults: ``group_mode_for``): 'plain', after the step's
@@ -189,7 +191,6 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     ``chain``: one pipeline across each CTA's output tiles (``chained_steps``), so that the memory
     warpgroup loads the next tile's first K steps during this tile's last steps and epilogue; False
     restarts the pipeline per tile (its prologue loads wait for the previous tile's K loop to end)."""
-    from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     m, k = a.shape
@@ -212,211 +213,19 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         sa, sw = sa.astype(jnp.float32).reshape(-1), sw.astype(jnp.float32).reshape(-1)
     else:
         sa, sw = sa.astype(jnp.float32), sw.astype(jnp.float32)
-    tr = (plgpu.TilingTransform((8, TILE_K)), plgpu.SwizzleTransform(128))  # 128-byte rows of fp8
-    int_codes = jnp.dtype(a.dtype) == jnp.dtype(jnp.int8)
-    acc_dtype = jnp.int32 if int_codes else jnp.float32
-    cta_m = 2 * tile_m
-    m_tiles, n_tiles = m // cta_m, n // tile_n
-    w_tile0 = n_off // tile_n
-    row_l, col_l = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
-    shape = (tile_m, tile_n)
-    n_parts = 2 if group_mode == "split" else 1  # column parts with their own wgmma (4: slower on the H100)
-    part_n = tile_n // n_parts
-    part = (tile_m, part_n)
     if gelu_codes is None:
         out_dtype = jnp.bfloat16
     else:
         from qdit_jax.quant.kernels.row_quant import codes_dtype
 
         out_dtype = codes_dtype(gelu_codes)
+    plan = Plan(n_off=n_off, n=n, k=k, tile_m=tile_m, tile_n=tile_n, steps=steps, chained=chained,
+                 m_tiles=m // (2 * tile_m), groups=groups, group_mode=group_mode,
+                 int_codes=jnp.dtype(a.dtype) == jnp.dtype(jnp.int8), residual=residual is not None,
+                 rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, out_dtype=out_dtype)
 
-    def zeros(dtype: Any) -> jax.Array:
-        return plgpu.layout_cast(jnp.zeros(shape, dtype), plgpu.Layout.WGMMA)
-
-    def scaled(p: jax.Array, s_a: jax.Array, s_w: jax.Array) -> jax.Array:
-        """One group's product (int32 sums are exact in float32: |sum| < 2^24) times its scales."""
-        p = p.astype(jnp.float32)
-        return p * lax.broadcast_in_dim(s_a, shape, [0]) * lax.broadcast_in_dim(s_w, shape, [1])
-
-    def make_pipeline(body: Any, ctx: Any, state: Any = None) -> Any:
-        specs = [plgpu.BlockSpec((cta_m, TILE_K), lambda kk: (0, kk), transforms=tr),
-                 plgpu.BlockSpec((tile_n, TILE_K), lambda kk: (0, kk), transforms=tr)]
-        if groups > 1:  # this K step's scale rows come with its tiles, by TMA
-            specs += [plgpu.BlockSpec((1, cta_m), lambda kk: (kk, 0)), plgpu.BlockSpec((1, tile_n), lambda kk: (kk, 0))]
-        return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(k // TILE_K,), memory_registers=40, in_specs=specs,
-            wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=steps, compute_context=ctx,
-            pipeline_state=state)
-
-    def kernel(a_gmem, w_gmem, sa_gmem, sw_gmem, b_gmem, *rest):
-        r_gmem, g_gmem = rest[:2] if residual is not None else (None, None)
-        o_gmem, s_gmem = (rest[-2], rest[-1]) if gelu_codes is not None else (rest[-1], None)
-
-        def pipeline_operands(pm: Any, pn: Any) -> tuple:
-            """The pipeline's inputs for output tile (pm, pn): A rows, W rows, and the group scale rows."""
-            cols = pl.ds((w_tile0 + pn) * tile_n, tile_n)
-            ops = (a_gmem.at[pl.ds(pm * cta_m, cta_m)], w_gmem.at[cols])
-            if groups > 1:
-                ops += (sa_gmem.at[:, pl.ds(pm * cta_m, cta_m)], sw_gmem.at[:, cols])
-            return ops
-
-        def ignore(*_: Any, **__: Any) -> None:
-            return None
-
-        allocations = make_pipeline(ignore, ignore).get_allocations(*pipeline_operands(0, 0))
-
-        @functools.partial(pl.run_scoped, allocs=allocations,
-                           o_smem=plgpu.SMEM((2, tile_m, tile_n), out_dtype),
-                           s_smem=None if gelu_codes is None else plgpu.SMEM((2, tile_m), jnp.float32),
-                           r_bar=None if residual is None else plgpu.Barrier(num_barriers=2),
-                           collective_axes="wg")
-        def scope(allocs: Any, o_smem: Any, s_smem: Any, r_bar: Any) -> None:
-            wg = lax.axis_index("wg")
-
-            @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
-            def tile(info: Any) -> None:
-                (lin,) = info.index
-                pm, pn = lin // n_tiles, lin % n_tiles
-                rows, wcols = pm * cta_m + wg * tile_m, pl.ds(n_off + pn * tile_n, tile_n)
-
-                def issue(a_smem: Any, w_smem: Any, acc_ref: Any) -> None:
-                    # fp8 / int8 wgmma takes B K-major: the (tile_n, K) weight tile, transposed as a view
-                    plgpu.wgmma(acc_ref, a_smem.at[pl.ds(wg * tile_m, tile_m)], plgpu.transpose_ref(w_smem, (1, 0)))
-
-                def product(a_smem: Any, w_smem: Any, acc_ref: Any) -> None:
-                    issue(a_smem, w_smem, acc_ref)
-                    plgpu.wgmma_wait(0)
-
-                def epilogue(eval_pipeline: Any) -> None:
-                    ocols = pl.ds(pn * tile_n, tile_n)
-                    if residual is not None:
-                        # the residual tile by TMA into this warpgroup's output slot (once its previous
-                        # store has read it), issued before the K loop so that it lands during it
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        plgpu.copy_gmem_to_smem(r_gmem.at[pl.ds(rows, tile_m), ocols], o_smem.at[wg], r_bar.at[wg])
-                    if groups == 1:
-                        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, acc_dtype))
-                        def y(acc_ref: Any) -> jax.Array:
-                            eval_pipeline(acc_ref)
-                            return acc_ref[...]
-
-                        s_a = plgpu.load(sa_gmem.at[pl.ds(rows, tile_m)], (), layout=row_l, optimized=False)
-                        s_w = plgpu.load(sw_gmem.at[wcols], (), layout=col_l, optimized=False)
-                        # rounded as the XLA path's product: int32 sums to float32, fp8 to bf16
-                        y = y.astype(jnp.float32) if int_codes else y.astype(jnp.bfloat16).astype(jnp.float32)
-                        y = y * lax.broadcast_in_dim(s_a, shape, [0]) * lax.broadcast_in_dim(s_w, shape, [1])
-                    elif group_mode == "plain":  # the scaled groups' float32 sum, from the K loop
-                        y = eval_pipeline(zeros(jnp.float32))
-                    elif group_mode == "split":  # the column parts' sums
-                        y = eval_pipeline(tuple(plgpu.layout_cast(jnp.zeros(part, jnp.float32), plgpu.Layout.WGMMA)
-                                                for _ in range(n_parts)))
-                    else:  # the sum of all but the last group, and the last group's product and scales
-                        y, p, s_a, s_w = eval_pipeline((zeros(jnp.float32), zeros(acc_dtype),
-                                                        plgpu.layout_cast(jnp.zeros((tile_m,), jnp.float32), row_l),
-                                                        plgpu.layout_cast(jnp.zeros((tile_n,), jnp.float32), col_l)))
-                        y = y + scaled(p, s_a, s_w)
-                    # the rest column part by column part (split: two halves; Mosaic has no concatenate)
-                    parts = list(y) if isinstance(y, tuple) else [y]
-                    width = tile_n // len(parts)
-                    pshape = (tile_m, width)
-                    if residual is not None:
-                        plgpu.barrier_wait(r_bar.at[wg])
-                    for j, yj in enumerate(parts):
-                        pcols = pl.ds(j * width, width)
-                        bj = plgpu.load(b_gmem.at[pl.ds(n_off + pn * tile_n + j * width, width)], (), layout=col_l,
-                                        optimized=False)
-                        yj = yj + lax.broadcast_in_dim(bj, pshape, [1])
-                        if residual is not None:  # x + gate * y, each step rounded to bf16 as the model's
-                            gj = plgpu.load(g_gmem.at[pl.ds((rows // rows_per_gate) * n + pn * tile_n + j * width,
-                                                            width)], (), layout=col_l, optimized=False)
-                            yj = yj.astype(jnp.bfloat16).astype(jnp.float32)
-                            yj = (lax.broadcast_in_dim(gj, pshape, [1]) * yj).astype(jnp.bfloat16).astype(jnp.float32)
-                            res = plgpu.load(o_smem.at[wg, :, pcols], (), layout=plgpu.Layout.WGMMA, optimized=False)
-                            yj = res.astype(jnp.float32) + yj
-                        parts[j] = yj
-                    if gelu_codes is not None:  # the next layer's codes and group scales instead of y
-                        s_g, parts = _gelu_group_codes(parts, gelu_codes)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this slot's previous store has read it
-                    for j, yj in enumerate(parts):
-                        o_smem[wg, :, pl.ds(j * width, width)] = yj.astype(out_dtype)
-                    if gelu_codes is not None:
-                        s_smem[wg] = s_g
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[pl.ds(rows, tile_m), ocols])
-                    if gelu_codes is not None:  # group pn of the output's columns (tile_n is one group)
-                        plgpu.copy_smem_to_gmem(s_smem.at[wg], s_gmem.at[pn, pl.ds(rows, tile_m)])
-
-                def mma(_: Any, a_smem: Any, w_smem: Any, acc_ref: Any) -> Any:
-                    product(a_smem, w_smem, acc_ref)
-                    return acc_ref
-
-                def group_scales(sa_smem: Any, sw_smem: Any, parts: int = 1) -> tuple[jax.Array, list[jax.Array]]:
-                    """This K step's scale rows (TMA'd with its tiles): this warpgroup's rows, and the tile's
-                    columns in ``parts`` column parts."""
-                    s_a = plgpu.load(sa_smem.at[0, pl.ds(wg * tile_m, tile_m)], (), layout=row_l, optimized=False)
-                    if parts == 1:
-                        return s_a, [plgpu.load(sw_smem.at[0], (), layout=col_l, optimized=False)]
-                    width = tile_n // parts
-                    return s_a, [plgpu.load(sw_smem.at[0, pl.ds(j * width, width)], (), layout=col_l, optimized=False)
-                                 for j in range(parts)]
-
-                def mma_grouped(_: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any, total: Any) -> Any:
-                    # this group's scales first, then its product in a fresh accumulator
-                    s_a, (s_w,) = group_scales(sa_smem, sw_smem)
-
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, acc_dtype))
-                    def p(acc_ref: Any) -> jax.Array:
-                        product(a_smem, w_smem, acc_ref)
-                        return acc_ref[...]
-
-                    return total + scaled(p, s_a, s_w)
-
-                def mma_overlapped(_: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any, carry: Any) -> Any:
-                    # issue this group's wgmma, scale and add the previous group's product meanwhile (on
-                    # the CUDA cores while the tensor cores run), then wait and keep this product raw
-                    total, p_prev, sa_prev, sw_prev = carry
-                    s_a, (s_w,) = group_scales(sa_smem, sw_smem)
-
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, acc_dtype))
-                    def step(acc_ref: Any) -> tuple[jax.Array, jax.Array]:
-                        issue(a_smem, w_smem, acc_ref)
-                        new_total = total + scaled(p_prev, sa_prev, sw_prev)
-                        plgpu.wgmma_wait(0)
-                        return new_total, acc_ref[...]
-
-                    return step[0], step[1], s_a, s_w
-
-                def mma_split(_: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any, sums: Any) -> Any:
-                    # the tile's column parts as wgmmas all in flight at once: each part's product is
-                    # scaled into its sum while the later parts' wgmmas still run
-                    s_a, s_w = group_scales(sa_smem, sw_smem, n_parts)
-                    a_rows = a_smem.at[pl.ds(wg * tile_m, tile_m)]
-
-                    def step(*accs: Any) -> tuple[jax.Array, ...]:
-                        for j, acc in enumerate(accs):
-                            w_part = plgpu.transpose_ref(w_smem.at[pl.ds(j * part_n, part_n)], (1, 0))
-                            plgpu.wgmma(acc, a_rows, w_part)
-                        new = []
-                        for j, acc in enumerate(accs):
-                            plgpu.wgmma_wait(n_parts - 1 - j)  # part j's wgmma (issued in order) is done
-                            p = acc[...].astype(jnp.float32)
-                            new.append(sums[j] + p * lax.broadcast_in_dim(s_a, part, [0])
-                                       * lax.broadcast_in_dim(s_w[j], part, [1]))
-                        return tuple(new)
-
-                    return pl.run_scoped(step, *[plgpu.ACC(part, acc_dtype) for _ in range(n_parts)])
-
-                body = {None: mma, "overlap": mma_overlapped, "plain": mma_grouped,
-                        "split": mma_split}[group_mode]
-                state = None
-                if chained:  # this CTA's first tile starts the chained pipeline, its last one drains it
-                    last = info.local_index == info.num_local_steps - 1
-                    state = jnp.where(info.local_index == 0, int(plgpu.PipelinePipeline.START),
-                                      jnp.where(last, int(plgpu.PipelinePipeline.STOP),
-                                                int(plgpu.PipelinePipeline.STEADY))).astype(jnp.int32)
-                make_pipeline(body, epilogue, state)(*pipeline_operands(pm, pn), allocations=allocs)
-
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    def kernel(*refs: Any) -> None:
+        kernel_body(plan, *refs)
 
     out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
     if gelu_codes is not None:
@@ -426,29 +235,6 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     return plgpu.kernel(kernel, out_type=out_type, grid=(num_sms,), grid_names=("sm",), num_threads=3,
                         thread_name="wg", compiler_params=params)(
         a, w, sa, sw, bias, *(() if residual is None else (residual, gate)))
-
-
-def _gelu_group_codes(parts: list[jax.Array], spec: Any) -> tuple[jax.Array, list[jax.Array]]:
-    """Inside the kernel: the tanh GELU of float32 column parts of a tile holding the layer's
-    bf16-rounded output (``kernels.gelu_quant``'s 'dtype' evaluation; the tanh is whatever the kernel's
-    ``approx_math`` makes of ``jnp.tanh``: tanh.approx.f32 or libdevice's tanhf), and their
-    symmetric codes with one scale per row (the tile is one group wide): (scales (rows,), codes as
-    float32, part by part). The codes step of ``row_quant.scale_and_codes``, written for Mosaic: a row
-    vector broadcast with ``broadcast_in_dim`` (``s[:, None]`` does not lower there) and ``jnp.round``."""
-    from qdit_jax.quant.kernels.gelu_quant import _gelu
-    from qdit_jax.quant.formats import fp8_max
-    from qdit_jax.quant.kernels.row_quant import row_amax, row_scale
-    from qdit_jax.quant.quantizers import int_range
-
-    bf16 = jnp.bfloat16
-    hs = [_gelu(y.astype(bf16).astype(jnp.float32), bf16, "dtype", fast=False).astype(bf16).astype(jnp.float32)
-          for y in parts]
-    s = row_scale(row_amax(hs), spec)
-    if spec.format == "int":
-        lo, hi = int_range(spec.bits, True)
-        return s, [jnp.clip(jnp.round(h / lax.broadcast_in_dim(s, h.shape, [0])), lo, hi) for h in hs]
-    lim = fp8_max(spec.format)
-    return s, [jnp.clip(h / lax.broadcast_in_dim(s, h.shape, [0]), -lim, lim) for h in hs]
 
 
 def scaled_gemm_xla(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,

@@ -130,7 +130,7 @@ def test_gelu_codes_epilogue_math_equals_gelu_quant(fmt):
     """The fc1 epilogue's per-tile math (``_gelu_group_codes``, plain jnp: the kernel runs the same ops
     on its register tile) against gelu_quant's XLA formulation of the next layer's group codes."""
     from qdit_jax.quant.kernels.gelu_quant import gelu_quant_xla
-    from qdit_jax.quant.kernels.scaled_gemm import _gelu_group_codes
+    from qdit_jax.quant.kernels.scaled_gemm_body import gelu_group_codes as _gelu_group_codes
     from qdit_jax.quant.quantizers import QuantSpec
 
     spec = QuantSpec(bits=8, format=fmt, group_size=128, symmetric=True)
