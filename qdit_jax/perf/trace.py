@@ -5,7 +5,8 @@ attention, Pallas/Triton kernel, XLA fusion, copy) read from the compiled HLO te
 Why: the real low-bit forward is compared with bf16 layer by layer; isolated layer timings do not
 show what XLA does to a layer inside the whole model (which fusions absorb a quantize pass or an
 epilogue). ``profile_compiled`` answers that from one short trace, on any backend: on a GPU the
-kernels of the device plane, on CPU the host thunks (the same HLO names).
+kernels of the device plane, on CPU the host thunks (the same HLO names). ``idle_gaps`` reads the
+same trace for the time the device waits between kernels inside a call (``qdit bench --gaps``).
 """
 from __future__ import annotations
 
@@ -209,8 +210,8 @@ def idle_gaps(events: Sequence[tuple[int, int, str]], calls: int, top: int = 12)
         elif e >= cur_e:
             cur_e, last = e, name
     busy += cur_e - cur_s
-    between = sorted(range(len(idle)), key=lambda i: -idle[i][0])[:calls - 1]
-    inside = [g for i, g in enumerate(idle) if i not in set(between)]
+    between = set(sorted(range(len(idle)), key=lambda i: -idle[i][0])[:calls - 1])
+    inside = [g for i, g in enumerate(idle) if i not in between]
     span = ev[-1][1] - ev[0][0] - sum(idle[i][0] for i in between)
     pairs: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for ns, a, b in inside:
@@ -228,6 +229,7 @@ def _short(name: str) -> str:
 
 
 def format_gaps(g: Gaps, title: str = "") -> str:
+    """The span / busy / idle summary and the ``top`` kernel pairs around the idle time, as text."""
     rows = [f"gaps {title}: span {g.span_us / 1e3:.2f} ms per call, kernels busy {g.busy_us / 1e3:.2f} ms, "
             f"idle {g.idle_us / 1e3:.2f} ms in {g.count:.0f} intervals"]
     rows += [f"    {us:9.1f} us x{n:<6.3g} {a[:44]:44s} -> {b[:44]}" for a, b, us, n in g.top]
