@@ -161,13 +161,13 @@ def _check_call(a: jax.Array, sa: jax.Array, sw: jax.Array, n_off: int, n: int, 
 # jitted so that the DiT's identical calls (the same layer shape in every block) share one lowering:
 # unjitted, each of XL/2's 140 calls was lowered to Mosaic GPU again (compiles of 104-118 s per forward)
 @functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode", "gelu_codes",
-                                             "chain", "approx_tanh", "fast_codes"))
+                                             "chain", "approx_tanh"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                        gate: jax.Array | None = None, tile_m: int | None = None, tile_n: int = TILE_N,
                        steps: int | None = None, group_mode: str | None = None,
                        gelu_codes: Any = None, chain: bool = True,
-                       approx_tanh: bool = True, fast_codes: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+                       approx_tanh: bool = True) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
     ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
     float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
@@ -186,8 +186,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     the tanh GELU (as ``kernels.gelu_quant`` evaluates it; its tanh the GPU's ``tanh.approx.f32`` with
     ``approx_tanh``, as gelu_quant's default, else libdevice's ``tanhf``), then per token and group the
     scale and codes; returns (codes (M, n), scales (n // tile_n, M)). A DiT MLP's fc1 on group-wise
-    layers. ``fast_codes``: the codes by a reciprocal multiply instead of the division (off: the codes
-    then equal gelu_quant's exactly).
+    layers.
 
     ``chain``: one pipeline across each CTA's output tiles (``chained_steps``), so that the memory
     warpgroup loads the next tile's first K steps during this tile's last steps and epilogue; False
@@ -223,7 +222,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     plan = Plan(n_off=n_off, n=n, k=k, tile_m=tile_m, tile_n=tile_n, steps=steps, chained=chained,
                  m_tiles=m // (2 * tile_m), groups=groups, group_mode=group_mode,
                  int_codes=jnp.dtype(a.dtype) == jnp.dtype(jnp.int8), residual=residual is not None,
-                 rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, fast_codes=fast_codes, out_dtype=out_dtype)
+                 rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, out_dtype=out_dtype)
 
     def kernel(*refs: Any) -> None:
         kernel_body(plan, *refs)

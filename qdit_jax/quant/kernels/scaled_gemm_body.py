@@ -38,7 +38,6 @@ class Plan:
     residual: bool
     rows_per_gate: int
     gelu_codes: Any  # the next layer's activation spec, or None
-    fast_codes: bool  # the codes by a reciprocal multiply (gelu_group_codes' ``fast``)
     out_dtype: Any
 
     @property
@@ -297,7 +296,7 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
             yj = res.astype(jnp.float32) + yj
         parts[j] = yj
     if plan.gelu_codes is not None:  # the next layer's codes and group scales instead of y
-        s_g, parts = gelu_group_codes(parts, plan.gelu_codes, plan.fast_codes)
+        s_g, parts = gelu_group_codes(parts, plan.gelu_codes)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this slot's previous store has read it
     for j, yj in enumerate(parts):
         refs.o_smem[wg, :, pl.ds(j * width, width)] = yj.astype(plan.out_dtype)
@@ -363,15 +362,13 @@ def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def gelu_group_codes(parts: list[jax.Array], spec: Any, fast: bool = False) -> tuple[jax.Array, list[jax.Array]]:
+def gelu_group_codes(parts: list[jax.Array], spec: Any) -> tuple[jax.Array, list[jax.Array]]:
     """Inside the kernel: the tanh GELU of float32 column parts of a tile holding the layer's
     bf16-rounded output (``kernels.gelu_quant``'s 'dtype' evaluation; the tanh is whatever the kernel's
     ``approx_math`` makes of ``jnp.tanh``: tanh.approx.f32 or libdevice's tanhf), and their
     symmetric codes with one scale per row (the tile is one group wide): (scales (rows,), codes as
     float32, part by part). The codes step of ``row_quant.scale_and_codes``, written for Mosaic: a row
-    vector broadcast with ``broadcast_in_dim`` (``s[:, None]`` does not lower there) and ``jnp.round``.
-    ``fast``: multiply by each row's reciprocal scale instead of dividing (as ``scale_and_codes(fast=)``;
-    a code can differ where the quotient lies within a float32 ulp of a rounding boundary)."""
+    vector broadcast with ``broadcast_in_dim`` (``s[:, None]`` does not lower there) and ``jnp.round``."""
     from qdit_jax.quant.kernels.gelu_quant import _gelu
     from qdit_jax.quant.formats import fp8_max
     from qdit_jax.quant.kernels.row_quant import row_amax, row_scale
@@ -381,16 +378,8 @@ def gelu_group_codes(parts: list[jax.Array], spec: Any, fast: bool = False) -> t
     hs = [_gelu(y.astype(bf16).astype(jnp.float32), bf16, "dtype", fast=False).astype(bf16).astype(jnp.float32)
           for y in parts]
     s = row_scale(row_amax(hs), spec)
-    if fast:
-        inv = 1.0 / s
-
-        def scaled(h: jax.Array) -> jax.Array:
-            return h * lax.broadcast_in_dim(inv, h.shape, [0])
-    else:
-        def scaled(h: jax.Array) -> jax.Array:
-            return h / lax.broadcast_in_dim(s, h.shape, [0])
     if spec.format == "int":
         lo, hi = int_range(spec.bits, True)
-        return s, [jnp.clip(jnp.round(scaled(h)), lo, hi) for h in hs]
+        return s, [jnp.clip(jnp.round(h / lax.broadcast_in_dim(s, h.shape, [0])), lo, hi) for h in hs]
     lim = fp8_max(spec.format)
-    return s, [jnp.clip(scaled(h), -lim, lim) for h in hs]
+    return s, [jnp.clip(h / lax.broadcast_in_dim(s, h.shape, [0]), -lim, lim) for h in hs]
