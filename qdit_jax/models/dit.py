@@ -11,10 +11,9 @@ Module paths mirror the PyTorch state_dict so that quantization rules read natur
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ import numpy as np
 from flax import linen as nn
 
 from qdit_jax.errors import QditError
+from qdit_jax.models.config_io import ConfigIO
 
 # Official variants: name -> (depth, hidden_size, num_heads).
 _SIZES: dict[str, tuple[int, int, int]] = {
@@ -37,7 +37,7 @@ QKV_GEMMS = ("fused", "split")
 
 
 @dataclasses.dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(ConfigIO):
     """Architecture of a DiT. ``dtype`` is the compute dtype; parameters stay ``param_dtype``."""
 
     input_size: int = 32
@@ -108,23 +108,6 @@ class DiTConfig:
     def null_label(self) -> int:
         """Index of the extra 'no class' row used by classifier-free guidance."""
         return self.num_classes
-
-    def replace(self, **kw: Any) -> "DiTConfig":
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DiTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise QditError(f"unknown DiTConfig field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**dict(d))
 
 
 def dit_config(name: str, *, image_size: int = 256, **overrides: Any) -> DiTConfig:

@@ -12,22 +12,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from qdit_jax.errors import QditError
+from qdit_jax.models.config_io import ConfigIO
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _EPS = 1e-6  # GroupNorm epsilon of every norm in the diffusers VAE
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(ConfigIO):
     """Architecture of the VAE decoder; the defaults are sd-vae-ft-ema / sd-vae-ft-mse.
 
     ``dtype`` is the compute dtype (parameters stay float32). Images are
@@ -76,28 +76,10 @@ class VAEConfig:
         """Image side / latent side."""
         return 2 ** (len(self.block_out_channels) - 1)
 
-    def replace(self, **kw: Any) -> "VAEConfig":
-        return dataclasses.replace(self, **kw)
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["block_out_channels"] = list(self.block_out_channels)
         return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "VAEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise QditError(f"unknown VAEConfig field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**dict(d))
-
-    @classmethod
-    def from_json(cls, text: str) -> "VAEConfig":
-        return cls.from_dict(json.loads(text))
 
 
 # ----------------------------------------------------------------------------- layers
