@@ -144,10 +144,13 @@ def _product(plan: Plan, wg: Any, a_smem: Any, w_smem: Any, acc_ref: Any) -> Non
     plgpu.wgmma_wait(0)
 
 
-def _scaled(plan: Plan, p: jax.Array, s_a: jax.Array, s_w: jax.Array) -> jax.Array:
-    """One group's product (int32 sums are exact in float32: |sum| < 2^24) times its scales."""
+def _scaled(plan: Plan, p: jax.Array, s_a: jax.Array, s_w: jax.Array, shape: tuple[int, int] | None = None
+            ) -> jax.Array:
+    """One group's product (int32 sums are exact in float32: |sum| < 2^24) times its scales, over the
+    warpgroup tile or a column part of ``shape``."""
+    shape = plan.shape if shape is None else shape
     p = p.astype(jnp.float32)
-    return p * lax.broadcast_in_dim(s_a, plan.shape, [0]) * lax.broadcast_in_dim(s_w, plan.shape, [1])
+    return p * lax.broadcast_in_dim(s_a, shape, [0]) * lax.broadcast_in_dim(s_w, shape, [1])
 
 
 def _group_scales(plan: Plan, wg: Any, sa_smem: Any, sw_smem: Any, parts: int = 1) -> tuple[jax.Array, list]:
@@ -225,9 +228,7 @@ def _step_split(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem: 
         new = []
         for j, acc in enumerate(accs):
             plgpu.wgmma_wait(n_parts - 1 - j)  # part j's wgmma (issued in order) is done
-            p = acc[...].astype(jnp.float32)
-            new.append(sums[j] + p * lax.broadcast_in_dim(s_a, plan.part, [0])
-                       * lax.broadcast_in_dim(s_w[j], plan.part, [1]))
+            new.append(sums[j] + _scaled(plan, acc[...], s_a, s_w[j], plan.part))
         return tuple(new)
 
     return pl.run_scoped(step, *[plgpu.ACC(plan.part, plan.acc_dtype) for _ in range(n_parts)])
@@ -257,8 +258,7 @@ def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, eval_pi
         s_a = plgpu.load(refs.sa.at[pl.ds(rows, plan.tile_m)], (), layout=row_l, optimized=False)
         s_w = plgpu.load(refs.sw.at[wcols], (), layout=col_l, optimized=False)
         # rounded as the XLA path's product: int32 sums to float32, fp8 to bf16
-        y = y.astype(jnp.float32) if plan.int_codes else y.astype(jnp.bfloat16).astype(jnp.float32)
-        y = y * lax.broadcast_in_dim(s_a, plan.shape, [0]) * lax.broadcast_in_dim(s_w, plan.shape, [1])
+        y = _scaled(plan, y if plan.int_codes else y.astype(jnp.bfloat16), s_a, s_w)
     elif plan.group_mode == "plain":  # the scaled groups' float32 sum, from the K loop
         y = eval_pipeline(zeros(plan.shape, jnp.float32))
     elif plan.group_mode == "split":  # the column parts' sums
