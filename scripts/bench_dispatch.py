@@ -90,7 +90,9 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["bf16"])
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--chain", type=int, default=8)
-    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--top", type=int, default=25, help="host spans of a traced call to print (0: no trace)")
+    p.add_argument("--alternate", action="store_true",
+                   help="also time calls alternating between two compiled executables of the same program")
     a = p.parse_args()
     cfg = dit_config(a.model, dtype="bfloat16")
     params = bench.random_params(cfg)
@@ -113,7 +115,21 @@ def main() -> None:
                   f"synced {r['synced_ms']:.2f} ms ({a.batch / r['synced_ms'] * 1e3:.1f} img/s), "
                   f"{a.chain} back to back {r['chained_ms']:.2f} ms ({a.batch / r['chained_ms'] * 1e3:.1f} img/s)",
                   flush=True)
-        traced_call(compiled, inputs, a.top)
+        if a.alternate:
+            compiled2 = fwd.lower(*inputs[0]).compile()  # a second executable: its own command buffers
+            pair = (compiled, compiled2)
+            per = []
+            for _ in range(max(2, a.repeats // 3)):
+                t0 = time.perf_counter()
+                outs = [pair[i % 2](*inputs[i % 2]) for i in range(a.chain)]
+                jax.block_until_ready(outs)
+                per.append((time.perf_counter() - t0) / a.chain)
+                del outs
+            ms = _median_ms(per)
+            print(f"{name} b{a.batch} two executables alternating, {a.chain} back to back {ms:.2f} ms "
+                  f"({a.batch / ms * 1e3:.1f} img/s)", flush=True)
+        if a.top:
+            traced_call(compiled, inputs, a.top)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "
 VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "bf16": (None, "fp", ""),
     "bf16-xla-attn": (None, "fp", "xla-attn"),  # XLA attention instead of cuDNN's fused kernel
+    "bf16-triton-attn": (None, "fp", "triton-attn"),  # models.attention_kernel instead of cuDNN's
     "bf16-qkv1": (None, "fp", "qkv1"),  # q, k, v out of one fused GEMM (DiTConfig.qkv_gemms="fused")
     "fake-w8a8-g128": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "fake", ""),
     "real-w8a8": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla"),
@@ -222,11 +223,13 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # -nores (no scaled_gemm with the residual for proj / fc2), -nogroupk (no scaled_gemm for group-wise
     # layers), -nogelue (group-wise fc1 with a bf16 output, then gelu_quant), -gmMODE (the group GEMM's
     # schedule, kernels.scaled_gemm.GROUP_MODES), -packed (4-bit weights
-    # kept packed on the device, RealModel.variables), xla-attn (XLA attention)
+    # kept packed on the device, RealModel.variables), xla-attn / triton-attn (XLA's attention, the
+    # Triton kernel's)
     if "qkv1" in tags:
         cfg = cfg.replace(qkv_gemms="fused")
     if mode == "fp":
-        fcfg = cfg.replace(attention="xla") if backend == "xla-attn" else cfg
+        attn = {"xla-attn": "xla", "triton-attn": "triton"}.get(backend)
+        fcfg = cfg.replace(attention=attn) if attn else cfg
         return dit_apply_fn(fcfg), with_compute_params(params, fcfg), {"checkpoint_bytes": checkpoint_bytes(params)}
     qcfg = QuantConfig(qdit_rules(**rules), name=name)
     if mode == "fake":

@@ -32,7 +32,7 @@ _SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "triton")
 QKV_GEMMS = ("fused", "split")
 
 
@@ -57,7 +57,8 @@ class DiTConfig(ConfigIO):
     freq_shift: float = 0.0  # timestep frequencies exp(-ln(10000) * i / (half - freq_shift)), half = 128
     mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before each block's MLP
     # attention kernel: "auto" (cuDNN's fused flash attention on GPU for bf16/fp16 where the head
-    # size allows it, else XLA's), "xla" or "cudnn". An implementation choice, not architecture.
+    # size allows it, else models.attention_kernel's Triton kernel where it applies, else XLA's),
+    # "xla", "cudnn" or "triton". An implementation choice, not architecture.
     attention: str = "auto"
     # how the fused qkv projection runs: "split" (three GEMMs of width C on column slices of the
     # same weight, each writing its output directly; 1.05x the bf16 XL/2 forward on an H100,
@@ -249,9 +250,10 @@ def _cudnn_fits(q: jax.Array) -> bool:
 class AttentionCore(nn.Module):
     """softmax(q k^T / sqrt(d)) v on (B, N, H, D) inputs; a module so q/k/v can be intercepted.
 
-    ``jax.nn.dot_product_attention`` with ``implementation=None`` is XLA's (scores materialized,
-    float32 softmax); "auto" asks for cuDNN's fused kernel where it fits and falls back to XLA
-    when cuDNN refuses at trace time (old cuDNN, unsupported shape).
+    ``jax.nn.dot_product_attention`` with ``implementation="xla"`` is XLA's (scores materialized,
+    float32 softmax); "cudnn" is cuDNN's fused kernel, "triton" ``models.attention_kernel``'s. "auto"
+    asks for cuDNN where it fits, then the Triton kernel where it applies (when cuDNN refuses at trace
+    time: an old cuDNN, an unsupported shape), then XLA's.
     """
 
     implementation: str = "auto"
@@ -265,6 +267,14 @@ class AttentionCore(nn.Module):
             except Exception as e:  # noqa: BLE001 - trace-time refusal only
                 if impl == "cudnn":
                     raise QditError(f"cuDNN attention is not available here ({e}); use attention='xla'") from e
+        if impl in ("triton", "auto"):
+            from qdit_jax.models import attention_kernel
+
+            ok, why = attention_kernel.attention_applies(q.shape, q.dtype)
+            if ok:
+                return attention_kernel.attention_triton(q, k, v)
+            if impl == "triton":
+                raise QditError(f"the Triton attention kernel does not apply: {why}; use attention='auto' or 'xla'")
         return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
 

@@ -10,6 +10,13 @@ from qdit_jax.errors import QditError
 from qdit_jax.models.dit import AttentionCore, DiTConfig
 
 
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+    """float32 products in float32 (on a GPU XLA's default is TF32, far from these tolerances)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _attention_np(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     q, k, v = (a.astype(np.float64) for a in (q, k, v))
     s = np.einsum("bnhd,bmhd->bhnm", q, k) / np.sqrt(q.shape[-1])
@@ -88,7 +95,8 @@ def test_split_qkv_gemms_compute_the_same_model():
     a, b = texts["fused"][0], texts["split"][0]
     assert np.abs(a).max() > 0
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
-    assert texts["split"][1].count(" dot(") == texts["fused"][1].count(" dot(") + 2 * cfg.depth
-    assert texts["split"][1].count("concatenate(") == texts["fused"][1].count("concatenate(")
+    if jax.default_backend() == "cpu":  # a GPU's program has cuBLAS calls where the CPU's has dots
+        assert texts["split"][1].count(" dot(") == texts["fused"][1].count(" dot(") + 2 * cfg.depth
+        assert texts["split"][1].count("concatenate(") == texts["fused"][1].count("concatenate(")
     with pytest.raises(QditError, match="qkv_gemms"):
         cfg.replace(qkv_gemms="three")
