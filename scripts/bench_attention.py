@@ -5,6 +5,9 @@ runs) against ``models.attention_kernel``'s Triton kernel, by head size and laun
 
 Each time is the median of rounds of back-to-back calls after warm-up (``perf.timing.chained_median``)
 on random normal operands; each output is checked against the float32 reference on the first samples.
+``--kernels``: the device kernels of one traced call of each (what a cuDNN call runs besides its
+kernel); ``--torch``: PyTorch's SDPA backends on the same shapes and layout (CUDA-event timed), where
+torch is installed, as an outside reference.
 """
 from __future__ import annotations
 
@@ -16,6 +19,54 @@ import numpy as np
 
 from qdit_jax.models import attention_kernel as ak
 from qdit_jax.perf.timing import chained_median
+
+
+def device_kernels(fn, args: tuple) -> list[tuple[str, float]]:
+    """(kernel name, us) of the device stream events of one traced call, in order."""
+    import glob
+    import os
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            jax.block_until_ready(fn(*args))
+        path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
+        events = [(e.start_ns, e.name, (e.end_ns - e.start_ns) / 1e3)
+                  for plane in ProfileData.from_file(path).planes if plane.name.startswith("/device:")
+                  for line in plane.lines if line.name.startswith("Stream") for e in line.events]
+    return [(name, us) for _, name, us in sorted(events)]
+
+
+def torch_sdpa(shape: tuple[int, int, int, int], repeats: int) -> None:
+    """Median us per call of each PyTorch SDPA backend on (B, T, N, D) bf16 tensors viewed as (B, N, T, D)."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                for _ in range(3):
+                    F.scaled_dot_product_attention(q, k, v)
+                torch.cuda.synchronize()
+                per = []
+                for _ in range(5):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(repeats):
+                        F.scaled_dot_product_attention(q, k, v)
+                    end.record()
+                    torch.cuda.synchronize()
+                    per.append(start.elapsed_time(end) * 1e3 / repeats)
+            print(f"d={shape[-1]:3d} torch {backend.name:26s} {statistics.median(per):8.1f} us", flush=True)
+        except RuntimeError as e:
+            print(f"d={shape[-1]:3d} torch {backend.name}: {str(e)[:200]}", flush=True)
 
 CONFIGS = [ak.Tiles(bq, bkv, w, st, mode) for bq, bkv, w, st in ((64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3),
                                                                    (64, 128, 4, 2)) for mode in ak.TAIL_MODES]
@@ -29,6 +80,8 @@ def main() -> None:
     ap.add_argument("--head-sizes", type=int, nargs="+", default=[72])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--all-configs", action="store_true", help="time every launch shape in CONFIGS, not only the default")
+    ap.add_argument("--kernels", action="store_true", help="list the device kernels of one call of cuDNN's and ours")
+    ap.add_argument("--torch", action="store_true", help="also time PyTorch's SDPA backends (needs torch with CUDA)")
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}")
     for d in args.head_sizes:
@@ -40,7 +93,12 @@ def main() -> None:
         base = sec
         err = np.abs(np.asarray(out[:4], np.float32) - ref).max()
         print(f"d={d:3d} cudnn                      {sec * 1e6:8.1f} us  1.000x  max|out-ref| {err:.2e}", flush=True)
-        for tiles in CONFIGS if args.all_configs else [ak.Tiles()]:
+        if args.kernels:
+            for label, fn in (("cudnn", cudnn), ("triton", ak.attention_triton)):
+                print(f"d={d:3d} {label} kernels: " + "; ".join(f"{n[:70]} {us:.1f} us" for n, us in device_kernels(fn, (q, k, v))))
+        if args.torch:
+            torch_sdpa(q.shape, args.repeats)
+        for tiles in CONFIGS if args.all_configs else [ak.default_tiles(d)]:
             ok, why = ak.attention_applies(q.shape, q.dtype, tiles)
             if not ok:
                 print(f"d={d:3d} triton {tiles}: {why}")

@@ -1,6 +1,7 @@
 """FID Inception-v3 in Flax vs PyTorch (pytorch-fid where importable, else our own reference)."""
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -33,7 +34,8 @@ def images():
 
 @pytest.fixture(scope="module")
 def jax_outputs(nets, images):
-    return {s: inc.extract_features(nets[2], x) for s, x in images.items()}
+    with jax.default_matmul_precision("highest"):  # float32 convolutions on a GPU too (its default is TF32)
+        return {s: inc.extract_features(nets[2], x) for s, x in images.items()}
 
 
 def test_parity_with_torch_reference(nets, images, jax_outputs):
