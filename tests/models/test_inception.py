@@ -151,7 +151,8 @@ def test_extract_features_batches_and_pads(nets, images, jax_outputs):
     """3 images in batches of 2 (last one padded), fed as an iterable: same rows as one by one."""
     x = images[(299, 299)]
     stacked = np.concatenate([x, np.full_like(x, 128), x])
-    out = inc.extract_features(nets[2], iter([stacked]), batch_size=2, outputs=("pool",))
+    with jax.default_matmul_precision("highest"):  # as jax_outputs
+        out = inc.extract_features(nets[2], iter([stacked]), batch_size=2, outputs=("pool",))
     assert out["pool"].shape == (3, 2048) and set(out) == {"pool"}
     np.testing.assert_allclose(out["pool"][0], jax_outputs[(299, 299)]["pool"][0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["pool"][2], out["pool"][0], rtol=1e-6)
