@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from qdit_jax.errors import QditError
-from qdit_jax.perf.timing import synced_calls
+from qdit_jax.perf.timing import chained_median, synced_calls
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by device kind substring.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5": 459e12}
@@ -135,6 +135,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loop", type=int, default=0, metavar="K",
                    help="also time K forwards inside one jitted lax.scan (distinct inputs per step, as the "
                         "sampler's loop runs them) and report images/s per forward; 0: off")
+    p.add_argument("--back-to-back", type=int, default=0, metavar="N",
+                   help="also time N forward calls dispatched back to back and synced once (the median of 3 "
+                        "rounds): the throughput of a pipelined caller, without the per-call host dispatch the "
+                        "synced timing includes (2.5-7 ms a call on the H100 machines, a large share at batch "
+                        "64); 0: off")
     p.add_argument("--gaps", type=int, default=0, metavar="CALLS",
                    help="also trace CALLS forward calls as timed (CUDA graphs as configured) and print how long "
                         "the device sits idle between kernels inside a call, and after which kernels; 0: off")
@@ -436,6 +441,9 @@ def run(args: argparse.Namespace) -> int:
                        measured_fraction=ips * flops / measured if measured else None,
                        program_bytes=_mem(compiled), compile_s=t_compile, build_s=t_build,
                        xla_options=xla_opts, **info)
+            if args.back_to_back:
+                _, t_b2b = chained_median(compiled, inputs[0], args.back_to_back, rounds=3, warmup=2)
+                row.update(b2b_calls=args.back_to_back, b2b_median_s=t_b2b, b2b_images_per_s=b / t_b2b)
             if args.loop:
                 row.update(_time_loop(apply_fn, cfg, vparams, b, args, xla_opts))
             if args.profile:
@@ -478,10 +486,12 @@ def run(args: argparse.Namespace) -> int:
     summary = dict(device=dev.device_kind, jax=jax.__version__, matmul_tflops=measured and measured / 1e12,
                    peak_bytes_in_use=stats.get("peak_bytes_in_use"), rows=rows)
     base = {r["batch"]: r["images_per_s"] for r in rows if r["variant"] == "bf16" and "batch" in r}
-    lbase = {r["batch"]: r["loop_images_per_s"] for r in rows if r["variant"] == "bf16" and "loop_images_per_s" in r}
-    loops = any("loop_images_per_s" in r for r in rows)
+    # optional column pairs (images/s, x bf16): header, row key
+    extra = [(h, k) for h, k in (("b2b img/s", "b2b_images_per_s"), ("loop img/s", "loop_images_per_s"))
+             if any(k in r for r in rows)]
+    ebase = {k: {r["batch"]: r[k] for r in rows if r["variant"] == "bf16" and k in r} for _, k in extra}
     print(f"\n{'variant':22s} {'batch':>5s} {'img/s':>8s} {'x bf16':>7s} {'TFLOP/s':>8s} {'frac':>6s} {'weightMB':>9s} "
-          f"{'ckptMB':>8s}" + (f" {'loop img/s':>10s} {'x bf16':>7s}" if loops else ""))
+          f"{'ckptMB':>8s}" + "".join(f" {h:>10s} {'x bf16':>7s}" for h, _ in extra))
     for r in rows:
         if "batch" not in r:
             continue
@@ -490,9 +500,12 @@ def run(args: argparse.Namespace) -> int:
         rel = r["images_per_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
         line = (f"{r['variant']:22s} {r['batch']:5d} {r['images_per_s']:8.1f} {rel:7.3f} {r['tflops']:8.1f} "
                 f"{(r['datasheet_fraction'] or 0):6.3f} {(wb or 0) / 1e6:9.1f} {(ck or 0) / 1e6:8.1f}")
-        if "loop_images_per_s" in r:
-            lrel = r["loop_images_per_s"] / lbase[r["batch"]] if r["batch"] in lbase else float("nan")
-            line += f" {r['loop_images_per_s']:10.1f} {lrel:7.3f}"
+        for _, k in extra:
+            if k in r:
+                erel = r[k] / ebase[k][r["batch"]] if r["batch"] in ebase[k] else float("nan")
+                line += f" {r[k]:10.1f} {erel:7.3f}"
+            else:
+                line += f" {'-':>10s} {'-':>7s}"
         print(line)
     samples = [r for r in rows if "sample_images_per_s" in r]
     if samples:

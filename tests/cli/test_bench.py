@@ -112,12 +112,18 @@ def test_looped_forward_equals_one_call_per_step(params):
     assert np.abs(looped[0] - looped[1]).max() > 1e-2  # the steps really differ
 
 
-def test_bench_loop_and_gaps_rows(tmp_path, capsys):
+def test_bench_loop_back_to_back_and_gaps_rows(tmp_path, capsys):
     out = str(tmp_path / "b.json")
-    assert main(["bench", "--model", "S/8", "--batch", "2", "--variants", "bf16", "--repeats", "2",
-                 "--matmul-peak", "0", "--loop", "3", "--gaps", "2", "--json", out]) == 0
-    (row,) = [r for r in json.load(open(out))["rows"] if "batch" in r]
-    assert row["loop_k"] == 3 and row["loop_images_per_s"] > 0
-    assert row["gaps"]["span_us"] >= row["gaps"]["busy_us"] > 0
+    assert main(["bench", "--model", "S/8", "--batch", "2", "--variants", "bf16", "real-w8a8", "--repeats", "2",
+                 "--matmul-peak", "0", "--loop", "3", "--back-to-back", "4", "--gaps", "2", "--json", out]) == 0
+    rows = [r for r in json.load(open(out))["rows"] if "batch" in r]
+    for row in rows:
+        assert row["loop_k"] == 3 and row["loop_images_per_s"] > 0
+        assert row["b2b_calls"] == 4 and row["b2b_images_per_s"] == pytest.approx(2 / row["b2b_median_s"])
+        assert row["gaps"]["span_us"] >= row["gaps"]["busy_us"] > 0
     text = capsys.readouterr().out
     assert "forwards in one scan" in text and "loop img/s" in text and "gaps bf16 b2" in text
+    table = text.split("b2b img/s")[1]
+    cols = table.split("\nreal-w8a8 ")[1].split()  # batch, img/s, x bf16, TFLOP/s, frac, MB, MB, b2b, x bf16, ...
+    b2b_rel = float(cols[8])
+    assert b2b_rel == pytest.approx(rows[1]["b2b_images_per_s"] / rows[0]["b2b_images_per_s"], rel=1e-2)
