@@ -4,10 +4,10 @@ kernel, its guard, and the float32 reference it must equal.
 Why: ``jax.nn.dot_product_attention`` has two implementations on a GPU: cuDNN's fused kernel, and
 XLA's, which materializes the scores (4.5x slower at XL/2's shape on an H100). Where cuDNN refuses
 (an old cuDNN, a build without it), this kernel keeps attention fused: ``DiTConfig.attention="auto"``
-falls back to it before XLA's, ``"triton"`` asks for it. On the H100 it runs at cuDNN's speed for
-head 72 (393.6 vs 393.3 us at batch 256, 16 heads of 256 tokens; docs/RESULTS.md), not faster: cuDNN
-pads the head to 128 (kernel tile 64 x 128 x 128) and XLA zeroes its 151 MB output first (46 us), while
-here the misaligned 144-byte head rows cost about as much (head 64: this kernel 255 us, cuDNN 261).
+falls back to it before XLA's, ``"triton"`` asks for it. On the H100 (docs/RESULTS.md, B 256, T 256,
+16 heads of 72) it takes 380 us a call against cuDNN's 390-397 (which is cuDNN's head-128 kernel, 325
+us, after a 46 us memset of the output that XLA issues), and the XL/2 forward with it runs at
+0.976-0.986x the one with cuDNN's: so cuDNN stays first.
 
 The head is a power-of-two part plus a 16-wide tail (16: the smallest MMA depth for 16-bit operands);
 72 = 64 + 8 runs as a 64-wide part and a tail whose columns past 72 are masked (``Tiles.tail``
@@ -123,7 +123,7 @@ def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, o_ref: Any, *, d: int, t: int, t
         return plt.load(ref.at[sample, r, head, pl.ds(zero + off, width)], mask=ok, other=0.0)
 
     q_main = load(q_ref, rows, 0, main)
-    if t_off is not None:  # overlap: the tail's columns the main part covers are zeroed on the query side
+    if t_off is not None:  # 'overlap': the tail's columns the main part covers are zeroed on the query side
         q_tail = load(q_ref, rows, t_off, TAIL, fresh_from=main - t_off)
 
     def step(j: jax.Array, carry: tuple) -> tuple:
