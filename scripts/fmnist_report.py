@@ -79,6 +79,9 @@ def main() -> None:
                          "activations; default: the presets' 128)")
     ap.add_argument("--format", default="int", choices=["int", "fp8_e4m3"],
                     help="code format of weights and activations (fp8_e4m3: 8-bit presets only)")
+    ap.add_argument("--act-format", default=None, choices=["int", "fp8_e4m3"],
+                    help="the activations' format if it differs from --format (e.g. w4a8 with fp8_e4m3 "
+                         "activations; symmetric weights then)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="compute dtype of every model (default: the bundled config's float32); bfloat16 engages "
                          "the real path's bf16-only GPU kernels (kernels.scaled_gemm)")
@@ -143,6 +146,9 @@ def main() -> None:
                 kw, label = dict(kw, w_group=args.group, a_group=args.group), label + f", group {args.group}"
             if args.format != "int":  # fp8 codes are symmetric (no zero point)
                 kw, label = dict(kw, fmt=args.format, w_sym=True, a_sym=True), label + f", {args.format}"
+            if args.act_format and args.act_format != args.format:  # fp8 activations need symmetric int weights
+                kw, label = (dict(kw, a_fmt=args.act_format, w_sym=True, a_sym=True),
+                             label + f", {args.act_format} activations")
             if args.real:
                 if kw.get("act_mode") != "dynamic":
                     raise SystemExit(f"--real needs dynamic activations: method {m} is static (use --methods c,d)")

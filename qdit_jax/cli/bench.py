@@ -39,6 +39,9 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-w4a8-pallas": (dict(wbits=4, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "pallas"),
     "real-w8a8-g128": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "auto"),
     "real-w4a8-g128": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "auto"),
+    # W4A8 with fp8 e4m3 activations: the 4-bit codes unpacked to fp8, the fp8 group GEMM
+    "real-w4a8fp8-g128": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
+                               a_fmt="fp8_e4m3"), "real", "auto"),
     "real-w8a8-g128-f16s": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
                                  scale_dtype="float16"), "real", "auto"),  # weight scales stored in float16
     "real-w4a8-g128-f16s": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,

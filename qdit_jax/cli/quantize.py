@@ -41,7 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--w-sym", action="store_true", help="symmetric weights")
     q.add_argument("--a-sym", action="store_true", help="symmetric activations")
     q.add_argument("--method", choices=["max", "mse"], default="max", help="weight clipping: min-max or MSE search")
-    q.add_argument("--format", choices=["int", "fp8_e4m3", "fp8_e5m2"], default="int")
+    q.add_argument("--format", choices=["int", "fp8_e4m3", "fp8_e5m2"], default="int",
+                   help="code format of weights and activations")
+    q.add_argument("--act-format", choices=["int", "fp8_e4m3", "fp8_e5m2"], default=None,
+                   help="the activations' code format if it differs from --format, e.g. `--preset w4a8 --w-sym "
+                        "--a-sym --act-format fp8_e4m3`: W4A8 with FP8 activations, run on fp8 tensor cores")
     q.add_argument("--scale-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="storage dtype of the weight scales; float16 brings W8 group-128 weights from 0.517x to "
                         "~0.509x their bf16 size (scales are rounded up to it before the codes are computed)")
@@ -75,7 +79,7 @@ def build_qconfig(args: argparse.Namespace):
         raise QditError("--static needs activation quantization (--abits > 0)")
     rules = qdit_rules(wbits, abits or None, w_group=args.w_group, a_group=args.a_group, w_sym=args.w_sym,
                        a_sym=args.a_sym, method=args.method, fmt=args.format, quantize_attention=args.quant_attention,
-                       scale_dtype=args.scale_dtype)
+                       scale_dtype=args.scale_dtype, a_fmt=args.act_format)
     per_layer = read_per_layer(args.per_layer) if args.per_layer else {}
     name = args.preset or f"w{wbits}a{abits or 16}"
     return QuantConfig(rules, per_layer, act_mode="static" if args.static else "dynamic", gptq=args.gptq, name=name)

@@ -138,12 +138,15 @@ def read_per_layer(path: str) -> dict[str, LayerQuant]:
 def qdit_rules(wbits: int, abits: int | None, *, w_group: int = 128, a_group: int = 128,
                w_sym: bool = False, a_sym: bool = False, method: str = "max", fmt: str = "int",
                quantize_attention: bool = False, adaln: bool = True,
-               scale_dtype: str = "float32") -> tuple[QuantRule, ...]:
+               scale_dtype: str = "float32", a_fmt: str | None = None) -> tuple[QuantRule, ...]:
     """Q-DiT's default rules: block linears W+A, adaLN W only, optionally attention q/k/v inputs.
-    ``scale_dtype``: storage dtype of the weight scales (activation scales are computed on the fly)."""
+    ``scale_dtype``: storage dtype of the weight scales (activation scales are computed on the fly).
+    ``fmt``: the code format of weights and activations; ``a_fmt``: the activations' if it differs
+    (e.g. int 4-bit weights with fp8_e4m3 activations: W4A8 with FP8 activations, which real execution
+    runs on fp8 tensor cores, the 4-bit codes being exact in e4m3)."""
     w = QuantSpec(bits=wbits, group_size=w_group, symmetric=w_sym, method=method, format=fmt,
                   scale_dtype=scale_dtype)
-    a = QuantSpec(bits=abits, group_size=a_group, symmetric=a_sym, format=fmt) if abits else None
+    a = QuantSpec(bits=abits, group_size=a_group, symmetric=a_sym, format=a_fmt or fmt) if abits else None
     rules = [QuantRule(BLOCK_LINEARS, w, a)]
     if adaln:
         rules.append(QuantRule(BLOCK_ADALN, dataclasses.replace(w)))

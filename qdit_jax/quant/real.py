@@ -16,8 +16,9 @@ The plan (rules + per-layer configs) is the fake-quant mode's: ``build_real`` ta
 modes compute the same function up to accumulation order.
 
 Supported: integer weights of 2..8 bits (symmetric, or asymmetric through a zero-point correction),
-symmetric integer activations of <= 8 bits, fp8 weights and activations (both fp8), dynamic
-activation scales. Asymmetric or static activations are rejected with a QditError (use
+symmetric integer activations of <= 8 bits, fp8 weights and activations (both fp8), symmetric
+integer weights of <= 4 bits with fp8 activations (W4A8 with FP8 activations: the 4-bit codes are
+exact in fp8, so the product runs on fp8 operands), dynamic activation scales. Asymmetric or static activations are rejected with a QditError (use
 ``act symmetric=True`` / ``act_mode='dynamic'``, or run the fake-quant mode).
 """
 from __future__ import annotations
@@ -44,6 +45,10 @@ from qdit_jax.quant.real_layers import (NormSource, RealOptions, RealWeight, col
 
 # ----------------------------------------------------------------------------- plan checks
 
+# integer weight codes that fp8 represents exactly (e5m2: every integer up to 8 in magnitude, e4m3 up to
+# 16), so a layer with integer weights and fp8 activations can run its product in fp8
+MAX_INT_BITS_FOR_FP8 = 4
+
 
 def check_real_plan(plan: Mapping[str, LayerQuant], act_mode: str = "dynamic") -> None:
     """Raise a QditError for a plan the real mode cannot execute (see module doc)."""
@@ -54,9 +59,14 @@ def check_real_plan(plan: Mapping[str, LayerQuant], act_mode: str = "dynamic") -
         if act_mode != "dynamic":
             raise QditError(f"{path}: real execution quantizes activations dynamically; quantize without "
                             f"--static (act_mode 'dynamic') or run static activations in fake-quant mode")
-        if (w.format == "int") != (a.format == "int"):
-            raise QditError(f"{path}: weight format {w.format} and activation format {a.format} differ; real "
-                            f"execution needs both integer or both fp8")
+        if w.format != "int" and a.format == "int":
+            raise QditError(f"{path}: fp8 weights with integer activations; real execution needs both fp8, both "
+                            f"integer, or integer weights of <= {MAX_INT_BITS_FOR_FP8} bits with fp8 activations")
+        if w.format == "int" and a.format != "int" and (w.bits > MAX_INT_BITS_FOR_FP8 or not w.symmetric):
+            raise QditError(f"{path}: {w.bits}-bit {'symmetric' if w.symmetric else 'asymmetric'} integer weights "
+                            f"with {a.format} activations; real execution runs them on fp8 tensor cores, which "
+                            f"needs symmetric integer weights of <= {MAX_INT_BITS_FOR_FP8} bits (their codes exact "
+                            f"in fp8): quantize weights with --w-sym and 4 bits, or use one format for both")
         if a.format == "int" and not a.symmetric:
             raise QditError(f"{path}: real execution needs symmetric activation quantization (int8 codes without "
                             f"a zero point); quantize with `qdit quantize --a-sym` (Python: qdit_rules(..., a_sym=True))")
@@ -110,13 +120,35 @@ def strip_kernels(params: Any, paths: list[str]) -> dict[str, Any]:
     return walk(params, "")
 
 
+def _fp8_codes_of(lq: LayerQuant) -> Any:
+    """The fp8 dtype integer weight codes take for this layer's product (its activations are fp8), or None."""
+    if lq.act is None or lq.act.format == "int" or lq.weight is None or lq.weight.format != "int":
+        return None
+    from qdit_jax.quant.kernels.row_quant import codes_dtype
+
+    return codes_dtype(lq.act)
+
+
+def _compute_codes(rw: RealWeight, lq: LayerQuant, unpack: bool) -> RealWeight:
+    """The weight codes a forward computes with: packed 4-bit unpacked to int8 where ``unpack``, and
+    integer codes that meet fp8 activations as fp8 (exact: ``check_real_plan`` allows only <= 4-bit
+    symmetric codes there), so the product runs on fp8 tensor cores; packed codes kept packed stay
+    packed (the XLA path converts them in the product)."""
+    codes = weight_codes_int8(rw.codes) if unpack else rw.codes
+    f8 = _fp8_codes_of(lq)
+    if f8 is not None and codes.dtype == jnp.int8:
+        codes = codes.astype(f8)
+    return rw if codes is rw.codes else rw._replace(codes=codes)
+
+
 def _mosaic_takes_unpacked(lq: LayerQuant, rw: RealWeight, dtype: Any) -> bool:
-    """Whether a packed 4-bit layer, unpacked to int8, would take the Mosaic group GEMM route of a
-    ``dtype`` forward here (the forward's own predicate, at one CTA's rows: the batch does not matter)."""
+    """Whether a packed 4-bit layer, unpacked (to int8, or fp8 under fp8 activations), would take the
+    Mosaic group GEMM route of a ``dtype`` forward here (the forward's own predicate, at one CTA's rows:
+    the batch does not matter)."""
     if rw.codes.dtype != jnp.uint8:
         return False
     n, k = rw.codes.shape[0], 2 * rw.codes.shape[1]
-    unpacked = rw._replace(codes=jax.ShapeDtypeStruct((n, k), jnp.int8))
+    unpacked = rw._replace(codes=jax.ShapeDtypeStruct((n, k), _fp8_codes_of(lq) or jnp.int8))
     return group_scaled_applies(2 * GROUP_TILE_M, lq, unpacked, k, dtype, RealOptions())
 
 
@@ -145,8 +177,7 @@ class RealModel:
         else:
             unpack = set(weights) if unpack_w4 else set()
         return {"params": self.params,
-                "weights": {p: rw._replace(codes=weight_codes_int8(rw.codes)) if p in unpack else rw
-                            for p, rw in weights.items()}}
+                "weights": {p: _compute_codes(rw, self.plan[p], p in unpack) for p, rw in weights.items()}}
 
     def apply_fn(self, options: RealOptions = RealOptions()):
         return real_apply_fn(self.config, self.plan, options)

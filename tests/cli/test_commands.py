@@ -115,6 +115,44 @@ def test_sample_real_execution_matches_fake(tiny_ckpt, tmp_path, capsys):
     assert "--a-sym" in err
 
 
+def test_w4a8_with_fp8_activations_quantizes_and_runs_real(tiny_ckpt, tmp_path, capsys):
+    """`qdit quantize --act-format fp8_e4m3`: 4-bit weights (stored packed), fp8 activations; `qdit sample
+    --execution real` draws the fake-quant images up to accumulation order with every quantized product
+    on fp8 operands (the 4-bit codes as fp8); integer 8-bit weights with fp8 activations are refused."""
+    import jax
+    import jax.numpy as jnp
+
+    from qdit_jax.io.loading import load_model
+    from qdit_jax.quant.runtime import model_apply_fn
+    from tests.quant.test_real import _dot_operand_dtypes
+
+    qdir = str(tmp_path / "w4a8fp8")
+    assert main(["quantize", "--ckpt", tiny_ckpt, "--preset", "w4a8", "--w-group", "32", "--a-group", "32",
+                 "--w-sym", "--a-sym", "--act-format", "fp8_e4m3", "--out", qdir]) == 0
+    outs = {}
+    for ex in ("fake", "real"):
+        outs[ex] = str(tmp_path / f"{ex}.npz")
+        assert main(["sample", "--ckpt", qdir, "--num-samples", "4", "--steps", "3", "--execution", ex,
+                     "--out", outs[ex]]) == 0
+    fake, real = load_samples(outs["fake"])[0].astype(int), load_samples(outs["real"])[0].astype(int)
+    assert fake.std() > 0 and np.abs(real - fake).max() <= 2, np.abs(real - fake).max()
+    m = load_model(qdir)
+    x = jnp.zeros((2, 8, 8, 1), jnp.float32) + 0.5
+    t, y = jnp.asarray([3, 7], jnp.int32), jnp.asarray([1, 2], jnp.int32)
+    for unpack in (True, False):
+        fn, variables = model_apply_fn(m, execution="real", unpack_w4=unpack)
+        dts = _dot_operand_dtypes(jax.make_jaxpr(fn)(variables, x, t, y).jaxpr)
+        assert sum(1 for d in dts if d == ("float8_e4m3fn", "float8_e4m3fn")) == 4 * 2, dts
+        codes = {str(w.codes.dtype) for w in variables["weights"].values()}
+        assert codes == ({"float8_e4m3fn", "int8"} if unpack else {"uint8"}), codes  # int8: the adaLN layers
+    w8 = str(tmp_path / "w8a8fp8")
+    assert main(["quantize", "--ckpt", tiny_ckpt, "--preset", "w8a8", "--w-group", "32", "--a-group", "32",
+                 "--w-sym", "--a-sym", "--act-format", "fp8_e4m3", "--out", w8]) == 0
+    capsys.readouterr()
+    err = _one_line_error(capsys, ["sample", "--ckpt", w8, "--execution", "real", "--out", str(tmp_path / "z.npz")])
+    assert "8-bit symmetric integer weights" in err and "4 bits" in err
+
+
 def test_sample_bad_inputs_are_one_line_errors(tiny_ckpt, tmp_path, capsys):
     out = str(tmp_path / "s.npz")
     assert "--steps" in _one_line_error(capsys, ["sample", "--steps", "0", "--out", out])

@@ -23,6 +23,9 @@ FORMATS = {
     "fp8-e4m3-g32": dict(wbits=8, abits=8, w_group=32, a_group=32, w_sym=True, a_sym=True, fmt="fp8_e4m3"),
     "w8a8-g32-f16scales-asymw": dict(wbits=8, abits=8, w_group=32, a_group=32, w_sym=False, a_sym=True,
                                      scale_dtype="float16"),
+    # W4A8 with fp8 activations: 4-bit integer weights (packed), e4m3 activations, the product in fp8
+    "w4a8fp8-packed-g32": dict(wbits=4, abits=8, w_group=32, a_group=32, w_sym=True, a_sym=True, a_fmt="fp8_e4m3"),
+    "w4a8fp8-perchannel": dict(wbits=4, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, a_fmt="fp8_e4m3"),
 }
 
 
@@ -87,7 +90,8 @@ def test_real_equals_fake_on_same_codes(name, params, inputs):
 
 
 @pytest.mark.parametrize("name,want", [("w8a8-int8-perchannel-asymw", "int8"), ("w4a8-packed-g32", "int8"),
-                                       ("fp8-e4m3-g32", "float8_e4m3fn")])
+                                       ("fp8-e4m3-g32", "float8_e4m3fn"), ("w4a8fp8-packed-g32", "float8_e4m3fn"),
+                                       ("w4a8fp8-perchannel", "float8_e4m3fn")])
 def test_quantized_dots_take_low_bit_operands(name, want, params, inputs):
     rm = real_from_params(params, CFG, QuantConfig(qdit_rules(**FORMATS[name])))
     jaxpr = jax.make_jaxpr(rm.apply_fn())(rm.variables(), *inputs)
@@ -536,9 +540,10 @@ def test_unpacked_w4_takes_the_int8_group_route(inputs, monkeypatch):
     assert all(w.codes.dtype == jnp.uint8 for w in rm.weights.values())
 
 
+@pytest.mark.parametrize("a_fmt", [None, "fp8_e4m3"])
 @pytest.mark.parametrize("group,mosaic,dtype", [(128, True, "bfloat16"), (128, False, "bfloat16"), (64, True, "bfloat16"),
                                                (128, True, "float32")])
-def test_default_unpacks_w4_only_where_the_mosaic_group_gemm_runs(group, mosaic, dtype, monkeypatch):
+def test_default_unpacks_w4_only_where_the_mosaic_group_gemm_runs(group, mosaic, dtype, a_fmt, monkeypatch):
     """RealModel.variables()'s default: packed 4-bit layers become int8 codes only where the forward
     would run them on the Mosaic group GEMM (its guard here forced open or shut): 128-wide groups,
     activation codes (not the weight-only adaLN layer), a bf16 model; the rest stay packed."""
@@ -546,9 +551,53 @@ def test_default_unpacks_w4_only_where_the_mosaic_group_gemm_runs(group, mosaic,
 
     monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, groups=1, **kw: (
         mosaic and groups > 1 and k == 128 * groups, "test"))
-    rules = dict(wbits=4, abits=8, w_group=group, a_group=group, w_sym=True, a_sym=True)
+    rules = dict(wbits=4, abits=8, w_group=group, a_group=group, w_sym=True, a_sym=True, a_fmt=a_fmt)
     rm = real_from_params(_params256(), CFG256.replace(dtype=dtype), QuantConfig(qdit_rules(**rules)))
     got = {p: str(w.codes.dtype) for p, w in rm.variables()["weights"].items()}
     runs = mosaic and group == 128 and dtype == "bfloat16"
-    assert got == {p: "int8" if runs and rm.plan[p].act is not None else "uint8" for p in got}
-    assert ("int8" in got.values()) == runs
+    unpacked = "float8_e4m3fn" if a_fmt else "int8"  # under fp8 activations the codes unpack to fp8
+    assert got == {p: unpacked if runs and rm.plan[p].act is not None else "uint8" for p in got}
+    assert (unpacked in got.values()) == runs
+
+
+def test_unpacked_w4_under_fp8_activations_takes_the_fp8_group_route(inputs, monkeypatch):
+    """W4A8 with fp8 activations: unpacked, the 4-bit codes become fp8 codes (exactly: every integer of
+    [-8, 7] is an e4m3 value) and take the Mosaic fp8 group route (stand-in) with the packed path's
+    output; every quantized product takes fp8 operands either way."""
+    from qdit_jax.quant.real import RealOptions
+
+    calls, _ = _open_group_routes(monkeypatch)
+    rules = dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, a_fmt="fp8_e4m3")
+    rm = real_from_params(_params256(), CFG256, QuantConfig(qdit_rules(**rules)))
+    assert all(w.codes.dtype == jnp.uint8 for w in rm.weights.values())
+    fn = rm.apply_fn(RealOptions())
+    packed = rm.variables(unpack_w4=False)
+    ref = np.asarray(jax.jit(fn)(packed, *inputs), np.float64)
+    assert not calls
+    unpacked = rm.variables(unpack_w4=True)
+    for p, w in unpacked["weights"].items():
+        want = jnp.float8_e4m3fn if rm.plan[p].act is not None else jnp.int8  # adaLN: weight-only
+        assert w.codes.dtype == want, p
+        from qdit_jax.quant.kernels.group_gemm import weight_codes_int8
+
+        np.testing.assert_array_equal(np.asarray(w.codes.astype(jnp.float32)),
+                                      np.asarray(weight_codes_int8(rm.weights[p].codes), np.float32))
+    got = np.asarray(jax.jit(fn)(unpacked, *inputs), np.float64)
+    assert len(calls) == 8 * CFG256.depth
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-2
+    for variables in (packed, unpacked):
+        dots = _dot_operand_dtypes(jax.make_jaxpr(fn)(variables, *inputs).jaxpr)
+        assert ("float8_e4m3fn", "float8_e4m3fn") in dots and not any("int8" in d or "uint8" in d for d in dots)
+
+
+@pytest.mark.parametrize("rules,words", [
+    (dict(wbits=8, abits=8, w_group=32, a_group=32, w_sym=True, a_sym=True, a_fmt="fp8_e4m3"),
+     "8-bit symmetric integer weights"),
+    (dict(wbits=4, abits=8, w_group=32, a_group=32, w_sym=False, a_sym=True, a_fmt="fp8_e4m3"),
+     "4-bit asymmetric integer weights"),
+    (dict(wbits=8, abits=8, w_group=32, a_group=32, w_sym=True, a_sym=True, fmt="fp8_e4m3", a_fmt="int"),
+     "fp8 weights with integer"),
+])
+def test_mixed_formats_real_execution_cannot_run_are_rejected(params, rules, words):
+    with pytest.raises(QditError, match=words):
+        real_from_params(params, CFG, QuantConfig(qdit_rules(**rules)))

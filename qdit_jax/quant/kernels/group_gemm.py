@@ -89,6 +89,8 @@ def low_bit_product(qa: jax.Array, qw: jax.Array, g: int, product_dtype: Any = N
     """The raw (G, M, N) products of ``g`` K-groups of codes ``qa`` (M, K) and weight codes ``qw``
     (N, K, or packed 4-bit): int32 for integer codes, ``product_dtype`` (default float32) for fp8."""
     w = weight_codes_int8(qw)
+    if not jnp.issubdtype(qa.dtype, jnp.integer) and jnp.issubdtype(w.dtype, jnp.integer):
+        w = w.astype(qa.dtype)  # integer weights under fp8 activations: <= 4-bit codes, exact in fp8
     m, k = qa.shape
     n = w.shape[0]
     acc_t = jnp.int32 if jnp.issubdtype(qa.dtype, jnp.integer) else (product_dtype or jnp.float32)
