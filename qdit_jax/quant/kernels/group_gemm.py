@@ -90,7 +90,10 @@ def low_bit_product(qa: jax.Array, qw: jax.Array, g: int, product_dtype: Any = N
     (N, K, or packed 4-bit): int32 for integer codes, ``product_dtype`` (default float32) for fp8."""
     w = weight_codes_int8(qw)
     if not jnp.issubdtype(qa.dtype, jnp.integer) and jnp.issubdtype(w.dtype, jnp.integer):
-        w = w.astype(qa.dtype)  # integer weights under fp8 activations: <= 4-bit codes, exact in fp8
+        if qw.dtype != jnp.uint8:  # int8 codes may be 8-bit: fp8 would round them
+            raise ValueError(f"{qw.dtype} weight codes with {qa.dtype} activation codes: only packed 4-bit codes "
+                             "are exact in fp8; give fp8 weight codes (RealModel.variables converts <= 4-bit ones)")
+        w = w.astype(qa.dtype)  # packed 4-bit codes under fp8 activations: exact in fp8
     m, k = qa.shape
     n = w.shape[0]
     acc_t = jnp.int32 if jnp.issubdtype(qa.dtype, jnp.integer) else (product_dtype or jnp.float32)

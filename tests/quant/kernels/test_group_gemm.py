@@ -172,3 +172,16 @@ def test_group_gemm_runs_the_kernel_at_fitted_tiles():
     out = group_gemm_pallas(jnp.asarray(qa), jnp.asarray(sa), store, jnp.asarray(sw), jnp.asarray(bias),
                             out_dtype=jnp.float32, tiles=tiles, interpret=True)
     assert relerr(out, ref64) < 1e-5
+
+
+def test_xla_product_of_fp8_activations_and_packed_4bit_weights():
+    """fp8 activation codes times packed 4-bit weight codes (W4A8 with fp8 activations): the codes convert
+    to fp8 exactly, so the XLA path equals the float64 reference; unpacked int8 codes (which may be 8-bit
+    and would round) are refused with a message naming the fix."""
+    qa8, sa, w, store, sw, _, bias = make(3, 32, 64, 256, 2, 4, False)
+    qa = jnp.asarray(np.clip(qa8.astype(np.float32) / 8, -448, 448)).astype(jnp.float8_e4m3fn)
+    out = group_gemm_xla(qa, jnp.asarray(sa), store, jnp.asarray(sw), jnp.asarray(bias))
+    ref = numpy_ref(np.asarray(qa.astype(jnp.float32)), sa, w, sw, bias, None)
+    assert relerr(out, ref) < 1e-6
+    with pytest.raises(ValueError, match="only packed 4-bit codes are exact in fp8"):
+        group_gemm_xla(qa, jnp.asarray(sa), jnp.asarray(w), jnp.asarray(sw), jnp.asarray(bias))
