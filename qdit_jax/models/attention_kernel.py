@@ -74,6 +74,11 @@ def attention_applies(shape: tuple[int, ...], dtype: Any, tiles: Tiles | None = 
     platform = platform or jax.default_backend()
     if platform != "gpu":
         return False, f"platform is {platform}, the kernel is GPU-only"
+    if platform == jax.default_backend():  # this process's GPU: an NVIDIA one with bf16 tensor cores
+        cc = str(getattr(jax.devices()[0], "compute_capability", ""))
+        major = cc.split(".")[0]
+        if not (major.isdigit() and int(major) >= 8):
+            return False, f"GPU compute capability {cc or 'unknown'}: the kernel needs an NVIDIA GPU of 8.0 or newer"
     if len(shape) != 4:
         return False, f"q / k / v must be (B, T, N, D), got shape {tuple(shape)}"
     _, t, _, d = shape

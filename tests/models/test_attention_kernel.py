@@ -44,6 +44,20 @@ def test_interpreted_kernel_matches_float64(d, mode):
     assert np.abs(cut - ref).max() > 20 * err
 
 
+def test_guard_refuses_gpus_without_bf16_tensor_cores(monkeypatch):
+    """Under 'auto' a refused cuDNN falls back here: a GPU the kernel cannot compile for (pre-Ampere, or
+    not NVIDIA) must be refused by the guard, so XLA's attention runs instead of a lowering error."""
+    class _Dev:
+        def __init__(self, cc):
+            self.compute_capability = cc
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for cc, ok in (("7.0", False), ("gfx90a", False), ("8.0", True), ("9.0", True)):
+        monkeypatch.setattr(jax, "devices", lambda *a, cc=cc: [_Dev(cc)])
+        got, why = ak.attention_applies((2, 256, 16, 72), jnp.bfloat16)
+        assert got == ok and (ok or "compute capability" in why), (cc, why)
+
+
 def test_guard_names_what_does_not_fit():
     assert ak.attention_applies((2, 256, 16, 72), jnp.bfloat16, platform="gpu") == (True, "ok")
     cases = {((2, 256, 16, 72), jnp.bfloat16, "cpu"): "GPU-only",
