@@ -18,32 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdit_jax.models import attention_kernel as ak
-from qdit_jax.perf.timing import chained_median
+from qdit_jax.perf.timing import chained_median, cuda_event_median
+from qdit_jax.perf.trace import kernel_events, traced_calls
 
 
 def device_kernels(fn, args: tuple) -> list[tuple[str, float]]:
     """(kernel name, us) of the device stream events of one traced call, in order."""
-    import glob
-    import os
-    import tempfile
-
-    from jax.profiler import ProfileData
-
-    jax.block_until_ready(fn(*args))
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            jax.block_until_ready(fn(*args))
-        path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
-        events = [(e.start_ns, e.name, (e.end_ns - e.start_ns) / 1e3)
-                  for plane in ProfileData.from_file(path).planes if plane.name.startswith("/device:")
-                  for line in plane.lines if line.name.startswith("Stream") for e in line.events]
-    return [(name, us) for _, name, us in sorted(events)]
+    with traced_calls(fn, [args], 1) as path:
+        return [(name, (end - start) / 1e3) for start, end, name in kernel_events(path, kernel_names=True)]
 
 
 def torch_sdpa(shape: tuple[int, int, int, int], repeats: int) -> None:
     """Median us per call of each PyTorch SDPA backend on (B, T, N, D) bf16 tensors viewed as (B, N, T, D)."""
-    import statistics
-
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -52,21 +38,11 @@ def torch_sdpa(shape: tuple[int, int, int, int], repeats: int) -> None:
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
         try:
             with sdpa_kernel(backend):
-                for _ in range(3):
-                    F.scaled_dot_product_attention(q, k, v)
-                torch.cuda.synchronize()
-                per = []
-                for _ in range(5):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(repeats):
-                        F.scaled_dot_product_attention(q, k, v)
-                    end.record()
-                    torch.cuda.synchronize()
-                    per.append(start.elapsed_time(end) * 1e3 / repeats)
-            print(f"d={shape[-1]:3d} torch {backend.name:26s} {statistics.median(per):8.1f} us", flush=True)
+                sec = cuda_event_median(lambda: F.scaled_dot_product_attention(q, k, v), repeats)
+            print(f"d={shape[-1]:3d} torch {backend.name:26s} {sec * 1e6:8.1f} us", flush=True)
         except RuntimeError as e:
             print(f"d={shape[-1]:3d} torch {backend.name}: {str(e)[:200]}", flush=True)
+
 
 CONFIGS = [ak.Tiles(bq, bkv, w, st, mode) for bq, bkv, w, st in ((64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3),
                                                                    (64, 128, 4, 2)) for mode in ak.TAIL_MODES]

@@ -16,30 +16,12 @@ whether a cuBLASLt route (an XLA FFI call) could reach issue 6's group-128 targe
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import numpy as np
 
+from qdit_jax.perf.timing import cuda_event_median
+
 SHAPES = {"proj / q / k / v": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}
-
-
-def cuda_time(fn, repeats: int, rounds: int = 5) -> float:
-    """Median seconds per call: ``rounds`` of ``repeats`` back-to-back calls between CUDA events."""
-    import torch
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    per = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        per.append(start.elapsed_time(end) / 1e3 / repeats)
-    return statistics.median(per)
 
 
 def reference_rows(a, b, sa, sw, rows: int) -> np.ndarray:
@@ -87,9 +69,9 @@ def main() -> None:
         flop = 2 * m * n * k
         ref = reference_rows(a, b, sa, sw, args.check_rows)
         ab, bb = a.to(torch.bfloat16), b.to(torch.bfloat16)
-        t_bf16 = cuda_time(lambda: ab @ bb.t(), args.repeats)
+        t_bf16 = cuda_event_median(lambda: ab @ bb.t(), args.repeats)
         row_a, row_w = sa[:, :1].contiguous(), sw[:, :1].t().contiguous()
-        t_row = cuda_time(lambda: torch._scaled_mm(a, b.t(), row_a, row_w, out_dtype=torch.bfloat16), args.repeats)
+        t_row = cuda_event_median(lambda: torch._scaled_mm(a, b.t(), row_a, row_w, out_dtype=torch.bfloat16), args.repeats)
         print(f"{name:18s} M={m} K={k} N={n}: bf16 {t_bf16 * 1e6:8.1f} us ({flop / t_bf16 / 1e12:6.1f} TFLOP/s), "
               f"fp8 per channel {t_row * 1e6:8.1f} us ({flop / t_row / 1e12:6.1f})", flush=True)
         for label, s_a, s_b in scale_layouts(sa, sw):
@@ -100,7 +82,7 @@ def main() -> None:
                 continue
             got = out[:args.check_rows].double().cpu().numpy()
             rel = float(np.abs(got - ref).max() / np.abs(ref).max())
-            t = cuda_time(lambda s_a=s_a, s_b=s_b: torch._scaled_mm(a, b.t(), s_a, s_b, out_dtype=torch.bfloat16),
+            t = cuda_event_median(lambda s_a=s_a, s_b=s_b: torch._scaled_mm(a, b.t(), s_a, s_b, out_dtype=torch.bfloat16),
                           args.repeats)
             print(f"    group-128 [{label}]: {t * 1e6:8.1f} us ({flop / t / 1e12:6.1f} TFLOP/s), x per channel "
                   f"{t / t_row:5.2f}; max |diff| / max |ref| vs float64 {rel:.2e}", flush=True)

@@ -49,3 +49,26 @@ def chained_median(fn: Callable, args: tuple, repeats: int, rounds: int = 5, war
         per_call.append((time.perf_counter() - t0) / repeats)
         out = outs[-1]
     return out, statistics.median(per_call)
+
+
+def cuda_event_median(fn: Callable[[], Any], repeats: int, rounds: int = 5, warmup: int = 3) -> float:
+    """Median seconds per call of a PyTorch CUDA callable: ``rounds`` rounds of ``repeats`` calls
+    between two CUDA events, after ``warmup`` calls. For the benchmark scripts' outside-reference
+    rows (cuBLASLt, cuDNN through PyTorch); needs torch with CUDA, imported here only."""
+    if repeats < 1 or rounds < 1:
+        raise ValueError(f"cuda_event_median needs repeats >= 1 and rounds >= 1 (got {repeats}, {rounds})")
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    per = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        per.append(start.elapsed_time(end) / 1e3 / repeats)
+    return statistics.median(per)

@@ -11,12 +11,13 @@ same trace for the time the device waits between kernels inside a call (``qdit b
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import glob
 import os
 import re
 import tempfile
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 # gemm: a library GEMM (cuBLAS / cuBLASLt custom call, a bare dot); gemm-fusion: an XLA fusion
 # that computes a dot itself (XLA's own emitter, or the CPU backend's dot fusions); triton-gemm:
@@ -158,10 +159,11 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def kernel_events(xspace_path: str) -> list[tuple[int, int, str]]:
+def kernel_events(xspace_path: str, kernel_names: bool = False) -> list[tuple[int, int, str]]:
     """(start ns, end ns, name) of every event on the device planes' stream lines (kernels, copies;
     CUDA-graph kernels included, whether or not they carry an HLO name), sorted by start; the host
-    plane's HLO thunks when there is no device plane (CPU backend)."""
+    plane's HLO thunks when there is no device plane (CPU backend). Named by their HLO instruction
+    where they carry one, or with ``kernel_names`` by the kernel itself (what a library call runs)."""
     from jax.profiler import ProfileData
 
     pd = ProfileData.from_file(xspace_path)
@@ -174,7 +176,7 @@ def kernel_events(xspace_path: str) -> list[tuple[int, int, str]]:
             for e in line.events:
                 name = _stat(e, "hlo_op")
                 if name or dev:  # host lines also hold the Python / runtime spans around the thunks
-                    out.append((int(e.start_ns), int(e.end_ns), str(name or e.name)))
+                    out.append((int(e.start_ns), int(e.end_ns), str(e.name if kernel_names else name or e.name)))
     return sorted(out)
 
 
@@ -236,27 +238,35 @@ def format_gaps(g: Gaps, title: str = "") -> str:
     return "\n".join(rows)
 
 
+@contextlib.contextmanager
+def traced_calls(fn: Any, args_list: Sequence[tuple], calls: int) -> Iterator[str]:
+    """The path of a ``jax.profiler`` trace (.xplane.pb, valid inside the ``with``) of ``calls`` synced
+    calls of ``fn``, rotating among the input sets of ``args_list``, after one untraced warm-up call."""
+    import jax
+
+    jax.block_until_ready(fn(*args_list[0]))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for i in range(calls):
+                jax.block_until_ready(fn(*args_list[i % len(args_list)]))
+        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            raise RuntimeError("jax.profiler wrote no .xplane.pb trace")
+        yield paths[0]
+
+
 def profile_compiled(compiled: Any, args_list: Sequence[tuple], calls: int = 3,
                      gaps: list[Gaps] | None = None) -> list[OpTime]:
     """Trace ``calls`` calls of a compiled JAX function (after one untraced warm-up) and return its
     HLO instructions with their device time per call, slowest first. With ``gaps`` (a list), the
     same trace's :func:`idle_gaps` is appended to it."""
-    import jax
-
-    jax.block_until_ready(compiled(*args_list[0]))
     text = compiled.as_text()
     mod = re.search(r"HloModule\s+([\w.\-]+)", text)
     module = mod.group(1) if mod else ""
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            for i in range(calls):
-                jax.block_until_ready(compiled(*args_list[i % len(args_list)]))
-        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-        if not paths:
-            raise RuntimeError("jax.profiler wrote no .xplane.pb trace")
-        times = op_times(paths[0], module)
+    with traced_calls(compiled, args_list, calls) as path:
+        times = op_times(path, module)
         if gaps is not None:
-            gaps.append(idle_gaps(kernel_events(paths[0]), calls))
+            gaps.append(idle_gaps(kernel_events(path), calls))
     kinds = hlo_kinds(text)
 
     def kind_shape(name: str) -> tuple[str, str]:

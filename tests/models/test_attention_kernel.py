@@ -11,16 +11,14 @@ import pytest
 from qdit_jax.errors import QditError
 from qdit_jax.models import attention_kernel as ak
 from qdit_jax.models.dit import AttentionCore
+from tests.models.test_dit import _attention_np
 
 on_gpu = jax.default_backend() == "gpu"
 
 
-def _attention_f64(q, k, v) -> np.ndarray:
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    s = np.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(q.shape[-1])
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("bnts,bsnd->btnd", p, v)
+def _f64(q, k, v) -> np.ndarray:
+    """test_dit's float64 NumPy attention on bf16 arrays."""
+    return _attention_np(*(np.asarray(a, np.float64) for a in (q, k, v)))
 
 
 def _qkv(shape, seed=0, dtype=jnp.bfloat16):
@@ -33,14 +31,14 @@ def _qkv(shape, seed=0, dtype=jnp.bfloat16):
 def test_interpreted_kernel_matches_float64(d, mode):
     q, k, v = _qkv((2, 128, 3, d), seed=d)
     out = ak.attention_triton(q, k, v, ak.Tiles(64, 64, 4, 3, mode), interpret=True)
-    ref = _attention_f64(q, k, v)
+    ref = _f64(q, k, v)
     err = np.abs(np.asarray(out, np.float64) - ref).max()
     # the float32 reference rounded to bf16 is as far from float64 as rounding allows; the kernel also
     # rounds P to bf16 before P @ V (flash attention's usual step), so allow it 1.5x that
     rounding = np.abs(np.asarray(ak.attention_reference(q, k, v), np.float64) - ref).max()
     assert err <= 1.5 * rounding + 1e-3, (err, rounding)
     # and the check can fail: the head without its last 8 columns gives a visibly different result
-    cut = _attention_f64(q.at[..., -8:].set(0), k, v)
+    cut = _f64(q.at[..., -8:].set(0), k, v)
     assert np.abs(cut - ref).max() > 20 * err
 
 
@@ -90,7 +88,7 @@ def test_model_asking_for_triton_off_gpu_says_why():
 def test_compiled_kernel_matches_float64_at_xl2_heads(mode):
     q, k, v = _qkv((4, 256, 16, 72), seed=1)
     out = ak.attention_triton(q, k, v, ak.Tiles(tail=mode))
-    ref = _attention_f64(q, k, v)
+    ref = _f64(q, k, v)
     rounding = np.abs(np.asarray(ak.attention_reference(q, k, v), np.float64) - ref).max()
     assert np.abs(np.asarray(out, np.float64) - ref).max() <= 1.5 * rounding + 1e-3
 

@@ -38,3 +38,10 @@ def test_chained_median_returns_an_output_and_the_per_call_time():
 def test_bad_counts_are_named(call):
     with pytest.raises(ValueError, match="needs repeats >= 1"):
         call()
+
+
+def test_cuda_event_median_checks_its_counts_before_touching_torch():
+    from qdit_jax.perf.timing import cuda_event_median
+
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        cuda_event_median(lambda: None, repeats=0)

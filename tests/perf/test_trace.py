@@ -132,3 +132,28 @@ def test_profile_reports_gaps_of_a_real_trace():
     (g,) = found
     assert g.busy_us > 0 and g.span_us >= g.busy_us - 1e-6
     assert g.idle_us == pytest.approx(g.span_us - g.busy_us)
+
+
+def test_traced_calls_traces_the_calls_after_a_warmup():
+    """One warm-up call outside the trace, then ``calls`` calls rotating the inputs; the path is a
+    trace whose events kernel_events reads, by HLO name or (kernel_names) by the event's own name."""
+    import os
+
+    import jax
+    import jax.numpy as jnp
+
+    from qdit_jax.perf.trace import kernel_events, traced_calls
+
+    seen = []
+
+    def fn(x):
+        seen.append(float(x[0, 0]))
+        return jax.jit(lambda v: jnp.tanh(v @ v))(x)
+
+    args = [(jnp.full((64, 64), float(i)),) for i in range(2)]
+    with traced_calls(fn, args, calls=3) as path:
+        assert os.path.exists(path) and path.endswith(".xplane.pb")
+        by_hlo, by_kernel = kernel_events(path), kernel_events(path, kernel_names=True)
+    assert seen == [0.0, 0.0, 1.0, 0.0]  # the warm-up, then the traced calls
+    assert by_hlo and len(by_hlo) == len(by_kernel)
+    assert [e[:2] for e in by_hlo] == [e[:2] for e in by_kernel]
