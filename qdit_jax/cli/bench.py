@@ -59,6 +59,8 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
                                  fmt="fp8_e4m3"), "real", "auto-gmplain"),
     "real-w8a8-g128-split": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
                              "auto-gmsplit"),
+    "real-w4a8-g128-split": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
+                             "auto-gmsplit"),
     # kernels.scaled_gemm with a pipeline per output tile instead of one chained across each CTA's
     # tiles (RealOptions.chain_tiles, on by default)
     "real-fp8-nochain": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",

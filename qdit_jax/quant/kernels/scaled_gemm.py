@@ -52,7 +52,7 @@ TILE_M, TILE_N, STEPS = 128, 128, 3  # per compute warpgroup; the fastest measur
 # Also measured and dropped (tenth session): a ping-pong schedule, the two compute warpgroups taking
 # turns at the tensor cores through shared-memory barriers (correct, but within noise of 'plain' for
 # fp8 and 4-9% slower than 'overlap' for int8), and CTA pairs sharing the weight tile by TMA multicast.
-GROUP_MODES = ("plain", "overlap", "split")
+GROUP_MODES = ("plain", "overlap", "split", "splitr", "pipe")
 GROUP_TILE_M, GROUP_STEPS = 64, 4  # the fastest tiling measured on the H100
 CODE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))  # wgmma: float32 / int32 accumulation
 
@@ -202,7 +202,8 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     _check_call(a, sa, sw, n_off, n, tile_m, tile_n, residual, gate, gelu_codes)
     num_sms = jax.devices()[0].core_count
     steps, chained = chained_steps(k // TILE_K, (m // (2 * tile_m)) * (n // tile_n), num_sms,
-                                   steps0 if steps is None else steps, chain, explicit=steps is not None)
+                                   steps0 if steps is None else steps, chain and group_mode != "pipe",
+                                   explicit=steps is not None)
     rows_per_gate = m
     if residual is not None:
         rows_per_gate = m // gate.shape[0]
