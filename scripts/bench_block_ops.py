@@ -444,7 +444,7 @@ def group_gemm_forms(a, rng) -> None:
                               f"{np.mean(got == ref):.4f}", flush=True)
             for form in a.group_forms:
                 chain = not form.endswith("u")  # 'u': a pipeline per tile
-                mode = {"o": "overlap", "p": "plain", "s": "split", "r": "splitr", "q": "pipe"}[form.rstrip("u")[-1]]
+                mode = {"o": "overlap", "p": "plain", "s": "split"}[form.rstrip("u")[-1]]
                 tm, tn, st = (int(v) for v in form.rstrip("u")[:-1].split("x"))
                 ok, why = scaled_gemm_applies(m, n, k, dtype, dtype, groups=g, tile_m=tm, tile_n=tn)
                 if not ok:

@@ -7,8 +7,10 @@ the kernels asked for, with inputs made on the host (no XLA kernels besides the 
     MOSAIC_GPU_DUMP_TO=/tmp/dump python scripts/profile_gemm_kernels.py --forms 64x128x4s
 
 report on exactly those kernels (Nsight Compute's sections; Mosaic's PTX, ptxas log and SASS).
-Forms: ``channel`` (per token x per channel, the default tiling) or tile_m x tile_n x steps followed
-by the group mode letter (p: plain, o: overlap, s: split), as in ``bench_block_ops.py``.
+Forms: ``channel`` (per token x per channel, the default tiling), ``channel`` followed by tile_m x
+tile_n x steps (per channel at another tiling, e.g. ``channel64x128x4``: the group kernels' tile), or
+tile_m x tile_n x steps followed by the group mode letter (p: plain, o: overlap, s: split), as in
+``bench_block_ops.py``. ``--time N`` also prints each kernel's median time (``perf.timing.chained_median``).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from qdit_jax.perf.timing import chained_median
 from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
 
 SHAPES = {"proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}  # (K, N) at DiT-XL/2's width
@@ -44,25 +47,31 @@ def main() -> None:
     p.add_argument("--codes", nargs="+", default=["fp8"], choices=["fp8", "int8"])
     p.add_argument("--forms", nargs="+", default=["channel", "64x128x4s", "64x128x4p", "64x128x4o"])
     p.add_argument("--calls", type=int, default=1, help="launches of each kernel after its compile")
+    p.add_argument("--time", type=int, default=0, help="also time N back-to-back calls (medians of 5 rounds)")
     a = p.parse_args()
     rng = np.random.default_rng(0)
     for shape in a.shapes:
         k, n = SHAPES[shape]
         for codes in a.codes:
             for form in a.forms:
-                grouped = form != "channel"
+                grouped = not form.startswith("channel")
                 args = inputs(a.tokens, k, n, codes, grouped, rng)
+                kw = {}
                 if grouped:
-                    mode = {"o": "overlap", "p": "plain", "s": "split", "r": "splitr", "q": "pipe"}[form[-1]]
-                    tm, tn, st = (int(v) for v in form[:-1].split("x"))
-                    fn = jax.jit(lambda *v, tm=tm, tn=tn, st=st, mode=mode: scaled_gemm_mosaic(
-                        *v, tile_m=tm, tile_n=tn, steps=st, group_mode=mode))
+                    kw["group_mode"] = {"o": "overlap", "p": "plain", "s": "split"}[form[-1]]
+                    tiling = form[:-1]
                 else:
-                    fn = jax.jit(scaled_gemm_mosaic)
+                    tiling = form[len("channel"):]
+                if tiling:
+                    kw["tile_m"], kw["tile_n"], kw["steps"] = (int(v) for v in tiling.split("x"))
+                fn = jax.jit(lambda *v, kw=kw: scaled_gemm_mosaic(*v, **kw))
                 for _ in range(a.calls):
                     out = jax.block_until_ready(fn(*args))
-                print(f"{shape} {codes} {form}: ran {a.calls}x, out {out.shape} {out.dtype}, "
-                      f"mean |y| {float(np.abs(np.asarray(out, np.float32)).mean()):.4g}", flush=True)
+                line = (f"{shape} {codes} {form}: ran {a.calls}x, out {out.shape} {out.dtype}, "
+                        f"mean |y| {float(np.abs(np.asarray(out, np.float32)).mean()):.4g}")
+                if a.time:
+                    line += f", {chained_median(fn, args, a.time)[1] * 1e6:.1f} us per call"
+                print(line, flush=True)
 
 
 if __name__ == "__main__":

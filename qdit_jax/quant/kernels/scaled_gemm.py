@@ -44,15 +44,19 @@ TILE_M, TILE_N, STEPS = 128, 128, 3  # per compute warpgroup; the fastest measur
 # warpgroup, where one 128 x 128 tile would not fit twice in registers), and how each K step's product
 # is scaled into it (static ``group_mode``; defaults: ``group_mode_for``): 'plain', after the step's
 # wgmma; 'split', the tile's two 64-column halves as two wgmmas in flight, the first half scaled
-# while the second runs (fp8's default: fc2 10-17% faster than 'plain' alone, the XL/2 forward 1.2%;
-# four quarters were slower); 'overlap', the previous step's product while this step's wgmma runs
-# (a third register tile; int8's default, 10-15% faster for int8). Measured and dropped: rescaling
+# while the second runs (fp8's default: fc2 7-17% faster than 'plain' alone); 'overlap', the previous
+# step's product while this step's wgmma runs (a third register tile; int8's default: with 'split'
+# int8's fc2 is 10-17% faster alone, but proj and fc1 slower, and the XL/2 forward 1-4% slower, in the
+# fourteenth session, after each part waited for its own wgmma alone). Measured and dropped (fourteenth
+# session, git history at acb3216): A read into registers once for both halves (5-8% slower), the second
+# half's product left in flight into the next step (ptxas serializes every wgmma then, C7514), 64 x 192
+# warpgroup tiles (15-50% slower). Measured and dropped earlier: rescaling
 # the fp8 accumulator itself between groups by the ratio of their scales (one 128 x 128 tile, as
 # flash attention rescales): slower (290 vs 245 us) and off by fp8 wgmma's accumulation precision.
 # Also measured and dropped (tenth session): a ping-pong schedule, the two compute warpgroups taking
 # turns at the tensor cores through shared-memory barriers (correct, but within noise of 'plain' for
 # fp8 and 4-9% slower than 'overlap' for int8), and CTA pairs sharing the weight tile by TMA multicast.
-GROUP_MODES = ("plain", "overlap", "split", "splitr", "pipe")
+GROUP_MODES = ("plain", "overlap", "split")
 GROUP_TILE_M, GROUP_STEPS = 64, 4  # the fastest tiling measured on the H100
 CODE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))  # wgmma: float32 / int32 accumulation
 
@@ -101,7 +105,7 @@ def _groups(sa: jax.Array) -> int:
 
 def group_mode_for(groups: int, a_dtype: Any, mode: str | None = None) -> str | None:
     """The group mode used for ``a_dtype`` codes (None per channel): fp8 'split', int8 'overlap' (the
-    faster of each in the XL/2 forward on the H100)."""
+    faster of each in the XL/2 forward on the H100); ``mode`` overrides it."""
     if groups == 1:
         return None
     mode = mode or ("overlap" if jnp.dtype(a_dtype) == jnp.dtype(jnp.int8) else "split")
@@ -202,8 +206,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     _check_call(a, sa, sw, n_off, n, tile_m, tile_n, residual, gate, gelu_codes)
     num_sms = jax.devices()[0].core_count
     steps, chained = chained_steps(k // TILE_K, (m // (2 * tile_m)) * (n // tile_n), num_sms,
-                                   steps0 if steps is None else steps, chain and group_mode != "pipe",
-                                   explicit=steps is not None)
+                                   steps0 if steps is None else steps, chain, explicit=steps is not None)
     rows_per_gate = m
     if residual is not None:
         rows_per_gate = m // gate.shape[0]

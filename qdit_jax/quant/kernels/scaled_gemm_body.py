@@ -59,7 +59,7 @@ class Plan:
     @property
     def n_parts(self) -> int:
         """Column parts with their own wgmma ('split': two; four were slower on the H100)."""
-        return 2 if self.group_mode in ("split", "splitr", "pipe") else 1
+        return 2 if self.group_mode == "split" else 1
 
     @property
     def part(self) -> tuple[int, int]:
@@ -94,12 +94,11 @@ def _pipeline(plan: Plan, body: Any, ctx: Any, state: Any = None) -> Any:
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     tr = (plgpu.TilingTransform((8, TILE_K)), plgpu.SwizzleTransform(128))  # 128-byte rows of fp8
-    dr = 1 if plan.group_mode == "pipe" else 0  # 'pipe': a step's slot is released one step later
-    specs = [plgpu.BlockSpec((plan.cta_m, TILE_K), lambda kk: (0, kk), transforms=tr, delay_release=dr),
-             plgpu.BlockSpec((plan.tile_n, TILE_K), lambda kk: (0, kk), transforms=tr, delay_release=dr)]
+    specs = [plgpu.BlockSpec((plan.cta_m, TILE_K), lambda kk: (0, kk), transforms=tr),
+             plgpu.BlockSpec((plan.tile_n, TILE_K), lambda kk: (0, kk), transforms=tr)]
     if plan.groups > 1:  # this K step's scale rows come with its tiles, by TMA
-        specs += [plgpu.BlockSpec((1, plan.cta_m), lambda kk: (kk, 0), delay_release=dr),
-                  plgpu.BlockSpec((1, plan.tile_n), lambda kk: (kk, 0), delay_release=dr)]
+        specs += [plgpu.BlockSpec((1, plan.cta_m), lambda kk: (kk, 0)),
+                  plgpu.BlockSpec((1, plan.tile_n), lambda kk: (kk, 0))]
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(plan.k // TILE_K,), memory_registers=40, in_specs=specs,
         wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=plan.steps, compute_context=ctx,
@@ -223,12 +222,9 @@ def _step_split(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem: 
     a_rows = a_smem.at[pl.ds(wg * plan.tile_m, plan.tile_m)]
 
     def step(*accs: Any) -> tuple[jax.Array, ...]:
-        a_op = a_rows
-        if plan.group_mode == "splitr":  # A read from SMEM once, into registers, for both parts
-            a_op = plgpu.load(a_rows, (), layout=plgpu.Layout.WGMMA_8BIT)
         for j, acc in enumerate(accs):
             w_part = plgpu.transpose_ref(w_smem.at[pl.ds(j * part_n, part_n)], (1, 0))
-            plgpu.wgmma(acc, a_op, w_part)
+            plgpu.wgmma(acc, a_rows, w_part)
         new = []
         for j, acc in enumerate(accs):
             # part j's wgmma (issued and committed in order) is done, the later ones may still run;
@@ -240,34 +236,7 @@ def _step_split(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem: 
     return pl.run_scoped(step, *[plgpu.ACC(plan.part, plan.acc_dtype) for _ in range(n_parts)])
 
 
-def _step_pipe(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any,
-               carry: Any) -> Any:
-    """'pipe': 'split' with the second part's product left in flight across the step: this step's two
-    wgmmas are issued first, then the previous step's second part is scaled into its sum, then this
-    step's first part; the tensor cores always have a wgmma queued while the CUDA cores scale. The
-    pipeline releases a step's slot one step later (``delay_release=1``), once its wgmmas are done."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    (sum0, sum1), p1_prev, sa_prev, sw1_prev = carry
-    _, part_n = plan.part
-    s_a, (s_w0, s_w1) = _group_scales(plan, wg, sa_smem, sw_smem, 2)
-    a_rows = a_smem.at[pl.ds(wg * plan.tile_m, plan.tile_m)]
-
-    def step(acc0: Any, acc1: Any) -> tuple[jax.Array, ...]:
-        for j, acc in enumerate((acc0, acc1)):
-            plgpu.wgmma(acc, a_rows, plgpu.transpose_ref(w_smem.at[pl.ds(j * part_n, part_n)], (1, 0)))
-        plgpu.wgmma_wait(2)  # the previous step's second part is done; this step's two may run
-        new1 = sum1 + _scaled(plan, p1_prev, sa_prev, sw1_prev, plan.part)
-        new0 = sum0 + _scaled(plan, plgpu.wgmma_accumulator_load(acc0, wait_n=1), s_a, s_w0, plan.part)
-        return new0, new1, plgpu.wgmma_accumulator_load(acc1, wait_n=None)  # still in flight
-
-    new0, new1, p1 = pl.run_scoped(step, *[plgpu.ACC(plan.part, plan.acc_dtype) for _ in range(2)])
-    return (new0, new1), p1, s_a, s_w1
-
-
-_STEP_BODIES = {None: _step_channel, "plain": _step_plain, "overlap": _step_overlap, "split": _step_split,
-                "splitr": _step_split, "pipe": _step_pipe}
+_STEP_BODIES = {None: _step_channel, "plain": _step_plain, "overlap": _step_overlap, "split": _step_split}
 
 
 # ---- the tile's epilogue: the K loop's result, scales / bias / residual / codes, the store
@@ -294,14 +263,8 @@ def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, eval_pi
         y = _scaled(plan, y if plan.int_codes else y.astype(jnp.bfloat16), s_a, s_w)
     elif plan.group_mode == "plain":  # the scaled groups' float32 sum, from the K loop
         y = eval_pipeline(zeros(plan.shape, jnp.float32))
-    elif plan.group_mode in ("split", "splitr"):  # the column parts' sums
+    elif plan.group_mode == "split":  # the column parts' sums
         y = eval_pipeline(tuple(zeros(plan.part, jnp.float32) for _ in range(plan.n_parts)))
-    elif plan.group_mode == "pipe":  # the sums, and the last step's second part (in flight)
-        (y0, y1), p1, s_a, s_w1 = eval_pipeline(
-            ((zeros(plan.part, jnp.float32), zeros(plan.part, jnp.float32)), zeros(plan.part, plan.acc_dtype),
-             zeros((plan.tile_m,), jnp.float32, row_l), zeros((plan.tile_n // 2,), jnp.float32, col_l)))
-        plgpu.wgmma_wait(0)
-        y = (y0, y1 + _scaled(plan, p1, s_a, s_w1, plan.part))
     else:  # 'overlap': the sum of all but the last group, and the last group's product and scales
         y, p, s_a, s_w = eval_pipeline((zeros(plan.shape, jnp.float32), zeros(plan.shape, plan.acc_dtype),
                                         zeros((plan.tile_m,), jnp.float32, row_l),
