@@ -102,3 +102,29 @@ def test_gelu_codes_epilogue_uses_the_approximate_tanh_only_when_asked(monkeypat
     assert "tanh.approx" in _lower(F8, C, 4 * C, 2, gelu_codes=spec)
     assert "tanh.approx" not in _lower(F8, C, 4 * C, 2, gelu_codes=spec, approx_tanh=False)
     assert "tanh.approx" not in _lower(F8, C, 4 * C, 2)
+
+
+def _accumulator_reads(dtype, k: int, n: int, groups: int, **kw) -> list[str]:
+    """The kernel's accumulator reads and bare wgmma waits, in program order, from its jaxpr."""
+    import re
+
+    def sds(shape, dt=jnp.float32):
+        return jax.ShapeDtypeStruct(shape, dt)
+
+    args = (sds((M, k), dtype), sds((n, k), dtype), sds((groups, M)), sds((groups, n)), sds((n,)))
+    text = str(jax.make_jaxpr(lambda *a: sg.scaled_gemm_mosaic(*a, **kw))(*args))
+    return re.findall(r"wgmma_accumulator_deref_p\[wait_n=\w+\]|wgmma_wait\[", text)
+
+
+@pytest.mark.parametrize("dtype", [F8, jnp.int8])
+def test_split_scales_each_part_while_the_later_part_runs(dtype, monkeypatch):
+    """'split' issues the tile's two column parts, then reads the first once at most one wgmma is left
+    in flight (the second's) and scales it, and only then waits for the second. Reading an accumulator
+    with ``acc[...]`` waits for every wgmma in flight (wait_n=0): that made both reads wait for both
+    parts, so no scaling ran under the tensor cores' work (fourteenth session; the SASS had
+    ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` before the first part's FMULs)."""
+    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
+    reads = _accumulator_reads(dtype, 4 * C, C, 8, group_mode="split")
+    assert reads == ["wgmma_accumulator_deref_p[wait_n=1]", "wgmma_accumulator_deref_p[wait_n=0]"]
+    plain = _accumulator_reads(dtype, 4 * C, C, 8, group_mode="plain")
+    assert plain[-1] == "wgmma_accumulator_deref_p[wait_n=0]" and "wgmma_accumulator_deref_p[wait_n=1]" not in plain
