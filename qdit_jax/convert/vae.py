@@ -11,6 +11,7 @@ with ``save_vae`` / ``load_vae``.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -91,10 +92,8 @@ def _read_weights(path: str) -> dict[str, np.ndarray]:
                     pass
         except Exception as e:  # safetensors raises its own SafetensorError for a bad header
             raise QditError(f"cannot read safetensors file {path}: {e}; check that the file is complete") from None
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise QditError(f"{path} holds bfloat16 tensors; install torch to load it") from None
+        if importlib.util.find_spec("torch") is None:
+            raise QditError(f"{path} holds bfloat16 tensors; install torch to load it")
         with safe_open(path, framework="pt") as f:
             return {k: _to_numpy(f.get_tensor(k)) for k in keys}
     if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
