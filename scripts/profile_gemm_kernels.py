@@ -1,7 +1,7 @@
 """Run the Mosaic GEMM forms once each on random codes, for a kernel profiler or a compiler dump.
 
-No timing here (``bench_block_ops.py --sections groupgemm`` times them): this script launches only
-the kernels asked for, with inputs made on the host (no XLA kernels besides the GEMMs), so that
+This script launches only the kernels asked for, with inputs made on the host (no XLA kernels
+besides the GEMMs; ``bench_block_ops.py --sections groupgemm`` times them against XLA), so that
 
     ncu --section SpeedOfLight --section WarpStateStats python scripts/profile_gemm_kernels.py
     MOSAIC_GPU_DUMP_TO=/tmp/dump python scripts/profile_gemm_kernels.py --forms 64x128x4s
@@ -40,30 +40,39 @@ def inputs(m: int, k: int, n: int, codes: str, grouped: bool, rng: np.random.Gen
     return tuple(jax.device_put(v) for v in (a.astype(dt), w.astype(dt), sa, sw, b))
 
 
+def parse_form(form: str) -> tuple[str, dict]:
+    """(the form, its ``scaled_gemm_mosaic`` keywords), or an argparse error naming the bad form."""
+    import re
+
+    m = re.fullmatch(r"channel(?:(\d+)x(\d+)x(\d+))?|(\d+)x(\d+)x(\d+)([pos])", form)
+    if m is None:
+        raise argparse.ArgumentTypeError(
+            f"form {form!r}: expected 'channel', 'channelTMxTNxS' or 'TMxTNxS' + p / o / s (e.g. 64x128x4s)")
+    g = m.groups()
+    if g[6] is not None:
+        return form, dict(tile_m=int(g[3]), tile_n=int(g[4]), steps=int(g[5]),
+                          group_mode={"o": "overlap", "p": "plain", "s": "split"}[g[6]])
+    return form, ({} if g[0] is None else dict(tile_m=int(g[0]), tile_n=int(g[1]), steps=int(g[2])))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=65536, help="M: batch x 256 tokens (XL/2 at batch 256)")
     p.add_argument("--shapes", nargs="+", default=["proj"], choices=sorted(SHAPES))
     p.add_argument("--codes", nargs="+", default=["fp8"], choices=["fp8", "int8"])
-    p.add_argument("--forms", nargs="+", default=["channel", "64x128x4s", "64x128x4p", "64x128x4o"])
+    p.add_argument("--forms", nargs="+", type=parse_form,
+                   default=[parse_form(f) for f in ("channel", "64x128x4s", "64x128x4p", "64x128x4o")])
     p.add_argument("--calls", type=int, default=1, help="launches of each kernel after its compile")
     p.add_argument("--time", type=int, default=0, help="also time N back-to-back calls (medians of 5 rounds)")
     a = p.parse_args()
+    if jax.default_backend() != "gpu":
+        p.error(f"the Mosaic GPU kernels need a Hopper GPU; JAX's backend here is {jax.default_backend()}")
     rng = np.random.default_rng(0)
     for shape in a.shapes:
         k, n = SHAPES[shape]
         for codes in a.codes:
-            for form in a.forms:
-                grouped = not form.startswith("channel")
-                args = inputs(a.tokens, k, n, codes, grouped, rng)
-                kw = {}
-                if grouped:
-                    kw["group_mode"] = {"o": "overlap", "p": "plain", "s": "split"}[form[-1]]
-                    tiling = form[:-1]
-                else:
-                    tiling = form[len("channel"):]
-                if tiling:
-                    kw["tile_m"], kw["tile_n"], kw["steps"] = (int(v) for v in tiling.split("x"))
+            for form, kw in a.forms:
+                args = inputs(a.tokens, k, n, codes, "group_mode" in kw, rng)
                 fn = jax.jit(lambda *v, kw=kw: scaled_gemm_mosaic(*v, **kw))
                 for _ in range(a.calls):
                     out = jax.block_until_ready(fn(*args))

@@ -46,8 +46,8 @@ TILE_M, TILE_N, STEPS = 128, 128, 3  # per compute warpgroup; the fastest measur
 # wgmma; 'split', the tile's two 64-column halves as two wgmmas in flight, the first half scaled
 # while the second runs (fp8's default: fc2 7-17% faster than 'plain' alone); 'overlap', the previous
 # step's product while this step's wgmma runs (a third register tile; int8's default: with 'split'
-# int8's fc2 is 10-17% faster alone, but proj and fc1 slower, and the XL/2 forward 1-4% slower, in the
-# fourteenth session, after each part waited for its own wgmma alone). Measured and dropped (fourteenth
+# waiting for each part alone, int8's fc2 ran 17% and proj / fc1 2-5% faster than 'overlap' alone (an
+# H200), yet the XL/2 forward 1-4% slower on the H100, fourteenth session). Measured and dropped (fourteenth
 # session, git history at acb3216): A read into registers once for both halves (5-8% slower), the second
 # half's product left in flight into the next step (ptxas serializes every wgmma then, C7514), 64 x 192
 # warpgroup tiles (15-50% slower). Measured and dropped earlier: rescaling
