@@ -39,7 +39,7 @@ def dispatch_times(fn, inputs: list[tuple], repeats: int, chain: int) -> dict[st
     """ms: host return of one call, one synced call, one call of a back-to-back chain."""
     for i in range(3):
         jax.block_until_ready(fn(*inputs[i % 2]))
-    ret, sync, chained = [], [], []
+    ret, sync = [], []
     for i in range(repeats):
         t0 = time.perf_counter()
         out = fn(*inputs[i % 2])
@@ -48,13 +48,22 @@ def dispatch_times(fn, inputs: list[tuple], repeats: int, chain: int) -> dict[st
         t2 = time.perf_counter()
         ret.append(t1 - t0)
         sync.append(t2 - t0)
-    for _ in range(max(2, repeats // 3)):
+    chained = chained_ms([fn], inputs, chain, max(2, repeats // 3))
+    return {"return_ms": _median_ms(ret), "synced_ms": _median_ms(sync), "chained_ms": chained}
+
+
+def chained_ms(fns: list, inputs: list[tuple], chain: int, rounds: int) -> float:
+    """Median ms per call of ``chain`` calls dispatched back to back and synced once, call i running
+    ``fns[i % len(fns)]`` on ``inputs[i % len(inputs)]`` (rotating inputs: ``perf.timing.chained_median``
+    reuses one set)."""
+    per = []
+    for _ in range(rounds):
         t0 = time.perf_counter()
-        outs = [fn(*inputs[i % 2]) for i in range(chain)]
+        outs = [fns[i % len(fns)](*inputs[i % len(inputs)]) for i in range(chain)]
         jax.block_until_ready(outs)
-        chained.append((time.perf_counter() - t0) / chain)
+        per.append((time.perf_counter() - t0) / chain)
         del outs
-    return {"return_ms": _median_ms(ret), "synced_ms": _median_ms(sync), "chained_ms": _median_ms(chained)}
+    return _median_ms(per)
 
 
 def traced_call(compiled, inputs: list[tuple], top: int) -> None:
@@ -117,15 +126,7 @@ def main() -> None:
                   flush=True)
         if a.alternate:
             compiled2 = fwd.lower(*inputs[0]).compile()  # a second executable: its own command buffers
-            pair = (compiled, compiled2)
-            per = []
-            for _ in range(max(2, a.repeats // 3)):
-                t0 = time.perf_counter()
-                outs = [pair[i % 2](*inputs[i % 2]) for i in range(a.chain)]
-                jax.block_until_ready(outs)
-                per.append((time.perf_counter() - t0) / a.chain)
-                del outs
-            ms = _median_ms(per)
+            ms = chained_ms([compiled, compiled2], inputs, a.chain, max(2, a.repeats // 3))
             print(f"{name} b{a.batch} two executables alternating, {a.chain} back to back {ms:.2f} ms "
                   f"({a.batch / ms * 1e3:.1f} img/s)", flush=True)
         if a.top:
