@@ -6,7 +6,7 @@ runs) against ``models.attention_kernel``'s Triton kernel, by head size and laun
 Each time is the median of rounds of back-to-back calls after warm-up (``perf.timing.chained_median``)
 on random normal operands; each output is checked against the float32 reference on the first samples.
 ``--kernels``: the device kernels of one traced call of each (what a cuDNN call runs besides its
-kernel); ``--torch``: PyTorch's SDPA backends on the same shapes and layout (CUDA-event timed), where
+kernel); ``--once``: one launch of each and nothing else (for a profiler such as ``ncu``); ``--torch``: PyTorch's SDPA backends on the same shapes and layout (CUDA-event timed), where
 torch is installed, as an outside reference.
 """
 from __future__ import annotations
@@ -48,6 +48,15 @@ CONFIGS = [ak.Tiles(bq, bkv, w, st, mode) for bq, bkv, w, st in ((64, 64, 4, 3),
                                                                    (64, 128, 4, 2)) for mode in ak.TAIL_MODES]
 
 
+def parse_tiles(text: str) -> ak.Tiles:
+    """``--tiles``' block_q,block_kv,warps,stages,tail as ``Tiles``, or an argparse error naming the bad one."""
+    parts = text.split(",")
+    if len(parts) != 5 or not all(p.isdigit() for p in parts[:4]) or parts[4] not in ak.TAIL_MODES:
+        raise argparse.ArgumentTypeError(f"tiles {text!r}: expected block_q,block_kv,warps,stages,tail with tail one of "
+                                         f"{ak.TAIL_MODES}, e.g. 64,256,8,1,masked")
+    return ak.Tiles(*(int(p) for p in parts[:4]), parts[4])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=256)
@@ -56,15 +65,25 @@ def main() -> None:
     ap.add_argument("--head-sizes", type=int, nargs="+", default=[72])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--all-configs", action="store_true", help="time every launch shape in CONFIGS, not only the default")
+    ap.add_argument("--tiles", nargs="+", type=parse_tiles, default=[],
+                    help="launch shapes to time besides the default, as block_q,block_kv,warps,stages,tail (64,256,8,1,masked)")
     ap.add_argument("--kernels", action="store_true", help="list the device kernels of one call of cuDNN's and ours")
     ap.add_argument("--torch", action="store_true", help="also time PyTorch's SDPA backends (needs torch with CUDA)")
+    ap.add_argument("--once", action="store_true",
+                    help="only launch cuDNN's call and ours once each (after compiling), for a kernel profiler such as ncu")
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}")
     for d in args.head_sizes:
         ks = jax.random.split(jax.random.key(d), 3)
         q, k, v = (jax.random.normal(kk, (args.batch, args.tokens, args.heads, d), jnp.bfloat16) for kk in ks)
-        ref = np.asarray(ak.attention_reference(q[:4], k[:4], v[:4]), np.float32)
         cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+        if args.once:
+            for label, fn in (("cudnn", cudnn), ("triton", ak.attention_triton)):
+                fn.lower(q, k, v).compile()
+                jax.block_until_ready(fn(q, k, v))
+                print(f"d={d:3d} {label}: launched once", flush=True)
+            continue
+        ref = np.asarray(ak.attention_reference(q[:4], k[:4], v[:4]), np.float32)
         out, sec = chained_median(cudnn, (q, k, v), args.repeats)
         base = sec
         err = np.abs(np.asarray(out[:4], np.float32) - ref).max()
@@ -74,7 +93,7 @@ def main() -> None:
                 print(f"d={d:3d} {label} kernels: " + "; ".join(f"{n[:70]} {us:.1f} us" for n, us in device_kernels(fn, (q, k, v))))
         if args.torch:
             torch_sdpa(q.shape, args.repeats)
-        for tiles in CONFIGS if args.all_configs else [ak.default_tiles(d)]:
+        for tiles in (CONFIGS if args.all_configs else [ak.default_tiles(d)]) + args.tiles:
             ok, why = ak.attention_applies(q.shape, q.dtype, tiles)
             if not ok:
                 print(f"d={d:3d} triton {tiles}: {why}")

@@ -10,7 +10,9 @@ report on exactly those kernels (Nsight Compute's sections; Mosaic's PTX, ptxas 
 Forms: ``channel`` (per token x per channel, the default tiling), ``channel`` followed by tile_m x
 tile_n x steps (per channel at another tiling, e.g. ``channel64x128x4``: the group kernels' tile), or
 tile_m x tile_n x steps followed by the group mode letter (p: plain, o: overlap, s: split), as in
-``bench_block_ops.py``. ``--time N`` also prints each kernel's median time (``perf.timing.chained_median``).
+``bench_block_ops.py`` (steps ``d``: the default depth, as the model runs: an explicit depth that does
+not divide the K steps restarts the pipeline per tile); ``--gelu-codes`` adds fc1's group forms with the GELU + codes epilogue (the
+MLP's fc1 on group-wise layers). ``--time N`` also prints each kernel's median time (``perf.timing.chained_median``).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from qdit_jax.perf.timing import chained_median
+from qdit_jax.quant.config import QuantSpec
 from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
 
 SHAPES = {"proj": (1152, 1152), "fc1": (1152, 4608), "fc2": (4608, 1152)}  # (K, N) at DiT-XL/2's width
@@ -40,17 +43,23 @@ def inputs(m: int, k: int, n: int, codes: str, grouped: bool, rng: np.random.Gen
     return tuple(jax.device_put(v) for v in (a.astype(dt), w.astype(dt), sa, sw, b))
 
 
+def codes_spec(codes: str) -> QuantSpec:
+    """fc2's input spec in a group-wise MLP: symmetric 8-bit codes per token and 128-channel group."""
+    return QuantSpec(bits=8, format="int" if codes == "int8" else "fp8_e4m3", symmetric=True, group_size=128)
+
+
 def parse_form(form: str) -> tuple[str, dict]:
     """(the form, its ``scaled_gemm_mosaic`` keywords), or an argparse error naming the bad form."""
     import re
 
-    m = re.fullmatch(r"channel(?:(\d+)x(\d+)x(\d+))?|(\d+)x(\d+)x(\d+)([pos])", form)
+    m = re.fullmatch(r"channel(?:(\d+)x(\d+)x(\d+))?|(\d+)x(\d+)x(\d+|d)([pos])", form)
     if m is None:
         raise argparse.ArgumentTypeError(
-            f"form {form!r}: expected 'channel', 'channelTMxTNxS' or 'TMxTNxS' + p / o / s (e.g. 64x128x4s)")
+            f"form {form!r}: expected 'channel', 'channelTMxTNxS' or 'TMxTNxS' + p / o / s (e.g. 64x128x4s; "
+            "steps 'd': the default depth, chained across tiles where it divides the K steps)")
     g = m.groups()
     if g[6] is not None:
-        return form, dict(tile_m=int(g[3]), tile_n=int(g[4]), steps=int(g[5]),
+        return form, dict(tile_m=int(g[3]), tile_n=int(g[4]), steps=None if g[5] == "d" else int(g[5]),
                           group_mode={"o": "overlap", "p": "plain", "s": "split"}[g[6]])
     return form, ({} if g[0] is None else dict(tile_m=int(g[0]), tile_n=int(g[1]), steps=int(g[2])))
 
@@ -64,6 +73,8 @@ def main() -> None:
                    default=[parse_form(f) for f in ("channel", "64x128x4s", "64x128x4p", "64x128x4o")])
     p.add_argument("--calls", type=int, default=1, help="launches of each kernel after its compile")
     p.add_argument("--time", type=int, default=0, help="also time N back-to-back calls (medians of 5 rounds)")
+    p.add_argument("--gelu-codes", action="store_true",
+                   help="group forms at fc1's shape also run with the GELU + next-layer codes epilogue (as in the MLP)")
     a = p.parse_args()
     if jax.default_backend() != "gpu":
         p.error(f"the Mosaic GPU kernels need a Hopper GPU; JAX's backend here is {jax.default_backend()}")
@@ -72,15 +83,20 @@ def main() -> None:
         k, n = SHAPES[shape]
         for codes in a.codes:
             for form, kw in a.forms:
+                variants = [(form, kw)]
+                if a.gelu_codes and shape == "fc1" and "group_mode" in kw:
+                    variants.append((form + "+codes", dict(kw, gelu_codes=codes_spec(codes))))
                 args = inputs(a.tokens, k, n, codes, "group_mode" in kw, rng)
-                fn = jax.jit(lambda *v, kw=kw: scaled_gemm_mosaic(*v, **kw))
-                for _ in range(a.calls):
-                    out = jax.block_until_ready(fn(*args))
-                line = (f"{shape} {codes} {form}: ran {a.calls}x, out {out.shape} {out.dtype}, "
-                        f"mean |y| {float(np.abs(np.asarray(out, np.float32)).mean()):.4g}")
-                if a.time:
-                    line += f", {chained_median(fn, args, a.time)[1] * 1e6:.1f} us per call"
-                print(line, flush=True)
+                for label, vkw in variants:
+                    fn = jax.jit(lambda *v, kw=vkw: scaled_gemm_mosaic(*v, **kw))
+                    for _ in range(a.calls):
+                        out = jax.block_until_ready(fn(*args))
+                    y = out[0] if isinstance(out, tuple) else out
+                    line = (f"{shape} {codes} {label}: ran {a.calls}x, out {y.shape} {y.dtype}, "
+                            f"mean |y| {float(np.abs(np.asarray(y, np.float32)).mean()):.4g}")
+                    if a.time:
+                        line += f", {chained_median(fn, args, a.time)[1] * 1e6:.1f} us per call"
+                    print(line, flush=True)
 
 
 if __name__ == "__main__":
