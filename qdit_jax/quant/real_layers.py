@@ -115,9 +115,6 @@ class RealOptions:
     # kernels.scaled_gemm's pipeline chained across each CTA's output tiles (the next tile's first
     # loads during this tile's last K steps and epilogue); False: a pipeline per tile, as before
     chain_tiles: bool = True
-    # with gelu_epilogue, each fc1 tile's GELU + codes run under the next tile's first K steps in the
-    # 'split' schedule (kernels.scaled_gemm ``defer_codes``) instead of after its own K loop
-    defer_codes: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -351,7 +348,7 @@ def dense_with_codes(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: An
 
 def _kernel_schedule(options: RealOptions) -> dict[str, Any]:
     """The schedule arguments of ``kernels.scaled_gemm`` that RealOptions set."""
-    return dict(group_mode=options.group_mode, chain=options.chain_tiles, defer_codes=options.defer_codes)
+    return dict(group_mode=options.group_mode, chain=options.chain_tiles)
 
 
 def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource, options: RealOptions) -> jax.Array | None:

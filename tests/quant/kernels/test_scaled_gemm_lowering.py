@@ -45,11 +45,6 @@ CASES = {
                                                                               symmetric=True))),
     "int8 group-128 gelu_codes": (jnp.int8, C, 4 * C, 2, dict(gelu_codes=QuantSpec(bits=8, group_size=128,
                                                                                      symmetric=True))),
-    # 8 K steps: the codes epilogue deferred under the next tile's first four
-    "fp8 group-128 gelu_codes deferred": (F8, 4 * C, 4 * C, 8, dict(gelu_codes=QuantSpec(
-        bits=8, format="fp8_e4m3", group_size=128, symmetric=True))),
-    "int8 group-128 split gelu_codes deferred": (jnp.int8, 4 * C, 4 * C, 8, dict(group_mode="split", gelu_codes=QuantSpec(
-        bits=8, group_size=128, symmetric=True))),
 }
 
 
