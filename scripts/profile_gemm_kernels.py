@@ -11,8 +11,9 @@ Forms: ``channel`` (per token x per channel, the default tiling), ``channel`` fo
 tile_n x steps (per channel at another tiling, e.g. ``channel64x128x4``: the group kernels' tile), or
 tile_m x tile_n x steps followed by the group mode letter (p: plain, o: overlap, s: split), as in
 ``bench_block_ops.py`` (steps ``d``: the default depth, as the model runs: an explicit depth that does
-not divide the K steps restarts the pipeline per tile); ``--gelu-codes`` adds fc1's group forms with the GELU + codes epilogue (the
-MLP's fc1 on group-wise layers). ``--time N`` also prints each kernel's median time (``perf.timing.chained_median``).
+not divide the K steps restarts the pipeline per tile). ``--gelu-codes`` adds fc1's group forms with the
+GELU + codes epilogue (the MLP's fc1 on group-wise layers), ``--defer-codes`` that epilogue deferred
+too (split forms). ``--time N`` also prints each kernel's median time (``perf.timing.chained_median``).
 """
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ def main() -> None:
     p.add_argument("--time", type=int, default=0, help="also time N back-to-back calls (medians of 5 rounds)")
     p.add_argument("--gelu-codes", action="store_true",
                    help="group forms at fc1's shape also run with the GELU + next-layer codes epilogue (as in the MLP)")
+    p.add_argument("--defer-codes", action="store_true",
+                   help="with --gelu-codes, split forms also run with that epilogue deferred (scaled_gemm defer_codes)")
     a = p.parse_args()
     if jax.default_backend() != "gpu":
         p.error(f"the Mosaic GPU kernels need a Hopper GPU; JAX's backend here is {jax.default_backend()}")
@@ -86,6 +89,8 @@ def main() -> None:
                 variants = [(form, kw)]
                 if a.gelu_codes and shape == "fc1" and "group_mode" in kw:
                     variants.append((form + "+codes", dict(kw, gelu_codes=codes_spec(codes))))
+                    if a.defer_codes and kw["group_mode"] == "split":
+                        variants.append((form + "+codes+defer", dict(kw, gelu_codes=codes_spec(codes), defer_codes=True)))
                 args = inputs(a.tokens, k, n, codes, "group_mode" in kw, rng)
                 for label, vkw in variants:
                     fn = jax.jit(lambda *v, kw=vkw: scaled_gemm_mosaic(*v, **kw))

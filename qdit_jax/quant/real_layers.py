@@ -115,6 +115,10 @@ class RealOptions:
     # kernels.scaled_gemm's pipeline chained across each CTA's output tiles (the next tile's first
     # loads during this tile's last K steps and epilogue); False: a pipeline per tile, as before
     chain_tiles: bool = True
+    # with gelu_epilogue, each fc1 tile's GELU + codes run under the next tile's first K steps in the
+    # 'split' schedule (kernels.scaled_gemm ``defer_codes``; opt-in, not yet measured in its quarter-piece
+    # form) instead of after its own K loop
+    defer_codes: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -398,7 +402,7 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
         qa, sa = _quantize_input(x.reshape(m, k), l1.act, k // w1.scale.shape[0], options, source)
         if options.gelu_epilogue and l2.act.group_size == TILE_N:  # (bf16 output: group_scaled_applies)
             q2, s2 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, gelu_codes=l2.act,
-                                        **_kernel_schedule(options))
+                                        defer_codes=options.defer_codes, **_kernel_schedule(options))
         else:
             y1 = _codes_gemm(qa, sa, w1, out_dtype, options)
             q2, s2 = gelu_quant_pallas(y1, None, None, None, l2.act, out_dtype)

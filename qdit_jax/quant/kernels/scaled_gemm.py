@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qdit_jax.quant.kernels.scaled_gemm_body import TILE_K, Plan, kernel_body
+from qdit_jax.quant.kernels.scaled_gemm_body import DEFER_STEPS, TILE_K, Plan, kernel_body
 
 TILE_M, TILE_N, STEPS = 128, 128, 3  # per compute warpgroup; the fastest measured on the H100
 # group scales: a float32 running sum beside the wgmma accumulator (two 64 x 128 float32 tiles per
@@ -165,13 +165,13 @@ def _check_call(a: jax.Array, sa: jax.Array, sw: jax.Array, n_off: int, n: int, 
 # jitted so that the DiT's identical calls (the same layer shape in every block) share one lowering:
 # unjitted, each of XL/2's 140 calls was lowered to Mosaic GPU again (compiles of 104-118 s per forward)
 @functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode", "gelu_codes",
-                                             "chain", "approx_tanh"))
+                                             "chain", "approx_tanh", "defer_codes"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                        gate: jax.Array | None = None, tile_m: int | None = None, tile_n: int = TILE_N,
                        steps: int | None = None, group_mode: str | None = None,
-                       gelu_codes: Any = None, chain: bool = True,
-                       approx_tanh: bool = True) -> jax.Array | tuple[jax.Array, jax.Array]:
+                       gelu_codes: Any = None, chain: bool = True, approx_tanh: bool = True,
+                       defer_codes: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
     ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
     float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
@@ -191,6 +191,13 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     ``approx_tanh``, as gelu_quant's default, else libdevice's ``tanhf``), then per token and group the
     scale and codes; returns (codes (M, n), scales (n // tile_n, M)). A DiT MLP's fc1 on group-wise
     layers.
+
+    ``defer_codes`` (opt-in; built, lowered on the CPU, not yet run on a GPU in this form): with
+    ``gelu_codes`` in 'split' mode and ``DEFER_STEPS`` (8) K steps or more, each tile's GELU + codes run in
+    eight column-quarter pieces under the next tile's first eight K steps (its wgmmas in flight; the
+    CTA's last tile finishes at once) instead of after the tile's K loop while the tensor cores wait
+    (~6 ms of the fp8 g128 XL/2 forward at batch 256). In halves over four steps it was bit-identical
+    and 19-24% slower on the H100 (fifteenth session, RESULTS.md): measure before making it a default.
 
     ``chain``: one pipeline across each CTA's output tiles (``chained_steps``), so that the memory
     warpgroup loads the next tile's first K steps during this tile's last steps and epilogue; False
@@ -226,7 +233,9 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     plan = Plan(n_off=n_off, n=n, k=k, tile_m=tile_m, tile_n=tile_n, steps=steps, chained=chained,
                  m_tiles=m // (2 * tile_m), groups=groups, group_mode=group_mode,
                  int_codes=jnp.dtype(a.dtype) == jnp.dtype(jnp.int8), residual=residual is not None,
-                 rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, out_dtype=out_dtype)
+                 rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, out_dtype=out_dtype,
+                 defer_codes=(defer_codes and gelu_codes is not None and group_mode == "split"
+                              and k // TILE_K >= DEFER_STEPS))
 
     def kernel(*refs: Any) -> None:
         kernel_body(plan, *refs)

@@ -39,6 +39,7 @@ class Plan:
     rows_per_gate: int
     gelu_codes: Any  # the next layer's activation spec, or None
     out_dtype: Any
+    defer_codes: bool = False  # the codes epilogue run under the next tile's first K steps (``_deferred_codes``)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -79,6 +80,8 @@ class _Refs(NamedTuple):
     o_smem: Any  # (2, tile_m, tile_n): one output slot per compute warpgroup
     s_smem: Any
     r_bar: Any  # residual-tile barriers, one per warpgroup
+    stage: Any = None  # (2, tile_m, tile_n) bf16: a tile's output waiting for its deferred codes epilogue
+    amax: Any = None  # (2, 2, tile_m) float32: its rows' running abs-max, in two alternating slots
 
 
 def _layouts() -> tuple[Any, Any]:
@@ -210,10 +213,13 @@ def _step_overlap(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem
     return step[0], step[1], s_a, s_w
 
 
-def _step_split(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any,
-                sums: Any) -> Any:
+def _step_split(plan: Plan, wg: Any, indices: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any,
+                sums: Any, deferred: Any = None) -> Any:
     """'split': the tile's column parts as wgmmas all in flight at once; each part's product is scaled
-    into its sum while the later parts' wgmmas still run."""
+    into its sum while the later parts' wgmmas still run. ``deferred(k_step)``, if given, runs right
+    after the wgmmas are issued (a piece of the previous tile's codes epilogue, ``_deferred_codes``).
+    The scale rows are loaded before the issue in either case: loaded after the deferred piece (to
+    free registers meanwhile), ptxas waited for both parts at once (fifteenth session's SASS)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -225,6 +231,8 @@ def _step_split(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem: 
         for j, acc in enumerate(accs):
             w_part = plgpu.transpose_ref(w_smem.at[pl.ds(j * part_n, part_n)], (1, 0))
             plgpu.wgmma(acc, a_rows, w_part)
+        if deferred is not None:
+            deferred(indices[0])
         new = []
         for j, acc in enumerate(accs):
             # part j's wgmma (issued and committed in order) is done, the later ones may still run;
@@ -234,6 +242,65 @@ def _step_split(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem: 
         return tuple(new)
 
     return pl.run_scoped(step, *[plgpu.ACC(plan.part, plan.acc_dtype) for _ in range(n_parts)])
+
+
+DEFER_PIECES = 4  # column pieces of a tile per pass of the deferred codes epilogue (GELU, then codes)
+DEFER_STEPS = 2 * DEFER_PIECES  # K steps it is spread over: a tile needs at least this many
+
+
+def _deferred_codes(plan: Plan, refs: _Refs, wg: Any, prev: tuple[Any, Any, Any], k_step: Any) -> None:
+    """The previous tile's fc1 codes epilogue (``gelu_group_codes``' math) in ``DEFER_STEPS`` pieces, one per
+    K step of this tile, under that step's wgmmas: steps 0-3 the GELU of one column quarter of the staged
+    bf16 output each (written back in place), the rows' running abs-max kept in ``s_smem`` (the last
+    turns it into the scales), steps 4-7 one quarter's codes each into the output slot, then its
+    stores. ``prev``: (whether there is a previous tile, its first row, its column tile). Each thread
+    reads back what it wrote (one layout throughout); the row values cross threads through shared
+    memory behind ``commit_smem``'s warpgroup barrier, the running abs-max in two alternating slots (a
+    piece reads one and writes the other, so that no thread overwrites a row another is still reading).
+
+    Quarters, not halves: the fifteenth session's halves (~330 instructions per warp a
+    step) outlasted a step's wgmmas and made fc1 19-24% slower (RESULTS.md); a quarter is ~160."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from qdit_jax.quant.kernels.row_quant import row_amax, row_scale
+
+    row_l, _ = _layouts()
+    has_prev, p_rows, p_pn = prev
+    width = plan.tile_n // DEFER_PIECES
+    wgmma_l = plgpu.Layout.WGMMA
+
+    def piece(ref: Any, j: int) -> Any:
+        return ref.at[wg, :, pl.ds(j * width, width)]
+
+    def scales() -> jax.Array:
+        return plgpu.load(refs.s_smem.at[wg], (), layout=row_l, optimized=False)
+
+    for j in range(DEFER_PIECES):
+        @pl.when(has_prev & (k_step == j))
+        def _gelu_piece() -> None:
+            h = gelu_h(plgpu.load(piece(refs.stage, j), (), layout=wgmma_l, optimized=False).astype(jnp.float32))
+            piece(refs.stage, j)[...] = h.astype(jnp.bfloat16)
+            m = row_amax([h])
+            if j == 0:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous stores have read s_smem / o_smem
+            else:
+                m = jnp.maximum(m, plgpu.load(refs.amax.at[wg, (j - 1) % 2], (), layout=row_l, optimized=False))
+            if j == DEFER_PIECES - 1:
+                refs.s_smem[wg] = row_scale(m, plan.gelu_codes)
+            else:
+                refs.amax[wg, j % 2] = m
+            plgpu.commit_smem()
+
+    for j in range(DEFER_PIECES):
+        @pl.when(has_prev & (k_step == DEFER_PIECES + j))
+        def _codes_piece() -> None:
+            h = plgpu.load(piece(refs.stage, j), (), layout=wgmma_l, optimized=False).astype(jnp.float32)
+            piece(refs.o_smem, j)[...] = group_codes(h, scales(), plan.gelu_codes).astype(plan.out_dtype)
+            if j == DEFER_PIECES - 1:
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(refs.o_smem.at[wg], refs.out.at[pl.ds(p_rows, plan.tile_m),
+                                                                        pl.ds(p_pn * plan.tile_n, plan.tile_n)])
+                plgpu.copy_smem_to_gmem(refs.s_smem.at[wg], refs.out_scales.at[p_pn, pl.ds(p_rows, plan.tile_m)])
 
 
 _STEP_BODIES = {None: _step_channel, "plain": _step_plain, "overlap": _step_overlap, "split": _step_split}
@@ -310,10 +377,13 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
         plgpu.copy_smem_to_gmem(refs.s_smem.at[wg], refs.out_scales.at[pn, pl.ds(rows, plan.tile_m)])
 
 
-def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: Any, eval_pipeline: Any) -> None:
+def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: Any, last: Any,
+                   eval_pipeline: Any) -> None:
     """One output tile of this warpgroup: the residual tile's copy issued first (by TMA into the
     warpgroup's output slot once its previous store has read it, so that it lands during the K loop),
-    then the K loop, then :func:`_finish`."""
+    then the K loop, then :func:`_finish`. With ``plan.defer_codes`` a tile other than the CTA's
+    ``last`` one only stages its biased output as bf16 (the GELU's first rounding) for
+    :func:`_deferred_codes` under the next tile's K steps."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -323,7 +393,23 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
         plgpu.copy_gmem_to_smem(refs.residual.at[pl.ds(rows, plan.tile_m), ocols], refs.o_smem.at[wg],
                                 refs.r_bar.at[wg])
     parts = _accumulate(plan, refs, wg, rows, wcols, eval_pipeline)
-    _finish(plan, refs, wg, rows, pn, ocols, parts)
+    if not plan.defer_codes:
+        _finish(plan, refs, wg, rows, pn, ocols, parts)
+        return
+
+    @pl.when(last)
+    def _now() -> None:
+        _finish(plan, refs, wg, rows, pn, ocols, list(parts))
+
+    @pl.when(jnp.logical_not(last))
+    def _stage() -> None:
+        _, col_l = _layouts()
+        width = plan.tile_n // len(parts)
+        for j, yj in enumerate(parts):
+            bj = plgpu.load(refs.bias.at[pl.ds(plan.n_off + pn * plan.tile_n + j * width, width)], (), layout=col_l,
+                            optimized=False)
+            yj = yj + lax.broadcast_in_dim(bj, (plan.tile_m, width), [1])
+            refs.stage[wg, :, pl.ds(j * width, width)] = yj.astype(jnp.bfloat16)
 
 
 def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any, b_gmem: Any, *rest: Any) -> None:
@@ -344,9 +430,11 @@ def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any
                        o_smem=plgpu.SMEM((2, plan.tile_m, plan.tile_n), plan.out_dtype),
                        s_smem=None if plan.gelu_codes is None else plgpu.SMEM((2, plan.tile_m), jnp.float32),
                        r_bar=None if not plan.residual else plgpu.Barrier(num_barriers=2),
+                       stage=plgpu.SMEM((2, plan.tile_m, plan.tile_n), jnp.bfloat16) if plan.defer_codes else None,
+                       amax=plgpu.SMEM((2, 2, plan.tile_m), jnp.float32) if plan.defer_codes else None,
                        collective_axes="wg")
-    def scope(allocs: Any, o_smem: Any, s_smem: Any, r_bar: Any) -> None:
-        refs = _Refs(sa_gmem, sw_gmem, b_gmem, r_gmem, g_gmem, o_gmem, s_gmem, o_smem, s_smem, r_bar)
+    def scope(allocs: Any, o_smem: Any, s_smem: Any, r_bar: Any, stage: Any, amax: Any) -> None:
+        refs = _Refs(sa_gmem, sw_gmem, b_gmem, r_gmem, g_gmem, o_gmem, s_gmem, o_smem, s_smem, r_bar, stage, amax)
         wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((plan.m_tiles * plan.n_tiles,), collective_axes="sm")
@@ -356,7 +444,13 @@ def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any
             rows = pm * plan.cta_m + wg * plan.tile_m
             wcols = pl.ds(plan.n_off + pn * plan.tile_n, plan.tile_n)
             body = functools.partial(_STEP_BODIES[plan.group_mode], plan, wg)
-            epilogue = functools.partial(_tile_epilogue, plan, refs, wg, rows, pn, wcols)
+            last = info.local_index == info.num_local_steps - 1
+            if plan.defer_codes:  # the CTA's previous tile (nd_loop strides tiles by the SM count)
+                prev_lin = lin - lax.axis_size("sm")
+                prev = (info.local_index > 0, (prev_lin // plan.n_tiles) * plan.cta_m + wg * plan.tile_m,
+                        prev_lin % plan.n_tiles)
+                body = functools.partial(body, deferred=functools.partial(_deferred_codes, plan, refs, wg, prev))
+            epilogue = functools.partial(_tile_epilogue, plan, refs, wg, rows, pn, wcols, last)
             state = _chain_state(info) if plan.chained else None
             _pipeline(plan, body, epilogue, state)(*_pipeline_operands(plan, a_gmem, w_gmem, sa_gmem, sw_gmem, pm, pn),
                                                    allocations=allocs)
@@ -371,18 +465,29 @@ def gelu_group_codes(parts: list[jax.Array], spec: Any) -> tuple[jax.Array, list
     symmetric codes with one scale per row (the tile is one group wide): (scales (rows,), codes as
     float32, part by part). The codes step of ``row_quant.scale_and_codes``, written for Mosaic: a row
     vector broadcast with ``broadcast_in_dim`` (``s[:, None]`` does not lower there) and ``jnp.round``."""
-    from qdit_jax.quant.kernels.gelu_quant import _gelu
     from qdit_jax.quant.kernels.row_quant import row_amax, row_scale
 
-    bf16 = jnp.bfloat16
-    hs = [_gelu(y.astype(bf16).astype(jnp.float32), bf16, "dtype", fast=False).astype(bf16).astype(jnp.float32)
-          for y in parts]
+    hs = [gelu_h(y) for y in parts]
     s = row_scale(row_amax(hs), spec)
-    # no clip to the code range here (row_quant's codes clip): s is the rows' abs-max over the largest
-    # code (127 / 448, rounded to nearest), so |h / s| <= qmax (1 + 2^-22), which rounds to qmax at most
-    # (int8: never -128; fp8: the store's float32 -> e4m3 conversion is PTX's cvt.rn.satfinite, the
-    # only one PTX has, saturating at 448 as the clip would); the two FMNMX per element cost 4-5% of
-    # fc1 with this epilogue on the H100 (RESULTS.md, fifteenth session)
+    return s, [group_codes(h, s, spec) for h in hs]
+
+
+def gelu_h(y: jax.Array) -> jax.Array:
+    """The tanh GELU of a float32 tile (or part) of the layer's output, rounded as the model's bf16 GELU
+    (input, every step and the result: ``gelu_quant._gelu``'s 'dtype' evaluation), in float32."""
+    from qdit_jax.quant.kernels.gelu_quant import _gelu
+
+    bf16 = jnp.bfloat16
+    return _gelu(y.astype(bf16).astype(jnp.float32), bf16, "dtype", fast=False).astype(bf16).astype(jnp.float32)
+
+
+def group_codes(h: jax.Array, s: jax.Array, spec: Any) -> jax.Array:
+    """Symmetric codes (as float32) of a tile (or part) ``h`` with one scale per row ``s``. No clip to the
+    code range (row_quant's codes clip): s is the rows' abs-max over the largest code (127 / 448, rounded
+    to nearest), so |h / s| <= qmax (1 + 2^-22), which rounds to qmax at most (int8: never -128; fp8: the
+    store's float32 -> e4m3 conversion is PTX's cvt.rn.satfinite, the only one PTX has, saturating at 448
+    as the clip would); the two FMNMX per element cost 4-5% of fc1 with this epilogue on the H100
+    (RESULTS.md, fifteenth session)."""
     if spec.format == "int":
-        return s, [jnp.round(h / lax.broadcast_in_dim(s, h.shape, [0])) for h in hs]
-    return s, [h / lax.broadcast_in_dim(s, h.shape, [0]) for h in hs]
+        return jnp.round(h / lax.broadcast_in_dim(s, h.shape, [0]))
+    return h / lax.broadcast_in_dim(s, h.shape, [0])

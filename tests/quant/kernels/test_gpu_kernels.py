@@ -198,6 +198,31 @@ def test_gelu_codes_epilogue_matches_xla(name, mode):
     assert np.mean(_codes(q) == _codes(q0)) > 0.99  # a bf16 ulp of the GEMM output may move a code
 
 
+@pytest.mark.parametrize("name", sorted(G128))
+def test_deferred_codes_epilogue_equals_the_immediate_one(name):
+    """fc1's codes epilogue run under the next tile's first eight K steps (``defer_codes``, 'split') writes
+    exactly what it writes after the tile's own K loop: the same ops on the same values, only the
+    schedule differs; a previous tile's rows / columns or an SMEM slot reused too early would show.
+    At a size where the CTAs own unequal numbers of tiles (the last one of each finishes at once)."""
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_mosaic
+
+    dtype = jnp.int8 if name == "int8" else jnp.float8_e4m3fn
+    r = np.random.default_rng(9)
+    m, g = 35 * T, C // 128  # 70 x 36 = 2,520 CTA tiles over 132 SMs: 19 or 20 each
+    if not scaled_gemm_applies(m, HIDDEN, C, dtype, dtype, groups=g)[0]:
+        pytest.skip(scaled_gemm_applies(m, HIDDEN, C, dtype, dtype, groups=g)[1])
+    a, w = _random_codes(r, (m, C), dtype), _random_codes(r, (HIDDEN, C), dtype)
+    sa = jnp.asarray(r.uniform(0.001, 0.003, (g, m)), jnp.float32)
+    sw = jnp.asarray(r.uniform(0.001, 0.003, (g, HIDDEN)) / 4, jnp.float32)
+    b = jnp.asarray(r.standard_normal(HIDDEN) * 0.1, jnp.float32)
+    outs = [jax.jit(lambda *v, d=d: scaled_gemm_mosaic(*v, gelu_codes=G128[name], group_mode="split",
+                                                       defer_codes=d))(a, w, sa, sw, b) for d in (True, False)]
+    (q, s), (q0, s0) = outs
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(s0))
+    np.testing.assert_array_equal(_codes(q), _codes(q0))
+    assert np.abs(_codes(q)).max() > 0  # not a tile of zeros
+
+
 @pytest.mark.parametrize("groups", [1, 9])
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.int8])
 def test_chained_pipeline_equals_per_tile_pipelines(dtype, groups):

@@ -45,6 +45,11 @@ CASES = {
                                                                               symmetric=True))),
     "int8 group-128 gelu_codes": (jnp.int8, C, 4 * C, 2, dict(gelu_codes=QuantSpec(bits=8, group_size=128,
                                                                                      symmetric=True))),
+    # 8 K steps: the codes epilogue deferred under the next tile's first eight (opt-in)
+    "fp8 group-128 gelu_codes deferred": (F8, 4 * C, 4 * C, 8, dict(defer_codes=True, gelu_codes=QuantSpec(
+        bits=8, format="fp8_e4m3", group_size=128, symmetric=True))),
+    "int8 group-128 split gelu_codes deferred": (jnp.int8, 4 * C, 4 * C, 8, dict(
+        group_mode="split", defer_codes=True, gelu_codes=QuantSpec(bits=8, group_size=128, symmetric=True))),
 }
 
 
@@ -128,3 +133,34 @@ def test_split_scales_each_part_while_the_later_part_runs(dtype, monkeypatch):
     assert reads == ["wgmma_accumulator_deref_p[wait_n=1]", "wgmma_accumulator_deref_p[wait_n=0]"]
     plain = _accumulator_reads(dtype, 4 * C, C, 8, group_mode="plain")
     assert plain[-1] == "wgmma_accumulator_deref_p[wait_n=0]" and "wgmma_accumulator_deref_p[wait_n=1]" not in plain
+
+
+def _deferred_schedule(k: int, **kw) -> list[str]:
+    """The K-step body's deferred pieces, wgmma issues and accumulator reads, in program order (jaxpr)."""
+    import re
+
+    def sds(shape, dt=jnp.float32):
+        return jax.ShapeDtypeStruct(shape, dt)
+
+    spec = QuantSpec(bits=8, format="fp8_e4m3", group_size=128, symmetric=True)
+    g = k // 128
+    args = (sds((M, k), F8), sds((4 * C, k), F8), sds((g, M)), sds((g, 4 * C)), sds((4 * C,)))
+    text = str(jax.make_jaxpr(lambda *a: sg.scaled_gemm_mosaic(*a, gelu_codes=spec, **kw))(*args))
+    return re.findall(r"wgmma_accumulator_deref_p\[wait_n=\w+\]|\bcond\[|tanh", text)
+
+
+def test_deferred_codes_epilogue_runs_between_the_wgmma_issue_and_its_waits(monkeypatch):
+    """With ``defer_codes`` (8 K steps or more) the kernel gains the eight conditional pieces of the
+    previous tile's epilogue in its K-step body, ahead of the first accumulator read (wait_n=1), i.e.
+    while the step's wgmmas run (plus the tile epilogue's choice between finishing and staging);
+    without it, or with fewer K steps than pieces, the kernel is the immediate one."""
+    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
+
+    def conds_before_reads(sched: list[str]) -> int:
+        return sched[:sched.index("wgmma_accumulator_deref_p[wait_n=1]")].count("cond[")
+
+    deferred = _deferred_schedule(8 * 128, defer_codes=True)
+    immediate = _deferred_schedule(8 * 128, defer_codes=False)
+    short = _deferred_schedule(4 * 128, defer_codes=True)  # 4 K steps: too few to spread it, not deferred
+    assert conds_before_reads(deferred) >= conds_before_reads(immediate) + 8, deferred
+    assert short == immediate and deferred.count("wgmma_accumulator_deref_p[wait_n=0]") == 1
