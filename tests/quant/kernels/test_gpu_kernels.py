@@ -169,22 +169,31 @@ def test_group_scaled_gemm_matches_xla(k, dtype):
         assert np.all(np.abs(got - want) <= 2 ** -6 * terms + 2 ** -6)
 
 
-@pytest.mark.parametrize("mode", [None, "plain", "split"])
-@pytest.mark.parametrize("name", sorted(G128))
-def test_gelu_codes_epilogue_matches_xla(name, mode):
-    """fc1 on group-wise codes writing fc2's 128-wide group codes from its epilogue (GELU, group
-    abs-max, codes in registers) against the group GEMM's XLA formulation + gelu_quant's."""
-    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_mosaic, scaled_gemm_xla
+def _fc1_group_operands(name: str, m: int, seed: int) -> tuple:
+    """fc1's group-128 codes, scales and bias for ``m`` tokens (skips where the Mosaic GEMM does not apply)."""
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies
 
     dtype = jnp.int8 if name == "int8" else jnp.float8_e4m3fn
-    r = np.random.default_rng(7)
-    m, g = B * T, C // 128
+    r = np.random.default_rng(seed)
+    g = C // 128
     if not scaled_gemm_applies(m, HIDDEN, C, dtype, dtype, groups=g)[0]:
         pytest.skip(scaled_gemm_applies(m, HIDDEN, C, dtype, dtype, groups=g)[1])
     a, w = _random_codes(r, (m, C), dtype), _random_codes(r, (HIDDEN, C), dtype)
     sa = jnp.asarray(r.uniform(0.001, 0.003, (g, m)), jnp.float32)
     sw = jnp.asarray(r.uniform(0.001, 0.003, (g, HIDDEN)) / 4, jnp.float32)
     b = jnp.asarray(r.standard_normal(HIDDEN) * 0.1, jnp.float32)
+    return a, w, sa, sw, b
+
+
+@pytest.mark.parametrize("mode", [None, "plain", "split"])
+@pytest.mark.parametrize("name", sorted(G128))
+def test_gelu_codes_epilogue_matches_xla(name, mode):
+    """fc1 on group-wise codes writing fc2's 128-wide group codes from its epilogue (GELU, group
+    abs-max, codes in registers) against the group GEMM's XLA formulation + gelu_quant's."""
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic, scaled_gemm_xla
+
+    m = B * T
+    a, w, sa, sw, b = _fc1_group_operands(name, m, 7)
     q, s = jax.jit(lambda *v: scaled_gemm_mosaic(*v, gelu_codes=G128[name], group_mode=mode))(a, w, sa, sw, b)
     q0, s0 = jax.jit(lambda *v: gelu_quant_xla(scaled_gemm_xla(*v), None, None, None, G128[name], jnp.bfloat16))(
         a, w, sa, sw, b)
@@ -204,17 +213,9 @@ def test_deferred_codes_epilogue_equals_the_immediate_one(name):
     exactly what it writes after the tile's own K loop: the same ops on the same values, only the
     schedule differs; a previous tile's rows / columns or an SMEM slot reused too early would show.
     At a size where the CTAs own unequal numbers of tiles (the last one of each finishes at once)."""
-    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_mosaic
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
 
-    dtype = jnp.int8 if name == "int8" else jnp.float8_e4m3fn
-    r = np.random.default_rng(9)
-    m, g = 35 * T, C // 128  # 70 x 36 = 2,520 CTA tiles over 132 SMs: 19 or 20 each
-    if not scaled_gemm_applies(m, HIDDEN, C, dtype, dtype, groups=g)[0]:
-        pytest.skip(scaled_gemm_applies(m, HIDDEN, C, dtype, dtype, groups=g)[1])
-    a, w = _random_codes(r, (m, C), dtype), _random_codes(r, (HIDDEN, C), dtype)
-    sa = jnp.asarray(r.uniform(0.001, 0.003, (g, m)), jnp.float32)
-    sw = jnp.asarray(r.uniform(0.001, 0.003, (g, HIDDEN)) / 4, jnp.float32)
-    b = jnp.asarray(r.standard_normal(HIDDEN) * 0.1, jnp.float32)
+    a, w, sa, sw, b = _fc1_group_operands(name, 35 * T, 9)  # 70 x 36 = 2,520 CTA tiles over 132 SMs: 19 or 20 each
     outs = [jax.jit(lambda *v, d=d: scaled_gemm_mosaic(*v, gelu_codes=G128[name], group_mode="split",
                                                        defer_codes=d))(a, w, sa, sw, b) for d in (True, False)]
     (q, s), (q0, s0) = outs
