@@ -6,8 +6,9 @@ runs) against ``models.attention_kernel``'s Triton kernel, by head size and laun
 Each time is the median of rounds of back-to-back calls after warm-up (``perf.timing.chained_median``)
 on random normal operands; each output is checked against the float32 reference on the first samples.
 ``--kernels``: the device kernels of one traced call of each (what a cuDNN call runs besides its
-kernel); ``--once``: one launch of each and nothing else (for a profiler such as ``ncu``); ``--torch``: PyTorch's SDPA backends on the same shapes and layout (CUDA-event timed), where
-torch is installed, as an outside reference.
+kernel); ``--once``: one launch of each and nothing else (for a profiler such as ``ncu``);
+``--torch``: PyTorch's SDPA backends on the same shapes and layout (CUDA-event timed), where torch
+is installed, as an outside reference; ``--tiles``: more launch shapes of ours to time.
 """
 from __future__ import annotations
 
@@ -66,11 +67,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--all-configs", action="store_true", help="time every launch shape in CONFIGS, not only the default")
     ap.add_argument("--tiles", nargs="+", type=parse_tiles, default=[],
-                    help="launch shapes to time besides the default, as block_q,block_kv,warps,stages,tail (64,256,8,1,masked)")
+                    help="launch shapes to time besides the default: block_q,block_kv,warps,stages,tail "
+                         "(e.g. 64,256,8,1,masked)")
     ap.add_argument("--kernels", action="store_true", help="list the device kernels of one call of cuDNN's and ours")
     ap.add_argument("--torch", action="store_true", help="also time PyTorch's SDPA backends (needs torch with CUDA)")
     ap.add_argument("--once", action="store_true",
-                    help="only launch cuDNN's call and ours once each (after compiling), for a kernel profiler such as ncu")
+                    help="only launch cuDNN's call and ours once each (after compiling), for a profiler such as ncu")
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}")
     for d in args.head_sizes:

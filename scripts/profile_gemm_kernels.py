@@ -88,9 +88,10 @@ def main() -> None:
             for form, kw in a.forms:
                 variants = [(form, kw)]
                 if a.gelu_codes and shape == "fc1" and "group_mode" in kw:
-                    variants.append((form + "+codes", dict(kw, gelu_codes=codes_spec(codes))))
+                    codes_kw = dict(kw, gelu_codes=codes_spec(codes))
+                    variants.append((form + "+codes", codes_kw))
                     if a.defer_codes and kw["group_mode"] == "split":
-                        variants.append((form + "+codes+defer", dict(kw, gelu_codes=codes_spec(codes), defer_codes=True)))
+                        variants.append((form + "+codes+defer", dict(codes_kw, defer_codes=True)))
                 args = inputs(a.tokens, k, n, codes, "group_mode" in kw, rng)
                 for label, vkw in variants:
                     fn = jax.jit(lambda *v, kw=vkw: scaled_gemm_mosaic(*v, **kw))

@@ -251,9 +251,9 @@ DEFER_STEPS = 2 * DEFER_PIECES  # K steps it is spread over: a tile needs at lea
 def _deferred_codes(plan: Plan, refs: _Refs, wg: Any, prev: tuple[Any, Any, Any], k_step: Any) -> None:
     """The previous tile's fc1 codes epilogue (``gelu_group_codes``' math) in ``DEFER_STEPS`` pieces, one per
     K step of this tile, under that step's wgmmas: steps 0-3 the GELU of one column quarter of the staged
-    bf16 output each (written back in place), the rows' running abs-max kept in ``s_smem`` (the last
-    turns it into the scales), steps 4-7 one quarter's codes each into the output slot, then its
-    stores. ``prev``: (whether there is a previous tile, its first row, its column tile). Each thread
+    bf16 output each (written back in place), the rows' running abs-max kept in ``amax`` (the last piece
+    writes the rows' scales to ``s_smem``), steps 4-7 one quarter's codes each into the output slot, then
+    its stores. ``prev``: (whether there is a previous tile, its first row, its column tile). Each thread
     reads back what it wrote (one layout throughout); the row values cross threads through shared
     memory behind ``commit_smem``'s warpgroup barrier, the running abs-max in two alternating slots (a
     piece reads one and writes the other, so that no thread overwrites a row another is still reading).
@@ -340,6 +340,21 @@ def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, eval_pi
     return list(y) if isinstance(y, tuple) else [y]  # Mosaic has no concatenate: parts stay parts
 
 
+def _biased(plan: Plan, refs: _Refs, pn: Any, parts: list[jax.Array]) -> list[jax.Array]:
+    """The tile's float32 column parts plus the bias of column tile ``pn``."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    _, col_l = _layouts()
+    width = plan.tile_n // len(parts)
+    out = []
+    for j, yj in enumerate(parts):
+        bj = plgpu.load(refs.bias.at[pl.ds(plan.n_off + pn * plan.tile_n + j * width, width)], (), layout=col_l,
+                        optimized=False)
+        out.append(yj + lax.broadcast_in_dim(bj, (plan.tile_m, width), [1]))
+    return out
+
+
 def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, parts: list[jax.Array]) -> None:
     """Bias, then the gated residual (its tile already in this warpgroup's slot) or the next layer's
     codes, then the store by TMA from the warpgroup's SMEM slot."""
@@ -351,11 +366,9 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
     pshape = (plan.tile_m, width)
     if plan.residual:
         plgpu.barrier_wait(refs.r_bar.at[wg])
+    parts = _biased(plan, refs, pn, parts)
     for j, yj in enumerate(parts):
         pcols = pl.ds(j * width, width)
-        bj = plgpu.load(refs.bias.at[pl.ds(plan.n_off + pn * plan.tile_n + j * width, width)], (), layout=col_l,
-                        optimized=False)
-        yj = yj + lax.broadcast_in_dim(bj, pshape, [1])
         if plan.residual:  # x + gate * y, each step rounded to bf16 as the model's
             gj = plgpu.load(refs.gate.at[pl.ds((rows // plan.rows_per_gate) * plan.n + pn * plan.tile_n + j * width,
                                                width)], (), layout=col_l, optimized=False)
@@ -399,16 +412,12 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
 
     @pl.when(last)
     def _now() -> None:
-        _finish(plan, refs, wg, rows, pn, ocols, list(parts))
+        _finish(plan, refs, wg, rows, pn, ocols, parts)
 
     @pl.when(jnp.logical_not(last))
     def _stage() -> None:
-        _, col_l = _layouts()
         width = plan.tile_n // len(parts)
-        for j, yj in enumerate(parts):
-            bj = plgpu.load(refs.bias.at[pl.ds(plan.n_off + pn * plan.tile_n + j * width, width)], (), layout=col_l,
-                            optimized=False)
-            yj = yj + lax.broadcast_in_dim(bj, (plan.tile_m, width), [1])
+        for j, yj in enumerate(_biased(plan, refs, pn, parts)):
             refs.stage[wg, :, pl.ds(j * width, width)] = yj.astype(jnp.bfloat16)
 
 

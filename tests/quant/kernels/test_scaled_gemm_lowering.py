@@ -109,16 +109,20 @@ def test_gelu_codes_epilogue_uses_the_approximate_tanh_only_when_asked(monkeypat
     assert "tanh.approx" not in _lower(F8, C, 4 * C, 2)
 
 
-def _accumulator_reads(dtype, k: int, n: int, groups: int, **kw) -> list[str]:
-    """The kernel's accumulator reads and bare wgmma waits, in program order, from its jaxpr."""
+def _jaxpr_tokens(pattern: str, dtype, k: int, n: int, groups: int, **kw) -> list[str]:
+    """The matches of ``pattern`` in the group-scaled kernel's jaxpr, in program order."""
     import re
 
     def sds(shape, dt=jnp.float32):
         return jax.ShapeDtypeStruct(shape, dt)
 
     args = (sds((M, k), dtype), sds((n, k), dtype), sds((groups, M)), sds((groups, n)), sds((n,)))
-    text = str(jax.make_jaxpr(lambda *a: sg.scaled_gemm_mosaic(*a, **kw))(*args))
-    return re.findall(r"wgmma_accumulator_deref_p\[wait_n=\w+\]|wgmma_wait\[", text)
+    return re.findall(pattern, str(jax.make_jaxpr(lambda *a: sg.scaled_gemm_mosaic(*a, **kw))(*args)))
+
+
+def _accumulator_reads(dtype, k: int, n: int, groups: int, **kw) -> list[str]:
+    """The kernel's accumulator reads and bare wgmma waits, in program order, from its jaxpr."""
+    return _jaxpr_tokens(r"wgmma_accumulator_deref_p\[wait_n=\w+\]|wgmma_wait\[", dtype, k, n, groups, **kw)
 
 
 @pytest.mark.parametrize("dtype", [F8, jnp.int8])
@@ -136,17 +140,11 @@ def test_split_scales_each_part_while_the_later_part_runs(dtype, monkeypatch):
 
 
 def _deferred_schedule(k: int, **kw) -> list[str]:
-    """The K-step body's deferred pieces, wgmma issues and accumulator reads, in program order (jaxpr)."""
-    import re
-
-    def sds(shape, dt=jnp.float32):
-        return jax.ShapeDtypeStruct(shape, dt)
-
+    """fp8 fc1 with the codes epilogue: its conditionals, tanh calls and accumulator reads, in program
+    order (jaxpr)."""
     spec = QuantSpec(bits=8, format="fp8_e4m3", group_size=128, symmetric=True)
-    g = k // 128
-    args = (sds((M, k), F8), sds((4 * C, k), F8), sds((g, M)), sds((g, 4 * C)), sds((4 * C,)))
-    text = str(jax.make_jaxpr(lambda *a: sg.scaled_gemm_mosaic(*a, gelu_codes=spec, **kw))(*args))
-    return re.findall(r"wgmma_accumulator_deref_p\[wait_n=\w+\]|\bcond\[|tanh", text)
+    return _jaxpr_tokens(r"wgmma_accumulator_deref_p\[wait_n=\w+\]|\bcond\[|tanh", F8, k, 4 * C, k // 128,
+                         gelu_codes=spec, **kw)
 
 
 def test_deferred_codes_epilogue_runs_between_the_wgmma_issue_and_its_waits(monkeypatch):
