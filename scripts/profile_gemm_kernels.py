@@ -12,8 +12,8 @@ tile_n x steps (per channel at another tiling, e.g. ``channel64x128x4``: the gro
 tile_m x tile_n x steps followed by the group mode letter (p: plain, o: overlap, s: split), as in
 ``bench_block_ops.py`` (steps ``d``: the default depth, as the model runs: an explicit depth that does
 not divide the K steps restarts the pipeline per tile). ``--gelu-codes`` adds fc1's group forms with the
-GELU + codes epilogue (the MLP's fc1 on group-wise layers), ``--defer-codes`` that epilogue deferred
-too (split forms). ``--time N`` also prints each kernel's median time (``perf.timing.chained_median``).
+GELU + codes epilogue (the MLP's fc1 on group-wise layers), ``--codes-wg`` that epilogue on the
+kernel's fourth warpgroup too. ``--time N`` also prints each kernel's median time (``perf.timing.chained_median``).
 """
 from __future__ import annotations
 
@@ -76,8 +76,9 @@ def main() -> None:
     p.add_argument("--time", type=int, default=0, help="also time N back-to-back calls (medians of 5 rounds)")
     p.add_argument("--gelu-codes", action="store_true",
                    help="group forms at fc1's shape also run with the GELU + next-layer codes epilogue (as in the MLP)")
-    p.add_argument("--defer-codes", action="store_true",
-                   help="with --gelu-codes, split forms also run with that epilogue deferred (scaled_gemm defer_codes)")
+    p.add_argument("--codes-wg", action="store_true",
+                   help="with --gelu-codes, group forms also run with that epilogue on a fourth warpgroup "
+                        "(scaled_gemm codes_wg)")
     a = p.parse_args()
     if jax.default_backend() != "gpu":
         p.error(f"the Mosaic GPU kernels need a Hopper GPU; JAX's backend here is {jax.default_backend()}")
@@ -90,8 +91,8 @@ def main() -> None:
                 if a.gelu_codes and shape == "fc1" and "group_mode" in kw:
                     codes_kw = dict(kw, gelu_codes=codes_spec(codes))
                     variants.append((form + "+codes", codes_kw))
-                    if a.defer_codes and kw["group_mode"] == "split":
-                        variants.append((form + "+codes+defer", dict(codes_kw, defer_codes=True)))
+                    if a.codes_wg:
+                        variants.append((form + "+codes+wg", dict(codes_kw, codes_wg=True)))
                 args = inputs(a.tokens, k, n, codes, "group_mode" in kw, rng)
                 for label, vkw in variants:
                     fn = jax.jit(lambda *v, kw=vkw: scaled_gemm_mosaic(*v, **kw))

@@ -75,12 +75,14 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
                                    fmt="fp8_e4m3"), "real", "auto-nogelue"),
     "real-w8a8-g128-nogelue": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
                                "auto-nogelue"),
-    # fc1's codes epilogue under the next tile's first K steps instead of after its own K loop
-    # (RealOptions.defer_codes, opt-in)
-    "real-fp8-g128-defer": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
-                                 fmt="fp8_e4m3"), "real", "auto-defer"),
-    "real-w8a8-g128-split-defer": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True),
-                                   "real", "auto-gmsplit-defer"),
+    # fc1's codes epilogue on the kernel's fourth warpgroup, or not (RealOptions.codes_wg; default: int8 on,
+    # fp8 off)
+    "real-fp8-g128-wg": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
+                              fmt="fp8_e4m3"), "real", "auto-wg"),
+    "real-w8a8-g128-nowg": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True),
+                            "real", "auto-nowg"),
+    "real-w4a8-g128-nowg": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True),
+                            "real", "auto-nowg"),
     # W4A8 g128 with its weights kept packed in device memory (RealModel.variables(unpack_w4=False)): the
     # Triton group kernel unpacking in registers, instead of int8 codes unpacked once for the Mosaic GEMM
     "real-w4a8-g128-packed": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
@@ -237,8 +239,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # mode: q, k, v as three quantized GEMMs), -nomlp (no fused MLP middle step), -nonorm (no norm_quant
     # kernel), -rowq (norm_quant without the LayerNorm prologue), -noqkvk (no scaled_gemm for qkv),
     # -nores (no scaled_gemm with the residual for proj / fc2), -nogroupk (no scaled_gemm for group-wise
-    # layers), -nogelue (group-wise fc1 with a bf16 output, then gelu_quant), -defer (fc1's codes
-    # epilogue deferred under the next tile), -gmMODE (the group GEMM's
+    # layers), -nogelue (group-wise fc1 with a bf16 output, then gelu_quant), -wg / -nowg (fc1's codes
+    # epilogue on the kernel's fourth warpgroup or not), -gmMODE (the group GEMM's
     # schedule, kernels.scaled_gemm.GROUP_MODES), -packed (4-bit weights
     # kept packed on the device, RealModel.variables), xla-attn / triton-attn (XLA's attention, the
     # Triton kernel's)
@@ -260,7 +262,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        row_quant="nonorm" not in tags, qkv_kernel="noqkvk" not in tags,
                        residual_kernel="nores" not in tags, group_kernel="nogroupk" not in tags,
                        gelu_epilogue="nogelue" not in tags, chain_tiles="nochain" not in tags,
-                       defer_codes="defer" in tags,
+                       codes_wg=True if "wg" in tags else False if "nowg" in tags else None,
                        group_mode=next((t[len("gm"):] for t in tags if t.startswith("gm")), None))
     variables = rm.variables(unpack_w4=False if "packed" in tags else None)
     return rm.apply_fn(opts), with_compute_params(variables, cfg), {

@@ -115,10 +115,11 @@ class RealOptions:
     # kernels.scaled_gemm's pipeline chained across each CTA's output tiles (the next tile's first
     # loads during this tile's last K steps and epilogue); False: a pipeline per tile, as before
     chain_tiles: bool = True
-    # with gelu_epilogue, each fc1 tile's GELU + codes run under the next tile's first K steps in the
-    # 'split' schedule (kernels.scaled_gemm ``defer_codes``; opt-in, not yet measured in its quarter-piece
-    # form) instead of after its own K loop
-    defer_codes: bool = False
+    # with gelu_epilogue, fc1's GELU + codes on a fourth warpgroup of the kernel while its compute
+    # warpgroups go on with the next tile (kernels.scaled_gemm ``codes_wg``; fc1 then 'split' unless
+    # group_mode says otherwise) instead of in the compute warpgroups while the tensor cores wait.
+    # None: on for int8 codes, off for fp8 (XL/2 on the H100: docs/RESULTS.md, sixteenth session)
+    codes_wg: bool | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -350,6 +351,13 @@ def dense_with_codes(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: An
     return GemmSource(y.reshape(*lead, y.shape[-1]), qa, sa, rw)
 
 
+def codes_warpgroup(options: RealOptions, codes: Any) -> bool:
+    """Whether fc1's codes epilogue runs on the kernel's fourth warpgroup for these activation codes."""
+    if options.codes_wg is not None:
+        return options.codes_wg
+    return jnp.dtype(codes) == jnp.dtype(jnp.int8)
+
+
 def _kernel_schedule(options: RealOptions) -> dict[str, Any]:
     """The schedule arguments of ``kernels.scaled_gemm`` that RealOptions set."""
     return dict(group_mode=options.group_mode, chain=options.chain_tiles)
@@ -402,7 +410,7 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
         qa, sa = _quantize_input(x.reshape(m, k), l1.act, k // w1.scale.shape[0], options, source)
         if options.gelu_epilogue and l2.act.group_size == TILE_N:  # (bf16 output: group_scaled_applies)
             q2, s2 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, gelu_codes=l2.act,
-                                        defer_codes=options.defer_codes, **_kernel_schedule(options))
+                                        codes_wg=codes_warpgroup(options, qa.dtype), **_kernel_schedule(options))
         else:
             y1 = _codes_gemm(qa, sa, w1, out_dtype, options)
             q2, s2 = gelu_quant_pallas(y1, None, None, None, l2.act, out_dtype)

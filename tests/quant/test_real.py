@@ -440,7 +440,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
         calls.append((sa.shape[0], a.shape[1], n or w.shape[0], residual is not None))
         stand_in.modes.append((kw.get("group_mode"), kw.get("chain")))
         if gelu_codes is not None:
-            stand_in.defers.append(kw.get("defer_codes"))
+            stand_in.codes_wg.append(kw.get("codes_wg"))
         y = scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n, residual=residual, gate=gate)
         return y if gelu_codes is None else gelu_quant_xla(y, None, None, None, gelu_codes, jnp.bfloat16)
 
@@ -450,7 +450,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
 
     monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, groups=1, **kw: (
         groups == 1 or k == 128 * groups, "test"))
-    stand_in.modes, stand_in.defers = [], []
+    stand_in.modes, stand_in.codes_wg = [], []
     monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
     monkeypatch.setattr(real_layers, "norm_quant_applies", lambda m, k, spec, dtype, **kw: (True, "test"))
     monkeypatch.setattr(real_layers, "norm_quant_pallas", lambda x, spec, **kw: norm_quant_pallas(
@@ -519,12 +519,12 @@ def test_group_kernel_routes_give_the_same_outputs(fmt, gelu_epilogue, inputs, m
     jax.make_jaxpr(rm.apply_fn(RealOptions(gelu_epilogue=gelu_epilogue, group_mode="split", chain_tiles=False)))(
         rm.variables(), *inputs)
     assert len(modes) == 8 and set(modes) == {("split", False)}
-    # RealOptions.defer_codes reaches fc1's codes-epilogue call (off by default), only that one
-    defers = real_layers.scaled_gemm_mosaic.defers
-    assert set(defers) == ({False} if gelu_epilogue else set())
-    defers.clear()
-    jax.make_jaxpr(rm.apply_fn(RealOptions(gelu_epilogue=gelu_epilogue, defer_codes=True)))(rm.variables(), *inputs)
-    assert defers == ([True] * cfg.depth if gelu_epilogue else [])
+    # RealOptions.codes_wg reaches fc1's codes-epilogue call, only that one (default: on for int8 codes)
+    wgs = real_layers.scaled_gemm_mosaic.codes_wg
+    for choice, want in ((None, fmt == "int"), (True, True), (False, False)):
+        wgs.clear()
+        jax.make_jaxpr(rm.apply_fn(RealOptions(gelu_epilogue=gelu_epilogue, codes_wg=choice)))(rm.variables(), *inputs)
+        assert wgs == ([want] * cfg.depth if gelu_epilogue else [])
 
 
 def test_unpacked_w4_takes_the_int8_group_route(inputs, monkeypatch):

@@ -31,13 +31,14 @@ cuBLAS + XLA's epilogue on 99.9%+ of entries (the rest one bf16 ulp): q, k, v in
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 
-from qdit_jax.quant.kernels.scaled_gemm_body import DEFER_STEPS, TILE_K, Plan, kernel_body
+from qdit_jax.quant.kernels.scaled_gemm_body import CODES_WG_REGISTERS, TILE_K, Plan, kernel_body
 
 TILE_M, TILE_N, STEPS = 128, 128, 3  # per compute warpgroup; the fastest measured on the H100
 # group scales: a float32 running sum beside the wgmma accumulator (two 64 x 128 float32 tiles per
@@ -165,13 +166,13 @@ def _check_call(a: jax.Array, sa: jax.Array, sw: jax.Array, n_off: int, n: int, 
 # jitted so that the DiT's identical calls (the same layer shape in every block) share one lowering:
 # unjitted, each of XL/2's 140 calls was lowered to Mosaic GPU again (compiles of 104-118 s per forward)
 @functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode", "gelu_codes",
-                                             "chain", "approx_tanh", "defer_codes"))
+                                             "chain", "approx_tanh", "codes_wg"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                        gate: jax.Array | None = None, tile_m: int | None = None, tile_n: int = TILE_N,
                        steps: int | None = None, group_mode: str | None = None,
                        gelu_codes: Any = None, chain: bool = True, approx_tanh: bool = True,
-                       defer_codes: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+                       codes_wg: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
     ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
     float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
@@ -192,12 +193,12 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     scale and codes; returns (codes (M, n), scales (n // tile_n, M)). A DiT MLP's fc1 on group-wise
     layers.
 
-    ``defer_codes`` (opt-in; built, lowered on the CPU, not yet run on a GPU in this form): with
-    ``gelu_codes`` in 'split' mode and ``DEFER_STEPS`` (8) K steps or more, each tile's GELU + codes run in
-    eight column-quarter pieces under the next tile's first eight K steps (its wgmmas in flight; the
-    CTA's last tile finishes at once) instead of after the tile's K loop while the tensor cores wait
-    (~6 ms of the fp8 g128 XL/2 forward at batch 256). In halves over four steps it was bit-identical
-    and 19-24% slower on the H100 (fifteenth session, RESULTS.md): measure before making it a default.
+    ``codes_wg`` (with ``gelu_codes``): that epilogue runs on a fourth warpgroup (the compute warpgroups
+    stage their biased bf16 output in shared memory and go on to the next tile's K loop) instead of in
+    the compute warpgroups while the tensor cores wait; 'split' becomes the default group mode, as
+    'overlap' spills in the registers left. On the H100 at XL/2's fc1 (batch 256): int8 8-9% faster,
+    fp8 within noise or slower (the codes warpgroup's ~128 elements a thread per tile outlast fp8's K
+    loop); RealOptions.codes_wg picks it per format (docs/RESULTS.md, sixteenth session).
 
     ``chain``: one pipeline across each CTA's output tiles (``chained_steps``), so that the memory
     warpgroup loads the next tile's first K steps during this tile's last steps and epilogue; False
@@ -207,7 +208,8 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
     groups = _groups(sa)
-    group_mode = group_mode_for(groups, a.dtype, group_mode)
+    codes_wg = codes_wg and gelu_codes is not None
+    group_mode = group_mode_for(groups, a.dtype, group_mode or ("split" if codes_wg else None))
     tile_m0, steps0 = default_tiling(groups)
     tile_m = tile_m0 if tile_m is None else tile_m
     _check_call(a, sa, sw, n_off, n, tile_m, tile_n, residual, gate, gelu_codes)
@@ -233,9 +235,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     plan = Plan(n_off=n_off, n=n, k=k, tile_m=tile_m, tile_n=tile_n, steps=steps, chained=chained,
                  m_tiles=m // (2 * tile_m), groups=groups, group_mode=group_mode,
                  int_codes=jnp.dtype(a.dtype) == jnp.dtype(jnp.int8), residual=residual is not None,
-                 rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, out_dtype=out_dtype,
-                 defer_codes=(defer_codes and gelu_codes is not None and group_mode == "split"
-                              and k // TILE_K >= DEFER_STEPS))
+                 rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, out_dtype=out_dtype, codes_wg=codes_wg)
 
     def kernel(*refs: Any) -> None:
         kernel_body(plan, *refs)
@@ -245,9 +245,32 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         out_type = (out_type, jax.ShapeDtypeStruct((n // tile_n, m), jnp.float32))
     # approx_math: tanh.approx.f32 for the GELU's tanh (division and the rest stay exact)
     params = plgpu.CompilerParams(approx_math=gelu_codes is not None and approx_tanh)
-    return plgpu.kernel(kernel, out_type=out_type, grid=(num_sms,), grid_names=("sm",), num_threads=3,
-                        thread_name="wg", compiler_params=params)(
-        a, w, sa, sw, bias, *(() if residual is None else (residual, gate)))
+    call = plgpu.kernel(kernel, out_type=out_type, grid=(num_sms,), grid_names=("sm",),
+                        num_threads=4 if plan.codes_wg else 3, thread_name="wg", compiler_params=params)
+    with _compute_registers(CODES_WG_REGISTERS[0] if plan.codes_wg else None):
+        return call(a, w, sa, sw, bias, *(() if residual is None else (residual, gate)))
+
+
+@contextlib.contextmanager
+def _compute_registers(n: int | None) -> Iterator[None]:
+    """While the kernel is traced, Pallas' warp-specialized pipeline raises its compute warpgroups to
+    ``n`` registers a thread instead of all that the memory warpgroup leaves ((512 - 40) / 2 = 232),
+    which would leave none for a fourth warpgroup (the codes warpgroup). Pallas has no argument for it:
+    this replaces its private ``_compute_registers`` for the trace, and says so if that is gone."""
+    if n is None:
+        yield
+        return
+    from jax._src.pallas.mosaic_gpu import pipeline as plpipe
+
+    if not callable(getattr(plpipe, "_compute_registers", None)):
+        raise NotImplementedError("this JAX's Pallas pipeline has no _compute_registers to bound: the codes "
+                                  "warpgroup (codes_wg) cannot be used; call without it")
+    saved = plpipe._compute_registers
+    plpipe._compute_registers = lambda memory_registers, num_compute_wgs: n
+    try:
+        yield
+    finally:
+        plpipe._compute_registers = saved
 
 
 def scaled_gemm_xla(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,

@@ -39,7 +39,7 @@ class Plan:
     rows_per_gate: int
     gelu_codes: Any  # the next layer's activation spec, or None
     out_dtype: Any
-    defer_codes: bool = False  # the codes epilogue run under the next tile's first K steps (``_deferred_codes``)
+    codes_wg: bool = False  # the codes epilogue run by a fourth warpgroup (``_codes_warpgroup``)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -77,11 +77,12 @@ class _Refs(NamedTuple):
     gate: Any  # flattened (G * n,) float32, or None
     out: Any
     out_scales: Any  # the codes epilogue's (n // tile_n, M) scales, or None
-    o_smem: Any  # (2, tile_m, tile_n): one output slot per compute warpgroup
+    o_smem: Any  # (2, tile_m, tile_n): one output slot per compute warpgroup (codes warpgroup: per 64-row half)
     s_smem: Any
     r_bar: Any  # residual-tile barriers, one per warpgroup
-    stage: Any = None  # (2, tile_m, tile_n) bf16: a tile's output waiting for its deferred codes epilogue
-    amax: Any = None  # (2, 2, tile_m) float32: its rows' running abs-max, in two alternating slots
+    stage: Any = None  # codes warpgroup: (2 slots, 2 warpgroups, tile_m, tile_n) bf16, the biased output
+    full: Any = None  # codes warpgroup: per stage slot, both compute warpgroups have staged their rows
+    empty: Any = None  # codes warpgroup: per stage slot, the codes warpgroup has read it
 
 
 def _layouts() -> tuple[Any, Any]:
@@ -213,13 +214,10 @@ def _step_overlap(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem
     return step[0], step[1], s_a, s_w
 
 
-def _step_split(plan: Plan, wg: Any, indices: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any,
-                sums: Any, deferred: Any = None) -> Any:
+def _step_split(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any,
+                sums: Any) -> Any:
     """'split': the tile's column parts as wgmmas all in flight at once; each part's product is scaled
-    into its sum while the later parts' wgmmas still run. ``deferred(k_step)``, if given, runs right
-    after the wgmmas are issued (a piece of the previous tile's codes epilogue, ``_deferred_codes``).
-    The scale rows are loaded before the issue in either case: loaded after the deferred piece (to
-    free registers meanwhile), ptxas waited for both parts at once (fifteenth session's SASS)."""
+    into its sum while the later parts' wgmmas still run."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -231,8 +229,6 @@ def _step_split(plan: Plan, wg: Any, indices: Any, a_smem: Any, w_smem: Any, sa_
         for j, acc in enumerate(accs):
             w_part = plgpu.transpose_ref(w_smem.at[pl.ds(j * part_n, part_n)], (1, 0))
             plgpu.wgmma(acc, a_rows, w_part)
-        if deferred is not None:
-            deferred(indices[0])
         new = []
         for j, acc in enumerate(accs):
             # part j's wgmma (issued and committed in order) is done, the later ones may still run;
@@ -242,65 +238,6 @@ def _step_split(plan: Plan, wg: Any, indices: Any, a_smem: Any, w_smem: Any, sa_
         return tuple(new)
 
     return pl.run_scoped(step, *[plgpu.ACC(plan.part, plan.acc_dtype) for _ in range(n_parts)])
-
-
-DEFER_PIECES = 4  # column pieces of a tile per pass of the deferred codes epilogue (GELU, then codes)
-DEFER_STEPS = 2 * DEFER_PIECES  # K steps it is spread over: a tile needs at least this many
-
-
-def _deferred_codes(plan: Plan, refs: _Refs, wg: Any, prev: tuple[Any, Any, Any], k_step: Any) -> None:
-    """The previous tile's fc1 codes epilogue (``gelu_group_codes``' math) in ``DEFER_STEPS`` pieces, one per
-    K step of this tile, under that step's wgmmas: steps 0-3 the GELU of one column quarter of the staged
-    bf16 output each (written back in place), the rows' running abs-max kept in ``amax`` (the last piece
-    writes the rows' scales to ``s_smem``), steps 4-7 one quarter's codes each into the output slot, then
-    its stores. ``prev``: (whether there is a previous tile, its first row, its column tile). Each thread
-    reads back what it wrote (one layout throughout); the row values cross threads through shared
-    memory behind ``commit_smem``'s warpgroup barrier, the running abs-max in two alternating slots (a
-    piece reads one and writes the other, so that no thread overwrites a row another is still reading).
-
-    Quarters, not halves: the fifteenth session's halves (~330 instructions per warp a
-    step) outlasted a step's wgmmas and made fc1 19-24% slower (RESULTS.md); a quarter is ~160."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-    from qdit_jax.quant.kernels.row_quant import row_amax, row_scale
-
-    row_l, _ = _layouts()
-    has_prev, p_rows, p_pn = prev
-    width = plan.tile_n // DEFER_PIECES
-    wgmma_l = plgpu.Layout.WGMMA
-
-    def piece(ref: Any, j: int) -> Any:
-        return ref.at[wg, :, pl.ds(j * width, width)]
-
-    def scales() -> jax.Array:
-        return plgpu.load(refs.s_smem.at[wg], (), layout=row_l, optimized=False)
-
-    for j in range(DEFER_PIECES):
-        @pl.when(has_prev & (k_step == j))
-        def _gelu_piece() -> None:
-            h = gelu_h(plgpu.load(piece(refs.stage, j), (), layout=wgmma_l, optimized=False).astype(jnp.float32))
-            piece(refs.stage, j)[...] = h.astype(jnp.bfloat16)
-            m = row_amax([h])
-            if j == 0:
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous stores have read s_smem / o_smem
-            else:
-                m = jnp.maximum(m, plgpu.load(refs.amax.at[wg, (j - 1) % 2], (), layout=row_l, optimized=False))
-            if j == DEFER_PIECES - 1:
-                refs.s_smem[wg] = row_scale(m, plan.gelu_codes)
-            else:
-                refs.amax[wg, j % 2] = m
-            plgpu.commit_smem()
-
-    for j in range(DEFER_PIECES):
-        @pl.when(has_prev & (k_step == DEFER_PIECES + j))
-        def _codes_piece() -> None:
-            h = plgpu.load(piece(refs.stage, j), (), layout=wgmma_l, optimized=False).astype(jnp.float32)
-            piece(refs.o_smem, j)[...] = group_codes(h, scales(), plan.gelu_codes).astype(plan.out_dtype)
-            if j == DEFER_PIECES - 1:
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(refs.o_smem.at[wg], refs.out.at[pl.ds(p_rows, plan.tile_m),
-                                                                        pl.ds(p_pn * plan.tile_n, plan.tile_n)])
-                plgpu.copy_smem_to_gmem(refs.s_smem.at[wg], refs.out_scales.at[p_pn, pl.ds(p_rows, plan.tile_m)])
 
 
 _STEP_BODIES = {None: _step_channel, "plain": _step_plain, "overlap": _step_overlap, "split": _step_split}
@@ -390,13 +327,12 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
         plgpu.copy_smem_to_gmem(refs.s_smem.at[wg], refs.out_scales.at[pn, pl.ds(rows, plan.tile_m)])
 
 
-def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: Any, last: Any,
+def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: Any, slot: Any,
                    eval_pipeline: Any) -> None:
     """One output tile of this warpgroup: the residual tile's copy issued first (by TMA into the
     warpgroup's output slot once its previous store has read it, so that it lands during the K loop),
-    then the K loop, then :func:`_finish`. With ``plan.defer_codes`` a tile other than the CTA's
-    ``last`` one only stages its biased output as bf16 (the GELU's first rounding) for
-    :func:`_deferred_codes` under the next tile's K steps."""
+    then the K loop, then :func:`_finish`; with ``plan.codes_wg`` the biased output is staged in bf16 (the
+    GELU's first rounding) in stage slot ``slot`` for :func:`_codes_warpgroup` instead."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -406,23 +342,71 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
         plgpu.copy_gmem_to_smem(refs.residual.at[pl.ds(rows, plan.tile_m), ocols], refs.o_smem.at[wg],
                                 refs.r_bar.at[wg])
     parts = _accumulate(plan, refs, wg, rows, wcols, eval_pipeline)
-    if not plan.defer_codes:
+    if not plan.codes_wg:
         _finish(plan, refs, wg, rows, pn, ocols, parts)
         return
+    width = plan.tile_n // len(parts)
+    biased = _biased(plan, refs, pn, parts)
+    plgpu.barrier_wait(refs.empty.at[slot])  # the codes warpgroup has read this slot's previous tile
+    for j, yj in enumerate(biased):
+        refs.stage[slot, wg, :, pl.ds(j * width, width)] = yj.astype(jnp.bfloat16)
+    plgpu.barrier_arrive(refs.full.at[slot])
 
-    @pl.when(last)
-    def _now() -> None:
-        _finish(plan, refs, wg, rows, pn, ocols, parts)
 
-    @pl.when(jnp.logical_not(last))
-    def _stage() -> None:
-        width = plan.tile_n // len(parts)
-        for j, yj in enumerate(_biased(plan, refs, pn, parts)):
-            refs.stage[wg, :, pl.ds(j * width, width)] = yj.astype(jnp.bfloat16)
+# registers per thread of each compute warpgroup and of the codes warpgroup (with the memory
+# warpgroup's 40: 512, the 64K register file over 128-thread warpgroups). 168 is what the compute
+# warpgroups compile to in the three-warpgroup kernel; 'overlap' holds a third register tile and spills
+# there (2.2x slower on the H100), so the codes warpgroup goes with 'split'
+CODES_WG_REGISTERS = 168, 136
+
+
+def _codes_warpgroup(plan: Plan, refs: _Refs) -> None:
+    """The fourth warpgroup of ``plan.codes_wg`` (fc1 with fc2's group codes in its epilogue): for each
+    of the CTA's tiles, in the compute warpgroups' order, wait until both have staged their biased bf16
+    rows in ``stage`` (two slots, alternating: the compute warpgroups wait only when it is a whole tile
+    behind), read both 64-row halves and hand the slot back, compute the GELU and the codes
+    (``gelu_group_codes``, both halves in one go for the instruction-level parallelism), and store the
+    codes and the scales by TMA; all while the compute warpgroups run the next tile's K loop, where in
+    the immediate epilogue the tensor cores wait for it."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    plgpu.set_max_registers(CODES_WG_REGISTERS[1], action="increase")
+    for b in range(2):  # both slots start empty
+        plgpu.barrier_arrive(refs.empty.at[b])
+
+    @plgpu.nd_loop((plan.m_tiles * plan.n_tiles,), collective_axes="sm")
+    def tile(info: Any) -> None:
+        (lin,) = info.index
+        pm, pn = lin // plan.n_tiles, lin % plan.n_tiles
+        slot = info.local_index % 2
+        ocols = pl.ds(pn * plan.tile_n, plan.tile_n)
+        plgpu.barrier_wait(refs.full.at[slot])
+        ys = [plgpu.load(refs.stage.at[slot, half], (), layout=plgpu.Layout.WGMMA) for half in range(2)]
+        plgpu.barrier_arrive(refs.empty.at[slot])
+        res = [gelu_group_codes([y.astype(jnp.float32)], plan.gelu_codes) for y in ys]
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read o_smem / s_smem
+        for half, (s_g, (q,)) in enumerate(res):
+            refs.o_smem[half] = q.astype(plan.out_dtype)
+            refs.s_smem[half] = s_g
+        plgpu.commit_smem()
+        for half in range(2):
+            rows = pl.ds(pm * plan.cta_m + half * plan.tile_m, plan.tile_m)
+            plgpu.copy_smem_to_gmem(refs.o_smem.at[half], refs.out.at[rows, ocols])
+            plgpu.copy_smem_to_gmem(refs.s_smem.at[half], refs.out_scales.at[pn, rows])
+
+
+def _swizzled(dtype: Any) -> tuple:
+    """SMEM transforms for a tile that warpgroups store / load in the wgmma layout without bank conflicts
+    (rows of 128 bytes, swizzled): unswizzled, a warp's 8 rows 128 / 256 bytes apart hit the same banks."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)
 
 
 def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any, b_gmem: Any, *rest: Any) -> None:
-    """The persistent kernel: each CTA (one per SM) loops over its output tiles."""
+    """The persistent kernel: each CTA (one per SM) loops over its output tiles; with ``plan.codes_wg``
+    a fourth warpgroup runs :func:`_codes_warpgroup` beside them."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -436,35 +420,45 @@ def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any
         *_pipeline_operands(plan, a_gmem, w_gmem, sa_gmem, sw_gmem, 0, 0))
 
     @functools.partial(pl.run_scoped, allocs=allocations,
-                       o_smem=plgpu.SMEM((2, plan.tile_m, plan.tile_n), plan.out_dtype),
+                       o_smem=plgpu.SMEM((2, plan.tile_m, plan.tile_n), plan.out_dtype,
+                                         transforms=_swizzled(plan.out_dtype) if plan.codes_wg else ()),
                        s_smem=None if plan.gelu_codes is None else plgpu.SMEM((2, plan.tile_m), jnp.float32),
                        r_bar=None if not plan.residual else plgpu.Barrier(num_barriers=2),
-                       stage=plgpu.SMEM((2, plan.tile_m, plan.tile_n), jnp.bfloat16) if plan.defer_codes else None,
-                       amax=plgpu.SMEM((2, 2, plan.tile_m), jnp.float32) if plan.defer_codes else None,
+                       stage=plgpu.SMEM((2, 2, plan.tile_m, plan.tile_n), jnp.bfloat16,
+                                        transforms=_swizzled(jnp.bfloat16)) if plan.codes_wg else None,
+                       full=plgpu.Barrier(num_arrivals=2, num_barriers=2) if plan.codes_wg else None,
+                       empty=plgpu.Barrier(num_arrivals=1, num_barriers=2) if plan.codes_wg else None,
                        collective_axes="wg")
-    def scope(allocs: Any, o_smem: Any, s_smem: Any, r_bar: Any, stage: Any, amax: Any) -> None:
-        refs = _Refs(sa_gmem, sw_gmem, b_gmem, r_gmem, g_gmem, o_gmem, s_gmem, o_smem, s_smem, r_bar, stage, amax)
-        wg = lax.axis_index("wg")
-
-        @plgpu.nd_loop((plan.m_tiles * plan.n_tiles,), collective_axes="sm")
-        def tile(info: Any) -> None:
-            (lin,) = info.index
-            pm, pn = lin // plan.n_tiles, lin % plan.n_tiles
-            rows = pm * plan.cta_m + wg * plan.tile_m
-            wcols = pl.ds(plan.n_off + pn * plan.tile_n, plan.tile_n)
-            body = functools.partial(_STEP_BODIES[plan.group_mode], plan, wg)
-            last = info.local_index == info.num_local_steps - 1
-            if plan.defer_codes:  # the CTA's previous tile (nd_loop strides tiles by the SM count)
-                prev_lin = lin - lax.axis_size("sm")
-                prev = (info.local_index > 0, (prev_lin // plan.n_tiles) * plan.cta_m + wg * plan.tile_m,
-                        prev_lin % plan.n_tiles)
-                body = functools.partial(body, deferred=functools.partial(_deferred_codes, plan, refs, wg, prev))
-            epilogue = functools.partial(_tile_epilogue, plan, refs, wg, rows, pn, wcols, last)
-            state = _chain_state(info) if plan.chained else None
-            _pipeline(plan, body, epilogue, state)(*_pipeline_operands(plan, a_gmem, w_gmem, sa_gmem, sw_gmem, pm, pn),
-                                                   allocations=allocs)
+    def scope(allocs: Any, o_smem: Any, s_smem: Any, r_bar: Any, stage: Any, full: Any, empty: Any) -> None:
+        refs = _Refs(sa_gmem, sw_gmem, b_gmem, r_gmem, g_gmem, o_gmem, s_gmem, o_smem, s_smem, r_bar, stage,
+                     full, empty)
+        tiles = functools.partial(_tiles, plan, refs, lax.axis_index("wg"), a_gmem, w_gmem, sa_gmem, sw_gmem, allocs)
+        if plan.codes_wg:
+            pl.when(lax.axis_index("wg") == 3)(functools.partial(_codes_warpgroup, plan, refs))
+            pl.when(lax.axis_index("wg") < 3)(tiles)
+        else:
+            tiles()
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _tiles(plan: Plan, refs: _Refs, wg: Any, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any,
+           allocs: Any) -> None:
+    """The compute and memory warpgroups' loop over this CTA's output tiles, one pipeline each."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    @plgpu.nd_loop((plan.m_tiles * plan.n_tiles,), collective_axes="sm")
+    def tile(info: Any) -> None:
+        (lin,) = info.index
+        pm, pn = lin // plan.n_tiles, lin % plan.n_tiles
+        rows = pm * plan.cta_m + wg * plan.tile_m
+        wcols = pl.ds(plan.n_off + pn * plan.tile_n, plan.tile_n)
+        body = functools.partial(_STEP_BODIES[plan.group_mode], plan, wg)
+        epilogue = functools.partial(_tile_epilogue, plan, refs, wg, rows, pn, wcols, info.local_index % 2)
+        state = _chain_state(info) if plan.chained else None
+        _pipeline(plan, body, epilogue, state)(*_pipeline_operands(plan, a_gmem, w_gmem, sa_gmem, sw_gmem, pm, pn),
+                                               allocations=allocs)
 
 
 def gelu_group_codes(parts: list[jax.Array], spec: Any) -> tuple[jax.Array, list[jax.Array]]:

@@ -207,17 +207,18 @@ def test_gelu_codes_epilogue_matches_xla(name, mode):
     assert np.mean(_codes(q) == _codes(q0)) > 0.99  # a bf16 ulp of the GEMM output may move a code
 
 
+@pytest.mark.parametrize("mode", [None, "plain"])  # None: 'split'
 @pytest.mark.parametrize("name", sorted(G128))
-def test_deferred_codes_epilogue_equals_the_immediate_one(name):
-    """fc1's codes epilogue run under the next tile's first eight K steps (``defer_codes``, 'split') writes
-    exactly what it writes after the tile's own K loop: the same ops on the same values, only the
-    schedule differs; a previous tile's rows / columns or an SMEM slot reused too early would show.
-    At a size where the CTAs own unequal numbers of tiles (the last one of each finishes at once)."""
+def test_codes_warpgroup_equals_the_immediate_epilogue(name, mode):
+    """fc1's codes epilogue on a fourth warpgroup (``codes_wg``: the compute warpgroups stage their
+    biased bf16 rows in two alternating shared-memory slots) writes exactly what the compute
+    warpgroups' own epilogue writes: a slot handed over too early or a tile's rows / columns mixed up
+    would show. At a size where the CTAs own unequal numbers of tiles."""
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
 
-    a, w, sa, sw, b = _fc1_group_operands(name, 35 * T, 9)  # 70 x 36 = 2,520 CTA tiles over 132 SMs: 19 or 20 each
-    outs = [jax.jit(lambda *v, d=d: scaled_gemm_mosaic(*v, gelu_codes=G128[name], group_mode="split",
-                                                       defer_codes=d))(a, w, sa, sw, b) for d in (True, False)]
+    a, w, sa, sw, b = _fc1_group_operands(name, 35 * T, 11)  # 2,520 CTA tiles over 132 SMs: 19 or 20 each
+    outs = [jax.jit(lambda *v, c=c: scaled_gemm_mosaic(*v, gelu_codes=G128[name], group_mode=mode,
+                                                       codes_wg=c))(a, w, sa, sw, b) for c in (True, False)]
     (q, s), (q0, s0) = outs
     np.testing.assert_array_equal(np.asarray(s), np.asarray(s0))
     np.testing.assert_array_equal(_codes(q), _codes(q0))

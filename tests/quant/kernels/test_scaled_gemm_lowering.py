@@ -45,11 +45,11 @@ CASES = {
                                                                               symmetric=True))),
     "int8 group-128 gelu_codes": (jnp.int8, C, 4 * C, 2, dict(gelu_codes=QuantSpec(bits=8, group_size=128,
                                                                                      symmetric=True))),
-    # 8 K steps: the codes epilogue deferred under the next tile's first eight (opt-in)
-    "fp8 group-128 gelu_codes deferred": (F8, 4 * C, 4 * C, 8, dict(defer_codes=True, gelu_codes=QuantSpec(
+    # a fourth warpgroup for the codes epilogue (opt-in)
+    "fp8 group-128 gelu_codes, codes warpgroup": (F8, C, 4 * C, 2, dict(codes_wg=True, gelu_codes=QuantSpec(
         bits=8, format="fp8_e4m3", group_size=128, symmetric=True))),
-    "int8 group-128 split gelu_codes deferred": (jnp.int8, 4 * C, 4 * C, 8, dict(
-        group_mode="split", defer_codes=True, gelu_codes=QuantSpec(bits=8, group_size=128, symmetric=True))),
+    "int8 group-128 overlap gelu_codes, codes warpgroup": (jnp.int8, C, 4 * C, 2, dict(
+        group_mode="overlap", codes_wg=True, gelu_codes=QuantSpec(bits=8, group_size=128, symmetric=True))),
 }
 
 
@@ -139,26 +139,64 @@ def test_split_scales_each_part_while_the_later_part_runs(dtype, monkeypatch):
     assert plain[-1] == "wgmma_accumulator_deref_p[wait_n=0]" and "wgmma_accumulator_deref_p[wait_n=1]" not in plain
 
 
-def _deferred_schedule(k: int, **kw) -> list[str]:
-    """fp8 fc1 with the codes epilogue: its conditionals, tanh calls and accumulator reads, in program
-    order (jaxpr)."""
-    spec = QuantSpec(bits=8, format="fp8_e4m3", group_size=128, symmetric=True)
-    return _jaxpr_tokens(r"wgmma_accumulator_deref_p\[wait_n=\w+\]|\bcond\[|tanh", F8, k, 4 * C, k // 128,
-                         gelu_codes=spec, **kw)
+def _registers_at(dtype, k: int, n: int, groups: int, prims: tuple[str, ...], **kw) -> tuple[list, dict]:
+    """The kernel's register requests (set_max_registers, in the order met) and, per primitive in
+    ``prims``, the register count in force where each of its calls is (the last request before it, in
+    its own block or the blocks around it), from a walk of the jaxpr."""
+    from jax.extend import core as jex_core
+
+    def sds(shape, dt=jnp.float32):
+        return jax.ShapeDtypeStruct(shape, dt)
+
+    args = (sds((M, k), dtype), sds((n, k), dtype), sds((groups, M)), sds((groups, n)), sds((n,)))
+    closed = jax.make_jaxpr(lambda *a: sg.scaled_gemm_mosaic(*a, **kw))(*args)
+    requests, found = [], {p: [] for p in prims}
+
+    def subjaxprs(value):
+        if isinstance(value, jex_core.ClosedJaxpr):
+            yield value.jaxpr
+        elif isinstance(value, jex_core.Jaxpr):
+            yield value
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                yield from subjaxprs(v)
+
+    def walk(jaxpr, regs):
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name.startswith("set_max_registers"):
+                regs = int(eqn.invars[0].val)
+                requests.append((eqn.params.get("action"), regs))
+            elif name in found:
+                found[name].append(regs)
+            for value in eqn.params.values():
+                for sub in subjaxprs(value):
+                    walk(sub, regs)
+
+    walk(closed.jaxpr, None)
+    return requests, found
 
 
-def test_deferred_codes_epilogue_runs_between_the_wgmma_issue_and_its_waits(monkeypatch):
-    """With ``defer_codes`` (8 K steps or more) the kernel gains the eight conditional pieces of the
-    previous tile's epilogue in its K-step body, ahead of the first accumulator read (wait_n=1), i.e.
-    while the step's wgmmas run (plus the tile epilogue's choice between finishing and staging);
-    without it, or with fewer K steps than pieces, the kernel is the immediate one."""
+def test_codes_warpgroup_takes_the_gelu_and_the_registers_add_up(monkeypatch):
+    """With ``codes_wg`` the GELU's tanh runs only in the fourth warpgroup's code (after its register
+    request), the register split fills exactly the 64K register file over four warpgroups (memory 40 +
+    2 compute + codes = 512 a thread), and int8 fc1 runs 'split' by default (each part's accumulator
+    read while the other runs; int8's usual 'overlap' spills there); without it the compute warpgroups
+    hold the tanh under Pallas' own split (40 + 2 x 232)."""
     monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
-
-    def conds_before_reads(sched: list[str]) -> int:
-        return sched[:sched.index("wgmma_accumulator_deref_p[wait_n=1]")].count("cond[")
-
-    deferred = _deferred_schedule(8 * 128, defer_codes=True)
-    immediate = _deferred_schedule(8 * 128, defer_codes=False)
-    short = _deferred_schedule(4 * 128, defer_codes=True)  # 4 K steps: too few to spread it, not deferred
-    assert conds_before_reads(deferred) >= conds_before_reads(immediate) + 8, deferred
-    assert short == immediate and deferred.count("wgmma_accumulator_deref_p[wait_n=0]") == 1
+    spec = QuantSpec(bits=8, format="fp8_e4m3", group_size=128, symmetric=True)
+    prims = ("tanh", "wgmma_ref")
+    requests, found = _registers_at(F8, C, 4 * C, C // 128, prims, gelu_codes=spec, codes_wg=True)
+    by_action = sorted(requests)
+    assert by_action == [("decrease", 40), ("increase", 136), ("increase", 168)], requests
+    assert 40 + 2 * 168 + 136 == 512
+    assert found["tanh"] and set(found["tanh"]) == {136}, found
+    assert set(found["wgmma_ref"]) == {168}, found
+    int8 = QuantSpec(bits=8, group_size=128, symmetric=True)
+    assert "wgmma_accumulator_deref_p[wait_n=1]" in _accumulator_reads(jnp.int8, C, 4 * C, C // 128, gelu_codes=int8,
+                                                                        codes_wg=True)  # 'split'
+    assert "wgmma_accumulator_deref_p[wait_n=1]" not in _accumulator_reads(jnp.int8, C, 4 * C, C // 128,
+                                                                            gelu_codes=int8)  # 'overlap'
+    requests, found = _registers_at(F8, C, 4 * C, C // 128, prims, gelu_codes=spec)
+    assert sorted(requests) == [("decrease", 40), ("increase", 232)], requests
+    assert found["tanh"] and set(found["tanh"]) == {232}, found
