@@ -29,8 +29,8 @@ from qdit_jax.quant.kernels.gelu_quant import gelu_quant_applies, gelu_quant_pal
 from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm_pallas, group_gemm_xla, kernel_applies,
                                                low_bit_product, weight_codes_int8)
 from qdit_jax.quant.kernels.norm_quant import norm_quant_applies, norm_quant_pallas
-from qdit_jax.quant.kernels.scaled_gemm import (CODE_DTYPES, GROUP_MODES, TILE_K, TILE_N, scaled_gemm_applies,
-                                                scaled_gemm_mosaic)
+from qdit_jax.quant.kernels.scaled_gemm import (CODE_DTYPES, GROUP_MODES, TILE_K, TILE_N, codes_wg_available,
+                                                scaled_gemm_applies, scaled_gemm_mosaic)
 from qdit_jax.quant.quantizers import QuantSpec, _int_codes, params_of_groups
 
 BACKENDS = ("auto", "xla", "pallas")
@@ -118,7 +118,8 @@ class RealOptions:
     # with gelu_epilogue, fc1's GELU + codes on a fourth warpgroup of the kernel while its compute
     # warpgroups go on with the next tile (kernels.scaled_gemm ``codes_wg``; fc1 then 'split' unless
     # group_mode says otherwise) instead of in the compute warpgroups while the tensor cores wait.
-    # None: on for int8 codes, off for fp8 (XL/2 on the H100: docs/RESULTS.md, sixteenth session)
+    # None: on for int8 codes (where this JAX's Pallas allows it), off for fp8 (XL/2 on the H100:
+    # docs/RESULTS.md, sixteenth session)
     codes_wg: bool | None = None
 
     def __post_init__(self) -> None:
@@ -352,10 +353,11 @@ def dense_with_codes(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: An
 
 
 def codes_warpgroup(options: RealOptions, codes: Any) -> bool:
-    """Whether fc1's codes epilogue runs on the kernel's fourth warpgroup for these activation codes."""
+    """Whether fc1's codes epilogue runs on the kernel's fourth warpgroup for these activation codes (by
+    default: int8 codes, where this JAX allows it)."""
     if options.codes_wg is not None:
         return options.codes_wg
-    return jnp.dtype(codes) == jnp.dtype(jnp.int8)
+    return jnp.dtype(codes) == jnp.dtype(jnp.int8) and codes_wg_available()
 
 
 def _kernel_schedule(options: RealOptions) -> dict[str, Any]:

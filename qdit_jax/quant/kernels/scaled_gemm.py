@@ -251,6 +251,15 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         return call(a, w, sa, sw, bias, *(() if residual is None else (residual, gate)))
 
 
+def codes_wg_available() -> bool:
+    """Whether this JAX's Pallas pipeline lets the codes warpgroup have registers (``_compute_registers``)."""
+    try:
+        from jax._src.pallas.mosaic_gpu import pipeline as plpipe
+    except ImportError:  # pragma: no cover - depends on the JAX build
+        return False
+    return callable(getattr(plpipe, "_compute_registers", None))
+
+
 @contextlib.contextmanager
 def _compute_registers(n: int | None) -> Iterator[None]:
     """While the kernel is traced, Pallas' warp-specialized pipeline raises its compute warpgroups to
@@ -260,11 +269,11 @@ def _compute_registers(n: int | None) -> Iterator[None]:
     if n is None:
         yield
         return
+    if not codes_wg_available():
+        raise NotImplementedError("this JAX's Pallas pipeline has no _compute_registers to bound: the codes "
+                                  "warpgroup (codes_wg) cannot be used; call without it (RealOptions(codes_wg=False))")
     from jax._src.pallas.mosaic_gpu import pipeline as plpipe
 
-    if not callable(getattr(plpipe, "_compute_registers", None)):
-        raise NotImplementedError("this JAX's Pallas pipeline has no _compute_registers to bound: the codes "
-                                  "warpgroup (codes_wg) cannot be used; call without it")
     saved = plpipe._compute_registers
     plpipe._compute_registers = lambda memory_registers, num_compute_wgs: n
     try:

@@ -200,3 +200,20 @@ def test_codes_warpgroup_takes_the_gelu_and_the_registers_add_up(monkeypatch):
     requests, found = _registers_at(F8, C, 4 * C, C // 128, prims, gelu_codes=spec)
     assert sorted(requests) == [("decrease", 40), ("increase", 232)], requests
     assert found["tanh"] and set(found["tanh"]) == {232}, found
+
+
+def test_codes_warpgroup_without_the_pallas_hook_says_so(monkeypatch):
+    """Where this JAX's Pallas has no ``_compute_registers`` to bound, asking for the codes warpgroup is a
+    clear error (not a deadlock on the GPU), and the real path's default leaves it off."""
+    from jax._src.pallas.mosaic_gpu import pipeline as plpipe
+
+    from qdit_jax.quant import real_layers
+    from qdit_jax.quant.real import RealOptions
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
+    assert sg.codes_wg_available() and real_layers.codes_warpgroup(RealOptions(), jnp.int8)
+    monkeypatch.delattr(plpipe, "_compute_registers")
+    assert not sg.codes_wg_available() and not real_layers.codes_warpgroup(RealOptions(), jnp.int8)
+    spec = QuantSpec(bits=8, group_size=128, symmetric=True)
+    with pytest.raises(NotImplementedError, match="codes_wg=False"):  # a shape no other test traces (jit's cache)
+        _lower(jnp.int8, C, 6 * C, C // 128, gelu_codes=spec, codes_wg=True)
