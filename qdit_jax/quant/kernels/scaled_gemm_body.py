@@ -355,8 +355,10 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
 
 # registers per thread of each compute warpgroup and of the codes warpgroup (with the memory
 # warpgroup's 40: 512, the 64K register file over 128-thread warpgroups). 168 is what the compute
-# warpgroups compile to in the three-warpgroup kernel; 'overlap' holds a third register tile and spills
-# there (2.2x slower on the H100), so the codes warpgroup goes with 'split'
+# warpgroups compile to in the three-warpgroup kernel (here ptxas spills 8 bytes); at 160 / 152 they
+# spill more and run 1.3x slower, 176 / 120 and 184 / 104 died with an illegal instruction on the H100
+# (RESULTS.md, sixteenth session). 'overlap' holds a third register tile and spills at 168 (2.2x
+# slower), so the codes warpgroup goes with 'split'
 CODES_WG_REGISTERS = 168, 136
 
 
