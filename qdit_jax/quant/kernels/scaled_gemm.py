@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from typing import Any, Iterator
 
 import jax
@@ -251,6 +252,9 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         return call(a, w, sa, sw, bias, *(() if residual is None else (residual, gate)))
 
 
+_REGISTERS_LOCK = threading.Lock()
+
+
 def codes_wg_available() -> bool:
     """Whether this JAX's Pallas pipeline lets the codes warpgroup have registers (``_compute_registers``)."""
     try:
@@ -274,12 +278,13 @@ def _compute_registers(n: int | None) -> Iterator[None]:
                                   "warpgroup (codes_wg) cannot be used; call without it (RealOptions(codes_wg=False))")
     from jax._src.pallas.mosaic_gpu import pipeline as plpipe
 
-    saved = plpipe._compute_registers
-    plpipe._compute_registers = lambda memory_registers, num_compute_wgs: n
-    try:
-        yield
-    finally:
-        plpipe._compute_registers = saved
+    with _REGISTERS_LOCK:  # one such trace at a time: the replacement is module-wide
+        saved = plpipe._compute_registers
+        plpipe._compute_registers = lambda memory_registers, num_compute_wgs: n
+        try:
+            yield
+        finally:
+            plpipe._compute_registers = saved
 
 
 def scaled_gemm_xla(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
