@@ -3,6 +3,8 @@ the real path uses, checked on a CPU machine by lowering for CUDA: what can brea
 construction without a GPU to run it (running and numerics: test_gpu_kernels.py)."""
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -109,15 +111,20 @@ def test_gelu_codes_epilogue_uses_the_approximate_tanh_only_when_asked(monkeypat
     assert "tanh.approx" not in _lower(F8, C, 4 * C, 2)
 
 
-def _jaxpr_tokens(pattern: str, dtype, k: int, n: int, groups: int, **kw) -> list[str]:
-    """The matches of ``pattern`` in the group-scaled kernel's jaxpr, in program order."""
-    import re
-
+def _group_kernel_jaxpr(dtype, k: int, n: int, groups: int, **kw) -> Any:
+    """The group-scaled kernel's closed jaxpr for (M, k) x (n, k) codes with ``groups`` scale groups."""
     def sds(shape, dt=jnp.float32):
         return jax.ShapeDtypeStruct(shape, dt)
 
     args = (sds((M, k), dtype), sds((n, k), dtype), sds((groups, M)), sds((groups, n)), sds((n,)))
-    return re.findall(pattern, str(jax.make_jaxpr(lambda *a: sg.scaled_gemm_mosaic(*a, **kw))(*args)))
+    return jax.make_jaxpr(lambda *a: sg.scaled_gemm_mosaic(*a, **kw))(*args)
+
+
+def _jaxpr_tokens(pattern: str, dtype, k: int, n: int, groups: int, **kw) -> list[str]:
+    """The matches of ``pattern`` in the group-scaled kernel's jaxpr, in program order."""
+    import re
+
+    return re.findall(pattern, str(_group_kernel_jaxpr(dtype, k, n, groups, **kw)))
 
 
 def _accumulator_reads(dtype, k: int, n: int, groups: int, **kw) -> list[str]:
@@ -145,11 +152,7 @@ def _registers_at(dtype, k: int, n: int, groups: int, prims: tuple[str, ...], **
     its own block or the blocks around it), from a walk of the jaxpr."""
     from jax.extend import core as jex_core
 
-    def sds(shape, dt=jnp.float32):
-        return jax.ShapeDtypeStruct(shape, dt)
-
-    args = (sds((M, k), dtype), sds((n, k), dtype), sds((groups, M)), sds((groups, n)), sds((n,)))
-    closed = jax.make_jaxpr(lambda *a: sg.scaled_gemm_mosaic(*a, **kw))(*args)
+    closed = _group_kernel_jaxpr(dtype, k, n, groups, **kw)
     requests, found = [], {p: [] for p in prims}
 
     def subjaxprs(value):
@@ -189,7 +192,8 @@ def test_codes_warpgroup_takes_the_gelu_and_the_registers_add_up(monkeypatch):
     requests, found = _registers_at(F8, C, 4 * C, C // 128, prims, gelu_codes=spec, codes_wg=True)
     by_action = sorted(requests)
     assert by_action == [("decrease", 40), ("increase", 136), ("increase", 168)], requests
-    assert 40 + 2 * 168 + 136 == 512
+    (_, memory), (_, codes), (_, compute) = by_action
+    assert memory + 2 * compute + codes == 512
     assert found["tanh"] and set(found["tanh"]) == {136}, found
     assert set(found["wgmma_ref"]) == {168}, found
     int8 = QuantSpec(bits=8, group_size=128, symmetric=True)
