@@ -8,8 +8,10 @@ return from a call (dispatch only), the median per call when each call is synced
 (``block_until_ready``, as ``qdit bench`` times), the per-call time of ``--chain`` calls dispatched back
 to back and synced once, each for the AOT ``Compiled`` object and for the ``jax.jit`` function; then
 one traced call: the device's kernel span (first kernel start to last end) against the call's wall
-time, and the host-plane spans that take longest. Why: ``qdit bench --gaps`` showed the kernels of a
-bf16 forward idle < 1 ms inside a call, yet wall time is ~3 ms above the kernel span.
+time, and the host-plane spans that take longest. Also: the compiled program's custom calls by target,
+and the host return / synced time when every call passes the same input arrays. Why: ``qdit bench
+--gaps`` showed the kernels of a bf16 forward idle < 1 ms inside a call, yet wall time is ~3 ms above
+the kernel span.
 """
 from __future__ import annotations
 
@@ -35,14 +37,15 @@ def _median_ms(xs: list[float]) -> float:
     return 1e3 * statistics.median(xs)
 
 
-def dispatch_times(fn, inputs: list[tuple], repeats: int, chain: int) -> dict[str, float]:
-    """ms: host return of one call, one synced call, one call of a back-to-back chain."""
+def dispatch_times(fn, inputs: list[tuple], repeats: int, chain: int, sets: int = 2) -> dict[str, float]:
+    """ms: host return of one call, one synced call (calls rotating over the first ``sets`` input sets:
+    1, the same arrays every call), one call of a back-to-back chain."""
     for i in range(3):
-        jax.block_until_ready(fn(*inputs[i % 2]))
+        jax.block_until_ready(fn(*inputs[i % sets]))
     ret, sync = [], []
     for i in range(repeats):
         t0 = time.perf_counter()
-        out = fn(*inputs[i % 2])
+        out = fn(*inputs[i % sets])
         t1 = time.perf_counter()
         jax.block_until_ready(out)
         t2 = time.perf_counter()
@@ -50,6 +53,14 @@ def dispatch_times(fn, inputs: list[tuple], repeats: int, chain: int) -> dict[st
         sync.append(t2 - t0)
     chained = chained_ms([fn], inputs, chain, max(2, repeats // 3))
     return {"return_ms": _median_ms(ret), "synced_ms": _median_ms(sync), "chained_ms": chained}
+
+
+def custom_calls(compiled) -> dict[str, int]:
+    """How many custom calls of each target the compiled program holds (cuBLAS, cuDNN, Mosaic GPU,
+    Triton): what XLA launches besides its own fusions."""
+    import re
+
+    return dict(collections.Counter(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))
 
 
 def chained_ms(fns: list, inputs: list[tuple], chain: int, rounds: int) -> float:
@@ -118,6 +129,10 @@ def main() -> None:
         fwd = jax.jit(apply_fn, compiler_options=opts)
         compiled = fwd.lower(*inputs[0]).compile()
         leaves = len(jax.tree_util.tree_leaves(inputs[0]))
+        print(f"{name} b{a.batch}: custom calls {custom_calls(compiled)}", flush=True)
+        r = dispatch_times(compiled, inputs, a.repeats, a.chain, sets=1)
+        print(f"{name} b{a.batch} Compiled, the same input arrays every call: host return {r['return_ms']:.3f} ms, "
+              f"synced {r['synced_ms']:.2f} ms", flush=True)
         for label, fn in (("Compiled", compiled), ("jit", fwd)):
             r = dispatch_times(fn, inputs, a.repeats, a.chain)
             print(f"{name} b{a.batch} {label:8s} ({leaves} argument arrays): host return {r['return_ms']:.3f} ms, "
