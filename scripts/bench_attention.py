@@ -1,5 +1,6 @@
 """Attention kernels at a DiT's shape: cuDNN's fused attention (what ``DiTConfig.attention="cudnn"``
-runs) against ``models.attention_kernel``'s Triton kernel, by head size and launch shape.
+runs) against ``models.attention_mosaic``'s Mosaic GPU kernel (Hopper; "auto"'s first choice there) and
+``models.attention_kernel``'s Triton kernel, by head size and launch shape.
 
     python scripts/bench_attention.py --batch 256 --tokens 256 --heads 16 --head-sizes 72 64
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdit_jax.models import attention_kernel as ak
+from qdit_jax.models import attention_mosaic as am
 from qdit_jax.perf.timing import chained_median, cuda_event_median
 from qdit_jax.perf.trace import kernel_events, traced_calls
 
@@ -95,6 +97,14 @@ def main() -> None:
                 print(f"d={d:3d} {label} kernels: " + "; ".join(f"{n[:70]} {us:.1f} us" for n, us in device_kernels(fn, (q, k, v))))
         if args.torch:
             torch_sdpa(q.shape, args.repeats)
+        ok, why = am.mosaic_attention_applies(q.shape, q.dtype)
+        if ok:
+            out, sec = chained_median(am.attention_mosaic, (q, k, v), args.repeats)
+            err = np.abs(np.asarray(out[:4], np.float32) - ref).max()
+            print(f"d={d:3d} mosaic                     {sec * 1e6:8.1f} us  {base / sec:.3f}x  max|out-ref| {err:.2e}",
+                  flush=True)
+        else:
+            print(f"d={d:3d} mosaic: {why}", flush=True)
         for tiles in (CONFIGS if args.all_configs else [ak.default_tiles(d)]) + args.tiles:
             ok, why = ak.attention_applies(q.shape, q.dtype, tiles)
             if not ok:

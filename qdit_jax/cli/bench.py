@@ -29,8 +29,9 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "
 # name -> (preset rules kwargs or None for FP, mode, real backend)
 VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "bf16": (None, "fp", ""),
-    "bf16-xla-attn": (None, "fp", "xla-attn"),  # XLA attention instead of cuDNN's fused kernel
-    "bf16-triton-attn": (None, "fp", "triton-attn"),  # models.attention_kernel instead of cuDNN's
+    "bf16-xla-attn": (None, "fp", "xla-attn"),  # XLA attention instead of the default's kernel
+    "bf16-triton-attn": (None, "fp", "triton-attn"),  # models.attention_kernel's Triton kernel
+    "bf16-cudnn-attn": (None, "fp", "cudnn-attn"),  # cuDNN's fused attention (the default before Mosaic's)
     "bf16-qkv1": (None, "fp", "qkv1"),  # q, k, v out of one fused GEMM (DiTConfig.qkv_gemms="fused")
     "fake-w8a8-g128": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "fake", ""),
     "real-w8a8": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla"),
@@ -129,6 +130,8 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="XL/2")
+    p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "triton", "mosaic"),
+                   help="the attention kernel of every variant (DiTConfig.attention; an -attn variant overrides it)")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     p.add_argument("--variants", nargs="+", default=["bf16", "fake-w8a8-g128", "real-w8a8", "real-fp8", "real-w8a8-g128",
@@ -242,12 +245,12 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # layers), -nogelue (group-wise fc1 with a bf16 output, then gelu_quant), -wg / -nowg (fc1's codes
     # epilogue on the kernel's fourth warpgroup or not), -gmMODE (the group GEMM's
     # schedule, kernels.scaled_gemm.GROUP_MODES), -packed (4-bit weights
-    # kept packed on the device, RealModel.variables), xla-attn / triton-attn (XLA's attention, the
-    # Triton kernel's)
+    # kept packed on the device, RealModel.variables), xla-attn / triton-attn / cudnn-attn (XLA's
+    # attention, the Triton kernel's, cuDNN's)
     if "qkv1" in tags:
         cfg = cfg.replace(qkv_gemms="fused")
     if mode == "fp":
-        attn = {"xla-attn": "xla", "triton-attn": "triton"}.get(backend)
+        attn = {"xla-attn": "xla", "triton-attn": "triton", "cudnn-attn": "cudnn"}.get(backend)
         fcfg = cfg.replace(attention=attn) if attn else cfg
         return dit_apply_fn(fcfg), with_compute_params(params, fcfg), {"checkpoint_bytes": checkpoint_bytes(params)}
     qcfg = QuantConfig(qdit_rules(**rules), name=name)
@@ -402,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     dev = jax.devices()[0]
     peak = next((v for k, v in PEAK_BF16.items() if k.lower() in dev.device_kind.lower()), None)
-    cfg = dit_config(args.model, image_size=args.image_size, dtype="bfloat16")
+    cfg = dit_config(args.model, image_size=args.image_size, dtype="bfloat16").replace(attention=args.attention)
     t0 = time.perf_counter()
     params = random_params(cfg)
     print(f"{args.model} random params in {time.perf_counter() - t0:.1f}s", flush=True)

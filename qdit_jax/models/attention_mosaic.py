@@ -1,0 +1,241 @@
+"""Attention at DiT's shapes on Hopper: a persistent Pallas Mosaic GPU kernel for head sizes 64 and 72
+(DiT-XL/2's), and its guard.
+
+Why: for XL/2's head of 72 cuDNN runs its head-128 kernel (the head padded to 128) and XLA zeroes the
+output before every call: 373-399 us a layer at batch 256 on an H100 (docs/RESULTS.md). This kernel
+does the head as 64 + 16 columns and issues no memset.
+
+Layout: Mosaic's TMA tiles the global array like the swizzled shared-memory tile, so a box must start
+on a tile boundary of the (B, T, N * D) array. Head 64 starts every head on a 64-column boundary
+(128-byte swizzle). Head 72 does not; two heads do (144 = 9 x 16), so the kernel takes heads in pairs,
+as three 16-aligned parts with 32-byte swizzle: columns 0-63 (head A), 64-79 (A's last 8 and B's first
+8) and 80-143 (B's last 64). Each head's scores sum over its parts with the other head's columns of the
+shared part zeroed on the query side (in registers), so every product counts once; the shared part of
+the output takes its columns from each head's P V by a select.
+
+Schedule: one CTA per SM loops over items (sample, head group, 128 query rows). A memory warpgroup
+loads an item's queries (two slots) and streams its K and V in stages of 64 keys (three slots), so the
+next item's loads run under this one's math; two compute warpgroups take 64 query rows each: scores by
+wgmma, online softmax in base 2, P (rounded to the input dtype, as flash attention does) times V
+accumulated in float32, rows divided by their sum, staged in the warpgroup's own (used-up) query rows
+and stored by TMA.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+BLOCK_Q = 64  # query rows per compute warpgroup (an item: two warpgroups' rows)
+BLOCK_KV = 64  # keys per K / V stage (128 spilled registers with head pairs: 1.9x slower on the H100)
+KV_STAGES = 3  # K / V slots (4 measured 1.8x slower with head pairs; docs/RESULTS.md)
+COMPUTE_REGISTERS, MEMORY_REGISTERS = 232, 40  # setmaxnreg per thread: 2 x 232 + 40 = 504 of 512
+
+
+class _Layout(NamedTuple):
+    """How an item's head group is cut into swizzled parts: the group's columns, the parts (first
+    column, width), each head's columns of each part it uses ((part, lo, hi): columns lo..hi-1 of the
+    part are the head's), and the swizzle (bytes) all parts share."""
+
+    group: int
+    parts: tuple[tuple[int, int], ...]
+    heads: tuple[tuple[tuple[int, int, int], ...], ...]
+    swizzle: int
+
+
+LAYOUTS = {
+    64: _Layout(64, ((0, 64),), (((0, 0, 64),),), 128),
+    72: _Layout(144, ((0, 64), (64, 16), (80, 64)), (((0, 0, 64), (1, 0, 8)), ((1, 8, 16), (2, 0, 64))), 32),
+}
+
+
+def _hopper() -> bool:
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+
+
+def mosaic_attention_applies(shape: tuple[int, ...], dtype: Any, platform: str | None = None) -> tuple[bool, str]:
+    """Whether the kernel computes attention on (B, T, N, D) q / k / v of ``dtype``; if not, why."""
+    platform = platform or jax.default_backend()
+    if platform != "gpu":
+        return False, f"platform is {platform}, the kernel is GPU-only"
+    if platform == jax.default_backend() and not _hopper():
+        return False, "the kernel uses Hopper's wgmma and TMA (compute capability 9.x)"
+    if len(shape) != 4:
+        return False, f"q / k / v must be (B, T, N, D), got shape {tuple(shape)}"
+    _, t, n, d = shape
+    if jnp.dtype(dtype) not in DTYPES:
+        return False, f"dtype {jnp.dtype(dtype)}: the kernel takes bfloat16 or float16"
+    if d not in LAYOUTS:
+        return False, f"head size {d}: the kernel takes {sorted(LAYOUTS)}"
+    per_group = LAYOUTS[d].group // d
+    if n % per_group:
+        return False, f"{n} heads of {d}: the kernel takes them in groups of {per_group}"
+    if t % (2 * BLOCK_Q) or t % BLOCK_KV:
+        return False, f"{t} tokens is not a multiple of {2 * BLOCK_Q}"
+    try:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+    except ImportError as e:  # pragma: no cover - depends on the JAX build
+        return False, f"Pallas Mosaic GPU is not available ({e})"
+    if not all(hasattr(plgpu, f) for f in ("kernel", "nd_loop", "set_max_registers", "wgmma")):
+        return False, "this JAX's Pallas Mosaic GPU lacks kernel / nd_loop / set_max_registers / wgmma"
+    return True, "ok"
+
+
+def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, o_ref: Any, *, b: int, t: int, n: int, d: int) -> None:
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    lay = LAYOUTS[d]
+    dtype = q_ref.dtype
+    groups, q_blocks, kv_steps = n * d // lay.group, t // (2 * BLOCK_Q), t // BLOCK_KV
+    items = b * groups * q_blocks
+    qk_scale = math.log2(math.e) / math.sqrt(d)  # exp(x / sqrt(d)) = exp2(x * qk_scale)
+    wgmma_l = plgpu.Layout.WGMMA
+    row_l = wgmma_l.reduce(1)
+
+    def item_of(i: Any) -> tuple[Any, Any, Any]:
+        return i // (groups * q_blocks), (i // q_blocks) % groups, i % q_blocks
+
+    def cols(g: Any, p: int) -> Any:
+        off, width = lay.parts[p]
+        return pl.ds(g * lay.group + off, width)
+
+    def bcast(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        return lax.broadcast_in_dim(x, shape, [0])
+
+    def scoped(qb: Any, kb: Any, vb: Any, kv_full: Any, kv_empty: Any, q_full: Any, q_empty: Any) -> None:
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg == 2)
+        def _memory() -> None:
+            plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+            @plgpu.nd_loop((items,), collective_axes="sm")
+            def _item(info: Any) -> None:
+                bi, g, qi = item_of(info.index[0])
+                qs = info.local_index % 2
+                plgpu.barrier_wait(q_empty.at[qs])
+                for p in range(len(lay.parts)):
+                    plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(qi * 2 * BLOCK_Q, 2 * BLOCK_Q), cols(g, p)],
+                                            qb[p].at[qs], q_full.at[qs])
+                for j in range(kv_steps):
+                    st = (info.local_index * kv_steps + j) % KV_STAGES
+                    plgpu.barrier_wait(kv_empty.at[st])
+                    for p in range(len(lay.parts)):
+                        for src, dst in ((k_ref, kb), (v_ref, vb)):
+                            plgpu.copy_gmem_to_smem(src.at[bi, pl.ds(j * BLOCK_KV, BLOCK_KV), cols(g, p)],
+                                                    dst[p].at[st], kv_full.at[st])
+
+        @pl.when(wg < 2)
+        def _compute() -> None:
+            plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+            for st in range(KV_STAGES):  # every slot starts empty
+                plgpu.barrier_arrive(kv_empty.at[st])
+            for qs in range(2):
+                plgpu.barrier_arrive(q_empty.at[qs])
+            rows = pl.ds(wg * BLOCK_Q, BLOCK_Q)
+
+            def select(x: jax.Array, lo: int, hi: int, other: jax.Array | None = None) -> jax.Array:
+                """x in columns lo..hi-1, ``other`` (zeros) elsewhere."""
+                col = plgpu.broadcasted_iota(jnp.int32, x.shape, 1, layout=wgmma_l)
+                return jnp.where((col >= lo) & (col < hi), x, jnp.zeros_like(x) if other is None else other)
+
+            @plgpu.nd_loop((items,), collective_axes="sm")
+            def _item(info: Any) -> None:
+                bi, g, qi = item_of(info.index[0])
+                qs = info.local_index % 2
+                plgpu.barrier_wait(q_full.at[qs])
+                # each head's query operand per part: the shared-memory rows, or (a part the head shares)
+                # its own columns in registers with the other head's zeroed
+                q_ops = [[qb[p].at[qs, rows] if (lo, hi) == (0, lay.parts[p][1]) else
+                          select(plgpu.load(qb[p].at[qs, rows], (), layout=wgmma_l), lo, hi)
+                          for p, lo, hi in head] for head in lay.heads]
+                state = [(plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), row_l),
+                          plgpu.layout_cast(jnp.full((BLOCK_Q,), 0.0, jnp.float32), row_l),
+                          [plgpu.layout_cast(jnp.zeros((BLOCK_Q, lay.parts[p][1]), jnp.float32), wgmma_l)
+                           for p, _, _ in head]) for head in lay.heads]
+                for j in range(kv_steps):
+                    st = (info.local_index * kv_steps + j) % KV_STAGES
+                    plgpu.barrier_wait(kv_full.at[st])
+                    for h, head in enumerate(lay.heads):
+                        m_i, l_i, accs = state[h]
+
+                        def scores(acc_ref: Any, h: int = h, head: tuple = head) -> jax.Array:
+                            for (p, _, _), a in zip(head, q_ops[h]):
+                                plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(kb[p].at[st], (1, 0)))
+                            return acc_ref[...]
+
+                        s = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32)) * qk_scale
+                        m_new = jnp.maximum(m_i, s.max(axis=1))
+                        alpha = jnp.exp2(m_i - m_new)
+                        pr = jnp.exp2(s - bcast(m_new, s.shape))
+                        l_i = l_i * alpha + pr.sum(axis=1)
+                        p16 = pr.astype(dtype)
+                        new_accs = []
+                        for (p, _, _), acc in zip(head, accs):
+                            def pv(acc_ref: Any, p: int = p) -> None:
+                                plgpu.wgmma(acc_ref, p16, vb[p].at[st])
+
+                            new_accs.append(pl.run_state(pv)(plgpu.ACC.init(acc * bcast(alpha, acc.shape))))
+                        state[h] = (m_new, l_i, new_accs)
+                    plgpu.barrier_arrive(kv_empty.at[st])
+                outs: list[Any] = [None] * len(lay.parts)
+                for (_, l_i, accs), head in zip(state, lay.heads):
+                    inv = 1.0 / l_i
+                    for (p, lo, hi), acc in zip(head, accs):
+                        y = acc * bcast(inv, acc.shape)
+                        outs[p] = y if outs[p] is None else select(y, lo, hi, outs[p])
+                for p, y in enumerate(outs):  # staged in this warpgroup's query rows, which are used up
+                    qb[p][qs, rows] = y.astype(dtype)
+                plgpu.commit_smem()
+                for p in range(len(lay.parts)):
+                    plgpu.copy_smem_to_gmem(qb[p].at[qs, rows],
+                                            o_ref.at[bi, pl.ds(qi * 2 * BLOCK_Q + wg * BLOCK_Q, BLOCK_Q), cols(g, p)])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the stores have read the slot
+                plgpu.barrier_arrive(q_empty.at[qs])
+
+            plgpu.wait_smem_to_gmem(0)
+
+    def smem(shape: tuple[int, ...]) -> Any:
+        w = lay.swizzle // 2
+        return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, w)), plgpu.SwizzleTransform(lay.swizzle)))
+
+    np_ = len(lay.parts)
+    pl.run_scoped(
+        lambda *a: scoped(a[:np_], a[np_:2 * np_], a[2 * np_:3 * np_], *a[3 * np_:]),
+        *[smem((2, 2 * BLOCK_Q, w)) for _, w in lay.parts],  # queries (then outputs) of an item
+        *[smem((KV_STAGES, BLOCK_KV, w)) for _, w in lay.parts],  # K
+        *[smem((KV_STAGES, BLOCK_KV, w)) for _, w in lay.parts],  # V
+        plgpu.Barrier(num_arrivals=2 * np_, num_barriers=KV_STAGES),  # kv_full: a stage's K and V landed
+        plgpu.Barrier(num_arrivals=2, num_barriers=KV_STAGES),  # kv_empty: both compute warpgroups are done
+        plgpu.Barrier(num_arrivals=np_, num_barriers=2),  # q_full
+        plgpu.Barrier(num_arrivals=2, num_barriers=2),  # q_empty: both have stored their outputs from it
+        collective_axes="wg",
+    )
+
+
+@jax.jit
+def attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(D)) v for (B, T, N, D) q, k, v of one half-precision dtype (the layout of
+    ``jax.nn.dot_product_attention``). Raises ValueError for shapes the kernel does not take (ask
+    ``mosaic_attention_applies`` first)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share shape and dtype, got {q.shape} {q.dtype}, {k.shape} {k.dtype}, "
+                         f"{v.shape} {v.dtype}")
+    ok, why = mosaic_attention_applies(q.shape, q.dtype, platform="gpu")
+    if not ok:
+        raise ValueError(why)
+    b, t, n, d = q.shape
+    call = plgpu.kernel(functools.partial(_kernel, b=b, t=t, n=n, d=d),
+                        out_type=jax.ShapeDtypeStruct((b, t, n * d), q.dtype), grid=(jax.devices()[0].core_count,),
+                        grid_names=("sm",), num_threads=3, thread_name="wg",
+                        compiler_params=plgpu.CompilerParams(approx_math=True))
+    flat = (b, t, n * d)  # a free reshape: boxes are cut along the heads' columns
+    return call(q.reshape(flat), k.reshape(flat), v.reshape(flat)).reshape(q.shape)
