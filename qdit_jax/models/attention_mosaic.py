@@ -35,6 +35,10 @@ BLOCK_Q = 64  # query rows per compute warpgroup (an item: two warpgroups' rows)
 BLOCK_KV = 64  # keys per K / V stage (128 spilled registers with head pairs: 1.9x slower on the H100)
 KV_STAGES = 3  # K / V slots (4 measured 1.8x slower with head pairs; docs/RESULTS.md)
 COMPUTE_REGISTERS, MEMORY_REGISTERS = 232, 40  # setmaxnreg per thread: 2 x 232 + 40 = 504 of 512
+# "auto" attention runs this kernel up to this many tokens: measured faster than cuDNN at 256 (DiT at 256
+# px); longer sequences (512 px: 1,024 tokens) are computed correctly but were not timed, so "auto" keeps
+# cuDNN there and ``DiTConfig.attention="mosaic"`` asks for this kernel
+AUTO_MAX_TOKENS = 256
 
 
 class _Layout(NamedTuple):

@@ -254,7 +254,8 @@ class AttentionCore(nn.Module):
     ``jax.nn.dot_product_attention`` with ``implementation="xla"`` is XLA's (scores materialized,
     float32 softmax); "cudnn" is cuDNN's fused kernel, "triton" ``models.attention_kernel``'s, "mosaic"
     ``models.attention_mosaic``'s (Hopper; heads of 64 or 72: 1.26x cuDNN's speed at XL/2's shape on an
-    H100). "auto" asks for the Mosaic kernel where it applies, then cuDNN where it fits, then the Triton
+    H100). "auto" asks for the Mosaic kernel where it applies (up to 256 tokens, where it was measured
+    faster), then cuDNN where it fits, then the Triton
     kernel where it applies (when cuDNN refuses at trace time: an old cuDNN, an unsupported shape), then
     XLA's.
     """
@@ -268,7 +269,7 @@ class AttentionCore(nn.Module):
             from qdit_jax.models import attention_mosaic
 
             ok, why = attention_mosaic.mosaic_attention_applies(q.shape, q.dtype)
-            if ok:
+            if ok and (impl == "mosaic" or q.shape[1] <= attention_mosaic.AUTO_MAX_TOKENS):
                 return attention_mosaic.attention_mosaic(q, k, v)
             if impl == "mosaic":
                 raise QditError(f"the Mosaic attention kernel does not apply: {why}; use attention='auto' or 'cudnn'")

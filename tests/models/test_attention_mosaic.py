@@ -111,3 +111,22 @@ def test_model_auto_attention_runs_the_mosaic_kernel_at_xl2_heads():
     assert "mosaic_gpu" in fn.lower(q, k, v).as_text()
     want = AttentionCore("xla").apply({}, q, k, v)
     assert np.abs(np.asarray(fn(q, k, v), np.float64) - np.asarray(want, np.float64)).max() < 0.05
+
+
+def test_auto_routes_to_the_kernel_only_up_to_the_measured_token_count(monkeypatch):
+    """'auto' on a Hopper GPU: the Mosaic kernel at DiT's 256 tokens, cuDNN beyond (not timed there);
+    'mosaic' asks for the kernel at any length it computes (the routing with both kernels stubbed)."""
+    calls = []
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
+    monkeypatch.setattr(am, "attention_mosaic", lambda q, k, v: calls.append("mosaic") or q)
+
+    def cudnn(q, k, v, implementation=None):
+        calls.append(implementation)
+        return q
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn)
+    for tokens, impl, want in ((256, "auto", "mosaic"), (512, "auto", "cudnn"), (512, "mosaic", "mosaic")):
+        q = jnp.ones((1, tokens, 2, 72), jnp.bfloat16)
+        AttentionCore(impl).apply({}, q, q, q)
+        assert calls.pop() == want, (tokens, impl)
