@@ -227,15 +227,22 @@ def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, o_ref: Any, *, b: int, t: int, n
 def attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v for (B, T, N, D) q, k, v of one half-precision dtype (the layout of
     ``jax.nn.dot_product_attention``). Raises ValueError for shapes the kernel does not take (ask
-    ``mosaic_attention_applies`` first)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
+    ``mosaic_attention_applies`` first). Under ``jax.vmap`` (the granularity search runs the model so)
+    the mapped axis is folded into B: one launch, whatever Pallas would make of a persistent kernel's
+    batching. Forward only (no derivative rule): this library only runs inference."""
     if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share shape and dtype, got {q.shape} {q.dtype}, {k.shape} {k.dtype}, "
                          f"{v.shape} {v.dtype}")
     ok, why = mosaic_attention_applies(q.shape, q.dtype, platform="gpu")
     if not ok:
         raise ValueError(why)
+    return _attention(q, k, v)
+
+
+@jax.custom_batching.custom_vmap
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
     b, t, n, d = q.shape
     call = plgpu.kernel(functools.partial(_kernel, b=b, t=t, n=n, d=d),
                         out_type=jax.ShapeDtypeStruct((b, t, n * d), q.dtype), grid=(jax.devices()[0].core_count,),
@@ -243,3 +250,12 @@ def attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
                         compiler_params=plgpu.CompilerParams(approx_math=True))
     flat = (b, t, n * d)  # a free reshape: boxes are cut along the heads' columns
     return call(q.reshape(flat), k.reshape(flat), v.reshape(flat)).reshape(q.shape)
+
+
+@_attention.def_vmap
+def _attention_vmap(axis_size: int, in_batched: list[bool], q: jax.Array, k: jax.Array,
+                    v: jax.Array) -> tuple[jax.Array, bool]:
+    """The mapped axis (leading) folded into the samples; unmapped operands broadcast along it."""
+    q, k, v = (x if batched else jnp.broadcast_to(x, (axis_size, *x.shape)) for x, batched in zip((q, k, v), in_batched))
+    fold = (axis_size * q.shape[1], *q.shape[2:])
+    return _attention(q.reshape(fold), k.reshape(fold), v.reshape(fold)).reshape(q.shape), True

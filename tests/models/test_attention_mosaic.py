@@ -67,6 +67,18 @@ def test_kernel_lowers_for_cuda_as_one_mosaic_call(d, heads, tokens, monkeypatch
     assert "stablehlo.dot" not in text and "stablehlo.broadcast" not in text  # no XLA attention beside it
 
 
+def test_vmap_folds_the_mapped_axis_into_one_launch(monkeypatch):
+    """Under jax.vmap (the search runs the model so) the kernel runs once on the mapped axis folded into
+    the samples, (V * B, T, N * D), with an unmapped operand broadcast."""
+    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
+    qs = jax.ShapeDtypeStruct((3, 2, 256, 16, 72), jnp.bfloat16)
+    ks = jax.ShapeDtypeStruct((2, 256, 16, 72), jnp.bfloat16)
+    fn = jax.jit(jax.vmap(am.attention_mosaic, in_axes=(0, None, 0)))
+    text = fn.trace(qs, ks, qs).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"stablehlo.custom_call @mosaic_gpu[^\n]*", text)
+    assert len(calls) == 1 and "-> tensor<6x256x1152xbf16>" in calls[0], calls
+
+
 def test_head_pairs_split_each_head_into_its_own_columns():
     """The layout's bookkeeping: in a pair's parts, every column of the group belongs to exactly one
     head and each head owns exactly D columns (what makes the masked products exact)."""
@@ -102,6 +114,15 @@ def test_compiled_kernel_matches_float64(d, tokens):
     # and the check can fail: a head without its last 8 columns (the shared part) is visibly different
     cut = _f64(q.at[..., -8:].set(0), k, v)
     assert np.abs(cut - ref).max() > 20 * err
+
+
+@pytest.mark.skipif(not on_hopper, reason="runs the Mosaic GPU kernel: Hopper only")
+def test_vmapped_kernel_equals_one_call_per_slice():
+    """Each sample is computed alike whatever else is in the launch, so the folded vmap is bit-exact."""
+    q, k, v = _qkv((3, 2, 256, 16, 72), seed=5)
+    got = np.asarray(jax.vmap(am.attention_mosaic)(q, k, v))
+    for i in range(3):
+        np.testing.assert_array_equal(got[i], np.asarray(am.attention_mosaic(q[i], k[i], v[i])))
 
 
 @pytest.mark.skipif(not on_hopper, reason="routes to the Mosaic GPU kernel: Hopper only")
