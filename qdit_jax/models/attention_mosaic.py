@@ -32,7 +32,7 @@ from jax import lax
 
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 BLOCK_Q = 64  # query rows per compute warpgroup (an item: two warpgroups' rows)
-BLOCK_KV = 64  # keys per K / V stage (128 spilled registers with head pairs: 1.9x slower on the H100)
+BLOCK_KV = 64  # keys per K / V stage (128: an 808-byte register spill with head pairs, 2.05x slower on the H100)
 KV_STAGES = 3  # K / V slots (4 measured 1.8x slower with head pairs; docs/RESULTS.md)
 COMPUTE_REGISTERS, MEMORY_REGISTERS = 232, 40  # setmaxnreg per thread: 2 x 232 + 40 = 504 of 512
 # "auto" attention runs this kernel up to this many tokens: measured faster than cuDNN at 256 (DiT at 256
