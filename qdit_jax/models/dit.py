@@ -57,7 +57,7 @@ class DiTConfig(ConfigIO):
     freq_shift: float = 0.0  # timestep frequencies exp(-ln(10000) * i / (half - freq_shift)), half = 128
     mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before each block's MLP
     # attention kernel: "auto" (on a Hopper GPU models.attention_mosaic's kernel for bf16/fp16 heads
-    # of 64 or 72, else cuDNN's fused flash attention where the head size allows it, else
+    # of 64 or 72 up to 256 tokens, else cuDNN's fused flash attention where the head size allows it, else
     # models.attention_kernel's Triton kernel where it applies, else XLA's), "xla", "cudnn",
     # "triton" or "mosaic". An implementation choice, not architecture.
     attention: str = "auto"
@@ -255,9 +255,8 @@ class AttentionCore(nn.Module):
     float32 softmax); "cudnn" is cuDNN's fused kernel, "triton" ``models.attention_kernel``'s, "mosaic"
     ``models.attention_mosaic``'s (Hopper; heads of 64 or 72: 1.26x cuDNN's speed at XL/2's shape on an
     H100). "auto" asks for the Mosaic kernel where it applies (up to 256 tokens, where it was measured
-    faster), then cuDNN where it fits, then the Triton
-    kernel where it applies (when cuDNN refuses at trace time: an old cuDNN, an unsupported shape), then
-    XLA's.
+    faster), then cuDNN where it fits, then the Triton kernel where it applies (when cuDNN refuses at
+    trace time: an old cuDNN, an unsupported shape), then XLA's.
     """
 
     implementation: str = "auto"
