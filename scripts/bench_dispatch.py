@@ -30,7 +30,7 @@ import numpy as np
 from qdit_jax.cli import bench
 from qdit_jax.models.dit import dit_config
 from qdit_jax.perf.compiler import compiler_options
-from qdit_jax.perf.trace import idle_gaps, kernel_events
+from qdit_jax.perf.trace import custom_call_targets, idle_gaps, kernel_events
 
 
 def _median_ms(xs: list[float]) -> float:
@@ -53,14 +53,6 @@ def dispatch_times(fn, inputs: list[tuple], repeats: int, chain: int, sets: int 
         sync.append(t2 - t0)
     chained = chained_ms([fn], inputs, chain, max(2, repeats // 3))
     return {"return_ms": _median_ms(ret), "synced_ms": _median_ms(sync), "chained_ms": chained}
-
-
-def custom_calls(compiled) -> dict[str, int]:
-    """How many custom calls of each target the compiled program holds (cuBLAS, cuDNN, Mosaic GPU,
-    Triton): what XLA launches besides its own fusions."""
-    import re
-
-    return dict(collections.Counter(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))
 
 
 def chained_ms(fns: list, inputs: list[tuple], chain: int, rounds: int) -> float:
@@ -129,7 +121,7 @@ def main() -> None:
         fwd = jax.jit(apply_fn, compiler_options=opts)
         compiled = fwd.lower(*inputs[0]).compile()
         leaves = len(jax.tree_util.tree_leaves(inputs[0]))
-        print(f"{name} b{a.batch}: custom calls {custom_calls(compiled)}", flush=True)
+        print(f"{name} b{a.batch}: custom calls {custom_call_targets(compiled.as_text())}", flush=True)
         r = dispatch_times(compiled, inputs, a.repeats, a.chain, sets=1)
         print(f"{name} b{a.batch} Compiled, the same input arrays every call: host return {r['return_ms']:.3f} ms, "
               f"synced {r['synced_ms']:.2f} ms", flush=True)

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from qdit_jax.perf.device import compute_capability
+
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 TAIL = 16  # the tail part's width: the smallest MMA depth for 16-bit operands
 # 'masked': a 16-wide tail starting where the main part ends, its loads and stores masked past D;
@@ -76,10 +78,10 @@ def attention_applies(shape: tuple[int, ...], dtype: Any, tiles: Tiles | None = 
     if platform != "gpu":
         return False, f"platform is {platform}, the kernel is GPU-only"
     if platform == jax.default_backend():  # this process's GPU: an NVIDIA one with bf16 tensor cores
-        cc = str(getattr(jax.devices()[0], "compute_capability", ""))
-        major = cc.split(".")[0]
-        if not (major.isdigit() and int(major) >= 8):
-            return False, f"GPU compute capability {cc or 'unknown'}: the kernel needs an NVIDIA GPU of 8.0 or newer"
+        cc = compute_capability()
+        if cc is None or cc[0] < 8:
+            shown = getattr(jax.devices()[0], "compute_capability", "") or "unknown"
+            return False, f"GPU compute capability {shown}: the kernel needs an NVIDIA GPU of 8.0 or newer"
     if len(shape) != 4:
         return False, f"q / k / v must be (B, T, N, D), got shape {tuple(shape)}"
     _, t, _, d = shape

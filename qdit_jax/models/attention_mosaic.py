@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from qdit_jax.perf.device import is_hopper
+
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 BLOCK_Q = 64  # query rows per compute warpgroup (an item: two warpgroups' rows)
 BLOCK_KV = 64  # keys per K / V stage (128: an 808-byte register spill with head pairs, 2.05x slower on the H100)
@@ -58,16 +60,12 @@ LAYOUTS = {
 }
 
 
-def _hopper() -> bool:
-    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
-
-
 def mosaic_attention_applies(shape: tuple[int, ...], dtype: Any, platform: str | None = None) -> tuple[bool, str]:
     """Whether the kernel computes attention on (B, T, N, D) q / k / v of ``dtype``; if not, why."""
     platform = platform or jax.default_backend()
     if platform != "gpu":
         return False, f"platform is {platform}, the kernel is GPU-only"
-    if platform == jax.default_backend() and not _hopper():
+    if platform == jax.default_backend() and not is_hopper():
         return False, "the kernel uses Hopper's wgmma and TMA (compute capability 9.x)"
     if len(shape) != 4:
         return False, f"q / k / v must be (B, T, N, D), got shape {tuple(shape)}"

@@ -71,6 +71,12 @@ def hlo_kinds(hlo_text: str, entry_only: bool = False) -> dict[str, tuple[str, s
     return out
 
 
+def custom_call_targets(hlo_text: str) -> dict[str, int]:
+    """How many custom calls of each target a compiled module holds (cuBLAS, cuDNN, Mosaic GPU, Triton):
+    what XLA launches besides its own fusions."""
+    return dict(collections.Counter(_TARGET.findall(hlo_text)))
+
+
 def _classify(opcode: str, line: str) -> str:
     low = line.lower()
     if opcode == "custom-call":

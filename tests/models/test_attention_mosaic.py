@@ -14,9 +14,10 @@ from qdit_jax.errors import QditError
 from qdit_jax.models import attention_kernel as ak
 from qdit_jax.models import attention_mosaic as am
 from qdit_jax.models.dit import AttentionCore
+from qdit_jax.perf.device import is_hopper
 from tests.models.test_attention_kernel import _f64, _qkv
 
-on_hopper = jax.default_backend() == "gpu" and am._hopper()
+on_hopper = jax.default_backend() == "gpu" and is_hopper()
 
 
 class _H100:

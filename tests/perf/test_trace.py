@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qdit_jax.perf.trace import format_profile, hlo_kinds, profile_compiled, summarize
+from qdit_jax.perf.trace import custom_call_targets, format_profile, hlo_kinds, profile_compiled, summarize
 
 HLO = """HloModule jit_f, is_scheduled=true
 
@@ -35,6 +35,12 @@ ENTRY %main.3 (a: s8[64,32], b: s8[16,32], q: bf16[2,8,4,16]) -> bf16[64,16] {
   ROOT %gelu_fusion = bf16[64,16]{1,0} fusion(%loop_fusion), kind=kLoop, calls=%fused_gelu
 }
 """
+
+
+def test_custom_call_targets_counts_each_target():
+    assert custom_call_targets(HLO) == {"__cublas$lt$matmul": 1, "__cudnn$fmhaSoftmax": 1, "__gpu$xla.gpu.triton": 1}
+    assert custom_call_targets(HLO.replace("__gpu$xla.gpu.triton", "__cudnn$fmhaSoftmax")) == {
+        "__cublas$lt$matmul": 1, "__cudnn$fmhaSoftmax": 2}
 
 
 def test_hlo_kinds_sorts_instructions():

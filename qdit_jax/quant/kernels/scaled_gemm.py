@@ -39,6 +39,7 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 
+from qdit_jax.perf.device import is_hopper
 from qdit_jax.quant.kernels.scaled_gemm_body import CODES_WG_REGISTERS, TILE_K, Plan, kernel_body
 
 TILE_M, TILE_N, STEPS = 128, 128, 3  # per compute warpgroup; the fastest measured on the H100
@@ -63,12 +64,6 @@ GROUP_TILE_M, GROUP_STEPS = 64, 4  # the fastest tiling measured on the H100
 CODE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))  # wgmma: float32 / int32 accumulation
 
 
-def _hopper() -> bool:
-    dev = jax.devices()[0]
-    cc = getattr(dev, "compute_capability", "")
-    return str(cc).startswith("9")
-
-
 def scaled_gemm_applies(m: int, n: int, k: int, a_dtype: Any, w_dtype: Any, *, groups: int = 1,
                         tile_m: int | None = None, tile_n: int = TILE_N, rows_per_gate: int | None = None,
                         platform: str | None = None) -> tuple[bool, str]:
@@ -78,7 +73,7 @@ def scaled_gemm_applies(m: int, n: int, k: int, a_dtype: Any, w_dtype: Any, *, g
     platform = platform or jax.default_backend()
     if platform != "gpu":
         return False, f"platform is {platform}, the kernel is GPU-only"
-    if platform == jax.default_backend() and not _hopper():
+    if platform == jax.default_backend() and not is_hopper():
         return False, "the kernel uses Hopper's wgmma (compute capability 9.x)"
     if jnp.dtype(a_dtype) != jnp.dtype(w_dtype) or jnp.dtype(a_dtype) not in CODE_DTYPES:
         return False, (f"operands {jnp.dtype(a_dtype)} x {jnp.dtype(w_dtype)}: the kernel takes fp8 e4m3 x fp8 e4m3 "
