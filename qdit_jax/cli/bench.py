@@ -33,6 +33,9 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "bf16-triton-attn": (None, "fp", "triton-attn"),  # models.attention_kernel's Triton kernel
     "bf16-cudnn-attn": (None, "fp", "cudnn-attn"),  # cuDNN's fused attention (the default before Mosaic's)
     "bf16-qkv1": (None, "fp", "qkv1"),  # q, k, v out of one fused GEMM (DiTConfig.qkv_gemms="fused")
+    # the gated residuals as XLA passes after cuBLAS' proj / fc2 (the default since the eighteenth
+    # session puts them in a Mosaic GEMM's epilogue on Hopper: quant.fused_float)
+    "bf16-xla-res": (None, "fp", "xlares"),
     "fake-w8a8-g128": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "fake", ""),
     "real-w8a8": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla"),
     "real-w8a8-pallas": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "pallas"),
@@ -227,7 +230,6 @@ def parse_tiles(text: str):
 
 def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool) -> tuple[Callable, Any, dict]:
     """(apply_fn, its params pytree, info) for a variant name."""
-    from qdit_jax.diffusion.pipeline import dit_apply_fn
     from qdit_jax.quant.config import QuantConfig, qdit_rules
     from qdit_jax.quant.quantize import quantize_model, weight_bytes
     from qdit_jax.quant.real import RealOptions, checkpoint_bytes, real_from_params
@@ -250,9 +252,12 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     if "qkv1" in tags:
         cfg = cfg.replace(qkv_gemms="fused")
     if mode == "fp":
+        from qdit_jax.quant.fused_float import fused_float_apply_fn
+
         attn = {"xla-attn": "xla", "triton-attn": "triton", "cudnn-attn": "cudnn"}.get(backend)
         fcfg = cfg.replace(attention=attn) if attn else cfg
-        return dit_apply_fn(fcfg), with_compute_params(params, fcfg), {"checkpoint_bytes": checkpoint_bytes(params)}
+        fn = fused_float_apply_fn(fcfg, "xla" if "xlares" in tags else "auto")
+        return fn, with_compute_params(params, fcfg), {"checkpoint_bytes": checkpoint_bytes(params)}
     qcfg = QuantConfig(qdit_rules(**rules), name=name)
     if mode == "fake":
         qm = quantize_model(params, cfg, qcfg)

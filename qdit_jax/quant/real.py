@@ -218,7 +218,7 @@ def real_from_params(params: Any, cfg: DiTConfig, qcfg: QuantConfig, *, pack4: b
     return RealModel(cfg, plan, strip_kernels(params, list(weights)), weights)
 
 
-class _Traced:
+class Traced:
     """Records of this trace keyed by the identity of a traced output array (``entry.out``); the entry
     holds the array itself, so its id stays unique while the record lives."""
 
@@ -234,7 +234,7 @@ class _Traced:
         return entry if entry is not None and entry.out is a else None
 
 
-def _call_args(args: tuple, kwargs: dict, names: tuple[str, ...]) -> tuple:
+def call_args(args: tuple, kwargs: dict, names: tuple[str, ...]) -> tuple:
     """A module call's arguments by name, whether passed by position or keyword."""
     return tuple(kwargs[n] if n in kwargs else args[i] for i, n in enumerate(names))
 
@@ -242,22 +242,22 @@ def _call_args(args: tuple, kwargs: dict, names: tuple[str, ...]) -> tuple:
 def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str, RealWeight], options: RealOptions):
     # ModulatedNorm outputs with what they were computed from: the layer that takes one as its
     # input may quantize from the source in one kernel pass (XLA then drops the unused float output)
-    norms = _Traced()
+    norms = Traced()
     # per-token GEMM outputs with their codes: a GatedResidual taking one may rerun the GEMM with
     # the residual in its epilogue (XLA then drops the first GEMM)
-    gemms = _Traced()
+    gemms = Traced()
 
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         if options.residual_kernel and type(context.module) is GatedResidual:
-            x, gate, y = _call_args(args, kwargs, ("x", "gate", "y"))
+            x, gate, y = call_args(args, kwargs, ("x", "gate", "y"))
             src = gemms.get(y)
             out = None if src is None else residual_scaled(x, gate, src, options)
             return next_fun(*args, **kwargs) if out is None else out
         if options.fused_norm and type(context.module) is ModulatedNorm:
             y = next_fun(*args, **kwargs)
-            x, shift, scale = _call_args(args, kwargs, ("x", "shift", "scale"))
+            x, shift, scale = call_args(args, kwargs, ("x", "shift", "scale"))
             return norms.put(NormSource(y, x, shift, scale, context.module.eps))
         if options.fused_mlp and type(context.module) is Mlp:
             src = mlp_fused(context.module, args[0], plan, weights, options, norms.get(args[0]))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from qdit_jax.diffusion.pipeline import ApplyFn, dit_apply_fn
+from qdit_jax.diffusion.pipeline import ApplyFn
 from qdit_jax.errors import QditError
 from qdit_jax.io.loading import LoadedModel
 from qdit_jax.models.dit import DiTConfig, params_in_compute_dtype
@@ -44,4 +44,7 @@ def model_apply_fn(model: LoadedModel, cfg: DiTConfig | None = None, execution: 
 
         fn, bundle = quantized_apply_fn(model, cfg)
         return fn, with_compute_params(bundle, cfg)
-    return dit_apply_fn(cfg), with_compute_params(model.params, cfg)
+    from qdit_jax.quant.fused_float import fused_float_apply_fn
+
+    # bf16 on Hopper: the gated residuals in the proj / fc2 GEMMs' epilogues; elsewhere the model as written
+    return fused_float_apply_fn(cfg), with_compute_params(model.params, cfg)

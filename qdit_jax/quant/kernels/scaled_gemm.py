@@ -22,6 +22,12 @@ GROUP_MODES). At XL/2's shapes 1.4-1.7x the per-channel kernel's time, 2.2-2.8x 
 Triton group kernel (``kernels.group_gemm``), which stays for 4-bit weights kept packed on the
 device (``RealModel.variables(unpack_w4=False)``; by default they are unpacked to int8 codes at load).
 
+bf16 form (``gemm_bf16_mosaic``, reference ``gemm_bf16_xla``): the same kernel on bf16 operands (64-deep
+K steps, no scales, weights (N, K) or a Flax Dense kernel's (K, N)), for the float model's proj / fc2
+with the gated residual in the epilogue (``quant.fused_float``). At XL/2's batch 256 on an H100 it runs
+at cuBLAS' speed (proj 264.4 vs 266.7 us with the bias, fc2 923.9 vs 961.2), and with the residual in
+338.8 / 990.6 us against cuBLAS + XLA's 552.4 / 1,229.9 (docs/RESULTS.md, eighteenth session).
+
 Same math as the XLA path (``group_gemm_xla`` at one group): the accumulator rounded as the XLA
 product is (fp8: float32 to bf16; int8: int32 to float32), then scaled and biased in float32 and
 rounded to bf16, then ``x + gate * y`` with the model's bf16 roundings. On an H100 the outputs equal
@@ -64,35 +70,56 @@ GROUP_TILE_M, GROUP_STEPS = 64, 4  # the fastest tiling measured on the H100
 CODE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))  # wgmma: float32 / int32 accumulation
 
 
+def _runtime_why(platform: str | None) -> str | None:
+    """Why the kernel cannot run on ``platform`` (None: it can): GPU, Hopper, Pallas Mosaic GPU."""
+    platform = platform or jax.default_backend()
+    if platform != "gpu":
+        return f"platform is {platform}, the kernel is GPU-only"
+    if platform == jax.default_backend() and not is_hopper():
+        return "the kernel uses Hopper's wgmma (compute capability 9.x)"
+    try:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+    except ImportError as e:  # pragma: no cover - depends on the JAX build
+        return f"Pallas Mosaic GPU is not available ({e})"
+    if not all(hasattr(plgpu, f) for f in ("kernel", "emit_pipeline_warp_specialized", "nd_loop")):
+        return "this JAX's Pallas Mosaic GPU lacks kernel / emit_pipeline_warp_specialized / nd_loop"
+    return None
+
+
+def _shape_why(m: int, n: int, k: int, tile_m: int, tile_n: int, tile_k: int, rows_per_gate: int | None) -> str | None:
+    """Why (M, N, K) and the gate's rows do not fit the tiles (None: they do)."""
+    if m % (2 * tile_m) or n % tile_n or k % tile_k:
+        return f"(M, N, K) = ({m}, {n}, {k}) is not a multiple of ({2 * tile_m}, {tile_n}, {tile_k})"
+    if rows_per_gate is not None and (rows_per_gate % tile_m or m % rows_per_gate):
+        return f"{rows_per_gate} rows per gate row is not a multiple of the {tile_m}-row tile or of M = {m}"
+    return None
+
+
 def scaled_gemm_applies(m: int, n: int, k: int, a_dtype: Any, w_dtype: Any, *, groups: int = 1,
                         tile_m: int | None = None, tile_n: int = TILE_N, rows_per_gate: int | None = None,
                         platform: str | None = None) -> tuple[bool, str]:
     """Whether the kernel can compute an (M, K) x (N, K)^T fp8 / int8 product block of width N, with
     ``groups`` scale groups along K (1: per token x per channel), with a gated residual whose gate
     changes every ``rows_per_gate`` rows if given; and if not, why."""
-    platform = platform or jax.default_backend()
-    if platform != "gpu":
-        return False, f"platform is {platform}, the kernel is GPU-only"
-    if platform == jax.default_backend() and not is_hopper():
-        return False, "the kernel uses Hopper's wgmma (compute capability 9.x)"
-    if jnp.dtype(a_dtype) != jnp.dtype(w_dtype) or jnp.dtype(a_dtype) not in CODE_DTYPES:
-        return False, (f"operands {jnp.dtype(a_dtype)} x {jnp.dtype(w_dtype)}: the kernel takes fp8 e4m3 x fp8 e4m3 "
-                       "or int8 x int8 codes")
+    why = _runtime_why(platform)
+    if why is None and (jnp.dtype(a_dtype) != jnp.dtype(w_dtype) or jnp.dtype(a_dtype) not in CODE_DTYPES):
+        why = (f"operands {jnp.dtype(a_dtype)} x {jnp.dtype(w_dtype)}: the kernel takes fp8 e4m3 x fp8 e4m3 "
+               "or int8 x int8 codes")
     tile_m = default_tiling(groups)[0] if tile_m is None else tile_m
-    if m % (2 * tile_m) or n % tile_n or k % TILE_K:
-        return False, f"(M, N, K) = ({m}, {n}, {k}) is not a multiple of ({2 * tile_m}, {tile_n}, {TILE_K})"
-    if groups > 1 and k != groups * TILE_K:
-        return False, f"groups of {k // groups if k % groups == 0 else k / groups} input channels; the kernel " \
-                      f"applies group scales per {TILE_K}-deep K step (group size {TILE_K} only)"
-    if rows_per_gate is not None and (rows_per_gate % tile_m or m % rows_per_gate):
-        return False, f"{rows_per_gate} rows per gate row is not a multiple of the {tile_m}-row tile or of M = {m}"
-    try:
-        from jax.experimental.pallas import mosaic_gpu as plgpu
-    except ImportError as e:  # pragma: no cover - depends on the JAX build
-        return False, f"Pallas Mosaic GPU is not available ({e})"
-    if not all(hasattr(plgpu, f) for f in ("kernel", "emit_pipeline_warp_specialized", "nd_loop")):
-        return False, "this JAX's Pallas Mosaic GPU lacks kernel / emit_pipeline_warp_specialized / nd_loop"
-    return True, "ok"
+    why = why or _shape_why(m, n, k, tile_m, tile_n, TILE_K, None)
+    if why is None and groups > 1 and k != groups * TILE_K:
+        why = (f"groups of {k // groups if k % groups == 0 else k / groups} input channels; the kernel "
+               f"applies group scales per {TILE_K}-deep K step (group size {TILE_K} only)")
+    why = why or _shape_why(m, n, k, tile_m, tile_n, TILE_K, rows_per_gate)
+    return (False, why) if why else (True, "ok")
+
+
+def bf16_gemm_applies(m: int, n: int, k: int, *, tile_m: int = TILE_M, tile_n: int = TILE_N,
+                      rows_per_gate: int | None = None, platform: str | None = None) -> tuple[bool, str]:
+    """Whether ``gemm_bf16_mosaic`` can compute an (M, K) x (K, N) bf16 product (with a gated residual
+    whose gate changes every ``rows_per_gate`` rows if given); and if not, why."""
+    why = _runtime_why(platform) or _shape_why(m, n, k, tile_m, tile_n, TILE_K // 2, rows_per_gate)
+    return (False, why) if why else (True, "ok")
 
 
 def _groups(sa: jax.Array) -> int:
@@ -199,8 +226,6 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     ``chain``: one pipeline across each CTA's output tiles (``chained_steps``), so that the memory
     warpgroup loads the next tile's first K steps during this tile's last steps and epilogue; False
     restarts the pipeline per tile (its prologue loads wait for the previous tile's K loop to end)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
     groups = _groups(sa)
@@ -233,18 +258,59 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                  int_codes=jnp.dtype(a.dtype) == jnp.dtype(jnp.int8), residual=residual is not None,
                  rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, out_dtype=out_dtype, codes_wg=codes_wg)
 
+    return _launch(plan, num_sms, a, w, sa, sw, bias, residual, gate, approx_tanh)
+
+
+def _launch(plan: Plan, num_sms: int, a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array,
+            residual: jax.Array | None, gate: jax.Array | None, approx_tanh: bool) -> Any:
+    """The persistent kernel of ``plan`` over ``num_sms`` CTAs."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
     def kernel(*refs: Any) -> None:
         kernel_body(plan, *refs)
 
-    out_type = jax.ShapeDtypeStruct((m, n), out_dtype)
-    if gelu_codes is not None:
-        out_type = (out_type, jax.ShapeDtypeStruct((n // tile_n, m), jnp.float32))
+    m = a.shape[0]
+    out_type = jax.ShapeDtypeStruct((m, plan.n), plan.out_dtype)
+    if plan.gelu_codes is not None:
+        out_type = (out_type, jax.ShapeDtypeStruct((plan.n_tiles, m), jnp.float32))
     # approx_math: tanh.approx.f32 for the GELU's tanh (division and the rest stay exact)
-    params = plgpu.CompilerParams(approx_math=gelu_codes is not None and approx_tanh)
+    params = plgpu.CompilerParams(approx_math=plan.gelu_codes is not None and approx_tanh)
     call = plgpu.kernel(kernel, out_type=out_type, grid=(num_sms,), grid_names=("sm",),
                         num_threads=4 if plan.codes_wg else 3, thread_name="wg", compiler_params=params)
     with _compute_registers(CODES_WG_REGISTERS[0] if plan.codes_wg else None):
         return call(a, w, sa, sw, bias, *(() if residual is None else (residual, gate)))
+
+
+@functools.partial(jax.jit, static_argnames=("n_off", "n", "w_kn", "tile_m", "tile_n", "steps", "chain"))
+def gemm_bf16_mosaic(a: jax.Array, w: jax.Array, bias: jax.Array | None, *, n_off: int = 0, n: int | None = None,
+                     residual: jax.Array | None = None, gate: jax.Array | None = None, w_kn: bool = False,
+                     tile_m: int = TILE_M, tile_n: int = TILE_N, steps: int | None = None, chain: bool = True
+                     ) -> jax.Array:
+    """Columns ``n_off : n_off + n`` of ``a @ w.T + bias`` (or ``residual + gate * (a @ w.T + bias)``) in bf16
+    with bf16 operands: the same persistent kernel and epilogue as ``scaled_gemm_mosaic`` without scales
+    (64-deep K steps: 128-byte rows of bf16), the product rounded to bf16 as the float model's. ``w`` is
+    (N_total, K), or with ``w_kn`` (K, N_total) as a Flax Dense kernel (``a @ w + bias``)."""
+    m, k = a.shape
+    n_total, w_k = (w.shape[1], w.shape[0]) if w_kn else w.shape
+    if w_k != k:
+        raise ValueError(f"weights {w.shape} ({'(K, N)' if w_kn else '(N, K)'}) do not match the input's K = {k}")
+    n = n_total - n_off if n is None else n
+    unused = jnp.ones((1,), jnp.float32)  # the scale operands, which a bf16 plan never reads
+    _check_call(a, unused, unused, n_off, n, tile_m, tile_n, residual, gate, None)
+    num_sms = jax.devices()[0].core_count
+    steps, chained = chained_steps(k // (TILE_K // 2), (m // (2 * tile_m)) * (n // tile_n), num_sms,
+                                   STEPS if steps is None else steps, chain, explicit=steps is not None)
+    rows_per_gate = m
+    if residual is not None:
+        rows_per_gate = m // gate.shape[0]
+        gate = gate.astype(jnp.float32).reshape(-1)
+        residual = residual.astype(jnp.bfloat16)
+    bias = jnp.zeros((n_total,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    plan = Plan(n_off=n_off, n=n, k=k, tile_m=tile_m, tile_n=tile_n, steps=steps, chained=chained,
+                m_tiles=m // (2 * tile_m), groups=1, group_mode=None, int_codes=False, residual=residual is not None,
+                rows_per_gate=rows_per_gate, gelu_codes=None, out_dtype=jnp.bfloat16, bf16=True, w_kn=w_kn)
+    return _launch(plan, num_sms, a.astype(jnp.bfloat16), w.astype(jnp.bfloat16), unused, unused, bias, residual,
+                   gate, False)
 
 
 _REGISTERS_LOCK = threading.Lock()
@@ -301,3 +367,20 @@ def scaled_gemm_xla(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bi
     g = gate.astype(jnp.bfloat16)
     y3 = y.reshape(g.shape[0], -1, n)
     return (residual.astype(jnp.bfloat16).reshape(y3.shape) + g[:, None, :] * y3).reshape(y.shape)
+
+
+def gemm_bf16_xla(a: jax.Array, w: jax.Array, bias: jax.Array | None, *, n_off: int = 0, n: int | None = None,
+                  residual: jax.Array | None = None, gate: jax.Array | None = None, w_kn: bool = False) -> jax.Array:
+    """``gemm_bf16_mosaic``'s function in XLA (the reference): the bf16 product accumulated in float32
+    and rounded to bf16, the bias added and rounded, then ``residual + gate * y`` with each step rounded
+    to bf16, as the bf16 DiT's Dense and GatedResidual compute them."""
+    bf16 = jnp.bfloat16
+    wt = w if w_kn else w.T
+    n = wt.shape[1] - n_off if n is None else n
+    p = jnp.dot(a.astype(bf16), wt[:, n_off:n_off + n].astype(bf16), preferred_element_type=jnp.float32).astype(bf16)
+    y = p if bias is None else (p.astype(jnp.float32) + bias[n_off:n_off + n].astype(jnp.float32)).astype(bf16)
+    if residual is None:
+        return y
+    g = gate.astype(bf16)
+    y3 = y.reshape(g.shape[0], -1, n)
+    return (residual.astype(bf16).reshape(y3.shape) + g[:, None, :] * y3).reshape(y.shape)

@@ -40,6 +40,13 @@ class Plan:
     gelu_codes: Any  # the next layer's activation spec, or None
     out_dtype: Any
     codes_wg: bool = False  # the codes epilogue run by a fourth warpgroup (``_codes_warpgroup``)
+    bf16: bool = False  # bf16 operands, no scales (the float model's GEMM with this epilogue)
+    w_kn: bool = False  # weights stored (K, N) (a Flax Dense kernel; bf16 only), else (N, K)
+
+    @property
+    def tile_k(self) -> int:
+        """K elements per pipeline step: one 128-byte swizzled row (fp8 / int8: 128, bf16: 64)."""
+        return TILE_K // 2 if self.bf16 else TILE_K
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -97,14 +104,16 @@ def _pipeline(plan: Plan, body: Any, ctx: Any, state: Any = None) -> Any:
     rows) through ``plan.steps`` slots; two compute warpgroups run ``body`` per K step inside ``ctx``."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    tr = (plgpu.TilingTransform((8, TILE_K)), plgpu.SwizzleTransform(128))  # 128-byte rows of fp8
-    specs = [plgpu.BlockSpec((plan.cta_m, TILE_K), lambda kk: (0, kk), transforms=tr),
-             plgpu.BlockSpec((plan.tile_n, TILE_K), lambda kk: (0, kk), transforms=tr)]
+    tk = plan.tile_k
+    tr = (plgpu.TilingTransform((8, tk)), plgpu.SwizzleTransform(128))  # 128-byte rows
+    specs = [plgpu.BlockSpec((plan.cta_m, tk), lambda kk: (0, kk), transforms=tr),
+             plgpu.BlockSpec((tk, plan.tile_n), lambda kk: (kk, 0), transforms=tr) if plan.w_kn else
+             plgpu.BlockSpec((plan.tile_n, tk), lambda kk: (0, kk), transforms=tr)]
     if plan.groups > 1:  # this K step's scale rows come with its tiles, by TMA
         specs += [plgpu.BlockSpec((1, plan.cta_m), lambda kk: (kk, 0)),
                   plgpu.BlockSpec((1, plan.tile_n), lambda kk: (kk, 0))]
     return plgpu.emit_pipeline_warp_specialized(
-        body, grid=(plan.k // TILE_K,), memory_registers=40, in_specs=specs,
+        body, grid=(plan.k // tk,), memory_registers=40, in_specs=specs,
         wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=plan.steps, compute_context=ctx,
         pipeline_state=state)
 
@@ -114,7 +123,7 @@ def _pipeline_operands(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gm
     from jax.experimental import pallas as pl
 
     cols = pl.ds((plan.n_off // plan.tile_n + pn) * plan.tile_n, plan.tile_n)
-    ops = (a_gmem.at[pl.ds(pm * plan.cta_m, plan.cta_m)], w_gmem.at[cols])
+    ops = (a_gmem.at[pl.ds(pm * plan.cta_m, plan.cta_m)], w_gmem.at[:, cols] if plan.w_kn else w_gmem.at[cols])
     if plan.groups > 1:
         ops += (sa_gmem.at[:, pl.ds(pm * plan.cta_m, plan.cta_m)], sw_gmem.at[:, cols])
     return ops
@@ -134,11 +143,12 @@ def _chain_state(info: Any) -> jax.Array:
 
 def _issue(plan: Plan, wg: Any, a_smem: Any, w_smem: Any, acc_ref: Any) -> None:
     """This warpgroup's wgmma (fp8 / int8 takes B K-major: the (tile_n, K) weight tile, transposed as a
-    view)."""
+    view; bf16 weights stored (K, N) go as they are)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    plgpu.wgmma(acc_ref, a_smem.at[pl.ds(wg * plan.tile_m, plan.tile_m)], plgpu.transpose_ref(w_smem, (1, 0)))
+    b = w_smem if plan.w_kn else plgpu.transpose_ref(w_smem, (1, 0))
+    plgpu.wgmma(acc_ref, a_smem.at[pl.ds(wg * plan.tile_m, plan.tile_m)], b)
 
 
 def _product(plan: Plan, wg: Any, a_smem: Any, w_smem: Any, acc_ref: Any) -> None:
@@ -261,6 +271,8 @@ def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, eval_pi
             eval_pipeline(acc_ref)
             return acc_ref[...]
 
+        if plan.bf16:  # rounded as the float model's bf16 product
+            return [y.astype(jnp.bfloat16).astype(jnp.float32)]
         s_a = plgpu.load(refs.sa.at[pl.ds(rows, plan.tile_m)], (), layout=row_l, optimized=False)
         s_w = plgpu.load(refs.sw.at[wcols], (), layout=col_l, optimized=False)
         # rounded as the XLA path's product: int32 sums to float32, fp8 to bf16

@@ -256,3 +256,28 @@ def test_chained_pipeline_equals_per_tile_pipelines(dtype, groups):
         assert np.abs(want).max() > 1
         np.testing.assert_array_equal(chained, per_tile)
         assert np.mean(chained == want) > 0.99
+
+
+@pytest.mark.parametrize("w_kn", [True, False])
+@pytest.mark.parametrize("k, n", [(C, C), (HIDDEN, C), (C, HIDDEN)])
+def test_bf16_gemm_matches_xla(k, n, w_kn):
+    """The bf16 form of the kernel (the float model's proj / fc2 with the gated residual; fc1's shape
+    without) against ``gemm_bf16_xla``, on random bf16 data."""
+    from qdit_jax.quant.kernels.scaled_gemm import bf16_gemm_applies, gemm_bf16_mosaic, gemm_bf16_xla
+
+    r = np.random.default_rng(5)
+    m = B * T
+    ok, why = bf16_gemm_applies(m, n, k, rows_per_gate=T)
+    if not ok:
+        pytest.skip(why)
+    a = jnp.asarray(r.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(r.standard_normal((k, n) if w_kn else (n, k)) / np.sqrt(k), jnp.bfloat16)
+    b = jnp.asarray(r.standard_normal(n) * 0.1, jnp.float32)
+    x = jnp.asarray(r.standard_normal((m, n)) * 4, jnp.bfloat16)
+    g = jnp.asarray(r.standard_normal((B, n)) * 0.5, jnp.bfloat16)
+    for kw in ({}, dict(residual=x, gate=g)):
+        got = np.asarray(jax.jit(lambda *v, kw=kw: gemm_bf16_mosaic(*v, w_kn=w_kn, **kw))(a, w, b), np.float32)
+        want = np.asarray(jax.jit(lambda *v, kw=kw: gemm_bf16_xla(*v, w_kn=w_kn, **kw))(a, w, b), np.float32)
+        assert np.abs(want).max() > 1
+        assert np.mean(got == want) > 0.99  # the rest one bf16 ulp: float32 sums in another order
+        np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2 ** -6)

@@ -7,7 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_xla
+from qdit_jax.quant.kernels.scaled_gemm import bf16_gemm_applies, gemm_bf16_xla, scaled_gemm_applies, scaled_gemm_xla
 
 F8 = jnp.float8_e4m3fn
 
@@ -20,6 +20,46 @@ def test_guard_names_why():
     assert "int8 x int8" in scaled_gemm_applies(65536, 1152, 1152, jnp.uint8, jnp.uint8, platform="gpu")[1]
     assert "multiple" in scaled_gemm_applies(65536, 1000, 1152, F8, F8, platform="gpu")[1]
     assert "multiple" in scaled_gemm_applies(100, 1152, 1152, F8, F8, platform="gpu")[1]
+
+
+def test_bf16_guard_names_why():
+    """The bf16 form steps K by 64 (128-byte rows of bf16), so K = 64 x odd fits it and not the codes form."""
+    assert bf16_gemm_applies(65536, 1152, 1152, rows_per_gate=256, platform="gpu") == (True, "ok")
+    assert bf16_gemm_applies(512, 256, 192, platform="gpu") == (True, "ok")
+    assert not scaled_gemm_applies(512, 256, 192, F8, F8, platform="gpu")[0]
+    assert "GPU-only" in bf16_gemm_applies(65536, 1152, 1152, platform="cpu")[1]
+    assert "(256, 128, 64)" in bf16_gemm_applies(65536, 1152, 1000, platform="gpu")[1]
+    assert "rows per gate" in bf16_gemm_applies(65536, 1152, 1152, rows_per_gate=64, platform="gpu")[1]
+
+
+@pytest.mark.parametrize("w_kn", [False, True])
+def test_bf16_xla_formulation(w_kn):
+    """``gemm_bf16_xla`` (the bf16 kernel's reference): bf16(bf16(a @ w) + b), then the gated residual
+    with each step rounded to bf16, against float64 NumPy."""
+    r = np.random.default_rng(2)
+    m, k, n_all, n_off, n, g_rows = 32, 64, 96, 32, 32, 4
+    a = r.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
+    w = (r.standard_normal((k, n_all)) / 8).astype(ml_dtypes.bfloat16)
+    b = r.standard_normal(n_all).astype(np.float32)
+    x = (r.standard_normal((m, n)) * 4).astype(ml_dtypes.bfloat16)
+    gate = r.standard_normal((g_rows, n)).astype(ml_dtypes.bfloat16)
+    wj = jnp.asarray(w if w_kn else w.T)
+    kw = dict(n_off=n_off, n=n, w_kn=w_kn)
+    plain = np.asarray(gemm_bf16_xla(jnp.asarray(a), wj, jnp.asarray(b), **kw), np.float64)
+    gated = np.asarray(gemm_bf16_xla(jnp.asarray(a), wj, jnp.asarray(b), residual=jnp.asarray(x),
+                                     gate=jnp.asarray(gate), **kw), np.float64)
+
+    def bf(v: np.ndarray) -> np.ndarray:
+        return v.astype(ml_dtypes.bfloat16).astype(np.float64)
+
+    f64 = np.float64
+    y = bf(bf(a.astype(f64) @ w.astype(f64)[:, n_off:n_off + n]) + b[n_off:n_off + n])
+    g = np.repeat(gate.astype(f64), m // g_rows, axis=0)
+    want = bf(x.astype(f64) + bf(g * y))
+    assert np.mean(plain == y) > 0.99 and np.mean(gated == want) > 0.99
+    np.testing.assert_allclose(plain, y, rtol=2 ** -7)
+    np.testing.assert_allclose(gated, want, rtol=2 ** -7, atol=2 ** -5)
+    assert np.abs(want - x.astype(f64)).max() > 0.5  # the GEMM term is not negligible
 
 
 def test_xla_formulation_is_bf16_product_then_scales():

@@ -221,3 +221,40 @@ def test_codes_warpgroup_without_the_pallas_hook_says_so(monkeypatch):
     spec = QuantSpec(bits=8, group_size=128, symmetric=True)
     with pytest.raises(NotImplementedError, match="codes_wg=False"):  # a shape no other test traces (jit's cache)
         _lower(jnp.int8, C, 6 * C, C // 128, gelu_codes=spec, codes_wg=True)
+
+
+BF16_CASES = {  # (K, N, weights stored (K, N), gated residual)
+    "bf16 (N, K) weights": (C, C, False, False),
+    "bf16 (K, N) weights + residual": (4 * C, C, True, True),
+    "bf16 (K, N) weights, wide": (C, 4 * C, True, False),
+    "bf16, K of 64-deep steps only": (3 * 64, C, True, False),
+}
+
+
+@pytest.mark.parametrize("case", list(BF16_CASES))
+def test_bf16_kernel_lowers_for_cuda(case, monkeypatch):
+    """``gemm_bf16_mosaic`` (the float model's proj / fc2 with the residual) lowers to one Mosaic call,
+    and its weight layouts lower to different kernels."""
+    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
+    k, n, w_kn, residual = BF16_CASES[case]
+
+    def lower(w_kn: bool) -> str:
+        bf = jnp.bfloat16
+        args = [jax.ShapeDtypeStruct((M, k), bf), jax.ShapeDtypeStruct((k, n) if w_kn else (n, k), bf),
+                jax.ShapeDtypeStruct((n,), jnp.float32)]
+        extra = {}
+        if residual:
+            extra = dict(residual=jax.ShapeDtypeStruct((M, n), bf), gate=jax.ShapeDtypeStruct((M // 256, n), bf))
+        fn = jax.jit(lambda a, w, b, **e: sg.gemm_bf16_mosaic(a, w, b, w_kn=w_kn, **e))
+        return fn.trace(*args, **extra).lower(lowering_platforms=("cuda",)).as_text()
+
+    text = lower(w_kn)
+    assert text.count("custom_call @mosaic_gpu") == 1
+    assert text != lower(not w_kn)
+
+
+def test_bf16_kernel_rejects_mismatched_weights(monkeypatch):
+    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
+    a = jnp.zeros((M, C), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"do not match the input's K = 256"):
+        sg.gemm_bf16_mosaic(a, jnp.zeros((C, 2 * C), jnp.bfloat16), None)  # (N, K) read as N = C, K = 2C

@@ -1,0 +1,116 @@
+"""The float (bf16) DiT with adaLN-Zero's gated residuals in its GEMMs' epilogues, on Hopper.
+
+Why: in the bf16 forward XLA computes each block's proj and fc2 on cuBLAS and the gated residuals
+``x + gate * y`` as separate passes over the residual stream (a loop fusion reading x, y1 and y2
+after fc2, and y1 read again by the second LayerNorm's fusion): ~360 us a block at DiT-XL/2's batch
+256. The real low-bit path's persistent GEMM (``kernels.scaled_gemm``) in its bf16 form
+(``gemm_bf16_mosaic``) runs these two GEMMs at cuBLAS' speed with the residual in its epilogue, so
+y1 / y2 are never written (docs/RESULTS.md, eighteenth session).
+
+How: an interceptor, as the real mode's: every bf16 ``nn.Dense`` output is recorded with its input
+and parameters; a ``GatedResidual`` whose ``y`` is such an output reruns that Dense through the
+kernel with the residual (XLA drops the first GEMM, whose output is then unused). Where the kernel's
+guard refuses (not Hopper, not bf16, shapes off the tiles), the model runs as written. The model
+code is unchanged; the function is the model's (the product rounded to bf16, then bias, gate and
+residual each rounded to bf16 as the bf16 model's ops are).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from qdit_jax.models.dit import DiT, DiTConfig, GatedResidual, SplitQKVDense
+from qdit_jax.quant.kernels.scaled_gemm import TILE_M, TILE_N, bf16_gemm_applies, gemm_bf16_mosaic
+from qdit_jax.quant.real import Traced, call_args
+
+RESIDUAL_GEMMS = ("auto", "xla", "mosaic")
+
+
+class DenseSource(NamedTuple):
+    """A bf16 Dense's output ``out`` with its (M, K) input and parameters (kernel (K, N), bias (N,))."""
+
+    out: jax.Array
+    x2: jax.Array
+    kernel: jax.Array
+    bias: jax.Array | None
+
+
+def residual_gemm(x: jax.Array, gate: jax.Array, src: DenseSource, force: bool = False) -> jax.Array | None:
+    """``x + gate[:, None] * src.out`` as one bf16 GEMM with the gated residual in its epilogue, or None
+    where the kernel does not apply (``force``: raise instead, naming why)."""
+    m, k = src.x2.shape
+    n = src.kernel.shape[1]
+    bf16 = jnp.dtype(jnp.bfloat16)
+    why = None
+    if x.ndim != 3 or x.shape[0] * x.shape[1] != m or x.shape[2] != n or gate.shape != (x.shape[0], n):
+        why = f"residual {x.shape} / gate {gate.shape} do not match the Dense's ({m}, {n}) output"
+    elif any(jnp.dtype(a.dtype) != bf16 for a in (x, gate, src.out)):
+        why = "the residual, gate and Dense output must be bf16"
+    else:
+        ok, why = bf16_gemm_applies(m, n, k, rows_per_gate=x.shape[1])
+        why = None if ok else why
+    if why is not None:
+        if force:
+            raise ValueError(f"residual_gemm='mosaic': {why}")
+        return None
+    y = gemm_bf16_mosaic(src.x2, src.kernel.astype(jnp.bfloat16), src.bias, residual=x.reshape(m, n), gate=gate,
+                         w_kn=True)
+    return y.reshape(x.shape)
+
+
+def _make_interceptor(force: bool) -> Callable:
+    dense_out = Traced()
+
+    def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        module = context.module
+        if type(module) is GatedResidual:
+            x, gate, y = call_args(args, kwargs, ("x", "gate", "y"))
+            src = dense_out.get(y)
+            out = None if src is None else residual_gemm(x, gate, src, force)
+            return next_fun(*args, **kwargs) if out is None else out
+        out = next_fun(*args, **kwargs)
+        if (isinstance(module, nn.Dense) and not isinstance(module, SplitQKVDense) and not kwargs
+                and jnp.dtype(out.dtype) == jnp.dtype(jnp.bfloat16)):
+            x = args[0]
+            params = module.variables.get("params", {})
+            if "kernel" in params and x.ndim >= 2:
+                dense_out.put(DenseSource(out, x.reshape(-1, x.shape[-1]), params["kernel"], params.get("bias")))
+        return out
+
+    return interceptor
+
+
+@contextlib.contextmanager
+def fused_residuals(force: bool = False) -> Iterator[None]:
+    """Within this context, each gated residual fed by a bf16 Dense runs as that Dense's GEMM with the
+    residual in its epilogue where the kernel applies (``force``: everywhere, or a ValueError)."""
+    with nn.intercept_methods(_make_interceptor(force)):
+        yield
+
+
+def kernel_available() -> bool:
+    """Whether the bf16 residual GEMM can run here (a Hopper GPU with Pallas Mosaic GPU)."""
+    return bf16_gemm_applies(2 * TILE_M, TILE_N, 64, rows_per_gate=2 * TILE_M)[0]
+
+
+def fused_float_apply_fn(cfg: DiTConfig, residual_gemm: str = "auto") -> Callable:
+    """The float forward as an ``apply_fn(params, x, t, y)``: with ``residual_gemm`` 'auto' the gated
+    residuals in the GEMM epilogue where the kernel applies (bf16 on Hopper), 'mosaic' everywhere (an
+    error where it cannot), 'xla' the model as written."""
+    if residual_gemm not in RESIDUAL_GEMMS:
+        raise ValueError(f"residual_gemm must be one of {RESIDUAL_GEMMS}, got {residual_gemm!r}")
+    model = DiT(cfg)
+    if residual_gemm == "xla" or (residual_gemm == "auto" and not kernel_available()):
+        return lambda params, x, t, y: model.apply({"params": params}, x, t, y)
+
+    def apply_fn(params: Any, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+        with fused_residuals(force=residual_gemm == "mosaic"):
+            return model.apply({"params": params}, x, t, y)
+
+    return apply_fn
