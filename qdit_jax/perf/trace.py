@@ -26,6 +26,7 @@ KINDS = ("gemm", "gemm-fusion", "triton-gemm", "attention", "pallas/triton", "fu
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-$]+)\s*=\s*(\([^=]*?\)|\S+)\s+([\w\-]+)\(")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
 _FUSION_KIND = re.compile(r'"kind":"([^"]+)"')
 _CALLS = re.compile(r"calls=%?([\w.\-$]+)")
 KERNEL_PREFIX = "kernel:"  # names of kernels known without an HLO annotation
@@ -85,6 +86,8 @@ def _classify(opcode: str, line: str) -> str:
             return "gemm"
         if "fmha" in target or "cudnn" in target or "attention" in target:
             return "attention"
+        if "attention" in (_OP_NAME.search(line) or [None, ""])[1].lower():
+            return "attention"  # our attention kernels (Mosaic / Triton) run in a named scope saying so
         if "triton" in target or "mosaic" in target or "pallas" in target:
             return "pallas/triton"
         return "other"

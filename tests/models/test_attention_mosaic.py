@@ -66,6 +66,11 @@ def test_kernel_lowers_for_cuda_as_one_mosaic_call(d, heads, tokens, monkeypatch
     text = am.attention_mosaic.trace(sds, sds, sds).lower(lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"stablehlo.custom_call @mosaic_gpu", text)) == 1
     assert "stablehlo.dot" not in text and "stablehlo.broadcast" not in text  # no XLA attention beside it
+    # in the attention_mosaic name scope, so that profiles (perf.trace) file it under attention
+    debug = am.attention_mosaic.trace(sds, sds, sds).lower(lowering_platforms=("cuda",)).as_text(debug_info=True)
+    call = next(line for line in debug.splitlines() if "custom_call @mosaic_gpu" in line)
+    loc = re.search(r"loc\((#loc\d+)\)\s*$", call).group(1)
+    assert "attention_mosaic" in next(line for line in debug.splitlines() if line.startswith(loc + " "))
 
 
 def test_vmap_folds_the_mapped_axis_into_one_launch(monkeypatch):
@@ -128,9 +133,13 @@ def test_vmapped_kernel_equals_one_call_per_slice():
 
 @pytest.mark.skipif(not on_hopper, reason="routes to the Mosaic GPU kernel: Hopper only")
 def test_model_auto_attention_runs_the_mosaic_kernel_at_xl2_heads():
+    from qdit_jax.perf.trace import hlo_kinds
+
     q, k, v = _qkv((2, 256, 16, 72), seed=3)
     fn = jax.jit(lambda q, k, v: AttentionCore("auto").apply({}, q, k, v))
     assert "mosaic_gpu" in fn.lower(q, k, v).as_text()
+    kinds = [kind for kind, _ in hlo_kinds(fn.lower(q, k, v).compile().as_text()).values()]
+    assert "attention" in kinds and "pallas/triton" not in kinds  # profiles file the kernel under attention
     want = AttentionCore("xla").apply({}, q, k, v)
     assert np.abs(np.asarray(fn(q, k, v), np.float64) - np.asarray(want, np.float64)).max() < 0.05
 

@@ -29,6 +29,8 @@ ENTRY %main.3 (a: s8[64,32], b: s8[16,32], q: bf16[2,8,4,16]) -> bf16[64,16] {
   %custom-call.1 = (s32[64,16]{1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul"
   %custom-call.2 = (bf16[2,8,4,16]{3,2,1,0}, u8[0]{0}) custom-call(%q, %q, %q), custom_call_target="__cudnn$fmhaSoftmax"
   %custom-call.3 = bf16[64,16]{1,0} custom-call(%a, %b), custom_call_target="__gpu$xla.gpu.triton"
+  %custom-call.5 = bf16[2,8,64]{2,1,0} custom-call(%q, %q, %q), custom_call_target="mosaic_gpu_v2", metadata={op_name="jit(f)/DiT/blocks_0/attn/core/attention_mosaic/mpmd_map" source_file="x.py" source_line=1}
+  %custom-call.6 = bf16[64,16]{1,0} custom-call(%a, %b), custom_call_target="mosaic_gpu_v2", metadata={op_name="jit(f)/DiT/blocks_0/attn/qkv/mpmd_map" source_file="attention_x.py" source_line=1}
   %gemm_fusion = bf16[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
   %loop_fusion = bf16[64,16]{1,0} fusion(%a, %b), kind=kLoop, calls=%fused_dot
   %copy.4 = bf16[64,16]{0,1} copy(%custom-call.3)
@@ -38,9 +40,10 @@ ENTRY %main.3 (a: s8[64,32], b: s8[16,32], q: bf16[2,8,4,16]) -> bf16[64,16] {
 
 
 def test_custom_call_targets_counts_each_target():
-    assert custom_call_targets(HLO) == {"__cublas$lt$matmul": 1, "__cudnn$fmhaSoftmax": 1, "__gpu$xla.gpu.triton": 1}
+    assert custom_call_targets(HLO) == {"__cublas$lt$matmul": 1, "__cudnn$fmhaSoftmax": 1, "__gpu$xla.gpu.triton": 1,
+                                        "mosaic_gpu_v2": 2}
     assert custom_call_targets(HLO.replace("__gpu$xla.gpu.triton", "__cudnn$fmhaSoftmax")) == {
-        "__cublas$lt$matmul": 1, "__cudnn$fmhaSoftmax": 2}
+        "__cublas$lt$matmul": 1, "__cudnn$fmhaSoftmax": 2, "mosaic_gpu_v2": 2}
 
 
 def test_hlo_kinds_sorts_instructions():
@@ -48,6 +51,8 @@ def test_hlo_kinds_sorts_instructions():
     assert k["custom-call.1"] == "gemm"
     assert k["custom-call.2"] == "attention"
     assert k["custom-call.3"] == "pallas/triton"
+    assert k["custom-call.5"] == "attention"  # a Pallas kernel in an attention scope (models.attention_mosaic)
+    assert k["custom-call.6"] == "pallas/triton"  # a GEMM kernel: the source file's name does not count
     assert k["gemm_fusion"] == "triton-gemm"
     assert k["loop_fusion"] == "gemm-fusion"  # an XLA fusion that computes the dot itself
     assert k["gelu_fusion"] == "fusion"
@@ -104,8 +109,8 @@ def test_hlo_kinds_entry_only_skips_the_fused_computations():
     everything, entry = hlo_kinds(HLO), hlo_kinds(HLO, entry_only=True)
     assert "d" in everything and "t" in everything  # the dot / tanh inside fused computations
     assert "d" not in entry and "t" not in entry
-    assert set(entry) == {"a", "b", "q", "custom-call.1", "custom-call.2", "custom-call.3", "gemm_fusion",
-                          "loop_fusion", "copy.4", "gelu_fusion"}
+    assert set(entry) == {"a", "b", "q", "custom-call.1", "custom-call.2", "custom-call.3", "custom-call.5",
+                          "custom-call.6", "gemm_fusion", "loop_fusion", "copy.4", "gelu_fusion"}
 
 
 def test_idle_gaps_counts_idle_time_inside_calls_only():
