@@ -237,12 +237,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     num_sms = jax.devices()[0].core_count
     steps, chained = chained_steps(k // TILE_K, (m // (2 * tile_m)) * (n // tile_n), num_sms,
                                    steps0 if steps is None else steps, chain, explicit=steps is not None)
-    rows_per_gate = m
-    if residual is not None:
-        rows_per_gate = m // gate.shape[0]
-        gate = gate.astype(jnp.float32).reshape(-1)
-        residual = residual.astype(jnp.bfloat16)
-    bias = jnp.zeros((w.shape[0],), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    rows_per_gate, residual, gate, bias = _epilogue_operands(m, w.shape[0], residual, gate, bias)
     if groups == 1:
         sa, sw = sa.astype(jnp.float32).reshape(-1), sw.astype(jnp.float32).reshape(-1)
     else:
@@ -259,6 +254,19 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                  rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, out_dtype=out_dtype, codes_wg=codes_wg)
 
     return _launch(plan, num_sms, a, w, sa, sw, bias, residual, gate, approx_tanh)
+
+
+def _epilogue_operands(m: int, n_total: int, residual: jax.Array | None, gate: jax.Array | None,
+                       bias: jax.Array | None) -> tuple[int, Any, Any, jax.Array]:
+    """(rows per gate row, residual, gate, bias) as the kernel takes them: a bf16 residual, the gate
+    flattened to float32, a float32 bias (zeros when there is none)."""
+    rows_per_gate = m
+    if residual is not None:
+        rows_per_gate = m // gate.shape[0]
+        gate = gate.astype(jnp.float32).reshape(-1)
+        residual = residual.astype(jnp.bfloat16)
+    bias = jnp.zeros((n_total,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    return rows_per_gate, residual, gate, bias
 
 
 def _launch(plan: Plan, num_sms: int, a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array,
@@ -300,12 +308,7 @@ def gemm_bf16_mosaic(a: jax.Array, w: jax.Array, bias: jax.Array | None, *, n_of
     num_sms = jax.devices()[0].core_count
     steps, chained = chained_steps(k // (TILE_K // 2), (m // (2 * tile_m)) * (n // tile_n), num_sms,
                                    STEPS if steps is None else steps, chain, explicit=steps is not None)
-    rows_per_gate = m
-    if residual is not None:
-        rows_per_gate = m // gate.shape[0]
-        gate = gate.astype(jnp.float32).reshape(-1)
-        residual = residual.astype(jnp.bfloat16)
-    bias = jnp.zeros((n_total,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    rows_per_gate, residual, gate, bias = _epilogue_operands(m, n_total, residual, gate, bias)
     plan = Plan(n_off=n_off, n=n, k=k, tile_m=tile_m, tile_n=tile_n, steps=steps, chained=chained,
                 m_tiles=m // (2 * tile_m), groups=1, group_mode=None, int_codes=False, residual=residual is not None,
                 rows_per_gate=rows_per_gate, gelu_codes=None, out_dtype=jnp.bfloat16, bf16=True, w_kn=w_kn)
