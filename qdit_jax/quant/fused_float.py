@@ -1,11 +1,12 @@
 """The float (bf16) DiT with adaLN-Zero's gated residuals in its GEMMs' epilogues, on Hopper.
 
 Why: in the bf16 forward XLA computes each block's proj and fc2 on cuBLAS and the gated residuals
-``x + gate * y`` as separate passes over the residual stream (a loop fusion reading x, y1 and y2
-after fc2, and y1 read again by the second LayerNorm's fusion): ~360 us a block at DiT-XL/2's batch
-256. The real low-bit path's persistent GEMM (``kernels.scaled_gemm``) in its bf16 form
-(``gemm_bf16_mosaic``) runs these two GEMMs at cuBLAS' speed with the residual in its epilogue, so
-y1 / y2 are never written (docs/RESULTS.md, eighteenth session).
+``x + gate * y`` as passes over the residual stream (after fc2 a loop fusion reading x, y1 and y2,
+~190 us a block at DiT-XL/2's batch 256; and the second LayerNorm's fusion reads y1 beside x). The
+real low-bit path's persistent GEMM (``kernels.scaled_gemm``) in its bf16 form (``gemm_bf16_mosaic``)
+runs these two GEMMs at cuBLAS' speed, and with the residual in its epilogue y1 / y2 are never
+written: the XL/2 forward 1.8-2.4% faster at batch 256 on an H100 (docs/RESULTS.md, eighteenth
+session).
 
 How: an interceptor, as the real mode's: every bf16 ``nn.Dense`` output is recorded with its input
 and parameters; a ``GatedResidual`` whose ``y`` is such an output reruns that Dense through the
