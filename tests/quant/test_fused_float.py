@@ -90,3 +90,16 @@ def test_on_hopper_the_kernel_is_as_close_to_float32_as_the_model():
     assert kernels("mosaic") - kernels("xla") == 2 * cfg.depth
     assert _rel(fused, ref) < 1.5 * _rel(plain, ref) + 1e-3
     assert _rel(fused, plain) < 2e-2
+
+
+def test_shapes_the_kernel_refuses_run_as_written_or_fail_when_forced(monkeypatch):
+    """Where the guard refuses a layer, 'auto' leaves that residual to the model (no kernel call) and
+    'mosaic' raises naming the guard's reason."""
+    cfg, params, args = _model()
+    monkeypatch.setattr(ff, "kernel_available", lambda: True)
+    monkeypatch.setattr(ff, "bf16_gemm_applies", lambda *a, **k: (False, "rows per gate: 7"))
+    monkeypatch.setattr(ff, "gemm_bf16_mosaic", lambda *a, **k: pytest.fail("the kernel was called"))
+    want = DiT(cfg).apply({"params": params}, *args)
+    np.testing.assert_array_equal(np.asarray(ff.fused_float_apply_fn(cfg, "auto")(params, *args)), np.asarray(want))
+    with pytest.raises(ValueError, match="residual_gemm='mosaic': rows per gate: 7"):
+        ff.fused_float_apply_fn(cfg, "mosaic")(params, *args)
