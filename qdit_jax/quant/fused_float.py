@@ -24,9 +24,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from qdit_jax.diffusion.pipeline import dit_apply_fn
 from qdit_jax.models.dit import DiT, DiTConfig, GatedResidual, SplitQKVDense
-from qdit_jax.quant.kernels.scaled_gemm import TILE_M, TILE_N, bf16_gemm_applies, gemm_bf16_mosaic
+from qdit_jax.quant.kernels.scaled_gemm import BF16_TILE_K, TILE_M, TILE_N, bf16_gemm_applies, gemm_bf16_mosaic
 from qdit_jax.quant.real import Traced, call_args
+from qdit_jax.quant.real_layers import residual_mismatch
 
 RESIDUAL_GEMMS = ("auto", "xla", "mosaic")
 
@@ -45,13 +47,8 @@ def residual_gemm(x: jax.Array, gate: jax.Array, src: DenseSource, force: bool =
     where the kernel does not apply (``force``: raise instead, naming why)."""
     m, k = src.x2.shape
     n = src.kernel.shape[1]
-    bf16 = jnp.dtype(jnp.bfloat16)
-    why = None
-    if x.ndim != 3 or x.shape[0] * x.shape[1] != m or x.shape[2] != n or gate.shape != (x.shape[0], n):
-        why = f"residual {x.shape} / gate {gate.shape} do not match the Dense's ({m}, {n}) output"
-    elif any(jnp.dtype(a.dtype) != bf16 for a in (x, gate, src.out)):
-        why = "the residual, gate and Dense output must be bf16"
-    else:
+    why = residual_mismatch(x, gate, src.out, m, n)
+    if why is None:
         ok, why = bf16_gemm_applies(m, n, k, rows_per_gate=x.shape[1])
         why = None if ok else why
     if why is not None:
@@ -97,7 +94,7 @@ def fused_residuals(force: bool = False) -> Iterator[None]:
 
 def kernel_available() -> bool:
     """Whether the bf16 residual GEMM can run here (a Hopper GPU with Pallas Mosaic GPU)."""
-    return bf16_gemm_applies(2 * TILE_M, TILE_N, 64, rows_per_gate=2 * TILE_M)[0]
+    return bf16_gemm_applies(2 * TILE_M, TILE_N, BF16_TILE_K, rows_per_gate=2 * TILE_M)[0]
 
 
 def fused_float_apply_fn(cfg: DiTConfig, residual_gemm: str = "auto") -> Callable:
@@ -106,9 +103,9 @@ def fused_float_apply_fn(cfg: DiTConfig, residual_gemm: str = "auto") -> Callabl
     error where it cannot), 'xla' the model as written."""
     if residual_gemm not in RESIDUAL_GEMMS:
         raise ValueError(f"residual_gemm must be one of {RESIDUAL_GEMMS}, got {residual_gemm!r}")
-    model = DiT(cfg)
     if residual_gemm == "xla" or (residual_gemm == "auto" and not kernel_available()):
-        return lambda params, x, t, y: model.apply({"params": params}, x, t, y)
+        return dit_apply_fn(cfg)
+    model = DiT(cfg)
 
     def apply_fn(params: Any, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
         with fused_residuals(force=residual_gemm == "mosaic"):

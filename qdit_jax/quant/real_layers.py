@@ -365,14 +365,22 @@ def _kernel_schedule(options: RealOptions) -> dict[str, Any]:
     return dict(group_mode=options.group_mode, chain=options.chain_tiles)
 
 
+def residual_mismatch(x: jax.Array, gate: jax.Array, out: jax.Array, m: int, n: int) -> str | None:
+    """Why a GatedResidual's ``x`` (B, T, n) and ``gate`` (B, n) cannot go into the epilogue of a GEMM
+    whose (M, n) output is ``out`` (None: they can): shapes that do not match, or not all bf16."""
+    if x.ndim != 3 or x.shape[0] * x.shape[1] != m or x.shape[2] != n or gate.shape != (x.shape[0], n):
+        return f"residual {x.shape} / gate {gate.shape} do not match the GEMM's ({m}, {n}) output"
+    if any(jnp.dtype(a.dtype) != jnp.dtype(jnp.bfloat16) for a in (x, gate, out)):
+        return "the residual, gate and GEMM output must be bf16"
+    return None
+
+
 def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource, options: RealOptions) -> jax.Array | None:
     """``x + gate[:, None] * src.out`` as one fp8 / int8 GEMM with the gated residual in its epilogue
     (``kernels.scaled_gemm``, scheduled as ``options`` say), or None where the kernel does not apply."""
     m, k = src.qa.shape
     n = src.rw.scale.shape[1]
-    bf16 = jnp.dtype(jnp.bfloat16)
-    if (x.ndim != 3 or x.shape[0] * x.shape[1] != m or x.shape[2] != n or gate.shape != (x.shape[0], n)
-            or jnp.dtype(x.dtype) != bf16 or jnp.dtype(src.out.dtype) != bf16 or jnp.dtype(gate.dtype) != bf16):
+    if residual_mismatch(x, gate, src.out, m, n) is not None:
         return None
     g = src.sa.shape[0]
     if not scaled_gemm_applies(m, n, k, src.qa.dtype, src.rw.codes.dtype, groups=g, rows_per_gate=x.shape[1])[0]:
@@ -456,4 +464,4 @@ def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, opt
 
 
 __all__ = ["RealWeight", "RealOptions", "NormSource", "GemmSource", "group_width", "effective_group", "quantize_act",
-           "column_block", "real_dense", "dense_with_codes", "residual_scaled", "mlp_fused", "qkv_scaled"]
+           "column_block", "real_dense", "dense_with_codes", "residual_mismatch", "residual_scaled", "mlp_fused", "qkv_scaled"]

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from qdit_jax.perf.device import is_hopper
-from qdit_jax.quant.kernels.scaled_gemm_body import CODES_WG_REGISTERS, TILE_K, Plan, kernel_body
+from qdit_jax.quant.kernels.scaled_gemm_body import BF16_TILE_K, CODES_WG_REGISTERS, TILE_K, Plan, kernel_body
 
 TILE_M, TILE_N, STEPS = 128, 128, 3  # per compute warpgroup; the fastest measured on the H100
 # group scales: a float32 running sum beside the wgmma accumulator (two 64 x 128 float32 tiles per
@@ -86,10 +86,15 @@ def _runtime_why(platform: str | None) -> str | None:
     return None
 
 
-def _shape_why(m: int, n: int, k: int, tile_m: int, tile_n: int, tile_k: int, rows_per_gate: int | None) -> str | None:
-    """Why (M, N, K) and the gate's rows do not fit the tiles (None: they do)."""
+def _shape_why(m: int, n: int, k: int, tile_m: int, tile_n: int, tile_k: int) -> str | None:
+    """Why (M, N, K) does not fit the tiles (None: it does)."""
     if m % (2 * tile_m) or n % tile_n or k % tile_k:
         return f"(M, N, K) = ({m}, {n}, {k}) is not a multiple of ({2 * tile_m}, {tile_n}, {tile_k})"
+    return None
+
+
+def _gate_why(m: int, tile_m: int, rows_per_gate: int | None) -> str | None:
+    """Why a gate row per ``rows_per_gate`` rows does not fit the row tiles (None: it does, or no gate)."""
     if rows_per_gate is not None and (rows_per_gate % tile_m or m % rows_per_gate):
         return f"{rows_per_gate} rows per gate row is not a multiple of the {tile_m}-row tile or of M = {m}"
     return None
@@ -106,11 +111,11 @@ def scaled_gemm_applies(m: int, n: int, k: int, a_dtype: Any, w_dtype: Any, *, g
         why = (f"operands {jnp.dtype(a_dtype)} x {jnp.dtype(w_dtype)}: the kernel takes fp8 e4m3 x fp8 e4m3 "
                "or int8 x int8 codes")
     tile_m = default_tiling(groups)[0] if tile_m is None else tile_m
-    why = why or _shape_why(m, n, k, tile_m, tile_n, TILE_K, None)
+    why = why or _shape_why(m, n, k, tile_m, tile_n, TILE_K)
     if why is None and groups > 1 and k != groups * TILE_K:
         why = (f"groups of {k // groups if k % groups == 0 else k / groups} input channels; the kernel "
                f"applies group scales per {TILE_K}-deep K step (group size {TILE_K} only)")
-    why = why or _shape_why(m, n, k, tile_m, tile_n, TILE_K, rows_per_gate)
+    why = why or _gate_why(m, tile_m, rows_per_gate)
     return (False, why) if why else (True, "ok")
 
 
@@ -118,7 +123,8 @@ def bf16_gemm_applies(m: int, n: int, k: int, *, tile_m: int = TILE_M, tile_n: i
                       rows_per_gate: int | None = None, platform: str | None = None) -> tuple[bool, str]:
     """Whether ``gemm_bf16_mosaic`` can compute an (M, K) x (K, N) bf16 product (with a gated residual
     whose gate changes every ``rows_per_gate`` rows if given); and if not, why."""
-    why = _runtime_why(platform) or _shape_why(m, n, k, tile_m, tile_n, TILE_K // 2, rows_per_gate)
+    why = (_runtime_why(platform) or _shape_why(m, n, k, tile_m, tile_n, BF16_TILE_K)
+           or _gate_why(m, tile_m, rows_per_gate))
     return (False, why) if why else (True, "ok")
 
 
@@ -306,7 +312,7 @@ def gemm_bf16_mosaic(a: jax.Array, w: jax.Array, bias: jax.Array | None, *, n_of
     unused = jnp.ones((1,), jnp.float32)  # the scale operands, which a bf16 plan never reads
     _check_call(a, unused, unused, n_off, n, tile_m, tile_n, residual, gate, None)
     num_sms = jax.devices()[0].core_count
-    steps, chained = chained_steps(k // (TILE_K // 2), (m // (2 * tile_m)) * (n // tile_n), num_sms,
+    steps, chained = chained_steps(k // BF16_TILE_K, (m // (2 * tile_m)) * (n // tile_n), num_sms,
                                    STEPS if steps is None else steps, chain, explicit=steps is not None)
     rows_per_gate, residual, gate, bias = _epilogue_operands(m, n_total, residual, gate, bias)
     plan = Plan(n_off=n_off, n=n, k=k, tile_m=tile_m, tile_n=tile_n, steps=steps, chained=chained,
@@ -365,11 +371,7 @@ def scaled_gemm_xla(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bi
     groups = _groups(sa)
     y = group_gemm_xla(a, sa.reshape(groups, -1), w[cols], sw.reshape(groups, -1)[:, cols], b, out_dtype=jnp.bfloat16,
                        split_epilogue=True, product_dtype=jnp.bfloat16 if groups == 1 else jnp.float32)
-    if residual is None:
-        return y
-    g = gate.astype(jnp.bfloat16)
-    y3 = y.reshape(g.shape[0], -1, n)
-    return (residual.astype(jnp.bfloat16).reshape(y3.shape) + g[:, None, :] * y3).reshape(y.shape)
+    return y if residual is None else _gated_residual_xla(y, residual, gate)
 
 
 def gemm_bf16_xla(a: jax.Array, w: jax.Array, bias: jax.Array | None, *, n_off: int = 0, n: int | None = None,
@@ -382,8 +384,12 @@ def gemm_bf16_xla(a: jax.Array, w: jax.Array, bias: jax.Array | None, *, n_off: 
     n = wt.shape[1] - n_off if n is None else n
     p = jnp.dot(a.astype(bf16), wt[:, n_off:n_off + n].astype(bf16), preferred_element_type=jnp.float32).astype(bf16)
     y = p if bias is None else (p.astype(jnp.float32) + bias[n_off:n_off + n].astype(jnp.float32)).astype(bf16)
-    if residual is None:
-        return y
-    g = gate.astype(bf16)
-    y3 = y.reshape(g.shape[0], -1, n)
-    return (residual.astype(bf16).reshape(y3.shape) + g[:, None, :] * y3).reshape(y.shape)
+    return y if residual is None else _gated_residual_xla(y, residual, gate)
+
+
+def _gated_residual_xla(y: jax.Array, residual: jax.Array, gate: jax.Array) -> jax.Array:
+    """``residual + gate * y`` in bf16 as the DiT block computes it, one gate row per M // G rows of the
+    (M, n) output ``y``: the references' gated residual."""
+    g = gate.astype(jnp.bfloat16)
+    y3 = y.reshape(g.shape[0], -1, y.shape[-1])
+    return (residual.astype(jnp.bfloat16).reshape(y3.shape) + g[:, None, :] * y3).reshape(y.shape)

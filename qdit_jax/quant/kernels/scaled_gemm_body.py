@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 TILE_K = 128  # one K step (and, with group scales, one group) per pipeline slot
+BF16_TILE_K = TILE_K // 2  # the bf16 form's K step: one 128-byte row of bf16, as TILE_K is of fp8 / int8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Plan:
     @property
     def tile_k(self) -> int:
         """K elements per pipeline step: one 128-byte swizzled row (fp8 / int8: 128, bf16: 64)."""
-        return TILE_K // 2 if self.bf16 else TILE_K
+        return BF16_TILE_K if self.bf16 else TILE_K
 
     @property
     def shape(self) -> tuple[int, int]:
