@@ -24,6 +24,10 @@
    batched group product + epilogue, the Triton group kernel (int8, ``kernels.group_gemm``) and
    the Mosaic GPU GEMM with the group scales in its K loop (``kernels.scaled_gemm``) at several
    tilings, beside the per-channel Mosaic GEMM and cuBLAS' per-channel fp8 GEMM of the same shape.
+8. ``floor``: what moving the row kernels' bytes costs without their math: XLA's elementwise
+   bf16 -> fp8 pass over the MLP middle step's (M, 4,608) and the row kernels' (M, 1,152) arrays, a
+   read-only abs-max, and a Pallas (Triton) kernel with the MLP middle kernel's tiling and row
+   dependency (all pieces loaded, the row's abs-max, then the scaled pieces stored) but no GELU.
 
 Each time is the median over 5 rounds of ``--repeats`` calls dispatched back to back and
 device-synchronized once, after warm-up (until 2026-11-26 each call was synchronized on its own,
@@ -84,11 +88,15 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--mosaic-only", action="store_true", help="qkvgemm: skip the Pallas Triton forms")
-    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "fc2ing", "normq", "qkvgemm", "resgemm", "groupgemm"])
+    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "fc2ing", "normq", "qkvgemm", "resgemm", "groupgemm", "floor"])
     p.add_argument("--group-forms", nargs="+", default=["64x128x4p", "64x128x4o", "64x128x5p"],
                    help="groupgemm: Mosaic tilings tile_m x tile_n x steps and group mode ("
                         "o: overlap; p: plain; s: split; see kernels.scaled_gemm.GROUP_MODES), then u for a "
                         "pipeline per output tile instead of one chained across the CTA's tiles")
+    p.add_argument("--normq-forms", nargs="+", default=["1x128x2", "1x128x1", "1x64x1", "1x128x4", "4x128x4", "2x128x2"],
+                   help="normq: rows x chunk x warps[:p<programs>] (persistent)")
+    p.add_argument("--fc2in-forms", nargs="+", default=list(FC2IN_FORMS),
+                   help="fc2in: the MLP middle kernel's forms (see _fc2in_form)")
     a = p.parse_args()
     rng = np.random.default_rng(0)
     bf = jnp.bfloat16
@@ -107,6 +115,8 @@ def main() -> None:
         residual_gemm_forms(a, rng)
     if "groupgemm" in a.sections:
         group_gemm_forms(a, rng)
+    if "floor" in a.sections:
+        byte_floor(a, rng)
     if "fc2in" in a.sections:
         fc2_input(a, rng)
     if "fc2ing" in a.sections:
@@ -210,29 +220,111 @@ def fc2_input(a, rng) -> None:
         t = timed(ref_fn, (p, sa, sw, b), a.repeats)
         print(f"fc2in {spec.format:8s} XLA two passes            {t * 1e6:8.1f} us", flush=True)
         q0 = np.asarray(q0.astype(jnp.float32))
-        for bm, chunk, warps, fast, rec, gelu in ((1, 512, 4, False, False, "dtype"), (1, 512, 4, False, False, "float32"),
-                                                  (1, 512, 4, True, False, "dtype"), (1, 512, 8, False, False, "dtype"),
-                                                  (1, 512, 4, False, False, "approx"), (1, 512, 4, True, False, "approx")):
+        for form in a.fc2in_forms:
+            bm, chunk, warps, fast, rec, gelu, extra = _fc2in_form(form)
+            noepi = extra.pop("noepi", False)  # a diagnostic: p taken as fc1's output, no scale / bias loads
             ok, why = gelu_quant_applies(m, HIDDEN, spec, block_m=bm, chunk=chunk)
             if not ok:
-                print(f"fc2in {spec.format:8s} bm {bm} chunk {chunk}: {why}")
+                print(f"fc2in {spec.format:8s} {form}: {why}")
                 continue
-            approx = gelu == "approx"  # tanh.approx.f32, GELU otherwise as mode 'dtype'
+            approx = gelu in ("approx", "bf16x2")  # tanh.approx.f32; 'approx': GELU otherwise as mode 'dtype'
             fn = jax.jit(functools.partial(gelu_quant_pallas, spec=spec, out_dtype=bf, block_m=bm, chunk=chunk,
                                            num_warps=warps, fast=fast, recompute=rec,
-                                           gelu="dtype" if approx else gelu, approx_tanh=approx))
-            res = run_timed(f"fc2in {spec.format:8s} bm {bm} chunk {chunk} warps {warps}", fn, (p, sa, sw, b),
-                            a.repeats)
+                                           gelu="dtype" if gelu == "approx" else gelu, approx_tanh=approx, **extra))
+            args = (p, None, None, None) if noepi else (p, sa, sw, b)
+            res = run_timed(f"fc2in {spec.format:8s} {form}", fn, args, a.repeats)
             if res is None:
                 continue
             (q1, s1), t = res
             q1 = np.asarray(q1.astype(jnp.float32))
             rel = float(np.max(np.abs(np.asarray(s1) - np.asarray(s0)) / np.asarray(s0)))
-            print(f"fc2in {spec.format:8s} Pallas bm {bm:2d} chunk {chunk:4d} w {warps}{' fast' if fast else '     '}"
-                  f"{' recompute' if rec else ' registers'} {gelu:7s} "
-                  f"{t * 1e6:8.1f} us   codes equal "
+            print(f"fc2in {spec.format:8s} Pallas {form:28s} {t * 1e6:8.1f} us   codes equal "
                   f"{np.mean(q1 == q0):.6f}, max |diff| {np.abs(q1 - q0).max():.3g}, scales max rel diff {rel:.2e}",
                   flush=True)
+
+
+FC2IN_FORMS = ("1x512x4:approx", "1x512x4:dtype", "1x512x4:float32", "1x512x4:fast", "1x512x8:approx")
+
+
+def _fc2in_form(form: str) -> tuple:
+    """``rows x chunk x warps`` then ':'-separated options: a GELU mode (dtype, float32, approx: 'dtype'
+    with tanh.approx, bf16x2: the same on bf16 pairs in inline PTX), fast, recompute, p<programs> (persistent), hold (the row's GELU values held in
+    bf16), nohoist, s<stages>. E.g. ``1x512x4:approx:p1056:hold``."""
+    dims, *opts = form.split(":")
+    bm, chunk, warps = (int(v) for v in dims.split("x"))
+    gelu, fast, rec, extra = "dtype", False, False, {}
+    for o in opts:
+        if o in ("dtype", "float32", "approx", "bf16x2"):
+            gelu = o
+        elif o == "fast":
+            fast = True
+        elif o == "recompute":
+            rec = True
+        elif o == "hold":
+            extra["hold"] = "dtype"
+        elif o in ("cg", "cs", "first"):  # how the product is read (plgpu.load's cache / eviction hints)
+            extra["stream"] = extra.get("stream", ()) + ((("eviction_policy", "evict_first"),) if o == "first" else
+                                                          (("cache_modifier", "." + o),))
+        elif o == "split":
+            extra["split"] = True
+        elif o == "noepi":
+            extra["noepi"] = True
+        elif o == "nohoist":
+            extra["hoist"] = False
+        elif o[0] in "ps" and o[1:].isdigit():
+            extra["programs" if o[0] == "p" else "num_stages"] = int(o[1:])
+        else:
+            raise SystemExit(f"--fc2in-forms: unknown option {o!r} in {form!r}")
+    return bm, chunk, warps, fast, rec, gelu, extra
+
+
+def _row_stream(x, *, chunk: int, warps: int, amax: bool):
+    """Pallas (Triton), one row per program in ``chunk``-wide pieces: x's row as fp8, scaled by the row's
+    abs-max (``amax``: all pieces held until it is known, as the row kernels do) or by a constant."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    m, n = x.shape
+
+    def kern(x_ref, o_ref):
+        row = pl.ds(pl.program_id(0), 1)
+        hs = [x_ref[row, pl.ds(j * chunk, chunk)].astype(jnp.float32) for j in range(n // chunk)]
+        if amax:
+            acc = jnp.abs(hs[0])
+            for h in hs[1:]:
+                acc = jnp.maximum(acc, jnp.abs(h))
+            inv = 448.0 / jnp.max(acc, axis=1)[:, None]
+        else:
+            inv = 0.5
+        for j, h in enumerate(hs):
+            o_ref[row, pl.ds(j * chunk, chunk)] = (h * inv).astype(jnp.float8_e4m3fn)
+
+    return pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((m, n), jnp.float8_e4m3fn), grid=(m,),
+                          compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1))(x)
+
+
+def byte_floor(a, rng) -> None:
+    """The row kernels' bytes moved without their math (see the module docstring, 8)."""
+    import functools
+
+    from qdit_jax.perf import compiler
+
+    m = a.batch * a.tokens
+    for n, chunk, warps in ((HIDDEN, 512, 4), (C, 128, 1)):
+        x = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
+        mb = m * n * 3 / 1e6  # bf16 read + fp8 written
+        forms = {"XLA x * 0.5 -> fp8": compiler.jit(lambda v: (v.astype(jnp.float32) * 0.5).astype(jnp.float8_e4m3fn)),
+                 "XLA row abs-max (read only)": compiler.jit(lambda v: jnp.max(jnp.abs(v), axis=1)),
+                 f"Triton 1 row, {chunk}-wide, {warps} warps, x * 0.5": jax.jit(functools.partial(
+                     _row_stream, chunk=chunk, warps=warps, amax=False)),
+                 f"Triton 1 row, {chunk}-wide, {warps} warps, x * 448 / abs-max": jax.jit(functools.partial(
+                     _row_stream, chunk=chunk, warps=warps, amax=True))}
+        for name, fn in forms.items():
+            res = run_timed(f"floor {n} {name}", fn, (x,), a.repeats)
+            if res is not None:
+                t = res[1]
+                print(f"floor ({m}, {n}) {name:44s} {t * 1e6:8.1f} us   "
+                      f"{mb / t / 1e6 if 'read only' not in name else m * n * 2 / t / 1e12:6.2f} TB/s", flush=True)
 
 
 def norm_quant_forms(a, rng) -> None:
@@ -259,13 +351,16 @@ def norm_quant_forms(a, rng) -> None:
             t = timed(ref_fn, (x,), a.repeats)
             print(f"normq {spec.format:8s} {what} XLA                  {t * 1e6:8.1f} us", flush=True)
             q0 = np.asarray(q0.astype(jnp.float32))
-            for bm, chunk, warps in ((1, 128, 2), (1, 128, 1), (1, 64, 1), (1, 128, 4), (4, 128, 4), (2, 128, 2)):
+            for form in a.normq_forms:
+                dims, *opts = form.split(":")
+                bm, chunk, warps = (int(v) for v in dims.split("x"))
+                programs = int(opts[0][1:]) if opts else 0  # p<programs>: the persistent form
                 ok, why = norm_quant_applies(m, C, spec, bf, tokens=a.tokens if norm else 0, block_m=bm, chunk=chunk)
                 if not ok:
                     print(f"normq {spec.format:8s} {what} bm {bm} chunk {chunk}: {why}")
                     continue
                 fn = jax.jit(functools.partial(norm_quant_pallas, spec=spec, block_m=bm, chunk=chunk,
-                                               num_warps=warps, **kw))
+                                               num_warps=warps, programs=programs, **kw))
                 res = run_timed(f"normq {spec.format:8s} {what} bm {bm} chunk {chunk} warps {warps}", fn, (x,),
                                 a.repeats)
                 if res is None:
@@ -273,7 +368,7 @@ def norm_quant_forms(a, rng) -> None:
                 (q1, s1), t = res
                 q1 = np.asarray(q1.astype(jnp.float32))
                 rel = np.abs(np.asarray(s1) - np.asarray(s0)) / np.asarray(s0)
-                print(f"normq {spec.format:8s} {what} Pallas bm {bm} chunk {chunk:4d} w {warps} {t * 1e6:8.1f} us   "
+                print(f"normq {spec.format:8s} {what} Pallas {form:18s} {t * 1e6:8.1f} us   "
                       f"codes equal {np.mean(q1 == q0):.6f}, max |diff| {np.abs(q1 - q0).max():.3g}, rows with "
                       f"another scale {np.mean(rel > 0):.2e} (max rel {rel.max():.2e})", flush=True)
 
