@@ -22,9 +22,13 @@ Group-wise fc2 inputs (128-wide groups): one scale per token and group, from a g
 output (``sa=None``: that fc1 applies its scales inside its GEMM, ``kernels.scaled_gemm``).
 
 Used by the real path for every DiT ``Mlp`` it can serve (``RealOptions.fused_mlp``). Measured at
-batch 256 (back-to-back calls): 408 us (fp8) / 468 us (int8) with ``tanh.approx``, 468 / 635 with
-``tanhf``, against XLA's 886 / 882 (docs/RESULTS.md); its byte floor is ~300 us. ``fast``,
-``recompute`` and the other GELU modes are kept for ``scripts/bench_block_ops.py --sections fc2in``.
+batch 256 (back-to-back calls): 397-402 us (fp8) / 457-477 us (int8) with ``tanh.approx``, against
+XLA's 886-897 (docs/RESULTS.md). The same tiling moving the same bytes without the math runs 311-315 us
+(2.9 TB/s), and so does this kernel without fc1's scale / bias epilogue (``sa=None`` on the same
+product): the ~90 us over the floor is that epilogue (its per-column scale and bias loads, 8 bytes per
+element against the product's 2), which neither rows sharing those loads, nor persistent programs
+keeping them in registers, nor a bf16x2 GELU removed (nineteenth session). ``fast``, ``recompute``
+and the other GELU modes are kept for ``scripts/bench_block_ops.py --sections fc2in``.
 """
 from __future__ import annotations
 
@@ -67,25 +71,16 @@ def group_chunk(spec: QuantSpec, n: int, chunk: int = CHUNK) -> int:
     return min(chunk, spec.group_size or n)
 
 
-GELU_MODES = ("dtype", "consts", "float32", "bf16x2")
-HOLDS = ("float32", "dtype")  # how a row's GELU outputs wait in registers for its scale
+GELU_MODES = ("dtype", "consts", "float32")
 
 
 def _gelu(y: jax.Array, dtype: Any, mode: str, fast: bool, approx_tanh: bool = False) -> jax.Array:
     """tanh GELU of float32 ``y`` (holding ``dtype`` values), as ``jax.nn.gelu(approximate=True)``
     evaluates it on a ``dtype`` array: ``mode`` 'dtype' rounds every step and its constants to
     ``dtype``; 'consts' rounds the constants only (XLA's fusions keep float32 between steps);
-    'float32': neither; 'bf16x2': 'dtype' on bf16 with tanh.approx.f32, two values per instruction
-    (:func:`_gelu_bf16x2`; 'dtype' itself where no inline PTX runs: ``approx_tanh`` off, interpret
-    mode). ``fast``: tanh written as 2 sigmoid(2u) - 1 with one ``exp``."""
+    'float32': neither. ``fast``: tanh written as 2 sigmoid(2u) - 1 with one ``exp``."""
     if mode not in GELU_MODES:
         raise ValueError(f"gelu mode must be one of {GELU_MODES}, got {mode!r}")
-    if mode == "bf16x2":
-        if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
-            raise ValueError(f"gelu mode 'bf16x2' evaluates a bf16 layer's GELU, not {jnp.dtype(dtype)}")
-        if approx_tanh:
-            return _gelu_bf16x2(y.astype(jnp.bfloat16)).astype(jnp.float32)
-        mode = "dtype"
     if mode == "float32":
         dtype = jnp.float32
     c1, c2 = (float(np.asarray(c, dtype=jnp.dtype(dtype))) for c in (np.sqrt(2 / np.pi), 0.044715))
@@ -103,125 +98,51 @@ def _gelu(y: jax.Array, dtype: Any, mode: str, fast: bool, approx_tanh: bool = F
     return r(y * r(r(r(th) + 1.0) * 0.5))
 
 
-def _bf16_pair(c: float) -> str:
-    """A bf16x2 immediate holding ``c`` (rounded to bf16) in both halves."""
-    bits = int(np.asarray(c, dtype=jnp.bfloat16).view(np.uint16))
-    return f"0x{bits:04X}{bits:04X}"
-
-
-def _gelu_bf16x2(y: jax.Array) -> jax.Array:
-    """Mode 'dtype' with tanh.approx.f32 on a bf16 array, as inline PTX on bf16 pairs (Hopper): each
-    step a bf16x2 multiply or add, which rounds once to bf16 as 'dtype' rounds each float32 step (a
-    product of two bf16 values is exact in float32; so is a sum unless the exponents differ by more
-    than 16 bits, and then both give the larger operand), the tanh in float32 on the unpacked pair.
-    7 bf16x2 operations + 2 MUFU + 5 moves per pair against ~15 float32 instructions per value, in a
-    kernel whose instructions, not its bytes, set its time (RESULTS.md, nineteenth session)."""
-    from jax.experimental.pallas import triton as plgpu
-
-    asm = f"""{{
-    .reg .b32 g<12>;
-    .reg .f32 f<2>;
-    mov.b32 g0, {_bf16_pair(0.044715)};
-    mov.b32 g1, {_bf16_pair(float(np.sqrt(2 / np.pi)))};
-    mul.rn.bf16x2 g2, $1, $1;
-    mul.rn.bf16x2 g3, g2, $1;
-    mul.rn.bf16x2 g4, g3, g0;
-    add.rn.bf16x2 g5, $1, g4;
-    mul.rn.bf16x2 g6, g5, g1;
-    shl.b32 g7, g6, 16;
-    and.b32 g8, g6, 0xFFFF0000;
-    mov.b32 f0, g7;
-    mov.b32 f1, g8;
-    tanh.approx.f32 f0, f0;
-    tanh.approx.f32 f1, f1;
-    cvt.rn.bf16x2.f32 g9, f1, f0;
-    mov.b32 g10, {_bf16_pair(1.0)};
-    add.rn.bf16x2 g9, g9, g10;
-    mov.b32 g11, {_bf16_pair(0.5)};
-    mul.rn.bf16x2 g9, g9, g11;
-    mul.rn.bf16x2 $0, $1, g9;
-    }}"""
-    (out,) = plgpu.elementwise_inline_asm(asm, args=[y], constraints="=r,r", pack=2,
-                                          result_shape_dtypes=[jax.ShapeDtypeStruct(y.shape, jnp.bfloat16)])
-    return out
-
-
 def _kernel(*refs, block_m: int, chunk: int, n_chunks: int, group_chunks: int, spec: QuantSpec, out_dtype: Any,
-            fast: bool, recompute: bool, gelu: str, approx_tanh: bool, epilogue: bool, programs: int, row_blocks: int,
-            hold: str, hoist: bool, split: bool, stream: dict):
+            fast: bool, recompute: bool, gelu: str, approx_tanh: bool, epilogue: bool):
     from jax.experimental import pallas as pl
 
     p_ref, sa_ref, sw_ref, b_ref, q_ref, s_ref = refs if epilogue else (refs[0], None, None, None, *refs[1:])
-    cols = [pl.ds(j * chunk, chunk) for j in range(n_chunks)]
-    consts = None
-    if epilogue and hoist:  # per-channel scales and bias, loaded once per program (persistent form)
-        consts = [(sw_ref[0, c][None, :], b_ref[c].astype(jnp.float32)[None, :]) for c in cols]
+    rows = pl.ds(pl.program_id(0) * block_m, block_m)
+    sa = sa_ref[0, rows] if epilogue else None
 
-    def row_block(rb: Any) -> None:
-        # ``split``: the block's rows as separate (1, chunk) pieces sharing each chunk's scale / bias
-        # load (a 2-D block's layout spreads its rows over warps, so each row loads them again)
-        slices = ([pl.ds(rb * block_m + i, 1) for i in range(block_m)] if split else [pl.ds(rb * block_m, block_m)])
-        sas = [sa_ref[0, rows] if epilogue else None for rows in slices]
+    def gelu_chunk(j: int) -> jax.Array:
+        cols = pl.ds(j * chunk, chunk)
+        y = p_ref[rows, cols].astype(jnp.float32)
+        if epilogue:
+            y = y * sa[:, None] * sw_ref[0, cols][None, :] + b_ref[cols].astype(jnp.float32)[None, :]
+        y = y.astype(out_dtype).astype(jnp.float32)
+        h = _gelu(y, out_dtype, gelu, fast, approx_tanh).astype(out_dtype)
+        return h if hold else h.astype(jnp.float32)
 
-        def epi(j: int) -> tuple[jax.Array, jax.Array] | None:
-            if not epilogue:
-                return None
-            return consts[j] if consts else (sw_ref[0, cols[j]][None, :], b_ref[cols[j]].astype(jnp.float32)[None, :])
-
-        def gelu_chunk(j: int, i: int, c: tuple[jax.Array, jax.Array] | None) -> jax.Array:
-            if stream:  # read once: through L2 only (ld.global.cg), leaving L1 to the scales and bias
-                from jax.experimental.pallas import triton as plgpu
-
-                y = plgpu.load(p_ref.at[slices[i], cols[j]], **stream).astype(jnp.float32)
-            else:
-                y = p_ref[slices[i], cols[j]].astype(jnp.float32)
-            if c is not None:
-                y = y * sas[i][:, None] * c[0] + c[1]
-            y = y.astype(out_dtype).astype(jnp.float32)
-            h = _gelu(y, out_dtype, gelu, fast, approx_tanh).astype(out_dtype)
-            return h if hold == "dtype" else h.astype(jnp.float32)
-
-        # unrolled over the row's chunks; either every chunk stays in registers (as float32, or as the
-        # layer dtype its values are rounded to: ``hold``), or (``recompute``) the codes pass recomputes
-        # them, its loads hitting L2 (per group of pieces when the spec is group-wise: one group is the row)
-        for gi in range(n_chunks // group_chunks):
-            js = range(gi * group_chunks, (gi + 1) * group_chunks)
-            hs, amax = [[] for _ in slices], [None for _ in slices]
-            for j in js:
-                c = epi(j)
-                for i in range(len(slices)):
-                    h = gelu_chunk(j, i, c)
-                    # elementwise across pieces: no cross-thread step until the row's last piece
-                    amax[i] = jnp.abs(h) if amax[i] is None else jnp.maximum(amax[i], jnp.abs(h))
-                    if not recompute:
-                        hs[i].append(h)
-            for i, rows in enumerate(slices):
-                row_max = jnp.max(amax[i], axis=1).astype(jnp.float32)  # one row reduction per group
-                hi = [gelu_chunk(j, i, epi(j)) for j in js] if recompute else hs[i]
-                s, codes = scale_and_codes([h.astype(jnp.float32) for h in hi], row_max, spec, fast)
-                for j, q in zip(js, codes):
-                    q_ref[rows, cols[j]] = q
-                s_ref[gi, rows] = s
-
-    if not programs:
-        row_block(pl.program_id(0))
-        return
-    pid = pl.program_id(0)
-
-    def step(i: Any, carry: Any) -> Any:
-        rb = i * programs + pid
-        pl.when(rb < row_blocks)(lambda: row_block(rb))
-        return carry
-
-    jax.lax.fori_loop(0, -(-row_blocks // programs), step, 0)
+    # unrolled over the row's chunks; either every chunk stays in registers, or (``recompute``) the
+    # codes pass recomputes them, its loads hitting L2, so more rows share each sw / bias load
+    # (per group of pieces when the spec is group-wise: one group is the whole row). Per token the
+    # row waits in the layer dtype its values are rounded to (``hold``; bf16: half the registers of
+    # float32, 1.5-2% faster for fp8 and 3-4% for int8 on the H100, RESULTS.md nineteenth session;
+    # group-wise codes keep float32, as measured before)
+    hold = not spec.group_size
+    for gi in range(n_chunks // group_chunks):
+        js = range(gi * group_chunks, (gi + 1) * group_chunks)
+        hs, amax = [], None
+        for j in js:
+            h = gelu_chunk(j)
+            amax = jnp.abs(h) if amax is None else jnp.maximum(amax, jnp.abs(h))  # elementwise: no cross-thread step
+            if not recompute:
+                hs.append(h)
+        amax = jnp.max(amax, axis=1).astype(jnp.float32)  # one row reduction per group
+        if recompute:
+            hs = [gelu_chunk(j) for j in js]
+        s, codes = scale_and_codes([h.astype(jnp.float32) for h in hs], amax, spec, fast)
+        for j, q in zip(js, codes):
+            q_ref[rows, pl.ds(j * chunk, chunk)] = q
+        s_ref[gi, rows] = s
 
 
 def gelu_quant_pallas(p: jax.Array, sa: jax.Array | None, sw: jax.Array | None, bias: jax.Array | None,
                       spec: QuantSpec, out_dtype: Any, *, block_m: int | None = None, chunk: int = CHUNK,
                       num_warps: int = NUM_WARPS, fast: bool = False, recompute: bool = False, gelu: str = "dtype",
-                      approx_tanh: bool = True, programs: int = 0, hold: str = "float32", hoist: bool = True,
-                      split: bool = False, stream: tuple = (),
-                      num_stages: int = 1, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                      approx_tanh: bool = True, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """fc2's codes (M, N) and scales (G, M) (per token: G = 1; or per token and group as ``spec``
     says) from fc1's raw product ``p`` (M, N), its per-token activation scales ``sa`` (1, M),
     per-channel weight scales ``sw`` (1, N) and bias; or, with ``sa`` None, from fc1's output ``p``
@@ -235,24 +156,18 @@ def gelu_quant_pallas(p: jax.Array, sa: jax.Array | None, sw: jax.Array | None, 
     if group % chunk or n % group:
         raise ValueError(f"gelu_quant_pallas: groups of {group} channels are not whole {chunk}-wide pieces of N = {n}")
     epilogue = sa is not None
-    if hold not in HOLDS:
-        raise ValueError(f"hold must be one of {HOLDS}, got {hold!r}")
-    row_blocks = m // block_m
     kern = functools.partial(_kernel, block_m=block_m, chunk=chunk, n_chunks=n // chunk, group_chunks=group // chunk,
                              spec=spec, out_dtype=jnp.dtype(out_dtype), fast=fast, recompute=recompute, gelu=gelu,
                              approx_tanh=approx_tanh and not interpret,  # an inline PTX instruction
-                             epilogue=epilogue, programs=programs, row_blocks=row_blocks, hold=hold,
-                             hoist=hoist and bool(programs), split=split and block_m > 1,
-                             stream={} if interpret else dict(stream))
+                             epilogue=epilogue)
     args = (p, sa, sw, jnp.zeros((n,), jnp.float32) if bias is None else bias) if epilogue else (p,)
     kw: dict[str, Any] = {}
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
-        kw["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+        kw["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
     out_shape = (jax.ShapeDtypeStruct((m, n), codes_dtype(spec)), jax.ShapeDtypeStruct((n // group, m), jnp.float32))
-    grid = (min(programs, row_blocks) if programs else row_blocks,)
-    return pl.pallas_call(kern, out_shape=out_shape, grid=grid, interpret=interpret, **kw)(*args)
+    return pl.pallas_call(kern, out_shape=out_shape, grid=(m // block_m,), interpret=interpret, **kw)(*args)
 
 
 def gelu_quant_xla(p: jax.Array, sa: jax.Array | None, sw: jax.Array | None, bias: jax.Array | None,

@@ -55,52 +55,39 @@ def norm_quant_applies(m: int, k: int, spec: QuantSpec, dtype: Any, *, tokens: i
 
 
 def _kernel(*refs, block_m: int, chunk: int, n_chunks: int, group_chunks: int, spec: QuantSpec, norm: bool,
-            tokens: int, eps: float, dtype: Any, programs: int, row_blocks: int):
+            tokens: int, eps: float, dtype: Any):
     from jax.experimental import pallas as pl
 
     if norm:
         x_ref, shift_ref, scale_ref, q_ref, s_ref = refs
     else:
         x_ref, q_ref, s_ref = refs
-    cols = [pl.ds(j * chunk, chunk) for j in range(n_chunks)]
-
-    def row_block(rb: Any) -> None:
-        rows = pl.ds(rb * block_m, block_m)
-        h = [x_ref[rows, c].astype(jnp.float32) for c in cols]
-        if norm:
-            def r(v: jax.Array) -> jax.Array:  # round to the layer dtype, as each XLA step on it does
-                return v.astype(dtype).astype(jnp.float32)
-
-            k = float(n_chunks * chunk)
-            mean = row_sum(h) / k
-            h = [v - mean for v in h]
-            inv = jax.lax.rsqrt(row_sum([v * v for v in h]) / k + eps)
-            sample = pl.ds((rb * block_m) // tokens, 1)
-            h = [r(r(r(v * inv) * r(1.0 + scale_ref[sample, c].astype(jnp.float32)))
-                   + shift_ref[sample, c].astype(jnp.float32)) for v, c in zip(h, cols)]
-        for gi in range(n_chunks // group_chunks):  # one scale per group of pieces (one group: per token)
-            hg = h[gi * group_chunks:(gi + 1) * group_chunks]
-            s, codes = scale_and_codes(hg, row_amax(hg), spec)
-            for q, c in zip(codes, cols[gi * group_chunks:(gi + 1) * group_chunks]):
-                q_ref[rows, c] = q
-            s_ref[gi, rows] = s
-
-    if not programs:
-        row_block(pl.program_id(0))
-        return
     pid = pl.program_id(0)
+    rows = pl.ds(pid * block_m, block_m)
+    cols = [pl.ds(j * chunk, chunk) for j in range(n_chunks)]
+    h = [x_ref[rows, c].astype(jnp.float32) for c in cols]
+    if norm:
+        def r(v: jax.Array) -> jax.Array:  # round to the layer dtype, as each XLA step on it does
+            return v.astype(dtype).astype(jnp.float32)
 
-    def step(i: Any, carry: Any) -> Any:  # persistent: row blocks pid, pid + programs, ...
-        rb = i * programs + pid
-        pl.when(rb < row_blocks)(lambda: row_block(rb))
-        return carry
-
-    jax.lax.fori_loop(0, -(-row_blocks // programs), step, 0)
+        k = float(n_chunks * chunk)
+        mean = row_sum(h) / k
+        h = [v - mean for v in h]
+        inv = jax.lax.rsqrt(row_sum([v * v for v in h]) / k + eps)
+        sample = pl.ds((pid * block_m) // tokens, 1)
+        h = [r(r(r(v * inv) * r(1.0 + scale_ref[sample, c].astype(jnp.float32)))
+               + shift_ref[sample, c].astype(jnp.float32)) for v, c in zip(h, cols)]
+    for gi in range(n_chunks // group_chunks):  # one scale per group of pieces (one group: per token)
+        hg = h[gi * group_chunks:(gi + 1) * group_chunks]
+        s, codes = scale_and_codes(hg, row_amax(hg), spec)
+        for q, c in zip(codes, cols[gi * group_chunks:(gi + 1) * group_chunks]):
+            q_ref[rows, c] = q
+        s_ref[gi, rows] = s
 
 
 def norm_quant_pallas(x: jax.Array, spec: QuantSpec, *, shift: jax.Array | None = None,
                       scale: jax.Array | None = None, tokens: int = 0, eps: float = 1e-6, block_m: int = BLOCK_M, chunk: int = CHUNK, num_warps: int = NUM_WARPS,
-                      programs: int = 0, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                      interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """Per-token codes (M, K) and scales (1, M) of ``x`` (M, K), or, given ``shift`` / ``scale``
     (B, K) and ``tokens`` (M = B * tokens), of ``modulate(layer_norm(x, eps), shift, scale)``;
     with a group-wise ``spec``: one scale per token and group of channels, scales (K // group, M)."""
@@ -116,8 +103,7 @@ def norm_quant_pallas(x: jax.Array, spec: QuantSpec, *, shift: jax.Array | None 
     if group % chunk or k % group:
         raise ValueError(f"norm_quant_pallas: groups of {group} channels are not whole {chunk}-wide pieces of K = {k}")
     kern = functools.partial(_kernel, block_m=block_m, chunk=chunk, n_chunks=k // chunk, group_chunks=group // chunk,
-                             spec=spec, norm=norm, tokens=tokens, eps=float(eps), dtype=x.dtype,
-                             programs=programs, row_blocks=m // block_m)
+                             spec=spec, norm=norm, tokens=tokens, eps=float(eps), dtype=x.dtype)
     args = (x, shift, scale) if norm else (x,)
     kw: dict[str, Any] = {}
     if not interpret:
@@ -125,8 +111,7 @@ def norm_quant_pallas(x: jax.Array, spec: QuantSpec, *, shift: jax.Array | None 
 
         kw["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
     out_shape = (jax.ShapeDtypeStruct((m, k), codes_dtype(spec)), jax.ShapeDtypeStruct((k // group, m), jnp.float32))
-    grid = (min(programs, m // block_m) if programs else m // block_m,)
-    return pl.pallas_call(kern, out_shape=out_shape, grid=grid, interpret=interpret, **kw)(*args)
+    return pl.pallas_call(kern, out_shape=out_shape, grid=(m // block_m,), interpret=interpret, **kw)(*args)
 
 
 def norm_quant_xla(x: jax.Array, spec: QuantSpec, *, shift: jax.Array | None = None, scale: jax.Array | None = None,
