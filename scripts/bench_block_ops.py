@@ -221,8 +221,7 @@ def fc2_input(a, rng) -> None:
         print(f"fc2in {spec.format:8s} XLA two passes            {t * 1e6:8.1f} us", flush=True)
         q0 = np.asarray(q0.astype(jnp.float32))
         for form in a.fc2in_forms:
-            bm, chunk, warps, fast, rec, gelu, extra = _fc2in_form(form)
-            noepi = extra.pop("noepi", False)  # a diagnostic: p taken as fc1's output, no scale / bias loads
+            bm, chunk, warps, fast, rec, gelu, noepi = _fc2in_form(form)
             ok, why = gelu_quant_applies(m, HIDDEN, spec, block_m=bm, chunk=chunk)
             if not ok:
                 print(f"fc2in {spec.format:8s} {form}: {why}")
@@ -230,8 +229,8 @@ def fc2_input(a, rng) -> None:
             approx = gelu == "approx"  # tanh.approx.f32, GELU otherwise as mode 'dtype'
             fn = jax.jit(functools.partial(gelu_quant_pallas, spec=spec, out_dtype=bf, block_m=bm, chunk=chunk,
                                            num_warps=warps, fast=fast, recompute=rec,
-                                           gelu="dtype" if gelu == "approx" else gelu, approx_tanh=approx, **extra))
-            args = (p, None, None, None) if noepi else (p, sa, sw, b)
+                                           gelu="dtype" if gelu == "approx" else gelu, approx_tanh=approx))
+            args = (p, None, None, None) if noepi else (p, sa, sw, b)  # noepi: p taken as fc1's output
             res = run_timed(f"fc2in {spec.format:8s} {form}", fn, args, a.repeats)
             if res is None:
                 continue
@@ -254,7 +253,7 @@ def _fc2in_form(form: str) -> tuple:
     are in git history at cff175e.)"""
     dims, *opts = form.split(":")
     bm, chunk, warps = (int(v) for v in dims.split("x"))
-    gelu, fast, rec, extra = "dtype", False, False, {}
+    gelu, fast, rec, noepi = "dtype", False, False, False
     for o in opts:
         if o in ("dtype", "float32", "approx"):
             gelu = o
@@ -263,10 +262,10 @@ def _fc2in_form(form: str) -> tuple:
         elif o == "recompute":
             rec = True
         elif o == "noepi":
-            extra["noepi"] = True
+            noepi = True
         else:
             raise SystemExit(f"--fc2in-forms: unknown option {o!r} in {form!r}")
-    return bm, chunk, warps, fast, rec, gelu, extra
+    return bm, chunk, warps, fast, rec, gelu, noepi
 
 
 def _row_stream(x, *, chunk: int, warps: int, amax: bool):
@@ -303,7 +302,6 @@ def byte_floor(a, rng) -> None:
     m = a.batch * a.tokens
     for n, chunk, warps in ((HIDDEN, 512, 4), (C, 128, 1)):
         x = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
-        mb = m * n * 3 / 1e6  # bf16 read + fp8 written
         forms = {"XLA x * 0.5 -> fp8": compiler.jit(lambda v: (v.astype(jnp.float32) * 0.5).astype(jnp.float8_e4m3fn)),
                  "XLA row abs-max (read only)": compiler.jit(lambda v: jnp.max(jnp.abs(v), axis=1)),
                  f"Triton 1 row, {chunk}-wide, {warps} warps, x * 0.5": jax.jit(functools.partial(
@@ -314,8 +312,8 @@ def byte_floor(a, rng) -> None:
             res = run_timed(f"floor {n} {name}", fn, (x,), a.repeats)
             if res is not None:
                 t = res[1]
-                print(f"floor ({m}, {n}) {name:44s} {t * 1e6:8.1f} us   "
-                      f"{mb / t / 1e6 if 'read only' not in name else m * n * 2 / t / 1e12:6.2f} TB/s", flush=True)
+                nbytes = m * n * (2 if "read only" in name else 3)  # bf16 read (+ fp8 written)
+                print(f"floor ({m}, {n}) {name:44s} {t * 1e6:8.1f} us   {nbytes / t / 1e12:6.2f} TB/s", flush=True)
 
 
 def norm_quant_forms(a, rng) -> None:
