@@ -93,6 +93,8 @@ def main() -> None:
                    help="groupgemm: Mosaic tilings tile_m x tile_n x steps and group mode ("
                         "o: overlap; p: plain; s: split; see kernels.scaled_gemm.GROUP_MODES), then u for a "
                         "pipeline per output tile instead of one chained across the CTA's tiles")
+    p.add_argument("--mosaic-forms", nargs="+", default=list(MOSAIC_FORMS),
+                   help="qkvgemm / resgemm: the Mosaic GEMM's forms (see _mosaic_form)")
     p.add_argument("--normq-forms", nargs="+", default=["1x128x2", "1x128x1", "1x64x1", "1x128x4", "4x128x4", "2x128x2"],
                    help="normq: rows x chunk x warps")
     p.add_argument("--fc2in-forms", nargs="+", default=list(FC2IN_FORMS),
@@ -387,8 +389,26 @@ def _fp8_gemm_epilogue(a, sa, w, sw, b, *, n_off: int, n: int, bm: int, bn: int,
 
 # the default (128 x 128 per warpgroup, 3 steps, the pipeline chained across each CTA's tiles), the
 # same with a pipeline per tile, and a deeper unchained one (4 steps do not divide K = 1,152's 9)
-MOSAIC_FORMS = (dict(tile_m=128, tile_n=128, steps=3), dict(tile_m=128, tile_n=128, steps=3, chain=False),
-                dict(tile_m=128, tile_n=128, steps=4))
+MOSAIC_FORMS = ("128x128x3", "128x128x3:nochain", "128x128x4")
+
+
+def _mosaic_form(form: str) -> dict:
+    """``tile_m x tile_n x steps`` then ':'-separated options: nochain (a pipeline per tile), before /
+    after (``prefetch``: the epilogue's vectors loaded before the K loop, or in one batch after it), one
+    (qkvgemm: q, k, v from one call writing the three outputs)."""
+    dims, *opts = form.split(":")
+    tm, tn, st = (int(v) for v in dims.split("x"))
+    kw = dict(tile_m=tm, tile_n=tn, steps=st)
+    for o in opts:
+        if o == "nochain":
+            kw["chain"] = False
+        elif o in ("before", "after"):
+            kw["prefetch"] = o
+        elif o == "one":  # qkvgemm: one call for q, k, v
+            kw["one_call"] = True
+        else:
+            raise SystemExit(f"--mosaic-forms: unknown option {o!r} in {form!r}")
+    return kw
 
 
 def residual_gemm_forms(a, rng) -> None:
@@ -416,14 +436,15 @@ def residual_gemm_forms(a, rng) -> None:
         if not ok:
             print(f"resgemm Mosaic GPU kernel skipped: {why}", flush=True)
             continue
-        for kw in MOSAIC_FORMS:
+        for form in a.mosaic_forms:
+            kw = _mosaic_form(form)
             fn = jax.jit(lambda qa, w, sa, sw, b, x, g: scaled_gemm_mosaic(qa, w, sa, sw, b, residual=x, gate=g, **kw))
-            res = run_timed(f"resgemm K={k} Mosaic {kw}", fn, args, a.repeats)
+            res = run_timed(f"resgemm K={k} Mosaic {form}", fn, args, a.repeats)
             if res is None:
                 continue
             got, t = np.asarray(res[0].astype(jnp.float32)), res[1]
             err = np.abs(got - ref)
-            print(f"resgemm K={k} Mosaic (kernels.scaled_gemm, residual epilogue) {kw}: {t * 1e6:8.1f} us   equal "
+            print(f"resgemm K={k} Mosaic (kernels.scaled_gemm, residual epilogue) {form}: {t * 1e6:8.1f} us   equal "
                   f"{np.mean(got == ref):.4f}, max |diff| {err.max():.3g} (|ref| max {np.abs(ref).max():.3g})",
                   flush=True)
 
@@ -455,15 +476,19 @@ def qkv_gemm_forms(a, rng) -> None:
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_applies, scaled_gemm_mosaic
 
     ok, why = scaled_gemm_applies(m, C, C, f8, f8)
-    for kw in MOSAIC_FORMS if ok else ():
-        fn = jax.jit(lambda qa, sa, w, sw, b: tuple(
-            scaled_gemm_mosaic(qa, w, sa[0], sw[0], b, n_off=i * C, n=C, **kw) for i in range(3)))
-        res = run_timed(f"qkvgemm Mosaic {kw}", fn, (qa, sa, w, sw, b), a.repeats)
+    for form in a.mosaic_forms if ok else ():
+        kw = _mosaic_form(form)
+        if kw.pop("one_call", False):  # q, k, v from one call writing three outputs
+            fn = jax.jit(lambda qa, sa, w, sw, b: scaled_gemm_mosaic(qa, w, sa[0], sw[0], b, out_blocks=3, **kw))
+        else:
+            fn = jax.jit(lambda qa, sa, w, sw, b: tuple(
+                scaled_gemm_mosaic(qa, w, sa[0], sw[0], b, n_off=i * C, n=C, **kw) for i in range(3)))
+        res = run_timed(f"qkvgemm Mosaic {form}", fn, (qa, sa, w, sw, b), a.repeats)
         if res is None:
             continue
         out, t = res
         got = np.concatenate([np.asarray(o.astype(jnp.float32)) for o in out], axis=1)
-        print(f"qkvgemm Mosaic GPU fp8 GEMM + epilogue (kernels.scaled_gemm) {kw}: "
+        print(f"qkvgemm Mosaic GPU fp8 GEMM + epilogue (kernels.scaled_gemm) {form}: "
               f"{t * 1e6:8.1f} us   equal to XLA {np.mean(got == ref):.4f}", flush=True)
     if not ok:
         print(f"qkvgemm Mosaic GPU kernel skipped: {why}", flush=True)

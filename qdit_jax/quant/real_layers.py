@@ -29,8 +29,8 @@ from qdit_jax.quant.kernels.gelu_quant import gelu_quant_applies, gelu_quant_pal
 from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm_pallas, group_gemm_xla, kernel_applies,
                                                low_bit_product, weight_codes_int8)
 from qdit_jax.quant.kernels.norm_quant import norm_quant_applies, norm_quant_pallas
-from qdit_jax.quant.kernels.scaled_gemm import (CODE_DTYPES, GROUP_MODES, TILE_K, TILE_N, codes_wg_available,
-                                                scaled_gemm_applies, scaled_gemm_mosaic)
+from qdit_jax.quant.kernels.scaled_gemm import (CODE_DTYPES, GROUP_MODES, PREFETCH_MODES, TILE_K, TILE_N,
+                                                codes_wg_available, scaled_gemm_applies, scaled_gemm_mosaic)
 from qdit_jax.quant.quantizers import QuantSpec, _int_codes, params_of_groups
 
 BACKENDS = ("auto", "xla", "pallas")
@@ -98,6 +98,12 @@ class RealOptions:
     # instead of cuBLAS + XLA's epilogue-and-residual pass (XLA drops the GEMM it emitted first).
     # Real fp8 XL/2 at batch 256: 1.355x -> 1.402x bf16
     residual_kernel: bool = True
+    # with qkv_kernel, q, k and v from one kernel call writing the three outputs (one tile schedule over
+    # all 27 column tiles, the input codes read once) instead of one call per output
+    qkv_one_call: bool = True
+    # with qkv_kernel, where its epilogue's scale / bias vectors are loaded (kernels.scaled_gemm
+    # ``prefetch``: None, 'before' the K loop, 'after' it in one batch)
+    qkv_prefetch: str | None = None
     # group-wise fp8 / int8 layers (128-wide groups on both operands, symmetric weights, bf16 output)
     # through the same Mosaic GPU GEMM with the group scales applied per K step inside its
     # accumulation, where the guard allows (Hopper), instead of the Triton group kernel
@@ -127,6 +133,8 @@ class RealOptions:
             raise QditError(f"real-mode backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.float_product not in FLOAT_PRODUCTS:
             raise QditError(f"float_product must be one of {FLOAT_PRODUCTS}, got {self.float_product!r}")
+        if self.qkv_prefetch not in PREFETCH_MODES:
+            raise QditError(f"qkv_prefetch must be one of {PREFETCH_MODES}, got {self.qkv_prefetch!r}")
         if self.group_mode is not None and self.group_mode not in GROUP_MODES:
             raise QditError(f"group_mode must be one of {GROUP_MODES} or None (the kernel's default), "
                             f"got {self.group_mode!r}")
@@ -458,9 +466,12 @@ def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, opt
     # each block reshaped before the concatenation, as SplitQKVDense does: XLA folds the attention's
     # slices of a concatenation into its operands, but not of a reshaped concatenation (measured:
     # concatenating (M, C) blocks and reshaping after left a q / k / v copy pass of ~300 us per block)
-    parts = [scaled_gemm_mosaic(qa, rw.codes, sa, sw, rw.bias, n_off=i * c, n=c, **_kernel_schedule(options))
-             .reshape(*lead, c) for i in range(blocks)]
-    return jnp.concatenate(parts, axis=-1)
+    sched = dict(_kernel_schedule(options), prefetch=options.qkv_prefetch)
+    if options.qkv_one_call and blocks > 1:
+        outs = scaled_gemm_mosaic(qa, rw.codes, sa, sw, rw.bias, n=n, out_blocks=blocks, **sched)
+    else:
+        outs = [scaled_gemm_mosaic(qa, rw.codes, sa, sw, rw.bias, n_off=i * c, n=c, **sched) for i in range(blocks)]
+    return jnp.concatenate([o.reshape(*lead, c) for o in outs], axis=-1)
 
 
 __all__ = ["RealWeight", "RealOptions", "NormSource", "GemmSource", "group_width", "effective_group", "quantize_act",

@@ -344,16 +344,17 @@ def test_norm_quant_routes_give_the_same_outputs(fmt, params, inputs, monkeypatc
 def test_qkv_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
     """With the scaled_gemm guard forced open (its XLA formulation standing in for the Mosaic GPU
     kernel, which needs a Hopper GPU) an fp8 SplitQKVDense runs as one scaled GEMM per q / k / v
-    column block from the same codes: the same model output as the qkv GEMM + epilogue path."""
+    column block from the same codes, in one call writing q, k and v (or, RealOptions(qkv_one_call=False),
+    a call each): the same model output as the qkv GEMM + epilogue path."""
     from qdit_jax.quant import real_layers
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_xla
     from qdit_jax.quant.real import RealOptions
 
     calls = []
 
-    def stand_in(a, w, sa, sw, bias, *, n_off, n, **kw):
-        calls.append((n_off, n))
-        return scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n)
+    def stand_in(a, w, sa, sw, bias, *, n_off=0, n=None, out_blocks=1, **kw):
+        calls.append((n_off, n, out_blocks))
+        return scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n, out_blocks=out_blocks)
 
     monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, **kw: (True, "test"))
     monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
@@ -362,12 +363,14 @@ def test_qkv_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
     ref = np.asarray(jax.jit(rm.apply_fn(RealOptions(qkv_kernel=False, residual_kernel=False)))(
         rm.variables(), *inputs), np.float64)
     assert not calls
-    fn = rm.apply_fn(RealOptions(residual_kernel=False))  # qkv_kernel on by default
-    got = np.asarray(jax.jit(fn)(rm.variables(), *inputs), np.float64)
     c = CFG.hidden_size
-    assert calls == [(0, c), (c, c), (2 * c, c)] * CFG.depth
-    np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2)
-    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3
+    for one_call, want in ((False, [(0, c, 1), (c, c, 1), (2 * c, c, 1)]), (True, [(0, 3 * c, 3)])):
+        calls.clear()
+        fn = rm.apply_fn(RealOptions(residual_kernel=False, qkv_one_call=one_call))  # qkv_kernel on by default
+        got = np.asarray(jax.jit(fn)(rm.variables(), *inputs), np.float64)
+        assert calls == want * CFG.depth
+        np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2)
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3
     # q, k, v are concatenated in the model's (B, N, C) layout, as SplitQKVDense does, so XLA can fold
     # the attention's slices into the blocks (a slice of a reshaped concatenation stays a copy pass)
     jaxpr = jax.make_jaxpr(fn)(rm.variables(), *inputs).jaxpr
@@ -436,12 +439,13 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
 
     calls, middle = [], []
 
-    def stand_in(a, w, sa, sw, bias, *, n_off=0, n=None, residual=None, gate=None, gelu_codes=None, **kw):
+    def stand_in(a, w, sa, sw, bias, *, n_off=0, n=None, residual=None, gate=None, gelu_codes=None, out_blocks=1,
+                 **kw):
         calls.append((sa.shape[0], a.shape[1], n or w.shape[0], residual is not None))
         stand_in.modes.append((kw.get("group_mode"), kw.get("chain")))
         if gelu_codes is not None:
             stand_in.codes_wg.append(kw.get("codes_wg"))
-        y = scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n, residual=residual, gate=gate)
+        y = scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n, residual=residual, gate=gate, out_blocks=out_blocks)
         return y if gelu_codes is None else gelu_quant_xla(y, None, None, None, gelu_codes, jnp.bfloat16)
 
     def gelu_interp(p, sa, sw, b, spec, dt, **kw):
@@ -488,9 +492,9 @@ def test_group_kernel_routes_give_the_same_outputs(fmt, gelu_epilogue, inputs, m
     got = np.asarray(jax.jit(fn)(rm.variables(), *inputs), np.float64)
     assert len(middle) == (0 if gelu_epilogue else cfg.depth)
     c = cfg.hidden_size
-    # q, k, v (three column blocks), proj, then proj with the residual, fc1, fc2, then fc2 with the
-    # residual: all with their group scales (the first proj / fc2 calls are left unused, see below)
-    assert calls == [(2, c, c, False)] * 3 + [(2, c, c, False), (2, c, c, True), (2, c, 4 * c, False),
+    # q, k, v (one call, three outputs), proj, then proj with the residual, fc1, fc2, then fc2 with
+    # the residual: all with their group scales (the first proj / fc2 calls are left unused, see below)
+    assert calls == [(2, c, 3 * c, False)] + [(2, c, c, False), (2, c, c, True), (2, c, 4 * c, False),
                                               (8, 4 * c, c, False), (8, 4 * c, c, True)]
     # a bf16 model (an ulp is 2^-8 relative; XLA on the CPU may skip a bf16 rounding inside its fusions
     # that a kernel boundary keeps), and the XLA group path rounds fp8 group products to bf16 where the
@@ -501,13 +505,13 @@ def test_group_kernel_routes_give_the_same_outputs(fmt, gelu_epilogue, inputs, m
     dots = _dot_operand_dtypes(jaxpr)
     assert sum(d == (low, low) for d in dots) >= 6 and all(d[0] in (low, "bfloat16", "float32") for d in dots)
     # the GEMMs the residual route reran are gone from the compiled program: one low-bit (stand-in)
-    # dot per layer, as many dots as without the residual route
+    # dot per kernel call (q, k and v in one), as many dots as without the residual route
     hlo = jax.jit(fn).lower(rm.variables(), *inputs).compile().as_text()
     no_res = jax.jit(rm.apply_fn(RealOptions(residual_kernel=False, gelu_epilogue=gelu_epilogue))).lower(
         rm.variables(), *inputs).compile()
     lines = [ln for ln in hlo.splitlines() if " dot(" in ln]
     if jax.default_backend() == "cpu":  # a GPU runs some int8 dots as cuBLAS custom calls instead
-        assert sum(("s32[" if fmt == "int" else "f8e4m3fn") in ln for ln in lines) == 6 or fmt != "int"
+        assert sum(("s32[" if fmt == "int" else "f8e4m3fn") in ln for ln in lines) == 4 or fmt != "int"
     assert len(lines) == no_res.as_text().count(" dot(")
     # RealOptions.group_mode and chain_tiles reach every group-scaled GEMM (group_mode None: the
     # kernel's own default)
@@ -518,7 +522,7 @@ def test_group_kernel_routes_give_the_same_outputs(fmt, gelu_epilogue, inputs, m
     modes.clear()
     jax.make_jaxpr(rm.apply_fn(RealOptions(gelu_epilogue=gelu_epilogue, group_mode="split", chain_tiles=False)))(
         rm.variables(), *inputs)
-    assert len(modes) == 8 and set(modes) == {("split", False)}
+    assert len(modes) == 6 and set(modes) == {("split", False)}  # q, k, v in one call
     # RealOptions.codes_wg reaches fc1's codes-epilogue call, only that one (default: on for int8 codes)
     wgs = real_layers.scaled_gemm_mosaic.codes_wg
     for choice, want in ((None, fmt == "int"), (True, True), (False, False)):
@@ -541,7 +545,7 @@ def test_unpacked_w4_takes_the_int8_group_route(inputs, monkeypatch):
     assert not calls  # packed codes: not the Mosaic route
     fn, unpacked = rm.apply_fn(RealOptions()), rm.variables(unpack_w4=True)
     got = np.asarray(jax.jit(fn)(unpacked, *inputs), np.float64)
-    assert len(calls) == 8 * CFG256.depth  # q, k, v, proj (+ residual), fc1, fc2 (+ residual)
+    assert len(calls) == 6 * CFG256.depth  # q, k, v (one call), proj (+ residual), fc1, fc2 (+ residual)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-2  # bf16 model, exact integer products
     dots = _dot_operand_dtypes(jax.make_jaxpr(fn)(unpacked, *inputs).jaxpr)
     assert ("int8", "int8") in dots and not any("uint8" in d for d in dots)
@@ -591,7 +595,7 @@ def test_unpacked_w4_under_fp8_activations_takes_the_fp8_group_route(inputs, mon
         np.testing.assert_array_equal(np.asarray(w.codes.astype(jnp.float32)),
                                       np.asarray(weight_codes_int8(rm.weights[p].codes), np.float32))
     got = np.asarray(jax.jit(fn)(unpacked, *inputs), np.float64)
-    assert len(calls) == 8 * CFG256.depth
+    assert len(calls) == 6 * CFG256.depth
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-2
     for variables in (packed, unpacked):
         dots = _dot_operand_dtypes(jax.make_jaxpr(fn)(variables, *inputs).jaxpr)

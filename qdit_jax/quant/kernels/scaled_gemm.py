@@ -195,13 +195,14 @@ def _check_call(a: jax.Array, sa: jax.Array, sw: jax.Array, n_off: int, n: int, 
 # jitted so that the DiT's identical calls (the same layer shape in every block) share one lowering:
 # unjitted, each of XL/2's 140 calls was lowered to Mosaic GPU again (compiles of 104-118 s per forward)
 @functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode", "gelu_codes",
-                                             "chain", "approx_tanh", "codes_wg"))
+                                             "chain", "approx_tanh", "codes_wg", "prefetch", "out_blocks"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                        gate: jax.Array | None = None, tile_m: int | None = None, tile_n: int = TILE_N,
                        steps: int | None = None, group_mode: str | None = None,
                        gelu_codes: Any = None, chain: bool = True, approx_tanh: bool = True,
-                       codes_wg: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+                       codes_wg: bool = False, prefetch: str | None = None, out_blocks: int = 1
+                       ) -> jax.Array | tuple[jax.Array, ...]:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
     ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
     float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
@@ -231,7 +232,13 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
     ``chain``: one pipeline across each CTA's output tiles (``chained_steps``), so that the memory
     warpgroup loads the next tile's first K steps during this tile's last steps and epilogue; False
-    restarts the pipeline per tile (its prologue loads wait for the previous tile's K loop to end)."""
+    restarts the pipeline per tile (its prologue loads wait for the previous tile's K loop to end).
+
+    ``out_blocks`` > 1 (no residual, no codes): the ``n`` columns written as that many (M, n / out_blocks)
+    arrays, returned as a tuple: q, k and v from one call (one tile schedule over the three, A read once)
+    instead of three calls with ``n_off``.
+
+    ``prefetch``: where the epilogue's scale / bias / gate vectors are loaded (``_check_prefetch``)."""
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
     groups = _groups(sa)
@@ -240,6 +247,11 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     tile_m0, steps0 = default_tiling(groups)
     tile_m = tile_m0 if tile_m is None else tile_m
     _check_call(a, sa, sw, n_off, n, tile_m, tile_n, residual, gate, gelu_codes)
+    if out_blocks < 1 or (out_blocks > 1 and (n % (out_blocks * tile_n) or residual is not None
+                                              or gelu_codes is not None)):
+        raise ValueError(f"out_blocks {out_blocks}: the {n} columns must split into whole {tile_n}-wide tiles per "
+                         "output, without a residual or codes epilogue")
+    prefetch = _check_prefetch(prefetch)
     num_sms = jax.devices()[0].core_count
     steps, chained = chained_steps(k // TILE_K, (m // (2 * tile_m)) * (n // tile_n), num_sms,
                                    steps0 if steps is None else steps, chain, explicit=steps is not None)
@@ -257,9 +269,22 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     plan = Plan(n_off=n_off, n=n, k=k, tile_m=tile_m, tile_n=tile_n, steps=steps, chained=chained,
                  m_tiles=m // (2 * tile_m), groups=groups, group_mode=group_mode,
                  int_codes=jnp.dtype(a.dtype) == jnp.dtype(jnp.int8), residual=residual is not None,
-                 rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, out_dtype=out_dtype, codes_wg=codes_wg)
+                 rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, out_dtype=out_dtype, codes_wg=codes_wg,
+                 prefetch=prefetch, out_blocks=out_blocks)
 
     return _launch(plan, num_sms, a, w, sa, sw, bias, residual, gate, approx_tanh)
+
+
+PREFETCH_MODES = (None, "before", "after")
+
+
+def _check_prefetch(prefetch: str | None) -> str | None:
+    """``prefetch``: where the epilogue's scale / bias / gate vectors are loaded: None, each where it is
+    used (after the K loop, in two or three dependent rounds); 'before' the K loop (held in registers
+    across it); 'after' it, all in one batch."""
+    if prefetch not in PREFETCH_MODES:
+        raise ValueError(f"prefetch must be one of {PREFETCH_MODES}, got {prefetch!r}")
+    return prefetch
 
 
 def _epilogue_operands(m: int, n_total: int, residual: jax.Array | None, gate: jax.Array | None,
@@ -285,6 +310,9 @@ def _launch(plan: Plan, num_sms: int, a: jax.Array, w: jax.Array, sa: jax.Array,
 
     m = a.shape[0]
     out_type = jax.ShapeDtypeStruct((m, plan.n), plan.out_dtype)
+    if plan.out_blocks > 1:
+        out_type = tuple(jax.ShapeDtypeStruct((m, plan.n // plan.out_blocks), plan.out_dtype)
+                         for _ in range(plan.out_blocks))
     if plan.gelu_codes is not None:
         out_type = (out_type, jax.ShapeDtypeStruct((plan.n_tiles, m), jnp.float32))
     # approx_math: tanh.approx.f32 for the GELU's tanh (division and the rest stay exact)
@@ -295,11 +323,11 @@ def _launch(plan: Plan, num_sms: int, a: jax.Array, w: jax.Array, sa: jax.Array,
         return call(a, w, sa, sw, bias, *(() if residual is None else (residual, gate)))
 
 
-@functools.partial(jax.jit, static_argnames=("n_off", "n", "w_kn", "tile_m", "tile_n", "steps", "chain"))
+@functools.partial(jax.jit, static_argnames=("n_off", "n", "w_kn", "tile_m", "tile_n", "steps", "chain", "prefetch"))
 def gemm_bf16_mosaic(a: jax.Array, w: jax.Array, bias: jax.Array | None, *, n_off: int = 0, n: int | None = None,
                      residual: jax.Array | None = None, gate: jax.Array | None = None, w_kn: bool = False,
-                     tile_m: int = TILE_M, tile_n: int = TILE_N, steps: int | None = None, chain: bool = True
-                     ) -> jax.Array:
+                     tile_m: int = TILE_M, tile_n: int = TILE_N, steps: int | None = None, chain: bool = True,
+                     prefetch: str | None = None) -> jax.Array:
     """Columns ``n_off : n_off + n`` of ``a @ w.T + bias`` (or ``residual + gate * (a @ w.T + bias)``) in bf16
     with bf16 operands: the same persistent kernel and epilogue as ``scaled_gemm_mosaic`` without scales
     (64-deep K steps: 128-byte rows of bf16), the product rounded to bf16 as the float model's. ``w`` is
@@ -311,13 +339,15 @@ def gemm_bf16_mosaic(a: jax.Array, w: jax.Array, bias: jax.Array | None, *, n_of
     n = n_total - n_off if n is None else n
     unused = jnp.ones((1,), jnp.float32)  # the scale operands, which a bf16 plan never reads
     _check_call(a, unused, unused, n_off, n, tile_m, tile_n, residual, gate, None)
+    prefetch = _check_prefetch(prefetch)
     num_sms = jax.devices()[0].core_count
     steps, chained = chained_steps(k // BF16_TILE_K, (m // (2 * tile_m)) * (n // tile_n), num_sms,
                                    STEPS if steps is None else steps, chain, explicit=steps is not None)
     rows_per_gate, residual, gate, bias = _epilogue_operands(m, n_total, residual, gate, bias)
     plan = Plan(n_off=n_off, n=n, k=k, tile_m=tile_m, tile_n=tile_n, steps=steps, chained=chained,
                 m_tiles=m // (2 * tile_m), groups=1, group_mode=None, int_codes=False, residual=residual is not None,
-                rows_per_gate=rows_per_gate, gelu_codes=None, out_dtype=jnp.bfloat16, bf16=True, w_kn=w_kn)
+                rows_per_gate=rows_per_gate, gelu_codes=None, out_dtype=jnp.bfloat16, bf16=True, w_kn=w_kn,
+                prefetch=prefetch)
     return _launch(plan, num_sms, a.astype(jnp.bfloat16), w.astype(jnp.bfloat16), unused, unused, bias, residual,
                    gate, False)
 
@@ -359,10 +389,10 @@ def _compute_registers(n: int | None) -> Iterator[None]:
 
 def scaled_gemm_xla(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                     n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
-                    gate: jax.Array | None = None) -> jax.Array:
+                    gate: jax.Array | None = None, out_blocks: int = 1) -> jax.Array | tuple[jax.Array, ...]:
     """The real path's XLA formulation of the same columns (per channel: bf16 product; with group
     scales: each group's product in float32; float32 epilogue, then the model's bf16 gated residual
-    when given): the reference."""
+    when given): the reference; with ``out_blocks`` > 1 the columns split into that many outputs."""
     from qdit_jax.quant.kernels.group_gemm import group_gemm_xla
 
     n = w.shape[0] - n_off if n is None else n
@@ -371,6 +401,8 @@ def scaled_gemm_xla(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bi
     groups = _groups(sa)
     y = group_gemm_xla(a, sa.reshape(groups, -1), w[cols], sw.reshape(groups, -1)[:, cols], b, out_dtype=jnp.bfloat16,
                        split_epilogue=True, product_dtype=jnp.bfloat16 if groups == 1 else jnp.float32)
+    if out_blocks > 1:
+        return tuple(jnp.split(y, out_blocks, axis=1))
     return y if residual is None else _gated_residual_xla(y, residual, gate)
 
 

@@ -43,6 +43,8 @@ class Plan:
     codes_wg: bool = False  # the codes epilogue run by a fourth warpgroup (``_codes_warpgroup``)
     bf16: bool = False  # bf16 operands, no scales (the float model's GEMM with this epilogue)
     w_kn: bool = False  # weights stored (K, N) (a Flax Dense kernel; bf16 only), else (N, K)
+    prefetch: str | None = None  # the epilogue's vectors loaded 'before' the K loop or 'after' it in one batch
+    out_blocks: int = 1  # outputs: the n columns as this many (M, n / out_blocks) arrays (q, k, v in one call)
 
     @property
     def tile_k(self) -> int:
@@ -60,6 +62,11 @@ class Plan:
     @property
     def n_tiles(self) -> int:
         return self.n // self.tile_n
+
+    @property
+    def block_tiles(self) -> int:
+        """Column tiles per output array."""
+        return self.n_tiles // self.out_blocks
 
     @property
     def acc_dtype(self) -> Any:
@@ -83,7 +90,7 @@ class _Refs(NamedTuple):
     bias: Any
     residual: Any  # (M, n) bf16, or None
     gate: Any  # flattened (G * n,) float32, or None
-    out: Any
+    out: Any  # the output, or ``plan.out_blocks`` of them
     out_scales: Any  # the codes epilogue's (n // tile_n, M) scales, or None
     o_smem: Any  # (2, tile_m, tile_n): one output slot per compute warpgroup (codes warpgroup: per 64-row half)
     s_smem: Any
@@ -256,8 +263,31 @@ _STEP_BODIES = {None: _step_channel, "plain": _step_plain, "overlap": _step_over
 
 # ---- the tile's epilogue: the K loop's result, scales / bias / residual / codes, the store
 
-def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, eval_pipeline: Any) -> list[jax.Array]:
-    """Run the K loop; the tile's float32 result (scaled; before bias) in column parts."""
+def _epilogue_vectors(plan: Plan, refs: _Refs, rows: Any, pn: Any, wcols: Any) -> dict:
+    """The epilogue's per-row / per-column vectors of this warpgroup's tile, all loads issued together
+    (``plan.prefetch``): the scales (per channel), the bias and the gate per column part."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    row_l, col_l = _layouts()
+    width = plan.tile_n // plan.n_parts
+    vec: dict = {}
+    if plan.groups == 1 and not plan.bf16:
+        vec["s_a"] = plgpu.load(refs.sa.at[pl.ds(rows, plan.tile_m)], (), layout=row_l, optimized=False)
+        vec["s_w"] = plgpu.load(refs.sw.at[wcols], (), layout=col_l, optimized=False)
+    vec["bias"] = [plgpu.load(refs.bias.at[pl.ds(plan.n_off + pn * plan.tile_n + j * width, width)], (),
+                              layout=col_l, optimized=False) for j in range(plan.n_parts)]
+    if plan.residual:
+        vec["gate"] = [plgpu.load(refs.gate.at[pl.ds((rows // plan.rows_per_gate) * plan.n + pn * plan.tile_n
+                                                     + j * width, width)], (), layout=col_l, optimized=False)
+                       for j in range(plan.n_parts)]
+    return vec
+
+
+def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, eval_pipeline: Any,
+                vec: Any = None) -> tuple[list[jax.Array], dict | None]:
+    """Run the K loop; the tile's float32 result (scaled; before bias) in column parts, and the
+    epilogue's vectors (``vec``: loaded before the K loop, or a function loading them, called right after it)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -272,10 +302,14 @@ def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, eval_pi
             eval_pipeline(acc_ref)
             return acc_ref[...]
 
+        vec = vec() if callable(vec) else vec
         if plan.bf16:  # rounded as the float model's bf16 product
-            return [y.astype(jnp.bfloat16).astype(jnp.float32)]
-        s_a = plgpu.load(refs.sa.at[pl.ds(rows, plan.tile_m)], (), layout=row_l, optimized=False)
-        s_w = plgpu.load(refs.sw.at[wcols], (), layout=col_l, optimized=False)
+            return [y.astype(jnp.bfloat16).astype(jnp.float32)], vec
+        if vec is not None:
+            s_a, s_w = vec["s_a"], vec["s_w"]
+        else:
+            s_a = plgpu.load(refs.sa.at[pl.ds(rows, plan.tile_m)], (), layout=row_l, optimized=False)
+            s_w = plgpu.load(refs.sw.at[wcols], (), layout=col_l, optimized=False)
         # rounded as the XLA path's product: int32 sums to float32, fp8 to bf16
         y = _scaled(plan, y if plan.int_codes else y.astype(jnp.bfloat16), s_a, s_w)
     elif plan.group_mode == "plain":  # the scaled groups' float32 sum, from the K loop
@@ -287,11 +321,12 @@ def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, eval_pi
                                         zeros((plan.tile_m,), jnp.float32, row_l),
                                         zeros((plan.tile_n,), jnp.float32, col_l)))
         y = y + _scaled(plan, p, s_a, s_w)
-    return list(y) if isinstance(y, tuple) else [y]  # Mosaic has no concatenate: parts stay parts
+    vec = vec() if callable(vec) else vec
+    return (list(y) if isinstance(y, tuple) else [y]), vec  # Mosaic has no concatenate: parts stay parts
 
 
-def _biased(plan: Plan, refs: _Refs, pn: Any, parts: list[jax.Array]) -> list[jax.Array]:
-    """The tile's float32 column parts plus the bias of column tile ``pn``."""
+def _biased(plan: Plan, refs: _Refs, pn: Any, parts: list[jax.Array], vec: dict | None = None) -> list[jax.Array]:
+    """The tile's float32 column parts plus the bias of column tile ``pn`` (from ``vec`` if loaded)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -299,13 +334,14 @@ def _biased(plan: Plan, refs: _Refs, pn: Any, parts: list[jax.Array]) -> list[ja
     width = plan.tile_n // len(parts)
     out = []
     for j, yj in enumerate(parts):
-        bj = plgpu.load(refs.bias.at[pl.ds(plan.n_off + pn * plan.tile_n + j * width, width)], (), layout=col_l,
-                        optimized=False)
+        bj = vec["bias"][j] if vec is not None else plgpu.load(
+            refs.bias.at[pl.ds(plan.n_off + pn * plan.tile_n + j * width, width)], (), layout=col_l, optimized=False)
         out.append(yj + lax.broadcast_in_dim(bj, (plan.tile_m, width), [1]))
     return out
 
 
-def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, parts: list[jax.Array]) -> None:
+def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, parts: list[jax.Array],
+            vec: dict | None = None) -> None:
     """Bias, then the gated residual (its tile already in this warpgroup's slot) or the next layer's
     codes, then the store by TMA from the warpgroup's SMEM slot."""
     from jax.experimental import pallas as pl
@@ -316,12 +352,13 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
     pshape = (plan.tile_m, width)
     if plan.residual:
         plgpu.barrier_wait(refs.r_bar.at[wg])
-    parts = _biased(plan, refs, pn, parts)
+    parts = _biased(plan, refs, pn, parts, vec)
     for j, yj in enumerate(parts):
         pcols = pl.ds(j * width, width)
         if plan.residual:  # x + gate * y, each step rounded to bf16 as the model's
-            gj = plgpu.load(refs.gate.at[pl.ds((rows // plan.rows_per_gate) * plan.n + pn * plan.tile_n + j * width,
-                                               width)], (), layout=col_l, optimized=False)
+            gj = vec["gate"][j] if vec is not None else plgpu.load(
+                refs.gate.at[pl.ds((rows // plan.rows_per_gate) * plan.n + pn * plan.tile_n + j * width, width)], (),
+                layout=col_l, optimized=False)
             yj = yj.astype(jnp.bfloat16).astype(jnp.float32)
             yj = (lax.broadcast_in_dim(gj, pshape, [1]) * yj).astype(jnp.bfloat16).astype(jnp.float32)
             res = plgpu.load(refs.o_smem.at[wg, :, pcols], (), layout=plgpu.Layout.WGMMA, optimized=False)
@@ -335,7 +372,12 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
     if plan.gelu_codes is not None:
         refs.s_smem[wg] = s_g
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(refs.o_smem.at[wg], refs.out.at[pl.ds(rows, plan.tile_m), ocols])
+    if plan.out_blocks == 1:
+        plgpu.copy_smem_to_gmem(refs.o_smem.at[wg], refs.out.at[pl.ds(rows, plan.tile_m), ocols])
+    for i in range(plan.out_blocks if plan.out_blocks > 1 else 0):  # the output array holding column tile pn
+        bcols = pl.ds((pn - i * plan.block_tiles) * plan.tile_n, plan.tile_n)
+        pl.when(pn // plan.block_tiles == i)(functools.partial(
+            plgpu.copy_smem_to_gmem, refs.o_smem.at[wg], refs.out[i].at[pl.ds(rows, plan.tile_m), bcols]))
     if plan.gelu_codes is not None:  # group pn of the output's columns (tile_n is one group)
         plgpu.copy_smem_to_gmem(refs.s_smem.at[wg], refs.out_scales.at[pn, pl.ds(rows, plan.tile_m)])
 
@@ -354,12 +396,16 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         plgpu.copy_gmem_to_smem(refs.residual.at[pl.ds(rows, plan.tile_m), ocols], refs.o_smem.at[wg],
                                 refs.r_bar.at[wg])
-    parts = _accumulate(plan, refs, wg, rows, wcols, eval_pipeline)
+    vec = None
+    if plan.prefetch is not None:
+        vec = functools.partial(_epilogue_vectors, plan, refs, rows, pn, wcols)
+        vec = vec() if plan.prefetch == "before" else vec
+    parts, vec = _accumulate(plan, refs, wg, rows, wcols, eval_pipeline, vec)
     if not plan.codes_wg:
-        _finish(plan, refs, wg, rows, pn, ocols, parts)
+        _finish(plan, refs, wg, rows, pn, ocols, parts, vec)
         return
     width = plan.tile_n // len(parts)
-    biased = _biased(plan, refs, pn, parts)
+    biased = _biased(plan, refs, pn, parts, vec)
     plgpu.barrier_wait(refs.empty.at[slot])  # the codes warpgroup has read this slot's previous tile
     for j, yj in enumerate(biased):
         refs.stage[slot, wg, :, pl.ds(j * width, width)] = yj.astype(jnp.bfloat16)
@@ -427,6 +473,8 @@ def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any
 
     r_gmem, g_gmem = rest[:2] if plan.residual else (None, None)
     o_gmem, s_gmem = (rest[-2], rest[-1]) if plan.gelu_codes is not None else (rest[-1], None)
+    if plan.out_blocks > 1:
+        o_gmem = tuple(rest[-plan.out_blocks:])
 
     def ignore(*_: Any, **__: Any) -> None:
         return None

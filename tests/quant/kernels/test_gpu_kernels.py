@@ -83,6 +83,47 @@ def test_scaled_gemm_matches_xla(dtype):
         np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-6)
 
 
+@pytest.mark.parametrize("groups", [1, 9])
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.int8])
+def test_one_call_for_three_outputs_equals_three_calls(dtype, groups):
+    """q, k, v from one call (``out_blocks=3``) and with the epilogue's vectors prefetched: the same bits
+    as one call per output block."""
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
+
+    r = np.random.default_rng(5)
+    m = B * T
+    a, w = _random_codes(r, (m, C), dtype), _random_codes(r, (3 * C, C), dtype)
+    sa = jnp.asarray(r.uniform(0.001, 0.003, (m,) if groups == 1 else (groups, m)), jnp.float32)
+    sw = jnp.asarray(r.uniform(0.001, 0.003, (3 * C,) if groups == 1 else (groups, 3 * C)), jnp.float32)
+    b = jnp.asarray(r.standard_normal(3 * C) * 0.1, jnp.float32)
+    want = [np.asarray(jax.jit(lambda *x, i=i: scaled_gemm_mosaic(*x, n_off=i * C, n=C))(a, w, sa, sw, b), np.float32)
+            for i in range(3)]
+    assert all(np.abs(v).max() > 0 for v in want)
+    for kw in (dict(out_blocks=3), dict(out_blocks=3, prefetch="before"), dict(out_blocks=3, prefetch="after")):
+        got = jax.jit(lambda *x, kw=kw: scaled_gemm_mosaic(*x, **kw))(a, w, sa, sw, b)
+        assert len(got) == 3
+        for g, v in zip(got, want):
+            assert g.shape == (m, C)
+            np.testing.assert_array_equal(np.asarray(g, np.float32), v)
+
+
+@pytest.mark.parametrize("prefetch", ["before", "after"])
+def test_prefetched_residual_epilogue_equals_the_default(prefetch):
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
+
+    r = np.random.default_rng(6)
+    m, dtype = B * T, jnp.float8_e4m3fn
+    a, w = _random_codes(r, (m, 4 * C), dtype), _random_codes(r, (C, 4 * C), dtype)
+    sa, sw = (jnp.asarray(r.uniform(0.001, 0.003, (n,)), jnp.float32) for n in (m, C))
+    b = jnp.asarray(r.standard_normal(C) * 0.1, jnp.float32)
+    x = jnp.asarray(r.standard_normal((m, C)) * 4, jnp.bfloat16)
+    g = jnp.asarray(r.standard_normal((B, C)) * 0.5, jnp.bfloat16)
+    outs = [np.asarray(jax.jit(lambda *v, p=p: scaled_gemm_mosaic(*v[:5], residual=v[5], gate=v[6], prefetch=p))(
+        a, w, sa, sw, b, x, g), np.float32) for p in (None, prefetch)]
+    assert np.abs(outs[0]).max() > 0
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.int8])
 @pytest.mark.parametrize("k", [C, HIDDEN])
 def test_scaled_gemm_residual_matches_xla(k, dtype):

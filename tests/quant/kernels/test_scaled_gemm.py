@@ -217,3 +217,17 @@ def test_group_modes_default_by_code_type_and_reject_unknown_ones():
     assert set(GROUP_MODES) == {"plain", "overlap", "split"}
     with pytest.raises(ValueError, match="overlap"):
         group_mode_for(2, jnp.int8, "zigzag")
+
+
+def test_out_blocks_and_prefetch_are_checked():
+    """Three outputs need whole tiles per output and no residual / codes epilogue; prefetch modes are named."""
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
+
+    args = (jnp.zeros((256, 256), F8), jnp.zeros((384, 256), F8), jnp.ones((256,)), jnp.ones((384,)), None)
+    with pytest.raises(ValueError, match="out_blocks 3"):  # 384 / 3 = 128 columns each is fine, 256 is not
+        scaled_gemm_mosaic(*args, n=256, out_blocks=3)
+    with pytest.raises(ValueError, match="out_blocks 2"):
+        scaled_gemm_mosaic(*args, n=256, out_blocks=2, residual=jnp.zeros((256, 256), jnp.bfloat16),
+                           gate=jnp.zeros((1, 256), jnp.bfloat16))
+    with pytest.raises(ValueError, match="prefetch must be one of"):
+        scaled_gemm_mosaic(*args, prefetch="early")

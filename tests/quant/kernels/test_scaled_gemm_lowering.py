@@ -47,6 +47,11 @@ CASES = {
                                                                               symmetric=True))),
     "int8 group-128 gelu_codes": (jnp.int8, C, 4 * C, 2, dict(gelu_codes=QuantSpec(bits=8, group_size=128,
                                                                                      symmetric=True))),
+    "fp8 per channel, vectors prefetched": (F8, C, C, 1, dict(prefetch="before")),
+    "int8 per channel + residual, vectors after": (jnp.int8, 4 * C, C, 1, dict(residual=True, prefetch="after")),
+    "fp8 group-128 (split) + residual, vectors prefetched": (F8, C, C, 2, dict(residual=True, prefetch="before")),
+    "fp8 per channel, three outputs": (F8, C, 6 * C, 1, dict(out_blocks=3)),
+    "int8 group-128 three outputs": (jnp.int8, C, 6 * C, 2, dict(out_blocks=3, prefetch="before")),
     # a fourth warpgroup for the codes epilogue (opt-in)
     "fp8 group-128 gelu_codes, codes warpgroup": (F8, C, 4 * C, 2, dict(codes_wg=True, gelu_codes=QuantSpec(
         bits=8, format="fp8_e4m3", group_size=128, symmetric=True))),
