@@ -102,12 +102,13 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     # RealOptions.qkv_kernel, on by default)
     "real-fp8-noqkvk": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
                         "xla-noqkvk"),
-    # q, k, v as three scaled_gemm calls (one per output) instead of one call writing all three
-    # (RealOptions.qkv_one_call); -pfb: the qkv epilogue's scale / bias vectors loaded before the K loop
+    # q, k, v as three scaled_gemm calls (one per output) with the epilogue's vectors loaded where used, as
+    # until the nineteenth session, instead of one call writing all three with them loaded before the K
+    # loop (RealOptions.qkv_one_call / qkv_prefetch); -nopf: one call, the vectors loaded where used
     "real-fp8-qkvcalls": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"),
-                          "real", "xla-qkvcalls"),
-    "real-fp8-pfb": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
-                     "xla-pfb"),
+                          "real", "xla-qkvcalls-nopf"),
+    "real-fp8-nopf": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
+                      "xla-nopf"),
     # proj / fc2 from cuBLAS + XLA's epilogue-and-residual pass instead of scaled_gemm with the gated
     # residual in its epilogue (RealOptions.residual_kernel, on by default)
     "real-fp8-nores": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
@@ -250,7 +251,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # mode: q, k, v as three quantized GEMMs), -nomlp (no fused MLP middle step), -nonorm (no norm_quant
     # kernel), -rowq (norm_quant without the LayerNorm prologue), -noqkvk (no scaled_gemm for qkv),
     # -nores (no scaled_gemm with the residual for proj / fc2), -qkvcalls (q, k, v in three scaled_gemm
-    # calls), -pfb (qkv's epilogue vectors loaded before the K loop), -nogroupk (no scaled_gemm for group-wise
+    # calls), -nopf (qkv's epilogue vectors loaded where used, not before the K loop), -nogroupk (no scaled_gemm for group-wise
     # layers), -nogelue (group-wise fc1 with a bf16 output, then gelu_quant), -wg / -nowg (fc1's codes
     # epilogue on the kernel's fourth warpgroup or not), -gmMODE (the group GEMM's
     # schedule, kernels.scaled_gemm.GROUP_MODES), -packed (4-bit weights
@@ -277,7 +278,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        row_quant="nonorm" not in tags, qkv_kernel="noqkvk" not in tags,
                        residual_kernel="nores" not in tags, group_kernel="nogroupk" not in tags,
                        gelu_epilogue="nogelue" not in tags, chain_tiles="nochain" not in tags,
-                       qkv_one_call="qkvcalls" not in tags, qkv_prefetch="before" if "pfb" in tags else None,
+                       qkv_one_call="qkvcalls" not in tags, qkv_prefetch=None if "nopf" in tags else "before",
                        codes_wg=True if "wg" in tags else False if "nowg" in tags else None,
                        group_mode=next((t[len("gm"):] for t in tags if t.startswith("gm")), None))
     variables = rm.variables(unpack_w4=False if "packed" in tags else None)

@@ -101,9 +101,12 @@ class RealOptions:
     # with qkv_kernel, q, k and v from one kernel call writing the three outputs (one tile schedule over
     # all 27 column tiles, the input codes read once) instead of one call per output
     qkv_one_call: bool = True
-    # with qkv_kernel, where its epilogue's scale / bias vectors are loaded (kernels.scaled_gemm
-    # ``prefetch``: None, 'before' the K loop, 'after' it in one batch)
-    qkv_prefetch: str | None = None
+    # with qkv_kernel, where a per-channel qkv epilogue's scale / bias vectors are loaded (kernels.scaled_gemm
+    # ``prefetch``: None, 'before' the K loop, 'after' it in one batch). With qkv_one_call, XL/2 at batch
+    # 256 on the H100: q, k, v 491 us in three calls, 467-473 in one, 456-465 in one with 'before'; the
+    # fp8 forward 1.394x / 1.406x / 1.410x bf16 (RESULTS.md, nineteenth session). Group-wise layers
+    # load them where used (their 64-row tiles have no registers to spare: not measured)
+    qkv_prefetch: str | None = "before"
     # group-wise fp8 / int8 layers (128-wide groups on both operands, symmetric weights, bf16 output)
     # through the same Mosaic GPU GEMM with the group scales applied per K step inside its
     # accumulation, where the guard allows (Hopper), instead of the Triton group kernel
@@ -466,7 +469,7 @@ def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, opt
     # each block reshaped before the concatenation, as SplitQKVDense does: XLA folds the attention's
     # slices of a concatenation into its operands, but not of a reshaped concatenation (measured:
     # concatenating (M, C) blocks and reshaping after left a q / k / v copy pass of ~300 us per block)
-    sched = dict(_kernel_schedule(options), prefetch=options.qkv_prefetch)
+    sched = dict(_kernel_schedule(options), prefetch=options.qkv_prefetch if g == 1 else None)
     if options.qkv_one_call and blocks > 1:
         outs = scaled_gemm_mosaic(qa, rw.codes, sa, sw, rw.bias, n=n, out_blocks=blocks, **sched)
     else:

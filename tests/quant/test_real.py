@@ -352,11 +352,13 @@ def test_qkv_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
 
     calls = []
 
-    def stand_in(a, w, sa, sw, bias, *, n_off=0, n=None, out_blocks=1, **kw):
+    def stand_in(a, w, sa, sw, bias, *, n_off=0, n=None, out_blocks=1, prefetch=None, **kw):
         calls.append((n_off, n, out_blocks))
+        stand_in.prefetch.add(prefetch)
         return scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n, out_blocks=out_blocks)
 
     monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, **kw: (True, "test"))
+    stand_in.prefetch = set()
     monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
     cfg = CFG.replace(dtype="bfloat16")  # the kernel writes bf16
     rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**FORMATS["fp8-e4m3-perchannel"])))
@@ -368,7 +370,7 @@ def test_qkv_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
         calls.clear()
         fn = rm.apply_fn(RealOptions(residual_kernel=False, qkv_one_call=one_call))  # qkv_kernel on by default
         got = np.asarray(jax.jit(fn)(rm.variables(), *inputs), np.float64)
-        assert calls == want * CFG.depth
+        assert calls == want * CFG.depth and stand_in.prefetch == {"before"}  # RealOptions.qkv_prefetch's default
         np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2)
         assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3
     # q, k, v are concatenated in the model's (B, N, C) layout, as SplitQKVDense does, so XLA can fold
