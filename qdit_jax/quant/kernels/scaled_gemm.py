@@ -323,11 +323,11 @@ def _launch(plan: Plan, num_sms: int, a: jax.Array, w: jax.Array, sa: jax.Array,
         return call(a, w, sa, sw, bias, *(() if residual is None else (residual, gate)))
 
 
-@functools.partial(jax.jit, static_argnames=("n_off", "n", "w_kn", "tile_m", "tile_n", "steps", "chain", "prefetch"))
+@functools.partial(jax.jit, static_argnames=("n_off", "n", "w_kn", "tile_m", "tile_n", "steps", "chain"))
 def gemm_bf16_mosaic(a: jax.Array, w: jax.Array, bias: jax.Array | None, *, n_off: int = 0, n: int | None = None,
                      residual: jax.Array | None = None, gate: jax.Array | None = None, w_kn: bool = False,
-                     tile_m: int = TILE_M, tile_n: int = TILE_N, steps: int | None = None, chain: bool = True,
-                     prefetch: str | None = None) -> jax.Array:
+                     tile_m: int = TILE_M, tile_n: int = TILE_N, steps: int | None = None, chain: bool = True
+                     ) -> jax.Array:
     """Columns ``n_off : n_off + n`` of ``a @ w.T + bias`` (or ``residual + gate * (a @ w.T + bias)``) in bf16
     with bf16 operands: the same persistent kernel and epilogue as ``scaled_gemm_mosaic`` without scales
     (64-deep K steps: 128-byte rows of bf16), the product rounded to bf16 as the float model's. ``w`` is
@@ -339,15 +339,13 @@ def gemm_bf16_mosaic(a: jax.Array, w: jax.Array, bias: jax.Array | None, *, n_of
     n = n_total - n_off if n is None else n
     unused = jnp.ones((1,), jnp.float32)  # the scale operands, which a bf16 plan never reads
     _check_call(a, unused, unused, n_off, n, tile_m, tile_n, residual, gate, None)
-    prefetch = _check_prefetch(prefetch)
     num_sms = jax.devices()[0].core_count
     steps, chained = chained_steps(k // BF16_TILE_K, (m // (2 * tile_m)) * (n // tile_n), num_sms,
                                    STEPS if steps is None else steps, chain, explicit=steps is not None)
     rows_per_gate, residual, gate, bias = _epilogue_operands(m, n_total, residual, gate, bias)
     plan = Plan(n_off=n_off, n=n, k=k, tile_m=tile_m, tile_n=tile_n, steps=steps, chained=chained,
                 m_tiles=m // (2 * tile_m), groups=1, group_mode=None, int_codes=False, residual=residual is not None,
-                rows_per_gate=rows_per_gate, gelu_codes=None, out_dtype=jnp.bfloat16, bf16=True, w_kn=w_kn,
-                prefetch=prefetch)
+                rows_per_gate=rows_per_gate, gelu_codes=None, out_dtype=jnp.bfloat16, bf16=True, w_kn=w_kn)
     return _launch(plan, num_sms, a.astype(jnp.bfloat16), w.astype(jnp.bfloat16), unused, unused, bias, residual,
                    gate, False)
 

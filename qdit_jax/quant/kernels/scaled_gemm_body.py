@@ -263,24 +263,44 @@ _STEP_BODIES = {None: _step_channel, "plain": _step_plain, "overlap": _step_over
 
 # ---- the tile's epilogue: the K loop's result, scales / bias / residual / codes, the store
 
-def _epilogue_vectors(plan: Plan, refs: _Refs, rows: Any, pn: Any, wcols: Any) -> dict:
-    """The epilogue's per-row / per-column vectors of this warpgroup's tile, all loads issued together
-    (``plan.prefetch``): the scales (per channel), the bias and the gate per column part."""
+def _scale_vectors(plan: Plan, refs: _Refs, rows: Any, wcols: Any) -> tuple[jax.Array, jax.Array]:
+    """Per channel: this warpgroup's row scales and the tile's column scales."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     row_l, col_l = _layouts()
+    return (plgpu.load(refs.sa.at[pl.ds(rows, plan.tile_m)], (), layout=row_l, optimized=False),
+            plgpu.load(refs.sw.at[wcols], (), layout=col_l, optimized=False))
+
+
+def _bias_part(plan: Plan, refs: _Refs, pn: Any, j: int, width: int) -> jax.Array:
+    """The bias of column part ``j`` (``width`` wide) of column tile ``pn``."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    cols = pl.ds(plan.n_off + pn * plan.tile_n + j * width, width)
+    return plgpu.load(refs.bias.at[cols], (), layout=_layouts()[1], optimized=False)
+
+
+def _gate_part(plan: Plan, refs: _Refs, rows: Any, pn: Any, j: int, width: int) -> jax.Array:
+    """The gate row of these rows' sample for column part ``j`` of column tile ``pn``."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    start = (rows // plan.rows_per_gate) * plan.n + pn * plan.tile_n + j * width
+    return plgpu.load(refs.gate.at[pl.ds(start, width)], (), layout=_layouts()[1], optimized=False)
+
+
+def _epilogue_vectors(plan: Plan, refs: _Refs, rows: Any, pn: Any, wcols: Any) -> dict:
+    """The epilogue's per-row / per-column vectors of this warpgroup's tile, all loads issued together
+    (``plan.prefetch``): the scales (per channel), the bias and the gate per column part."""
     width = plan.tile_n // plan.n_parts
     vec: dict = {}
     if plan.groups == 1 and not plan.bf16:
-        vec["s_a"] = plgpu.load(refs.sa.at[pl.ds(rows, plan.tile_m)], (), layout=row_l, optimized=False)
-        vec["s_w"] = plgpu.load(refs.sw.at[wcols], (), layout=col_l, optimized=False)
-    vec["bias"] = [plgpu.load(refs.bias.at[pl.ds(plan.n_off + pn * plan.tile_n + j * width, width)], (),
-                              layout=col_l, optimized=False) for j in range(plan.n_parts)]
+        vec["s_a"], vec["s_w"] = _scale_vectors(plan, refs, rows, wcols)
+    vec["bias"] = [_bias_part(plan, refs, pn, j, width) for j in range(plan.n_parts)]
     if plan.residual:
-        vec["gate"] = [plgpu.load(refs.gate.at[pl.ds((rows // plan.rows_per_gate) * plan.n + pn * plan.tile_n
-                                                     + j * width, width)], (), layout=col_l, optimized=False)
-                       for j in range(plan.n_parts)]
+        vec["gate"] = [_gate_part(plan, refs, rows, pn, j, width) for j in range(plan.n_parts)]
     return vec
 
 
@@ -302,14 +322,10 @@ def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, eval_pi
             eval_pipeline(acc_ref)
             return acc_ref[...]
 
-        vec = vec() if callable(vec) else vec
+        vec = vec() if callable(vec) else vec  # 'after': right after the K loop, before the scaling
         if plan.bf16:  # rounded as the float model's bf16 product
             return [y.astype(jnp.bfloat16).astype(jnp.float32)], vec
-        if vec is not None:
-            s_a, s_w = vec["s_a"], vec["s_w"]
-        else:
-            s_a = plgpu.load(refs.sa.at[pl.ds(rows, plan.tile_m)], (), layout=row_l, optimized=False)
-            s_w = plgpu.load(refs.sw.at[wcols], (), layout=col_l, optimized=False)
+        s_a, s_w = (vec["s_a"], vec["s_w"]) if vec is not None else _scale_vectors(plan, refs, rows, wcols)
         # rounded as the XLA path's product: int32 sums to float32, fp8 to bf16
         y = _scaled(plan, y if plan.int_codes else y.astype(jnp.bfloat16), s_a, s_w)
     elif plan.group_mode == "plain":  # the scaled groups' float32 sum, from the K loop
@@ -321,21 +337,16 @@ def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, eval_pi
                                         zeros((plan.tile_m,), jnp.float32, row_l),
                                         zeros((plan.tile_n,), jnp.float32, col_l)))
         y = y + _scaled(plan, p, s_a, s_w)
-    vec = vec() if callable(vec) else vec
+    vec = vec() if callable(vec) else vec  # group modes: 'after' the K loop and its last scaling
     return (list(y) if isinstance(y, tuple) else [y]), vec  # Mosaic has no concatenate: parts stay parts
 
 
 def _biased(plan: Plan, refs: _Refs, pn: Any, parts: list[jax.Array], vec: dict | None = None) -> list[jax.Array]:
     """The tile's float32 column parts plus the bias of column tile ``pn`` (from ``vec`` if loaded)."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    _, col_l = _layouts()
     width = plan.tile_n // len(parts)
     out = []
     for j, yj in enumerate(parts):
-        bj = vec["bias"][j] if vec is not None else plgpu.load(
-            refs.bias.at[pl.ds(plan.n_off + pn * plan.tile_n + j * width, width)], (), layout=col_l, optimized=False)
+        bj = vec["bias"][j] if vec is not None else _bias_part(plan, refs, pn, j, width)
         out.append(yj + lax.broadcast_in_dim(bj, (plan.tile_m, width), [1]))
     return out
 
@@ -347,7 +358,6 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    _, col_l = _layouts()
     width = plan.tile_n // len(parts)
     pshape = (plan.tile_m, width)
     if plan.residual:
@@ -356,9 +366,7 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
     for j, yj in enumerate(parts):
         pcols = pl.ds(j * width, width)
         if plan.residual:  # x + gate * y, each step rounded to bf16 as the model's
-            gj = vec["gate"][j] if vec is not None else plgpu.load(
-                refs.gate.at[pl.ds((rows // plan.rows_per_gate) * plan.n + pn * plan.tile_n + j * width, width)], (),
-                layout=col_l, optimized=False)
+            gj = vec["gate"][j] if vec is not None else _gate_part(plan, refs, rows, pn, j, width)
             yj = yj.astype(jnp.bfloat16).astype(jnp.float32)
             yj = (lax.broadcast_in_dim(gj, pshape, [1]) * yj).astype(jnp.bfloat16).astype(jnp.float32)
             res = plgpu.load(refs.o_smem.at[wg, :, pcols], (), layout=plgpu.Layout.WGMMA, optimized=False)
