@@ -251,9 +251,9 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # mode: q, k, v as three quantized GEMMs), -nomlp (no fused MLP middle step), -nonorm (no norm_quant
     # kernel), -rowq (norm_quant without the LayerNorm prologue), -noqkvk (no scaled_gemm for qkv),
     # -nores (no scaled_gemm with the residual for proj / fc2), -qkvcalls (q, k, v in three scaled_gemm
-    # calls), -nopf (qkv's epilogue vectors loaded where used, not before the K loop), -nogroupk (no scaled_gemm for group-wise
-    # layers), -nogelue (group-wise fc1 with a bf16 output, then gelu_quant), -wg / -nowg (fc1's codes
-    # epilogue on the kernel's fourth warpgroup or not), -gmMODE (the group GEMM's
+    # calls), -nopf (qkv's epilogue vectors loaded where used, not before the K loop), -nogroupk (no
+    # scaled_gemm for group-wise layers), -nogelue (group-wise fc1 with a bf16 output, then gelu_quant),
+    # -wg / -nowg (fc1's codes epilogue on the kernel's fourth warpgroup or not), -gmMODE (the group GEMM's
     # schedule, kernels.scaled_gemm.GROUP_MODES), -packed (4-bit weights
     # kept packed on the device, RealModel.variables), xla-attn / triton-attn / cudnn-attn (XLA's
     # attention, the Triton kernel's, cuDNN's)

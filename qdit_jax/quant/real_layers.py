@@ -451,8 +451,9 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
 def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, options: RealOptions,
                 source: NormSource | None, blocks: int) -> jax.Array | None:
     """A SplitQKVDense in fp8 / int8 as ``blocks`` column-block GEMMs with the scales in their epilogue,
-    or group scales in their K loop (``kernels.scaled_gemm``), concatenated (the attention's slices of the concatenation fold away),
-    or None where the kernel does not apply."""
+    or group scales in their K loop (``kernels.scaled_gemm``; one call writing all blocks unless
+    ``options.qkv_one_call`` is off), concatenated (the attention's slices of the concatenation fold
+    away), or None where the kernel does not apply."""
     lead, k = x.shape[:-1], x.shape[-1]
     m, n = int(np.prod(lead)), rw.scale.shape[1]
     g = _scaled_groups(lq, rw, k)

@@ -7,8 +7,8 @@ only per-tensor fp8 scales and no per-token int8 scales), reading the GEMM's pro
 layer output: for q, k, v 28 x ~300 us at DiT-XL/2's batch 256, and after proj and fc2 a pass that
 also adds ``gate * y`` to the residual stream (56 x ~156 us). Only a GEMM that scales its own
 accumulator removes them. Each call computes one output column block (all of proj / fc2; or q, k and v
-together, written as three outputs: ``out_blocks``): a persistent kernel (one CTA per SM looping over output tiles, one pipeline chained across
-them: ``chained_steps``), warp-specialized (a memory
+together, written as three outputs: ``out_blocks``): a persistent kernel (one CTA per SM looping over
+output tiles, one pipeline chained across them: ``chained_steps``), warp-specialized (a memory
 warpgroup streams the A and W tiles through a ``steps``-deep pipeline while two compute warpgroups
 run wgmma on 128 rows each), each compute warpgroup applying ``acc * s_a[m] * s_w[n] + b[n]`` in
 registers and storing its tile through its own SMEM slot asynchronously. With a residual, the
