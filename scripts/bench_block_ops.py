@@ -24,7 +24,12 @@
    batched group product + epilogue, the Triton group kernel (int8, ``kernels.group_gemm``) and
    the Mosaic GPU GEMM with the group scales in its K loop (``kernels.scaled_gemm``) at several
    tilings, beside the per-channel Mosaic GEMM and cuBLAS' per-channel fp8 GEMM of the same shape.
-8. ``floor``: what moving the row kernels' bytes costs without their math: XLA's elementwise
+8. ``epidiag``: the per-channel fp8 Mosaic GEMM at q, k, v (one call), fc1 and fc2 beside cuBLAS' fp8
+   GEMM alone, with its epilogue on a fourth warpgroup (``epilogue_wg``), and, as diagnostics (patched
+   kernel bodies, outputs not the layer's), the kernel with its epilogue's scale / bias arithmetic left
+   out and with its global store left out too: how much of the gap to cuBLAS is the epilogue, run while
+   the tensor cores wait.
+9. ``floor``: what moving the row kernels' bytes costs without their math: XLA's elementwise
    bf16 -> fp8 pass over the MLP middle step's (M, 4,608) and the row kernels' (M, 1,152) arrays, a
    read-only abs-max, and a Pallas (Triton) kernel with the MLP middle kernel's tiling and row
    dependency (all pieces loaded, the row's abs-max, then the scaled pieces stored) but no GELU.
@@ -88,13 +93,16 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--mosaic-only", action="store_true", help="qkvgemm: skip the Pallas Triton forms")
-    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "fc2ing", "normq", "qkvgemm", "resgemm", "groupgemm", "floor"])
+    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "fc2ing", "normq", "qkvgemm", "resgemm", "groupgemm", "floor", "epidiag"])
     p.add_argument("--group-forms", nargs="+", default=["64x128x4p", "64x128x4o", "64x128x5p"],
                    help="groupgemm: Mosaic tilings tile_m x tile_n x steps and group mode ("
                         "o: overlap; p: plain; s: split; see kernels.scaled_gemm.GROUP_MODES), then u for a "
                         "pipeline per output tile instead of one chained across the CTA's tiles")
     p.add_argument("--mosaic-forms", nargs="+", default=list(MOSAIC_FORMS),
                    help="qkvgemm / resgemm: the Mosaic GEMM's forms (see _mosaic_form)")
+    p.add_argument("--epidiag-kinds", nargs="+", default=["default", "epi", "default+noscale", "default+nostore"],
+                   help="epidiag: the kernel ('default', or 'epi': epilogue_wg), then +noscale / +nostore "
+                        "for the diagnostics (see _patched_epilogue)")
     p.add_argument("--normq-forms", nargs="+", default=["1x128x2", "1x128x1", "1x64x1", "1x128x4", "4x128x4", "2x128x2"],
                    help="normq: rows x chunk x warps")
     p.add_argument("--fc2in-forms", nargs="+", default=list(FC2IN_FORMS),
@@ -119,6 +127,8 @@ def main() -> None:
         group_gemm_forms(a, rng)
     if "floor" in a.sections:
         byte_floor(a, rng)
+    if "epidiag" in a.sections:
+        epilogue_diagnostic(a, rng)
     if "fc2in" in a.sections:
         fc2_input(a, rng)
     if "fc2ing" in a.sections:
@@ -392,10 +402,82 @@ def _fp8_gemm_epilogue(a, sa, w, sw, b, *, n_off: int, n: int, bm: int, bn: int,
 MOSAIC_FORMS = ("128x128x3", "128x128x3:nochain", "128x128x4")
 
 
+def _patched_epilogue(kind: str):
+    """A context patching ``scaled_gemm_body`` for the ``epidiag`` diagnostics: 'noscale' leaves the
+    per-channel scale / bias arithmetic out (the product rounded to bf16 and stored), 'nostore' also the
+    TMA store to global memory (the SMEM store stays); 'tilestore' (not a diagnostic: a schedule) has the
+    epilogue warpgroup store its tile once it is all scaled rather than piece by piece. The jitted kernel is retraced inside
+    (``jax.clear_caches``), and again after."""
+    import contextlib
+
+    from qdit_jax.quant.kernels import scaled_gemm_body as body
+
+    @contextlib.contextmanager
+    def ctx():
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+
+        saved, copy, store = (body._scaled, body._biased), plgpu.copy_smem_to_gmem, body.EPILOGUE_STORE
+        if kind in ("noscale", "nostore"):
+            body._scaled = lambda plan, p, s_a, s_w, shape=None: p.astype(jnp.float32)
+            body._biased = lambda plan, refs, pn, parts, vec=None: parts
+        if kind == "nostore":
+            plgpu.copy_smem_to_gmem = lambda *args, **kw: None
+        if kind == "tilestore":  # the epilogue warpgroup's stores issued once the whole tile is scaled
+            body.EPILOGUE_STORE = "tile"
+        jax.clear_caches()
+        try:
+            yield
+        finally:
+            body._scaled, body._biased = saved
+            body.EPILOGUE_STORE = store
+            plgpu.copy_smem_to_gmem = copy
+            jax.clear_caches()
+
+    return ctx()
+
+
+def epilogue_diagnostic(a, rng) -> None:
+    """Per-channel fp8 GEMMs at q, k, v (one call, three outputs), fc1 and fc2: cuBLAS' fp8 GEMM alone
+    (bf16 out, no scales), the Mosaic kernel, and the kernel without its epilogue's arithmetic / store."""
+    import contextlib
+
+    from qdit_jax.perf import compiler
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
+
+    f8 = jnp.float8_e4m3fn
+    m = a.batch * a.tokens
+    for name, k, n, blocks in (("q, k, v", C, 3 * C, 3), ("fc1", C, HIDDEN, 1), ("fc2", HIDDEN, C, 1)):
+        qa = jnp.asarray(np.clip(rng.standard_normal((m, k)) * 100, -448, 448), jnp.float32).astype(f8)
+        w = jnp.asarray(np.clip(rng.standard_normal((n, k)) * 100, -448, 448), jnp.float32).astype(f8)
+        sa = jnp.asarray(rng.uniform(0.001, 0.003, (m,)), jnp.float32)
+        sw = jnp.asarray(rng.uniform(0.001, 0.003, (n,)), jnp.float32)
+        b = jnp.asarray(rng.standard_normal(n) * 0.1, jnp.float32)
+        cublas = compiler.jit(lambda qa, w: jax.lax.dot_general(qa, w, (((1,), (1,)), ((), ())),
+                                                                preferred_element_type=jnp.bfloat16))
+        t = timed(cublas, (qa, w), a.repeats)
+        print(f"epidiag {name}: cuBLAS fp8 GEMM alone (bf16 out)      {t * 1e6:8.1f} us", flush=True)
+        ref = None
+        for kind in a.epidiag_kinds:
+            base, _, patch = kind.partition("+")
+            ctx = _patched_epilogue(patch) if patch else contextlib.nullcontext()
+            with ctx:
+                fn = jax.jit(lambda qa, w, sa, sw, b: scaled_gemm_mosaic(
+                    qa, w, sa, sw, b, out_blocks=blocks, prefetch="before" if blocks > 1 else None,
+                    epilogue_wg=base == "epi"))
+                res = run_timed(f"epidiag {name} {kind}", fn, (qa, w, sa, sw, b), a.repeats)
+            if res is None:
+                continue
+            got = np.concatenate([np.asarray(o.astype(jnp.float32)) for o in jax.tree.leaves(res[0])], axis=1)
+            ref = got if ref is None else ref
+            same = f"   equal to default {np.mean(got == ref):.4f}" if kind == "epi" and ref is not got else ""
+            print(f"epidiag {name}: Mosaic per channel, {kind:16s} {res[1] * 1e6:8.1f} us{same}", flush=True)
+
+
 def _mosaic_form(form: str) -> dict:
     """``tile_m x tile_n x steps`` then ':'-separated options: nochain (a pipeline per tile), before /
     after (``prefetch``: the epilogue's vectors loaded before the K loop, or in one batch after it), one
-    (qkvgemm: q, k, v from one call writing the three outputs)."""
+    (qkvgemm: q, k, v from one call writing the three outputs), epi (``epilogue_wg``: scales, bias and
+    store on a fourth warpgroup)."""
     dims, *opts = form.split(":")
     tm, tn, st = (int(v) for v in dims.split("x"))
     kw = dict(tile_m=tm, tile_n=tn, steps=st)
@@ -406,6 +488,8 @@ def _mosaic_form(form: str) -> dict:
             kw["prefetch"] = o
         elif o == "one":  # qkvgemm: one call for q, k, v
             kw["one_call"] = True
+        elif o == "epi":  # the epilogue on a fourth warpgroup
+            kw["epilogue_wg"] = True
         else:
             raise SystemExit(f"--mosaic-forms: unknown option {o!r} in {form!r}")
     return kw

@@ -106,9 +106,15 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     # until the nineteenth session, instead of one call writing all three with them loaded before the K
     # loop (RealOptions.qkv_one_call / qkv_prefetch); -nopf: one call, the vectors loaded where used
     "real-fp8-qkvcalls": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"),
-                          "real", "xla-qkvcalls-nopf"),
+                          "real", "xla-qkvcalls-nopf-noepi"),
     "real-fp8-nopf": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
-                      "xla-nopf"),
+                      "xla-nopf-noepi"),
+    # per-channel fp8: the qkv GEMM's epilogue in its compute warpgroups (RealOptions.epilogue_wg off), and
+    # fc1 on the Mosaic GEMM with the epilogue warpgroup (RealOptions.fc1_kernel on)
+    "real-fp8-noepi": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
+                       "xla-noepi"),
+    "real-fp8-fc1k": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
+                      "xla-fc1k"),
     # proj / fc2 from cuBLAS + XLA's epilogue-and-residual pass instead of scaled_gemm with the gated
     # residual in its epilogue (RealOptions.residual_kernel, on by default)
     "real-fp8-nores": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
@@ -253,7 +259,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # -nores (no scaled_gemm with the residual for proj / fc2), -qkvcalls (q, k, v in three scaled_gemm
     # calls), -nopf (qkv's epilogue vectors loaded where used, not before the K loop), -nogroupk (no
     # scaled_gemm for group-wise layers), -nogelue (group-wise fc1 with a bf16 output, then gelu_quant),
-    # -wg / -nowg (fc1's codes epilogue on the kernel's fourth warpgroup or not), -gmMODE (the group GEMM's
+    # -wg / -nowg (fc1's codes epilogue on the kernel's fourth warpgroup or not), -noepi (per-channel fp8
+    # epilogues in the compute warpgroups), -fc1k (per-channel fp8 fc1 on the Mosaic GEMM), -gmMODE (the group GEMM's
     # schedule, kernels.scaled_gemm.GROUP_MODES), -packed (4-bit weights
     # kept packed on the device, RealModel.variables), xla-attn / triton-attn / cudnn-attn (XLA's
     # attention, the Triton kernel's, cuDNN's)
@@ -280,6 +287,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        gelu_epilogue="nogelue" not in tags, chain_tiles="nochain" not in tags,
                        qkv_one_call="qkvcalls" not in tags, qkv_prefetch=None if "nopf" in tags else "before",
                        codes_wg=True if "wg" in tags else False if "nowg" in tags else None,
+                       epilogue_wg=False if "noepi" in tags else None, fc1_kernel="fc1k" in tags,
                        group_mode=next((t[len("gm"):] for t in tags if t.startswith("gm")), None))
     variables = rm.variables(unpack_w4=False if "packed" in tags else None)
     return rm.apply_fn(opts), with_compute_params(variables, cfg), {

@@ -130,6 +130,15 @@ class RealOptions:
     # None: on for int8 codes (where this JAX's Pallas allows it), off for fp8 (XL/2 on the H100:
     # docs/RESULTS.md, sixteenth session)
     codes_wg: bool | None = None
+    # per-channel fp8 layers on kernels.scaled_gemm (qkv; fc1 with fc1_kernel): the scale / bias epilogue
+    # and the store on a fourth warpgroup while the compute warpgroups go on with the next tile's K loop
+    # (``epilogue_wg``; the same bits). None: on where this JAX's Pallas allows it. XL/2 at batch 256 on
+    # the H100: q, k, v 458-467 -> 422 us (docs/RESULTS.md, twentieth session)
+    epilogue_wg: bool | None = None
+    # a per-channel fp8 MLP's fc1 on kernels.scaled_gemm with the scales and bias in its (fourth
+    # warpgroup's) epilogue, writing fc1's bf16 output, and gelu_quant then without its per-column scale
+    # / bias loads, instead of cuBLAS' raw product and gelu_quant applying them
+    fc1_kernel: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -371,6 +380,14 @@ def codes_warpgroup(options: RealOptions, codes: Any) -> bool:
     return jnp.dtype(codes) == jnp.dtype(jnp.int8) and codes_wg_available()
 
 
+def epilogue_warpgroup(options: RealOptions, codes: Any) -> bool:
+    """Whether a per-channel GEMM with these codes on kernels.scaled_gemm runs its epilogue on the
+    fourth warpgroup (fp8 only: the stage holds the product in bf16, the fp8 product's rounding)."""
+    if jnp.dtype(codes) != jnp.dtype(jnp.float8_e4m3fn):
+        return False
+    return codes_wg_available() if options.epilogue_wg is None else options.epilogue_wg
+
+
 def _kernel_schedule(options: RealOptions) -> dict[str, Any]:
     """The schedule arguments of ``kernels.scaled_gemm`` that RealOptions set."""
     return dict(group_mode=options.group_mode, chain=options.chain_tiles)
@@ -442,10 +459,26 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
             return None  # asymmetric layers, or no kernel here: the per-layer path
         product_dtype = _float_product(options.float_product, out_dtype)
         qa, sa = _quantize_input(x.reshape(m, k), l1.act, k, options, source)
-        product = low_bit_product(qa, w1.codes, 1, product_dtype)[0]
-        q2, s2 = gelu_quant_pallas(product, sa, w1.scale, w1.bias, l2.act, out_dtype)
+        if _fc1_on_kernel(m, n, k, qa.dtype, w1, out_dtype, product_dtype, options):
+            # fc1's output (scales and bias applied in the GEMM's epilogue), then GELU + fc2's codes
+            y1 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, epilogue_wg=True, **_kernel_schedule(options))
+            q2, s2 = gelu_quant_pallas(y1, None, None, None, l2.act, out_dtype)
+        else:
+            product = low_bit_product(qa, w1.codes, 1, product_dtype)[0]
+            q2, s2 = gelu_quant_pallas(product, sa, w1.scale, w1.bias, l2.act, out_dtype)
     y = _codes_gemm(q2, s2, w2, out_dtype, options)
     return GemmSource(y.reshape(*lead, w2.scale.shape[1]), q2, s2, w2)
+
+
+def _fc1_on_kernel(m: int, n: int, k: int, codes: Any, w1: RealWeight, out_dtype: Any, product_dtype: Any,
+                   options: RealOptions) -> bool:
+    """Whether a per-channel MLP's fc1 runs on kernels.scaled_gemm with the epilogue warpgroup
+    (``options.fc1_kernel``): fp8 codes, a bf16 output and product (the kernel's rounding), where the
+    guard allows."""
+    bf16 = jnp.dtype(jnp.bfloat16)
+    return (options.fc1_kernel and epilogue_warpgroup(options, codes) and jnp.dtype(w1.codes.dtype) == jnp.dtype(codes)
+            and jnp.dtype(out_dtype) == bf16 and jnp.dtype(product_dtype) == bf16
+            and scaled_gemm_applies(m, n, k, codes, w1.codes.dtype)[0])
 
 
 def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, options: RealOptions,
@@ -471,6 +504,8 @@ def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, opt
     # slices of a concatenation into its operands, but not of a reshaped concatenation (measured:
     # concatenating (M, C) blocks and reshaping after left a q / k / v copy pass of ~300 us per block)
     sched = dict(_kernel_schedule(options), prefetch=options.qkv_prefetch if g == 1 else None)
+    if g == 1 and epilogue_warpgroup(options, qa.dtype):  # the epilogue warpgroup loads its own vectors
+        sched.update(prefetch=None, epilogue_wg=True)
     if options.qkv_one_call and blocks > 1:
         outs = scaled_gemm_mosaic(qa, rw.codes, sa, sw, rw.bias, n=n, out_blocks=blocks, **sched)
     else:

@@ -352,12 +352,13 @@ def test_qkv_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
 
     calls = []
 
-    def stand_in(a, w, sa, sw, bias, *, n_off=0, n=None, out_blocks=1, prefetch=None, **kw):
+    def stand_in(a, w, sa, sw, bias, *, n_off=0, n=None, out_blocks=1, prefetch=None, epilogue_wg=False, **kw):
         calls.append((n_off, n, out_blocks))
-        stand_in.prefetch.add(prefetch)
+        stand_in.prefetch.add((prefetch, epilogue_wg))
         return scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n, out_blocks=out_blocks)
 
     monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, **kw: (True, "test"))
+    monkeypatch.setattr(real_layers, "codes_wg_available", lambda: True)  # as on a GPU with this JAX
     stand_in.prefetch = set()
     monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
     cfg = CFG.replace(dtype="bfloat16")  # the kernel writes bf16
@@ -366,11 +367,17 @@ def test_qkv_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
         rm.variables(), *inputs), np.float64)
     assert not calls
     c = CFG.hidden_size
-    for one_call, want in ((False, [(0, c, 1), (c, c, 1), (2 * c, c, 1)]), (True, [(0, 3 * c, 3)])):
+    three, one = [(0, c, 1), (c, c, 1), (2 * c, c, 1)], [(0, 3 * c, 3)]
+    # by default the epilogue on the kernel's fourth warpgroup (which loads its own vectors); without it
+    # the vectors loaded before the K loop (RealOptions.qkv_prefetch's default)
+    for one_call, epi, want, how in ((False, None, three, (None, True)), (True, None, one, (None, True)),
+                                     (True, False, one, ("before", False))):
         calls.clear()
-        fn = rm.apply_fn(RealOptions(residual_kernel=False, qkv_one_call=one_call))  # qkv_kernel on by default
+        stand_in.prefetch.clear()
+        fn = rm.apply_fn(RealOptions(residual_kernel=False, qkv_one_call=one_call,  # qkv_kernel on by default
+                                     epilogue_wg=epi))
         got = np.asarray(jax.jit(fn)(rm.variables(), *inputs), np.float64)
-        assert calls == want * CFG.depth and stand_in.prefetch == {"before"}  # RealOptions.qkv_prefetch's default
+        assert calls == want * CFG.depth and stand_in.prefetch == {how}
         np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2)
         assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3
     # q, k, v are concatenated in the model's (B, N, C) layout, as SplitQKVDense does, so XLA can fold
@@ -424,6 +431,51 @@ def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, fmt, params, in
     ref_hlo = jax.jit(rm.apply_fn(off)).lower(rm.variables(), *inputs).compile().as_text()
     assert hlo.count("f8e4m3fn" if "fp8" in fmt else "s8[") > 0 and ref_hlo.count(" dot(") >= 4 * CFG.depth
     assert hlo.count(" dot(") == ref_hlo.count(" dot(")
+
+
+def test_fc1_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
+    """RealOptions(fc1_kernel=True), with the GPU guards forced open (XLA formulations standing in for the
+    Mosaic GEMM and the MLP middle kernel): a per-channel fp8 MLP's fc1 runs as the scaled GEMM with the
+    epilogue warpgroup (fc1's output) and the middle step takes that output without scales; the same
+    model output as cuBLAS' product + the middle step applying them. Not for int8 codes (the stage holds
+    bf16: the route stays as it was)."""
+    from qdit_jax.quant import real_layers
+    from qdit_jax.quant.kernels.gelu_quant import gelu_quant_xla
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_xla
+    from qdit_jax.quant.real import RealOptions
+
+    calls, middle = [], []
+
+    def stand_in(a, w, sa, sw, bias, *, epilogue_wg=False, group_mode=None, chain=True, **kw):
+        calls.append((w.shape, epilogue_wg))
+        return scaled_gemm_xla(a, w, sa, sw, bias, **kw)
+
+    def gelu_quant(p, sa, sw, b, spec, dt, **kw):
+        middle.append(sa is None)
+        # the kernel takes the product as stored (bf16); unfenced, XLA on the CPU folds the rounding away
+        return gelu_quant_xla(jax.lax.optimization_barrier(p), sa, sw, b, spec, dt)
+
+    monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, **kw: (True, "test"))
+    monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
+    monkeypatch.setattr(real_layers, "codes_wg_available", lambda: True)
+    monkeypatch.setattr(real_layers, "gelu_quant_applies", lambda m, n, spec, **kw: (True, "test"))
+    monkeypatch.setattr(real_layers, "gelu_quant_pallas", gelu_quant)
+    cfg = CFG.replace(dtype="bfloat16")
+    c = CFG.hidden_size
+    for fmt, routed in (("fp8-e4m3-perchannel", True), ("w8a8-int8-perchannel", False)):
+        rules = FORMATS.get(fmt) or dict(FORMATS["w8a8-int8-perchannel-asymw"], w_sym=True)
+        rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**rules)))
+        base = dict(qkv_kernel=False, residual_kernel=False)
+        ref = np.asarray(jax.jit(rm.apply_fn(RealOptions(**base)))(rm.variables(), *inputs), np.float64)
+        assert not calls and middle == [False] * CFG.depth
+        middle.clear()
+        got = np.asarray(jax.jit(rm.apply_fn(RealOptions(fc1_kernel=True, **base)))(rm.variables(), *inputs),
+                         np.float64)
+        assert calls == ([((4 * c, c), True)] * CFG.depth if routed else [])
+        assert middle == [routed] * CFG.depth
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3
+        calls.clear()
+        middle.clear()
 
 
 CFG256 = CFG.replace(hidden_size=256, dtype="bfloat16")  # K = 256 and 1,024: 2 and 8 groups of 128

@@ -195,14 +195,15 @@ def _check_call(a: jax.Array, sa: jax.Array, sw: jax.Array, n_off: int, n: int, 
 # jitted so that the DiT's identical calls (the same layer shape in every block) share one lowering:
 # unjitted, each of XL/2's 140 calls was lowered to Mosaic GPU again (compiles of 104-118 s per forward)
 @functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode", "gelu_codes",
-                                             "chain", "approx_tanh", "codes_wg", "prefetch", "out_blocks"))
+                                             "chain", "approx_tanh", "codes_wg", "prefetch", "out_blocks",
+                                             "epilogue_wg"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                        gate: jax.Array | None = None, tile_m: int | None = None, tile_n: int = TILE_N,
                        steps: int | None = None, group_mode: str | None = None,
                        gelu_codes: Any = None, chain: bool = True, approx_tanh: bool = True,
-                       codes_wg: bool = False, prefetch: str | None = None, out_blocks: int = 1
-                       ) -> jax.Array | tuple[jax.Array, ...]:
+                       codes_wg: bool = False, prefetch: str | None = None, out_blocks: int = 1,
+                       epilogue_wg: bool = False) -> jax.Array | tuple[jax.Array, ...]:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
     ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
     float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
@@ -238,7 +239,12 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     arrays, returned as a tuple: q, k and v from one call (one tile schedule over the three, A read once)
     instead of three calls with ``n_off``.
 
-    ``prefetch``: where the epilogue's scale / bias / gate vectors are loaded (``_check_prefetch``)."""
+    ``prefetch``: where the epilogue's scale / bias / gate vectors are loaded (``_check_prefetch``).
+
+    ``epilogue_wg`` (per-channel fp8 codes, no residual or codes epilogue): the compute warpgroups stage
+    their products rounded to bf16 in shared memory and go on to the next tile's K loop; a fourth
+    warpgroup scales, biases and stores them meanwhile (``scaled_gemm_body._epilogue_warpgroup``; the
+    same bits)."""
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
     groups = _groups(sa)
@@ -252,6 +258,13 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         raise ValueError(f"out_blocks {out_blocks}: the {n} columns must split into whole {tile_n}-wide tiles per "
                          "output, without a residual or codes epilogue")
     prefetch = _check_prefetch(prefetch)
+    if epilogue_wg and (groups > 1 or jnp.dtype(a.dtype) == jnp.dtype(jnp.int8) or residual is not None
+                        or gelu_codes is not None):
+        raise ValueError("epilogue_wg takes per-channel fp8 codes without a residual or codes epilogue (it stages "
+                         "the product in bf16, the fp8 product's rounding); call without it")
+    if epilogue_wg and not codes_wg_available():
+        raise NotImplementedError("this JAX's Pallas pipeline has no _compute_registers to bound: the epilogue "
+                                  "warpgroup cannot be used; call without epilogue_wg")
     num_sms = jax.devices()[0].core_count
     steps, chained = chained_steps(k // TILE_K, (m // (2 * tile_m)) * (n // tile_n), num_sms,
                                    steps0 if steps is None else steps, chain, explicit=steps is not None)
@@ -270,7 +283,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                  m_tiles=m // (2 * tile_m), groups=groups, group_mode=group_mode,
                  int_codes=jnp.dtype(a.dtype) == jnp.dtype(jnp.int8), residual=residual is not None,
                  rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, out_dtype=out_dtype, codes_wg=codes_wg,
-                 prefetch=prefetch, out_blocks=out_blocks)
+                 prefetch=None if epilogue_wg else prefetch, out_blocks=out_blocks, epilogue_wg=epilogue_wg)
 
     return _launch(plan, num_sms, a, w, sa, sw, bias, residual, gate, approx_tanh)
 
@@ -318,8 +331,8 @@ def _launch(plan: Plan, num_sms: int, a: jax.Array, w: jax.Array, sa: jax.Array,
     # approx_math: tanh.approx.f32 for the GELU's tanh (division and the rest stay exact)
     params = plgpu.CompilerParams(approx_math=plan.gelu_codes is not None and approx_tanh)
     call = plgpu.kernel(kernel, out_type=out_type, grid=(num_sms,), grid_names=("sm",),
-                        num_threads=4 if plan.codes_wg else 3, thread_name="wg", compiler_params=params)
-    with _compute_registers(CODES_WG_REGISTERS[0] if plan.codes_wg else None):
+                        num_threads=4 if plan.fourth_wg else 3, thread_name="wg", compiler_params=params)
+    with _compute_registers(CODES_WG_REGISTERS[0] if plan.fourth_wg else None):
         return call(a, w, sa, sw, bias, *(() if residual is None else (residual, gate)))
 
 

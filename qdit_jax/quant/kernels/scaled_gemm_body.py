@@ -45,6 +45,7 @@ class Plan:
     w_kn: bool = False  # weights stored (K, N) (a Flax Dense kernel; bf16 only), else (N, K)
     prefetch: str | None = None  # the epilogue's vectors loaded 'before' the K loop or 'after' it in one batch
     out_blocks: int = 1  # outputs: the n columns as this many (M, n / out_blocks) arrays (q, k, v in one call)
+    epilogue_wg: bool = False  # per-channel fp8: scales, bias and store on a fourth warpgroup (``_epilogue_warpgroup``)
 
     @property
     def tile_k(self) -> int:
@@ -67,6 +68,18 @@ class Plan:
     def block_tiles(self) -> int:
         """Column tiles per output array."""
         return self.n_tiles // self.out_blocks
+
+    @property
+    def fourth_wg(self) -> bool:
+        """Whether a fourth warpgroup takes the tile's epilogue (the codes, or the scales and the store)."""
+        return self.codes_wg or self.epilogue_wg
+
+    @property
+    def stage_slots(self) -> int:
+        """Slots of the bf16 stage the compute warpgroups hand their tiles over in: two for the codes
+        warpgroup's 64-row tiles; one 256 x 128 slot for the epilogue warpgroup (two do not fit beside a
+        3-deep pipeline: 144 KB + 2 x 64 KB > 227 KB), which it hands back once its stores have read it."""
+        return 1 if self.epilogue_wg else 2
 
     @property
     def acc_dtype(self) -> Any:
@@ -92,12 +105,14 @@ class _Refs(NamedTuple):
     gate: Any  # flattened (G * n,) float32, or None
     out: Any  # the output, or ``plan.out_blocks`` of them
     out_scales: Any  # the codes epilogue's (n // tile_n, M) scales, or None
-    o_smem: Any  # (2, tile_m, tile_n): one output slot per compute warpgroup (codes warpgroup: per 64-row half)
+    o_smem: Any  # (2, tile_m, tile_n): one output slot per compute warpgroup (codes warpgroup: per 64-row half;
+    # epilogue warpgroup: None, it stores from ``stage``)
     s_smem: Any
     r_bar: Any  # residual-tile barriers, one per warpgroup
-    stage: Any = None  # codes warpgroup: (2 slots, 2 warpgroups, tile_m, tile_n) bf16, the biased output
-    full: Any = None  # codes warpgroup: per stage slot, both compute warpgroups have staged their rows
-    empty: Any = None  # codes warpgroup: per stage slot, the codes warpgroup has read it
+    stage: Any = None  # fourth warpgroup: (slots, 2 warpgroups, tile_m, tile_n) bf16, the biased output (codes
+    # warpgroup) or the product rounded to bf16 (epilogue warpgroup)
+    full: Any = None  # fourth warpgroup: per stage slot, both compute warpgroups have staged their rows
+    empty: Any = None  # fourth warpgroup: per stage slot, the fourth warpgroup is done with it
 
 
 def _layouts() -> tuple[Any, Any]:
@@ -380,14 +395,22 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
     if plan.gelu_codes is not None:
         refs.s_smem[wg] = s_g
     plgpu.commit_smem()
-    if plan.out_blocks == 1:
-        plgpu.copy_smem_to_gmem(refs.o_smem.at[wg], refs.out.at[pl.ds(rows, plan.tile_m), ocols])
-    for i in range(plan.out_blocks if plan.out_blocks > 1 else 0):  # the output array holding column tile pn
-        bcols = pl.ds((pn - i * plan.block_tiles) * plan.tile_n, plan.tile_n)
-        pl.when(pn // plan.block_tiles == i)(functools.partial(
-            plgpu.copy_smem_to_gmem, refs.o_smem.at[wg], refs.out[i].at[pl.ds(rows, plan.tile_m), bcols]))
+    _copy_out(plan, refs, refs.o_smem.at[wg], pl.ds(rows, plan.tile_m), pn, ocols)
     if plan.gelu_codes is not None:  # group pn of the output's columns (tile_n is one group)
         plgpu.copy_smem_to_gmem(refs.s_smem.at[wg], refs.out_scales.at[pn, pl.ds(rows, plan.tile_m)])
+
+
+def _copy_out(plan: Plan, refs: _Refs, src: Any, rows: Any, pn: Any, ocols: Any) -> None:
+    """The TMA store of a staged tile (rows ``rows`` of column tile ``pn``) to the output holding it."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if plan.out_blocks == 1:
+        plgpu.copy_smem_to_gmem(src, refs.out.at[rows, ocols])
+    for i in range(plan.out_blocks if plan.out_blocks > 1 else 0):  # the output array holding column tile pn
+        bcols = pl.ds((pn - i * plan.block_tiles) * plan.tile_n, plan.tile_n)
+        pl.when(pn // plan.block_tiles == i)(functools.partial(plgpu.copy_smem_to_gmem, src,
+                                                                refs.out[i].at[rows, bcols]))
 
 
 def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: Any, slot: Any,
@@ -404,6 +427,9 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         plgpu.copy_gmem_to_smem(refs.residual.at[pl.ds(rows, plan.tile_m), ocols], refs.o_smem.at[wg],
                                 refs.r_bar.at[wg])
+    if plan.epilogue_wg:
+        _stage_product(plan, refs, wg, slot, eval_pipeline)
+        return
     vec = None
     if plan.prefetch is not None:
         vec = functools.partial(_epilogue_vectors, plan, refs, rows, pn, wcols)
@@ -418,6 +444,75 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
     for j, yj in enumerate(biased):
         refs.stage[slot, wg, :, pl.ds(j * width, width)] = yj.astype(jnp.bfloat16)
     plgpu.barrier_arrive(refs.full.at[slot])
+
+
+def _stage_product(plan: Plan, refs: _Refs, wg: Any, slot: Any, eval_pipeline: Any) -> None:
+    """``plan.epilogue_wg``, a compute warpgroup's side: the K loop, then its product rounded to bf16 (as
+    the XLA path rounds the fp8 product) into the stage once the epilogue warpgroup has handed the slot
+    back, and on to the next tile's K loop."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(plan.shape, plan.acc_dtype))
+    def p(acc_ref: Any) -> jax.Array:
+        eval_pipeline(acc_ref)
+        return acc_ref[...]
+
+    plgpu.barrier_wait(refs.empty.at[slot])
+    refs.stage[slot, wg] = p.astype(jnp.bfloat16)
+    plgpu.barrier_arrive(refs.full.at[slot])
+
+
+EPILOGUE_ROWS = 64  # rows the epilogue warpgroup scales at a time (one wgmma-layout row block: 64 registers)
+EPILOGUE_STORE = "piece"  # TMA-store each piece as soon as it is scaled ('piece'), or the tile at the end
+
+
+def _epilogue_warpgroup(plan: Plan, refs: _Refs) -> None:
+    """The fourth warpgroup of ``plan.epilogue_wg`` (per-channel fp8): for each of the CTA's tiles, in the
+    compute warpgroups' order, load the column scales and bias, wait until both compute warpgroups have
+    staged their bf16 products, scale and bias them in place (``_scaled`` then the bias: the same float32
+    steps as the compute warpgroups' own epilogue, so the same bits), store both halves by TMA from the
+    stage and hand the slot back once the stores have read it. All while the compute warpgroups run the
+    next tile's K loop: in the three-warpgroup kernel the tensor cores wait for this epilogue (q, k, v at
+    XL/2's batch 256: 458 us with it, 357 without its arithmetic and store; docs/RESULTS.md, twentieth
+    session)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    plgpu.set_max_registers(CODES_WG_REGISTERS[1], action="increase")
+    for b in range(plan.stage_slots):  # every slot starts empty
+        plgpu.barrier_arrive(refs.empty.at[b])
+    row_l, col_l = _layouts()
+    piece = (EPILOGUE_ROWS, plan.tile_n)
+
+    @plgpu.nd_loop((plan.m_tiles * plan.n_tiles,), collective_axes="sm")
+    def tile(info: Any) -> None:
+        (lin,) = info.index
+        pm, pn = lin // plan.n_tiles, lin % plan.n_tiles
+        slot = info.local_index % plan.stage_slots
+        ocols = pl.ds(pn * plan.tile_n, plan.tile_n)
+        s_w = plgpu.load(refs.sw.at[pl.ds(plan.n_off + pn * plan.tile_n, plan.tile_n)], (), layout=col_l,
+                         optimized=False)
+        bias = lax.broadcast_in_dim(_bias_part(plan, refs, pn, 0, plan.tile_n), piece, [1])
+        pieces = [(half, r) for half in range(2) for r in range(0, plan.tile_m, EPILOGUE_ROWS)]
+        row_start = [pm * plan.cta_m + half * plan.tile_m + r for half, r in pieces]
+        s_as = [plgpu.load(refs.sa.at[pl.ds(r0, EPILOGUE_ROWS)], (), layout=row_l, optimized=False)
+                for r0 in row_start]  # all the vectors' loads in flight while the K loop ends
+        plgpu.barrier_wait(refs.full.at[slot])
+        for (half, r), r0, s_a in zip(pieces, row_start, s_as):
+            view = refs.stage.at[slot, half, pl.ds(r, EPILOGUE_ROWS)]
+            p = plgpu.load(view, (), layout=plgpu.Layout.WGMMA)
+            view[...] = (_scaled(plan, p, s_a, s_w, piece) + bias).astype(plan.out_dtype)
+            if EPILOGUE_STORE == "piece":
+                plgpu.commit_smem()
+                _copy_out(plan, refs, view, pl.ds(r0, EPILOGUE_ROWS), pn, ocols)
+        if EPILOGUE_STORE != "piece":
+            plgpu.commit_smem()
+            for half in range(2):
+                rows = pl.ds(pm * plan.cta_m + half * plan.tile_m, plan.tile_m)
+                _copy_out(plan, refs, refs.stage.at[slot, half], rows, pn, ocols)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.barrier_arrive(refs.empty.at[slot])
 
 
 # registers per thread of each compute warpgroup and of the codes warpgroup (with the memory
@@ -448,7 +543,7 @@ def _codes_warpgroup(plan: Plan, refs: _Refs) -> None:
     def tile(info: Any) -> None:
         (lin,) = info.index
         pm, pn = lin // plan.n_tiles, lin % plan.n_tiles
-        slot = info.local_index % 2
+        slot = info.local_index % plan.stage_slots
         ocols = pl.ds(pn * plan.tile_n, plan.tile_n)
         plgpu.barrier_wait(refs.full.at[slot])
         ys = [plgpu.load(refs.stage.at[slot, half], (), layout=plgpu.Layout.WGMMA) for half in range(2)]
@@ -475,7 +570,8 @@ def _swizzled(dtype: Any) -> tuple:
 
 def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any, b_gmem: Any, *rest: Any) -> None:
     """The persistent kernel: each CTA (one per SM) loops over its output tiles; with ``plan.codes_wg``
-    a fourth warpgroup runs :func:`_codes_warpgroup` beside them."""
+    (``plan.epilogue_wg``) a fourth warpgroup runs :func:`_codes_warpgroup` (:func:`_epilogue_warpgroup`)
+    beside them."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -491,21 +587,23 @@ def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any
         *_pipeline_operands(plan, a_gmem, w_gmem, sa_gmem, sw_gmem, 0, 0))
 
     @functools.partial(pl.run_scoped, allocs=allocations,
-                       o_smem=plgpu.SMEM((2, plan.tile_m, plan.tile_n), plan.out_dtype,
-                                         transforms=_swizzled(plan.out_dtype) if plan.codes_wg else ()),
+                       o_smem=None if plan.epilogue_wg else plgpu.SMEM(
+                           (2, plan.tile_m, plan.tile_n), plan.out_dtype,
+                           transforms=_swizzled(plan.out_dtype) if plan.codes_wg else ()),
                        s_smem=None if plan.gelu_codes is None else plgpu.SMEM((2, plan.tile_m), jnp.float32),
                        r_bar=None if not plan.residual else plgpu.Barrier(num_barriers=2),
-                       stage=plgpu.SMEM((2, 2, plan.tile_m, plan.tile_n), jnp.bfloat16,
-                                        transforms=_swizzled(jnp.bfloat16)) if plan.codes_wg else None,
-                       full=plgpu.Barrier(num_arrivals=2, num_barriers=2) if plan.codes_wg else None,
-                       empty=plgpu.Barrier(num_arrivals=1, num_barriers=2) if plan.codes_wg else None,
+                       stage=plgpu.SMEM((plan.stage_slots, 2, plan.tile_m, plan.tile_n), jnp.bfloat16,
+                                        transforms=_swizzled(jnp.bfloat16)) if plan.fourth_wg else None,
+                       full=plgpu.Barrier(num_arrivals=2, num_barriers=plan.stage_slots) if plan.fourth_wg else None,
+                       empty=plgpu.Barrier(num_arrivals=1, num_barriers=plan.stage_slots) if plan.fourth_wg else None,
                        collective_axes="wg")
     def scope(allocs: Any, o_smem: Any, s_smem: Any, r_bar: Any, stage: Any, full: Any, empty: Any) -> None:
         refs = _Refs(sa_gmem, sw_gmem, b_gmem, r_gmem, g_gmem, o_gmem, s_gmem, o_smem, s_smem, r_bar, stage,
                      full, empty)
         tiles = functools.partial(_tiles, plan, refs, lax.axis_index("wg"), a_gmem, w_gmem, sa_gmem, sw_gmem, allocs)
-        if plan.codes_wg:
-            pl.when(lax.axis_index("wg") == 3)(functools.partial(_codes_warpgroup, plan, refs))
+        if plan.fourth_wg:
+            fourth = _codes_warpgroup if plan.codes_wg else _epilogue_warpgroup
+            pl.when(lax.axis_index("wg") == 3)(functools.partial(fourth, plan, refs))
             pl.when(lax.axis_index("wg") < 3)(tiles)
         else:
             tiles()
@@ -526,7 +624,8 @@ def _tiles(plan: Plan, refs: _Refs, wg: Any, a_gmem: Any, w_gmem: Any, sa_gmem: 
         rows = pm * plan.cta_m + wg * plan.tile_m
         wcols = pl.ds(plan.n_off + pn * plan.tile_n, plan.tile_n)
         body = functools.partial(_STEP_BODIES[plan.group_mode], plan, wg)
-        epilogue = functools.partial(_tile_epilogue, plan, refs, wg, rows, pn, wcols, info.local_index % 2)
+        epilogue = functools.partial(_tile_epilogue, plan, refs, wg, rows, pn, wcols,
+                                     info.local_index % plan.stage_slots)
         state = _chain_state(info) if plan.chained else None
         _pipeline(plan, body, epilogue, state)(*_pipeline_operands(plan, a_gmem, w_gmem, sa_gmem, sw_gmem, pm, pn),
                                                allocations=allocs)

@@ -57,6 +57,9 @@ CASES = {
         bits=8, format="fp8_e4m3", group_size=128, symmetric=True))),
     "int8 group-128 overlap gelu_codes, codes warpgroup": (jnp.int8, C, 4 * C, 2, dict(
         group_mode="overlap", codes_wg=True, gelu_codes=QuantSpec(bits=8, group_size=128, symmetric=True))),
+    # a fourth warpgroup for the per-channel scale / bias epilogue and the store
+    "fp8 per channel, epilogue warpgroup": (F8, C, 4 * C, 1, dict(epilogue_wg=True)),
+    "fp8 per channel, three outputs, epilogue warpgroup": (F8, C, 6 * C, 1, dict(out_blocks=3, epilogue_wg=True)),
 }
 
 
@@ -209,6 +212,20 @@ def test_codes_warpgroup_takes_the_gelu_and_the_registers_add_up(monkeypatch):
     requests, found = _registers_at(F8, C, 4 * C, C // 128, prims, gelu_codes=spec)
     assert sorted(requests) == [("decrease", 40), ("increase", 232)], requests
     assert found["tanh"] and set(found["tanh"]) == {232}, found
+
+
+def test_epilogue_warpgroup_holds_no_wgmma_and_the_registers_add_up(monkeypatch):
+    """With ``epilogue_wg`` the wgmmas run only under the compute warpgroups' register request and the
+    fourth warpgroup's code (scales, bias, store) under its own, and the split fills the 64K register
+    file over four warpgroups (memory 40 + 2 compute + epilogue = 512 a thread)."""
+    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
+    requests, found = _registers_at(F8, C, 4 * C, 1, ("wgmma_ref", "copy_smem_to_gmem"), epilogue_wg=True)
+    by_action = sorted(requests)
+    assert by_action == [("decrease", 40), ("increase", 136), ("increase", 168)], requests
+    (_, memory), (_, epilogue), (_, compute) = by_action
+    assert memory + 2 * compute + epilogue == 512
+    assert set(found["wgmma_ref"]) == {168}, found
+    assert found["copy_smem_to_gmem"] and set(found["copy_smem_to_gmem"]) == {136}, found
 
 
 def test_codes_warpgroup_without_the_pallas_hook_says_so(monkeypatch):
