@@ -405,8 +405,7 @@ MOSAIC_FORMS = ("128x128x3", "128x128x3:nochain", "128x128x4")
 def _patched_epilogue(kind: str):
     """A context patching ``scaled_gemm_body`` for the ``epidiag`` diagnostics: 'noscale' leaves the
     per-channel scale / bias arithmetic out (the product rounded to bf16 and stored), 'nostore' also the
-    TMA store to global memory (the SMEM store stays); 'tilestore' (not a diagnostic: a schedule) has the
-    epilogue warpgroup store its tile once it is all scaled rather than piece by piece. The jitted kernel is retraced inside
+    TMA store to global memory (the SMEM store stays). The jitted kernel is retraced inside
     (``jax.clear_caches``), and again after."""
     import contextlib
 
@@ -416,20 +415,17 @@ def _patched_epilogue(kind: str):
     def ctx():
         from jax.experimental.pallas import mosaic_gpu as plgpu
 
-        saved, copy, store = (body._scaled, body._biased), plgpu.copy_smem_to_gmem, body.EPILOGUE_STORE
+        saved, copy = (body._scaled, body._biased), plgpu.copy_smem_to_gmem
         if kind in ("noscale", "nostore"):
             body._scaled = lambda plan, p, s_a, s_w, shape=None: p.astype(jnp.float32)
             body._biased = lambda plan, refs, pn, parts, vec=None: parts
         if kind == "nostore":
             plgpu.copy_smem_to_gmem = lambda *args, **kw: None
-        if kind == "tilestore":  # the epilogue warpgroup's stores issued once the whole tile is scaled
-            body.EPILOGUE_STORE = "tile"
         jax.clear_caches()
         try:
             yield
         finally:
             body._scaled, body._biased = saved
-            body.EPILOGUE_STORE = store
             plgpu.copy_smem_to_gmem = copy
             jax.clear_caches()
 

@@ -30,7 +30,8 @@ from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm_pall
                                                low_bit_product, weight_codes_int8)
 from qdit_jax.quant.kernels.norm_quant import norm_quant_applies, norm_quant_pallas
 from qdit_jax.quant.kernels.scaled_gemm import (CODE_DTYPES, GROUP_MODES, PREFETCH_MODES, TILE_K, TILE_N,
-                                                codes_wg_available, scaled_gemm_applies, scaled_gemm_mosaic)
+                                                codes_wg_available, epilogue_wg_residual_fits, scaled_gemm_applies,
+                                                scaled_gemm_mosaic)
 from qdit_jax.quant.quantizers import QuantSpec, _int_codes, params_of_groups
 
 BACKENDS = ("auto", "xla", "pallas")
@@ -130,11 +131,14 @@ class RealOptions:
     # None: on for int8 codes (where this JAX's Pallas allows it), off for fp8 (XL/2 on the H100:
     # docs/RESULTS.md, sixteenth session)
     codes_wg: bool | None = None
-    # per-channel fp8 layers on kernels.scaled_gemm (qkv; fc1 with fc1_kernel): the scale / bias epilogue
-    # and the store on a fourth warpgroup while the compute warpgroups go on with the next tile's K loop
-    # (``epilogue_wg``; the same bits). None: on where this JAX's Pallas allows it. XL/2 at batch 256 on
+    # per-channel fp8 layers on kernels.scaled_gemm (qkv, proj / fc2 with the gated residual; fc1 with
+    # fc1_kernel): the scale / bias (/ gated residual) epilogue and the store on a fourth warpgroup while
+    # the compute warpgroups go on with the next tile's K loop (``epilogue_wg``; the same bits). None: on where this JAX's Pallas allows it. XL/2 at batch 256 on
     # the H100: q, k, v 458-467 -> 422 us (docs/RESULTS.md, twentieth session)
     epilogue_wg: bool | None = None
+    # with epilogue_wg, also the gated residual GEMMs whose K is long enough (RESIDUAL_EPILOGUE_WG_MIN_K:
+    # DiT's fc2, not proj)
+    residual_epilogue_wg: bool = True
     # a per-channel fp8 MLP's fc1 on kernels.scaled_gemm with the scales and bias in its (fourth
     # warpgroup's) epilogue, writing fc1's bf16 output, and gelu_quant then without its per-column scale
     # / bias loads, instead of cuBLAS' raw product and gelu_quant applying them
@@ -403,6 +407,12 @@ def residual_mismatch(x: jax.Array, gate: jax.Array, out: jax.Array, m: int, n: 
     return None
 
 
+# the gated residual on the epilogue warpgroup only where the K loop is long enough to hide it (the
+# fourth warpgroup reads the residual from global memory): XL/2 at batch 256 on the H100, fc2 (K = 4,608)
+# 559.6 -> 514.7 us, proj (K = 1,152) 238.1 -> 247.4 (docs/RESULTS.md, twentieth session)
+RESIDUAL_EPILOGUE_WG_MIN_K = 4096
+
+
 def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource, options: RealOptions) -> jax.Array | None:
     """``x + gate[:, None] * src.out`` as one fp8 / int8 GEMM with the gated residual in its epilogue
     (``kernels.scaled_gemm``, scheduled as ``options`` say), or None where the kernel does not apply."""
@@ -413,8 +423,11 @@ def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource, options: Rea
     g = src.sa.shape[0]
     if not scaled_gemm_applies(m, n, k, src.qa.dtype, src.rw.codes.dtype, groups=g, rows_per_gate=x.shape[1])[0]:
         return None
+    epi = (g == 1 and options.residual_epilogue_wg and k >= RESIDUAL_EPILOGUE_WG_MIN_K
+           and epilogue_warpgroup(options, src.qa.dtype)
+           and epilogue_wg_residual_fits(m, gate.shape[0]))
     y = scaled_gemm_mosaic(src.qa, src.rw.codes, src.sa, src.rw.scale, src.rw.bias, residual=x.reshape(m, n),
-                           gate=gate, **_kernel_schedule(options))
+                           gate=gate, **_kernel_schedule(options), **({"epilogue_wg": True} if epi else {}))
     return y.reshape(x.shape)
 
 

@@ -394,8 +394,9 @@ def test_qkv_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
 def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, fmt, params, inputs, monkeypatch):
     """With the scaled_gemm guard forced open (its XLA formulation standing in for the Mosaic GPU
     kernel) each GatedResidual whose branch ends in an fp8 per-channel x per-token GEMM (proj, fc2;
-    fc2 also from the fused MLP route) runs as that GEMM with the gated residual in its epilogue:
-    the same model output as the GEMM + XLA residual path, and the first GEMM is left unused."""
+    fc2 also from the fused MLP route) runs as that GEMM with the gated residual in its epilogue (fp8:
+    on the epilogue warpgroup): the same model output as the GEMM + XLA residual path, and the first
+    GEMM is left unused."""
     from qdit_jax.quant import real_layers
     from qdit_jax.quant.kernels.gelu_quant import gelu_quant_xla
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_xla
@@ -403,12 +404,20 @@ def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, fmt, params, in
 
     calls = []
 
-    def stand_in(a, w, sa, sw, bias, *, residual=None, gate=None, group_mode=None, chain=True, **kw):
+    def stand_in(a, w, sa, sw, bias, *, residual=None, gate=None, group_mode=None, chain=True, epilogue_wg=False,
+                 **kw):
         calls.append((a.shape, w.shape, residual is not None))
+        stand_in.epilogue_wg.add(epilogue_wg)
+        stand_in.order.append(epilogue_wg)
         return scaled_gemm_xla(a, w, sa, sw, bias, residual=residual, gate=gate, **kw)
 
+    stand_in.epilogue_wg, stand_in.order = set(), []
     monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, **kw: (True, "test"))
     monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
+    # as on a GPU with this JAX, and as if one gate row spanned a CTA tile (XL/2: 256 tokens a sample)
+    monkeypatch.setattr(real_layers, "codes_wg_available", lambda: True)
+    monkeypatch.setattr(real_layers, "epilogue_wg_residual_fits", lambda m, rows: True)
+    monkeypatch.setattr(real_layers, "RESIDUAL_EPILOGUE_WG_MIN_K", 4 * CFG.hidden_size)  # fc2's K, not proj's
     if fused_mlp:  # its XLA formulation standing in for the GPU-only kernel
         monkeypatch.setattr(real_layers, "gelu_quant_applies", lambda m, n, spec, **kw: (True, "test"))
         monkeypatch.setattr(real_layers, "gelu_quant_pallas", lambda p, sa, sw, b, spec, dt, **kw: gelu_quant_xla(
@@ -424,6 +433,9 @@ def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, fmt, params, in
     c, m = CFG.hidden_size, inputs[0].shape[0] * (CFG.input_size // CFG.patch_size) ** 2
     want = [((m, c), (c, c), True), ((m, 4 * c), (c, 4 * c), True)] * CFG.depth  # proj, fc2
     assert calls == want
+    # the epilogue warpgroup for fp8 (its stage holds bf16) where K is long enough: fc2 here, not proj
+    assert stand_in.epilogue_wg == ({False, True} if "fp8" in fmt else {False})
+    assert [e for e, (a, _, _) in zip(stand_in.order, calls) if a[1] == 4 * c] == ["fp8" in fmt] * CFG.depth
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3
     # the GEMMs the residual route replaced are gone from the compiled program: one fp8 dot per
     # qkv / fc1 layer (the stand-in's own dots are the rest)

@@ -241,10 +241,10 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
     ``prefetch``: where the epilogue's scale / bias / gate vectors are loaded (``_check_prefetch``).
 
-    ``epilogue_wg`` (per-channel fp8 codes, no residual or codes epilogue): the compute warpgroups stage
-    their products rounded to bf16 in shared memory and go on to the next tile's K loop; a fourth
-    warpgroup scales, biases and stores them meanwhile (``scaled_gemm_body._epilogue_warpgroup``; the
-    same bits)."""
+    ``epilogue_wg`` (per-channel fp8 codes, no codes epilogue; a residual with one gate row per CTA
+    tile): the compute warpgroups stage their products rounded to bf16 in shared memory and go on to the
+    next tile's K loop; a fourth warpgroup scales, biases (adds the gated residual) and stores them
+    meanwhile (``scaled_gemm_body._epilogue_warpgroup``; the same bits)."""
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
     groups = _groups(sa)
@@ -258,10 +258,11 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         raise ValueError(f"out_blocks {out_blocks}: the {n} columns must split into whole {tile_n}-wide tiles per "
                          "output, without a residual or codes epilogue")
     prefetch = _check_prefetch(prefetch)
-    if epilogue_wg and (groups > 1 or jnp.dtype(a.dtype) == jnp.dtype(jnp.int8) or residual is not None
-                        or gelu_codes is not None):
-        raise ValueError("epilogue_wg takes per-channel fp8 codes without a residual or codes epilogue (it stages "
-                         "the product in bf16, the fp8 product's rounding); call without it")
+    if epilogue_wg and (groups > 1 or jnp.dtype(a.dtype) == jnp.dtype(jnp.int8) or gelu_codes is not None
+                        or (residual is not None and not epilogue_wg_residual_fits(m, gate.shape[0], tile_m))):
+        raise ValueError("epilogue_wg takes per-channel fp8 codes (it stages the product in bf16, the fp8 product's "
+                         "rounding), no codes epilogue, and with a residual one gate row per CTA tile of "
+                         f"{2 * tile_m} rows; call without it")
     if epilogue_wg and not codes_wg_available():
         raise NotImplementedError("this JAX's Pallas pipeline has no _compute_registers to bound: the epilogue "
                                   "warpgroup cannot be used; call without epilogue_wg")
@@ -286,6 +287,12 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                  prefetch=None if epilogue_wg else prefetch, out_blocks=out_blocks, epilogue_wg=epilogue_wg)
 
     return _launch(plan, num_sms, a, w, sa, sw, bias, residual, gate, approx_tanh)
+
+
+def epilogue_wg_residual_fits(m: int, gate_rows: int, tile_m: int = TILE_M) -> bool:
+    """Whether the epilogue warpgroup can take a gated residual whose gate has ``gate_rows`` rows over M:
+    one gate row (sample) per CTA tile of two warpgroups' rows (it loads one gate row per tile)."""
+    return m % gate_rows == 0 and (m // gate_rows) % (2 * tile_m) == 0
 
 
 PREFETCH_MODES = (None, "before", "after")

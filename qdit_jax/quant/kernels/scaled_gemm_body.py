@@ -401,7 +401,8 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
 
 
 def _copy_out(plan: Plan, refs: _Refs, src: Any, rows: Any, pn: Any, ocols: Any) -> None:
-    """The TMA store of a staged tile (rows ``rows`` of column tile ``pn``) to the output holding it."""
+    """The TMA store of a staged tile or row block (rows ``rows`` of column tile ``pn``, the output's
+    columns ``ocols``) to the output holding it."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -422,14 +423,14 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    if plan.epilogue_wg:
+        _stage_product(plan, refs, wg, slot, eval_pipeline)
+        return
     ocols = pl.ds(pn * plan.tile_n, plan.tile_n)
     if plan.residual:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         plgpu.copy_gmem_to_smem(refs.residual.at[pl.ds(rows, plan.tile_m), ocols], refs.o_smem.at[wg],
                                 refs.r_bar.at[wg])
-    if plan.epilogue_wg:
-        _stage_product(plan, refs, wg, slot, eval_pipeline)
-        return
     vec = None
     if plan.prefetch is not None:
         vec = functools.partial(_epilogue_vectors, plan, refs, rows, pn, wcols)
@@ -463,17 +464,20 @@ def _stage_product(plan: Plan, refs: _Refs, wg: Any, slot: Any, eval_pipeline: A
     plgpu.barrier_arrive(refs.full.at[slot])
 
 
-EPILOGUE_ROWS = 64  # rows the epilogue warpgroup scales at a time (one wgmma-layout row block: 64 registers)
-EPILOGUE_STORE = "piece"  # TMA-store each piece as soon as it is scaled ('piece'), or the tile at the end
+# rows the epilogue warpgroup takes at a time (one wgmma-layout row block), each piece stored by TMA as
+# soon as it is written: storing the whole tile at the end cost q, k, v 446 vs 422 us, fc1 589 vs 550
+# (docs/RESULTS.md, twentieth session)
+EPILOGUE_ROWS = 64
 
 
 def _epilogue_warpgroup(plan: Plan, refs: _Refs) -> None:
     """The fourth warpgroup of ``plan.epilogue_wg`` (per-channel fp8): for each of the CTA's tiles, in the
-    compute warpgroups' order, load the column scales and bias, wait until both compute warpgroups have
-    staged their bf16 products, scale and bias them in place (``_scaled`` then the bias: the same float32
-    steps as the compute warpgroups' own epilogue, so the same bits), store both halves by TMA from the
-    stage and hand the slot back once the stores have read it. All while the compute warpgroups run the
-    next tile's K loop: in the three-warpgroup kernel the tensor cores wait for this epilogue (q, k, v at
+    compute warpgroups' order, load the column vectors, wait until both compute warpgroups have staged
+    their bf16 products, then piece by piece (``_epilogue_pieces``) scale and bias them (the same float32
+    steps as the compute warpgroups' own epilogue, so the same bits), add the gated residual if any
+    (read from global memory into registers, a piece ahead), write the piece back in place and store
+    each row block by TMA once written; hand the slot back once the stores have read it. All while the compute warpgroups run the
+    next tile's K loop: in the three-warpgroup kernel the tensor cores wait for the epilogue (q, k, v at
     XL/2's batch 256: 458 us with it, 357 without its arithmetic and store; docs/RESULTS.md, twentieth
     session)."""
     from jax.experimental import pallas as pl
@@ -483,7 +487,6 @@ def _epilogue_warpgroup(plan: Plan, refs: _Refs) -> None:
     for b in range(plan.stage_slots):  # every slot starts empty
         plgpu.barrier_arrive(refs.empty.at[b])
     row_l, col_l = _layouts()
-    piece = (EPILOGUE_ROWS, plan.tile_n)
 
     @plgpu.nd_loop((plan.m_tiles * plan.n_tiles,), collective_axes="sm")
     def tile(info: Any) -> None:
@@ -491,28 +494,72 @@ def _epilogue_warpgroup(plan: Plan, refs: _Refs) -> None:
         pm, pn = lin // plan.n_tiles, lin % plan.n_tiles
         slot = info.local_index % plan.stage_slots
         ocols = pl.ds(pn * plan.tile_n, plan.tile_n)
-        s_w = plgpu.load(refs.sw.at[pl.ds(plan.n_off + pn * plan.tile_n, plan.tile_n)], (), layout=col_l,
-                         optimized=False)
-        bias = lax.broadcast_in_dim(_bias_part(plan, refs, pn, 0, plan.tile_n), piece, [1])
-        pieces = [(half, r) for half in range(2) for r in range(0, plan.tile_m, EPILOGUE_ROWS)]
-        row_start = [pm * plan.cta_m + half * plan.tile_m + r for half, r in pieces]
-        s_as = [plgpu.load(refs.sa.at[pl.ds(r0, EPILOGUE_ROWS)], (), layout=row_l, optimized=False)
-                for r0 in row_start]  # all the vectors' loads in flight while the K loop ends
+        pieces = _epilogue_pieces(plan)
+        width = pieces[0][3]
+
+        def vectors(j: int) -> tuple:
+            """Column part ``j``'s weight scales, bias and (one gate row per CTA tile) gate."""
+            cols = pl.ds(plan.n_off + pn * plan.tile_n + j * width, width)
+            s_w = plgpu.load(refs.sw.at[cols], (), layout=col_l, optimized=False)
+            gate = _gate_part(plan, refs, pm * plan.cta_m, pn, j, width) if plan.residual else None
+            return s_w, _bias_part(plan, refs, pn, j, width), gate
+
+        def residual(piece: tuple) -> jax.Array | None:
+            half, r, j, _ = piece
+            if not plan.residual:
+                return None
+            rows = pl.ds(pm * plan.cta_m + half * plan.tile_m + r, EPILOGUE_ROWS)
+            return plgpu.load(refs.residual.at[rows, pl.ds(pn * plan.tile_n + j * width, width)], (),
+                              layout=plgpu.Layout.WGMMA, optimized=False)
+
+        vec = {0: vectors(0)}  # column part 0's vectors and the first residual piece in flight during the K loop
+        res_next = residual(pieces[0])
+        s_as = {}  # the row scales of each row block (half, r)
+        for half, r, _, _ in pieces:
+            if (half, r) not in s_as:
+                rows = pl.ds(pm * plan.cta_m + half * plan.tile_m + r, EPILOGUE_ROWS)
+                s_as[half, r] = plgpu.load(refs.sa.at[rows], (), layout=row_l, optimized=False)
         plgpu.barrier_wait(refs.full.at[slot])
-        for (half, r), r0, s_a in zip(pieces, row_start, s_as):
-            view = refs.stage.at[slot, half, pl.ds(r, EPILOGUE_ROWS)]
+        for i, piece in enumerate(pieces):
+            half, r, j, _ = piece
+            if j not in vec:
+                vec[j] = vectors(j)
+            res, res_next = res_next, residual(pieces[i + 1]) if i + 1 < len(pieces) else None
+            r0 = pm * plan.cta_m + half * plan.tile_m + r
+            row_block = refs.stage.at[slot, half, pl.ds(r, EPILOGUE_ROWS)]
+            view = row_block.at[:, pl.ds(j * width, width)]
             p = plgpu.load(view, (), layout=plgpu.Layout.WGMMA)
-            view[...] = (_scaled(plan, p, s_a, s_w, piece) + bias).astype(plan.out_dtype)
-            if EPILOGUE_STORE == "piece":
+            view[...] = _piece_output(plan, p, s_as[half, r], vec[j], res).astype(plan.out_dtype)
+            if j == plan.tile_n // width - 1:  # the row block's last part: store it (TMA takes whole swizzled rows)
                 plgpu.commit_smem()
-                _copy_out(plan, refs, view, pl.ds(r0, EPILOGUE_ROWS), pn, ocols)
-        if EPILOGUE_STORE != "piece":
-            plgpu.commit_smem()
-            for half in range(2):
-                rows = pl.ds(pm * plan.cta_m + half * plan.tile_m, plan.tile_m)
-                _copy_out(plan, refs, refs.stage.at[slot, half], rows, pn, ocols)
+                _copy_out(plan, refs, row_block, pl.ds(r0, EPILOGUE_ROWS), pn, ocols)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         plgpu.barrier_arrive(refs.empty.at[slot])
+
+
+def _epilogue_pieces(plan: Plan) -> list[tuple[int, int, int, int]]:
+    """The epilogue warpgroup's pieces of a CTA tile, in order: (compute warpgroup half, first row in it,
+    column part, part width). Rows by ``EPILOGUE_ROWS`` (a wgmma-layout row block); with a residual the
+    tile's columns in two parts, part-major (each part's scale / bias / gate vectors then held for its
+    pieces only: 16 registers each instead of 32, beside the residual pieces in flight); a row block is
+    stored once its last part is written."""
+    parts = 2 if plan.residual else 1
+    width = plan.tile_n // parts
+    return [(half, r, j, width) for j in range(parts) for half in range(2)
+            for r in range(0, plan.tile_m, EPILOGUE_ROWS)]
+
+
+def _piece_output(plan: Plan, p: jax.Array, s_a: jax.Array, vec: tuple, res: jax.Array | None) -> jax.Array:
+    """One piece's output from its bf16 product: ``p * s_a * s_w + b`` in float32 (``_scaled``,
+    ``_biased``), then with a residual ``res + gate * y`` with the model's bf16 roundings (as ``_finish``)."""
+    s_w, bias, gate = vec
+    shape = p.shape
+    y = _scaled(plan, p, s_a, s_w, shape) + lax.broadcast_in_dim(bias, shape, [1])
+    if res is None:
+        return y
+    y = y.astype(jnp.bfloat16).astype(jnp.float32)
+    y = (lax.broadcast_in_dim(gate, shape, [1]) * y).astype(jnp.bfloat16).astype(jnp.float32)
+    return res.astype(jnp.float32) + y
 
 
 # registers per thread of each compute warpgroup and of the codes warpgroup (with the memory
@@ -591,7 +638,7 @@ def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any
                            (2, plan.tile_m, plan.tile_n), plan.out_dtype,
                            transforms=_swizzled(plan.out_dtype) if plan.codes_wg else ()),
                        s_smem=None if plan.gelu_codes is None else plgpu.SMEM((2, plan.tile_m), jnp.float32),
-                       r_bar=None if not plan.residual else plgpu.Barrier(num_barriers=2),
+                       r_bar=None if not plan.residual or plan.epilogue_wg else plgpu.Barrier(num_barriers=2),
                        stage=plgpu.SMEM((plan.stage_slots, 2, plan.tile_m, plan.tile_n), jnp.bfloat16,
                                         transforms=_swizzled(jnp.bfloat16)) if plan.fourth_wg else None,
                        full=plgpu.Barrier(num_arrivals=2, num_barriers=plan.stage_slots) if plan.fourth_wg else None,

@@ -107,11 +107,13 @@ def test_one_call_for_three_outputs_equals_three_calls(dtype, groups):
             np.testing.assert_array_equal(np.asarray(g, np.float32), v)
 
 
-@pytest.mark.parametrize("k, n, blocks", [(C, 3 * C, 3), (C, HIDDEN, 1), (HIDDEN, C, 1)])
-def test_epilogue_warpgroup_equals_the_default(k, n, blocks):
-    """Per-channel fp8 with the scale / bias epilogue and the store on the fourth warpgroup
-    (``epilogue_wg``): the same bits as the compute warpgroups' own epilogue, for q, k, v in one call
-    and at fc1's / fc2's shapes; and the guard refuses int8 codes."""
+@pytest.mark.parametrize("k, n, blocks, residual", [(C, 3 * C, 3, False), (C, HIDDEN, 1, False), (HIDDEN, C, 1, False),
+                                                     (C, C, 1, True), (HIDDEN, C, 1, True)])
+def test_epilogue_warpgroup_equals_the_default(k, n, blocks, residual):
+    """Per-channel fp8 with the scale / bias (/ gated residual) epilogue and the store on the fourth
+    warpgroup (``epilogue_wg``): the same bits as the compute warpgroups' own epilogue, for q, k, v in
+    one call, at fc1's shape, and at proj's / fc2's with and without the residual; and the guard refuses
+    int8 codes."""
     from qdit_jax.quant.kernels.scaled_gemm import codes_wg_available, scaled_gemm_mosaic
 
     if not codes_wg_available():
@@ -121,7 +123,11 @@ def test_epilogue_warpgroup_equals_the_default(k, n, blocks):
     a, w = _random_codes(r, (m, k), dtype), _random_codes(r, (n, k), dtype)
     sa, sw = (jnp.asarray(r.uniform(0.001, 0.003, (v,)), jnp.float32) for v in (m, n))
     b = jnp.asarray(r.standard_normal(n) * 0.1, jnp.float32)
-    outs = [jax.tree.leaves(jax.jit(lambda *v, e=e: scaled_gemm_mosaic(*v, out_blocks=blocks, epilogue_wg=e))(
+    res = {}
+    if residual:
+        res = dict(residual=jnp.asarray(r.standard_normal((m, n)) * 4, jnp.bfloat16),
+                   gate=jnp.asarray(r.standard_normal((B, n)) * 0.5, jnp.bfloat16))
+    outs = [jax.tree.leaves(jax.jit(lambda *v, e=e: scaled_gemm_mosaic(*v, out_blocks=blocks, epilogue_wg=e, **res))(
         a, w, sa, sw, b)) for e in (False, True)]
     assert len(outs[1]) == blocks and np.abs(np.asarray(outs[0][0], np.float32)).max() > 0
     for got, want in zip(outs[1], outs[0]):

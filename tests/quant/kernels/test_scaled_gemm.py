@@ -234,14 +234,15 @@ def test_out_blocks_and_prefetch_are_checked():
 
 
 def test_epilogue_warpgroup_is_checked():
-    """The epilogue warpgroup stages the fp8 product in bf16: int8 codes (int32 sums), group scales, a
-    residual or a codes epilogue are refused with a message naming the option."""
+    """The epilogue warpgroup stages the fp8 product in bf16: int8 codes (int32 sums), group scales, or a
+    residual with more than one gate row per 256-row CTA tile are refused with a message naming the option."""
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
 
     f8 = (jnp.zeros((256, 256), F8), jnp.zeros((256, 256), F8))
     i8 = (jnp.zeros((256, 256), jnp.int8), jnp.zeros((256, 256), jnp.int8))
     per_channel, groups = (jnp.ones((256,)), jnp.ones((256,))), (jnp.ones((2, 256)), jnp.ones((2, 256)))
-    res = dict(residual=jnp.zeros((256, 256), jnp.bfloat16), gate=jnp.zeros((1, 256), jnp.bfloat16))
+    # a gate row per 128 rows: the two warpgroups' halves of a 256-row tile would take different gates
+    res = dict(residual=jnp.zeros((256, 256), jnp.bfloat16), gate=jnp.zeros((2, 256), jnp.bfloat16))
     for codes, scales, kw in ((i8, per_channel, {}), (f8, groups, {}), (f8, per_channel, res)):
-        with pytest.raises(ValueError, match="epilogue_wg takes per-channel fp8"):
+        with pytest.raises(ValueError, match="epilogue_wg takes per-channel fp8 codes"):
             scaled_gemm_mosaic(*codes, *scales, None, epilogue_wg=True, **kw)

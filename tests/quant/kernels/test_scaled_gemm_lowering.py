@@ -60,6 +60,7 @@ CASES = {
     # a fourth warpgroup for the per-channel scale / bias epilogue and the store
     "fp8 per channel, epilogue warpgroup": (F8, C, 4 * C, 1, dict(epilogue_wg=True)),
     "fp8 per channel, three outputs, epilogue warpgroup": (F8, C, 6 * C, 1, dict(out_blocks=3, epilogue_wg=True)),
+    "fp8 per channel + residual, epilogue warpgroup": (F8, 4 * C, C, 1, dict(residual=True, epilogue_wg=True)),
 }
 
 
