@@ -141,7 +141,9 @@ class RealOptions:
     residual_epilogue_wg: bool = True
     # a per-channel fp8 MLP's fc1 on kernels.scaled_gemm with the scales and bias in its (fourth
     # warpgroup's) epilogue, writing fc1's bf16 output, and gelu_quant then without its per-column scale
-    # / bias loads, instead of cuBLAS' raw product and gelu_quant applying them
+    # / bias loads, instead of cuBLAS' raw product and gelu_quant applying them. Off: XL/2's fp8 forward at
+    # batch 256 on the H100 ran 1.414x bf16 with it against 1.444x without (same call; the kernel's fc1 542
+    # us against cuBLAS' ~447-503; docs/RESULTS.md, twentieth session)
     fc1_kernel: bool = False
 
     def __post_init__(self) -> None:
