@@ -29,7 +29,9 @@
    kernel bodies, outputs not the layer's), the kernel with its epilogue's scale / bias arithmetic left
    out and with its global store left out too: how much of the gap to cuBLAS is the epilogue, run while
    the tensor cores wait.
-9. ``floor``: what moving the row kernels' bytes costs without their math: XLA's elementwise
+9. ``groupepi``: group-128 fp8 / int8 q, k, v and proj / fc2 with the gated residual, the epilogue in
+   the compute warpgroups or on the fourth warpgroup (``epilogue_wg``).
+10. ``floor``: what moving the row kernels' bytes costs without their math: XLA's elementwise
    bf16 -> fp8 pass over the MLP middle step's (M, 4,608) and the row kernels' (M, 1,152) arrays, a
    read-only abs-max, and a Pallas (Triton) kernel with the MLP middle kernel's tiling and row
    dependency (all pieces loaded, the row's abs-max, then the scaled pieces stored) but no GELU.
@@ -93,7 +95,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--mosaic-only", action="store_true", help="qkvgemm: skip the Pallas Triton forms")
-    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "fc2ing", "normq", "qkvgemm", "resgemm", "groupgemm", "floor", "epidiag"])
+    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "fc2ing", "normq", "qkvgemm", "resgemm", "groupgemm", "floor", "epidiag", "groupepi"])
     p.add_argument("--group-forms", nargs="+", default=["64x128x4p", "64x128x4o", "64x128x5p"],
                    help="groupgemm: Mosaic tilings tile_m x tile_n x steps and group mode ("
                         "o: overlap; p: plain; s: split; see kernels.scaled_gemm.GROUP_MODES), then u for a "
@@ -129,6 +131,8 @@ def main() -> None:
         byte_floor(a, rng)
     if "epidiag" in a.sections:
         epilogue_diagnostic(a, rng)
+    if "groupepi" in a.sections:
+        group_epilogue_forms(a, rng)
     if "fc2in" in a.sections:
         fc2_input(a, rng)
     if "fc2ing" in a.sections:
@@ -467,6 +471,39 @@ def epilogue_diagnostic(a, rng) -> None:
             ref = got if ref is None else ref
             same = f"   equal to default {np.mean(got == ref):.4f}" if kind == "epi" and ref is not got else ""
             print(f"epidiag {name}: Mosaic per channel, {kind:16s} {res[1] * 1e6:8.1f} us{same}", flush=True)
+
+
+def group_epilogue_forms(a, rng) -> None:
+    """Group-128 fp8 / int8 GEMMs with the epilogue in the compute warpgroups ('split', fp8's default) or
+    on the fourth warpgroup (``epilogue_wg``): q, k, v (one call), proj and fc2 with the gated residual."""
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
+
+    m = a.batch * a.tokens
+    for dtype in (jnp.float8_e4m3fn, jnp.int8):
+        lim = 448 if dtype != jnp.int8 else 127
+        for name, k, n, blocks, residual in (("q, k, v", C, 3 * C, 3, False), ("proj + res", C, C, 1, True),
+                                             ("fc2 + res", HIDDEN, C, 1, True)):
+            g = k // 128
+            qa = jnp.asarray(np.clip(rng.standard_normal((m, k)) * lim / 4, -lim, lim), jnp.float32).astype(dtype)
+            w = jnp.asarray(np.clip(rng.standard_normal((n, k)) * lim / 4, -lim, lim), jnp.float32).astype(dtype)
+            sa = jnp.asarray(rng.uniform(0.001, 0.003, (g, m)), jnp.float32)
+            sw = jnp.asarray(rng.uniform(0.001, 0.003, (g, n)), jnp.float32)
+            b = jnp.asarray(rng.standard_normal(n) * 0.1, jnp.float32)
+            res = {}
+            if residual:
+                res = dict(residual=jnp.asarray(rng.standard_normal((m, n)) * 4, jnp.bfloat16),
+                           gate=jnp.asarray(rng.standard_normal((a.batch, n)) * 0.5, jnp.bfloat16))
+            ref = None
+            for mode, epi in (("split", False), (None, False), ("split", True)):
+                fn = jax.jit(lambda qa, w, sa, sw, b, mode=mode, epi=epi: scaled_gemm_mosaic(
+                    qa, w, sa, sw, b, out_blocks=blocks, group_mode=mode, epilogue_wg=epi, **res))
+                label = f"groupepi {jnp.dtype(dtype).name} {name}: {mode or 'default'}{' + epilogue_wg' if epi else ''}"
+                out = run_timed(label, fn, (qa, w, sa, sw, b), a.repeats)
+                if out is None:
+                    continue
+                got = np.concatenate([np.asarray(o.astype(jnp.float32)) for o in jax.tree.leaves(out[0])], axis=1)
+                ref = got if ref is None else ref
+                print(f"{label:60s} {out[1] * 1e6:8.1f} us   equal to split {np.mean(got == ref):.4f}", flush=True)
 
 
 def _mosaic_form(form: str) -> dict:

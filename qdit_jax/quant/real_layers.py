@@ -30,8 +30,8 @@ from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm_pall
                                                low_bit_product, weight_codes_int8)
 from qdit_jax.quant.kernels.norm_quant import norm_quant_applies, norm_quant_pallas
 from qdit_jax.quant.kernels.scaled_gemm import (CODE_DTYPES, GROUP_MODES, PREFETCH_MODES, TILE_K, TILE_N,
-                                                codes_wg_available, epilogue_wg_residual_fits, scaled_gemm_applies,
-                                                scaled_gemm_mosaic)
+                                                codes_wg_available, default_tiling, epilogue_wg_residual_fits,
+                                                scaled_gemm_applies, scaled_gemm_mosaic)
 from qdit_jax.quant.quantizers import QuantSpec, _int_codes, params_of_groups
 
 BACKENDS = ("auto", "xla", "pallas")
@@ -134,7 +134,8 @@ class RealOptions:
     # per-channel fp8 layers on kernels.scaled_gemm (qkv, proj / fc2 with the gated residual; fc1 with
     # fc1_kernel): the scale / bias (/ gated residual) epilogue and the store on a fourth warpgroup while
     # the compute warpgroups go on with the next tile's K loop (``epilogue_wg``; the same bits). None: on where this JAX's Pallas allows it. XL/2 at batch 256 on
-    # the H100: q, k, v 458-467 -> 422 us (docs/RESULTS.md, twentieth session)
+    # the H100: q, k, v 458-467 -> 422 us (docs/RESULTS.md, twentieth session). True also puts group-wise
+    # layers' epilogue there (a float32 stage; not yet measured on a GPU)
     epilogue_wg: bool | None = None
     # with epilogue_wg, also the gated residual GEMMs whose K is long enough (RESIDUAL_EPILOGUE_WG_MIN_K:
     # DiT's fc2, not proj)
@@ -386,9 +387,12 @@ def codes_warpgroup(options: RealOptions, codes: Any) -> bool:
     return jnp.dtype(codes) == jnp.dtype(jnp.int8) and codes_wg_available()
 
 
-def epilogue_warpgroup(options: RealOptions, codes: Any) -> bool:
-    """Whether a per-channel GEMM with these codes on kernels.scaled_gemm runs its epilogue on the
-    fourth warpgroup (fp8 only: the stage holds the product in bf16, the fp8 product's rounding)."""
+def epilogue_warpgroup(options: RealOptions, codes: Any, groups: int = 1) -> bool:
+    """Whether a GEMM with these codes and scale groups on kernels.scaled_gemm runs its epilogue on the
+    fourth warpgroup: per channel fp8 only (the stage holds the product in bf16, the fp8 product's
+    rounding), by default; with group scales (a float32 stage) only when asked (not yet measured)."""
+    if groups > 1:
+        return options.epilogue_wg is True and codes_wg_available()
     if jnp.dtype(codes) != jnp.dtype(jnp.float8_e4m3fn):
         return False
     return codes_wg_available() if options.epilogue_wg is None else options.epilogue_wg
@@ -425,9 +429,8 @@ def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource, options: Rea
     g = src.sa.shape[0]
     if not scaled_gemm_applies(m, n, k, src.qa.dtype, src.rw.codes.dtype, groups=g, rows_per_gate=x.shape[1])[0]:
         return None
-    epi = (g == 1 and options.residual_epilogue_wg and k >= RESIDUAL_EPILOGUE_WG_MIN_K
-           and epilogue_warpgroup(options, src.qa.dtype)
-           and epilogue_wg_residual_fits(m, gate.shape[0]))
+    epi = (options.residual_epilogue_wg and k >= RESIDUAL_EPILOGUE_WG_MIN_K and epilogue_warpgroup(options, src.qa.dtype, g)
+           and epilogue_wg_residual_fits(m, gate.shape[0], default_tiling(g)[0]))
     y = scaled_gemm_mosaic(src.qa, src.rw.codes, src.sa, src.rw.scale, src.rw.bias, residual=x.reshape(m, n),
                            gate=gate, **_kernel_schedule(options), **({"epilogue_wg": True} if epi else {}))
     return y.reshape(x.shape)
@@ -519,7 +522,7 @@ def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, opt
     # slices of a concatenation into its operands, but not of a reshaped concatenation (measured:
     # concatenating (M, C) blocks and reshaping after left a q / k / v copy pass of ~300 us per block)
     sched = dict(_kernel_schedule(options), prefetch=options.qkv_prefetch if g == 1 else None)
-    if g == 1 and epilogue_warpgroup(options, qa.dtype):  # the epilogue warpgroup loads its own vectors
+    if epilogue_warpgroup(options, qa.dtype, g):  # the epilogue warpgroup loads its own vectors
         sched.update(prefetch=None, epilogue_wg=True)
     if options.qkv_one_call and blocks > 1:
         outs = scaled_gemm_mosaic(qa, rw.codes, sa, sw, rw.bias, n=n, out_blocks=blocks, **sched)

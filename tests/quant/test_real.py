@@ -416,7 +416,7 @@ def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, fmt, params, in
     monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
     # as on a GPU with this JAX, and as if one gate row spanned a CTA tile (XL/2: 256 tokens a sample)
     monkeypatch.setattr(real_layers, "codes_wg_available", lambda: True)
-    monkeypatch.setattr(real_layers, "epilogue_wg_residual_fits", lambda m, rows: True)
+    monkeypatch.setattr(real_layers, "epilogue_wg_residual_fits", lambda m, rows, tile_m: True)
     monkeypatch.setattr(real_layers, "RESIDUAL_EPILOGUE_WG_MIN_K", 4 * CFG.hidden_size)  # fc2's K, not proj's
     if fused_mlp:  # its XLA formulation standing in for the GPU-only kernel
         monkeypatch.setattr(real_layers, "gelu_quant_applies", lambda m, n, spec, **kw: (True, "test"))
@@ -509,6 +509,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
                  **kw):
         calls.append((sa.shape[0], a.shape[1], n or w.shape[0], residual is not None))
         stand_in.modes.append((kw.get("group_mode"), kw.get("chain")))
+        stand_in.epilogue_wg.append(kw.get("epilogue_wg", False))
         if gelu_codes is not None:
             stand_in.codes_wg.append(kw.get("codes_wg"))
         y = scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n, residual=residual, gate=gate, out_blocks=out_blocks)
@@ -520,7 +521,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
 
     monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, groups=1, **kw: (
         groups == 1 or k == 128 * groups, "test"))
-    stand_in.modes, stand_in.codes_wg = [], []
+    stand_in.modes, stand_in.codes_wg, stand_in.epilogue_wg = [], [], []
     monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
     monkeypatch.setattr(real_layers, "norm_quant_applies", lambda m, k, spec, dtype, **kw: (True, "test"))
     monkeypatch.setattr(real_layers, "norm_quant_pallas", lambda x, spec, **kw: norm_quant_pallas(
@@ -534,6 +535,34 @@ def _params256():
     r = np.random.default_rng(3)
     return jax.tree_util.tree_map(lambda a: jnp.asarray(0.05 * r.standard_normal(a.shape), jnp.float32),
                                   param_shapes(CFG256))
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int"])
+def test_group_epilogue_warpgroup_is_asked_for_qkv_and_long_residual_gemms(fmt, inputs, monkeypatch):
+    """RealOptions(epilogue_wg=True) puts group-wise layers' epilogue on the kernel's fourth warpgroup
+    (fp8 and int8: a float32 stage): q, k, v and the gated residual GEMM with the long K (fc2), not proj
+    (a short K loop) nor the GEMMs whose output the residual route reruns or fc1's codes epilogue; by
+    default (None) group-wise layers keep it in the compute warpgroups. Same model output either way."""
+    from qdit_jax.quant import real_layers
+    from qdit_jax.quant.real import RealOptions
+
+    cfg, params = CFG256, _params256()
+    calls, _ = _open_group_routes(monkeypatch)
+    stand_in = real_layers.scaled_gemm_mosaic
+    monkeypatch.setattr(real_layers, "codes_wg_available", lambda: True)
+    monkeypatch.setattr(real_layers, "epilogue_wg_residual_fits", lambda m, rows, tile_m: True)
+    monkeypatch.setattr(real_layers, "RESIDUAL_EPILOGUE_WG_MIN_K", 4 * cfg.hidden_size)
+    rules = dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, fmt=fmt)
+    rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**rules)))
+    outs = []
+    for epi, want in ((None, [False] * 6), (True, [True, False, False, False, False, True])):
+        calls.clear()
+        stand_in.epilogue_wg.clear()
+        outs.append(np.asarray(jax.jit(rm.apply_fn(RealOptions(epilogue_wg=epi)))(rm.variables(), *inputs)))
+        # q, k, v; proj; proj + residual; fc1 (codes epilogue); fc2; fc2 + residual
+        assert [c[3] for c in calls] == [False, False, True, False, False, True] * cfg.depth
+        assert stand_in.epilogue_wg == want * cfg.depth
+    np.testing.assert_array_equal(outs[1], outs[0])
 
 
 @pytest.mark.parametrize("fmt,gelu_epilogue", [("fp8_e4m3", False), ("int", True)])  # int8 without the epilogue: as fp8

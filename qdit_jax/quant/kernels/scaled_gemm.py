@@ -244,15 +244,17 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
     ``prefetch``: where the epilogue's scale / bias / gate vectors are loaded (``_check_prefetch``).
 
-    ``epilogue_wg`` (per-channel fp8 codes, no codes epilogue; a residual with one gate row per CTA
-    tile): the compute warpgroups stage their products rounded to bf16 in shared memory and go on to the
-    next tile's K loop; a fourth warpgroup scales, biases (adds the gated residual) and stores them
-    meanwhile (``scaled_gemm_body._epilogue_warpgroup``; the same bits)."""
+    ``epilogue_wg`` (per-channel fp8 codes, or group scales; no codes epilogue; a residual with one gate
+    row per CTA tile): the compute warpgroups stage their products rounded to bf16 (group scales: their
+    float32 sums) in shared memory and go on to the next tile's K loop; a fourth warpgroup scales,
+    biases (adds the gated residual) and stores them meanwhile (``scaled_gemm_body._epilogue_warpgroup``;
+    the same bits). With group scales 'split' becomes the default group mode (168 registers)."""
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
     groups = _groups(sa)
     codes_wg = codes_wg and gelu_codes is not None
-    group_mode = group_mode_for(groups, a.dtype, group_mode or ("split" if codes_wg else None))
+    # a fourth warpgroup leaves the compute warpgroups 168 registers, where 'overlap' spills: 'split'
+    group_mode = group_mode_for(groups, a.dtype, group_mode or ("split" if codes_wg or epilogue_wg else None))
     tile_m0, steps0 = default_tiling(groups)
     tile_m = tile_m0 if tile_m is None else tile_m
     _check_call(a, sa, sw, n_off, n, tile_m, tile_n, residual, gate, gelu_codes)
@@ -261,11 +263,11 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         raise ValueError(f"out_blocks {out_blocks}: the {n} columns must split into whole {tile_n}-wide tiles per "
                          "output, without a residual or codes epilogue")
     prefetch = _check_prefetch(prefetch)
-    if epilogue_wg and (groups > 1 or jnp.dtype(a.dtype) == jnp.dtype(jnp.int8) or gelu_codes is not None
+    if epilogue_wg and ((groups == 1 and jnp.dtype(a.dtype) == jnp.dtype(jnp.int8)) or gelu_codes is not None
                         or (residual is not None and not epilogue_wg_residual_fits(m, gate.shape[0], tile_m))):
-        raise ValueError("epilogue_wg takes per-channel fp8 codes (it stages the product in bf16, the fp8 product's "
-                         "rounding), no codes epilogue, and with a residual one gate row per CTA tile of "
-                         f"{2 * tile_m} rows; call without it")
+        raise ValueError("epilogue_wg takes fp8 codes per channel (it stages the product in bf16, the fp8 product's "
+                         "rounding) or fp8 / int8 with group scales (a float32 stage), no codes epilogue, and with "
+                         f"a residual one gate row per CTA tile of {2 * tile_m} rows; call without it")
     if epilogue_wg and not codes_wg_available():
         raise NotImplementedError("this JAX's Pallas pipeline has no _compute_registers to bound: the epilogue "
                                   "warpgroup cannot be used; call without epilogue_wg")

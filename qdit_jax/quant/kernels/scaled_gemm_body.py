@@ -82,6 +82,12 @@ class Plan:
         return 1 if self.epilogue_wg else 2
 
     @property
+    def stage_dtype(self) -> Any:
+        """What the compute warpgroups hand over: bf16 (the codes warpgroup's biased output, the per-channel
+        epilogue warpgroup's fp8 product) or, to the group epilogue warpgroup, the float32 group sum."""
+        return jnp.float32 if self.epilogue_wg and self.groups > 1 else jnp.bfloat16
+
+    @property
     def acc_dtype(self) -> Any:
         return jnp.int32 if self.int_codes else jnp.float32
 
@@ -424,7 +430,7 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     if plan.epilogue_wg:
-        _stage_product(plan, refs, wg, slot, eval_pipeline)
+        _stage_product(plan, refs, wg, rows, wcols, slot, eval_pipeline)
         return
     ocols = pl.ds(pn * plan.tile_n, plan.tile_n)
     if plan.residual:
@@ -447,12 +453,22 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
     plgpu.barrier_arrive(refs.full.at[slot])
 
 
-def _stage_product(plan: Plan, refs: _Refs, wg: Any, slot: Any, eval_pipeline: Any) -> None:
-    """``plan.epilogue_wg``, a compute warpgroup's side: the K loop, then its product rounded to bf16 (as
-    the XLA path rounds the fp8 product) into the stage once the epilogue warpgroup has handed the slot
-    back, and on to the next tile's K loop."""
+def _stage_product(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, slot: Any, eval_pipeline: Any) -> None:
+    """``plan.epilogue_wg``, a compute warpgroup's side: the K loop, then (per channel) its product rounded
+    to bf16 as the XLA path rounds the fp8 product, or (group scales) the float32 sum of the scaled group
+    products, into the stage once the epilogue warpgroup has handed the slot back; then on to the next
+    tile's K loop."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if plan.groups > 1:
+        parts, _ = _accumulate(plan, refs, wg, rows, wcols, eval_pipeline)
+        width = plan.tile_n // len(parts)
+        plgpu.barrier_wait(refs.empty.at[slot])
+        for j, part in enumerate(parts):
+            refs.stage[slot, wg, :, pl.ds(j * width, width)] = part
+        plgpu.barrier_arrive(refs.full.at[slot])
+        return
 
     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(plan.shape, plan.acc_dtype))
     def p(acc_ref: Any) -> jax.Array:
@@ -498,9 +514,9 @@ def _epilogue_warpgroup(plan: Plan, refs: _Refs) -> None:
         width = pieces[0][3]
 
         def vectors(j: int) -> tuple:
-            """Column part ``j``'s weight scales, bias and (one gate row per CTA tile) gate."""
+            """Column part ``j``'s weight scales (per channel), bias and (one gate row per CTA tile) gate."""
             cols = pl.ds(plan.n_off + pn * plan.tile_n + j * width, width)
-            s_w = plgpu.load(refs.sw.at[cols], (), layout=col_l, optimized=False)
+            s_w = plgpu.load(refs.sw.at[cols], (), layout=col_l, optimized=False) if plan.groups == 1 else None
             gate = _gate_part(plan, refs, pm * plan.cta_m, pn, j, width) if plan.residual else None
             return s_w, _bias_part(plan, refs, pn, j, width), gate
 
@@ -514,8 +530,8 @@ def _epilogue_warpgroup(plan: Plan, refs: _Refs) -> None:
 
         vec = {0: vectors(0)}  # column part 0's vectors and the first residual piece in flight during the K loop
         res_next = residual(pieces[0])
-        s_as = {}  # the row scales of each row block (half, r)
-        for half, r, _, _ in pieces:
+        s_as = {}  # per channel: the row scales of each row block (half, r)
+        for half, r, _, _ in pieces if plan.groups == 1 else ():
             if (half, r) not in s_as:
                 rows = pl.ds(pm * plan.cta_m + half * plan.tile_m + r, EPILOGUE_ROWS)
                 s_as[half, r] = plgpu.load(refs.sa.at[rows], (), layout=row_l, optimized=False)
@@ -529,7 +545,13 @@ def _epilogue_warpgroup(plan: Plan, refs: _Refs) -> None:
             row_block = refs.stage.at[slot, half, pl.ds(r, EPILOGUE_ROWS)]
             view = row_block.at[:, pl.ds(j * width, width)]
             p = plgpu.load(view, (), layout=plgpu.Layout.WGMMA)
-            view[...] = _piece_output(plan, p, s_as[half, r], vec[j], res).astype(plan.out_dtype)
+            y = _piece_output(plan, p, s_as.get((half, r)), vec[j], res).astype(plan.out_dtype)
+            if plan.groups > 1:  # the float32 stage cannot hold bf16 in place: the row block goes via o_smem
+                row_block = refs.o_smem.at[0]
+                if j == 0:  # its previous row block's store has read it
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                view = row_block.at[:, pl.ds(j * width, width)]
+            view[...] = y
             if j == plan.tile_n // width - 1:  # the row block's last part: store it (TMA takes whole swizzled rows)
                 plgpu.commit_smem()
                 _copy_out(plan, refs, row_block, pl.ds(r0, EPILOGUE_ROWS), pn, ocols)
@@ -540,21 +562,26 @@ def _epilogue_warpgroup(plan: Plan, refs: _Refs) -> None:
 def _epilogue_pieces(plan: Plan) -> list[tuple[int, int, int, int]]:
     """The epilogue warpgroup's pieces of a CTA tile, in order: (compute warpgroup half, first row in it,
     column part, part width). Rows by ``EPILOGUE_ROWS`` (a wgmma-layout row block); with a residual the
-    tile's columns in two parts, part-major (each part's scale / bias / gate vectors then held for its
-    pieces only: 16 registers each instead of 32, beside the residual pieces in flight); a row block is
+    tile's columns in two parts, per channel part-major (each part's scale / bias / gate vectors then held
+    for its pieces only: 16 registers each instead of 32, beside the residual pieces in flight), with group
+    scales row-block-major (each row block goes out through the one-row-block ``o_smem``); a row block is
     stored once its last part is written."""
     parts = 2 if plan.residual else 1
     width = plan.tile_n // parts
-    return [(half, r, j, width) for j in range(parts) for half in range(2)
-            for r in range(0, plan.tile_m, EPILOGUE_ROWS)]
+    rows = [(half, r) for half in range(2) for r in range(0, plan.tile_m, EPILOGUE_ROWS)]
+    if plan.groups > 1:
+        return [(half, r, j, width) for half, r in rows for j in range(parts)]
+    return [(half, r, j, width) for j in range(parts) for half, r in rows]
 
 
-def _piece_output(plan: Plan, p: jax.Array, s_a: jax.Array, vec: tuple, res: jax.Array | None) -> jax.Array:
+def _piece_output(plan: Plan, p: jax.Array, s_a: Any, vec: tuple, res: jax.Array | None) -> jax.Array:
     """One piece's output from its bf16 product: ``p * s_a * s_w + b`` in float32 (``_scaled``,
-    ``_biased``), then with a residual ``res + gate * y`` with the model's bf16 roundings (as ``_finish``)."""
+    ``_biased``; group scales: ``p`` is the scaled float32 sum, plus ``b``), then with a residual
+    ``res + gate * y`` with the model's bf16 roundings (as ``_finish``)."""
     s_w, bias, gate = vec
     shape = p.shape
-    y = _scaled(plan, p, s_a, s_w, shape) + lax.broadcast_in_dim(bias, shape, [1])
+    y = p if plan.groups > 1 else _scaled(plan, p, s_a, s_w, shape)  # group sums come scaled
+    y = y + lax.broadcast_in_dim(bias, shape, [1])
     if res is None:
         return y
     y = y.astype(jnp.bfloat16).astype(jnp.float32)
@@ -615,6 +642,20 @@ def _swizzled(dtype: Any) -> tuple:
     return plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)
 
 
+def _output_slots(plan: Plan) -> Any:
+    """The output staging slots: one per compute warpgroup (the codes warpgroup's swizzled, per 64-row
+    half); the per-channel epilogue warpgroup stores from its stage (none), the group one through one
+    swizzled row block (its float32 stage cannot take the bf16 output in place)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if plan.epilogue_wg:
+        if plan.groups == 1:
+            return None
+        return plgpu.SMEM((1, EPILOGUE_ROWS, plan.tile_n), plan.out_dtype, transforms=_swizzled(plan.out_dtype))
+    return plgpu.SMEM((2, plan.tile_m, plan.tile_n), plan.out_dtype,
+                      transforms=_swizzled(plan.out_dtype) if plan.codes_wg else ())
+
+
 def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any, b_gmem: Any, *rest: Any) -> None:
     """The persistent kernel: each CTA (one per SM) loops over its output tiles; with ``plan.codes_wg``
     (``plan.epilogue_wg``) a fourth warpgroup runs :func:`_codes_warpgroup` (:func:`_epilogue_warpgroup`)
@@ -634,13 +675,11 @@ def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any
         *_pipeline_operands(plan, a_gmem, w_gmem, sa_gmem, sw_gmem, 0, 0))
 
     @functools.partial(pl.run_scoped, allocs=allocations,
-                       o_smem=None if plan.epilogue_wg else plgpu.SMEM(
-                           (2, plan.tile_m, plan.tile_n), plan.out_dtype,
-                           transforms=_swizzled(plan.out_dtype) if plan.codes_wg else ()),
+                       o_smem=_output_slots(plan),
                        s_smem=None if plan.gelu_codes is None else plgpu.SMEM((2, plan.tile_m), jnp.float32),
                        r_bar=None if not plan.residual or plan.epilogue_wg else plgpu.Barrier(num_barriers=2),
-                       stage=plgpu.SMEM((plan.stage_slots, 2, plan.tile_m, plan.tile_n), jnp.bfloat16,
-                                        transforms=_swizzled(jnp.bfloat16)) if plan.fourth_wg else None,
+                       stage=plgpu.SMEM((plan.stage_slots, 2, plan.tile_m, plan.tile_n), plan.stage_dtype,
+                                        transforms=_swizzled(plan.stage_dtype)) if plan.fourth_wg else None,
                        full=plgpu.Barrier(num_arrivals=2, num_barriers=plan.stage_slots) if plan.fourth_wg else None,
                        empty=plgpu.Barrier(num_arrivals=1, num_barriers=plan.stage_slots) if plan.fourth_wg else None,
                        collective_axes="wg")

@@ -137,6 +137,33 @@ def test_epilogue_warpgroup_equals_the_default(k, n, blocks, residual):
                            epilogue_wg=True)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.int8])
+@pytest.mark.parametrize("k, n, blocks, residual", [(C, 3 * C, 3, False), (C, C, 1, True), (HIDDEN, C, 1, True)])
+def test_group_epilogue_warpgroup_equals_the_default(k, n, blocks, residual, dtype):
+    """Group-128 with the bias (/ gated residual) epilogue and the store on the fourth warpgroup, the
+    float32 group sums staged in shared memory: the same bits as the compute warpgroups' own epilogue
+    under the same schedule ('split')."""
+    from qdit_jax.quant.kernels.scaled_gemm import codes_wg_available, scaled_gemm_mosaic
+
+    if not codes_wg_available():
+        pytest.skip("this JAX's Pallas pipeline cannot bound the compute warpgroups' registers")
+    r = np.random.default_rng(8)
+    m, g = B * T, k // 128
+    a, w = _random_codes(r, (m, k), dtype), _random_codes(r, (n, k), dtype)
+    sa, sw = (jnp.asarray(r.uniform(0.001, 0.003, (g, v)), jnp.float32) for v in (m, n))
+    b = jnp.asarray(r.standard_normal(n) * 0.1, jnp.float32)
+    res = {}
+    if residual:
+        res = dict(residual=jnp.asarray(r.standard_normal((m, n)) * 4, jnp.bfloat16),
+                   gate=jnp.asarray(r.standard_normal((B, n)) * 0.5, jnp.bfloat16))
+    outs = [jax.tree.leaves(jax.jit(lambda *v, e=e: scaled_gemm_mosaic(*v, out_blocks=blocks, epilogue_wg=e,
+                                                                       group_mode="split", **res))(
+        a, w, sa, sw, b)) for e in (False, True)]
+    assert len(outs[1]) == blocks and np.abs(np.asarray(outs[0][0], np.float32)).max() > 0
+    for got, want in zip(outs[1], outs[0]):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 @pytest.mark.parametrize("prefetch", ["before", "after"])
 def test_prefetched_residual_epilogue_equals_the_default(prefetch):
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from qdit_jax.quant.kernels.scaled_gemm import bf16_gemm_applies, gemm_bf16_xla, scaled_gemm_applies, scaled_gemm_xla
+from qdit_jax.quant.quantizers import QuantSpec
 
 F8 = jnp.float8_e4m3fn
 
@@ -234,8 +235,9 @@ def test_out_blocks_and_prefetch_are_checked():
 
 
 def test_epilogue_warpgroup_is_checked():
-    """The epilogue warpgroup stages the fp8 product in bf16: int8 codes (int32 sums), group scales, or a
-    residual with more than one gate row per 256-row CTA tile are refused with a message naming the option."""
+    """The per-channel epilogue warpgroup stages the fp8 product in bf16: int8 codes (int32 sums) per
+    channel, a residual with more than one gate row per 256-row CTA tile, or a codes epilogue are refused
+    with a message naming the option (group scales, fp8 or int8, stage a float32 sum: allowed)."""
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
 
     f8 = (jnp.zeros((256, 256), F8), jnp.zeros((256, 256), F8))
@@ -243,6 +245,7 @@ def test_epilogue_warpgroup_is_checked():
     per_channel, groups = (jnp.ones((256,)), jnp.ones((256,))), (jnp.ones((2, 256)), jnp.ones((2, 256)))
     # a gate row per 128 rows: the two warpgroups' halves of a 256-row tile would take different gates
     res = dict(residual=jnp.zeros((256, 256), jnp.bfloat16), gate=jnp.zeros((2, 256), jnp.bfloat16))
-    for codes, scales, kw in ((i8, per_channel, {}), (f8, groups, {}), (f8, per_channel, res)):
-        with pytest.raises(ValueError, match="epilogue_wg takes per-channel fp8 codes"):
-            scaled_gemm_mosaic(*codes, *scales, None, epilogue_wg=True, **kw)
+    codes = dict(gelu_codes=QuantSpec(bits=8, format="fp8_e4m3", group_size=128, symmetric=True))
+    for ops, scales, kw in ((i8, per_channel, {}), (f8, per_channel, res), (f8, groups, codes)):
+        with pytest.raises(ValueError, match="epilogue_wg takes fp8 codes per channel"):
+            scaled_gemm_mosaic(*ops, *scales, None, epilogue_wg=True, **kw)

@@ -61,6 +61,8 @@ CASES = {
     "fp8 per channel, epilogue warpgroup": (F8, C, 4 * C, 1, dict(epilogue_wg=True)),
     "fp8 per channel, three outputs, epilogue warpgroup": (F8, C, 6 * C, 1, dict(out_blocks=3, epilogue_wg=True)),
     "fp8 per channel + residual, epilogue warpgroup": (F8, 4 * C, C, 1, dict(residual=True, epilogue_wg=True)),
+    "fp8 group-128 three outputs, epilogue warpgroup": (F8, C, 6 * C, 2, dict(out_blocks=3, epilogue_wg=True)),
+    "int8 group-128 + residual, epilogue warpgroup": (jnp.int8, 4 * C, C, 8, dict(residual=True, epilogue_wg=True)),
 }
 
 
