@@ -408,9 +408,9 @@ MOSAIC_FORMS = ("128x128x3", "128x128x3:nochain", "128x128x4")
 
 def _patched_epilogue(kind: str):
     """A context patching ``scaled_gemm_body`` for the ``epidiag`` diagnostics: 'noscale' leaves the
-    per-channel scale / bias arithmetic out (the product rounded to bf16 and stored), 'nostore' also the
-    TMA store to global memory (the SMEM store stays). The jitted kernel is retraced inside
-    (``jax.clear_caches``), and again after."""
+    per-channel scale / bias arithmetic out (the product rounded to bf16 and stored; on the fourth
+    warpgroup only the scaling, the bias stays), 'nostore' also the TMA store to global memory (the SMEM
+    store stays). The jitted kernel is retraced inside (``jax.clear_caches``), and again after."""
     import contextlib
 
     from qdit_jax.quant.kernels import scaled_gemm_body as body

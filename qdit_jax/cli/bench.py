@@ -114,15 +114,16 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     # warpgroup (RealOptions.fc1_kernel on)
     "real-fp8-noepi": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
                        "xla-noepi"),
-    # group-wise qkv / proj / fc2 GEMMs' epilogue on the kernel's fourth warpgroup (RealOptions.epilogue_wg=True)
-    "real-fp8-g128-epi": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
-                               fmt="fp8_e4m3"), "real", "auto-epi"),
-    "real-w8a8-g128-epi": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
-                           "auto-epi"),
     "real-fp8-noresepi": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"),
                           "real", "xla-noresepi"),
     "real-fp8-fc1k": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
                       "xla-fc1k"),
+    # group-wise q, k, v and fc2 + residual GEMMs' epilogue on the kernel's fourth warpgroup too
+    # (RealOptions.epilogue_wg=True)
+    "real-fp8-g128-epi": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
+                               fmt="fp8_e4m3"), "real", "auto-epi"),
+    "real-w8a8-g128-epi": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
+                           "auto-epi"),
     # proj / fc2 from cuBLAS + XLA's epilogue-and-residual pass instead of scaled_gemm with the gated
     # residual in its epilogue (RealOptions.residual_kernel, on by default)
     "real-fp8-nores": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
@@ -269,8 +270,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # scaled_gemm for group-wise layers), -nogelue (group-wise fc1 with a bf16 output, then gelu_quant),
     # -wg / -nowg (fc1's codes epilogue on the kernel's fourth warpgroup or not), -noepi (per-channel fp8
     # epilogues in the compute warpgroups; -noresepi: fc2's residual epilogue only; -epi: group-wise
-    # layers' epilogue on the fourth warpgroup too), -fc1k (per-channel
-    # fp8 fc1 on the Mosaic GEMM), -gmMODE (the group GEMM's schedule, kernels.scaled_gemm.GROUP_MODES),
+    # layers' epilogue on the fourth warpgroup too), -fc1k (per-channel fp8 fc1 on the Mosaic GEMM),
+    # -gmMODE (the group GEMM's schedule, kernels.scaled_gemm.GROUP_MODES),
     # -packed (4-bit weights kept packed on the device, RealModel.variables), xla-attn / triton-attn /
     # cudnn-attn (XLA's attention, the Triton kernel's, cuDNN's)
     if "qkv1" in tags:

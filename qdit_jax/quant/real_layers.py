@@ -131,11 +131,13 @@ class RealOptions:
     # None: on for int8 codes (where this JAX's Pallas allows it), off for fp8 (XL/2 on the H100:
     # docs/RESULTS.md, sixteenth session)
     codes_wg: bool | None = None
-    # per-channel fp8 layers on kernels.scaled_gemm (qkv, proj / fc2 with the gated residual; fc1 with
-    # fc1_kernel): the scale / bias (/ gated residual) epilogue and the store on a fourth warpgroup while
-    # the compute warpgroups go on with the next tile's K loop (``epilogue_wg``; the same bits). None: on where this JAX's Pallas allows it. XL/2 at batch 256 on
-    # the H100: q, k, v 458-467 -> 422 us (docs/RESULTS.md, twentieth session). True also puts group-wise
-    # layers' epilogue there (a float32 stage; not yet measured on a GPU)
+    # per-channel fp8 layers on kernels.scaled_gemm (qkv; fc2 with the gated residual, see
+    # residual_epilogue_wg; fc1 with fc1_kernel): the scale / bias (/ gated residual) epilogue and the
+    # store on a fourth warpgroup while the compute warpgroups go on with the next tile's K loop
+    # (``epilogue_wg``; the same bits). None: on where this JAX's Pallas allows it. XL/2 at batch 256 on
+    # the H100: q, k, v 458-467 -> 415-422 us, fc2 + residual 560 -> 515, the fp8 forward 1.40x -> 1.43-1.45x
+    # bf16 (docs/RESULTS.md, twentieth session). True also puts group-wise layers' epilogue there (a
+    # float32 stage): bit-equal, but slower for fp8 and within noise for int8's forward (same session)
     epilogue_wg: bool | None = None
     # with epilogue_wg, also the gated residual GEMMs whose K is long enough (RESIDUAL_EPILOGUE_WG_MIN_K:
     # DiT's fc2, not proj)
@@ -390,7 +392,8 @@ def codes_warpgroup(options: RealOptions, codes: Any) -> bool:
 def epilogue_warpgroup(options: RealOptions, codes: Any, groups: int = 1) -> bool:
     """Whether a GEMM with these codes and scale groups on kernels.scaled_gemm runs its epilogue on the
     fourth warpgroup: per channel fp8 only (the stage holds the product in bf16, the fp8 product's
-    rounding), by default; with group scales (a float32 stage) only when asked (not yet measured)."""
+    rounding), by default; with group scales (a float32 stage) only when asked (``epilogue_wg=True``: it
+    measured slower for fp8, within noise for int8)."""
     if groups > 1:
         return options.epilogue_wg is True and codes_wg_available()
     if jnp.dtype(codes) != jnp.dtype(jnp.float8_e4m3fn):
@@ -429,7 +432,8 @@ def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource, options: Rea
     g = src.sa.shape[0]
     if not scaled_gemm_applies(m, n, k, src.qa.dtype, src.rw.codes.dtype, groups=g, rows_per_gate=x.shape[1])[0]:
         return None
-    epi = (options.residual_epilogue_wg and k >= RESIDUAL_EPILOGUE_WG_MIN_K and epilogue_warpgroup(options, src.qa.dtype, g)
+    epi = (options.residual_epilogue_wg and k >= RESIDUAL_EPILOGUE_WG_MIN_K
+           and epilogue_warpgroup(options, src.qa.dtype, g)
            and epilogue_wg_residual_fits(m, gate.shape[0], default_tiling(g)[0]))
     y = scaled_gemm_mosaic(src.qa, src.rw.codes, src.sa, src.rw.scale, src.rw.bias, residual=x.reshape(m, n),
                            gate=gate, **_kernel_schedule(options), **({"epilogue_wg": True} if epi else {}))

@@ -12,11 +12,12 @@ output tiles, one pipeline chained across them: ``chained_steps``), warp-special
 warpgroup streams the A and W tiles through a ``steps``-deep pipeline while two compute warpgroups
 run wgmma on 128 rows each), each compute warpgroup applying ``acc * s_a[m] * s_w[n] + b[n]`` in
 registers and storing its tile through its own SMEM slot asynchronously. With a residual, the
-residual tile is copied by TMA into that slot before the K loop and added in the epilogue. Per-channel
-fp8 can instead hand the epilogue to a fourth warpgroup (``epilogue_wg``: the compute warpgroups stage
-the bf16 product and go on with the next tile; the mainloop alone runs as fast as cuBLAS' fp8 GEMM, and
-the epilogue, mostly its global store, was what the tensor cores waited for). The kernel body (K step per
-group mode, tile epilogue, the fourth warpgroups) is ``kernels.scaled_gemm_body``.
+residual tile is copied by TMA into that slot before the K loop and added in the epilogue. The
+epilogue can instead go to a fourth warpgroup (``epilogue_wg``: the compute warpgroups stage the bf16
+fp8 product, or the float32 group sums, and go on with the next tile): per-channel fp8's mainloop alone
+runs as fast as cuBLAS' fp8 GEMM, and the epilogue, mostly its global store, was what the tensor cores
+waited for. The kernel body (K step per group mode, tile epilogue, the fourth warpgroups) is
+``kernels.scaled_gemm_body``.
 
 Group scales (Q-DiT's granularity: weights and activations in 128-channel groups along K): the
 (G, M) x (G, N) scale rows come by TMA with each K step's tiles, each step's product goes into a fresh

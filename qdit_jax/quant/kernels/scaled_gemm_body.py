@@ -45,7 +45,7 @@ class Plan:
     w_kn: bool = False  # weights stored (K, N) (a Flax Dense kernel; bf16 only), else (N, K)
     prefetch: str | None = None  # the epilogue's vectors loaded 'before' the K loop or 'after' it in one batch
     out_blocks: int = 1  # outputs: the n columns as this many (M, n / out_blocks) arrays (q, k, v in one call)
-    epilogue_wg: bool = False  # per-channel fp8: scales, bias and store on a fourth warpgroup (``_epilogue_warpgroup``)
+    epilogue_wg: bool = False  # the epilogue (scales, bias, residual) and store on a fourth warpgroup (``_epilogue_warpgroup``)
 
     @property
     def tile_k(self) -> int:
@@ -76,9 +76,10 @@ class Plan:
 
     @property
     def stage_slots(self) -> int:
-        """Slots of the bf16 stage the compute warpgroups hand their tiles over in: two for the codes
-        warpgroup's 64-row tiles; one 256 x 128 slot for the epilogue warpgroup (two do not fit beside a
-        3-deep pipeline: 144 KB + 2 x 64 KB > 227 KB), which it hands back once its stores have read it."""
+        """Slots of the stage the compute warpgroups hand their tiles over in: two for the codes warpgroup's
+        64-row tiles; one CTA tile (64 KB: 256 x 128 bf16, or 128 x 128 float32 group sums) for the epilogue
+        warpgroup (two do not fit beside the pipeline: 144 KB + 2 x 64 KB > 227 KB per channel), which it
+        hands back once its stores have read it."""
         return 1 if self.epilogue_wg else 2
 
     @property
@@ -112,11 +113,11 @@ class _Refs(NamedTuple):
     out: Any  # the output, or ``plan.out_blocks`` of them
     out_scales: Any  # the codes epilogue's (n // tile_n, M) scales, or None
     o_smem: Any  # (2, tile_m, tile_n): one output slot per compute warpgroup (codes warpgroup: per 64-row half;
-    # epilogue warpgroup: None, it stores from ``stage``)
+    # epilogue warpgroup: None, it stores from ``stage``; with group scales one 64-row block: ``_output_slots``)
     s_smem: Any
     r_bar: Any  # residual-tile barriers, one per warpgroup
-    stage: Any = None  # fourth warpgroup: (slots, 2 warpgroups, tile_m, tile_n) bf16, the biased output (codes
-    # warpgroup) or the product rounded to bf16 (epilogue warpgroup)
+    stage: Any = None  # fourth warpgroup: (slots, 2 warpgroups, tile_m, tile_n), the biased output in bf16 (codes
+    # warpgroup), the product rounded to bf16 or the float32 group sums (epilogue warpgroup)
     full: Any = None  # fourth warpgroup: per stage slot, both compute warpgroups have staged their rows
     empty: Any = None  # fourth warpgroup: per stage slot, the fourth warpgroup is done with it
 
@@ -425,7 +426,8 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
     """One output tile of this warpgroup: the residual tile's copy issued first (by TMA into the
     warpgroup's output slot once its previous store has read it, so that it lands during the K loop),
     then the K loop, then :func:`_finish`; with ``plan.codes_wg`` the biased output is staged in bf16 (the
-    GELU's first rounding) in stage slot ``slot`` for :func:`_codes_warpgroup` instead."""
+    GELU's first rounding) in stage slot ``slot`` for :func:`_codes_warpgroup` instead; with
+    ``plan.epilogue_wg`` the product (:func:`_stage_product`) for :func:`_epilogue_warpgroup`."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -487,15 +489,15 @@ EPILOGUE_ROWS = 64
 
 
 def _epilogue_warpgroup(plan: Plan, refs: _Refs) -> None:
-    """The fourth warpgroup of ``plan.epilogue_wg`` (per-channel fp8): for each of the CTA's tiles, in the
-    compute warpgroups' order, load the column vectors, wait until both compute warpgroups have staged
-    their bf16 products, then piece by piece (``_epilogue_pieces``) scale and bias them (the same float32
-    steps as the compute warpgroups' own epilogue, so the same bits), add the gated residual if any
-    (read from global memory into registers, a piece ahead), write the piece back in place and store
-    each row block by TMA once written; hand the slot back once the stores have read it. All while the compute warpgroups run the
-    next tile's K loop: in the three-warpgroup kernel the tensor cores wait for the epilogue (q, k, v at
-    XL/2's batch 256: 458 us with it, 357 without its arithmetic and store; docs/RESULTS.md, twentieth
-    session)."""
+    """The fourth warpgroup of ``plan.epilogue_wg``: for each of the CTA's tiles, in the compute
+    warpgroups' order, load the column vectors, wait until both compute warpgroups have staged their bf16
+    products (group scales: float32 sums), then piece by piece (``_epilogue_pieces``) scale and bias them
+    (the same float32 steps as the compute warpgroups' own epilogue, so the same bits), add the gated
+    residual if any (read from global memory into registers, a piece ahead), write the piece back in
+    place (group scales: into ``o_smem``) and store each row block by TMA once written; hand the slot back
+    once the stores have read it. All while the compute warpgroups run the next tile's K loop: in the
+    three-warpgroup kernel the tensor cores wait for the epilogue (per-channel fp8 q, k, v at XL/2's batch
+    256: 458 us with it, 357 without its arithmetic and store; docs/RESULTS.md, twentieth session)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
