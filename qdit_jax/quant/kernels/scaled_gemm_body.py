@@ -498,67 +498,62 @@ def _epilogue_warpgroup(plan: Plan, refs: _Refs) -> None:
     once the stores have read it. All while the compute warpgroups run the next tile's K loop: in the
     three-warpgroup kernel the tensor cores wait for the epilogue (per-channel fp8 q, k, v at XL/2's batch
     256: 458 us with it, 357 without its arithmetic and store; docs/RESULTS.md, twentieth session)."""
+    _fourth_warpgroup(plan, refs, functools.partial(_epilogue_tile, plan, refs))
+
+
+def _epilogue_tile(plan: Plan, refs: _Refs, pm: Any, pn: Any, slot: Any, ocols: Any) -> None:
+    """:func:`_epilogue_warpgroup`'s work on CTA tile (pm, pn) from stage slot ``slot``."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    plgpu.set_max_registers(CODES_WG_REGISTERS[1], action="increase")
-    for b in range(plan.stage_slots):  # every slot starts empty
-        plgpu.barrier_arrive(refs.empty.at[b])
     row_l, col_l = _layouts()
+    pieces = _epilogue_pieces(plan)
+    width = pieces[0][3]
 
-    @plgpu.nd_loop((plan.m_tiles * plan.n_tiles,), collective_axes="sm")
-    def tile(info: Any) -> None:
-        (lin,) = info.index
-        pm, pn = lin // plan.n_tiles, lin % plan.n_tiles
-        slot = info.local_index % plan.stage_slots
-        ocols = pl.ds(pn * plan.tile_n, plan.tile_n)
-        pieces = _epilogue_pieces(plan)
-        width = pieces[0][3]
+    def vectors(j: int) -> tuple:
+        """Column part ``j``'s weight scales (per channel), bias and (one gate row per CTA tile) gate."""
+        cols = pl.ds(plan.n_off + pn * plan.tile_n + j * width, width)
+        s_w = plgpu.load(refs.sw.at[cols], (), layout=col_l, optimized=False) if plan.groups == 1 else None
+        gate = _gate_part(plan, refs, pm * plan.cta_m, pn, j, width) if plan.residual else None
+        return s_w, _bias_part(plan, refs, pn, j, width), gate
 
-        def vectors(j: int) -> tuple:
-            """Column part ``j``'s weight scales (per channel), bias and (one gate row per CTA tile) gate."""
-            cols = pl.ds(plan.n_off + pn * plan.tile_n + j * width, width)
-            s_w = plgpu.load(refs.sw.at[cols], (), layout=col_l, optimized=False) if plan.groups == 1 else None
-            gate = _gate_part(plan, refs, pm * plan.cta_m, pn, j, width) if plan.residual else None
-            return s_w, _bias_part(plan, refs, pn, j, width), gate
+    def residual(piece: tuple) -> jax.Array | None:
+        half, r, j, _ = piece
+        if not plan.residual:
+            return None
+        rows = pl.ds(pm * plan.cta_m + half * plan.tile_m + r, EPILOGUE_ROWS)
+        return plgpu.load(refs.residual.at[rows, pl.ds(pn * plan.tile_n + j * width, width)], (),
+                          layout=plgpu.Layout.WGMMA, optimized=False)
 
-        def residual(piece: tuple) -> jax.Array | None:
-            half, r, j, _ = piece
-            if not plan.residual:
-                return None
+    vec = {0: vectors(0)}  # column part 0's vectors and the first residual piece in flight during the K loop
+    res_next = residual(pieces[0])
+    s_as = {}  # per channel: the row scales of each row block (half, r)
+    for half, r, _, _ in pieces if plan.groups == 1 else ():
+        if (half, r) not in s_as:
             rows = pl.ds(pm * plan.cta_m + half * plan.tile_m + r, EPILOGUE_ROWS)
-            return plgpu.load(refs.residual.at[rows, pl.ds(pn * plan.tile_n + j * width, width)], (),
-                              layout=plgpu.Layout.WGMMA, optimized=False)
-
-        vec = {0: vectors(0)}  # column part 0's vectors and the first residual piece in flight during the K loop
-        res_next = residual(pieces[0])
-        s_as = {}  # per channel: the row scales of each row block (half, r)
-        for half, r, _, _ in pieces if plan.groups == 1 else ():
-            if (half, r) not in s_as:
-                rows = pl.ds(pm * plan.cta_m + half * plan.tile_m + r, EPILOGUE_ROWS)
-                s_as[half, r] = plgpu.load(refs.sa.at[rows], (), layout=row_l, optimized=False)
-        plgpu.barrier_wait(refs.full.at[slot])
-        for i, piece in enumerate(pieces):
-            half, r, j, _ = piece
-            if j not in vec:
-                vec[j] = vectors(j)
-            res, res_next = res_next, residual(pieces[i + 1]) if i + 1 < len(pieces) else None
-            r0 = pm * plan.cta_m + half * plan.tile_m + r
-            row_block = refs.stage.at[slot, half, pl.ds(r, EPILOGUE_ROWS)]
+            s_as[half, r] = plgpu.load(refs.sa.at[rows], (), layout=row_l, optimized=False)
+    plgpu.barrier_wait(refs.full.at[slot])
+    for i, piece in enumerate(pieces):
+        half, r, j, _ = piece
+        if j not in vec:
+            vec[j] = vectors(j)
+        res, res_next = res_next, residual(pieces[i + 1]) if i + 1 < len(pieces) else None
+        r0 = pm * plan.cta_m + half * plan.tile_m + r
+        row_block = refs.stage.at[slot, half, pl.ds(r, EPILOGUE_ROWS)]
+        view = row_block.at[:, pl.ds(j * width, width)]
+        p = plgpu.load(view, (), layout=plgpu.Layout.WGMMA)
+        y = _piece_output(plan, p, s_as.get((half, r)), vec[j], res).astype(plan.out_dtype)
+        if plan.groups > 1:  # the float32 stage cannot hold bf16 in place: the row block goes via o_smem
+            row_block = refs.o_smem.at[0]
+            if j == 0:  # its previous row block's store has read it
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             view = row_block.at[:, pl.ds(j * width, width)]
-            p = plgpu.load(view, (), layout=plgpu.Layout.WGMMA)
-            y = _piece_output(plan, p, s_as.get((half, r)), vec[j], res).astype(plan.out_dtype)
-            if plan.groups > 1:  # the float32 stage cannot hold bf16 in place: the row block goes via o_smem
-                row_block = refs.o_smem.at[0]
-                if j == 0:  # its previous row block's store has read it
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                view = row_block.at[:, pl.ds(j * width, width)]
-            view[...] = y
-            if j == plan.tile_n // width - 1:  # the row block's last part: store it (TMA takes whole swizzled rows)
-                plgpu.commit_smem()
-                _copy_out(plan, refs, row_block, pl.ds(r0, EPILOGUE_ROWS), pn, ocols)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        plgpu.barrier_arrive(refs.empty.at[slot])
+        view[...] = y
+        if j == plan.tile_n // width - 1:  # the row block's last part: store it (TMA takes whole swizzled rows)
+            plgpu.commit_smem()
+            _copy_out(plan, refs, row_block, pl.ds(r0, EPILOGUE_ROWS), pn, ocols)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    plgpu.barrier_arrive(refs.empty.at[slot])
 
 
 def _epilogue_pieces(plan: Plan) -> list[tuple[int, int, int, int]]:
@@ -608,32 +603,44 @@ def _codes_warpgroup(plan: Plan, refs: _Refs) -> None:
     (``gelu_group_codes``, both halves in one go for the instruction-level parallelism), and store the
     codes and the scales by TMA; all while the compute warpgroups run the next tile's K loop, where in
     the immediate epilogue the tensor cores wait for it."""
+    _fourth_warpgroup(plan, refs, functools.partial(_codes_tile, plan, refs))
+
+
+def _codes_tile(plan: Plan, refs: _Refs, pm: Any, pn: Any, slot: Any, ocols: Any) -> None:
+    """:func:`_codes_warpgroup`'s work on CTA tile (pm, pn) from stage slot ``slot``."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    plgpu.barrier_wait(refs.full.at[slot])
+    ys = [plgpu.load(refs.stage.at[slot, half], (), layout=plgpu.Layout.WGMMA) for half in range(2)]
+    plgpu.barrier_arrive(refs.empty.at[slot])
+    res = [gelu_group_codes([y.astype(jnp.float32)], plan.gelu_codes) for y in ys]
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read o_smem / s_smem
+    for half, (s_g, (q,)) in enumerate(res):
+        refs.o_smem[half] = q.astype(plan.out_dtype)
+        refs.s_smem[half] = s_g
+    plgpu.commit_smem()
+    for half in range(2):
+        rows = pl.ds(pm * plan.cta_m + half * plan.tile_m, plan.tile_m)
+        plgpu.copy_smem_to_gmem(refs.o_smem.at[half], refs.out.at[rows, ocols])
+        plgpu.copy_smem_to_gmem(refs.s_smem.at[half], refs.out_scales.at[pn, rows])
+
+
+def _fourth_warpgroup(plan: Plan, refs: _Refs, tile_body: Any) -> None:
+    """A fourth warpgroup's frame: its register request, every stage slot handed over empty, then
+    ``tile_body(pm, pn, slot, ocols)`` for each of the CTA's tiles in the compute warpgroups' order."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     plgpu.set_max_registers(CODES_WG_REGISTERS[1], action="increase")
-    for b in range(2):  # both slots start empty
+    for b in range(plan.stage_slots):  # every slot starts empty
         plgpu.barrier_arrive(refs.empty.at[b])
 
     @plgpu.nd_loop((plan.m_tiles * plan.n_tiles,), collective_axes="sm")
     def tile(info: Any) -> None:
         (lin,) = info.index
         pm, pn = lin // plan.n_tiles, lin % plan.n_tiles
-        slot = info.local_index % plan.stage_slots
-        ocols = pl.ds(pn * plan.tile_n, plan.tile_n)
-        plgpu.barrier_wait(refs.full.at[slot])
-        ys = [plgpu.load(refs.stage.at[slot, half], (), layout=plgpu.Layout.WGMMA) for half in range(2)]
-        plgpu.barrier_arrive(refs.empty.at[slot])
-        res = [gelu_group_codes([y.astype(jnp.float32)], plan.gelu_codes) for y in ys]
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read o_smem / s_smem
-        for half, (s_g, (q,)) in enumerate(res):
-            refs.o_smem[half] = q.astype(plan.out_dtype)
-            refs.s_smem[half] = s_g
-        plgpu.commit_smem()
-        for half in range(2):
-            rows = pl.ds(pm * plan.cta_m + half * plan.tile_m, plan.tile_m)
-            plgpu.copy_smem_to_gmem(refs.o_smem.at[half], refs.out.at[rows, ocols])
-            plgpu.copy_smem_to_gmem(refs.s_smem.at[half], refs.out_scales.at[pn, rows])
+        tile_body(pm, pn, info.local_index % plan.stage_slots, pl.ds(pn * plan.tile_n, plan.tile_n))
 
 
 def _swizzled(dtype: Any) -> tuple:
