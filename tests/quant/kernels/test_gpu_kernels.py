@@ -107,34 +107,36 @@ def test_one_call_for_three_outputs_equals_three_calls(dtype, groups):
             np.testing.assert_array_equal(np.asarray(g, np.float32), v)
 
 
+def _assert_epilogue_warpgroup_equal(seed: int, k: int, n: int, blocks: int, residual: bool, dtype, groups: int,
+                                     **kw) -> None:
+    """The kernel with ``epilogue_wg`` against the same call without it, on random codes: bit-equal."""
+    from qdit_jax.quant.kernels.scaled_gemm import codes_wg_available, scaled_gemm_mosaic
+
+    if not codes_wg_available():
+        pytest.skip("this JAX's Pallas pipeline cannot bound the compute warpgroups' registers")
+    r = np.random.default_rng(seed)
+    m = B * T
+    a, w = _random_codes(r, (m, k), dtype), _random_codes(r, (n, k), dtype)
+    sa, sw = (jnp.asarray(r.uniform(0.001, 0.003, (v,) if groups == 1 else (groups, v)), jnp.float32) for v in (m, n))
+    b = jnp.asarray(r.standard_normal(n) * 0.1, jnp.float32)
+    if residual:
+        kw.update(residual=jnp.asarray(r.standard_normal((m, n)) * 4, jnp.bfloat16),
+                  gate=jnp.asarray(r.standard_normal((B, n)) * 0.5, jnp.bfloat16))
+    outs = [jax.tree.leaves(jax.jit(lambda *v, e=e: scaled_gemm_mosaic(*v, out_blocks=blocks, epilogue_wg=e, **kw))(
+        a, w, sa, sw, b)) for e in (False, True)]
+    assert len(outs[1]) == blocks and np.abs(np.asarray(outs[0][0], np.float32)).max() > 0
+    for got, want in zip(outs[1], outs[0]):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 @pytest.mark.parametrize("k, n, blocks, residual", [(C, 3 * C, 3, False), (C, HIDDEN, 1, False), (HIDDEN, C, 1, False),
                                                      (C, C, 1, True), (HIDDEN, C, 1, True)])
 def test_epilogue_warpgroup_equals_the_default(k, n, blocks, residual):
     """Per-channel fp8 with the scale / bias (/ gated residual) epilogue and the store on the fourth
     warpgroup (``epilogue_wg``): the same bits as the compute warpgroups' own epilogue, for q, k, v in
-    one call, at fc1's shape, and at proj's / fc2's with and without the residual; and the guard refuses
-    int8 codes."""
-    from qdit_jax.quant.kernels.scaled_gemm import codes_wg_available, scaled_gemm_mosaic
-
-    if not codes_wg_available():
-        pytest.skip("this JAX's Pallas pipeline cannot bound the compute warpgroups' registers")
-    r = np.random.default_rng(7)
-    m, dtype = B * T, jnp.float8_e4m3fn
-    a, w = _random_codes(r, (m, k), dtype), _random_codes(r, (n, k), dtype)
-    sa, sw = (jnp.asarray(r.uniform(0.001, 0.003, (v,)), jnp.float32) for v in (m, n))
-    b = jnp.asarray(r.standard_normal(n) * 0.1, jnp.float32)
-    res = {}
-    if residual:
-        res = dict(residual=jnp.asarray(r.standard_normal((m, n)) * 4, jnp.bfloat16),
-                   gate=jnp.asarray(r.standard_normal((B, n)) * 0.5, jnp.bfloat16))
-    outs = [jax.tree.leaves(jax.jit(lambda *v, e=e: scaled_gemm_mosaic(*v, out_blocks=blocks, epilogue_wg=e, **res))(
-        a, w, sa, sw, b)) for e in (False, True)]
-    assert len(outs[1]) == blocks and np.abs(np.asarray(outs[0][0], np.float32)).max() > 0
-    for got, want in zip(outs[1], outs[0]):
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-    with pytest.raises(ValueError, match="epilogue_wg"):
-        scaled_gemm_mosaic(a.astype(jnp.float32).astype(jnp.int8), w.astype(jnp.float32).astype(jnp.int8), sa, sw, b,
-                           epilogue_wg=True)
+    one call, at fc1's shape, and at proj's / fc2's with and without the residual (the guard refusing
+    int8 per channel: test_scaled_gemm.py)."""
+    _assert_epilogue_warpgroup_equal(7, k, n, blocks, residual, jnp.float8_e4m3fn, 1)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.int8])
@@ -143,25 +145,7 @@ def test_group_epilogue_warpgroup_equals_the_default(k, n, blocks, residual, dty
     """Group-128 with the bias (/ gated residual) epilogue and the store on the fourth warpgroup, the
     float32 group sums staged in shared memory: the same bits as the compute warpgroups' own epilogue
     under the same schedule ('split')."""
-    from qdit_jax.quant.kernels.scaled_gemm import codes_wg_available, scaled_gemm_mosaic
-
-    if not codes_wg_available():
-        pytest.skip("this JAX's Pallas pipeline cannot bound the compute warpgroups' registers")
-    r = np.random.default_rng(8)
-    m, g = B * T, k // 128
-    a, w = _random_codes(r, (m, k), dtype), _random_codes(r, (n, k), dtype)
-    sa, sw = (jnp.asarray(r.uniform(0.001, 0.003, (g, v)), jnp.float32) for v in (m, n))
-    b = jnp.asarray(r.standard_normal(n) * 0.1, jnp.float32)
-    res = {}
-    if residual:
-        res = dict(residual=jnp.asarray(r.standard_normal((m, n)) * 4, jnp.bfloat16),
-                   gate=jnp.asarray(r.standard_normal((B, n)) * 0.5, jnp.bfloat16))
-    outs = [jax.tree.leaves(jax.jit(lambda *v, e=e: scaled_gemm_mosaic(*v, out_blocks=blocks, epilogue_wg=e,
-                                                                       group_mode="split", **res))(
-        a, w, sa, sw, b)) for e in (False, True)]
-    assert len(outs[1]) == blocks and np.abs(np.asarray(outs[0][0], np.float32)).max() > 0
-    for got, want in zip(outs[1], outs[0]):
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    _assert_epilogue_warpgroup_equal(8, k, n, blocks, residual, dtype, k // 128, group_mode="split")
 
 
 @pytest.mark.parametrize("prefetch", ["before", "after"])
