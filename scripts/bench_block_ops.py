@@ -104,7 +104,7 @@ def main() -> None:
                    help="qkvgemm / resgemm: the Mosaic GEMM's forms (see _mosaic_form)")
     p.add_argument("--epidiag-kinds", nargs="+", default=["default", "epi", "default+noscale", "default+nostore"],
                    help="epidiag: the kernel ('default', or 'epi': epilogue_wg), then +noscale / +nostore "
-                        "for the diagnostics (see _patched_epilogue)")
+                        "for the diagnostics or +splitstore (see _patched_epilogue)")
     p.add_argument("--normq-forms", nargs="+", default=["1x128x2", "1x128x1", "1x64x1", "1x128x4", "4x128x4", "2x128x2"],
                    help="normq: rows x chunk x warps")
     p.add_argument("--fc2in-forms", nargs="+", default=list(FC2IN_FORMS),
@@ -410,7 +410,10 @@ def _patched_epilogue(kind: str):
     """A context patching ``scaled_gemm_body`` for the ``epidiag`` diagnostics: 'noscale' leaves the
     per-channel scale / bias arithmetic out (the product rounded to bf16 and stored; on the fourth
     warpgroup only the scaling, the bias stays), 'nostore' also the TMA store to global memory (the SMEM
-    store stays). The jitted kernel is retraced inside (``jax.clear_caches``), and again after."""
+    store stays); 'splitstore' (a schedule, outputs unchanged) issues each TMA store as 32-row pieces
+    back to back: whether the store's cost is its size or its timing (the fourth warpgroup's 64-row
+    pieces, spread over its arithmetic, paid). The jitted kernel is retraced inside
+    (``jax.clear_caches``), and again after."""
     import contextlib
 
     from qdit_jax.quant.kernels import scaled_gemm_body as body
@@ -419,7 +422,15 @@ def _patched_epilogue(kind: str):
     def ctx():
         from jax.experimental.pallas import mosaic_gpu as plgpu
 
-        saved, copy = (body._scaled, body._biased), plgpu.copy_smem_to_gmem
+        saved, copy = (body._scaled, body._biased, body._copy_out), plgpu.copy_smem_to_gmem
+        if kind == "splitstore":
+            from jax.experimental import pallas as pl
+
+            def split_copy(plan, refs, src, rows, pn, ocols):
+                for r in range(0, src.shape[0], 32):
+                    saved[2](plan, refs, src.at[pl.ds(r, 32)], pl.ds(rows.start + r, 32), pn, ocols)
+
+            body._copy_out = split_copy
         if kind in ("noscale", "nostore"):
             body._scaled = lambda plan, p, s_a, s_w, shape=None: p.astype(jnp.float32)
             body._biased = lambda plan, refs, pn, parts, vec=None: parts
@@ -429,7 +440,7 @@ def _patched_epilogue(kind: str):
         try:
             yield
         finally:
-            body._scaled, body._biased = saved
+            body._scaled, body._biased, body._copy_out = saved
             plgpu.copy_smem_to_gmem = copy
             jax.clear_caches()
 
@@ -474,8 +485,11 @@ def epilogue_diagnostic(a, rng) -> None:
 
 
 def group_epilogue_forms(a, rng) -> None:
-    """Group-128 fp8 / int8 GEMMs with the epilogue in the compute warpgroups ('split', fp8's default) or
-    on the fourth warpgroup (``epilogue_wg``): q, k, v (one call), proj and fc2 with the gated residual."""
+    """Group-128 fp8 / int8 GEMMs with the epilogue in the compute warpgroups ('split', fp8's default;
+    the default schedule also with its TMA stores in 32-row pieces) or on the fourth warpgroup
+    (``epilogue_wg``): q, k, v (one call), proj and fc2 with the gated residual."""
+    import contextlib
+
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
 
     m = a.batch * a.tokens
@@ -494,11 +508,14 @@ def group_epilogue_forms(a, rng) -> None:
                 res = dict(residual=jnp.asarray(rng.standard_normal((m, n)) * 4, jnp.bfloat16),
                            gate=jnp.asarray(rng.standard_normal((a.batch, n)) * 0.5, jnp.bfloat16))
             ref = None
-            for mode, epi in (("split", False), (None, False), ("split", True)):
+            for mode, epi, patch in (("split", False, None), (None, False, None), ("split", True, None),
+                                     (None, False, "splitstore")):
                 fn = jax.jit(lambda qa, w, sa, sw, b, mode=mode, epi=epi: scaled_gemm_mosaic(
                     qa, w, sa, sw, b, out_blocks=blocks, group_mode=mode, epilogue_wg=epi, **res))
-                label = f"groupepi {jnp.dtype(dtype).name} {name}: {mode or 'default'}{' + epilogue_wg' if epi else ''}"
-                out = run_timed(label, fn, (qa, w, sa, sw, b), a.repeats)
+                label = (f"groupepi {jnp.dtype(dtype).name} {name}: {mode or 'default'}"
+                         f"{' + epilogue_wg' if epi else ''}{' + ' + patch if patch else ''}")
+                with _patched_epilogue(patch) if patch else contextlib.nullcontext():
+                    out = run_timed(label, fn, (qa, w, sa, sw, b), a.repeats)
                 if out is None:
                     continue
                 got = np.concatenate([np.asarray(o.astype(jnp.float32)) for o in jax.tree.leaves(out[0])], axis=1)
