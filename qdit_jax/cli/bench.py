@@ -36,6 +36,8 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     # the gated residuals as XLA passes after cuBLAS' proj / fc2 (the default since the eighteenth
     # session puts them in a Mosaic GEMM's epilogue on Hopper: quant.fused_float)
     "bf16-xla-res": (None, "fp", "xlares"),
+    # the gated residual GEMMs' epilogue on the kernel's fourth warpgroup (fused_float_apply_fn(epilogue_wg=True))
+    "bf16-epi": (None, "fp", "epi"),
     "fake-w8a8-g128": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "fake", ""),
     "real-w8a8": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla"),
     "real-w8a8-pallas": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "pallas"),
@@ -281,7 +283,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
 
         attn = {"xla-attn": "xla", "triton-attn": "triton", "cudnn-attn": "cudnn"}.get(backend)
         fcfg = cfg.replace(attention=attn) if attn else cfg
-        fn = fused_float_apply_fn(fcfg, "xla" if "xlares" in tags else "auto")
+        fn = fused_float_apply_fn(fcfg, "xla" if "xlares" in tags else "auto", epilogue_wg="epi" in tags)
         return fn, with_compute_params(params, fcfg), {"checkpoint_bytes": checkpoint_bytes(params)}
     qcfg = QuantConfig(qdit_rules(**rules), name=name)
     if mode == "fake":

@@ -26,7 +26,8 @@ from flax import linen as nn
 
 from qdit_jax.diffusion.pipeline import dit_apply_fn
 from qdit_jax.models.dit import DiT, DiTConfig, GatedResidual, SplitQKVDense
-from qdit_jax.quant.kernels.scaled_gemm import BF16_TILE_K, TILE_M, TILE_N, bf16_gemm_applies, gemm_bf16_mosaic
+from qdit_jax.quant.kernels.scaled_gemm import (BF16_TILE_K, TILE_M, TILE_N, bf16_gemm_applies,
+                                                epilogue_wg_residual_fits, gemm_bf16_mosaic)
 from qdit_jax.quant.real import Traced, call_args
 from qdit_jax.quant.real_layers import residual_mismatch
 
@@ -42,9 +43,11 @@ class DenseSource(NamedTuple):
     bias: jax.Array | None
 
 
-def residual_gemm(x: jax.Array, gate: jax.Array, src: DenseSource, force: bool = False) -> jax.Array | None:
+def residual_gemm(x: jax.Array, gate: jax.Array, src: DenseSource, force: bool = False,
+                  epilogue_wg: bool = False) -> jax.Array | None:
     """``x + gate[:, None] * src.out`` as one bf16 GEMM with the gated residual in its epilogue, or None
-    where the kernel does not apply (``force``: raise instead, naming why)."""
+    where the kernel does not apply (``force``: raise instead, naming why); ``epilogue_wg``: that epilogue
+    on the kernel's fourth warpgroup where one gate row spans a CTA tile (``gemm_bf16_mosaic``)."""
     m, k = src.x2.shape
     n = src.kernel.shape[1]
     why = residual_mismatch(x, gate, src.out, m, n)
@@ -55,12 +58,13 @@ def residual_gemm(x: jax.Array, gate: jax.Array, src: DenseSource, force: bool =
         if force:
             raise ValueError(f"residual_gemm='mosaic': {why}")
         return None
+    epi = epilogue_wg and epilogue_wg_residual_fits(m, gate.shape[0])
     y = gemm_bf16_mosaic(src.x2, src.kernel.astype(jnp.bfloat16), src.bias, residual=x.reshape(m, n), gate=gate,
-                         w_kn=True)
+                         w_kn=True, **({"epilogue_wg": True} if epi else {}))
     return y.reshape(x.shape)
 
 
-def _make_interceptor(force: bool) -> Callable:
+def _make_interceptor(force: bool, epilogue_wg: bool) -> Callable:
     dense_out = Traced()
 
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
@@ -70,7 +74,7 @@ def _make_interceptor(force: bool) -> Callable:
         if type(module) is GatedResidual:
             x, gate, y = call_args(args, kwargs, ("x", "gate", "y"))
             src = dense_out.get(y)
-            out = None if src is None else residual_gemm(x, gate, src, force)
+            out = None if src is None else residual_gemm(x, gate, src, force, epilogue_wg)
             return next_fun(*args, **kwargs) if out is None else out
         out = next_fun(*args, **kwargs)
         if (isinstance(module, nn.Dense) and not isinstance(module, SplitQKVDense) and not kwargs
@@ -85,10 +89,11 @@ def _make_interceptor(force: bool) -> Callable:
 
 
 @contextlib.contextmanager
-def fused_residuals(force: bool = False) -> Iterator[None]:
+def fused_residuals(force: bool = False, epilogue_wg: bool = False) -> Iterator[None]:
     """Within this context, each gated residual fed by a bf16 Dense runs as that Dense's GEMM with the
-    residual in its epilogue where the kernel applies (``force``: everywhere, or a ValueError)."""
-    with nn.intercept_methods(_make_interceptor(force)):
+    residual in its epilogue where the kernel applies (``force``: everywhere, or a ValueError;
+    ``epilogue_wg``: see ``residual_gemm``)."""
+    with nn.intercept_methods(_make_interceptor(force, epilogue_wg)):
         yield
 
 
@@ -97,10 +102,11 @@ def kernel_available() -> bool:
     return bf16_gemm_applies(2 * TILE_M, TILE_N, BF16_TILE_K, rows_per_gate=2 * TILE_M)[0]
 
 
-def fused_float_apply_fn(cfg: DiTConfig, residual_gemm: str = "auto") -> Callable:
+def fused_float_apply_fn(cfg: DiTConfig, residual_gemm: str = "auto", epilogue_wg: bool = False) -> Callable:
     """The float forward as an ``apply_fn(params, x, t, y)``: with ``residual_gemm`` 'auto' the gated
     residuals in the GEMM epilogue where the kernel applies (bf16 on Hopper), 'mosaic' everywhere (an
-    error where it cannot), 'xla' the model as written."""
+    error where it cannot), 'xla' the model as written. ``epilogue_wg``: that epilogue on the kernel's
+    fourth warpgroup (opt-in: built in the twentieth session, not yet measured on a GPU)."""
     if residual_gemm not in RESIDUAL_GEMMS:
         raise ValueError(f"residual_gemm must be one of {RESIDUAL_GEMMS}, got {residual_gemm!r}")
     if residual_gemm == "xla" or (residual_gemm == "auto" and not kernel_available()):
@@ -108,7 +114,7 @@ def fused_float_apply_fn(cfg: DiTConfig, residual_gemm: str = "auto") -> Callabl
     model = DiT(cfg)
 
     def apply_fn(params: Any, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
-        with fused_residuals(force=residual_gemm == "mosaic"):
+        with fused_residuals(force=residual_gemm == "mosaic", epilogue_wg=epilogue_wg):
             return model.apply({"params": params}, x, t, y)
 
     return apply_fn

@@ -66,6 +66,28 @@ def test_every_block_routes_proj_and_fc2_through_the_kernel(monkeypatch):
     assert _rel(got, want) < 2e-2  # bf16 roundings in another order (the model's own bf16 noise)
 
 
+def test_the_epilogue_warpgroup_reaches_the_kernel_where_a_gate_row_spans_a_tile(monkeypatch):
+    """``fused_float_apply_fn(epilogue_wg=True)`` asks the kernel for its fourth warpgroup on every
+    residual GEMM whose gate rows span the CTA tiles, and not where they do not; off by default."""
+    cfg, params, args = _model(depth=2)
+    seen = []
+
+    def stand_in(a, w, bias, *, epilogue_wg=False, **kw):
+        seen.append(epilogue_wg)
+        return gemm_bf16_xla(a, w, bias, **kw)
+
+    monkeypatch.setattr(ff, "bf16_gemm_applies", lambda *a, **k: (True, "ok"))
+    monkeypatch.setattr(ff, "gemm_bf16_mosaic", stand_in)
+    want = np.asarray(jax.jit(ff.fused_float_apply_fn(cfg, "mosaic"))(params, *args))
+    assert seen == [False] * 4
+    for fits in (True, False):
+        seen.clear()
+        monkeypatch.setattr(ff, "epilogue_wg_residual_fits", lambda m, rows, fits=fits: fits)
+        got = np.asarray(jax.jit(ff.fused_float_apply_fn(cfg, "mosaic", epilogue_wg=True))(params, *args))
+        assert seen == [fits] * 4
+        np.testing.assert_array_equal(got, want)  # the stand-in computes the same either way
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Mosaic GPU kernel: Hopper only")
 def test_on_hopper_the_kernel_is_as_close_to_float32_as_the_model():
     """XL/2's width at two blocks: the fused bf16 forward and the bf16 model as written, each against

@@ -264,14 +264,11 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         raise ValueError(f"out_blocks {out_blocks}: the {n} columns must split into whole {tile_n}-wide tiles per "
                          "output, without a residual or codes epilogue")
     prefetch = _check_prefetch(prefetch)
-    if epilogue_wg and ((groups == 1 and jnp.dtype(a.dtype) == jnp.dtype(jnp.int8)) or gelu_codes is not None
-                        or (residual is not None and not epilogue_wg_residual_fits(m, gate.shape[0], tile_m))):
+    if epilogue_wg and ((groups == 1 and jnp.dtype(a.dtype) == jnp.dtype(jnp.int8)) or gelu_codes is not None):
         raise ValueError("epilogue_wg takes fp8 codes per channel (it stages the product in bf16, the fp8 product's "
-                         "rounding) or fp8 / int8 with group scales (a float32 stage), no codes epilogue, and with "
-                         f"a residual one gate row per CTA tile of {2 * tile_m} rows; call without it")
-    if epilogue_wg and not codes_wg_available():
-        raise NotImplementedError("this JAX's Pallas pipeline has no _compute_registers to bound: the epilogue "
-                                  "warpgroup cannot be used; call without epilogue_wg")
+                         "rounding) or fp8 / int8 with group scales (a float32 stage), and no codes epilogue; call "
+                         "without it")
+    _check_epilogue_wg(epilogue_wg, m, tile_m, residual, gate)
     num_sms = jax.devices()[0].core_count
     steps, chained = chained_steps(k // TILE_K, (m // (2 * tile_m)) * (n // tile_n), num_sms,
                                    steps0 if steps is None else steps, chain, explicit=steps is not None)
@@ -293,6 +290,20 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                  prefetch=None if epilogue_wg else prefetch, out_blocks=out_blocks, epilogue_wg=epilogue_wg)
 
     return _launch(plan, num_sms, a, w, sa, sw, bias, residual, gate, approx_tanh)
+
+
+def _check_epilogue_wg(epilogue_wg: bool, m: int, tile_m: int, residual: jax.Array | None,
+                       gate: jax.Array | None) -> None:
+    """The epilogue warpgroup's guard shared by both forms: one gate row per CTA tile, and this JAX's
+    Pallas able to bound the compute warpgroups' registers."""
+    if not epilogue_wg:
+        return
+    if residual is not None and not epilogue_wg_residual_fits(m, gate.shape[0], tile_m):
+        raise ValueError(f"epilogue_wg with a residual needs one gate row per CTA tile of {2 * tile_m} rows (gate "
+                         f"{gate.shape} over {m} rows); call without it")
+    if not codes_wg_available():
+        raise NotImplementedError("this JAX's Pallas pipeline has no _compute_registers to bound: the epilogue "
+                                  "warpgroup cannot be used; call without epilogue_wg")
 
 
 def epilogue_wg_residual_fits(m: int, gate_rows: int, tile_m: int = TILE_M) -> bool:
@@ -349,15 +360,17 @@ def _launch(plan: Plan, num_sms: int, a: jax.Array, w: jax.Array, sa: jax.Array,
         return call(a, w, sa, sw, bias, *(() if residual is None else (residual, gate)))
 
 
-@functools.partial(jax.jit, static_argnames=("n_off", "n", "w_kn", "tile_m", "tile_n", "steps", "chain"))
+@functools.partial(jax.jit, static_argnames=("n_off", "n", "w_kn", "tile_m", "tile_n", "steps", "chain",
+                                             "epilogue_wg"))
 def gemm_bf16_mosaic(a: jax.Array, w: jax.Array, bias: jax.Array | None, *, n_off: int = 0, n: int | None = None,
                      residual: jax.Array | None = None, gate: jax.Array | None = None, w_kn: bool = False,
-                     tile_m: int = TILE_M, tile_n: int = TILE_N, steps: int | None = None, chain: bool = True
-                     ) -> jax.Array:
+                     tile_m: int = TILE_M, tile_n: int = TILE_N, steps: int | None = None, chain: bool = True,
+                     epilogue_wg: bool = False) -> jax.Array:
     """Columns ``n_off : n_off + n`` of ``a @ w.T + bias`` (or ``residual + gate * (a @ w.T + bias)``) in bf16
     with bf16 operands: the same persistent kernel and epilogue as ``scaled_gemm_mosaic`` without scales
     (64-deep K steps: 128-byte rows of bf16), the product rounded to bf16 as the float model's. ``w`` is
-    (N_total, K), or with ``w_kn`` (K, N_total) as a Flax Dense kernel (``a @ w + bias``)."""
+    (N_total, K), or with ``w_kn`` (K, N_total) as a Flax Dense kernel (``a @ w + bias``). ``epilogue_wg``:
+    the epilogue (bias, gated residual) and the store on a fourth warpgroup, as ``scaled_gemm_mosaic``'s."""
     m, k = a.shape
     n_total, w_k = (w.shape[1], w.shape[0]) if w_kn else w.shape
     if w_k != k:
@@ -365,13 +378,15 @@ def gemm_bf16_mosaic(a: jax.Array, w: jax.Array, bias: jax.Array | None, *, n_of
     n = n_total - n_off if n is None else n
     unused = jnp.ones((1,), jnp.float32)  # the scale operands, which a bf16 plan never reads
     _check_call(a, unused, unused, n_off, n, tile_m, tile_n, residual, gate, None)
+    _check_epilogue_wg(epilogue_wg, m, tile_m, residual, gate)
     num_sms = jax.devices()[0].core_count
     steps, chained = chained_steps(k // BF16_TILE_K, (m // (2 * tile_m)) * (n // tile_n), num_sms,
                                    STEPS if steps is None else steps, chain, explicit=steps is not None)
     rows_per_gate, residual, gate, bias = _epilogue_operands(m, n_total, residual, gate, bias)
     plan = Plan(n_off=n_off, n=n, k=k, tile_m=tile_m, tile_n=tile_n, steps=steps, chained=chained,
                 m_tiles=m // (2 * tile_m), groups=1, group_mode=None, int_codes=False, residual=residual is not None,
-                rows_per_gate=rows_per_gate, gelu_codes=None, out_dtype=jnp.bfloat16, bf16=True, w_kn=w_kn)
+                rows_per_gate=rows_per_gate, gelu_codes=None, out_dtype=jnp.bfloat16, bf16=True, w_kn=w_kn,
+                epilogue_wg=epilogue_wg)
     return _launch(plan, num_sms, a.astype(jnp.bfloat16), w.astype(jnp.bfloat16), unused, unused, bias, residual,
                    gate, False)
 

@@ -513,7 +513,7 @@ def _epilogue_tile(plan: Plan, refs: _Refs, pm: Any, pn: Any, slot: Any, ocols: 
     def vectors(j: int) -> tuple:
         """Column part ``j``'s weight scales (per channel), bias and (one gate row per CTA tile) gate."""
         cols = pl.ds(plan.n_off + pn * plan.tile_n + j * width, width)
-        s_w = plgpu.load(refs.sw.at[cols], (), layout=col_l, optimized=False) if plan.groups == 1 else None
+        s_w = plgpu.load(refs.sw.at[cols], (), layout=col_l, optimized=False) if _channel_scaled(plan) else None
         gate = _gate_part(plan, refs, pm * plan.cta_m, pn, j, width) if plan.residual else None
         return s_w, _bias_part(plan, refs, pn, j, width), gate
 
@@ -528,7 +528,7 @@ def _epilogue_tile(plan: Plan, refs: _Refs, pm: Any, pn: Any, slot: Any, ocols: 
     vec = {0: vectors(0)}  # column part 0's vectors and the first residual piece in flight during the K loop
     res_next = residual(pieces[0])
     s_as = {}  # per channel: the row scales of each row block (half, r)
-    for half, r, _, _ in pieces if plan.groups == 1 else ():
+    for half, r, _, _ in pieces if _channel_scaled(plan) else ():
         if (half, r) not in s_as:
             rows = pl.ds(pm * plan.cta_m + half * plan.tile_m + r, EPILOGUE_ROWS)
             s_as[half, r] = plgpu.load(refs.sa.at[rows], (), layout=row_l, optimized=False)
@@ -556,6 +556,11 @@ def _epilogue_tile(plan: Plan, refs: _Refs, pm: Any, pn: Any, slot: Any, ocols: 
     plgpu.barrier_arrive(refs.empty.at[slot])
 
 
+def _channel_scaled(plan: Plan) -> bool:
+    """Whether the epilogue applies per-token x per-channel scales (not the group or bf16 forms)."""
+    return plan.groups == 1 and not plan.bf16
+
+
 def _epilogue_pieces(plan: Plan) -> list[tuple[int, int, int, int]]:
     """The epilogue warpgroup's pieces of a CTA tile, in order: (compute warpgroup half, first row in it,
     column part, part width). Rows by ``EPILOGUE_ROWS`` (a wgmma-layout row block); with a residual the
@@ -573,11 +578,14 @@ def _epilogue_pieces(plan: Plan) -> list[tuple[int, int, int, int]]:
 
 def _piece_output(plan: Plan, p: jax.Array, s_a: Any, vec: tuple, res: jax.Array | None) -> jax.Array:
     """One piece's output from its bf16 product: ``p * s_a * s_w + b`` in float32 (``_scaled``,
-    ``_biased``; group scales: ``p`` is the scaled float32 sum, plus ``b``), then with a residual
-    ``res + gate * y`` with the model's bf16 roundings (as ``_finish``)."""
+    ``_biased``; group scales: ``p`` is the scaled float32 sum, plus ``b``; the bf16 form: ``p + b``), then
+    with a residual ``res + gate * y`` with the model's bf16 roundings (as ``_finish``)."""
     s_w, bias, gate = vec
     shape = p.shape
-    y = p if plan.groups > 1 else _scaled(plan, p, s_a, s_w, shape)  # group sums come scaled
+    if plan.bf16:  # the bf16 form: the product, no scales
+        y = p.astype(jnp.float32)
+    else:
+        y = p if plan.groups > 1 else _scaled(plan, p, s_a, s_w, shape)  # group sums come scaled
     y = y + lax.broadcast_in_dim(bias, shape, [1])
     if res is None:
         return y

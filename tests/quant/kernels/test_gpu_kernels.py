@@ -363,3 +363,25 @@ def test_bf16_gemm_matches_xla(k, n, w_kn):
         assert np.abs(want).max() > 1
         assert np.mean(got == want) > 0.99  # the rest one bf16 ulp: float32 sums in another order
         np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=2 ** -6)
+
+
+@pytest.mark.parametrize("k", [C, HIDDEN])
+def test_bf16_epilogue_warpgroup_equals_the_default(k):
+    """The bf16 form with the bias and gated residual on the fourth warpgroup (``epilogue_wg``; the float
+    model's proj / fc2 as ``quant.fused_float`` runs them): the same bits as the compute warpgroups' own
+    epilogue."""
+    from qdit_jax.quant.kernels.scaled_gemm import codes_wg_available, gemm_bf16_mosaic
+
+    if not codes_wg_available():
+        pytest.skip("this JAX's Pallas pipeline cannot bound the compute warpgroups' registers")
+    r = np.random.default_rng(9)
+    m = B * T
+    a = jnp.asarray(r.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(r.standard_normal((k, C)) / np.sqrt(k), jnp.bfloat16)
+    b = jnp.asarray(r.standard_normal(C) * 0.1, jnp.float32)
+    x = jnp.asarray(r.standard_normal((m, C)) * 4, jnp.bfloat16)
+    g = jnp.asarray(r.standard_normal((B, C)) * 0.5, jnp.bfloat16)
+    outs = [np.asarray(jax.jit(lambda *v, e=e: gemm_bf16_mosaic(*v, w_kn=True, residual=x, gate=g, epilogue_wg=e))(
+        a, w, b), np.float32) for e in (False, True)]
+    assert np.abs(outs[0]).max() > 1
+    np.testing.assert_array_equal(outs[1], outs[0])

@@ -278,6 +278,25 @@ def test_bf16_kernel_lowers_for_cuda(case, monkeypatch):
     assert text != lower(not w_kn)
 
 
+def test_bf16_kernel_with_the_epilogue_warpgroup_lowers_for_cuda(monkeypatch):
+    """The bf16 form with its residual epilogue on the fourth warpgroup (``epilogue_wg``) lowers to one
+    Mosaic call, another kernel than without it; a gate row per 128 rows is refused by name."""
+    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
+    bf = jnp.bfloat16
+    k, n = 4 * C, C
+    args = [jax.ShapeDtypeStruct((M, k), bf), jax.ShapeDtypeStruct((k, n), bf), jax.ShapeDtypeStruct((n,), jnp.float32)]
+
+    def lower(epi: bool, gate_rows: int = M // 256) -> str:
+        extra = dict(residual=jax.ShapeDtypeStruct((M, n), bf), gate=jax.ShapeDtypeStruct((gate_rows, n), bf))
+        fn = jax.jit(lambda a, w, b, **e: sg.gemm_bf16_mosaic(a, w, b, w_kn=True, epilogue_wg=epi, **e))
+        return fn.trace(*args, **extra).lower(lowering_platforms=("cuda",)).as_text()
+
+    text = lower(True)
+    assert text.count("custom_call @mosaic_gpu") == 1 and text != lower(False)
+    with pytest.raises(ValueError, match="one gate row per CTA tile"):
+        lower(True, M // 128)
+
+
 def test_bf16_kernel_rejects_mismatched_weights(monkeypatch):
     monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
     a = jnp.zeros((M, C), jnp.bfloat16)
