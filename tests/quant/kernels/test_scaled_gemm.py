@@ -246,6 +246,8 @@ def test_epilogue_warpgroup_is_checked():
     # a gate row per 128 rows: the two warpgroups' halves of a 256-row tile would take different gates
     res = dict(residual=jnp.zeros((256, 256), jnp.bfloat16), gate=jnp.zeros((2, 256), jnp.bfloat16))
     codes = dict(gelu_codes=QuantSpec(bits=8, format="fp8_e4m3", group_size=128, symmetric=True))
-    for ops, scales, kw in ((i8, per_channel, {}), (f8, per_channel, res), (f8, groups, codes)):
+    for ops, scales, kw in ((i8, per_channel, {}), (f8, groups, codes)):
         with pytest.raises(ValueError, match="epilogue_wg takes fp8 codes per channel"):
             scaled_gemm_mosaic(*ops, *scales, None, epilogue_wg=True, **kw)
+    with pytest.raises(ValueError, match="epilogue_wg with a residual needs one gate row per CTA tile of 256 rows"):
+        scaled_gemm_mosaic(*f8, *per_channel, None, epilogue_wg=True, **res)
