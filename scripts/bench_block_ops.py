@@ -95,7 +95,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--mosaic-only", action="store_true", help="qkvgemm: skip the Pallas Triton forms")
-    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", "fc2in", "fc2ing", "normq", "qkvgemm", "resgemm", "groupgemm", "floor", "epidiag", "groupepi"])
+    p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", *RNG_SECTIONS])
     p.add_argument("--group-forms", nargs="+", default=["64x128x4p", "64x128x4o", "64x128x5p"],
                    help="groupgemm: Mosaic tilings tile_m x tile_n x steps and group mode ("
                         "o: overlap; p: plain; s: split; see kernels.scaled_gemm.GROUP_MODES), then u for a "
@@ -119,24 +119,9 @@ def main() -> None:
     w2 = jnp.asarray(rng.standard_normal((HIDDEN, C)) / np.sqrt(HIDDEN), bf)
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, x {x.shape}", flush=True)
 
-    if "normq" in a.sections:
-        norm_quant_forms(a, rng)
-    if "qkvgemm" in a.sections:
-        qkv_gemm_forms(a, rng)
-    if "resgemm" in a.sections:
-        residual_gemm_forms(a, rng)
-    if "groupgemm" in a.sections:
-        group_gemm_forms(a, rng)
-    if "floor" in a.sections:
-        byte_floor(a, rng)
-    if "epidiag" in a.sections:
-        epilogue_diagnostic(a, rng)
-    if "groupepi" in a.sections:
-        group_epilogue_forms(a, rng)
-    if "fc2in" in a.sections:
-        fc2_input(a, rng)
-    if "fc2ing" in a.sections:
-        fc2_input_groups(a, rng)
+    for name, section in RNG_SECTIONS.items():  # in this order, whatever the command line's
+        if name in a.sections:
+            section(a, rng)
     if "gelu" in a.sections:
         gelu_forms(a, x, w1, b1, w2)
     if "attn" in a.sections:
@@ -757,6 +742,12 @@ def fc2_input_groups(a, rng) -> None:
             (q1, s1), t = res
             print(f"fc2ing {fmt:8s} Pallas bm {bm} warps {warps}                {t * 1e6:8.1f} us   codes equal "
                   f"{np.mean(np.asarray(q1.astype(jnp.float32)) == q0):.5f}", flush=True)
+
+
+# the sections that take (args, rng), run in this order
+RNG_SECTIONS = {"normq": norm_quant_forms, "qkvgemm": qkv_gemm_forms, "resgemm": residual_gemm_forms,
+                "groupgemm": group_gemm_forms, "floor": byte_floor, "epidiag": epilogue_diagnostic,
+                "groupepi": group_epilogue_forms, "fc2in": fc2_input, "fc2ing": fc2_input_groups}
 
 
 if __name__ == "__main__":
