@@ -26,6 +26,15 @@ from qdit_jax.perf.timing import chained_median, synced_calls
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by device kind substring.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5": 459e12}
 
+# the quantization rules the variants share (``qdit_rules`` keyword arguments): symmetric weights and
+# activations, per channel / per token (group 0) or in 128-wide groups; int8 codes unless fp8 e4m3
+W8A8 = dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True)
+FP8 = dict(W8A8, fmt="fp8_e4m3")
+W4A8 = dict(W8A8, wbits=4)
+W8A8_G128 = dict(W8A8, w_group=128, a_group=128)
+FP8_G128 = dict(W8A8_G128, fmt="fp8_e4m3")
+W4A8_G128 = dict(W8A8_G128, wbits=4)
+
 # name -> (preset rules kwargs or None for FP, mode, real backend)
 VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "bf16": (None, "fp", ""),
@@ -36,122 +45,88 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     # the gated residuals as XLA passes after cuBLAS' proj / fc2 (the default since the eighteenth
     # session puts them in a Mosaic GEMM's epilogue on Hopper: quant.fused_float)
     "bf16-xla-res": (None, "fp", "xlares"),
-    # the gated residual GEMMs' epilogue on the kernel's fourth warpgroup (fused_float_apply_fn(epilogue_wg=True))
+    # the gated residual GEMMs' epilogue on the kernel's fourth warpgroup (fused_float_apply_fn(epilogue_wg))
     "bf16-epi": (None, "fp", "epi"),
-    "fake-w8a8-g128": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "fake", ""),
-    "real-w8a8": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla"),
-    "real-w8a8-pallas": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "pallas"),
-    "real-w4a8": (dict(wbits=4, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla"),
-    "real-w4a8-pallas": (dict(wbits=4, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "pallas"),
-    "real-w8a8-g128": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "auto"),
-    "real-w4a8-g128": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "auto"),
+    "fake-w8a8-g128": (W8A8_G128, "fake", ""),
+    "real-w8a8": (W8A8, "real", "xla"),
+    "real-w8a8-pallas": (W8A8, "real", "pallas"),
+    "real-w4a8": (W4A8, "real", "xla"),
+    "real-w4a8-pallas": (W4A8, "real", "pallas"),
+    "real-w8a8-g128": (W8A8_G128, "real", "auto"),
+    "real-w4a8-g128": (W4A8_G128, "real", "auto"),
     # W4A8 with fp8 e4m3 activations: the 4-bit codes unpacked to fp8, the fp8 group GEMM
-    "real-w4a8fp8-g128": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
-                               a_fmt="fp8_e4m3"), "real", "auto"),
-    "real-w8a8-g128-f16s": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
-                                 scale_dtype="float16"), "real", "auto"),  # weight scales stored in float16
-    "real-w4a8-g128-f16s": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
-                                 scale_dtype="float16"), "real", "auto"),
-    "real-w8a8-g128-xla": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "xla"),
-    "real-fp8-g128": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, fmt="fp8_e4m3"),
-                      "real", "auto"),
+    "real-w4a8fp8-g128": (dict(W4A8_G128, a_fmt="fp8_e4m3"), "real", "auto"),
+    "real-w8a8-g128-f16s": (dict(W8A8_G128, scale_dtype="float16"), "real", "auto"),  # weight scales in float16
+    "real-w4a8-g128-f16s": (dict(W4A8_G128, scale_dtype="float16"), "real", "auto"),
+    "real-w8a8-g128-xla": (W8A8_G128, "real", "xla"),
+    "real-fp8-g128": (FP8_G128, "real", "auto"),
     # group-128 without the Mosaic GPU group-scaled GEMM (RealOptions.group_kernel, on by default): the
     # Triton group kernel (int8) or XLA's batched product (fp8), the group inputs quantized by XLA
-    "real-w8a8-g128-triton": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
-                              "auto-nogroupk"),
+    "real-w8a8-g128-triton": (W8A8_G128, "real", "auto-nogroupk"),
     # group-128 with another schedule of the group GEMM than the default (fp8 'split', int8 'overlap';
     # RealOptions.group_mode): fp8 'plain' (the default before 'split'), int8 'split'
-    "real-fp8-g128-plain": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
-                                 fmt="fp8_e4m3"), "real", "auto-gmplain"),
-    "real-w8a8-g128-split": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
-                             "auto-gmsplit"),
-    "real-w4a8-g128-split": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
-                             "auto-gmsplit"),
+    "real-fp8-g128-plain": (FP8_G128, "real", "auto-gmplain"),
+    "real-w8a8-g128-split": (W8A8_G128, "real", "auto-gmsplit"),
+    "real-w4a8-g128-split": (W4A8_G128, "real", "auto-gmsplit"),
     # kernels.scaled_gemm with a pipeline per output tile instead of one chained across each CTA's
     # tiles (RealOptions.chain_tiles, on by default)
-    "real-fp8-nochain": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
-                         "xla-nochain"),
-    "real-fp8-g128-nochain": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
-                                   fmt="fp8_e4m3"), "real", "auto-nochain"),
-    "real-w8a8-g128-nochain": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
-                               "auto-nochain"),
+    "real-fp8-nochain": (FP8, "real", "xla-nochain"),
+    "real-fp8-g128-nochain": (FP8_G128, "real", "auto-nochain"),
+    "real-w8a8-g128-nochain": (W8A8_G128, "real", "auto-nochain"),
     # fc1 with a bf16 output and gelu_quant's pass writing fc2's group codes, instead of fc1's epilogue
     # writing them (RealOptions.gelu_epilogue, on by default)
-    "real-fp8-g128-nogelue": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
-                                   fmt="fp8_e4m3"), "real", "auto-nogelue"),
-    "real-w8a8-g128-nogelue": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
-                               "auto-nogelue"),
+    "real-fp8-g128-nogelue": (FP8_G128, "real", "auto-nogelue"),
+    "real-w8a8-g128-nogelue": (W8A8_G128, "real", "auto-nogelue"),
     # fc1's codes epilogue on the kernel's fourth warpgroup, or not (RealOptions.codes_wg; default: int8 on,
     # fp8 off)
-    "real-fp8-g128-wg": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
-                              fmt="fp8_e4m3"), "real", "auto-wg"),
-    "real-w8a8-g128-nowg": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True),
-                            "real", "auto-nowg"),
-    "real-w4a8-g128-nowg": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True),
-                            "real", "auto-nowg"),
+    "real-fp8-g128-wg": (FP8_G128, "real", "auto-wg"),
+    "real-w8a8-g128-nowg": (W8A8_G128, "real", "auto-nowg"),
+    "real-w4a8-g128-nowg": (W4A8_G128, "real", "auto-nowg"),
     # W4A8 g128 with its weights kept packed in device memory (RealModel.variables(unpack_w4=False)): the
     # Triton group kernel unpacking in registers, instead of int8 codes unpacked once for the Mosaic GEMM
-    "real-w4a8-g128-packed": (dict(wbits=4, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
-                              "auto-packed"),
-    "real-fp8-g128-nogroupk": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
-                                    fmt="fp8_e4m3"), "real", "auto-nogroupk"),
-    "real-w8a8-mat": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-mat"),
-    "real-w8a8-qk": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-qk"),
-    "real-w8a8-fused": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-fused"),
-    "real-w8a8-g128-qk": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real", "auto-qk"),
-    "real-fp8": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real", "xla"),
+    "real-w4a8-g128-packed": (W4A8_G128, "real", "auto-packed"),
+    "real-fp8-g128-nogroupk": (FP8_G128, "real", "auto-nogroupk"),
+    "real-w8a8-mat": (W8A8, "real", "xla-mat"),
+    "real-w8a8-qk": (W8A8, "real", "xla-qk"),
+    "real-w8a8-fused": (W8A8, "real", "xla-fused"),
+    "real-w8a8-g128-qk": (W8A8_G128, "real", "auto-qk"),
+    "real-fp8": (FP8, "real", "xla"),
     # q, k, v from cuBLAS + XLA's epilogue pass instead of the Mosaic GPU scaled GEMM (kernels.scaled_gemm,
     # RealOptions.qkv_kernel, on by default)
-    "real-fp8-noqkvk": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
-                        "xla-noqkvk"),
+    "real-fp8-noqkvk": (FP8, "real", "xla-noqkvk"),
     # q, k, v as three scaled_gemm calls (one per output) with the epilogue's vectors loaded where used, as
     # until the nineteenth session, instead of one call writing all three with them loaded before the K
     # loop (RealOptions.qkv_one_call / qkv_prefetch); -nopf: one call, the vectors loaded where used
-    "real-fp8-qkvcalls": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"),
-                          "real", "xla-qkvcalls-nopf-noepi"),
-    "real-fp8-nopf": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
-                      "xla-nopf-noepi"),
+    "real-fp8-qkvcalls": (FP8, "real", "xla-qkvcalls-nopf-noepi"),
+    "real-fp8-nopf": (FP8, "real", "xla-nopf-noepi"),
     # per-channel fp8: the GEMMs' epilogues in their compute warpgroups (RealOptions.epilogue_wg off), fc2's
     # gated residual there (residual_epilogue_wg off), and fc1 on the Mosaic GEMM with the epilogue
     # warpgroup (RealOptions.fc1_kernel on)
-    "real-fp8-noepi": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
-                       "xla-noepi"),
-    "real-fp8-noresepi": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"),
-                          "real", "xla-noresepi"),
-    "real-fp8-fc1k": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
-                      "xla-fc1k"),
+    "real-fp8-noepi": (FP8, "real", "xla-noepi"),
+    "real-fp8-noresepi": (FP8, "real", "xla-noresepi"),
+    "real-fp8-fc1k": (FP8, "real", "xla-fc1k"),
     # group-wise q, k, v and fc2 + residual GEMMs' epilogue on the kernel's fourth warpgroup too
     # (RealOptions.epilogue_wg=True)
-    "real-fp8-g128-epi": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True,
-                               fmt="fp8_e4m3"), "real", "auto-epi"),
-    "real-w8a8-g128-epi": (dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True), "real",
-                           "auto-epi"),
+    "real-fp8-g128-epi": (FP8_G128, "real", "auto-epi"),
+    "real-w8a8-g128-epi": (W8A8_G128, "real", "auto-epi"),
     # proj / fc2 from cuBLAS + XLA's epilogue-and-residual pass instead of scaled_gemm with the gated
     # residual in its epilogue (RealOptions.residual_kernel, on by default)
-    "real-fp8-nores": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
-                       "xla-nores"),
+    "real-fp8-nores": (FP8, "real", "xla-nores"),
     # int8 without the Mosaic GPU GEMMs (qkv and the residual routes), as the fp8 -noqkvk / -nores pair
-    "real-w8a8-nomosaic": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real",
-                           "xla-noqkvk-nores"),
-    "real-fp8-fused": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
-                       "xla-fused"),  # scale epilogues left to XLA to fuse into the GEMMs (no barrier)
-    "real-fp8-f32": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
-                     "xla-f32"),
-    "real-fp8-qkv3": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
-                      "xla-qkv3"),  # RealOptions(split_qkv=True): q, k, v as three quantized GEMMs
-    "real-w8a8-qkv3": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-qkv3"),
+    "real-w8a8-nomosaic": (W8A8, "real", "xla-noqkvk-nores"),
+    "real-fp8-fused": (FP8, "real", "xla-fused"),  # scale epilogues left to XLA to fuse into the GEMMs (no barrier)
+    "real-fp8-f32": (FP8, "real", "xla-f32"),
+    "real-fp8-qkv3": (FP8, "real", "xla-qkv3"),  # RealOptions(split_qkv=True): q, k, v as three quantized GEMMs
+    "real-w8a8-qkv3": (W8A8, "real", "xla-qkv3"),
     # without the one-pass MLP middle step (kernels.gelu_quant): fc1, GELU, fc2 as separate layers
-    "real-fp8-nomlp": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
-                       "xla-nomlp"),
-    "real-w8a8-nomlp": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-nomlp"),
+    "real-fp8-nomlp": (FP8, "real", "xla-nomlp"),
+    "real-w8a8-nomlp": (W8A8, "real", "xla-nomlp"),
     # per-token inputs quantized by XLA's passes (no kernels.norm_quant: neither the LayerNorm +
     # modulate fusion into the qkv / fc1 inputs' quantization nor the one-pass proj input)
-    "real-fp8-nonorm": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
-                        "xla-nonorm"),
-    "real-w8a8-nonorm": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True), "real", "xla-nonorm"),
+    "real-fp8-nonorm": (FP8, "real", "xla-nonorm"),
+    "real-w8a8-nonorm": (W8A8, "real", "xla-nonorm"),
     # the one-pass kernel for every per-token input, but without the LayerNorm + modulate prologue
-    "real-fp8-rowq": (dict(wbits=8, abits=8, w_group=0, a_group=0, w_sym=True, a_sym=True, fmt="fp8_e4m3"), "real",
-                      "xla-rowq"),
+    "real-fp8-rowq": (FP8, "real", "xla-rowq"),
 }
 
 
