@@ -105,6 +105,11 @@ def main() -> None:
     p.add_argument("--epidiag-kinds", nargs="+", default=["default", "epi", "default+noscale", "default+nostore"],
                    help="epidiag: the kernel ('default', or 'epi': epilogue_wg), then +noscale / +nostore "
                         "for the diagnostics or +splitstore (see _patched_epilogue)")
+    p.add_argument("--groupepi-kinds", nargs="+", default=["split", "default", "split+epi", "default+splitstore"],
+                   help="groupepi: the group mode ('split' or 'default'), then +epi (epilogue_wg) and / or a "
+                        "diagnostic of _patched_epilogue (+noscale: the group scaling and bias left out; "
+                        "+nostore; +splitstore)")
+    p.add_argument("--groupepi-codes", nargs="+", default=["fp8", "int8"], choices=["fp8", "int8"])
     p.add_argument("--normq-forms", nargs="+", default=["1x128x2", "1x128x1", "1x64x1", "1x128x4", "4x128x4", "2x128x2"],
                    help="normq: rows x chunk x warps")
     p.add_argument("--fc2in-forms", nargs="+", default=list(FC2IN_FORMS),
@@ -397,7 +402,8 @@ def _patched_epilogue(kind: str):
     warpgroup only the scaling, the bias stays), 'nostore' also the TMA store to global memory (the SMEM
     store stays); 'splitstore' (a schedule, outputs unchanged) issues each TMA store as 32-row pieces
     back to back: whether the store's cost is its size or its timing (the fourth warpgroup's 64-row
-    pieces, spread over its arithmetic, paid). The jitted kernel is retraced inside
+    pieces, spread over its arithmetic, paid); 'swizzleout' (outputs unchanged) swizzles the compute
+    warpgroups' output slots (unswizzled, a warp's rows 256 bytes apart hit the same banks). The jitted kernel is retraced inside
     (``jax.clear_caches``), and again after."""
     import contextlib
 
@@ -408,6 +414,7 @@ def _patched_epilogue(kind: str):
         from jax.experimental.pallas import mosaic_gpu as plgpu
 
         saved, copy = (body._scaled, body._biased, body._copy_out), plgpu.copy_smem_to_gmem
+        saved_slots = body._output_slots
         if kind == "splitstore":
             from jax.experimental import pallas as pl
 
@@ -416,6 +423,13 @@ def _patched_epilogue(kind: str):
                     saved[2](plan, refs, src.at[pl.ds(r, 32)], pl.ds(rows.start + r, 32), pn, ocols)
 
             body._copy_out = split_copy
+        if kind == "swizzleout":  # the compute warpgroups' output slots 128-byte swizzled (no bank conflicts)
+            def swizzled_slots(plan):
+                if plan.fourth_wg or jnp.dtype(plan.out_dtype).itemsize != 2:
+                    return saved_slots(plan)
+                return plgpu.SMEM((2, plan.tile_m, plan.tile_n), plan.out_dtype, transforms=body._swizzled(plan.out_dtype))
+
+            body._output_slots = swizzled_slots
         if kind in ("noscale", "nostore"):
             body._scaled = lambda plan, p, s_a, s_w, shape=None: p.astype(jnp.float32)
             body._biased = lambda plan, refs, pn, parts, vec=None: parts
@@ -426,6 +440,7 @@ def _patched_epilogue(kind: str):
             yield
         finally:
             body._scaled, body._biased, body._copy_out = saved
+            body._output_slots = saved_slots
             plgpu.copy_smem_to_gmem = copy
             jax.clear_caches()
 
@@ -470,15 +485,15 @@ def epilogue_diagnostic(a, rng) -> None:
 
 
 def group_epilogue_forms(a, rng) -> None:
-    """Group-128 fp8 / int8 GEMMs with the epilogue in the compute warpgroups ('split', fp8's default;
-    the default schedule also with its TMA stores in 32-row pieces) or on the fourth warpgroup
-    (``epilogue_wg``): q, k, v (one call), proj and fc2 with the gated residual."""
+    """Group-128 fp8 / int8 GEMMs in the forms of ``--groupepi-kinds`` (the epilogue in the compute
+    warpgroups or on the fourth warpgroup, ``epilogue_wg``; the diagnostics of :func:`_patched_epilogue`):
+    q, k, v (one call), proj and fc2 with the gated residual."""
     import contextlib
 
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
 
     m = a.batch * a.tokens
-    for dtype in (jnp.float8_e4m3fn, jnp.int8):
+    for dtype in [{"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}[c] for c in a.groupepi_codes]:
         lim = 448 if dtype != jnp.int8 else 127
         for name, k, n, blocks, residual in (("q, k, v", C, 3 * C, 3, False), ("proj + res", C, C, 1, True),
                                              ("fc2 + res", HIDDEN, C, 1, True)):
@@ -493,19 +508,21 @@ def group_epilogue_forms(a, rng) -> None:
                 res = dict(residual=jnp.asarray(rng.standard_normal((m, n)) * 4, jnp.bfloat16),
                            gate=jnp.asarray(rng.standard_normal((a.batch, n)) * 0.5, jnp.bfloat16))
             ref = None
-            for mode, epi, patch in (("split", False, None), (None, False, None), ("split", True, None),
-                                     (None, False, "splitstore")):
+            for kind in a.groupepi_kinds:
+                mode, *opts = kind.split("+")
+                epi = "epi" in opts
+                patch = next((o for o in opts if o != "epi"), None)
+                mode = None if mode == "default" else mode
                 fn = jax.jit(lambda qa, w, sa, sw, b, mode=mode, epi=epi: scaled_gemm_mosaic(
                     qa, w, sa, sw, b, out_blocks=blocks, group_mode=mode, epilogue_wg=epi, **res))
-                label = (f"groupepi {jnp.dtype(dtype).name} {name}: {mode or 'default'}"
-                         f"{' + epilogue_wg' if epi else ''}{' + ' + patch if patch else ''}")
+                label = f"groupepi {jnp.dtype(dtype).name} {name}: {kind}"
                 with _patched_epilogue(patch) if patch else contextlib.nullcontext():
                     out = run_timed(label, fn, (qa, w, sa, sw, b), a.repeats)
                 if out is None:
                     continue
                 got = np.concatenate([np.asarray(o.astype(jnp.float32)) for o in jax.tree.leaves(out[0])], axis=1)
                 ref = got if ref is None else ref
-                print(f"{label:60s} {out[1] * 1e6:8.1f} us   equal to split {np.mean(got == ref):.4f}", flush=True)
+                print(f"{label:60s} {out[1] * 1e6:8.1f} us   equal to the first {np.mean(got == ref):.4f}", flush=True)
 
 
 def _mosaic_form(form: str) -> dict:
