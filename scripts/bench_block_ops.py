@@ -103,12 +103,12 @@ def main() -> None:
     p.add_argument("--mosaic-forms", nargs="+", default=list(MOSAIC_FORMS),
                    help="qkvgemm / resgemm: the Mosaic GEMM's forms (see _mosaic_form)")
     p.add_argument("--epidiag-kinds", nargs="+", default=["default", "epi", "default+noscale", "default+nostore"],
-                   help="epidiag: the kernel ('default', or 'epi': epilogue_wg), then +noscale / +nostore "
+                   help="epidiag: the kernel ('default', 'epi': epilogue_wg, 'storewg': store_wg, 'storewgd': also store_direct), then +noscale / +nostore "
                         "for the diagnostics or +splitstore (see _patched_epilogue)")
     p.add_argument("--groupepi-kinds", nargs="+", default=["split", "default", "split+epi", "default+splitstore"],
                    help="groupepi: the group mode ('split' or 'default'), then +epi (epilogue_wg) and / or a "
                         "diagnostic of _patched_epilogue (+noscale: the group scaling and bias left out; "
-                        "+nostore; +splitstore)")
+                        "+nostore; +splitstore; +swizzleout; +samestore; +halfstore), or +storewg (store_wg) / +storewgd (store_wg, store_direct)")
     p.add_argument("--groupepi-codes", nargs="+", default=["fp8", "int8"], choices=["fp8", "int8"])
     p.add_argument("--normq-forms", nargs="+", default=["1x128x2", "1x128x1", "1x64x1", "1x128x4", "4x128x4", "2x128x2"],
                    help="normq: rows x chunk x warps")
@@ -403,7 +403,9 @@ def _patched_epilogue(kind: str):
     store stays); 'splitstore' (a schedule, outputs unchanged) issues each TMA store as 32-row pieces
     back to back: whether the store's cost is its size or its timing (the fourth warpgroup's 64-row
     pieces, spread over its arithmetic, paid); 'swizzleout' (outputs unchanged) swizzles the compute
-    warpgroups' output slots (unswizzled, a warp's rows 256 bytes apart hit the same banks). The jitted kernel is retraced inside
+    warpgroups' output slots (unswizzled, a warp's rows 256 bytes apart hit the same banks); 'samestore'
+    (outputs wrong) stores every tile to the output's first tile (the same bytes leave the SMs, almost none
+    reach HBM), 'halfstore' (outputs wrong) only the first compute warpgroup's rows. The jitted kernel is retraced inside
     (``jax.clear_caches``), and again after."""
     import contextlib
 
@@ -411,18 +413,26 @@ def _patched_epilogue(kind: str):
 
     @contextlib.contextmanager
     def ctx():
+        from jax.experimental import pallas as pl
         from jax.experimental.pallas import mosaic_gpu as plgpu
 
         saved, copy = (body._scaled, body._biased, body._copy_out), plgpu.copy_smem_to_gmem
         saved_slots = body._output_slots
         if kind == "splitstore":
-            from jax.experimental import pallas as pl
-
             def split_copy(plan, refs, src, rows, pn, ocols):
                 for r in range(0, src.shape[0], 32):
                     saved[2](plan, refs, src.at[pl.ds(r, 32)], pl.ds(rows.start + r, 32), pn, ocols)
 
             body._copy_out = split_copy
+        if kind in ("samestore", "halfstore"):
+            def diag_copy(plan, refs, src, rows, pn, ocols):
+                if kind == "samestore":  # every tile to the same place: the SM side of the store, little HBM
+                    saved[2](plan, refs, src, pl.ds(0, src.shape[0]), 0, pl.ds(0, plan.tile_n))
+                else:  # the first compute warpgroup's rows only: half the bytes, the same number of CTA stores
+                    pl.when(jax.lax.rem(rows.start, plan.cta_m) == 0)(
+                        lambda: saved[2](plan, refs, src, rows, pn, ocols))
+
+            body._copy_out = diag_copy
         if kind == "swizzleout":  # the compute warpgroups' output slots 128-byte swizzled (no bank conflicts)
             def swizzled_slots(plan):
                 if plan.fourth_wg or jnp.dtype(plan.out_dtype).itemsize != 2:
@@ -474,7 +484,8 @@ def epilogue_diagnostic(a, rng) -> None:
             with ctx:
                 fn = jax.jit(lambda qa, w, sa, sw, b: scaled_gemm_mosaic(
                     qa, w, sa, sw, b, out_blocks=blocks, prefetch="before" if blocks > 1 else None,
-                    epilogue_wg=base == "epi"))
+                    epilogue_wg=base == "epi", store_wg=base.startswith("storewg"),
+                    store_direct=base == "storewgd"))
                 res = run_timed(f"epidiag {name} {kind}", fn, (qa, w, sa, sw, b), a.repeats)
             if res is None:
                 continue
@@ -510,11 +521,13 @@ def group_epilogue_forms(a, rng) -> None:
             ref = None
             for kind in a.groupepi_kinds:
                 mode, *opts = kind.split("+")
-                epi = "epi" in opts
-                patch = next((o for o in opts if o != "epi"), None)
+                epi, direct = "epi" in opts, "storewgd" in opts
+                store_wg = direct or "storewg" in opts
+                patch = next((o for o in opts if o not in ("epi", "storewg", "storewgd")), None)
                 mode = None if mode == "default" else mode
-                fn = jax.jit(lambda qa, w, sa, sw, b, mode=mode, epi=epi: scaled_gemm_mosaic(
-                    qa, w, sa, sw, b, out_blocks=blocks, group_mode=mode, epilogue_wg=epi, **res))
+                fn = jax.jit(lambda qa, w, sa, sw, b, mode=mode, epi=epi, store_wg=store_wg, direct=direct:
+                             scaled_gemm_mosaic(qa, w, sa, sw, b, out_blocks=blocks, group_mode=mode, epilogue_wg=epi,
+                                                store_wg=store_wg, store_direct=direct, **res))
                 label = f"groupepi {jnp.dtype(dtype).name} {name}: {kind}"
                 with _patched_epilogue(patch) if patch else contextlib.nullcontext():
                     out = run_timed(label, fn, (qa, w, sa, sw, b), a.repeats)

@@ -109,6 +109,10 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     # (RealOptions.epilogue_wg=True)
     "real-fp8-g128-epi": (FP8_G128, "real", "auto-epi"),
     "real-w8a8-g128-epi": (W8A8_G128, "real", "auto-epi"),
+    # group-wise GEMMs issuing their own TMA stores (RealOptions.store_wg off), as until the twenty-first session
+    "real-fp8-g128-nostwg": (FP8_G128, "real", "auto-nostwg"),
+    "real-w8a8-g128-nostwg": (W8A8_G128, "real", "auto-nostwg"),
+    "real-w4a8-g128-nostwg": (W4A8_G128, "real", "auto-nostwg"),
     # proj / fc2 from cuBLAS + XLA's epilogue-and-residual pass instead of scaled_gemm with the gated
     # residual in its epilogue (RealOptions.residual_kernel, on by default)
     "real-fp8-nores": (FP8, "real", "xla-nores"),
@@ -275,7 +279,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        qkv_one_call="qkvcalls" not in tags, qkv_prefetch=None if "nopf" in tags else "before",
                        codes_wg=True if "wg" in tags else False if "nowg" in tags else None,
                        epilogue_wg=False if "noepi" in tags else True if "epi" in tags else None,
-                       fc1_kernel="fc1k" in tags,
+                       fc1_kernel="fc1k" in tags, store_wg=False if "nostwg" in tags else None,
                        residual_epilogue_wg="noresepi" not in tags,
                        group_mode=next((t[len("gm"):] for t in tags if t.startswith("gm")), None))
     variables = rm.variables(unpack_w4=False if "packed" in tags else None)

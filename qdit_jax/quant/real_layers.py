@@ -148,6 +148,12 @@ class RealOptions:
     # batch 256 on the H100 ran 1.414x bf16 with it against 1.444x without (same call; the kernel's fc1 542
     # us against cuBLAS' ~447-503; docs/RESULTS.md, twentieth session)
     fc1_kernel: bool = False
+    # group-wise layers on kernels.scaled_gemm without a codes epilogue (q, k, v; proj and fc2 with the
+    # gated residual): the TMA stores issued by a fourth warpgroup of 24 registers (``store_wg``; the
+    # compute warpgroups keep their epilogue and 232 registers; the same bits). None: on where this JAX's
+    # Pallas allows it. XL/2 at batch 256 on the H100: int8 g128 q, k, v 816 -> 704 us, fc2 + residual
+    # 1,006 -> 864; fp8 643 -> 631, 780 -> 753 (docs/RESULTS.md, twenty-first session)
+    store_wg: bool | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -360,7 +366,8 @@ def _codes_gemm(qa: jax.Array, sa: jax.Array, rw: RealWeight, out_dtype: Any, op
     """The low-bit GEMM from activation codes and scales: product, then scales and bias; in XLA, or
     for group-wise codes through ``kernels.scaled_gemm`` where it applies (``RealOptions.group_kernel``)."""
     if _group_route(*qa.shape, qa.dtype, rw, out_dtype, options):
-        return scaled_gemm_mosaic(qa, rw.codes, sa, rw.scale, rw.bias, **_kernel_schedule(options))
+        return scaled_gemm_mosaic(qa, rw.codes, sa, rw.scale, rw.bias, **_kernel_schedule(options),
+                                  **_store_wg(options, rw.scale.shape[0]))
     return group_gemm_xla(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype,
                           split_epilogue=options.split_epilogue,
                           product_dtype=_float_product(options.float_product, out_dtype))
@@ -401,6 +408,19 @@ def epilogue_warpgroup(options: RealOptions, codes: Any, groups: int = 1) -> boo
     return codes_wg_available() if options.epilogue_wg is None else options.epilogue_wg
 
 
+def store_warpgroup(options: RealOptions, groups: int) -> bool:
+    """Whether a GEMM with this many scale groups on kernels.scaled_gemm (no codes or epilogue warpgroup)
+    has its TMA stores issued by the store warpgroup: group-wise layers, by default where this JAX allows."""
+    if groups == 1:
+        return False
+    return codes_wg_available() if options.store_wg is None else options.store_wg
+
+
+def _store_wg(options: RealOptions, groups: int) -> dict[str, Any]:
+    """``store_wg=True`` for kernels.scaled_gemm where :func:`store_warpgroup` says so, else nothing."""
+    return {"store_wg": True} if store_warpgroup(options, groups) else {}
+
+
 def _kernel_schedule(options: RealOptions) -> dict[str, Any]:
     """The schedule arguments of ``kernels.scaled_gemm`` that RealOptions set."""
     return dict(group_mode=options.group_mode, chain=options.chain_tiles)
@@ -435,8 +455,9 @@ def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource, options: Rea
     epi = (options.residual_epilogue_wg and k >= RESIDUAL_EPILOGUE_WG_MIN_K
            and epilogue_warpgroup(options, src.qa.dtype, g)
            and epilogue_wg_residual_fits(m, gate.shape[0], default_tiling(g)[0]))
+    wg = {"epilogue_wg": True} if epi else _store_wg(options, g)
     y = scaled_gemm_mosaic(src.qa, src.rw.codes, src.sa, src.rw.scale, src.rw.bias, residual=x.reshape(m, n),
-                           gate=gate, **_kernel_schedule(options), **({"epilogue_wg": True} if epi else {}))
+                           gate=gate, **_kernel_schedule(options), **wg)
     return y.reshape(x.shape)
 
 
@@ -528,6 +549,8 @@ def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, opt
     sched = dict(_kernel_schedule(options), prefetch=options.qkv_prefetch if g == 1 else None)
     if epilogue_warpgroup(options, qa.dtype, g):  # the epilogue warpgroup loads its own vectors
         sched.update(prefetch=None, epilogue_wg=True)
+    else:
+        sched.update(_store_wg(options, g))
     if options.qkv_one_call and blocks > 1:
         outs = scaled_gemm_mosaic(qa, rw.codes, sa, sw, rw.bias, n=n, out_blocks=blocks, **sched)
     else:

@@ -510,6 +510,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
         calls.append((sa.shape[0], a.shape[1], n or w.shape[0], residual is not None))
         stand_in.modes.append((kw.get("group_mode"), kw.get("chain")))
         stand_in.epilogue_wg.append(kw.get("epilogue_wg", False))
+        stand_in.store_wg.append(kw.get("store_wg", False))
         if gelu_codes is not None:
             stand_in.codes_wg.append(kw.get("codes_wg"))
         y = scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n, residual=residual, gate=gate, out_blocks=out_blocks)
@@ -521,7 +522,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
 
     monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, groups=1, **kw: (
         groups == 1 or k == 128 * groups, "test"))
-    stand_in.modes, stand_in.codes_wg, stand_in.epilogue_wg = [], [], []
+    stand_in.modes, stand_in.codes_wg, stand_in.epilogue_wg, stand_in.store_wg = [], [], [], []
     monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
     monkeypatch.setattr(real_layers, "norm_quant_applies", lambda m, k, spec, dtype, **kw: (True, "test"))
     monkeypatch.setattr(real_layers, "norm_quant_pallas", lambda x, spec, **kw: norm_quant_pallas(
@@ -563,6 +564,37 @@ def test_group_epilogue_warpgroup_is_asked_for_qkv_and_long_residual_gemms(fmt, 
         assert [c[3] for c in calls] == [False, False, True, False, False, True] * cfg.depth
         assert stand_in.epilogue_wg == want * cfg.depth
     np.testing.assert_array_equal(outs[1], outs[0])
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int"])
+def test_store_warpgroup_is_asked_for_group_gemms_without_another_fourth_warpgroup(fmt, inputs, monkeypatch):
+    """RealOptions.store_wg (None: on where this JAX allows it) asks every group-wise GEMM on the kernel
+    for the store warpgroup except fc1's (its codes epilogue) and those given the epilogue warpgroup; off
+    when asked or where this JAX cannot bound the compute warpgroups' registers. Same model output."""
+    from qdit_jax.quant import real_layers
+    from qdit_jax.quant.real import RealOptions
+
+    cfg, params = CFG256, _params256()
+    calls, _ = _open_group_routes(monkeypatch)
+    stand_in = real_layers.scaled_gemm_mosaic
+    monkeypatch.setattr(real_layers, "epilogue_wg_residual_fits", lambda m, rows, tile_m: True)
+    monkeypatch.setattr(real_layers, "RESIDUAL_EPILOGUE_WG_MIN_K", 4 * cfg.hidden_size)
+    rules = dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, fmt=fmt)
+    rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**rules)))
+    outs = []
+    # q, k, v; proj; proj + residual; fc1 (codes epilogue); fc2; fc2 + residual
+    for available, opts, want in ((True, {}, [True, True, True, False, True, True]),
+                                  (True, dict(store_wg=False), [False] * 6),
+                                  (False, {}, [False] * 6),
+                                  (True, dict(epilogue_wg=True), [False, True, True, False, True, False])):
+        monkeypatch.setattr(real_layers, "codes_wg_available", lambda available=available: available)
+        calls.clear()
+        stand_in.store_wg.clear()
+        outs.append(np.asarray(jax.jit(rm.apply_fn(RealOptions(**opts)))(rm.variables(), *inputs)))
+        assert [c[3] for c in calls] == [False, False, True, False, False, True] * cfg.depth
+        assert stand_in.store_wg == want * cfg.depth
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
 
 
 @pytest.mark.parametrize("fmt,gelu_epilogue", [("fp8_e4m3", False), ("int", True)])  # int8 without the epilogue: as fp8

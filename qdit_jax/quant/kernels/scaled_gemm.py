@@ -50,7 +50,8 @@ import jax
 import jax.numpy as jnp
 
 from qdit_jax.perf.device import is_hopper
-from qdit_jax.quant.kernels.scaled_gemm_body import BF16_TILE_K, CODES_WG_REGISTERS, TILE_K, Plan, kernel_body
+from qdit_jax.quant.kernels.scaled_gemm_body import (BF16_TILE_K, CODES_WG_REGISTERS, STORE_WG_COMPUTE_REGISTERS, TILE_K, Plan,
+                                                  kernel_body)
 
 TILE_M, TILE_N, STEPS = 128, 128, 3  # per compute warpgroup; the fastest measured on the H100
 # group scales: a float32 running sum beside the wgmma accumulator (two 64 x 128 float32 tiles per
@@ -200,14 +201,15 @@ def _check_call(a: jax.Array, sa: jax.Array, sw: jax.Array, n_off: int, n: int, 
 # unjitted, each of XL/2's 140 calls was lowered to Mosaic GPU again (compiles of 104-118 s per forward)
 @functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode", "gelu_codes",
                                              "chain", "approx_tanh", "codes_wg", "prefetch", "out_blocks",
-                                             "epilogue_wg"))
+                                             "epilogue_wg", "store_wg", "store_direct"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                        gate: jax.Array | None = None, tile_m: int | None = None, tile_n: int = TILE_N,
                        steps: int | None = None, group_mode: str | None = None,
                        gelu_codes: Any = None, chain: bool = True, approx_tanh: bool = True,
                        codes_wg: bool = False, prefetch: str | None = None, out_blocks: int = 1,
-                       epilogue_wg: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+                       epilogue_wg: bool = False, store_wg: bool = False,
+                       store_direct: bool = False) -> jax.Array | tuple[jax.Array, ...]:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
     ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
     float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
@@ -249,7 +251,11 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     row per CTA tile): the compute warpgroups stage their products rounded to bf16 (group scales: their
     float32 sums) in shared memory and go on to the next tile's K loop; a fourth warpgroup scales,
     biases (adds the gated residual) and stores them meanwhile (``scaled_gemm_body._epilogue_warpgroup``;
-    the same bits). With group scales 'split' becomes the default group mode (168 registers)."""
+    the same bits). With group scales 'split' becomes the default group mode (168 registers).
+
+    ``store_wg`` (no other fourth warpgroup, no codes epilogue): the compute warpgroups keep their
+    epilogue and their 232 registers and hand the staged output to a fourth warpgroup of 24 registers
+    that issues the TMA stores (``scaled_gemm_body._store_warpgroup``); the same outputs."""
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
     groups = _groups(sa)
@@ -269,6 +275,12 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                          "rounding) or fp8 / int8 with group scales (a float32 stage), and no codes epilogue; call "
                          "without it")
     _check_epilogue_wg(epilogue_wg, m, tile_m, residual, gate)
+    if store_wg and (codes_wg or epilogue_wg or gelu_codes is not None):
+        raise ValueError("store_wg takes the compute warpgroups' own bf16 epilogue: call it without codes_wg, "
+                         "epilogue_wg or gelu_codes")
+    if store_wg and not codes_wg_available():
+        raise NotImplementedError("this JAX's Pallas pipeline has no _compute_registers to bound: the store "
+                                  "warpgroup cannot be used; call without store_wg (RealOptions(store_wg=False))")
     num_sms = jax.devices()[0].core_count
     steps, chained = chained_steps(k // TILE_K, (m // (2 * tile_m)) * (n // tile_n), num_sms,
                                    steps0 if steps is None else steps, chain, explicit=steps is not None)
@@ -287,7 +299,8 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                  m_tiles=m // (2 * tile_m), groups=groups, group_mode=group_mode,
                  int_codes=jnp.dtype(a.dtype) == jnp.dtype(jnp.int8), residual=residual is not None,
                  rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, out_dtype=out_dtype, codes_wg=codes_wg,
-                 prefetch=None if epilogue_wg else prefetch, out_blocks=out_blocks, epilogue_wg=epilogue_wg)
+                 prefetch=None if epilogue_wg else prefetch, out_blocks=out_blocks, epilogue_wg=epilogue_wg,
+                 store_wg=store_wg, store_direct=store_wg and store_direct)
 
     return _launch(plan, num_sms, a, w, sa, sw, bias, residual, gate, approx_tanh)
 
@@ -355,8 +368,10 @@ def _launch(plan: Plan, num_sms: int, a: jax.Array, w: jax.Array, sa: jax.Array,
     # approx_math: tanh.approx.f32 for the GELU's tanh (division and the rest stay exact)
     params = plgpu.CompilerParams(approx_math=plan.gelu_codes is not None and approx_tanh)
     call = plgpu.kernel(kernel, out_type=out_type, grid=(num_sms,), grid_names=("sm",),
-                        num_threads=4 if plan.fourth_wg else 3, thread_name="wg", compiler_params=params)
-    with _compute_registers(CODES_WG_REGISTERS[0] if plan.fourth_wg else None):
+                        num_threads=4 if plan.fourth_wg or plan.store_wg else 3, thread_name="wg",
+                        compiler_params=params)
+    registers = CODES_WG_REGISTERS[0] if plan.fourth_wg else STORE_WG_COMPUTE_REGISTERS if plan.store_wg else None
+    with _compute_registers(registers):
         return call(a, w, sa, sw, bias, *(() if residual is None else (residual, gate)))
 
 

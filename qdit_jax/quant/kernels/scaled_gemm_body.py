@@ -46,6 +46,8 @@ class Plan:
     prefetch: str | None = None  # the epilogue's vectors loaded 'before' the K loop or 'after' it in one batch
     out_blocks: int = 1  # outputs: the n columns as this many (M, n / out_blocks) arrays (q, k, v in one call)
     epilogue_wg: bool = False  # the epilogue (scales, bias, residual) and store on a fourth warpgroup (``_epilogue_warpgroup``)
+    store_wg: bool = False  # only the stores on a fourth warpgroup of few registers (``_store_warpgroup``)
+    store_direct: bool = False  # ``store_wg`` copies the slots to global memory through registers instead of by TMA
 
     @property
     def tile_k(self) -> int:
@@ -87,6 +89,13 @@ class Plan:
         """What the compute warpgroups hand over: bf16 (the codes warpgroup's biased output, the per-channel
         epilogue warpgroup's fp8 product) or, to the group epilogue warpgroup, the float32 group sum."""
         return jnp.float32 if self.epilogue_wg and self.groups > 1 else jnp.bfloat16
+
+    @property
+    def out_slots(self) -> int:
+        """Output slots per compute warpgroup: with ``store_wg`` two where shared memory has room (64-row
+        warpgroup tiles), so that the compute warpgroups stage (or load the residual into) one while the
+        store warpgroup still stores the other, else one."""
+        return 2 if self.store_wg and self.tile_m <= 64 else 1
 
     @property
     def acc_dtype(self) -> Any:
@@ -143,7 +152,7 @@ def _pipeline(plan: Plan, body: Any, ctx: Any, state: Any = None) -> Any:
         specs += [plgpu.BlockSpec((1, plan.cta_m), lambda kk: (kk, 0)),
                   plgpu.BlockSpec((1, plan.tile_n), lambda kk: (kk, 0))]
     return plgpu.emit_pipeline_warp_specialized(
-        body, grid=(plan.k // tk,), memory_registers=40, in_specs=specs,
+        body, grid=(plan.k // tk,), memory_registers=STORE_WG_REGISTERS if plan.store_wg else 40, in_specs=specs,
         wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=plan.steps, compute_context=ctx,
         pipeline_state=state)
 
@@ -374,9 +383,10 @@ def _biased(plan: Plan, refs: _Refs, pn: Any, parts: list[jax.Array], vec: dict 
 
 
 def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, parts: list[jax.Array],
-            vec: dict | None = None) -> None:
-    """Bias, then the gated residual (its tile already in this warpgroup's slot) or the next layer's
-    codes, then the store by TMA from the warpgroup's SMEM slot."""
+            vec: dict | None = None, oslot: Any = None) -> None:
+    """Bias, then the gated residual (its tile already in this warpgroup's slot ``oslot``) or the next
+    layer's codes, then the store by TMA from that slot (``plan.store_wg``: the slot handed to the store
+    warpgroup instead)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -391,18 +401,25 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
             gj = vec["gate"][j] if vec is not None else _gate_part(plan, refs, rows, pn, j, width)
             yj = yj.astype(jnp.bfloat16).astype(jnp.float32)
             yj = (lax.broadcast_in_dim(gj, pshape, [1]) * yj).astype(jnp.bfloat16).astype(jnp.float32)
-            res = plgpu.load(refs.o_smem.at[wg, :, pcols], (), layout=plgpu.Layout.WGMMA, optimized=False)
+            res = plgpu.load(refs.o_smem.at[oslot, :, pcols], (), layout=plgpu.Layout.WGMMA, optimized=False)
             yj = res.astype(jnp.float32) + yj
         parts[j] = yj
     if plan.gelu_codes is not None:  # the next layer's codes and group scales instead of y
         s_g, parts = gelu_group_codes(parts, plan.gelu_codes)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this slot's previous store has read it
+    if plan.store_wg:
+        if not plan.residual:  # (with one, the slot was waited for before its residual was loaded)
+            plgpu.barrier_wait(refs.empty.at[oslot])
+    else:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this slot's previous store has read it
     for j, yj in enumerate(parts):
-        refs.o_smem[wg, :, pl.ds(j * width, width)] = yj.astype(plan.out_dtype)
+        refs.o_smem[oslot, :, pl.ds(j * width, width)] = yj.astype(plan.out_dtype)
     if plan.gelu_codes is not None:
         refs.s_smem[wg] = s_g
     plgpu.commit_smem()
-    _copy_out(plan, refs, refs.o_smem.at[wg], pl.ds(rows, plan.tile_m), pn, ocols)
+    if plan.store_wg:
+        plgpu.barrier_arrive(refs.full.at[oslot])
+        return
+    _copy_out(plan, refs, refs.o_smem.at[oslot], pl.ds(rows, plan.tile_m), pn, ocols)
     if plan.gelu_codes is not None:  # group pn of the output's columns (tile_n is one group)
         plgpu.copy_smem_to_gmem(refs.s_smem.at[wg], refs.out_scales.at[pn, pl.ds(rows, plan.tile_m)])
 
@@ -435,9 +452,13 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
         _stage_product(plan, refs, wg, rows, wcols, slot, eval_pipeline)
         return
     ocols = pl.ds(pn * plan.tile_n, plan.tile_n)
+    oslot = _out_slot(plan, wg, slot)
     if plan.residual:
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        plgpu.copy_gmem_to_smem(refs.residual.at[pl.ds(rows, plan.tile_m), ocols], refs.o_smem.at[wg],
+        if plan.store_wg:  # the store warpgroup has read this slot's last tile
+            plgpu.barrier_wait(refs.empty.at[oslot])
+        else:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.copy_gmem_to_smem(refs.residual.at[pl.ds(rows, plan.tile_m), ocols], refs.o_smem.at[oslot],
                                 refs.r_bar.at[wg])
     vec = None
     if plan.prefetch is not None:
@@ -445,7 +466,7 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
         vec = vec() if plan.prefetch == "before" else vec
     parts, vec = _accumulate(plan, refs, wg, rows, wcols, eval_pipeline, vec)
     if not plan.codes_wg:
-        _finish(plan, refs, wg, rows, pn, ocols, parts, vec)
+        _finish(plan, refs, wg, rows, pn, ocols, parts, vec, oslot)
         return
     width = plan.tile_n // len(parts)
     biased = _biased(plan, refs, pn, parts, vec)
@@ -651,6 +672,72 @@ def _fourth_warpgroup(plan: Plan, refs: _Refs, tile_body: Any) -> None:
         tile_body(pm, pn, info.local_index % plan.stage_slots, pl.ds(pn * plan.tile_n, plan.tile_n))
 
 
+# ``store_wg``: the memory and store warpgroups at setmaxnreg's floor leave the compute warpgroups the 232
+# registers a thread of the three-warpgroup kernel (24 + 2 x 232 + 24 = 512)
+STORE_WG_REGISTERS = 24
+STORE_WG_COMPUTE_REGISTERS = 232
+
+
+def _out_slot(plan: Plan, wg: Any, parity: Any) -> Any:
+    """A compute warpgroup's output slot in ``o_smem`` for a tile of ``parity`` (its index in the CTA's
+    tiles, mod 2): one per warpgroup, or two alternating (``plan.out_slots``)."""
+    return wg + 2 * (parity % 2) if plan.out_slots > 1 else wg
+
+
+def _store_warpgroup(plan: Plan, refs: _Refs) -> None:
+    """The fourth warpgroup of ``plan.store_wg``: for each of the CTA's tiles, in the compute warpgroups'
+    order, wait for each warpgroup's staged output (``full``), issue its TMA store, and hand the slot back
+    (``empty``) once the store has read it. A TMA store's issue can wait behind the memory warpgroup's
+    queued loads; here that stalls only this warpgroup, not the wgmmas (RESULTS.md, twenty-first
+    session). 24 registers a thread: it holds no tile."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    plgpu.set_max_registers(STORE_WG_REGISTERS, action="decrease")
+    for b in range(2 * plan.out_slots):  # every slot starts empty
+        plgpu.barrier_arrive(refs.empty.at[b])
+
+    @plgpu.nd_loop((plan.m_tiles * plan.n_tiles,), collective_axes="sm")
+    def tile(info: Any) -> None:
+        (lin,) = info.index
+        pm, pn = lin // plan.n_tiles, lin % plan.n_tiles
+        slots = [_out_slot(plan, wg, info.local_index) for wg in range(2)]
+        if plan.store_direct:
+            for wg, oslot in enumerate(slots):
+                plgpu.barrier_wait(refs.full.at[oslot])
+                _copy_direct(plan, refs, oslot, pm * plan.cta_m + wg * plan.tile_m, pn)
+                plgpu.barrier_arrive(refs.empty.at[oslot])
+            return
+        for wg, oslot in enumerate(slots):
+            plgpu.barrier_wait(refs.full.at[oslot])
+            _copy_out(plan, refs, refs.o_smem.at[oslot], pl.ds(pm * plan.cta_m + wg * plan.tile_m, plan.tile_m),
+                      pn, pl.ds(pn * plan.tile_n, plan.tile_n))
+        for wg, oslot in enumerate(slots):
+            plgpu.wait_smem_to_gmem(1 - wg, wait_read_only=True)  # this warpgroup's store has read its slot
+            plgpu.barrier_arrive(refs.empty.at[oslot])
+
+
+def _copy_direct(plan: Plan, refs: _Refs, oslot: Any, row0: Any, pn: Any) -> None:
+    """``plan.store_direct``: output slot ``oslot`` to the output's rows ``row0 ...`` of column tile ``pn``
+    through registers, 8 rows at a time (one 16-byte vector a thread, consecutive threads on consecutive
+    vectors: whole rows per warp), no TMA."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    rows = 128 * 16 // (plan.tile_n * jnp.dtype(plan.out_dtype).itemsize)
+    layout = plgpu.Layout.WG_STRIDED((rows, plan.tile_n), vec_size=16 // jnp.dtype(plan.out_dtype).itemsize)
+    for r in range(0, plan.tile_m, rows):
+        y = plgpu.load(refs.o_smem.at[oslot, pl.ds(r, rows)], (), layout=layout)
+        if plan.out_blocks == 1:
+            refs.out[pl.ds(row0 + r, rows), pl.ds(pn * plan.tile_n, plan.tile_n)] = y
+            continue
+        for i in range(plan.out_blocks):  # the output array holding column tile pn
+            def store(i: int = i, r: int = r, y: Any = y) -> None:
+                refs.out[i][pl.ds(row0 + r, rows), pl.ds((pn - i * plan.block_tiles) * plan.tile_n, plan.tile_n)] = y
+
+            pl.when(pn // plan.block_tiles == i)(store)
+
+
 def _swizzled(dtype: Any) -> tuple:
     """SMEM transforms for a tile that warpgroups store / load in the wgmma layout without bank conflicts
     (rows of 128 bytes, swizzled): unswizzled, a warp's 8 rows 128 / 256 bytes apart hit the same banks."""
@@ -669,7 +756,7 @@ def _output_slots(plan: Plan) -> Any:
         if plan.groups == 1:
             return None
         return plgpu.SMEM((1, EPILOGUE_ROWS, plan.tile_n), plan.out_dtype, transforms=_swizzled(plan.out_dtype))
-    return plgpu.SMEM((2, plan.tile_m, plan.tile_n), plan.out_dtype,
+    return plgpu.SMEM((2 * plan.out_slots, plan.tile_m, plan.tile_n), plan.out_dtype,
                       transforms=_swizzled(plan.out_dtype) if plan.codes_wg else ())
 
 
@@ -697,15 +784,17 @@ def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any
                        r_bar=None if not plan.residual or plan.epilogue_wg else plgpu.Barrier(num_barriers=2),
                        stage=plgpu.SMEM((plan.stage_slots, 2, plan.tile_m, plan.tile_n), plan.stage_dtype,
                                         transforms=_swizzled(plan.stage_dtype)) if plan.fourth_wg else None,
-                       full=plgpu.Barrier(num_arrivals=2, num_barriers=plan.stage_slots) if plan.fourth_wg else None,
-                       empty=plgpu.Barrier(num_arrivals=1, num_barriers=plan.stage_slots) if plan.fourth_wg else None,
+                       full=plgpu.Barrier(num_arrivals=2, num_barriers=plan.stage_slots) if plan.fourth_wg else
+                       plgpu.Barrier(num_arrivals=1, num_barriers=2 * plan.out_slots) if plan.store_wg else None,
+                       empty=plgpu.Barrier(num_arrivals=1, num_barriers=plan.stage_slots) if plan.fourth_wg else
+                       plgpu.Barrier(num_arrivals=1, num_barriers=2 * plan.out_slots) if plan.store_wg else None,
                        collective_axes="wg")
     def scope(allocs: Any, o_smem: Any, s_smem: Any, r_bar: Any, stage: Any, full: Any, empty: Any) -> None:
         refs = _Refs(sa_gmem, sw_gmem, b_gmem, r_gmem, g_gmem, o_gmem, s_gmem, o_smem, s_smem, r_bar, stage,
                      full, empty)
         tiles = functools.partial(_tiles, plan, refs, lax.axis_index("wg"), a_gmem, w_gmem, sa_gmem, sw_gmem, allocs)
-        if plan.fourth_wg:
-            fourth = _codes_warpgroup if plan.codes_wg else _epilogue_warpgroup
+        if plan.fourth_wg or plan.store_wg:
+            fourth = _codes_warpgroup if plan.codes_wg else _store_warpgroup if plan.store_wg else _epilogue_warpgroup
             pl.when(lax.axis_index("wg") == 3)(functools.partial(fourth, plan, refs))
             pl.when(lax.axis_index("wg") < 3)(tiles)
         else:

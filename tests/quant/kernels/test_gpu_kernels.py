@@ -108,8 +108,9 @@ def test_one_call_for_three_outputs_equals_three_calls(dtype, groups):
 
 
 def _assert_epilogue_warpgroup_equal(seed: int, k: int, n: int, blocks: int, residual: bool, dtype, groups: int,
-                                     **kw) -> None:
-    """The kernel with ``epilogue_wg`` against the same call without it, on random codes: bit-equal."""
+                                     option: str = "epilogue_wg", **kw) -> None:
+    """The kernel with ``option`` (``epilogue_wg``, ``store_wg``) against the same call without it, on random
+    codes: bit-equal."""
     from qdit_jax.quant.kernels.scaled_gemm import codes_wg_available, scaled_gemm_mosaic
 
     if not codes_wg_available():
@@ -122,7 +123,7 @@ def _assert_epilogue_warpgroup_equal(seed: int, k: int, n: int, blocks: int, res
     if residual:
         kw.update(residual=jnp.asarray(r.standard_normal((m, n)) * 4, jnp.bfloat16),
                   gate=jnp.asarray(r.standard_normal((B, n)) * 0.5, jnp.bfloat16))
-    outs = [jax.tree.leaves(jax.jit(lambda *v, e=e: scaled_gemm_mosaic(*v, out_blocks=blocks, epilogue_wg=e, **kw))(
+    outs = [jax.tree.leaves(jax.jit(lambda *v, e=e: scaled_gemm_mosaic(*v, out_blocks=blocks, **{option: e}, **kw))(
         a, w, sa, sw, b)) for e in (False, True)]
     assert len(outs[1]) == blocks and np.abs(np.asarray(outs[0][0], np.float32)).max() > 0
     for got, want in zip(outs[1], outs[0]):
@@ -146,6 +147,17 @@ def test_group_epilogue_warpgroup_equals_the_default(k, n, blocks, residual, dty
     float32 group sums staged in shared memory: the same bits as the compute warpgroups' own epilogue
     under the same schedule ('split')."""
     _assert_epilogue_warpgroup_equal(8, k, n, blocks, residual, dtype, k // 128, group_mode="split")
+
+
+@pytest.mark.parametrize("dtype, groups", [(jnp.float8_e4m3fn, True), (jnp.int8, True), (jnp.float8_e4m3fn, False)])
+@pytest.mark.parametrize("k, n, blocks, residual", [(C, 3 * C, 3, False), (C, C, 1, True), (HIDDEN, C, 1, True),
+                                                     (HIDDEN, C, 1, False)])
+def test_store_warpgroup_equals_the_default(k, n, blocks, residual, dtype, groups):
+    """The TMA stores issued by the store warpgroup (``store_wg``: two output slots a warpgroup with group
+    scales' 64-row tiles, one per channel): the same bits as the compute warpgroups storing themselves,
+    for q, k, v in one call and proj / fc2 with and without the gated residual, in each format's default
+    schedule."""
+    _assert_epilogue_warpgroup_equal(9, k, n, blocks, residual, dtype, k // 128 if groups else 1, option="store_wg")
 
 
 @pytest.mark.parametrize("prefetch", ["before", "after"])

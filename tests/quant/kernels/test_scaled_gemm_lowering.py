@@ -63,6 +63,10 @@ CASES = {
     "fp8 per channel + residual, epilogue warpgroup": (F8, 4 * C, C, 1, dict(residual=True, epilogue_wg=True)),
     "fp8 group-128 three outputs, epilogue warpgroup": (F8, C, 6 * C, 2, dict(out_blocks=3, epilogue_wg=True)),
     "int8 group-128 + residual, epilogue warpgroup": (jnp.int8, 4 * C, C, 8, dict(residual=True, epilogue_wg=True)),
+    # the TMA stores on a fourth warpgroup of 24 registers (two output slots a warpgroup with 64-row tiles)
+    "fp8 group-128 three outputs, store warpgroup": (F8, C, 6 * C, 2, dict(out_blocks=3, store_wg=True)),
+    "int8 group-128 overlap + residual, store warpgroup": (jnp.int8, 4 * C, C, 8, dict(residual=True, store_wg=True)),
+    "fp8 per channel + residual, store warpgroup": (F8, 4 * C, C, 1, dict(residual=True, store_wg=True)),
 }
 
 
@@ -229,6 +233,25 @@ def test_epilogue_warpgroup_holds_no_wgmma_and_the_registers_add_up(monkeypatch)
     assert memory + 2 * compute + epilogue == 512
     assert set(found["wgmma_ref"]) == {168}, found
     assert found["copy_smem_to_gmem"] and set(found["copy_smem_to_gmem"]) == {136}, found
+
+
+def test_store_warpgroup_holds_only_the_stores_and_the_registers_add_up(monkeypatch):
+    """With ``store_wg`` the TMA stores run only under the fourth warpgroup's 24 registers and the wgmmas
+    under the compute warpgroups' 232 (the three-warpgroup kernel's), the memory warpgroup at 24: the
+    split fills the 64K register file (24 + 2 x 232 + 24 = 512 a thread)."""
+    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
+    requests, found = _registers_at(F8, C, 4 * C, C // 128, ("wgmma_ref", "copy_smem_to_gmem"), store_wg=True)
+    by_action = sorted(requests)
+    assert by_action == [("decrease", 24), ("decrease", 24), ("increase", 232)], requests
+    assert sum(n for _, n in by_action) + 232 == 512
+    assert set(found["wgmma_ref"]) == {232}, found
+    assert found["copy_smem_to_gmem"] and set(found["copy_smem_to_gmem"]) == {24}, found
+
+
+def test_store_warpgroup_refuses_another_fourth_warpgroup(monkeypatch):
+    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
+    with pytest.raises(ValueError, match="store_wg takes the compute warpgroups' own bf16 epilogue"):
+        _lower(F8, C, C, 1, store_wg=True, epilogue_wg=True)
 
 
 def test_codes_warpgroup_without_the_pallas_hook_says_so(monkeypatch):
