@@ -103,12 +103,12 @@ def main() -> None:
     p.add_argument("--mosaic-forms", nargs="+", default=list(MOSAIC_FORMS),
                    help="qkvgemm / resgemm: the Mosaic GEMM's forms (see _mosaic_form)")
     p.add_argument("--epidiag-kinds", nargs="+", default=["default", "epi", "default+noscale", "default+nostore"],
-                   help="epidiag: the kernel ('default', 'epi': epilogue_wg, 'storewg': store_wg, 'storewgd': also store_direct), then +noscale / +nostore "
-                        "for the diagnostics or +splitstore (see _patched_epilogue)")
+                   help="epidiag: the kernel ('default', 'epi': epilogue_wg, 'storewg': store_wg), then "
+                        "+noscale / +nostore for the diagnostics or +splitstore (see _patched_epilogue)")
     p.add_argument("--groupepi-kinds", nargs="+", default=["split", "default", "split+epi", "default+splitstore"],
                    help="groupepi: the group mode ('split' or 'default'), then +epi (epilogue_wg) and / or a "
                         "diagnostic of _patched_epilogue (+noscale: the group scaling and bias left out; "
-                        "+nostore; +splitstore; +swizzleout; +samestore; +halfstore), or +storewg (store_wg) / +storewgd (store_wg, store_direct)")
+                        "+nostore; +splitstore; +swizzleout; +samestore; +halfstore), or +storewg (store_wg)")
     p.add_argument("--groupepi-codes", nargs="+", default=["fp8", "int8"], choices=["fp8", "int8"])
     p.add_argument("--normq-forms", nargs="+", default=["1x128x2", "1x128x1", "1x64x1", "1x128x4", "4x128x4", "2x128x2"],
                    help="normq: rows x chunk x warps")
@@ -397,16 +397,16 @@ MOSAIC_FORMS = ("128x128x3", "128x128x3:nochain", "128x128x4")
 
 
 def _patched_epilogue(kind: str):
-    """A context patching ``scaled_gemm_body`` for the ``epidiag`` diagnostics: 'noscale' leaves the
-    per-channel scale / bias arithmetic out (the product rounded to bf16 and stored; on the fourth
-    warpgroup only the scaling, the bias stays), 'nostore' also the TMA store to global memory (the SMEM
+    """A context patching ``scaled_gemm_body`` for the ``epidiag`` / ``groupepi`` diagnostics: 'noscale'
+    leaves the per-channel scale / bias arithmetic out (the product rounded to bf16 and stored; on the
+    fourth warpgroup only the scaling, the bias stays; group forms: the group scaling and the bias), 'nostore' also the TMA store to global memory (the SMEM
     store stays); 'splitstore' (a schedule, outputs unchanged) issues each TMA store as 32-row pieces
     back to back: whether the store's cost is its size or its timing (the fourth warpgroup's 64-row
     pieces, spread over its arithmetic, paid); 'swizzleout' (outputs unchanged) swizzles the compute
     warpgroups' output slots (unswizzled, a warp's rows 256 bytes apart hit the same banks); 'samestore'
     (outputs wrong) stores every tile to the output's first tile (the same bytes leave the SMs, almost none
-    reach HBM), 'halfstore' (outputs wrong) only the first compute warpgroup's rows. The jitted kernel is retraced inside
-    (``jax.clear_caches``), and again after."""
+    reach HBM), 'halfstore' (outputs wrong) only the first compute warpgroup's rows. The jitted kernel is
+    retraced inside (``jax.clear_caches``), and again after."""
     import contextlib
 
     from qdit_jax.quant.kernels import scaled_gemm_body as body
@@ -484,8 +484,7 @@ def epilogue_diagnostic(a, rng) -> None:
             with ctx:
                 fn = jax.jit(lambda qa, w, sa, sw, b: scaled_gemm_mosaic(
                     qa, w, sa, sw, b, out_blocks=blocks, prefetch="before" if blocks > 1 else None,
-                    epilogue_wg=base == "epi", store_wg=base.startswith("storewg"),
-                    store_direct=base == "storewgd"))
+                    epilogue_wg=base == "epi", store_wg=base == "storewg"))
                 res = run_timed(f"epidiag {name} {kind}", fn, (qa, w, sa, sw, b), a.repeats)
             if res is None:
                 continue
@@ -521,13 +520,11 @@ def group_epilogue_forms(a, rng) -> None:
             ref = None
             for kind in a.groupepi_kinds:
                 mode, *opts = kind.split("+")
-                epi, direct = "epi" in opts, "storewgd" in opts
-                store_wg = direct or "storewg" in opts
-                patch = next((o for o in opts if o not in ("epi", "storewg", "storewgd")), None)
+                epi, store_wg = "epi" in opts, "storewg" in opts
+                patch = next((o for o in opts if o not in ("epi", "storewg")), None)
                 mode = None if mode == "default" else mode
-                fn = jax.jit(lambda qa, w, sa, sw, b, mode=mode, epi=epi, store_wg=store_wg, direct=direct:
-                             scaled_gemm_mosaic(qa, w, sa, sw, b, out_blocks=blocks, group_mode=mode, epilogue_wg=epi,
-                                                store_wg=store_wg, store_direct=direct, **res))
+                fn = jax.jit(lambda qa, w, sa, sw, b, mode=mode, epi=epi, store_wg=store_wg: scaled_gemm_mosaic(
+                    qa, w, sa, sw, b, out_blocks=blocks, group_mode=mode, epilogue_wg=epi, store_wg=store_wg, **res))
                 label = f"groupepi {jnp.dtype(dtype).name} {name}: {kind}"
                 with _patched_epilogue(patch) if patch else contextlib.nullcontext():
                     out = run_timed(label, fn, (qa, w, sa, sw, b), a.repeats)

@@ -50,8 +50,8 @@ import jax
 import jax.numpy as jnp
 
 from qdit_jax.perf.device import is_hopper
-from qdit_jax.quant.kernels.scaled_gemm_body import (BF16_TILE_K, CODES_WG_REGISTERS, STORE_WG_COMPUTE_REGISTERS, TILE_K, Plan,
-                                                  kernel_body)
+from qdit_jax.quant.kernels.scaled_gemm_body import (BF16_TILE_K, CODES_WG_REGISTERS, STORE_WG_COMPUTE_REGISTERS,
+                                                  TILE_K, Plan, kernel_body)
 
 TILE_M, TILE_N, STEPS = 128, 128, 3  # per compute warpgroup; the fastest measured on the H100
 # group scales: a float32 running sum beside the wgmma accumulator (two 64 x 128 float32 tiles per
@@ -201,15 +201,14 @@ def _check_call(a: jax.Array, sa: jax.Array, sw: jax.Array, n_off: int, n: int, 
 # unjitted, each of XL/2's 140 calls was lowered to Mosaic GPU again (compiles of 104-118 s per forward)
 @functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode", "gelu_codes",
                                              "chain", "approx_tanh", "codes_wg", "prefetch", "out_blocks",
-                                             "epilogue_wg", "store_wg", "store_direct"))
+                                             "epilogue_wg", "store_wg"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                        gate: jax.Array | None = None, tile_m: int | None = None, tile_n: int = TILE_N,
                        steps: int | None = None, group_mode: str | None = None,
                        gelu_codes: Any = None, chain: bool = True, approx_tanh: bool = True,
                        codes_wg: bool = False, prefetch: str | None = None, out_blocks: int = 1,
-                       epilogue_wg: bool = False, store_wg: bool = False,
-                       store_direct: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+                       epilogue_wg: bool = False, store_wg: bool = False) -> jax.Array | tuple[jax.Array, ...]:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
     ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
     float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
@@ -300,7 +299,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                  int_codes=jnp.dtype(a.dtype) == jnp.dtype(jnp.int8), residual=residual is not None,
                  rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, out_dtype=out_dtype, codes_wg=codes_wg,
                  prefetch=None if epilogue_wg else prefetch, out_blocks=out_blocks, epilogue_wg=epilogue_wg,
-                 store_wg=store_wg, store_direct=store_wg and store_direct)
+                 store_wg=store_wg)
 
     return _launch(plan, num_sms, a, w, sa, sw, bias, residual, gate, approx_tanh)
 

@@ -47,7 +47,6 @@ class Plan:
     out_blocks: int = 1  # outputs: the n columns as this many (M, n / out_blocks) arrays (q, k, v in one call)
     epilogue_wg: bool = False  # the epilogue (scales, bias, residual) and store on a fourth warpgroup (``_epilogue_warpgroup``)
     store_wg: bool = False  # only the stores on a fourth warpgroup of few registers (``_store_warpgroup``)
-    store_direct: bool = False  # ``store_wg`` copies the slots to global memory through registers instead of by TMA
 
     @property
     def tile_k(self) -> int:
@@ -687,9 +686,9 @@ def _out_slot(plan: Plan, wg: Any, parity: Any) -> Any:
 def _store_warpgroup(plan: Plan, refs: _Refs) -> None:
     """The fourth warpgroup of ``plan.store_wg``: for each of the CTA's tiles, in the compute warpgroups'
     order, wait for each warpgroup's staged output (``full``), issue its TMA store, and hand the slot back
-    (``empty``) once the store has read it. A TMA store's issue can wait behind the memory warpgroup's
-    queued loads; here that stalls only this warpgroup, not the wgmmas (RESULTS.md, twenty-first
-    session). 24 registers a thread: it holds no tile."""
+    (``empty``) once the store has read it. The warpgroup issuing a TMA store stalls on it (~0.4 us a
+    store, measured from stores issued inside the K loop); here that stalls only this warpgroup, not the
+    wgmmas (RESULTS.md, twenty-first session). 24 registers a thread: it holds no tile."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -702,12 +701,6 @@ def _store_warpgroup(plan: Plan, refs: _Refs) -> None:
         (lin,) = info.index
         pm, pn = lin // plan.n_tiles, lin % plan.n_tiles
         slots = [_out_slot(plan, wg, info.local_index) for wg in range(2)]
-        if plan.store_direct:
-            for wg, oslot in enumerate(slots):
-                plgpu.barrier_wait(refs.full.at[oslot])
-                _copy_direct(plan, refs, oslot, pm * plan.cta_m + wg * plan.tile_m, pn)
-                plgpu.barrier_arrive(refs.empty.at[oslot])
-            return
         for wg, oslot in enumerate(slots):
             plgpu.barrier_wait(refs.full.at[oslot])
             _copy_out(plan, refs, refs.o_smem.at[oslot], pl.ds(pm * plan.cta_m + wg * plan.tile_m, plan.tile_m),
@@ -715,27 +708,6 @@ def _store_warpgroup(plan: Plan, refs: _Refs) -> None:
         for wg, oslot in enumerate(slots):
             plgpu.wait_smem_to_gmem(1 - wg, wait_read_only=True)  # this warpgroup's store has read its slot
             plgpu.barrier_arrive(refs.empty.at[oslot])
-
-
-def _copy_direct(plan: Plan, refs: _Refs, oslot: Any, row0: Any, pn: Any) -> None:
-    """``plan.store_direct``: output slot ``oslot`` to the output's rows ``row0 ...`` of column tile ``pn``
-    through registers, 8 rows at a time (one 16-byte vector a thread, consecutive threads on consecutive
-    vectors: whole rows per warp), no TMA."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    rows = 128 * 16 // (plan.tile_n * jnp.dtype(plan.out_dtype).itemsize)
-    layout = plgpu.Layout.WG_STRIDED((rows, plan.tile_n), vec_size=16 // jnp.dtype(plan.out_dtype).itemsize)
-    for r in range(0, plan.tile_m, rows):
-        y = plgpu.load(refs.o_smem.at[oslot, pl.ds(r, rows)], (), layout=layout)
-        if plan.out_blocks == 1:
-            refs.out[pl.ds(row0 + r, rows), pl.ds(pn * plan.tile_n, plan.tile_n)] = y
-            continue
-        for i in range(plan.out_blocks):  # the output array holding column tile pn
-            def store(i: int = i, r: int = r, y: Any = y) -> None:
-                refs.out[i][pl.ds(row0 + r, rows), pl.ds((pn - i * plan.block_tiles) * plan.tile_n, plan.tile_n)] = y
-
-            pl.when(pn // plan.block_tiles == i)(store)
 
 
 def _swizzled(dtype: Any) -> tuple:
