@@ -12,7 +12,8 @@ tile_n x steps (per channel at another tiling, e.g. ``channel64x128x4``: the gro
 tile_m x tile_n x steps followed by the group mode letter (p: plain, o: overlap, s: split), as in
 ``bench_block_ops.py`` (steps ``d``: the default depth, as the model runs: an explicit depth that does
 not divide the K steps restarts the pipeline per tile). ``--gelu-codes`` adds fc1's group forms with the
-GELU + codes epilogue (the MLP's fc1 on group-wise layers), ``--codes-wg`` that epilogue on the
+GELU + codes epilogue (the MLP's fc1 on group-wise layers), ``--store-wg`` the forms with their stores
+on the store warpgroup (with ``--gelu-codes`` the codes' too), ``--codes-wg`` that epilogue on the
 kernel's fourth warpgroup too. ``--time N`` also prints each kernel's median time (``perf.timing.chained_median``).
 """
 from __future__ import annotations
@@ -79,6 +80,9 @@ def main() -> None:
     p.add_argument("--codes-wg", action="store_true",
                    help="with --gelu-codes, group forms also run with that epilogue on a fourth warpgroup "
                         "(scaled_gemm codes_wg)")
+    p.add_argument("--store-wg", action="store_true",
+                   help="group forms also run with their TMA stores on the store warpgroup (scaled_gemm store_wg), "
+                        "with --gelu-codes the codes epilogue's too")
     a = p.parse_args()
     if jax.default_backend() != "gpu":
         p.error(f"the Mosaic GPU kernels need a Hopper GPU; JAX's backend here is {jax.default_backend()}")
@@ -88,11 +92,15 @@ def main() -> None:
         for codes in a.codes:
             for form, kw in a.forms:
                 variants = [(form, kw)]
+                if a.store_wg and "group_mode" in kw:
+                    variants.append((form + "+stwg", dict(kw, store_wg=True)))
                 if a.gelu_codes and shape == "fc1" and "group_mode" in kw:
                     codes_kw = dict(kw, gelu_codes=codes_spec(codes))
                     variants.append((form + "+codes", codes_kw))
                     if a.codes_wg:
                         variants.append((form + "+codes+wg", dict(codes_kw, codes_wg=True)))
+                    if a.store_wg:
+                        variants.append((form + "+codes+stwg", dict(codes_kw, store_wg=True)))
                 args = inputs(a.tokens, k, n, codes, "group_mode" in kw, rng)
                 for label, vkw in variants:
                     fn = jax.jit(lambda *v, kw=vkw: scaled_gemm_mosaic(*v, **kw))

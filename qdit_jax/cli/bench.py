@@ -113,6 +113,8 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-fp8-g128-nostwg": (FP8_G128, "real", "auto-nostwg"),
     "real-w8a8-g128-nostwg": (W8A8_G128, "real", "auto-nostwg"),
     "real-w4a8-g128-nostwg": (W4A8_G128, "real", "auto-nostwg"),
+    # and fc1's codes epilogue's stores on it too where that epilogue stays in the compute warpgroups (fp8)
+    "real-fp8-g128-stwg": (FP8_G128, "real", "auto-stwg"),
     # proj / fc2 from cuBLAS + XLA's epilogue-and-residual pass instead of scaled_gemm with the gated
     # residual in its epilogue (RealOptions.residual_kernel, on by default)
     "real-fp8-nores": (FP8, "real", "xla-nores"),
@@ -279,7 +281,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        qkv_one_call="qkvcalls" not in tags, qkv_prefetch=None if "nopf" in tags else "before",
                        codes_wg=True if "wg" in tags else False if "nowg" in tags else None,
                        epilogue_wg=False if "noepi" in tags else True if "epi" in tags else None,
-                       fc1_kernel="fc1k" in tags, store_wg=False if "nostwg" in tags else None,
+                       fc1_kernel="fc1k" in tags,
+                       store_wg=False if "nostwg" in tags else True if "stwg" in tags else None,
                        residual_epilogue_wg="noresepi" not in tags,
                        group_mode=next((t[len("gm"):] for t in tags if t.startswith("gm")), None))
     variables = rm.variables(unpack_w4=False if "packed" in tags else None)

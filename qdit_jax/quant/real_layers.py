@@ -152,7 +152,9 @@ class RealOptions:
     # gated residual): the TMA stores issued by a fourth warpgroup of 24 registers (``store_wg``; the
     # compute warpgroups keep their epilogue and 232 registers; the same bits). None: on where this JAX's
     # Pallas allows it. XL/2 at batch 256 on the H100: int8 g128 q, k, v 816 -> 704 us, fc2 + residual
-    # 1,006 -> 864; fp8 643 -> 631, 780 -> 753 (docs/RESULTS.md, twenty-first session)
+    # 1,006 -> 864; fp8 643 -> 631, 780 -> 753 (docs/RESULTS.md, twenty-first session). True also stores
+    # fc1's codes epilogue's codes and scales from it where that epilogue stays in the compute warpgroups
+    # (fp8; built in that session, not yet timed on a GPU)
     store_wg: bool | None = None
 
     def __post_init__(self) -> None:
@@ -490,8 +492,10 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
             return None
         qa, sa = _quantize_input(x.reshape(m, k), l1.act, k // w1.scale.shape[0], options, source)
         if options.gelu_epilogue and l2.act.group_size == TILE_N:  # (bf16 output: group_scaled_applies)
-            q2, s2 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, gelu_codes=l2.act,
-                                        codes_wg=codes_warpgroup(options, qa.dtype), **_kernel_schedule(options))
+            cwg = codes_warpgroup(options, qa.dtype)
+            stwg = {"store_wg": True} if not cwg and options.store_wg is True and codes_wg_available() else {}
+            q2, s2 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, gelu_codes=l2.act, codes_wg=cwg,
+                                        **_kernel_schedule(options), **stwg)
         else:
             y1 = _codes_gemm(qa, sa, w1, out_dtype, options)
             q2, s2 = gelu_quant_pallas(y1, None, None, None, l2.act, out_dtype)

@@ -252,9 +252,9 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     biases (adds the gated residual) and stores them meanwhile (``scaled_gemm_body._epilogue_warpgroup``;
     the same bits). With group scales 'split' becomes the default group mode (168 registers).
 
-    ``store_wg`` (no other fourth warpgroup, no codes epilogue): the compute warpgroups keep their
-    epilogue and their 232 registers and hand the staged output to a fourth warpgroup of 24 registers
-    that issues the TMA stores (``scaled_gemm_body._store_warpgroup``); the same outputs."""
+    ``store_wg`` (no other fourth warpgroup): the compute warpgroups keep their epilogue (with
+    ``gelu_codes`` too) and their 232 registers and hand the staged output to a fourth warpgroup of 24
+    registers that issues the TMA stores (``scaled_gemm_body._store_warpgroup``); the same outputs."""
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
     groups = _groups(sa)
@@ -274,9 +274,9 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                          "rounding) or fp8 / int8 with group scales (a float32 stage), and no codes epilogue; call "
                          "without it")
     _check_epilogue_wg(epilogue_wg, m, tile_m, residual, gate)
-    if store_wg and (codes_wg or epilogue_wg or gelu_codes is not None):
-        raise ValueError("store_wg takes the compute warpgroups' own bf16 epilogue: call it without codes_wg, "
-                         "epilogue_wg or gelu_codes")
+    if store_wg and (codes_wg or epilogue_wg):
+        raise ValueError("store_wg takes the compute warpgroups' own epilogue: call it without codes_wg or "
+                         "epilogue_wg")
     if store_wg and not codes_wg_available():
         raise NotImplementedError("this JAX's Pallas pipeline has no _compute_registers to bound: the store "
                                   "warpgroup cannot be used; call without store_wg (RealOptions(store_wg=False))")

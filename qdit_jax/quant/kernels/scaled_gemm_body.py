@@ -413,14 +413,14 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
     for j, yj in enumerate(parts):
         refs.o_smem[oslot, :, pl.ds(j * width, width)] = yj.astype(plan.out_dtype)
     if plan.gelu_codes is not None:
-        refs.s_smem[wg] = s_g
+        refs.s_smem[oslot] = s_g
     plgpu.commit_smem()
     if plan.store_wg:
         plgpu.barrier_arrive(refs.full.at[oslot])
         return
     _copy_out(plan, refs, refs.o_smem.at[oslot], pl.ds(rows, plan.tile_m), pn, ocols)
     if plan.gelu_codes is not None:  # group pn of the output's columns (tile_n is one group)
-        plgpu.copy_smem_to_gmem(refs.s_smem.at[wg], refs.out_scales.at[pn, pl.ds(rows, plan.tile_m)])
+        plgpu.copy_smem_to_gmem(refs.s_smem.at[oslot], refs.out_scales.at[pn, pl.ds(rows, plan.tile_m)])
 
 
 def _copy_out(plan: Plan, refs: _Refs, src: Any, rows: Any, pn: Any, ocols: Any) -> None:
@@ -685,7 +685,8 @@ def _out_slot(plan: Plan, wg: Any, parity: Any) -> Any:
 
 def _store_warpgroup(plan: Plan, refs: _Refs) -> None:
     """The fourth warpgroup of ``plan.store_wg``: for each of the CTA's tiles, in the compute warpgroups'
-    order, wait for each warpgroup's staged output (``full``), issue its TMA store, and hand the slot back
+    order, wait for each warpgroup's staged output (``full``; with the codes epilogue, the codes and their
+    scales), issue its TMA stores, and hand the slot back
     (``empty``) once the store has read it. The warpgroup issuing a TMA store stalls on it (~0.4 us a
     store, measured from stores issued inside the K loop); here that stalls only this warpgroup, not the
     wgmmas (RESULTS.md, twenty-first session). 24 registers a thread: it holds no tile."""
@@ -703,10 +704,13 @@ def _store_warpgroup(plan: Plan, refs: _Refs) -> None:
         slots = [_out_slot(plan, wg, info.local_index) for wg in range(2)]
         for wg, oslot in enumerate(slots):
             plgpu.barrier_wait(refs.full.at[oslot])
-            _copy_out(plan, refs, refs.o_smem.at[oslot], pl.ds(pm * plan.cta_m + wg * plan.tile_m, plan.tile_m),
-                      pn, pl.ds(pn * plan.tile_n, plan.tile_n))
+            rows = pl.ds(pm * plan.cta_m + wg * plan.tile_m, plan.tile_m)
+            _copy_out(plan, refs, refs.o_smem.at[oslot], rows, pn, pl.ds(pn * plan.tile_n, plan.tile_n))
+            if plan.gelu_codes is not None:  # the codes' group scales (tile_n is one group)
+                plgpu.copy_smem_to_gmem(refs.s_smem.at[oslot], refs.out_scales.at[pn, rows])
+        copies = 1 if plan.gelu_codes is None else 2  # TMA stores (bulk groups) a warpgroup's tile
         for wg, oslot in enumerate(slots):
-            plgpu.wait_smem_to_gmem(1 - wg, wait_read_only=True)  # this warpgroup's store has read its slot
+            plgpu.wait_smem_to_gmem((1 - wg) * copies, wait_read_only=True)  # this warpgroup's stores have read
             plgpu.barrier_arrive(refs.empty.at[oslot])
 
 
@@ -752,7 +756,8 @@ def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any
 
     @functools.partial(pl.run_scoped, allocs=allocations,
                        o_smem=_output_slots(plan),
-                       s_smem=None if plan.gelu_codes is None else plgpu.SMEM((2, plan.tile_m), jnp.float32),
+                       s_smem=None if plan.gelu_codes is None else plgpu.SMEM((2 * plan.out_slots, plan.tile_m),
+                                                                                jnp.float32),
                        r_bar=None if not plan.residual or plan.epilogue_wg else plgpu.Barrier(num_barriers=2),
                        stage=plgpu.SMEM((plan.stage_slots, 2, plan.tile_m, plan.tile_n), plan.stage_dtype,
                                         transforms=_swizzled(plan.stage_dtype)) if plan.fourth_wg else None,

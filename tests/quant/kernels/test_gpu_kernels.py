@@ -160,6 +160,28 @@ def test_store_warpgroup_equals_the_default(k, n, blocks, residual, dtype, group
     _assert_epilogue_warpgroup_equal(9, k, n, blocks, residual, dtype, k // 128 if groups else 1, option="store_wg")
 
 
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int"])
+def test_store_warpgroup_with_the_codes_epilogue_equals_the_default(fmt):
+    """fc1 with fc2's group codes in its epilogue, the codes and their scales stored by the store
+    warpgroup: the same codes and scales as the compute warpgroups storing them."""
+    from qdit_jax.quant.kernels.scaled_gemm import codes_wg_available, scaled_gemm_mosaic
+
+    if not codes_wg_available():
+        pytest.skip("this JAX's Pallas pipeline cannot bound the compute warpgroups' registers")
+    dtype = jnp.float8_e4m3fn if fmt == "fp8_e4m3" else jnp.int8
+    spec = QuantSpec(bits=8, format=fmt, group_size=128, symmetric=True)
+    r = np.random.default_rng(10)
+    m = B * T
+    a, w = _random_codes(r, (m, C), dtype), _random_codes(r, (HIDDEN, C), dtype)
+    sa, sw = (jnp.asarray(r.uniform(0.001, 0.003, (C // 128, v)), jnp.float32) for v in (m, HIDDEN))
+    b = jnp.asarray(r.standard_normal(HIDDEN) * 0.1, jnp.float32)
+    outs = [jax.jit(lambda *v, e=e: scaled_gemm_mosaic(*v, gelu_codes=spec, store_wg=e))(a, w, sa, sw, b)
+            for e in (False, True)]
+    assert np.abs(np.asarray(outs[0][0], np.float32)).max() > 0
+    for got, want in zip(outs[1], outs[0]):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 @pytest.mark.parametrize("prefetch", ["before", "after"])
 def test_prefetched_residual_epilogue_equals_the_default(prefetch):
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic

@@ -67,6 +67,8 @@ CASES = {
     "fp8 group-128 three outputs, store warpgroup": (F8, C, 6 * C, 2, dict(out_blocks=3, store_wg=True)),
     "int8 group-128 overlap + residual, store warpgroup": (jnp.int8, 4 * C, C, 8, dict(residual=True, store_wg=True)),
     "fp8 per channel + residual, store warpgroup": (F8, 4 * C, C, 1, dict(residual=True, store_wg=True)),
+    "fp8 group-128 gelu_codes, store warpgroup": (F8, C, 4 * C, 2, dict(store_wg=True, gelu_codes=QuantSpec(
+        bits=8, format="fp8_e4m3", group_size=128, symmetric=True))),
 }
 
 
@@ -250,8 +252,11 @@ def test_store_warpgroup_holds_only_the_stores_and_the_registers_add_up(monkeypa
 
 def test_store_warpgroup_refuses_another_fourth_warpgroup(monkeypatch):
     monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
-    with pytest.raises(ValueError, match="store_wg takes the compute warpgroups' own bf16 epilogue"):
+    with pytest.raises(ValueError, match="store_wg takes the compute warpgroups' own epilogue"):
         _lower(F8, C, C, 1, store_wg=True, epilogue_wg=True)
+    spec = QuantSpec(bits=8, group_size=128, symmetric=True)
+    with pytest.raises(ValueError, match="store_wg takes the compute warpgroups' own epilogue"):
+        _lower(jnp.int8, C, 4 * C, C // 128, store_wg=True, codes_wg=True, gelu_codes=spec)
 
 
 def test_codes_warpgroup_without_the_pallas_hook_says_so(monkeypatch):
