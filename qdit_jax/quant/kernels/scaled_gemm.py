@@ -249,12 +249,12 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     ``epilogue_wg`` (per-channel fp8 codes, or group scales; no codes epilogue; a residual with one gate
     row per CTA tile): the compute warpgroups stage their products rounded to bf16 (group scales: their
     float32 sums) in shared memory and go on to the next tile's K loop; a fourth warpgroup scales,
-    biases (adds the gated residual) and stores them meanwhile (``scaled_gemm_body._epilogue_warpgroup``;
+    biases (adds the gated residual) and stores them meanwhile (``scaled_gemm_fourth_wg.epilogue_warpgroup``;
     the same bits). With group scales 'split' becomes the default group mode (168 registers).
 
     ``store_wg`` (no other fourth warpgroup): the compute warpgroups keep their epilogue (with
     ``gelu_codes`` too) and their 232 registers and hand the staged output to a fourth warpgroup of 24
-    registers that issues the TMA stores (``scaled_gemm_body._store_warpgroup``); the same outputs."""
+    registers that issues the TMA stores (``scaled_gemm_fourth_wg.store_warpgroup``); the same outputs."""
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
     groups = _groups(sa)

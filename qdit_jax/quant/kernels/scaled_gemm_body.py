@@ -1,8 +1,10 @@
 """The Mosaic GPU kernel body of ``kernels.scaled_gemm``: its static plan, the K step of each group
-mode, and the tile epilogue (scales, bias, gated residual or the next layer's codes, store).
+mode, the compute warpgroups' tile epilogue (scales, bias, gated residual or the next layer's codes,
+store) and the kernel's frame.
 
-Split from ``scaled_gemm`` (its guard, tiling choices, entry point and XLA reference) so that each
-part reads in one sitting. Every function here runs while the kernel is traced: they emit Mosaic GPU
+Split from ``scaled_gemm`` (its guard, tiling choices, entry point and XLA reference) and from
+``scaled_gemm_fourth_wg`` (the optional fourth warpgroup's three forms) so that each part reads in one
+sitting. Every function here runs while the kernel is traced: they emit Mosaic GPU
 ops in the order they are called, and the order is the schedule (what overlaps what is written out in
 each docstring). Refactors here are checked by lowering every configuration for CUDA on a CPU and
 comparing the text (tests/quant/kernels/test_scaled_gemm_lowering.py).
@@ -19,6 +21,24 @@ from jax import lax
 
 TILE_K = 128  # one K step (and, with group scales, one group) per pipeline slot
 BF16_TILE_K = TILE_K // 2  # the bf16 form's K step: one 128-byte row of bf16, as TILE_K is of fp8 / int8
+
+# rows the epilogue warpgroup takes at a time (one wgmma-layout row block), each piece stored by TMA as
+# soon as it is written: storing the whole tile at the end cost q, k, v 446 vs 422 us, fc1 589 vs 550
+# (docs/RESULTS.md, twentieth session)
+EPILOGUE_ROWS = 64
+
+# registers per thread of each compute warpgroup and of the codes warpgroup (with the memory
+# warpgroup's 40: 512, the 64K register file over 128-thread warpgroups). 168 is what the compute
+# warpgroups compile to in the three-warpgroup kernel (here ptxas spills 8 bytes); at 160 / 152 they
+# spill more and run 1.3x slower, 176 / 120 and 184 / 104 died with an illegal instruction on the H100
+# (RESULTS.md, sixteenth session). 'overlap' holds a third register tile and spills at 168 (2.2x
+# slower), so the codes warpgroup goes with 'split'
+CODES_WG_REGISTERS = 168, 136
+
+# ``store_wg``: the memory and store warpgroups at setmaxnreg's floor leave the compute warpgroups the 232
+# registers a thread of the three-warpgroup kernel (24 + 2 x 232 + 24 = 512)
+STORE_WG_REGISTERS = 24
+STORE_WG_COMPUTE_REGISTERS = 232
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,13 +60,13 @@ class Plan:
     rows_per_gate: int
     gelu_codes: Any  # the next layer's activation spec, or None
     out_dtype: Any
-    codes_wg: bool = False  # the codes epilogue run by a fourth warpgroup (``_codes_warpgroup``)
+    codes_wg: bool = False  # the codes epilogue run by a fourth warpgroup (``scaled_gemm_fourth_wg.codes_warpgroup``)
     bf16: bool = False  # bf16 operands, no scales (the float model's GEMM with this epilogue)
     w_kn: bool = False  # weights stored (K, N) (a Flax Dense kernel; bf16 only), else (N, K)
     prefetch: str | None = None  # the epilogue's vectors loaded 'before' the K loop or 'after' it in one batch
     out_blocks: int = 1  # outputs: the n columns as this many (M, n / out_blocks) arrays (q, k, v in one call)
-    epilogue_wg: bool = False  # the epilogue (scales, bias, residual) and store on a fourth warpgroup (``_epilogue_warpgroup``)
-    store_wg: bool = False  # only the stores on a fourth warpgroup of few registers (``_store_warpgroup``)
+    epilogue_wg: bool = False  # the epilogue (scales, bias, residual) and store on a fourth warpgroup
+    store_wg: bool = False  # only the stores on a fourth warpgroup of few registers (``scaled_gemm_fourth_wg``)
 
     @property
     def tile_k(self) -> int:
@@ -442,8 +462,8 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
     """One output tile of this warpgroup: the residual tile's copy issued first (by TMA into the
     warpgroup's output slot once its previous store has read it, so that it lands during the K loop),
     then the K loop, then :func:`_finish`; with ``plan.codes_wg`` the biased output is staged in bf16 (the
-    GELU's first rounding) in stage slot ``slot`` for :func:`_codes_warpgroup` instead; with
-    ``plan.epilogue_wg`` the product (:func:`_stage_product`) for :func:`_epilogue_warpgroup`."""
+    GELU's first rounding) in stage slot ``slot`` for ``scaled_gemm_fourth_wg.codes_warpgroup`` instead; with
+    ``plan.epilogue_wg`` the product (:func:`_stage_product`) for ``scaled_gemm_fourth_wg.epilogue_warpgroup``."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -502,216 +522,10 @@ def _stage_product(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, slot
     plgpu.barrier_arrive(refs.full.at[slot])
 
 
-# rows the epilogue warpgroup takes at a time (one wgmma-layout row block), each piece stored by TMA as
-# soon as it is written: storing the whole tile at the end cost q, k, v 446 vs 422 us, fc1 589 vs 550
-# (docs/RESULTS.md, twentieth session)
-EPILOGUE_ROWS = 64
-
-
-def _epilogue_warpgroup(plan: Plan, refs: _Refs) -> None:
-    """The fourth warpgroup of ``plan.epilogue_wg``: for each of the CTA's tiles, in the compute
-    warpgroups' order, load the column vectors, wait until both compute warpgroups have staged their bf16
-    products (group scales: float32 sums), then piece by piece (``_epilogue_pieces``) scale and bias them
-    (the same float32 steps as the compute warpgroups' own epilogue, so the same bits), add the gated
-    residual if any (read from global memory into registers, a piece ahead), write the piece back in
-    place (group scales: into ``o_smem``) and store each row block by TMA once written; hand the slot back
-    once the stores have read it. All while the compute warpgroups run the next tile's K loop: in the
-    three-warpgroup kernel the tensor cores wait for the epilogue (per-channel fp8 q, k, v at XL/2's batch
-    256: 458 us with it, 357 without its arithmetic and store; docs/RESULTS.md, twentieth session)."""
-    _fourth_warpgroup(plan, refs, functools.partial(_epilogue_tile, plan, refs))
-
-
-def _epilogue_tile(plan: Plan, refs: _Refs, pm: Any, pn: Any, slot: Any, ocols: Any) -> None:
-    """:func:`_epilogue_warpgroup`'s work on CTA tile (pm, pn) from stage slot ``slot``."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    row_l, col_l = _layouts()
-    pieces = _epilogue_pieces(plan)
-    width = pieces[0][3]
-
-    def vectors(j: int) -> tuple:
-        """Column part ``j``'s weight scales (per channel), bias and (one gate row per CTA tile) gate."""
-        cols = pl.ds(plan.n_off + pn * plan.tile_n + j * width, width)
-        s_w = plgpu.load(refs.sw.at[cols], (), layout=col_l, optimized=False) if _channel_scaled(plan) else None
-        gate = _gate_part(plan, refs, pm * plan.cta_m, pn, j, width) if plan.residual else None
-        return s_w, _bias_part(plan, refs, pn, j, width), gate
-
-    def residual(piece: tuple) -> jax.Array | None:
-        half, r, j, _ = piece
-        if not plan.residual:
-            return None
-        rows = pl.ds(pm * plan.cta_m + half * plan.tile_m + r, EPILOGUE_ROWS)
-        return plgpu.load(refs.residual.at[rows, pl.ds(pn * plan.tile_n + j * width, width)], (),
-                          layout=plgpu.Layout.WGMMA, optimized=False)
-
-    vec = {0: vectors(0)}  # column part 0's vectors and the first residual piece in flight during the K loop
-    res_next = residual(pieces[0])
-    s_as = {}  # per channel: the row scales of each row block (half, r)
-    for half, r, _, _ in pieces if _channel_scaled(plan) else ():
-        if (half, r) not in s_as:
-            rows = pl.ds(pm * plan.cta_m + half * plan.tile_m + r, EPILOGUE_ROWS)
-            s_as[half, r] = plgpu.load(refs.sa.at[rows], (), layout=row_l, optimized=False)
-    plgpu.barrier_wait(refs.full.at[slot])
-    for i, piece in enumerate(pieces):
-        half, r, j, _ = piece
-        if j not in vec:
-            vec[j] = vectors(j)
-        res, res_next = res_next, residual(pieces[i + 1]) if i + 1 < len(pieces) else None
-        r0 = pm * plan.cta_m + half * plan.tile_m + r
-        row_block = refs.stage.at[slot, half, pl.ds(r, EPILOGUE_ROWS)]
-        view = row_block.at[:, pl.ds(j * width, width)]
-        p = plgpu.load(view, (), layout=plgpu.Layout.WGMMA)
-        y = _piece_output(plan, p, s_as.get((half, r)), vec[j], res).astype(plan.out_dtype)
-        if plan.groups > 1:  # the float32 stage cannot hold bf16 in place: the row block goes via o_smem
-            row_block = refs.o_smem.at[0]
-            if j == 0:  # its previous row block's store has read it
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            view = row_block.at[:, pl.ds(j * width, width)]
-        view[...] = y
-        if j == plan.tile_n // width - 1:  # the row block's last part: store it (TMA takes whole swizzled rows)
-            plgpu.commit_smem()
-            _copy_out(plan, refs, row_block, pl.ds(r0, EPILOGUE_ROWS), pn, ocols)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    plgpu.barrier_arrive(refs.empty.at[slot])
-
-
-def _channel_scaled(plan: Plan) -> bool:
-    """Whether the epilogue applies per-token x per-channel scales (not the group or bf16 forms)."""
-    return plan.groups == 1 and not plan.bf16
-
-
-def _epilogue_pieces(plan: Plan) -> list[tuple[int, int, int, int]]:
-    """The epilogue warpgroup's pieces of a CTA tile, in order: (compute warpgroup half, first row in it,
-    column part, part width). Rows by ``EPILOGUE_ROWS`` (a wgmma-layout row block); with a residual the
-    tile's columns in two parts, per channel part-major (each part's scale / bias / gate vectors then held
-    for its pieces only: 16 registers each instead of 32, beside the residual pieces in flight), with group
-    scales row-block-major (each row block goes out through the one-row-block ``o_smem``); a row block is
-    stored once its last part is written."""
-    parts = 2 if plan.residual else 1
-    width = plan.tile_n // parts
-    rows = [(half, r) for half in range(2) for r in range(0, plan.tile_m, EPILOGUE_ROWS)]
-    if plan.groups > 1:
-        return [(half, r, j, width) for half, r in rows for j in range(parts)]
-    return [(half, r, j, width) for j in range(parts) for half, r in rows]
-
-
-def _piece_output(plan: Plan, p: jax.Array, s_a: Any, vec: tuple, res: jax.Array | None) -> jax.Array:
-    """One piece's output from its bf16 product: ``p * s_a * s_w + b`` in float32 (``_scaled``,
-    ``_biased``; group scales: ``p`` is the scaled float32 sum, plus ``b``; the bf16 form: ``p + b``), then
-    with a residual ``res + gate * y`` with the model's bf16 roundings (as ``_finish``)."""
-    s_w, bias, gate = vec
-    shape = p.shape
-    if plan.bf16:  # the bf16 form: the product, no scales
-        y = p.astype(jnp.float32)
-    else:
-        y = p if plan.groups > 1 else _scaled(plan, p, s_a, s_w, shape)  # group sums come scaled
-    y = y + lax.broadcast_in_dim(bias, shape, [1])
-    if res is None:
-        return y
-    y = y.astype(jnp.bfloat16).astype(jnp.float32)
-    y = (lax.broadcast_in_dim(gate, shape, [1]) * y).astype(jnp.bfloat16).astype(jnp.float32)
-    return res.astype(jnp.float32) + y
-
-
-# registers per thread of each compute warpgroup and of the codes warpgroup (with the memory
-# warpgroup's 40: 512, the 64K register file over 128-thread warpgroups). 168 is what the compute
-# warpgroups compile to in the three-warpgroup kernel (here ptxas spills 8 bytes); at 160 / 152 they
-# spill more and run 1.3x slower, 176 / 120 and 184 / 104 died with an illegal instruction on the H100
-# (RESULTS.md, sixteenth session). 'overlap' holds a third register tile and spills at 168 (2.2x
-# slower), so the codes warpgroup goes with 'split'
-CODES_WG_REGISTERS = 168, 136
-
-
-def _codes_warpgroup(plan: Plan, refs: _Refs) -> None:
-    """The fourth warpgroup of ``plan.codes_wg`` (fc1 with fc2's group codes in its epilogue): for each
-    of the CTA's tiles, in the compute warpgroups' order, wait until both have staged their biased bf16
-    rows in ``stage`` (two slots, alternating: the compute warpgroups wait only when it is a whole tile
-    behind), read both 64-row halves and hand the slot back, compute the GELU and the codes
-    (``gelu_group_codes``, both halves in one go for the instruction-level parallelism), and store the
-    codes and the scales by TMA; all while the compute warpgroups run the next tile's K loop, where in
-    the immediate epilogue the tensor cores wait for it."""
-    _fourth_warpgroup(plan, refs, functools.partial(_codes_tile, plan, refs))
-
-
-def _codes_tile(plan: Plan, refs: _Refs, pm: Any, pn: Any, slot: Any, ocols: Any) -> None:
-    """:func:`_codes_warpgroup`'s work on CTA tile (pm, pn) from stage slot ``slot``."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    plgpu.barrier_wait(refs.full.at[slot])
-    ys = [plgpu.load(refs.stage.at[slot, half], (), layout=plgpu.Layout.WGMMA) for half in range(2)]
-    plgpu.barrier_arrive(refs.empty.at[slot])
-    res = [gelu_group_codes([y.astype(jnp.float32)], plan.gelu_codes) for y in ys]
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read o_smem / s_smem
-    for half, (s_g, (q,)) in enumerate(res):
-        refs.o_smem[half] = q.astype(plan.out_dtype)
-        refs.s_smem[half] = s_g
-    plgpu.commit_smem()
-    for half in range(2):
-        rows = pl.ds(pm * plan.cta_m + half * plan.tile_m, plan.tile_m)
-        plgpu.copy_smem_to_gmem(refs.o_smem.at[half], refs.out.at[rows, ocols])
-        plgpu.copy_smem_to_gmem(refs.s_smem.at[half], refs.out_scales.at[pn, rows])
-
-
-def _fourth_warpgroup(plan: Plan, refs: _Refs, tile_body: Any) -> None:
-    """A fourth warpgroup's frame: its register request, every stage slot handed over empty, then
-    ``tile_body(pm, pn, slot, ocols)`` for each of the CTA's tiles in the compute warpgroups' order."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    plgpu.set_max_registers(CODES_WG_REGISTERS[1], action="increase")
-    for b in range(plan.stage_slots):  # every slot starts empty
-        plgpu.barrier_arrive(refs.empty.at[b])
-
-    @plgpu.nd_loop((plan.m_tiles * plan.n_tiles,), collective_axes="sm")
-    def tile(info: Any) -> None:
-        (lin,) = info.index
-        pm, pn = lin // plan.n_tiles, lin % plan.n_tiles
-        tile_body(pm, pn, info.local_index % plan.stage_slots, pl.ds(pn * plan.tile_n, plan.tile_n))
-
-
-# ``store_wg``: the memory and store warpgroups at setmaxnreg's floor leave the compute warpgroups the 232
-# registers a thread of the three-warpgroup kernel (24 + 2 x 232 + 24 = 512)
-STORE_WG_REGISTERS = 24
-STORE_WG_COMPUTE_REGISTERS = 232
-
-
 def _out_slot(plan: Plan, wg: Any, parity: Any) -> Any:
     """A compute warpgroup's output slot in ``o_smem`` for a tile of ``parity`` (its index in the CTA's
     tiles, mod 2): one per warpgroup, or two alternating (``plan.out_slots``)."""
     return wg + 2 * (parity % 2) if plan.out_slots > 1 else wg
-
-
-def _store_warpgroup(plan: Plan, refs: _Refs) -> None:
-    """The fourth warpgroup of ``plan.store_wg``: for each of the CTA's tiles, in the compute warpgroups'
-    order, wait for each warpgroup's staged output (``full``; with the codes epilogue, the codes and their
-    scales), issue its TMA stores, and hand the slot back
-    (``empty``) once the store has read it. The warpgroup issuing a TMA store stalls on it (~0.4 us a
-    store, measured from stores issued inside the K loop); here that stalls only this warpgroup, not the
-    wgmmas (RESULTS.md, twenty-first session). 24 registers a thread: it holds no tile."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    plgpu.set_max_registers(STORE_WG_REGISTERS, action="decrease")
-    for b in range(2 * plan.out_slots):  # every slot starts empty
-        plgpu.barrier_arrive(refs.empty.at[b])
-
-    @plgpu.nd_loop((plan.m_tiles * plan.n_tiles,), collective_axes="sm")
-    def tile(info: Any) -> None:
-        (lin,) = info.index
-        pm, pn = lin // plan.n_tiles, lin % plan.n_tiles
-        slots = [_out_slot(plan, wg, info.local_index) for wg in range(2)]
-        for wg, oslot in enumerate(slots):
-            plgpu.barrier_wait(refs.full.at[oslot])
-            rows = pl.ds(pm * plan.cta_m + wg * plan.tile_m, plan.tile_m)
-            _copy_out(plan, refs, refs.o_smem.at[oslot], rows, pn, pl.ds(pn * plan.tile_n, plan.tile_n))
-            if plan.gelu_codes is not None:  # the codes' group scales (tile_n is one group)
-                plgpu.copy_smem_to_gmem(refs.s_smem.at[oslot], refs.out_scales.at[pn, rows])
-        copies = 1 if plan.gelu_codes is None else 2  # TMA stores (bulk groups) a warpgroup's tile
-        for wg, oslot in enumerate(slots):
-            plgpu.wait_smem_to_gmem((1 - wg) * copies, wait_read_only=True)  # this warpgroup's stores have read
-            plgpu.barrier_arrive(refs.empty.at[oslot])
 
 
 def _swizzled(dtype: Any) -> tuple:
@@ -738,8 +552,8 @@ def _output_slots(plan: Plan) -> Any:
 
 def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any, b_gmem: Any, *rest: Any) -> None:
     """The persistent kernel: each CTA (one per SM) loops over its output tiles; with ``plan.codes_wg``
-    (``plan.epilogue_wg``) a fourth warpgroup runs :func:`_codes_warpgroup` (:func:`_epilogue_warpgroup`)
-    beside them."""
+    (``epilogue_wg``, ``store_wg``) a fourth warpgroup runs ``scaled_gemm_fourth_wg``'s codes (epilogue,
+    store) warpgroup beside them."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -771,7 +585,10 @@ def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any
                      full, empty)
         tiles = functools.partial(_tiles, plan, refs, lax.axis_index("wg"), a_gmem, w_gmem, sa_gmem, sw_gmem, allocs)
         if plan.fourth_wg or plan.store_wg:
-            fourth = _codes_warpgroup if plan.codes_wg else _store_warpgroup if plan.store_wg else _epilogue_warpgroup
+            from qdit_jax.quant.kernels import scaled_gemm_fourth_wg as wg4
+
+            fourth = (wg4.codes_warpgroup if plan.codes_wg else wg4.store_warpgroup if plan.store_wg
+                      else wg4.epilogue_warpgroup)
             pl.when(lax.axis_index("wg") == 3)(functools.partial(fourth, plan, refs))
             pl.when(lax.axis_index("wg") < 3)(tiles)
         else:
