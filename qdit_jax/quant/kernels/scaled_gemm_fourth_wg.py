@@ -177,10 +177,10 @@ def _fourth_warpgroup(plan: Plan, refs: _Refs, tile_body: Any) -> None:
 def store_warpgroup(plan: Plan, refs: _Refs) -> None:
     """The fourth warpgroup of ``plan.store_wg``: for each of the CTA's tiles, in the compute warpgroups'
     order, wait for each warpgroup's staged output (``full``; with the codes epilogue, the codes and their
-    scales), issue its TMA stores, and hand the slot back
-    (``empty``) once the store has read it. The warpgroup issuing a TMA store stalls on it (~0.4 us a
-    store, measured from stores issued inside the K loop); here that stalls only this warpgroup, not the
-    wgmmas (RESULTS.md, twenty-first session). 24 registers a thread: it holds no tile."""
+    scales), issue its TMA stores, and hand the slot back (``empty``) once the stores have read it. The
+    warpgroup issuing a TMA store stalls on it (~0.4 us a store, measured from stores issued inside the K
+    loop); here that stalls only this warpgroup, not the wgmmas (RESULTS.md, twenty-first session). 24
+    registers a thread: it holds no tile."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
