@@ -16,8 +16,8 @@ residual tile is copied by TMA into that slot before the K loop and added in the
 epilogue can instead go to a fourth warpgroup (``epilogue_wg``: the compute warpgroups stage the bf16
 fp8 product, or the float32 group sums, and go on with the next tile): per-channel fp8's mainloop alone
 runs as fast as cuBLAS' fp8 GEMM, and the epilogue, mostly its global store, was what the tensor cores
-waited for. The kernel body (K step per group mode, tile epilogue, the fourth warpgroups) is
-``kernels.scaled_gemm_body``.
+waited for. The kernel body (K step per group mode, tile epilogue) is ``kernels.scaled_gemm_body``, the
+fourth warpgroup's forms (epilogue, codes, store) ``kernels.scaled_gemm_fourth_wg``.
 
 Group scales (Q-DiT's granularity: weights and activations in 128-channel groups along K): the
 (G, M) x (G, N) scale rows come by TMA with each K step's tiles, each step's product goes into a fresh
@@ -277,9 +277,6 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     if store_wg and (codes_wg or epilogue_wg):
         raise ValueError("store_wg takes the compute warpgroups' own epilogue: call it without codes_wg or "
                          "epilogue_wg")
-    if store_wg and not codes_wg_available():
-        raise NotImplementedError("this JAX's Pallas pipeline has no _compute_registers to bound: the store "
-                                  "warpgroup cannot be used; call without store_wg (RealOptions(store_wg=False))")
     num_sms = jax.devices()[0].core_count
     steps, chained = chained_steps(k // TILE_K, (m // (2 * tile_m)) * (n // tile_n), num_sms,
                                    steps0 if steps is None else steps, chain, explicit=steps is not None)
@@ -306,16 +303,11 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
 def _check_epilogue_wg(epilogue_wg: bool, m: int, tile_m: int, residual: jax.Array | None,
                        gate: jax.Array | None) -> None:
-    """The epilogue warpgroup's guard shared by both forms: one gate row per CTA tile, and this JAX's
-    Pallas able to bound the compute warpgroups' registers."""
-    if not epilogue_wg:
-        return
-    if residual is not None and not epilogue_wg_residual_fits(m, gate.shape[0], tile_m):
+    """The epilogue warpgroup's guard shared by both forms: one gate row per CTA tile (whether this JAX's
+    Pallas can bound the compute warpgroups' registers: ``_compute_registers``)."""
+    if epilogue_wg and residual is not None and not epilogue_wg_residual_fits(m, gate.shape[0], tile_m):
         raise ValueError(f"epilogue_wg with a residual needs one gate row per CTA tile of {2 * tile_m} rows (gate "
                          f"{gate.shape} over {m} rows); call without it")
-    if not codes_wg_available():
-        raise NotImplementedError("this JAX's Pallas pipeline has no _compute_registers to bound: the epilogue "
-                                  "warpgroup cannot be used; call without epilogue_wg")
 
 
 def epilogue_wg_residual_fits(m: int, gate_rows: int, tile_m: int = TILE_M) -> bool:
@@ -370,7 +362,8 @@ def _launch(plan: Plan, num_sms: int, a: jax.Array, w: jax.Array, sa: jax.Array,
                         num_threads=4 if plan.fourth_wg or plan.store_wg else 3, thread_name="wg",
                         compiler_params=params)
     registers = CODES_WG_REGISTERS[0] if plan.fourth_wg else STORE_WG_COMPUTE_REGISTERS if plan.store_wg else None
-    with _compute_registers(registers):
+    option = "codes_wg" if plan.codes_wg else "epilogue_wg" if plan.epilogue_wg else "store_wg"
+    with _compute_registers(registers, option):
         return call(a, w, sa, sw, bias, *(() if residual is None else (residual, gate)))
 
 
@@ -418,17 +411,18 @@ def codes_wg_available() -> bool:
 
 
 @contextlib.contextmanager
-def _compute_registers(n: int | None) -> Iterator[None]:
+def _compute_registers(n: int | None, option: str) -> Iterator[None]:
     """While the kernel is traced, Pallas' warp-specialized pipeline raises its compute warpgroups to
     ``n`` registers a thread instead of all that the memory warpgroup leaves ((512 - 40) / 2 = 232),
     which would leave none for a fourth warpgroup (the codes warpgroup). Pallas has no argument for it:
-    this replaces its private ``_compute_registers`` for the trace, and says so if that is gone."""
+    this replaces its private ``_compute_registers`` for the trace, and says so (naming the fourth
+    warpgroup's ``option``) if that is gone."""
     if n is None:
         yield
         return
     if not codes_wg_available():
-        raise NotImplementedError("this JAX's Pallas pipeline has no _compute_registers to bound: the codes "
-                                  "warpgroup (codes_wg) cannot be used; call without it (RealOptions(codes_wg=False))")
+        raise NotImplementedError(f"this JAX's Pallas pipeline has no _compute_registers to bound: the fourth "
+                                  f"warpgroup ({option}) cannot be used; call without it (RealOptions({option}=False))")
     from jax._src.pallas.mosaic_gpu import pipeline as plpipe
 
     with _REGISTERS_LOCK:  # one such trace at a time: the replacement is module-wide

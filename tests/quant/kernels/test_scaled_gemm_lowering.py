@@ -274,6 +274,10 @@ def test_codes_warpgroup_without_the_pallas_hook_says_so(monkeypatch):
     spec = QuantSpec(bits=8, group_size=128, symmetric=True)
     with pytest.raises(NotImplementedError, match="codes_wg=False"):  # a shape no other test traces (jit's cache)
         _lower(jnp.int8, C, 6 * C, C // 128, gelu_codes=spec, codes_wg=True)
+    with pytest.raises(NotImplementedError, match=r"fourth warpgroup \(store_wg\)"):  # the other two forms too
+        _lower(jnp.int8, C, 5 * C, C // 128, store_wg=True)
+    with pytest.raises(NotImplementedError, match=r"RealOptions\(epilogue_wg=False\)"):
+        _lower(F8, C, 7 * C, 1, epilogue_wg=True)
 
 
 BF16_CASES = {  # (K, N, weights stored (K, N), gated residual)
