@@ -68,6 +68,10 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-fp8-g128-plain": (FP8_G128, "real", "auto-gmplain"),
     "real-w8a8-g128-split": (W8A8_G128, "real", "auto-gmsplit"),
     "real-w4a8-g128-split": (W4A8_G128, "real", "auto-gmsplit"),
+    # the group GEMMs' 'carry' schedule (the second column part's scaling under the next step's first wgmma)
+    "real-fp8-g128-carry": (FP8_G128, "real", "auto-gmcarry"),
+    "real-w8a8-g128-carry": (W8A8_G128, "real", "auto-gmcarry"),
+    "real-w4a8-g128-carry": (W4A8_G128, "real", "auto-gmcarry"),
     # kernels.scaled_gemm with a pipeline per output tile instead of one chained across each CTA's
     # tiles (RealOptions.chain_tiles, on by default)
     "real-fp8-nochain": (FP8, "real", "xla-nochain"),
@@ -113,8 +117,6 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-fp8-g128-nostwg": (FP8_G128, "real", "auto-nostwg"),
     "real-w8a8-g128-nostwg": (W8A8_G128, "real", "auto-nostwg"),
     "real-w4a8-g128-nostwg": (W4A8_G128, "real", "auto-nostwg"),
-    # and fc1's codes epilogue's stores on it too where that epilogue stays in the compute warpgroups (fp8)
-    "real-fp8-g128-stwg": (FP8_G128, "real", "auto-stwg"),
     # proj / fc2 from cuBLAS + XLA's epilogue-and-residual pass instead of scaled_gemm with the gated
     # residual in its epilogue (RealOptions.residual_kernel, on by default)
     "real-fp8-nores": (FP8, "real", "xla-nores"),

@@ -152,9 +152,9 @@ class RealOptions:
     # gated residual): the TMA stores issued by a fourth warpgroup of 24 registers (``store_wg``; the
     # compute warpgroups keep their epilogue and 232 registers; the same bits). None: on where this JAX's
     # Pallas allows it. XL/2 at batch 256 on the H100: int8 g128 q, k, v 816 -> 704 us, fc2 + residual
-    # 1,006 -> 864; fp8 643 -> 631, 780 -> 753 (docs/RESULTS.md, twenty-first session). True also stores
-    # fc1's codes epilogue's codes and scales from it where that epilogue stays in the compute warpgroups
-    # (fp8; built in that session, not yet timed on a GPU)
+    # 1,006 -> 864; fp8 643 -> 631, 780 -> 753 (docs/RESULTS.md, twenty-first session). Also fc1's codes
+    # and scales where its codes epilogue stays in the compute warpgroups (fp8): fc1 + codes 977 -> 930 us,
+    # the fp8 g128 forward 1.143x -> 1.155x bf16 (twenty-second session)
     store_wg: bool | None = None
 
     def __post_init__(self) -> None:
@@ -412,7 +412,8 @@ def epilogue_warpgroup(options: RealOptions, codes: Any, groups: int = 1) -> boo
 
 def store_warpgroup(options: RealOptions, groups: int) -> bool:
     """Whether a GEMM with this many scale groups on kernels.scaled_gemm (no codes or epilogue warpgroup)
-    has its TMA stores issued by the store warpgroup: group-wise layers, by default where this JAX allows."""
+    has its TMA stores issued by the store warpgroup: group-wise layers (fc1's codes epilogue included),
+    by default where this JAX allows."""
     if groups == 1:
         return False
     return codes_wg_available() if options.store_wg is None else options.store_wg
@@ -493,7 +494,7 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
         qa, sa = _quantize_input(x.reshape(m, k), l1.act, k // w1.scale.shape[0], options, source)
         if options.gelu_epilogue and l2.act.group_size == TILE_N:  # (bf16 output: group_scaled_applies)
             cwg = codes_warpgroup(options, qa.dtype)
-            stwg = {"store_wg": True} if not cwg and options.store_wg is True and codes_wg_available() else {}
+            stwg = {} if cwg else _store_wg(options, w1.scale.shape[0])
             q2, s2 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, gelu_codes=l2.act, codes_wg=cwg,
                                         **_kernel_schedule(options), **stwg)
         else:

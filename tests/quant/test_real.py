@@ -569,10 +569,9 @@ def test_group_epilogue_warpgroup_is_asked_for_qkv_and_long_residual_gemms(fmt, 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int"])
 def test_store_warpgroup_is_asked_for_group_gemms_without_another_fourth_warpgroup(fmt, inputs, monkeypatch):
     """RealOptions.store_wg (None: on where this JAX allows it) asks every group-wise GEMM on the kernel
-    for the store warpgroup except fc1's (its codes epilogue) and those given the epilogue warpgroup; off
-    when asked or where this JAX cannot bound the compute warpgroups' registers; True also fc1's where its
-    codes epilogue stays in the compute warpgroups (fp8), not where the codes warpgroup has it (int8).
-    Same model output."""
+    for the store warpgroup except those given the epilogue warpgroup or the codes warpgroup (int8's fc1);
+    fc1's too where its codes epilogue stays in the compute warpgroups (fp8); off when asked or where this
+    JAX cannot bound the compute warpgroups' registers. Same model output."""
     from qdit_jax.quant import real_layers
     from qdit_jax.quant.real import RealOptions
 
@@ -585,11 +584,12 @@ def test_store_warpgroup_is_asked_for_group_gemms_without_another_fourth_warpgro
     rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**rules)))
     outs = []
     # q, k, v; proj; proj + residual; fc1 (codes epilogue); fc2; fc2 + residual
-    for available, opts, want in ((True, {}, [True, True, True, False, True, True]),
+    fp8 = fmt == "fp8_e4m3"
+    for available, opts, want in ((True, {}, [True, True, True, fp8, True, True]),
                                   (True, dict(store_wg=False), [False] * 6),
                                   (False, {}, [False] * 6),
-                                  (True, dict(epilogue_wg=True), [False, True, True, False, True, False]),
-                                  (True, dict(store_wg=True), [True, True, True, fmt == "fp8_e4m3", True, True])):
+                                  (True, dict(epilogue_wg=True), [False, True, True, fp8, True, False]),
+                                  (True, dict(store_wg=True), [True, True, True, fp8, True, True])):
         monkeypatch.setattr(real_layers, "codes_wg_available", lambda available=available: available)
         calls.clear()
         stand_in.store_wg.clear()

@@ -70,7 +70,7 @@ TILE_M, TILE_N, STEPS = 128, 128, 3  # per compute warpgroup; the fastest measur
 # Also measured and dropped (tenth session): a ping-pong schedule, the two compute warpgroups taking
 # turns at the tensor cores through shared-memory barriers (correct, but within noise of 'plain' for
 # fp8 and 4-9% slower than 'overlap' for int8), and CTA pairs sharing the weight tile by TMA multicast.
-GROUP_MODES = ("plain", "overlap", "split")
+GROUP_MODES = ("plain", "overlap", "split", "carry")
 GROUP_TILE_M, GROUP_STEPS = 64, 4  # the fastest tiling measured on the H100
 CODE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))  # wgmma: float32 / int32 accumulation
 
