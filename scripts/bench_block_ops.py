@@ -98,7 +98,7 @@ def main() -> None:
     p.add_argument("--sections", nargs="+", default=["gelu", "attn", "fc2in"], choices=["gelu", "attn", *RNG_SECTIONS])
     p.add_argument("--group-forms", nargs="+", default=["64x128x4p", "64x128x4o", "64x128x5p"],
                    help="groupgemm: Mosaic tilings tile_m x tile_n x steps and group mode ("
-                        "o: overlap; p: plain; s: split; c: carry; see kernels.scaled_gemm.GROUP_MODES), then u for a "
+                        "o: overlap; p: plain; s: split; see kernels.scaled_gemm.GROUP_MODES), then u for a "
                         "pipeline per output tile instead of one chained across the CTA's tiles")
     p.add_argument("--mosaic-forms", nargs="+", default=list(MOSAIC_FORMS),
                    help="qkvgemm / resgemm: the Mosaic GEMM's forms (see _mosaic_form)")
@@ -697,7 +697,7 @@ def group_gemm_forms(a, rng) -> None:
                               f"{np.mean(got == ref):.4f}", flush=True)
             for form in a.group_forms:
                 chain = not form.endswith("u")  # 'u': a pipeline per tile
-                mode = {"o": "overlap", "p": "plain", "s": "split", "c": "carry"}[form.rstrip("u")[-1]]
+                mode = {"o": "overlap", "p": "plain", "s": "split"}[form.rstrip("u")[-1]]
                 tm, tn, st = (int(v) for v in form.rstrip("u")[:-1].split("x"))
                 ok, why = scaled_gemm_applies(m, n, k, dtype, dtype, groups=g, tile_m=tm, tile_n=tn)
                 if not ok:

@@ -9,7 +9,7 @@ besides the GEMMs; ``bench_block_ops.py --sections groupgemm`` times them agains
 report on exactly those kernels (Nsight Compute's sections; Mosaic's PTX, ptxas log and SASS).
 Forms: ``channel`` (per token x per channel, the default tiling), ``channel`` followed by tile_m x
 tile_n x steps (per channel at another tiling, e.g. ``channel64x128x4``: the group kernels' tile), or
-tile_m x tile_n x steps followed by the group mode letter (p: plain, o: overlap, s: split, c: carry), as in
+tile_m x tile_n x steps followed by the group mode letter (p: plain, o: overlap, s: split), as in
 ``bench_block_ops.py`` (steps ``d``: the default depth, as the model runs: an explicit depth that does
 not divide the K steps restarts the pipeline per tile). ``--gelu-codes`` adds fc1's group forms with the
 GELU + codes epilogue (the MLP's fc1 on group-wise layers), ``--store-wg`` the forms with their stores
@@ -54,7 +54,7 @@ def parse_form(form: str) -> tuple[str, dict]:
     """(the form, its ``scaled_gemm_mosaic`` keywords), or an argparse error naming the bad form."""
     import re
 
-    m = re.fullmatch(r"channel(?:(\d+)x(\d+)x(\d+))?|(\d+)x(\d+)x(\d+|d)([posc])", form)
+    m = re.fullmatch(r"channel(?:(\d+)x(\d+)x(\d+))?|(\d+)x(\d+)x(\d+|d)([pos])", form)
     if m is None:
         raise argparse.ArgumentTypeError(
             f"form {form!r}: expected 'channel', 'channelTMxTNxS' or 'TMxTNxS' + p / o / s (e.g. 64x128x4s; "
@@ -62,7 +62,7 @@ def parse_form(form: str) -> tuple[str, dict]:
     g = m.groups()
     if g[6] is not None:
         return form, dict(tile_m=int(g[3]), tile_n=int(g[4]), steps=None if g[5] == "d" else int(g[5]),
-                          group_mode={"o": "overlap", "p": "plain", "s": "split", "c": "carry"}[g[6]])
+                          group_mode={"o": "overlap", "p": "plain", "s": "split"}[g[6]])
     return form, ({} if g[0] is None else dict(tile_m=int(g[0]), tile_n=int(g[1]), steps=int(g[2])))
 
 

@@ -68,10 +68,6 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-fp8-g128-plain": (FP8_G128, "real", "auto-gmplain"),
     "real-w8a8-g128-split": (W8A8_G128, "real", "auto-gmsplit"),
     "real-w4a8-g128-split": (W4A8_G128, "real", "auto-gmsplit"),
-    # the group GEMMs' 'carry' schedule (the second column part's scaling under the next step's first wgmma)
-    "real-fp8-g128-carry": (FP8_G128, "real", "auto-gmcarry"),
-    "real-w8a8-g128-carry": (W8A8_G128, "real", "auto-gmcarry"),
-    "real-w4a8-g128-carry": (W4A8_G128, "real", "auto-gmcarry"),
     # kernels.scaled_gemm with a pipeline per output tile instead of one chained across each CTA's
     # tiles (RealOptions.chain_tiles, on by default)
     "real-fp8-nochain": (FP8, "real", "xla-nochain"),

@@ -64,13 +64,17 @@ TILE_M, TILE_N, STEPS = 128, 128, 3  # per compute warpgroup; the fastest measur
 # H200), yet the XL/2 forward 1-4% slower on the H100, fourteenth session). Measured and dropped (fourteenth
 # session, git history at acb3216): A read into registers once for both halves (5-8% slower), the second
 # half's product left in flight into the next step (ptxas serializes every wgmma then, C7514), 64 x 192
-# warpgroup tiles (15-50% slower). Measured and dropped earlier: rescaling
+# warpgroup tiles (15-50% slower). Twenty-second session (git history at 5333cb6): 'carry', 'split' with
+# the second half's product waited for, carried as values and scaled under the next step's first wgmma
+# (bit-equal, but fp8 q, k, v 613 -> 664 us, fc2 + residual 741 -> 805, the fp8 g128 forward 1.163x -> 1.082x
+# bf16); and A in registers again (ldmatrix; fc2's shared-memory throughput 92.7% -> 69.7% under Nsight
+# Compute, yet 784 -> 885 us). Measured and dropped earlier: rescaling
 # the fp8 accumulator itself between groups by the ratio of their scales (one 128 x 128 tile, as
 # flash attention rescales): slower (290 vs 245 us) and off by fp8 wgmma's accumulation precision.
 # Also measured and dropped (tenth session): a ping-pong schedule, the two compute warpgroups taking
 # turns at the tensor cores through shared-memory barriers (correct, but within noise of 'plain' for
 # fp8 and 4-9% slower than 'overlap' for int8), and CTA pairs sharing the weight tile by TMA multicast.
-GROUP_MODES = ("plain", "overlap", "split", "carry")
+GROUP_MODES = ("plain", "overlap", "split")
 GROUP_TILE_M, GROUP_STEPS = 64, 4  # the fastest tiling measured on the H100
 CODE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.int8))  # wgmma: float32 / int32 accumulation
 

@@ -122,8 +122,8 @@ class Plan:
 
     @property
     def n_parts(self) -> int:
-        """Column parts with their own wgmma ('split', 'carry': two; four were slower on the H100)."""
-        return 2 if self.group_mode in ("split", "carry") else 1
+        """Column parts with their own wgmma ('split': two; four were slower on the H100)."""
+        return 2 if self.group_mode == "split" else 1
 
     @property
     def part(self) -> tuple[int, int]:
@@ -308,34 +308,7 @@ def _step_split(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem: 
     return pl.run_scoped(step, *[plgpu.ACC(plan.part, plan.acc_dtype) for _ in range(n_parts)])
 
 
-def _step_carry(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any,
-                carry: Any) -> Any:
-    """'carry': 'split' with the second part's scaling moved into the next step, where it runs under that
-    step's first wgmma: issue part 0, scale the previous step's part 1 (carried as values, with its
-    scales), issue part 1, scale part 0 under it, then wait for part 1 and carry it on. Both wgmmas are
-    done at the step's end (an accumulator in flight across the loop's back edge makes ptxas serialize
-    every wgmma, C7514); the last step's part 1 is scaled after the K loop (:func:`_accumulate`)."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    sum0, sum1, p1_prev, sa_prev, sw1_prev = carry
-    s_a, (s_w0, s_w1) = _group_scales(plan, wg, sa_smem, sw_smem, 2)
-    a_rows = a_smem.at[pl.ds(wg * plan.tile_m, plan.tile_m)]
-    part_n = plan.part[1]
-
-    def step(acc0: Any, acc1: Any) -> tuple[jax.Array, ...]:
-        plgpu.wgmma(acc0, a_rows, plgpu.transpose_ref(w_smem.at[pl.ds(0, part_n)], (1, 0)))
-        new1 = sum1 + _scaled(plan, p1_prev, sa_prev, sw1_prev, plan.part)
-        plgpu.wgmma(acc1, a_rows, plgpu.transpose_ref(w_smem.at[pl.ds(part_n, part_n)], (1, 0)))
-        new0 = sum0 + _scaled(plan, plgpu.wgmma_accumulator_load(acc0, wait_n=1), s_a, s_w0, plan.part)
-        return new0, new1, plgpu.wgmma_accumulator_load(acc1, wait_n=0)
-
-    new0, new1, p1 = pl.run_scoped(step, plgpu.ACC(plan.part, plan.acc_dtype), plgpu.ACC(plan.part, plan.acc_dtype))
-    return new0, new1, p1, s_a, s_w1
-
-
-_STEP_BODIES = {None: _step_channel, "plain": _step_plain, "overlap": _step_overlap, "split": _step_split,
-                "carry": _step_carry}
+_STEP_BODIES = {None: _step_channel, "plain": _step_plain, "overlap": _step_overlap, "split": _step_split}
 
 
 # ---- the tile's epilogue: the K loop's result, scales / bias / residual / codes, the store
@@ -409,11 +382,6 @@ def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, eval_pi
         y = eval_pipeline(zeros(plan.shape, jnp.float32))
     elif plan.group_mode == "split":  # the column parts' sums
         y = eval_pipeline(tuple(zeros(plan.part, jnp.float32) for _ in range(plan.n_parts)))
-    elif plan.group_mode == "carry":  # the parts' sums, all but the last group's second part in the second
-        sum0, sum1, p1, s_a, s_w1 = eval_pipeline((zeros(plan.part, jnp.float32), zeros(plan.part, jnp.float32),
-                                                   zeros(plan.part, plan.acc_dtype), zeros((plan.tile_m,), jnp.float32, row_l),
-                                                   zeros((plan.part[1],), jnp.float32, col_l)))
-        y = (sum0, sum1 + _scaled(plan, p1, s_a, s_w1, plan.part))
     else:  # 'overlap': the sum of all but the last group, and the last group's product and scales
         y, p, s_a, s_w = eval_pipeline((zeros(plan.shape, jnp.float32), zeros(plan.shape, plan.acc_dtype),
                                         zeros((plan.tile_m,), jnp.float32, row_l),

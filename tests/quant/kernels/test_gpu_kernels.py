@@ -182,39 +182,6 @@ def test_store_warpgroup_with_the_codes_epilogue_equals_the_default(fmt):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.int8])
-@pytest.mark.parametrize("k, n, blocks, residual, codes", [(C, 3 * C, 3, False, False), (HIDDEN, C, 1, True, False),
-                                                            (C, HIDDEN, 1, False, True)])
-def test_carry_schedule_equals_split(k, n, blocks, residual, codes, dtype):
-    """'carry' (the second column part scaled under the next K step's first wgmma) adds the same scaled
-    products to each part's float32 sum in the same order as 'split' (its first step adds a zero product),
-    so the outputs are the same bits: a part scaled with another step's scales, or a step's product lost
-    at a tile's end, would show. q, k, v in one call and fc2 + residual with the store warpgroup (the
-    model's default where this JAX allows), fc1 + codes, at a size where the CTAs own unequal numbers of
-    tiles."""
-    from qdit_jax.quant.kernels.scaled_gemm import codes_wg_available, scaled_gemm_mosaic
-
-    r = np.random.default_rng(12)
-    m, g = 35 * T, k // 128
-    a, w = _random_codes(r, (m, k), dtype), _random_codes(r, (n, k), dtype)
-    sa = jnp.asarray(r.uniform(0.001, 0.003, (g, m)) * r.uniform(0.1, 10, (g, 1)), jnp.float32)
-    sw = jnp.asarray(r.uniform(0.001, 0.003, (g, n)) * r.uniform(0.1, 10, (g, 1)), jnp.float32)
-    b = jnp.asarray(r.standard_normal(n) * 0.1, jnp.float32)
-    kw = dict(out_blocks=blocks, store_wg=codes_wg_available() and not codes)
-    if residual:
-        kw.update(residual=jnp.asarray(r.standard_normal((m, n)) * 4, jnp.bfloat16),
-                  gate=jnp.asarray(r.standard_normal((35, n)) * 0.5, jnp.bfloat16))
-    if codes:
-        kw.update(gelu_codes=QuantSpec(bits=8, format="int" if dtype == jnp.int8 else "fp8_e4m3", group_size=128,
-                                       symmetric=True))
-    outs = [jax.jit(lambda *v, mode=mode: scaled_gemm_mosaic(*v, group_mode=mode, **kw))(a, w, sa, sw, b)
-            for mode in ("split", "carry")]
-    got, want = (jax.tree.leaves(o) for o in outs)
-    assert np.abs(np.asarray(want[0], np.float32)).max() > 0
-    for x, y in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
-
-
 @pytest.mark.parametrize("prefetch", ["before", "after"])
 def test_prefetched_residual_epilogue_equals_the_default(prefetch):
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
@@ -305,7 +272,7 @@ def test_group_scaled_gemm_matches_xla(k, dtype):
     # x + gate * y: an ulp of y moves the sum by an ulp of its terms (more than one of the sum where
     # they cancel)
     terms = np.abs(np.asarray(x, np.float64)) + np.abs(np.repeat(np.asarray(gate, np.float64), T, axis=0) * y0)
-    for mode in ("plain", "overlap", "split", "carry"):
+    for mode in ("plain", "overlap", "split"):
         y = np.asarray(jax.jit(lambda *v: scaled_gemm_mosaic(*v, n_off=C, n=C, group_mode=mode))(a, w, sa, sw, b),
                        np.float64)
         assert np.abs(y0).max() > 1
@@ -334,7 +301,7 @@ def _fc1_group_operands(name: str, m: int, seed: int) -> tuple:
     return a, w, sa, sw, b
 
 
-@pytest.mark.parametrize("mode", [None, "plain", "split", "carry"])
+@pytest.mark.parametrize("mode", [None, "plain", "split"])
 @pytest.mark.parametrize("name", sorted(G128))
 def test_gelu_codes_epilogue_matches_xla(name, mode):
     """fc1 on group-wise codes writing fc2's 128-wide group codes from its epilogue (GELU, group

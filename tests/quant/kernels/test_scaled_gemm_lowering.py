@@ -69,11 +69,6 @@ CASES = {
     "fp8 per channel + residual, store warpgroup": (F8, 4 * C, C, 1, dict(residual=True, store_wg=True)),
     "fp8 group-128 gelu_codes, store warpgroup": (F8, C, 4 * C, 2, dict(store_wg=True, gelu_codes=QuantSpec(
         bits=8, format="fp8_e4m3", group_size=128, symmetric=True))),
-    # 'carry': the second column part's scaling under the next K step's first wgmma
-    "fp8 group-128 carry + residual, store warpgroup": (F8, C, C, 2, dict(group_mode="carry", residual=True,
-                                                                          store_wg=True)),
-    "int8 group-128 carry, gelu_codes, codes warpgroup": (jnp.int8, C, 4 * C, 2, dict(
-        group_mode="carry", codes_wg=True, gelu_codes=QuantSpec(bits=8, group_size=128, symmetric=True))),
 }
 
 
