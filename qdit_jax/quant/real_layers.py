@@ -156,6 +156,11 @@ class RealOptions:
     # and scales where its codes epilogue stays in the compute warpgroups (fp8): fc1 + codes 977 -> 930 us,
     # the fp8 g128 forward 1.143x -> 1.155x bf16 (twenty-second session)
     store_wg: bool | None = None
+    # group-wise layers on kernels.scaled_gemm whose epilogue runs in the compute warpgroups (or fc1's codes
+    # warpgroup): the bias as the float32 group sums' initial value instead of an add in the epilogue
+    # (``bias_first``: one FADD an element less while the tensor cores wait; the float32 sum's order
+    # changes, outputs within a float32 rounding). Opt-in until measured on a GPU (twenty-second session)
+    bias_first: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -369,7 +374,7 @@ def _codes_gemm(qa: jax.Array, sa: jax.Array, rw: RealWeight, out_dtype: Any, op
     for group-wise codes through ``kernels.scaled_gemm`` where it applies (``RealOptions.group_kernel``)."""
     if _group_route(*qa.shape, qa.dtype, rw, out_dtype, options):
         return scaled_gemm_mosaic(qa, rw.codes, sa, rw.scale, rw.bias, **_kernel_schedule(options),
-                                  **_store_wg(options, rw.scale.shape[0]))
+                                  **_group_epilogue(options, rw.scale.shape[0]))
     return group_gemm_xla(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype,
                           split_epilogue=options.split_epilogue,
                           product_dtype=_float_product(options.float_product, out_dtype))
@@ -419,9 +424,14 @@ def store_warpgroup(options: RealOptions, groups: int) -> bool:
     return codes_wg_available() if options.store_wg is None else options.store_wg
 
 
-def _store_wg(options: RealOptions, groups: int) -> dict[str, Any]:
-    """``store_wg=True`` for kernels.scaled_gemm where :func:`store_warpgroup` says so, else nothing."""
-    return {"store_wg": True} if store_warpgroup(options, groups) else {}
+def _group_epilogue(options: RealOptions, groups: int, store: bool = True) -> dict[str, Any]:
+    """kernels.scaled_gemm's epilogue options for a GEMM with this many scale groups whose epilogue is not
+    on the epilogue warpgroup: ``store_wg=True`` where :func:`store_warpgroup` says so (and ``store``: no
+    codes warpgroup), ``bias_first=True`` for group scales where ``options`` asks."""
+    kw: dict[str, Any] = {"store_wg": True} if store and store_warpgroup(options, groups) else {}
+    if options.bias_first and groups > 1:
+        kw["bias_first"] = True
+    return kw
 
 
 def _kernel_schedule(options: RealOptions) -> dict[str, Any]:
@@ -458,7 +468,7 @@ def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource, options: Rea
     epi = (options.residual_epilogue_wg and k >= RESIDUAL_EPILOGUE_WG_MIN_K
            and epilogue_warpgroup(options, src.qa.dtype, g)
            and epilogue_wg_residual_fits(m, gate.shape[0], default_tiling(g)[0]))
-    wg = {"epilogue_wg": True} if epi else _store_wg(options, g)
+    wg = {"epilogue_wg": True} if epi else _group_epilogue(options, g)
     y = scaled_gemm_mosaic(src.qa, src.rw.codes, src.sa, src.rw.scale, src.rw.bias, residual=x.reshape(m, n),
                            gate=gate, **_kernel_schedule(options), **wg)
     return y.reshape(x.shape)
@@ -494,9 +504,9 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
         qa, sa = _quantize_input(x.reshape(m, k), l1.act, k // w1.scale.shape[0], options, source)
         if options.gelu_epilogue and l2.act.group_size == TILE_N:  # (bf16 output: group_scaled_applies)
             cwg = codes_warpgroup(options, qa.dtype)
-            stwg = {} if cwg else _store_wg(options, w1.scale.shape[0])
             q2, s2 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, gelu_codes=l2.act, codes_wg=cwg,
-                                        **_kernel_schedule(options), **stwg)
+                                        **_kernel_schedule(options),
+                                        **_group_epilogue(options, w1.scale.shape[0], store=not cwg))
         else:
             y1 = _codes_gemm(qa, sa, w1, out_dtype, options)
             q2, s2 = gelu_quant_pallas(y1, None, None, None, l2.act, out_dtype)
@@ -555,7 +565,7 @@ def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, opt
     if epilogue_warpgroup(options, qa.dtype, g):  # the epilogue warpgroup loads its own vectors
         sched.update(prefetch=None, epilogue_wg=True)
     else:
-        sched.update(_store_wg(options, g))
+        sched.update(_group_epilogue(options, g))
     if options.qkv_one_call and blocks > 1:
         outs = scaled_gemm_mosaic(qa, rw.codes, sa, sw, rw.bias, n=n, out_blocks=blocks, **sched)
     else:

@@ -511,6 +511,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
         stand_in.modes.append((kw.get("group_mode"), kw.get("chain")))
         stand_in.epilogue_wg.append(kw.get("epilogue_wg", False))
         stand_in.store_wg.append(kw.get("store_wg", False))
+        stand_in.bias_first.append(kw.get("bias_first", False))
         if gelu_codes is not None:
             stand_in.codes_wg.append(kw.get("codes_wg"))
         y = scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n, residual=residual, gate=gate, out_blocks=out_blocks)
@@ -523,6 +524,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
     monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, groups=1, **kw: (
         groups == 1 or k == 128 * groups, "test"))
     stand_in.modes, stand_in.codes_wg, stand_in.epilogue_wg, stand_in.store_wg = [], [], [], []
+    stand_in.bias_first = []
     monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
     monkeypatch.setattr(real_layers, "norm_quant_applies", lambda m, k, spec, dtype, **kw: (True, "test"))
     monkeypatch.setattr(real_layers, "norm_quant_pallas", lambda x, spec, **kw: norm_quant_pallas(
@@ -598,6 +600,33 @@ def test_store_warpgroup_is_asked_for_group_gemms_without_another_fourth_warpgro
         assert stand_in.store_wg == want * cfg.depth
     for out in outs[1:]:
         np.testing.assert_array_equal(out, outs[0])
+
+
+def test_bias_first_is_asked_for_group_gemms_with_their_own_epilogue(inputs, monkeypatch):
+    """RealOptions.bias_first (off by default) asks every group-wise GEMM on the kernel to start its sums
+    at the bias, except those given the epilogue warpgroup (which adds the bias itself); fc1's codes
+    epilogue too, on the compute warpgroups or the codes warpgroup."""
+    from qdit_jax.quant import real_layers
+    from qdit_jax.quant.real import RealOptions
+
+    cfg, params = CFG256, _params256()
+    calls, _ = _open_group_routes(monkeypatch)
+    stand_in = real_layers.scaled_gemm_mosaic
+    monkeypatch.setattr(real_layers, "epilogue_wg_residual_fits", lambda m, rows, tile_m: True)
+    monkeypatch.setattr(real_layers, "RESIDUAL_EPILOGUE_WG_MIN_K", 4 * cfg.hidden_size)
+    monkeypatch.setattr(real_layers, "codes_wg_available", lambda: True)
+    rules = dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, fmt="int")
+    rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**rules)))
+    # q, k, v; proj; proj + residual; fc1 (codes epilogue, int8: codes warpgroup); fc2; fc2 + residual
+    for opts, want in (({}, [False] * 6), (dict(bias_first=True), [True] * 6),
+                       (dict(bias_first=True, epilogue_wg=True), [False, True, True, True, True, False])):
+        calls.clear()
+        stand_in.bias_first.clear()
+        stand_in.codes_wg.clear()
+        jax.block_until_ready(jax.jit(rm.apply_fn(RealOptions(**opts)))(rm.variables(), *inputs))
+        assert [c[3] for c in calls] == [False, False, True, False, False, True] * cfg.depth
+        assert stand_in.bias_first == want * cfg.depth
+        assert stand_in.codes_wg == [True] * cfg.depth
 
 
 @pytest.mark.parametrize("fmt,gelu_epilogue", [("fp8_e4m3", False), ("int", True)])  # int8 without the epilogue: as fp8

@@ -205,14 +205,15 @@ def _check_call(a: jax.Array, sa: jax.Array, sw: jax.Array, n_off: int, n: int, 
 # unjitted, each of XL/2's 140 calls was lowered to Mosaic GPU again (compiles of 104-118 s per forward)
 @functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode", "gelu_codes",
                                              "chain", "approx_tanh", "codes_wg", "prefetch", "out_blocks",
-                                             "epilogue_wg", "store_wg"))
+                                             "epilogue_wg", "store_wg", "bias_first"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                        gate: jax.Array | None = None, tile_m: int | None = None, tile_n: int = TILE_N,
                        steps: int | None = None, group_mode: str | None = None,
                        gelu_codes: Any = None, chain: bool = True, approx_tanh: bool = True,
                        codes_wg: bool = False, prefetch: str | None = None, out_blocks: int = 1,
-                       epilogue_wg: bool = False, store_wg: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+                       epilogue_wg: bool = False, store_wg: bool = False,
+                       bias_first: bool = False) -> jax.Array | tuple[jax.Array, ...]:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
     ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
     float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
@@ -258,7 +259,11 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
     ``store_wg`` (no other fourth warpgroup): the compute warpgroups keep their epilogue (with
     ``gelu_codes`` too) and their 232 registers and hand the staged output to a fourth warpgroup of 24
-    registers that issues the TMA stores (``scaled_gemm_fourth_wg.store_warpgroup``); the same outputs."""
+    registers that issues the TMA stores (``scaled_gemm_fourth_wg.store_warpgroup``); the same outputs.
+
+    ``bias_first`` (group scales, no epilogue warpgroup): the float32 group sums start at the bias instead
+    of zero, so the epilogue has no bias add (one FADD an element less); the sum's order changes (the
+    bias first), so outputs may differ from the default by float32 rounding."""
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
     groups = _groups(sa)
@@ -278,6 +283,9 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                          "rounding) or fp8 / int8 with group scales (a float32 stage), and no codes epilogue; call "
                          "without it")
     _check_epilogue_wg(epilogue_wg, m, tile_m, residual, gate)
+    if bias_first and (groups == 1 or epilogue_wg):
+        raise ValueError("bias_first starts group scales' float32 sums at the bias: it needs group scales (sa of shape "
+                         "(G, M)) and the compute warpgroups' own epilogue; call without it or without epilogue_wg")
     if store_wg and (codes_wg or epilogue_wg):
         raise ValueError("store_wg takes the compute warpgroups' own epilogue: call it without codes_wg or "
                          "epilogue_wg")
@@ -300,7 +308,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                  int_codes=jnp.dtype(a.dtype) == jnp.dtype(jnp.int8), residual=residual is not None,
                  rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, out_dtype=out_dtype, codes_wg=codes_wg,
                  prefetch=None if epilogue_wg else prefetch, out_blocks=out_blocks, epilogue_wg=epilogue_wg,
-                 store_wg=store_wg)
+                 store_wg=store_wg, bias_first=bias_first)
 
     return _launch(plan, num_sms, a, w, sa, sw, bias, residual, gate, approx_tanh)
 

@@ -67,6 +67,7 @@ class Plan:
     out_blocks: int = 1  # outputs: the n columns as this many (M, n / out_blocks) arrays (q, k, v in one call)
     epilogue_wg: bool = False  # the epilogue (scales, bias, residual) and store on a fourth warpgroup
     store_wg: bool = False  # only the stores on a fourth warpgroup of few registers (``scaled_gemm_fourth_wg``)
+    bias_first: bool = False  # group scales: the bias is the float32 sums' initial value, not an epilogue add
 
     @property
     def tile_k(self) -> int:
@@ -356,8 +357,9 @@ def _epilogue_vectors(plan: Plan, refs: _Refs, rows: Any, pn: Any, wcols: Any) -
 
 def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, eval_pipeline: Any,
                 vec: Any = None) -> tuple[list[jax.Array], dict | None]:
-    """Run the K loop; the tile's float32 result (scaled; before bias) in column parts, and the
-    epilogue's vectors (``vec``: loaded before the K loop, or a function loading them, called right after it)."""
+    """Run the K loop; the tile's float32 result (scaled; before the bias unless ``plan.bias_first``) in
+    column parts, and the epilogue's vectors (``vec``: loaded before the K loop, or a function loading
+    them, called right after it)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -365,6 +367,17 @@ def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, eval_pi
 
     def zeros(shape: tuple[int, ...], dtype: Any, layout: Any = plgpu.Layout.WGMMA) -> jax.Array:
         return plgpu.layout_cast(jnp.zeros(shape, dtype), layout)
+
+    def sums(parts: int) -> list[jax.Array]:
+        """The group sums' initial values, column part by part: zeros, or (``plan.bias_first``) the bias."""
+        width = plan.tile_n // parts
+        if not plan.bias_first:
+            return [zeros((plan.tile_m, width), jnp.float32) for _ in range(parts)]
+        bias = (vec["bias"] if isinstance(vec, dict) and len(vec["bias"]) == parts else
+                [plgpu.load(refs.bias.at[pl.ds(wcols.start + j * width, width)], (), layout=col_l, optimized=False)
+                 for j in range(parts)])
+        return [plgpu.layout_cast(lax.broadcast_in_dim(b, (plan.tile_m, width), [1]), plgpu.Layout.WGMMA)
+                for b in bias]
 
     if plan.groups == 1:
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(plan.shape, plan.acc_dtype))
@@ -379,11 +392,11 @@ def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, eval_pi
         # rounded as the XLA path's product: int32 sums to float32, fp8 to bf16
         y = _scaled(plan, y if plan.int_codes else y.astype(jnp.bfloat16), s_a, s_w)
     elif plan.group_mode == "plain":  # the scaled groups' float32 sum, from the K loop
-        y = eval_pipeline(zeros(plan.shape, jnp.float32))
+        y = eval_pipeline(sums(1)[0])
     elif plan.group_mode == "split":  # the column parts' sums
-        y = eval_pipeline(tuple(zeros(plan.part, jnp.float32) for _ in range(plan.n_parts)))
+        y = eval_pipeline(tuple(sums(plan.n_parts)))
     else:  # 'overlap': the sum of all but the last group, and the last group's product and scales
-        y, p, s_a, s_w = eval_pipeline((zeros(plan.shape, jnp.float32), zeros(plan.shape, plan.acc_dtype),
+        y, p, s_a, s_w = eval_pipeline((sums(1)[0], zeros(plan.shape, plan.acc_dtype),
                                         zeros((plan.tile_m,), jnp.float32, row_l),
                                         zeros((plan.tile_n,), jnp.float32, col_l)))
         y = y + _scaled(plan, p, s_a, s_w)
@@ -392,7 +405,10 @@ def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, eval_pi
 
 
 def _biased(plan: Plan, refs: _Refs, pn: Any, parts: list[jax.Array], vec: dict | None = None) -> list[jax.Array]:
-    """The tile's float32 column parts plus the bias of column tile ``pn`` (from ``vec`` if loaded)."""
+    """The tile's float32 column parts plus the bias of column tile ``pn`` (from ``vec`` if loaded); with
+    ``plan.bias_first`` the parts hold it already."""
+    if plan.bias_first:
+        return parts
     width = plan.tile_n // len(parts)
     out = []
     for j, yj in enumerate(parts):

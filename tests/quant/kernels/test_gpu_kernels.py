@@ -182,6 +182,40 @@ def test_store_warpgroup_with_the_codes_epilogue_equals_the_default(fmt):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.int8])
+@pytest.mark.parametrize("k, n, blocks, residual, codes", [(C, 3 * C, 3, False, False), (HIDDEN, C, 1, True, False),
+                                                            (C, HIDDEN, 1, False, True)])
+def test_bias_first_matches_the_default(k, n, blocks, residual, codes, dtype):
+    """``bias_first`` (the group sums start at the bias): the same outputs as the default up to the float32
+    sum's order, i.e. rarely a bf16 ulp (codes: rarely one code); a bias lost or added twice, or a column
+    part's bias in another part, would show. q, k, v in one call with the store warpgroup where this JAX
+    allows, fc2 + residual, fc1 + codes (int8: on the codes warpgroup, as the model runs it)."""
+    from qdit_jax.quant.kernels.scaled_gemm import codes_wg_available, scaled_gemm_mosaic
+
+    r = np.random.default_rng(13)
+    m, g = 35 * T, k // 128
+    a, w = _random_codes(r, (m, k), dtype), _random_codes(r, (n, k), dtype)
+    sa = jnp.asarray(r.uniform(0.001, 0.003, (g, m)), jnp.float32)
+    sw = jnp.asarray(r.uniform(0.001, 0.003, (g, n)), jnp.float32)
+    b = jnp.asarray(r.standard_normal(n) * 2, jnp.float32)  # a bias as large as the products
+    kw = dict(out_blocks=blocks, store_wg=codes_wg_available() and not codes)
+    if residual:
+        kw.update(residual=jnp.asarray(r.standard_normal((m, n)) * 4, jnp.bfloat16),
+                  gate=jnp.asarray(r.standard_normal((35, n)) * 0.5, jnp.bfloat16))
+    if codes:
+        int8 = dtype == jnp.int8
+        kw.update(gelu_codes=QuantSpec(bits=8, format="int" if int8 else "fp8_e4m3", group_size=128, symmetric=True),
+                  codes_wg=int8 and codes_wg_available())
+    outs = [jax.tree.leaves(jax.jit(lambda *v, f=f: scaled_gemm_mosaic(*v, bias_first=f, **kw))(a, w, sa, sw, b))
+            for f in (False, True)]
+    assert np.abs(np.asarray(outs[0][0], np.float32)).max() > 1
+    for i, (got, want) in enumerate(zip(outs[1], outs[0])):
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        assert np.mean(got == want) > 0.99
+        if not (codes and i == 0):  # (a code moved by a bf16 ulp of its GELU input moves a whole code step)
+            np.testing.assert_allclose(got, want, rtol=2 ** -6, atol=2 ** -5)
+
+
 @pytest.mark.parametrize("prefetch", ["before", "after"])
 def test_prefetched_residual_epilogue_equals_the_default(prefetch):
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic

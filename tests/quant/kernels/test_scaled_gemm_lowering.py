@@ -69,7 +69,25 @@ CASES = {
     "fp8 per channel + residual, store warpgroup": (F8, 4 * C, C, 1, dict(residual=True, store_wg=True)),
     "fp8 group-128 gelu_codes, store warpgroup": (F8, C, 4 * C, 2, dict(store_wg=True, gelu_codes=QuantSpec(
         bits=8, format="fp8_e4m3", group_size=128, symmetric=True))),
+    # the bias as the group sums' initial value (opt-in)
+    "fp8 group-128 (split) + residual, bias first, store warpgroup": (F8, C, C, 2, dict(
+        residual=True, bias_first=True, store_wg=True)),
+    "int8 group-128 overlap three outputs, bias first, vectors prefetched": (jnp.int8, C, 6 * C, 2, dict(
+        out_blocks=3, bias_first=True, prefetch="before")),
+    "int8 group-128 gelu_codes, codes warpgroup, bias first": (jnp.int8, C, 4 * C, 2, dict(
+        codes_wg=True, bias_first=True, gelu_codes=QuantSpec(bits=8, group_size=128, symmetric=True))),
+    "fp8 group-128 plain, bias first": (F8, 4 * C, C, 8, dict(group_mode="plain", bias_first=True)),
 }
+
+
+def test_bias_first_changes_the_group_kernel_and_needs_its_own_epilogue(monkeypatch):
+    """``bias_first`` builds another kernel (the bias loaded before the K loop as the sums' start) and is
+    refused per channel (no group sums) and with the epilogue warpgroup (which adds the bias itself)."""
+    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
+    assert _lower(F8, C, C, 2, bias_first=True) != _lower(F8, C, C, 2)
+    for kw in (dict(groups=1), dict(groups=2, epilogue_wg=True)):
+        with pytest.raises(ValueError, match="bias_first"):
+            _lower(F8, C, C, kw.pop("groups"), bias_first=True, **kw)
 
 
 @pytest.mark.parametrize("case", list(CASES))
