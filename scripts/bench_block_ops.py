@@ -107,7 +107,7 @@ def main() -> None:
                         "+noscale / +nostore for the diagnostics or +splitstore (see _patched_epilogue)")
     p.add_argument("--groupepi-kinds", nargs="+", default=["split", "default", "split+epi", "default+splitstore"],
                    help="groupepi: the group mode ('split' or 'default'), then +epi (epilogue_wg), +biasfirst "
-                        "(bias_first) and / or a "
+                        "(bias_first), +pairs (cta_pairs) and / or a "
                         "diagnostic of _patched_epilogue (+noscale: the group scaling and bias left out; "
                         "+nostore; +splitstore; +swizzleout; +samestore; +halfstore), or +storewg (store_wg)")
     p.add_argument("--groupepi-codes", nargs="+", default=["fp8", "int8"], choices=["fp8", "int8"])
@@ -521,12 +521,12 @@ def group_epilogue_forms(a, rng) -> None:
             ref = None
             for kind in a.groupepi_kinds:
                 mode, *opts = kind.split("+")
-                epi, store_wg, bias_first = "epi" in opts, "storewg" in opts, "biasfirst" in opts
-                patch = next((o for o in opts if o not in ("epi", "storewg", "biasfirst")), None)
+                flags = dict(epilogue_wg="epi" in opts, store_wg="storewg" in opts, bias_first="biasfirst" in opts,
+                             cta_pairs="pairs" in opts)
+                patch = next((o for o in opts if o not in ("epi", "storewg", "biasfirst", "pairs")), None)
                 mode = None if mode == "default" else mode
-                fn = jax.jit(lambda qa, w, sa, sw, b, mode=mode, epi=epi, store_wg=store_wg, bias_first=bias_first:
-                             scaled_gemm_mosaic(qa, w, sa, sw, b, out_blocks=blocks, group_mode=mode, epilogue_wg=epi,
-                                                store_wg=store_wg, bias_first=bias_first, **res))
+                fn = jax.jit(lambda qa, w, sa, sw, b, mode=mode, flags=flags: scaled_gemm_mosaic(
+                    qa, w, sa, sw, b, out_blocks=blocks, group_mode=mode, **flags, **res))
                 label = f"groupepi {jnp.dtype(dtype).name} {name}: {kind}"
                 with _patched_epilogue(patch) if patch else contextlib.nullcontext():
                     out = run_timed(label, fn, (qa, w, sa, sw, b), a.repeats)

@@ -14,7 +14,8 @@ tile_m x tile_n x steps followed by the group mode letter (p: plain, o: overlap,
 not divide the K steps restarts the pipeline per tile). ``--gelu-codes`` adds fc1's group forms with the
 GELU + codes epilogue (the MLP's fc1 on group-wise layers), ``--store-wg`` the forms with their stores
 on the store warpgroup (with ``--gelu-codes`` the codes' too), ``--codes-wg`` that epilogue on the
-kernel's fourth warpgroup too. ``--time N`` also prints each kernel's median time (``perf.timing.chained_median``).
+kernel's fourth warpgroup too, ``--cta-pairs`` each also as two-CTA clusters sharing the weight tile.
+``--time N`` also prints each kernel's median time (``perf.timing.chained_median``).
 """
 from __future__ import annotations
 
@@ -80,6 +81,8 @@ def main() -> None:
     p.add_argument("--codes-wg", action="store_true",
                    help="with --gelu-codes, group forms also run with that epilogue on a fourth warpgroup "
                         "(scaled_gemm codes_wg)")
+    p.add_argument("--cta-pairs", action="store_true",
+                   help="every form also as two-CTA clusters sharing the weight tile (scaled_gemm cta_pairs)")
     p.add_argument("--store-wg", action="store_true",
                    help="group forms also run with their TMA stores on the store warpgroup (scaled_gemm store_wg), "
                         "with --gelu-codes the codes epilogue's too")
@@ -101,6 +104,8 @@ def main() -> None:
                         variants.append((form + "+codes+wg", dict(codes_kw, codes_wg=True)))
                     if a.store_wg:
                         variants.append((form + "+codes+stwg", dict(codes_kw, store_wg=True)))
+                if a.cta_pairs:
+                    variants += [(label + "+pairs", dict(vkw, cta_pairs=True)) for label, vkw in variants]
                 args = inputs(a.tokens, k, n, codes, "group_mode" in kw, rng)
                 for label, vkw in variants:
                     fn = jax.jit(lambda *v, kw=vkw: scaled_gemm_mosaic(*v, **kw))

@@ -116,6 +116,10 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     # group-wise GEMMs' float32 sums started at the bias (RealOptions.bias_first, opt-in)
     "real-fp8-g128-biasfirst": (FP8_G128, "real", "auto-biasfirst"),
     "real-w8a8-g128-biasfirst": (W8A8_G128, "real", "auto-biasfirst"),
+    # two-CTA clusters sharing each K step's weight tile by TMA multicast (RealOptions.cta_pairs, opt-in)
+    "real-fp8-pairs": (FP8, "real", "xla-pairs"),
+    "real-fp8-g128-pairs": (FP8_G128, "real", "auto-pairs"),
+    "real-w8a8-g128-pairs": (W8A8_G128, "real", "auto-pairs"),
     # proj / fc2 from cuBLAS + XLA's epilogue-and-residual pass instead of scaled_gemm with the gated
     # residual in its epilogue (RealOptions.residual_kernel, on by default)
     "real-fp8-nores": (FP8, "real", "xla-nores"),
@@ -256,7 +260,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # epilogues in the compute warpgroups; -noresepi: fc2's residual epilogue only; -epi: group-wise
     # layers' epilogue on the fourth warpgroup too), -fc1k (per-channel fp8 fc1 on the Mosaic GEMM),
     # -gmMODE (the group GEMM's schedule, kernels.scaled_gemm.GROUP_MODES), -biasfirst (group sums started
-    # at the bias), -stwg / -nostwg (the store warpgroup on / off),
+    # at the bias), -stwg / -nostwg (the store warpgroup on / off), -pairs (two-CTA clusters sharing the
+    # weight tile),
     # -packed (4-bit weights kept packed on the device, RealModel.variables), xla-attn / triton-attn /
     # cudnn-attn (XLA's attention, the Triton kernel's, cuDNN's)
     if "qkv1" in tags:
@@ -285,7 +290,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        epilogue_wg=False if "noepi" in tags else True if "epi" in tags else None,
                        fc1_kernel="fc1k" in tags,
                        store_wg=False if "nostwg" in tags else True if "stwg" in tags else None,
-                       bias_first="biasfirst" in tags,
+                       bias_first="biasfirst" in tags, cta_pairs="pairs" in tags,
                        residual_epilogue_wg="noresepi" not in tags,
                        group_mode=next((t[len("gm"):] for t in tags if t.startswith("gm")), None))
     variables = rm.variables(unpack_w4=False if "packed" in tags else None)

@@ -161,6 +161,11 @@ class RealOptions:
     # (``bias_first``: one FADD an element less while the tensor cores wait; the float32 sum's order
     # changes, outputs within a float32 rounding). Opt-in until measured on a GPU (twenty-second session)
     bias_first: bool = False
+    # layers on kernels.scaled_gemm: thread-block clusters of two CTAs on vertically adjacent tiles sharing
+    # each K step's weight tile by TMA multicast (``cta_pairs``: half the weight traffic from L2; the same
+    # bits), where M is a whole number of tile pairs. Opt-in until measured on a GPU (twenty-second session;
+    # the tenth session's pairs, before the store warpgroup, were not faster)
+    cta_pairs: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -373,7 +378,8 @@ def _codes_gemm(qa: jax.Array, sa: jax.Array, rw: RealWeight, out_dtype: Any, op
     """The low-bit GEMM from activation codes and scales: product, then scales and bias; in XLA, or
     for group-wise codes through ``kernels.scaled_gemm`` where it applies (``RealOptions.group_kernel``)."""
     if _group_route(*qa.shape, qa.dtype, rw, out_dtype, options):
-        return scaled_gemm_mosaic(qa, rw.codes, sa, rw.scale, rw.bias, **_kernel_schedule(options),
+        return scaled_gemm_mosaic(qa, rw.codes, sa, rw.scale, rw.bias,
+                                  **_kernel_schedule(options, qa.shape[0], rw.scale.shape[0]),
                                   **_group_epilogue(options, rw.scale.shape[0]))
     return group_gemm_xla(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype,
                           split_epilogue=options.split_epilogue,
@@ -434,9 +440,13 @@ def _group_epilogue(options: RealOptions, groups: int, store: bool = True) -> di
     return kw
 
 
-def _kernel_schedule(options: RealOptions) -> dict[str, Any]:
-    """The schedule arguments of ``kernels.scaled_gemm`` that RealOptions set."""
-    return dict(group_mode=options.group_mode, chain=options.chain_tiles)
+def _kernel_schedule(options: RealOptions, m: int, groups: int) -> dict[str, Any]:
+    """The schedule arguments of ``kernels.scaled_gemm`` that RealOptions set, for an (M, K) input with this
+    many scale groups (``cta_pairs`` where M is a whole number of tile pairs and the SMs pair up)."""
+    kw: dict[str, Any] = dict(group_mode=options.group_mode, chain=options.chain_tiles)
+    if options.cta_pairs and m % (4 * default_tiling(groups)[0]) == 0 and jax.devices()[0].core_count % 2 == 0:
+        kw["cta_pairs"] = True
+    return kw
 
 
 def residual_mismatch(x: jax.Array, gate: jax.Array, out: jax.Array, m: int, n: int) -> str | None:
@@ -470,7 +480,7 @@ def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource, options: Rea
            and epilogue_wg_residual_fits(m, gate.shape[0], default_tiling(g)[0]))
     wg = {"epilogue_wg": True} if epi else _group_epilogue(options, g)
     y = scaled_gemm_mosaic(src.qa, src.rw.codes, src.sa, src.rw.scale, src.rw.bias, residual=x.reshape(m, n),
-                           gate=gate, **_kernel_schedule(options), **wg)
+                           gate=gate, **_kernel_schedule(options, m, g), **wg)
     return y.reshape(x.shape)
 
 
@@ -505,7 +515,7 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
         if options.gelu_epilogue and l2.act.group_size == TILE_N:  # (bf16 output: group_scaled_applies)
             cwg = codes_warpgroup(options, qa.dtype)
             q2, s2 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, gelu_codes=l2.act, codes_wg=cwg,
-                                        **_kernel_schedule(options),
+                                        **_kernel_schedule(options, m, w1.scale.shape[0]),
                                         **_group_epilogue(options, w1.scale.shape[0], store=not cwg))
         else:
             y1 = _codes_gemm(qa, sa, w1, out_dtype, options)
@@ -519,7 +529,8 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
         qa, sa = _quantize_input(x.reshape(m, k), l1.act, k, options, source)
         if _fc1_on_kernel(m, n, k, qa.dtype, w1, out_dtype, product_dtype, options):
             # fc1's output (scales and bias applied in the GEMM's epilogue), then GELU + fc2's codes
-            y1 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, epilogue_wg=True, **_kernel_schedule(options))
+            y1 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, epilogue_wg=True,
+                                    **_kernel_schedule(options, m, 1))
             q2, s2 = gelu_quant_pallas(y1, None, None, None, l2.act, out_dtype)
         else:
             product = low_bit_product(qa, w1.codes, 1, product_dtype)[0]
@@ -561,7 +572,7 @@ def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, opt
     # each block reshaped before the concatenation, as SplitQKVDense does: XLA folds the attention's
     # slices of a concatenation into its operands, but not of a reshaped concatenation (measured:
     # concatenating (M, C) blocks and reshaping after left a q / k / v copy pass of ~300 us per block)
-    sched = dict(_kernel_schedule(options), prefetch=options.qkv_prefetch if g == 1 else None)
+    sched = dict(_kernel_schedule(options, m, g), prefetch=options.qkv_prefetch if g == 1 else None)
     if epilogue_warpgroup(options, qa.dtype, g):  # the epilogue warpgroup loads its own vectors
         sched.update(prefetch=None, epilogue_wg=True)
     else:

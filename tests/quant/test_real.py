@@ -512,6 +512,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
         stand_in.epilogue_wg.append(kw.get("epilogue_wg", False))
         stand_in.store_wg.append(kw.get("store_wg", False))
         stand_in.bias_first.append(kw.get("bias_first", False))
+        stand_in.cta_pairs.append(kw.get("cta_pairs", False))
         if gelu_codes is not None:
             stand_in.codes_wg.append(kw.get("codes_wg"))
         y = scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n, residual=residual, gate=gate, out_blocks=out_blocks)
@@ -524,7 +525,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
     monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, groups=1, **kw: (
         groups == 1 or k == 128 * groups, "test"))
     stand_in.modes, stand_in.codes_wg, stand_in.epilogue_wg, stand_in.store_wg = [], [], [], []
-    stand_in.bias_first = []
+    stand_in.bias_first, stand_in.cta_pairs = [], []
     monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
     monkeypatch.setattr(real_layers, "norm_quant_applies", lambda m, k, spec, dtype, **kw: (True, "test"))
     monkeypatch.setattr(real_layers, "norm_quant_pallas", lambda x, spec, **kw: norm_quant_pallas(
@@ -627,6 +628,33 @@ def test_bias_first_is_asked_for_group_gemms_with_their_own_epilogue(inputs, mon
         assert [c[3] for c in calls] == [False, False, True, False, False, True] * cfg.depth
         assert stand_in.bias_first == want * cfg.depth
         assert stand_in.codes_wg == [True] * cfg.depth
+
+
+def test_cta_pairs_are_asked_for_where_m_is_whole_tile_pairs(inputs, monkeypatch):
+    """RealOptions.cta_pairs (off by default) asks every GEMM on the kernel for two-CTA clusters where M
+    is a whole number of tile pairs (4 x 64 rows with group scales) and the SMs pair up; nowhere else."""
+    from qdit_jax.quant import real_layers
+    from qdit_jax.quant.real import RealOptions
+
+    cfg, params = CFG256, _params256()
+    calls, _ = _open_group_routes(monkeypatch)
+    stand_in = real_layers.scaled_gemm_mosaic
+    rules = dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, fmt="fp8_e4m3")
+    rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**rules)))
+    m = inputs[0].shape[0] * (inputs[0].shape[1] // cfg.patch_size) ** 2  # the batch's tokens
+    tiling = real_layers.default_tiling
+    assert m % (4 * tiling(2)[0])  # this small batch is no whole number of XL/2's tile pairs
+    # (the XLA stand-in computes every case; only the routing differs)
+    for opts, sms, tile_m, want in (({}, 132, m // 4, False), (dict(cta_pairs=True), 132, m // 4, True),
+                                    (dict(cta_pairs=True), 133, m // 4, False),
+                                    (dict(cta_pairs=True), 132, tiling(2)[0], False)):
+        monkeypatch.setattr(jax, "devices", lambda *a, sms=sms: [type("Dev", (), {"core_count": sms})()])
+        monkeypatch.setattr(real_layers, "default_tiling", lambda groups, tile_m=tile_m: (tile_m, 4))
+        calls.clear()
+        stand_in.cta_pairs.clear()
+        jax.block_until_ready(jax.jit(rm.apply_fn(RealOptions(**opts)))(rm.variables(), *inputs))
+        assert len(calls) == 6 * cfg.depth
+        assert stand_in.cta_pairs == [want] * (6 * cfg.depth)
 
 
 @pytest.mark.parametrize("fmt,gelu_epilogue", [("fp8_e4m3", False), ("int", True)])  # int8 without the epilogue: as fp8

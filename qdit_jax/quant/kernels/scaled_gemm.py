@@ -50,8 +50,8 @@ import jax
 import jax.numpy as jnp
 
 from qdit_jax.perf.device import is_hopper
-from qdit_jax.quant.kernels.scaled_gemm_body import (BF16_TILE_K, CODES_WG_REGISTERS, STORE_WG_COMPUTE_REGISTERS,
-                                                  TILE_K, Plan, kernel_body)
+from qdit_jax.quant.kernels.scaled_gemm_body import (BF16_TILE_K, CODES_WG_REGISTERS, PAIR_AXIS,
+                                                  STORE_WG_COMPUTE_REGISTERS, TILE_K, Plan, kernel_body)
 
 TILE_M, TILE_N, STEPS = 128, 128, 3  # per compute warpgroup; the fastest measured on the H100
 # group scales: a float32 running sum beside the wgmma accumulator (two 64 x 128 float32 tiles per
@@ -205,15 +205,15 @@ def _check_call(a: jax.Array, sa: jax.Array, sw: jax.Array, n_off: int, n: int, 
 # unjitted, each of XL/2's 140 calls was lowered to Mosaic GPU again (compiles of 104-118 s per forward)
 @functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode", "gelu_codes",
                                              "chain", "approx_tanh", "codes_wg", "prefetch", "out_blocks",
-                                             "epilogue_wg", "store_wg", "bias_first"))
+                                             "epilogue_wg", "store_wg", "bias_first", "cta_pairs"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                        gate: jax.Array | None = None, tile_m: int | None = None, tile_n: int = TILE_N,
                        steps: int | None = None, group_mode: str | None = None,
                        gelu_codes: Any = None, chain: bool = True, approx_tanh: bool = True,
                        codes_wg: bool = False, prefetch: str | None = None, out_blocks: int = 1,
-                       epilogue_wg: bool = False, store_wg: bool = False,
-                       bias_first: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+                       epilogue_wg: bool = False, store_wg: bool = False, bias_first: bool = False,
+                       cta_pairs: bool = False) -> jax.Array | tuple[jax.Array, ...]:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
     ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
     float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
@@ -263,7 +263,11 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
     ``bias_first`` (group scales, no epilogue warpgroup): the float32 group sums start at the bias instead
     of zero, so the epilogue has no bias add (one FADD an element less); the sum's order changes (the
-    bias first), so outputs may differ from the default by float32 rounding."""
+    bias first), so outputs may differ from the default by float32 rounding.
+
+    ``cta_pairs``: thread-block clusters of two CTAs on vertically adjacent output tiles (the same columns),
+    the weight tile (and group scale row) of each K step loaded half by each and multicast to both by TMA:
+    half the weight traffic from L2 (M must be a multiple of four warpgroup tiles); the same outputs."""
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
     groups = _groups(sa)
@@ -290,6 +294,9 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         raise ValueError("store_wg takes the compute warpgroups' own epilogue: call it without codes_wg or "
                          "epilogue_wg")
     num_sms = jax.devices()[0].core_count
+    if cta_pairs and (m % (4 * tile_m) or num_sms % 2):
+        raise ValueError(f"cta_pairs pairs vertically adjacent {2 * tile_m}-row tiles on pairs of SMs: M = {m} must "
+                         f"be a multiple of {4 * tile_m} and the SM count ({num_sms}) even; call without it")
     steps, chained = chained_steps(k // TILE_K, (m // (2 * tile_m)) * (n // tile_n), num_sms,
                                    steps0 if steps is None else steps, chain, explicit=steps is not None)
     rows_per_gate, residual, gate, bias = _epilogue_operands(m, w.shape[0], residual, gate, bias)
@@ -308,7 +315,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                  int_codes=jnp.dtype(a.dtype) == jnp.dtype(jnp.int8), residual=residual is not None,
                  rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, out_dtype=out_dtype, codes_wg=codes_wg,
                  prefetch=None if epilogue_wg else prefetch, out_blocks=out_blocks, epilogue_wg=epilogue_wg,
-                 store_wg=store_wg, bias_first=bias_first)
+                 store_wg=store_wg, bias_first=bias_first, cta_pairs=cta_pairs)
 
     return _launch(plan, num_sms, a, w, sa, sw, bias, residual, gate, approx_tanh)
 
@@ -370,9 +377,12 @@ def _launch(plan: Plan, num_sms: int, a: jax.Array, w: jax.Array, sa: jax.Array,
         out_type = (out_type, jax.ShapeDtypeStruct((plan.n_tiles, m), jnp.float32))
     # approx_math: tanh.approx.f32 for the GELU's tanh (division and the rest stay exact)
     params = plgpu.CompilerParams(approx_math=plan.gelu_codes is not None and approx_tanh)
-    call = plgpu.kernel(kernel, out_type=out_type, grid=(num_sms,), grid_names=("sm",),
-                        num_threads=4 if plan.fourth_wg or plan.store_wg else 3, thread_name="wg",
-                        compiler_params=params)
+    # with cta_pairs the persistent loop runs over the clusters ("sm": num_sms / 2 of them), a CTA's place
+    # in its cluster on PAIR_AXIS
+    clusters = {"cluster": (2,), "cluster_names": (PAIR_AXIS,)} if plan.cta_pairs else {}
+    call = plgpu.kernel(kernel, out_type=out_type, grid=(num_sms // (2 if plan.cta_pairs else 1),),
+                        grid_names=("sm",), num_threads=4 if plan.fourth_wg or plan.store_wg else 3,
+                        thread_name="wg", compiler_params=params, **clusters)
     registers = CODES_WG_REGISTERS[0] if plan.fourth_wg else STORE_WG_COMPUTE_REGISTERS if plan.store_wg else None
     option = "codes_wg" if plan.codes_wg else "epilogue_wg" if plan.epilogue_wg else "store_wg"
     with _compute_registers(registers, option):

@@ -39,6 +39,7 @@ CODES_WG_REGISTERS = 168, 136
 # registers a thread of the three-warpgroup kernel (24 + 2 x 232 + 24 = 512)
 STORE_WG_REGISTERS = 24
 STORE_WG_COMPUTE_REGISTERS = 232
+PAIR_AXIS = "pair"  # the cluster axis of ``Plan.cta_pairs``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Plan:
     epilogue_wg: bool = False  # the epilogue (scales, bias, residual) and store on a fourth warpgroup
     store_wg: bool = False  # only the stores on a fourth warpgroup of few registers (``scaled_gemm_fourth_wg``)
     bias_first: bool = False  # group scales: the bias is the float32 sums' initial value, not an epilogue add
+    cta_pairs: bool = False  # clusters of two CTAs on vertically adjacent tiles, the weight tile multicast to both
 
     @property
     def tile_k(self) -> int:
@@ -85,6 +87,11 @@ class Plan:
     @property
     def n_tiles(self) -> int:
         return self.n // self.tile_n
+
+    @property
+    def loop_tiles(self) -> int:
+        """Steps of the persistent tile loop: the output tiles, or with ``cta_pairs`` the pairs of them."""
+        return self.m_tiles * self.n_tiles // (2 if self.cta_pairs else 1)
 
     @property
     def block_tiles(self) -> int:
@@ -165,12 +172,14 @@ def _pipeline(plan: Plan, body: Any, ctx: Any, state: Any = None) -> Any:
 
     tk = plan.tile_k
     tr = (plgpu.TilingTransform((8, tk)), plgpu.SwizzleTransform(128))  # 128-byte rows
+    # with cta_pairs the weight tile and its scale row are the pair's: each CTA loads half, both get all
+    pair = {"collective_axes": (PAIR_AXIS,)} if plan.cta_pairs else {}
     specs = [plgpu.BlockSpec((plan.cta_m, tk), lambda kk: (0, kk), transforms=tr),
-             plgpu.BlockSpec((tk, plan.tile_n), lambda kk: (kk, 0), transforms=tr) if plan.w_kn else
-             plgpu.BlockSpec((plan.tile_n, tk), lambda kk: (0, kk), transforms=tr)]
+             plgpu.BlockSpec((tk, plan.tile_n), lambda kk: (kk, 0), transforms=tr, **pair) if plan.w_kn else
+             plgpu.BlockSpec((plan.tile_n, tk), lambda kk: (0, kk), transforms=tr, **pair)]
     if plan.groups > 1:  # this K step's scale rows come with its tiles, by TMA
         specs += [plgpu.BlockSpec((1, plan.cta_m), lambda kk: (kk, 0)),
-                  plgpu.BlockSpec((1, plan.tile_n), lambda kk: (kk, 0))]
+                  plgpu.BlockSpec((1, plan.tile_n), lambda kk: (kk, 0), **pair)]
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(plan.k // tk,), memory_registers=STORE_WG_REGISTERS if plan.store_wg else 40, in_specs=specs,
         wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=plan.steps, compute_context=ctx,
@@ -613,16 +622,25 @@ def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+def tile_index(plan: Plan, info: Any) -> tuple[Any, Any]:
+    """(pm, pn), the output tile of a step of the persistent tile loop (``info``: ``plgpu.nd_loop``'s):
+    row-major over the tiles, or with ``plan.cta_pairs`` over pairs of vertically adjacent tiles, the
+    cluster's two CTAs taking one each (same columns: the weight tile they share)."""
+    (lin,) = info.index
+    if not plan.cta_pairs:
+        return lin // plan.n_tiles, lin % plan.n_tiles
+    return 2 * (lin // plan.n_tiles) + lax.axis_index(PAIR_AXIS), lin % plan.n_tiles
+
+
 def _tiles(plan: Plan, refs: _Refs, wg: Any, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any,
            allocs: Any) -> None:
     """The compute and memory warpgroups' loop over this CTA's output tiles, one pipeline each."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    @plgpu.nd_loop((plan.m_tiles * plan.n_tiles,), collective_axes="sm")
+    @plgpu.nd_loop((plan.loop_tiles,), collective_axes="sm")
     def tile(info: Any) -> None:
-        (lin,) = info.index
-        pm, pn = lin // plan.n_tiles, lin % plan.n_tiles
+        pm, pn = tile_index(plan, info)
         rows = pm * plan.cta_m + wg * plan.tile_m
         wcols = pl.ds(plan.n_off + pn * plan.tile_n, plan.tile_n)
         body = functools.partial(_STEP_BODIES[plan.group_mode], plan, wg)

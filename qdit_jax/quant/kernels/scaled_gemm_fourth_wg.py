@@ -167,10 +167,9 @@ def _fourth_warpgroup(plan: Plan, refs: _Refs, tile_body: Any) -> None:
     for b in range(plan.stage_slots):  # every slot starts empty
         plgpu.barrier_arrive(refs.empty.at[b])
 
-    @plgpu.nd_loop((plan.m_tiles * plan.n_tiles,), collective_axes="sm")
+    @plgpu.nd_loop((plan.loop_tiles,), collective_axes="sm")
     def tile(info: Any) -> None:
-        (lin,) = info.index
-        pm, pn = lin // plan.n_tiles, lin % plan.n_tiles
+        pm, pn = body.tile_index(plan, info)
         tile_body(pm, pn, info.local_index % plan.stage_slots, pl.ds(pn * plan.tile_n, plan.tile_n))
 
 
@@ -188,10 +187,9 @@ def store_warpgroup(plan: Plan, refs: _Refs) -> None:
     for b in range(2 * plan.out_slots):  # every slot starts empty
         plgpu.barrier_arrive(refs.empty.at[b])
 
-    @plgpu.nd_loop((plan.m_tiles * plan.n_tiles,), collective_axes="sm")
+    @plgpu.nd_loop((plan.loop_tiles,), collective_axes="sm")
     def tile(info: Any) -> None:
-        (lin,) = info.index
-        pm, pn = lin // plan.n_tiles, lin % plan.n_tiles
+        pm, pn = body.tile_index(plan, info)
         slots = [body._out_slot(plan, wg, info.local_index) for wg in range(2)]
         for wg, oslot in enumerate(slots):
             plgpu.barrier_wait(refs.full.at[oslot])

@@ -216,6 +216,46 @@ def test_bias_first_matches_the_default(k, n, blocks, residual, codes, dtype):
             np.testing.assert_allclose(got, want, rtol=2 ** -6, atol=2 ** -5)
 
 
+@pytest.mark.parametrize("dtype, groups", [(jnp.float8_e4m3fn, True), (jnp.int8, True), (jnp.float8_e4m3fn, False)])
+@pytest.mark.parametrize("k, n, blocks, residual, codes", [(C, 3 * C, 3, False, False), (HIDDEN, C, 1, True, False),
+                                                            (C, HIDDEN, 1, False, True)])
+def test_cta_pairs_equal_the_default(k, n, blocks, residual, codes, dtype, groups):
+    """``cta_pairs`` (two-CTA clusters sharing each K step's weight tile by TMA multicast) moves data
+    only: the same bits as one CTA per tile, for q, k, v in one call, fc2 + residual and fc1 + codes (group
+    scales), in each format's default schedule, with the model's fourth warpgroups where this JAX allows
+    (group scales: the store warpgroup or int8's codes warpgroup; fp8 per channel: the epilogue
+    warpgroup), at a size where the clusters own unequal numbers of tile pairs. A CTA reading its partner's
+    half too early, or a pair taking different rows' weights, would show."""
+    from qdit_jax.quant.kernels.scaled_gemm import codes_wg_available, scaled_gemm_mosaic
+
+    if codes and not groups:
+        pytest.skip("the codes epilogue is group-wise")
+    r = np.random.default_rng(14)
+    m, g = 36 * T, k // 128 if groups else 1
+    a, w = _random_codes(r, (m, k), dtype), _random_codes(r, (n, k), dtype)
+    sa = jnp.asarray(r.uniform(0.001, 0.003, (g, m) if groups else (m,)), jnp.float32)
+    sw = jnp.asarray(r.uniform(0.001, 0.003, (g, n) if groups else (n,)), jnp.float32)
+    b = jnp.asarray(r.standard_normal(n) * 0.1, jnp.float32)
+    wg = codes_wg_available()
+    kw = dict(out_blocks=blocks)
+    if groups:
+        kw.update(store_wg=wg and not (codes and dtype == jnp.int8))
+    else:
+        kw.update(epilogue_wg=wg and not residual)
+    if residual:
+        kw.update(residual=jnp.asarray(r.standard_normal((m, n)) * 4, jnp.bfloat16),
+                  gate=jnp.asarray(r.standard_normal((36, n)) * 0.5, jnp.bfloat16))
+    if codes:
+        int8 = dtype == jnp.int8
+        kw.update(gelu_codes=QuantSpec(bits=8, format="int" if int8 else "fp8_e4m3", group_size=128, symmetric=True),
+                  codes_wg=int8 and wg)
+    outs = [jax.tree.leaves(jax.jit(lambda *v, p=p: scaled_gemm_mosaic(*v, cta_pairs=p, **kw))(a, w, sa, sw, b))
+            for p in (False, True)]
+    assert np.abs(np.asarray(outs[0][0], np.float32)).max() > 0
+    for got, want in zip(outs[1], outs[0]):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 @pytest.mark.parametrize("prefetch", ["before", "after"])
 def test_prefetched_residual_epilogue_equals_the_default(prefetch):
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic

@@ -3,6 +3,8 @@ the real path uses, checked on a CPU machine by lowering for CUDA: what can brea
 construction without a GPU to run it (running and numerics: test_gpu_kernels.py)."""
 from __future__ import annotations
 
+import re
+
 from typing import Any
 
 import jax
@@ -77,6 +79,13 @@ CASES = {
     "int8 group-128 gelu_codes, codes warpgroup, bias first": (jnp.int8, C, 4 * C, 2, dict(
         codes_wg=True, bias_first=True, gelu_codes=QuantSpec(bits=8, group_size=128, symmetric=True))),
     "fp8 group-128 plain, bias first": (F8, 4 * C, C, 8, dict(group_mode="plain", bias_first=True)),
+    # CTA pairs sharing the weight tile by TMA multicast (opt-in)
+    "fp8 group-128 (split) + residual, CTA pairs, store warpgroup": (F8, C, C, 2, dict(
+        residual=True, cta_pairs=True, store_wg=True)),
+    "int8 group-128 gelu_codes, codes warpgroup, CTA pairs": (jnp.int8, C, 4 * C, 2, dict(
+        codes_wg=True, cta_pairs=True, gelu_codes=QuantSpec(bits=8, group_size=128, symmetric=True))),
+    "fp8 per channel three outputs, epilogue warpgroup, CTA pairs": (F8, C, 6 * C, 1, dict(
+        out_blocks=3, epilogue_wg=True, cta_pairs=True)),
 }
 
 
@@ -165,6 +174,37 @@ def _jaxpr_tokens(pattern: str, dtype, k: int, n: int, groups: int, **kw) -> lis
 def _accumulator_reads(dtype, k: int, n: int, groups: int, **kw) -> list[str]:
     """The kernel's accumulator reads and bare wgmma waits, in program order, from its jaxpr."""
     return _jaxpr_tokens(r"wgmma_accumulator_deref_p\[wait_n=\w+\]|wgmma_wait\[", dtype, k, n, groups, **kw)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_cta_pairs_multicast_the_weight_tile_only(groups, monkeypatch):
+    """``cta_pairs`` launches clusters of two CTAs and loads each K step's weight tile (and its group scale
+    row) collectively over the pair, the activation tile (and its scale row) per CTA; without it no copy
+    is collective. Refused where M is not a whole number of tile pairs."""
+    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
+
+    def copies(**kw) -> list[str]:
+        if groups == 1:
+            sds = jax.ShapeDtypeStruct
+            args = (sds((M, C), F8), sds((C, C), F8), sds((M,), jnp.float32), sds((C,), jnp.float32),
+                    sds((C,), jnp.float32))
+            text = str(jax.make_jaxpr(lambda *a: sg.scaled_gemm_mosaic(*a, **kw))(*args))
+        else:
+            text = str(_group_kernel_jaxpr(F8, C, C, groups, **kw))
+        assert ("cluster=(2,)" in text) == bool(kw)
+        return re.findall(r"copy_gmem_to_smem(?:\[collective_axes=\('pair',\)\])? \w+\[", text)
+
+    per_step = 2 if groups == 1 else 4  # A, W (and the two scale rows)
+    pairs, plain = copies(cta_pairs=True), copies()
+    assert len(pairs) == len(plain) and len(plain) % per_step == 0
+    for i in range(0, len(pairs), per_step):  # each of the pipeline's copy sites: W (and its scale row) paired
+        assert ["collective" in c for c in pairs[i:i + per_step]] == [False, True] * (per_step // 2)
+    assert not any("collective" in c for c in plain)
+    with pytest.raises(ValueError, match="cta_pairs"):  # three 128-row CTA tiles
+        sds, g = jax.ShapeDtypeStruct, C // 128
+        jax.make_jaxpr(lambda *v: sg.scaled_gemm_mosaic(*v, cta_pairs=True))(
+            sds((384, C), F8), sds((C, C), F8), sds((g, 384), jnp.float32), sds((g, C), jnp.float32),
+            sds((C,), jnp.float32))
 
 
 @pytest.mark.parametrize("dtype", [F8, jnp.int8])
