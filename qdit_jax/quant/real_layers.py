@@ -444,7 +444,8 @@ def _kernel_schedule(options: RealOptions, m: int, groups: int) -> dict[str, Any
     """The schedule arguments of ``kernels.scaled_gemm`` that RealOptions set, for an (M, K) input with this
     many scale groups (``cta_pairs`` where M is a whole number of tile pairs and the SMs pair up)."""
     kw: dict[str, Any] = dict(group_mode=options.group_mode, chain=options.chain_tiles)
-    if options.cta_pairs and m % (4 * default_tiling(groups)[0]) == 0 and jax.devices()[0].core_count % 2 == 0:
+    sms = getattr(jax.devices()[0], "core_count", 1)  # (a GPU's SM count; the guards keep other devices out)
+    if options.cta_pairs and m % (4 * default_tiling(groups)[0]) == 0 and sms % 2 == 0:
         kw["cta_pairs"] = True
     return kw
 
