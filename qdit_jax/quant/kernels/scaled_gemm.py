@@ -375,7 +375,8 @@ def _launch(plan: Plan, num_sms: int, a: jax.Array, w: jax.Array, sa: jax.Array,
                          for _ in range(plan.out_blocks))
     if plan.gelu_codes is not None:
         out_type = (out_type, jax.ShapeDtypeStruct((plan.n_tiles, m), jnp.float32))
-    # approx_math: tanh.approx.f32 for the GELU's tanh (division and the rest stay exact)
+    # approx_math: tanh.approx.f32 for the GELU's tanh; it also compiles the codes' division to PTX div.full
+    # (the row scale's MUFU.RCP and a multiply, within 2 ulp: the SASS, twenty-second session)
     params = plgpu.CompilerParams(approx_math=plan.gelu_codes is not None and approx_tanh)
     # with cta_pairs the persistent loop runs over the clusters ("sm": num_sms / 2 of them), a CTA's place
     # in its cluster on PAIR_AXIS

@@ -677,10 +677,11 @@ def gelu_h(y: jax.Array) -> jax.Array:
 def group_codes(h: jax.Array, s: jax.Array, spec: Any) -> jax.Array:
     """Symmetric codes (as float32) of a tile (or part) ``h`` with one scale per row ``s``. No clip to the
     code range (row_quant's codes clip): s is the rows' abs-max over the largest code (127 / 448, rounded
-    to nearest), so |h / s| <= qmax (1 + 2^-22), which rounds to qmax at most (int8: never -128; fp8: the
-    store's float32 -> e4m3 conversion is PTX's cvt.rn.satfinite, the only one PTX has, saturating at 448
-    as the clip would); the two FMNMX per element cost 4-5% of fc1 with this epilogue on the H100
-    (RESULTS.md, fifteenth session)."""
+    to nearest), so |h / s| <= qmax (1 + 2^-22) (the kernel's division, PTX div.full under its approximate
+    math, adds at most 2 ulp), which rounds to qmax at most (int8: never -128; fp8: the store's float32 ->
+    e4m3 conversion is PTX's cvt.rn.satfinite, the only one PTX has, saturating at 448 as the clip would);
+    the two FMNMX per element cost 4-5% of fc1 with this epilogue on the H100 (RESULTS.md, fifteenth
+    session)."""
     if spec.format == "int":
         return jnp.round(h / lax.broadcast_in_dim(s, h.shape, [0]))
     return h / lax.broadcast_in_dim(s, h.shape, [0])
