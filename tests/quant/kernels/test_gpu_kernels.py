@@ -182,9 +182,35 @@ def test_store_warpgroup_with_the_codes_epilogue_equals_the_default(fmt):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
+def _gemm_case(seed: int, samples: int, k: int, n: int, dtype, groups: bool, blocks: int, residual: bool,
+               codes: bool, bias_scale: float = 0.1) -> tuple[tuple, dict]:
+    """Operands ((a, w, sa, sw, b)) and ``scaled_gemm_mosaic`` keywords for one of the model's GEMMs on
+    ``samples`` x 256 tokens: q, k, v in ``blocks`` outputs, the gated residual (a gate row per sample),
+    or fc1's group codes (int8 on the codes warpgroup where this JAX allows, as the model runs it)."""
+    from qdit_jax.quant.kernels.scaled_gemm import codes_wg_available
+
+    r = np.random.default_rng(seed)
+    m, g = samples * T, k // 128
+    a, w = _random_codes(r, (m, k), dtype), _random_codes(r, (n, k), dtype)
+    sa = jnp.asarray(r.uniform(0.001, 0.003, (g, m) if groups else (m,)), jnp.float32)
+    sw = jnp.asarray(r.uniform(0.001, 0.003, (g, n) if groups else (n,)), jnp.float32)
+    b = jnp.asarray(r.standard_normal(n) * bias_scale, jnp.float32)
+    kw: dict = dict(out_blocks=blocks)
+    if residual:
+        kw.update(residual=jnp.asarray(r.standard_normal((m, n)) * 4, jnp.bfloat16),
+                  gate=jnp.asarray(r.standard_normal((samples, n)) * 0.5, jnp.bfloat16))
+    if codes:
+        int8 = dtype == jnp.int8
+        kw.update(gelu_codes=QuantSpec(bits=8, format="int" if int8 else "fp8_e4m3", group_size=128, symmetric=True),
+                  codes_wg=int8 and codes_wg_available())
+    return (a, w, sa, sw, b), kw
+
+
+_EPILOGUE_CASES = [(C, 3 * C, 3, False, False), (HIDDEN, C, 1, True, False), (C, HIDDEN, 1, False, True)]
+
+
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.int8])
-@pytest.mark.parametrize("k, n, blocks, residual, codes", [(C, 3 * C, 3, False, False), (HIDDEN, C, 1, True, False),
-                                                            (C, HIDDEN, 1, False, True)])
+@pytest.mark.parametrize("k, n, blocks, residual, codes", _EPILOGUE_CASES)
 def test_bias_first_matches_the_default(k, n, blocks, residual, codes, dtype):
     """``bias_first`` (the group sums start at the bias): the same outputs as the default up to the float32
     sum's order, i.e. rarely a bf16 ulp (codes: rarely one code); a bias lost or added twice, or a column
@@ -192,21 +218,9 @@ def test_bias_first_matches_the_default(k, n, blocks, residual, codes, dtype):
     allows, fc2 + residual, fc1 + codes (int8: on the codes warpgroup, as the model runs it)."""
     from qdit_jax.quant.kernels.scaled_gemm import codes_wg_available, scaled_gemm_mosaic
 
-    r = np.random.default_rng(13)
-    m, g = 35 * T, k // 128
-    a, w = _random_codes(r, (m, k), dtype), _random_codes(r, (n, k), dtype)
-    sa = jnp.asarray(r.uniform(0.001, 0.003, (g, m)), jnp.float32)
-    sw = jnp.asarray(r.uniform(0.001, 0.003, (g, n)), jnp.float32)
-    b = jnp.asarray(r.standard_normal(n) * 2, jnp.float32)  # a bias as large as the products
-    kw = dict(out_blocks=blocks, store_wg=codes_wg_available() and not codes)
-    if residual:
-        kw.update(residual=jnp.asarray(r.standard_normal((m, n)) * 4, jnp.bfloat16),
-                  gate=jnp.asarray(r.standard_normal((35, n)) * 0.5, jnp.bfloat16))
-    if codes:
-        int8 = dtype == jnp.int8
-        kw.update(gelu_codes=QuantSpec(bits=8, format="int" if int8 else "fp8_e4m3", group_size=128, symmetric=True),
-                  codes_wg=int8 and codes_wg_available())
-    outs = [jax.tree.leaves(jax.jit(lambda *v, f=f: scaled_gemm_mosaic(*v, bias_first=f, **kw))(a, w, sa, sw, b))
+    args, kw = _gemm_case(13, 35, k, n, dtype, True, blocks, residual, codes, bias_scale=2)  # bias ~ products
+    kw.update(store_wg=codes_wg_available() and not codes)
+    outs = [jax.tree.leaves(jax.jit(lambda *v, f=f: scaled_gemm_mosaic(*v, bias_first=f, **kw))(*args))
             for f in (False, True)]
     assert np.abs(np.asarray(outs[0][0], np.float32)).max() > 1
     for i, (got, want) in enumerate(zip(outs[1], outs[0])):
@@ -217,8 +231,7 @@ def test_bias_first_matches_the_default(k, n, blocks, residual, codes, dtype):
 
 
 @pytest.mark.parametrize("dtype, groups", [(jnp.float8_e4m3fn, True), (jnp.int8, True), (jnp.float8_e4m3fn, False)])
-@pytest.mark.parametrize("k, n, blocks, residual, codes", [(C, 3 * C, 3, False, False), (HIDDEN, C, 1, True, False),
-                                                            (C, HIDDEN, 1, False, True)])
+@pytest.mark.parametrize("k, n, blocks, residual, codes", _EPILOGUE_CASES)
 def test_cta_pairs_equal_the_default(k, n, blocks, residual, codes, dtype, groups):
     """``cta_pairs`` (two-CTA clusters sharing each K step's weight tile by TMA multicast) moves data
     only: the same bits as one CTA per tile, for q, k, v in one call, fc2 + residual and fc1 + codes (group
@@ -230,26 +243,13 @@ def test_cta_pairs_equal_the_default(k, n, blocks, residual, codes, dtype, group
 
     if codes and not groups:
         pytest.skip("the codes epilogue is group-wise")
-    r = np.random.default_rng(14)
-    m, g = 36 * T, k // 128 if groups else 1
-    a, w = _random_codes(r, (m, k), dtype), _random_codes(r, (n, k), dtype)
-    sa = jnp.asarray(r.uniform(0.001, 0.003, (g, m) if groups else (m,)), jnp.float32)
-    sw = jnp.asarray(r.uniform(0.001, 0.003, (g, n) if groups else (n,)), jnp.float32)
-    b = jnp.asarray(r.standard_normal(n) * 0.1, jnp.float32)
+    args, kw = _gemm_case(14, 36, k, n, dtype, groups, blocks, residual, codes)
     wg = codes_wg_available()
-    kw = dict(out_blocks=blocks)
     if groups:
         kw.update(store_wg=wg and not (codes and dtype == jnp.int8))
     else:
         kw.update(epilogue_wg=wg and not residual)
-    if residual:
-        kw.update(residual=jnp.asarray(r.standard_normal((m, n)) * 4, jnp.bfloat16),
-                  gate=jnp.asarray(r.standard_normal((36, n)) * 0.5, jnp.bfloat16))
-    if codes:
-        int8 = dtype == jnp.int8
-        kw.update(gelu_codes=QuantSpec(bits=8, format="int" if int8 else "fp8_e4m3", group_size=128, symmetric=True),
-                  codes_wg=int8 and wg)
-    outs = [jax.tree.leaves(jax.jit(lambda *v, p=p: scaled_gemm_mosaic(*v, cta_pairs=p, **kw))(a, w, sa, sw, b))
+    outs = [jax.tree.leaves(jax.jit(lambda *v, p=p: scaled_gemm_mosaic(*v, cta_pairs=p, **kw))(*args))
             for p in (False, True)]
     assert np.abs(np.asarray(outs[0][0], np.float32)).max() > 0
     for got, want in zip(outs[1], outs[0]):
