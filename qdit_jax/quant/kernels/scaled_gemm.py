@@ -322,8 +322,8 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
 
 def _check_epilogue_wg(epilogue_wg: bool, m: int, tile_m: int, residual: jax.Array | None,
                        gate: jax.Array | None) -> None:
-    """The epilogue warpgroup's guard shared by both forms: one gate row per CTA tile (whether this JAX's
-    Pallas can bound the compute warpgroups' registers: ``_compute_registers``)."""
+    """The epilogue warpgroup's guard shared by both forms (scaled and bf16): with a residual, one gate row
+    per CTA tile (whether this JAX's Pallas can bound the registers is ``_compute_registers``' check)."""
     if epilogue_wg and residual is not None and not epilogue_wg_residual_fits(m, gate.shape[0], tile_m):
         raise ValueError(f"epilogue_wg with a residual needs one gate row per CTA tile of {2 * tile_m} rows (gate "
                          f"{gate.shape} over {m} rows); call without it")

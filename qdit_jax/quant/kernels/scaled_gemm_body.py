@@ -364,7 +364,7 @@ def _epilogue_vectors(plan: Plan, refs: _Refs, rows: Any, pn: Any, wcols: Any) -
     return vec
 
 
-def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, eval_pipeline: Any,
+def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: Any, eval_pipeline: Any,
                 vec: Any = None) -> tuple[list[jax.Array], dict | None]:
     """Run the K loop; the tile's float32 result (scaled; before the bias unless ``plan.bias_first``) in
     column parts, and the epilogue's vectors (``vec``: loaded before the K loop, or a function loading
@@ -382,9 +382,7 @@ def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, eval_pi
         width = plan.tile_n // parts
         if not plan.bias_first:
             return [zeros((plan.tile_m, width), jnp.float32) for _ in range(parts)]
-        bias = (vec["bias"] if isinstance(vec, dict) and len(vec["bias"]) == parts else
-                [plgpu.load(refs.bias.at[pl.ds(wcols.start + j * width, width)], (), layout=col_l, optimized=False)
-                 for j in range(parts)])
+        bias = vec["bias"] if isinstance(vec, dict) else [_bias_part(plan, refs, pn, j, width) for j in range(parts)]
         return [plgpu.layout_cast(lax.broadcast_in_dim(b, (plan.tile_m, width), [1]), plgpu.Layout.WGMMA)
                 for b in bias]
 
@@ -463,9 +461,17 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
     if plan.store_wg:
         plgpu.barrier_arrive(refs.full.at[oslot])
         return
-    _copy_out(plan, refs, refs.o_smem.at[oslot], pl.ds(rows, plan.tile_m), pn, ocols)
-    if plan.gelu_codes is not None:  # group pn of the output's columns (tile_n is one group)
-        plgpu.copy_smem_to_gmem(refs.s_smem.at[oslot], refs.out_scales.at[pn, pl.ds(rows, plan.tile_m)])
+    _store_slot(plan, refs, oslot, pl.ds(rows, plan.tile_m), pn, ocols)
+
+
+def _store_slot(plan: Plan, refs: _Refs, slot: Any, rows: Any, pn: Any, ocols: Any) -> None:
+    """The TMA stores of output slot ``slot`` (rows ``rows`` of column tile ``pn``): the tile, and with the
+    codes epilogue its group scales (group pn of the output's columns: tile_n is one group)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    _copy_out(plan, refs, refs.o_smem.at[slot], rows, pn, ocols)
+    if plan.gelu_codes is not None:
+        plgpu.copy_smem_to_gmem(refs.s_smem.at[slot], refs.out_scales.at[pn, rows])
 
 
 def _copy_out(plan: Plan, refs: _Refs, src: Any, rows: Any, pn: Any, ocols: Any) -> None:
@@ -493,7 +499,7 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     if plan.epilogue_wg:
-        _stage_product(plan, refs, wg, rows, wcols, slot, eval_pipeline)
+        _stage_product(plan, refs, wg, rows, pn, wcols, slot, eval_pipeline)
         return
     ocols = pl.ds(pn * plan.tile_n, plan.tile_n)
     oslot = _out_slot(plan, wg, slot)
@@ -508,7 +514,7 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
     if plan.prefetch is not None:
         vec = functools.partial(_epilogue_vectors, plan, refs, rows, pn, wcols)
         vec = vec() if plan.prefetch == "before" else vec
-    parts, vec = _accumulate(plan, refs, wg, rows, wcols, eval_pipeline, vec)
+    parts, vec = _accumulate(plan, refs, wg, rows, pn, wcols, eval_pipeline, vec)
     if not plan.codes_wg:
         _finish(plan, refs, wg, rows, pn, ocols, parts, vec, oslot)
         return
@@ -520,7 +526,8 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
     plgpu.barrier_arrive(refs.full.at[slot])
 
 
-def _stage_product(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, slot: Any, eval_pipeline: Any) -> None:
+def _stage_product(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: Any, slot: Any,
+                   eval_pipeline: Any) -> None:
     """``plan.epilogue_wg``, a compute warpgroup's side: the K loop, then (per channel) its product rounded
     to bf16 as the XLA path rounds the fp8 product, or (group scales) the float32 sum of the scaled group
     products, into the stage once the epilogue warpgroup has handed the slot back; then on to the next
@@ -529,7 +536,7 @@ def _stage_product(plan: Plan, refs: _Refs, wg: Any, rows: Any, wcols: Any, slot
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     if plan.groups > 1:
-        parts, _ = _accumulate(plan, refs, wg, rows, wcols, eval_pipeline)
+        parts, _ = _accumulate(plan, refs, wg, rows, pn, wcols, eval_pipeline)
         width = plan.tile_n // len(parts)
         plgpu.barrier_wait(refs.empty.at[slot])
         for j, part in enumerate(parts):
@@ -590,6 +597,10 @@ def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any
     def ignore(*_: Any, **__: Any) -> None:
         return None
 
+    # the fourth warpgroup's hand-over barriers (full / empty): per stage slot, both compute warpgroups
+    # filling it; or (store_wg) per output slot, its one compute warpgroup
+    slots, full_arrivals = ((plan.stage_slots, 2) if plan.fourth_wg else (2 * plan.out_slots, 1) if plan.store_wg
+                            else (None, None))
     allocations = _pipeline(plan, ignore, ignore).get_allocations(
         *_pipeline_operands(plan, a_gmem, w_gmem, sa_gmem, sw_gmem, 0, 0))
 
@@ -600,10 +611,8 @@ def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any
                        r_bar=None if not plan.residual or plan.epilogue_wg else plgpu.Barrier(num_barriers=2),
                        stage=plgpu.SMEM((plan.stage_slots, 2, plan.tile_m, plan.tile_n), plan.stage_dtype,
                                         transforms=_swizzled(plan.stage_dtype)) if plan.fourth_wg else None,
-                       full=plgpu.Barrier(num_arrivals=2, num_barriers=plan.stage_slots) if plan.fourth_wg else
-                       plgpu.Barrier(num_arrivals=1, num_barriers=2 * plan.out_slots) if plan.store_wg else None,
-                       empty=plgpu.Barrier(num_arrivals=1, num_barriers=plan.stage_slots) if plan.fourth_wg else
-                       plgpu.Barrier(num_arrivals=1, num_barriers=2 * plan.out_slots) if plan.store_wg else None,
+                       full=None if slots is None else plgpu.Barrier(num_arrivals=full_arrivals, num_barriers=slots),
+                       empty=None if slots is None else plgpu.Barrier(num_arrivals=1, num_barriers=slots),
                        collective_axes="wg")
     def scope(allocs: Any, o_smem: Any, s_smem: Any, r_bar: Any, stage: Any, full: Any, empty: Any) -> None:
         refs = _Refs(sa_gmem, sw_gmem, b_gmem, r_gmem, g_gmem, o_gmem, s_gmem, o_smem, s_smem, r_bar, stage,

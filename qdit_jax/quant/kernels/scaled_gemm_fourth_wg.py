@@ -152,9 +152,7 @@ def _codes_tile(plan: Plan, refs: _Refs, pm: Any, pn: Any, slot: Any, ocols: Any
         refs.s_smem[half] = s_g
     plgpu.commit_smem()
     for half in range(2):
-        rows = pl.ds(pm * plan.cta_m + half * plan.tile_m, plan.tile_m)
-        plgpu.copy_smem_to_gmem(refs.o_smem.at[half], refs.out.at[rows, ocols])
-        plgpu.copy_smem_to_gmem(refs.s_smem.at[half], refs.out_scales.at[pn, rows])
+        body._store_slot(plan, refs, half, pl.ds(pm * plan.cta_m + half * plan.tile_m, plan.tile_m), pn, ocols)
 
 
 def _fourth_warpgroup(plan: Plan, refs: _Refs, tile_body: Any) -> None:
@@ -194,9 +192,7 @@ def store_warpgroup(plan: Plan, refs: _Refs) -> None:
         for wg, oslot in enumerate(slots):
             plgpu.barrier_wait(refs.full.at[oslot])
             rows = pl.ds(pm * plan.cta_m + wg * plan.tile_m, plan.tile_m)
-            body._copy_out(plan, refs, refs.o_smem.at[oslot], rows, pn, pl.ds(pn * plan.tile_n, plan.tile_n))
-            if plan.gelu_codes is not None:  # the codes' group scales (tile_n is one group)
-                plgpu.copy_smem_to_gmem(refs.s_smem.at[oslot], refs.out_scales.at[pn, rows])
+            body._store_slot(plan, refs, oslot, rows, pn, pl.ds(pn * plan.tile_n, plan.tile_n))
         copies = 1 if plan.gelu_codes is None else 2  # TMA stores (bulk groups) a warpgroup's tile
         for wg, oslot in enumerate(slots):
             plgpu.wait_smem_to_gmem((1 - wg) * copies, wait_read_only=True)  # this warpgroup's stores have read
