@@ -400,11 +400,12 @@ MOSAIC_FORMS = ("128x128x3", "128x128x3:nochain", "128x128x4")
 def _patched_epilogue(kind: str):
     """A context patching ``scaled_gemm_body`` for the ``epidiag`` / ``groupepi`` diagnostics: 'noscale'
     leaves the per-channel scale / bias arithmetic out (the product rounded to bf16 and stored; on the
-    fourth warpgroup only the scaling, the bias stays; group forms: the group scaling and the bias), 'nostore' also the TMA store to global memory (the SMEM
-    store stays); 'splitstore' (a schedule, outputs unchanged) issues each TMA store as 32-row pieces
-    back to back: whether the store's cost is its size or its timing (the fourth warpgroup's 64-row
-    pieces, spread over its arithmetic, paid); 'swizzleout' (outputs unchanged) swizzles the compute
-    warpgroups' output slots (unswizzled, a warp's rows 256 bytes apart hit the same banks); 'samestore'
+    fourth warpgroup only the scaling, the bias stays; group forms: the group scaling and the bias),
+    'nostore' also the TMA store to global memory (the SMEM store stays); 'splitstore' (a schedule,
+    outputs unchanged) issues each TMA store as 32-row pieces back to back: whether the store's cost is
+    its size or its timing (the fourth warpgroup's 64-row pieces, spread over its arithmetic, paid);
+    'swizzleout' (outputs unchanged) swizzles the compute warpgroups' output slots (unswizzled, a warp's
+    rows 256 bytes apart hit the same banks); 'samestore'
     (outputs wrong) stores every tile to the output's first tile (the same bytes leave the SMs, almost none
     reach HBM), 'halfstore' (outputs wrong) only the first compute warpgroup's rows. The jitted kernel is
     retraced inside (``jax.clear_caches``), and again after."""
@@ -438,7 +439,8 @@ def _patched_epilogue(kind: str):
             def swizzled_slots(plan):
                 if plan.fourth_wg or jnp.dtype(plan.out_dtype).itemsize != 2:
                     return saved_slots(plan)
-                return plgpu.SMEM((2, plan.tile_m, plan.tile_n), plan.out_dtype, transforms=body._swizzled(plan.out_dtype))
+                return plgpu.SMEM((2 * plan.out_slots, plan.tile_m, plan.tile_n), plan.out_dtype,
+                                  transforms=body._swizzled(plan.out_dtype))
 
             body._output_slots = swizzled_slots
         if kind in ("noscale", "nostore"):

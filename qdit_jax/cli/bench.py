@@ -260,7 +260,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # epilogues in the compute warpgroups; -noresepi: fc2's residual epilogue only; -epi: group-wise
     # layers' epilogue on the fourth warpgroup too), -fc1k (per-channel fp8 fc1 on the Mosaic GEMM),
     # -gmMODE (the group GEMM's schedule, kernels.scaled_gemm.GROUP_MODES), -biasfirst (group sums started
-    # at the bias), -stwg / -nostwg (the store warpgroup on / off), -pairs (two-CTA clusters sharing the
+    # at the bias), -nostwg (the store warpgroup off), -pairs (two-CTA clusters sharing the
     # weight tile),
     # -packed (4-bit weights kept packed on the device, RealModel.variables), xla-attn / triton-attn /
     # cudnn-attn (XLA's attention, the Triton kernel's, cuDNN's)
@@ -289,7 +289,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        codes_wg=True if "wg" in tags else False if "nowg" in tags else None,
                        epilogue_wg=False if "noepi" in tags else True if "epi" in tags else None,
                        fc1_kernel="fc1k" in tags,
-                       store_wg=False if "nostwg" in tags else True if "stwg" in tags else None,
+                       store_wg=False if "nostwg" in tags else None,
                        bias_first="biasfirst" in tags, cta_pairs="pairs" in tags,
                        residual_epilogue_wg="noresepi" not in tags,
                        group_mode=next((t[len("gm"):] for t in tags if t.startswith("gm")), None))
