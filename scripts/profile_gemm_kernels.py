@@ -14,7 +14,8 @@ tile_m x tile_n x steps followed by the group mode letter (p: plain, o: overlap,
 not divide the K steps restarts the pipeline per tile). ``--gelu-codes`` adds fc1's group forms with the
 GELU + codes epilogue (the MLP's fc1 on group-wise layers), ``--store-wg`` the forms with their stores
 on the store warpgroup (with ``--gelu-codes`` the codes' too), ``--codes-wg`` that epilogue on the
-kernel's fourth warpgroup too, ``--cta-pairs`` each also as two-CTA clusters sharing the weight tile.
+kernel's fourth warpgroup too, ``--cta-pairs`` each also as two-CTA clusters sharing the weight tile,
+``--gelu-f32`` the codes forms also with their GELU in float32 (``gelu_mode``).
 ``--time N`` also prints each kernel's median time (``perf.timing.chained_median``).
 """
 from __future__ import annotations
@@ -83,6 +84,8 @@ def main() -> None:
                         "(scaled_gemm codes_wg)")
     p.add_argument("--cta-pairs", action="store_true",
                    help="every form also as two-CTA clusters sharing the weight tile (scaled_gemm cta_pairs)")
+    p.add_argument("--gelu-f32", action="store_true",
+                   help="with --gelu-codes, each codes form also with its GELU in float32 (scaled_gemm gelu_mode)")
     p.add_argument("--store-wg", action="store_true",
                    help="group forms also run with their TMA stores on the store warpgroup (scaled_gemm store_wg), "
                         "with --gelu-codes the codes epilogue's too")
@@ -104,6 +107,9 @@ def main() -> None:
                         variants.append((form + "+codes+wg", dict(codes_kw, codes_wg=True)))
                     if a.store_wg:
                         variants.append((form + "+codes+stwg", dict(codes_kw, store_wg=True)))
+                    if a.gelu_f32:
+                        variants += [(label + "+g32", dict(vkw, gelu_mode="float32")) for label, vkw in variants
+                                     if "gelu_codes" in vkw]
                 if a.cta_pairs:
                     variants += [(label + "+pairs", dict(vkw, cta_pairs=True)) for label, vkw in variants]
                 args = inputs(a.tokens, k, n, codes, "group_mode" in kw, rng)

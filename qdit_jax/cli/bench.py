@@ -113,9 +113,13 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-fp8-g128-nostwg": (FP8_G128, "real", "auto-nostwg"),
     "real-w8a8-g128-nostwg": (W8A8_G128, "real", "auto-nostwg"),
     "real-w4a8-g128-nostwg": (W4A8_G128, "real", "auto-nostwg"),
-    # group-wise GEMMs' float32 sums started at the bias (RealOptions.bias_first, opt-in)
-    "real-fp8-g128-biasfirst": (FP8_G128, "real", "auto-biasfirst"),
+    # group-wise GEMMs' float32 sums started at the bias or not (RealOptions.bias_first; default: fp8 on)
+    "real-fp8-g128-nobiasfirst": (FP8_G128, "real", "auto-nobiasfirst"),
     "real-w8a8-g128-biasfirst": (W8A8_G128, "real", "auto-biasfirst"),
+    # fc1's codes epilogue with its GELU evaluated as the bf16 model's, every step rounded (RealOptions.fc1_gelu
+    # 'dtype'; the default evaluates it on the float32 sums)
+    "real-fp8-g128-gelubf16": (FP8_G128, "real", "auto-gelubf16"),
+    "real-w8a8-g128-gelubf16": (W8A8_G128, "real", "auto-gelubf16"),
     # two-CTA clusters sharing each K step's weight tile by TMA multicast (RealOptions.cta_pairs, opt-in)
     "real-fp8-pairs": (FP8, "real", "xla-pairs"),
     "real-fp8-g128-pairs": (FP8_G128, "real", "auto-pairs"),
@@ -259,9 +263,9 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # -wg / -nowg (fc1's codes epilogue on the kernel's fourth warpgroup or not), -noepi (per-channel fp8
     # epilogues in the compute warpgroups; -noresepi: fc2's residual epilogue only; -epi: group-wise
     # layers' epilogue on the fourth warpgroup too), -fc1k (per-channel fp8 fc1 on the Mosaic GEMM),
-    # -gmMODE (the group GEMM's schedule, kernels.scaled_gemm.GROUP_MODES), -biasfirst (group sums started
-    # at the bias), -nostwg (the store warpgroup off), -pairs (two-CTA clusters sharing the
-    # weight tile),
+    # -gmMODE (the group GEMM's schedule, kernels.scaled_gemm.GROUP_MODES), -biasfirst / -nobiasfirst (group
+    # sums started at the bias or not), -nostwg (the store warpgroup off), -pairs (two-CTA clusters sharing
+    # the weight tile), -gelubf16 (fc1's codes epilogue's GELU with the bf16 model's roundings),
     # -packed (4-bit weights kept packed on the device, RealModel.variables), xla-attn / triton-attn /
     # cudnn-attn (XLA's attention, the Triton kernel's, cuDNN's)
     if "qkv1" in tags:
@@ -290,7 +294,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        epilogue_wg=False if "noepi" in tags else True if "epi" in tags else None,
                        fc1_kernel="fc1k" in tags,
                        store_wg=False if "nostwg" in tags else None,
-                       bias_first="biasfirst" in tags, cta_pairs="pairs" in tags,
+                       bias_first=True if "biasfirst" in tags else False if "nobiasfirst" in tags else None,
+                       cta_pairs="pairs" in tags, fc1_gelu="dtype" if "gelubf16" in tags else "float32",
                        residual_epilogue_wg="noresepi" not in tags,
                        group_mode=next((t[len("gm"):] for t in tags if t.startswith("gm")), None))
     variables = rm.variables(unpack_w4=False if "packed" in tags else None)

@@ -29,7 +29,7 @@ from qdit_jax.quant.kernels.gelu_quant import gelu_quant_applies, gelu_quant_pal
 from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm_pallas, group_gemm_xla, kernel_applies,
                                                low_bit_product, weight_codes_int8)
 from qdit_jax.quant.kernels.norm_quant import norm_quant_applies, norm_quant_pallas
-from qdit_jax.quant.kernels.scaled_gemm import (CODE_DTYPES, GROUP_MODES, PREFETCH_MODES, TILE_K, TILE_N,
+from qdit_jax.quant.kernels.scaled_gemm import (CODE_DTYPES, GELU_MODES, GROUP_MODES, PREFETCH_MODES, TILE_K, TILE_N,
                                                 codes_wg_available, default_tiling, epilogue_wg_residual_fits,
                                                 scaled_gemm_applies, scaled_gemm_mosaic)
 from qdit_jax.quant.quantizers import QuantSpec, _int_codes, params_of_groups
@@ -159,13 +159,23 @@ class RealOptions:
     # group-wise layers on kernels.scaled_gemm whose epilogue runs in the compute warpgroups (or fc1's codes
     # warpgroup): the bias as the float32 group sums' initial value instead of an add in the epilogue
     # (``bias_first``: one FADD an element less while the tensor cores wait; the float32 sum's order
-    # changes, outputs within a float32 rounding). Opt-in until measured on a GPU (twenty-second session)
-    bias_first: bool = False
+    # changes, outputs within a float32 rounding). None: fp8 on (XL/2 at batch 256 on the H100: fp8 g128
+    # q, k, v 610 -> 606 us, proj + residual 293 -> 283, fc2 + residual 740 -> 734; the forward 1.144x ->
+    # 1.151x bf16, same call), int8 off (q, k, v 746 -> 729, fc2 + residual 878 -> 915: not shown to pay;
+    # docs/RESULTS.md, twenty-third session)
+    bias_first: bool | None = None
     # layers on kernels.scaled_gemm: thread-block clusters of two CTAs on vertically adjacent tiles sharing
     # each K step's weight tile by TMA multicast (``cta_pairs``: half the weight traffic from L2; the same
     # bits), where M is a whole number of tile pairs. Opt-in until measured on a GPU (twenty-second session;
     # the tenth session's pairs, before the store warpgroup, were not faster)
     cta_pairs: bool = False
+    # a group-wise MLP's fc1 writing fc2's codes from its epilogue: the GELU there evaluated as the bf16
+    # model's ('dtype': every step rounded to bf16, the codes equal to the XLA path's) or on the float32
+    # sums without roundings ('float32': fewer instructions an element; codes within a rounding of the XLA
+    # path's, closer to exact arithmetic's). 'float32' by default: XL/2's fp8 fc1 + codes at batch 256 on
+    # the H100 979 -> 887 us, the fp8 g128 forward 1.148x -> 1.170x bf16 (same call; docs/RESULTS.md,
+    # twenty-third session)
+    fc1_gelu: str = "float32"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -174,6 +184,8 @@ class RealOptions:
             raise QditError(f"float_product must be one of {FLOAT_PRODUCTS}, got {self.float_product!r}")
         if self.qkv_prefetch not in PREFETCH_MODES:
             raise QditError(f"qkv_prefetch must be one of {PREFETCH_MODES}, got {self.qkv_prefetch!r}")
+        if self.fc1_gelu not in GELU_MODES:
+            raise QditError(f"fc1_gelu must be one of {GELU_MODES}, got {self.fc1_gelu!r}")
         if self.group_mode is not None and self.group_mode not in GROUP_MODES:
             raise QditError(f"group_mode must be one of {GROUP_MODES} or None (the kernel's default), "
                             f"got {self.group_mode!r}")
@@ -380,7 +392,7 @@ def _codes_gemm(qa: jax.Array, sa: jax.Array, rw: RealWeight, out_dtype: Any, op
     if _group_route(*qa.shape, qa.dtype, rw, out_dtype, options):
         return scaled_gemm_mosaic(qa, rw.codes, sa, rw.scale, rw.bias,
                                   **_kernel_schedule(options, qa.shape[0], rw.scale.shape[0]),
-                                  **_group_epilogue(options, rw.scale.shape[0]))
+                                  **_group_epilogue(options, rw.scale.shape[0], qa.dtype))
     return group_gemm_xla(qa, sa, rw.codes, rw.scale, rw.bias, rw.zero, out_dtype=out_dtype,
                           split_epilogue=options.split_epilogue,
                           product_dtype=_float_product(options.float_product, out_dtype))
@@ -430,14 +442,23 @@ def store_warpgroup(options: RealOptions, groups: int) -> bool:
     return codes_wg_available() if options.store_wg is None else options.store_wg
 
 
-def _group_epilogue(options: RealOptions, groups: int, store: bool = True) -> dict[str, Any]:
-    """kernels.scaled_gemm's epilogue options for a GEMM with this many scale groups whose epilogue is not
-    on the epilogue warpgroup: ``store_wg=True`` where :func:`store_warpgroup` says so (and ``store``: no
-    codes warpgroup), ``bias_first=True`` for group scales where ``options`` asks."""
+def _group_epilogue(options: RealOptions, groups: int, codes: Any, store: bool = True) -> dict[str, Any]:
+    """kernels.scaled_gemm's epilogue options for a GEMM with this many scale groups on ``codes``-typed
+    operands whose epilogue is not on the epilogue warpgroup: ``store_wg=True`` where :func:`store_warpgroup`
+    says so (and ``store``: no codes warpgroup), ``bias_first=True`` for group scales where
+    :func:`bias_first` says so."""
     kw: dict[str, Any] = {"store_wg": True} if store and store_warpgroup(options, groups) else {}
-    if options.bias_first and groups > 1:
+    if groups > 1 and bias_first(options, codes):
         kw["bias_first"] = True
     return kw
+
+
+def bias_first(options: RealOptions, codes: Any) -> bool:
+    """Whether group-wise GEMMs on ``codes``-typed operands start their float32 sums at the bias
+    (``RealOptions.bias_first``; None: fp8, as measured)."""
+    if options.bias_first is None:
+        return jnp.dtype(codes) != jnp.dtype(jnp.int8)
+    return options.bias_first
 
 
 def _kernel_schedule(options: RealOptions, m: int, groups: int) -> dict[str, Any]:
@@ -479,7 +500,7 @@ def residual_scaled(x: jax.Array, gate: jax.Array, src: GemmSource, options: Rea
     epi = (options.residual_epilogue_wg and k >= RESIDUAL_EPILOGUE_WG_MIN_K
            and epilogue_warpgroup(options, src.qa.dtype, g)
            and epilogue_wg_residual_fits(m, gate.shape[0], default_tiling(g)[0]))
-    wg = {"epilogue_wg": True} if epi else _group_epilogue(options, g)
+    wg = {"epilogue_wg": True} if epi else _group_epilogue(options, g, src.qa.dtype)
     y = scaled_gemm_mosaic(src.qa, src.rw.codes, src.sa, src.rw.scale, src.rw.bias, residual=x.reshape(m, n),
                            gate=gate, **_kernel_schedule(options, m, g), **wg)
     return y.reshape(x.shape)
@@ -516,8 +537,8 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
         if options.gelu_epilogue and l2.act.group_size == TILE_N:  # (bf16 output: group_scaled_applies)
             cwg = codes_warpgroup(options, qa.dtype)
             q2, s2 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, gelu_codes=l2.act, codes_wg=cwg,
-                                        **_kernel_schedule(options, m, w1.scale.shape[0]),
-                                        **_group_epilogue(options, w1.scale.shape[0], store=not cwg))
+                                        gelu_mode=options.fc1_gelu, **_kernel_schedule(options, m, w1.scale.shape[0]),
+                                        **_group_epilogue(options, w1.scale.shape[0], qa.dtype, store=not cwg))
         else:
             y1 = _codes_gemm(qa, sa, w1, out_dtype, options)
             q2, s2 = gelu_quant_pallas(y1, None, None, None, l2.act, out_dtype)
@@ -577,7 +598,7 @@ def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, opt
     if epilogue_warpgroup(options, qa.dtype, g):  # the epilogue warpgroup loads its own vectors
         sched.update(prefetch=None, epilogue_wg=True)
     else:
-        sched.update(_group_epilogue(options, g))
+        sched.update(_group_epilogue(options, g, qa.dtype))
     if options.qkv_one_call and blocks > 1:
         outs = scaled_gemm_mosaic(qa, rw.codes, sa, sw, rw.bias, n=n, out_blocks=blocks, **sched)
     else:

@@ -515,6 +515,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
         stand_in.cta_pairs.append(kw.get("cta_pairs", False))
         if gelu_codes is not None:
             stand_in.codes_wg.append(kw.get("codes_wg"))
+            stand_in.gelu_mode.append(kw.get("gelu_mode", "dtype"))
         y = scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n, residual=residual, gate=gate, out_blocks=out_blocks)
         return y if gelu_codes is None else gelu_quant_xla(y, None, None, None, gelu_codes, jnp.bfloat16)
 
@@ -525,7 +526,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
     monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, groups=1, **kw: (
         groups == 1 or k == 128 * groups, "test"))
     stand_in.modes, stand_in.codes_wg, stand_in.epilogue_wg, stand_in.store_wg = [], [], [], []
-    stand_in.bias_first, stand_in.cta_pairs = [], []
+    stand_in.bias_first, stand_in.cta_pairs, stand_in.gelu_mode = [], [], []
     monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
     monkeypatch.setattr(real_layers, "norm_quant_applies", lambda m, k, spec, dtype, **kw: (True, "test"))
     monkeypatch.setattr(real_layers, "norm_quant_pallas", lambda x, spec, **kw: norm_quant_pallas(
@@ -603,10 +604,11 @@ def test_store_warpgroup_is_asked_for_group_gemms_without_another_fourth_warpgro
         np.testing.assert_array_equal(out, outs[0])
 
 
-def test_bias_first_is_asked_for_group_gemms_with_their_own_epilogue(inputs, monkeypatch):
-    """RealOptions.bias_first (off by default) asks every group-wise GEMM on the kernel to start its sums
-    at the bias, except those given the epilogue warpgroup (which adds the bias itself); fc1's codes
-    epilogue too, on the compute warpgroups or the codes warpgroup."""
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int"])
+def test_bias_first_is_asked_for_group_gemms_with_their_own_epilogue(fmt, inputs, monkeypatch):
+    """RealOptions.bias_first (None by default: fp8 on, int8 off) asks every group-wise GEMM on the kernel to
+    start its sums at the bias, except those given the epilogue warpgroup (which adds the bias itself);
+    fc1's codes epilogue too, on the compute warpgroups (fp8) or the codes warpgroup (int8)."""
     from qdit_jax.quant import real_layers
     from qdit_jax.quant.real import RealOptions
 
@@ -616,10 +618,11 @@ def test_bias_first_is_asked_for_group_gemms_with_their_own_epilogue(inputs, mon
     monkeypatch.setattr(real_layers, "epilogue_wg_residual_fits", lambda m, rows, tile_m: True)
     monkeypatch.setattr(real_layers, "RESIDUAL_EPILOGUE_WG_MIN_K", 4 * cfg.hidden_size)
     monkeypatch.setattr(real_layers, "codes_wg_available", lambda: True)
-    rules = dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, fmt="int")
+    rules = dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, fmt=fmt)
     rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**rules)))
+    int8 = fmt == "int"
     # q, k, v; proj; proj + residual; fc1 (codes epilogue, int8: codes warpgroup); fc2; fc2 + residual
-    for opts, want in (({}, [False] * 6), (dict(bias_first=True), [True] * 6),
+    for opts, want in (({}, [not int8] * 6), (dict(bias_first=True), [True] * 6), (dict(bias_first=False), [False] * 6),
                        (dict(bias_first=True, epilogue_wg=True), [False, True, True, True, True, False])):
         calls.clear()
         stand_in.bias_first.clear()
@@ -627,7 +630,28 @@ def test_bias_first_is_asked_for_group_gemms_with_their_own_epilogue(inputs, mon
         jax.block_until_ready(jax.jit(rm.apply_fn(RealOptions(**opts)))(rm.variables(), *inputs))
         assert [c[3] for c in calls] == [False, False, True, False, False, True] * cfg.depth
         assert stand_in.bias_first == want * cfg.depth
-        assert stand_in.codes_wg == [True] * cfg.depth
+        assert stand_in.codes_wg == [int8] * cfg.depth
+
+
+def test_fc1_gelu_reaches_the_codes_epilogue(inputs, monkeypatch):
+    """RealOptions.fc1_gelu ('float32' by default) is the GELU mode of every fc1 codes epilogue (fp8 on the
+    compute warpgroups, int8 on the codes warpgroup); an unknown mode is refused by name."""
+    from qdit_jax.quant import real_layers
+    from qdit_jax.quant.real import RealOptions
+
+    cfg, params = CFG256, _params256()
+    _open_group_routes(monkeypatch)
+    stand_in = real_layers.scaled_gemm_mosaic
+    monkeypatch.setattr(real_layers, "codes_wg_available", lambda: True)
+    for fmt in ("fp8_e4m3", "int"):
+        rules = dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, fmt=fmt)
+        rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**rules)))
+        for opts, want in (({}, "float32"), (dict(fc1_gelu="dtype"), "dtype")):
+            stand_in.gelu_mode.clear()
+            jax.block_until_ready(jax.jit(rm.apply_fn(RealOptions(**opts)))(rm.variables(), *inputs))
+            assert stand_in.gelu_mode == [want] * cfg.depth
+    with pytest.raises(QditError, match="fc1_gelu must be one of"):
+        RealOptions(fc1_gelu="bf16")
 
 
 def test_cta_pairs_are_asked_for_where_m_is_whole_tile_pairs(inputs, monkeypatch):

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from qdit_jax.perf.device import is_hopper
-from qdit_jax.quant.kernels.scaled_gemm_body import (BF16_TILE_K, CODES_WG_REGISTERS, PAIR_AXIS,
+from qdit_jax.quant.kernels.scaled_gemm_body import (BF16_TILE_K, CODES_WG_REGISTERS, GELU_MODES, PAIR_AXIS,
                                                   STORE_WG_COMPUTE_REGISTERS, TILE_K, Plan, kernel_body)
 
 TILE_M, TILE_N, STEPS = 128, 128, 3  # per compute warpgroup; the fastest measured on the H100
@@ -205,7 +205,7 @@ def _check_call(a: jax.Array, sa: jax.Array, sw: jax.Array, n_off: int, n: int, 
 # unjitted, each of XL/2's 140 calls was lowered to Mosaic GPU again (compiles of 104-118 s per forward)
 @functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode", "gelu_codes",
                                              "chain", "approx_tanh", "codes_wg", "prefetch", "out_blocks",
-                                             "epilogue_wg", "store_wg", "bias_first", "cta_pairs"))
+                                             "epilogue_wg", "store_wg", "bias_first", "cta_pairs", "gelu_mode"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                        gate: jax.Array | None = None, tile_m: int | None = None, tile_n: int = TILE_N,
@@ -213,7 +213,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                        gelu_codes: Any = None, chain: bool = True, approx_tanh: bool = True,
                        codes_wg: bool = False, prefetch: str | None = None, out_blocks: int = 1,
                        epilogue_wg: bool = False, store_wg: bool = False, bias_first: bool = False,
-                       cta_pairs: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+                       cta_pairs: bool = False, gelu_mode: str = "dtype") -> jax.Array | tuple[jax.Array, ...]:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
     ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
     float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
@@ -232,7 +232,9 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     the tanh GELU (as ``kernels.gelu_quant`` evaluates it; its tanh the GPU's ``tanh.approx.f32`` with
     ``approx_tanh``, as gelu_quant's default, else libdevice's ``tanhf``), then per token and group the
     scale and codes; returns (codes (M, n), scales (n // tile_n, M)). A DiT MLP's fc1 on group-wise
-    layers.
+    layers. ``gelu_mode`` 'float32' evaluates that GELU on the float32 sums without the bf16 model's roundings
+    (fewer instructions an element; codes within a rounding of the default's, closer to exact arithmetic's;
+    with ``codes_wg`` from the staged bf16 output).
 
     ``codes_wg`` (with ``gelu_codes``): that epilogue runs on a fourth warpgroup (the compute warpgroups
     stage their biased bf16 output in shared memory and go on to the next tile's K loop) instead of in
@@ -290,6 +292,9 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     if bias_first and (groups == 1 or epilogue_wg):
         raise ValueError("bias_first starts group scales' float32 sums at the bias: it needs group scales (sa of shape "
                          "(G, M)) and the compute warpgroups' own epilogue; call without it or without epilogue_wg")
+    if gelu_mode not in GELU_MODES or (gelu_mode != "dtype" and gelu_codes is None):
+        raise ValueError(f"gelu_mode {gelu_mode!r}: one of {GELU_MODES}, and other than 'dtype' only with gelu_codes "
+                         "(it is the codes epilogue's GELU)")
     if store_wg and (codes_wg or epilogue_wg):
         raise ValueError("store_wg takes the compute warpgroups' own epilogue: call it without codes_wg or "
                          "epilogue_wg")
@@ -315,7 +320,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                  int_codes=jnp.dtype(a.dtype) == jnp.dtype(jnp.int8), residual=residual is not None,
                  rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, out_dtype=out_dtype, codes_wg=codes_wg,
                  prefetch=None if epilogue_wg else prefetch, out_blocks=out_blocks, epilogue_wg=epilogue_wg,
-                 store_wg=store_wg, bias_first=bias_first, cta_pairs=cta_pairs)
+                 store_wg=store_wg, bias_first=bias_first, cta_pairs=cta_pairs, gelu_mode=gelu_mode)
 
     return _launch(plan, num_sms, a, w, sa, sw, bias, residual, gate, approx_tanh)
 

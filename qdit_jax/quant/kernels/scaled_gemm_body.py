@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 TILE_K = 128  # one K step (and, with group scales, one group) per pipeline slot
@@ -39,7 +40,10 @@ CODES_WG_REGISTERS = 168, 136
 # registers a thread of the three-warpgroup kernel (24 + 2 x 232 + 24 = 512)
 STORE_WG_REGISTERS = 24
 STORE_WG_COMPUTE_REGISTERS = 232
-PAIR_AXIS = "pair"  # the cluster axis of ``Plan.cta_pairs``
+PAIR_AXIS = "pair"
+GELU_MODES = ("dtype", "float32")  # the codes epilogue's GELU evaluations (``gelu_h``)
+_GELU_C1 = float(np.float32(np.sqrt(2 / np.pi)))  # the tanh GELU's constants, float32 ('float32' mode)
+_GELU_C12 = float(np.float32(np.sqrt(2 / np.pi) * 0.044715))  # the cluster axis of ``Plan.cta_pairs``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +74,7 @@ class Plan:
     store_wg: bool = False  # only the stores on a fourth warpgroup of few registers (``scaled_gemm_fourth_wg``)
     bias_first: bool = False  # group scales: the bias is the float32 sums' initial value, not an epilogue add
     cta_pairs: bool = False  # clusters of two CTAs on vertically adjacent tiles, the weight tile multicast to both
+    gelu_mode: str = "dtype"  # the codes epilogue's GELU: 'dtype' (the bf16 model's roundings) or 'float32' (none)
 
     @property
     def tile_k(self) -> int:
@@ -447,7 +452,7 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
             yj = res.astype(jnp.float32) + yj
         parts[j] = yj
     if plan.gelu_codes is not None:  # the next layer's codes and group scales instead of y
-        s_g, parts = gelu_group_codes(parts, plan.gelu_codes)
+        s_g, parts = gelu_group_codes(parts, plan.gelu_codes, plan.gelu_mode)
     if plan.store_wg:
         if not plan.residual:  # (with one, the slot was waited for before its residual was loaded)
             plgpu.barrier_wait(refs.empty.at[oslot])
@@ -660,25 +665,31 @@ def _tiles(plan: Plan, refs: _Refs, wg: Any, a_gmem: Any, w_gmem: Any, sa_gmem: 
                                                allocations=allocs)
 
 
-def gelu_group_codes(parts: list[jax.Array], spec: Any) -> tuple[jax.Array, list[jax.Array]]:
-    """Inside the kernel: the tanh GELU of float32 column parts of a tile holding the layer's
-    bf16-rounded output (``kernels.gelu_quant``'s 'dtype' evaluation; the tanh is whatever the kernel's
-    ``approx_math`` makes of ``jnp.tanh``: tanh.approx.f32 or libdevice's tanhf), and their
-    symmetric codes with one scale per row (the tile is one group wide): (scales (rows,), codes as
-    float32, part by part). The codes step of ``row_quant.scale_and_codes``, written for Mosaic: a row
-    vector broadcast with ``broadcast_in_dim`` (``s[:, None]`` does not lower there) and ``jnp.round``."""
+def gelu_group_codes(parts: list[jax.Array], spec: Any, mode: str = "dtype") -> tuple[jax.Array, list[jax.Array]]:
+    """Inside the kernel: the tanh GELU of float32 column parts of a tile holding the layer's output
+    (``gelu_h``; the tanh is whatever the kernel's ``approx_math`` makes of ``jnp.tanh``: tanh.approx.f32 or
+    libdevice's tanhf), and their symmetric codes with one scale per row (the tile is one group wide):
+    (scales (rows,), codes as float32, part by part). The codes step of ``row_quant.scale_and_codes``, written
+    for Mosaic: a row vector broadcast with ``broadcast_in_dim`` (``s[:, None]`` does not lower there) and
+    ``jnp.round``."""
     from qdit_jax.quant.kernels.row_quant import row_amax, row_scale
 
-    hs = [gelu_h(y) for y in parts]
+    hs = [gelu_h(y, mode) for y in parts]
     s = row_scale(row_amax(hs), spec)
     return s, [group_codes(h, s, spec) for h in hs]
 
 
-def gelu_h(y: jax.Array) -> jax.Array:
-    """The tanh GELU of a float32 tile (or part) of the layer's output, rounded as the model's bf16 GELU
-    (input, every step and the result: ``gelu_quant._gelu``'s 'dtype' evaluation), in float32."""
+def gelu_h(y: jax.Array, mode: str = "dtype") -> jax.Array:
+    """The tanh GELU of a float32 tile (or part) of the layer's output, in float32. ``mode`` 'dtype': rounded as
+    the model's bf16 GELU (input, every step and the result: ``gelu_quant._gelu``'s 'dtype' evaluation, which
+    XLA's bf16 GELU matches on the GPU); 'float32': from the float32 sums, no rounding at all (fewer
+    instructions: no bf16 packing and unpacking; the codes then differ from the bf16 model's where a bf16
+    rounding moves one, and sit closer to exact arithmetic's)."""
     from qdit_jax.quant.kernels.gelu_quant import _gelu
 
+    if mode == "float32":  # 0.5 y (1 + tanh(y (c1 + c1 c2 y^2))): three FP32 operations, the tanh, two more
+        half = 0.5 * y
+        return half + half * jnp.tanh(y * (_GELU_C1 + _GELU_C12 * (y * y)))
     bf16 = jnp.bfloat16
     return _gelu(y.astype(bf16).astype(jnp.float32), bf16, "dtype", fast=False).astype(bf16).astype(jnp.float32)
 

@@ -145,7 +145,7 @@ def _codes_tile(plan: Plan, refs: _Refs, pm: Any, pn: Any, slot: Any, ocols: Any
     plgpu.barrier_wait(refs.full.at[slot])
     ys = [plgpu.load(refs.stage.at[slot, half], (), layout=plgpu.Layout.WGMMA) for half in range(2)]
     plgpu.barrier_arrive(refs.empty.at[slot])
-    res = [body.gelu_group_codes([y.astype(jnp.float32)], plan.gelu_codes) for y in ys]
+    res = [body.gelu_group_codes([y.astype(jnp.float32)], plan.gelu_codes, plan.gelu_mode) for y in ys]
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read o_smem / s_smem
     for half, (s_g, (q,)) in enumerate(res):
         refs.o_smem[half] = q.astype(plan.out_dtype)

@@ -397,6 +397,45 @@ def test_gelu_codes_epilogue_matches_xla(name, mode):
     assert np.mean(_codes(q) == _codes(q0)) > 0.99  # a bf16 ulp of the GEMM output may move a code
 
 
+@pytest.mark.parametrize("fourth", [False, True])
+@pytest.mark.parametrize("name", sorted(G128))
+def test_float32_gelu_codes_match_a_float64_reference(name, fourth):
+    """fc1's codes epilogue with ``gelu_mode='float32'`` (its GELU on the float32 sums, no bf16 roundings)
+    against the GEMM, tanh GELU and group codes in float64: scales within the tanh.approx and accumulation
+    error, codes equal but for rounding ties, and fewer codes off than the default bf16 evaluation. With
+    ``fourth``, as the model runs it: int8 on the codes warpgroup (from its staged bf16 rows), fp8 with the
+    store warpgroup."""
+    from qdit_jax.quant.kernels.scaled_gemm import codes_wg_available, scaled_gemm_mosaic
+
+    if fourth and not codes_wg_available():
+        pytest.skip("this JAX's Pallas pipeline cannot bound the compute warpgroups' registers")
+    spec, m = G128[name], 8 * T
+    a, w, sa, sw, b = _fc1_group_operands(name, m, 12)
+    kw = dict(codes_wg=fourth and name == "int8", store_wg=fourth and name != "int8")
+    a64, w64 = (np.asarray(jnp.asarray(v).astype(jnp.float32), np.float64) for v in (a, w))
+    sa64, sw64 = np.asarray(sa, np.float64), np.asarray(sw, np.float64)
+    y = np.asarray(b, np.float64)[None, :] + sum(
+        (a64[:, g * 128:(g + 1) * 128] @ w64[:, g * 128:(g + 1) * 128].T) * sa64[g][:, None] * sw64[g][None, :]
+        for g in range(sa64.shape[0]))
+    if kw["codes_wg"]:  # (the codes warpgroup takes the tile staged in bf16)
+        y = np.asarray(jnp.asarray(y, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    h = 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y ** 3)))
+    s_ref = np.abs(h).reshape(m, -1, 128).max(axis=2).T / (127.0 if name == "int8" else 448.0)
+    off = {}
+    for gelu in ("float32", "dtype"):
+        q, s = jax.jit(lambda *v, g=gelu: scaled_gemm_mosaic(*v, gelu_codes=spec, gelu_mode=g, **kw))(a, w, sa, sw, b)
+        s = np.asarray(s, np.float64)
+        x = h / np.repeat(s.T, 128, axis=1)  # the exact codes at the kernel's scales, before rounding
+        want = np.round(x) if name == "int8" else _codes(jnp.asarray(x, jnp.float32).astype(jnp.float8_e4m3fn))
+        off[gelu] = np.mean(_codes(q) != want)
+        if gelu == "float32":
+            assert np.mean(np.isclose(s, s_ref, rtol=2 ** -9, atol=0)) > 0.999
+            np.testing.assert_allclose(s, s_ref, rtol=2 ** -4)
+            assert off[gelu] < 0.02
+    assert np.abs(_codes(q)).max() > 0
+    assert off["float32"] < off["dtype"]
+
+
 @pytest.mark.parametrize("mode", [None, "plain"])  # None: 'split'
 @pytest.mark.parametrize("name", sorted(G128))
 def test_codes_warpgroup_equals_the_immediate_epilogue(name, mode):

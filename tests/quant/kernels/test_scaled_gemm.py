@@ -195,6 +195,54 @@ def test_gelu_codes_epilogue_math_equals_gelu_quant(fmt):
             assert np.abs(raw).max() == 127 and raw.min() >= -127
 
 
+@pytest.mark.parametrize("fmt", ["int", "fp8_e4m3"])
+def test_float32_gelu_codes_match_a_float64_reference(fmt):
+    """``gelu_mode='float32'`` (the codes epilogue's GELU on the float32 sums, no bf16 roundings) against
+    the tanh GELU and symmetric group codes computed in float64 from the same sums: scales within float32
+    rounding, codes equal but for rounding ties, fewer of them off than with the default evaluation's
+    (every step rounded to bf16)."""
+    from qdit_jax.quant.kernels.scaled_gemm_body import gelu_group_codes
+    from qdit_jax.quant.quantizers import QuantSpec
+
+    spec = QuantSpec(bits=8, format=fmt, group_size=128, symmetric=True)
+    qmax = 127.0 if fmt == "int" else 448.0
+    r = np.random.default_rng(6)
+    y = (r.standard_normal((64, 128)) * r.uniform(0.2, 5, (64, 1))).astype(np.float32)
+    y64 = y.astype(np.float64)
+    h = 0.5 * y64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (y64 + 0.044715 * y64 ** 3)))
+    s_ref = np.abs(h).max(axis=1) / qmax
+    x = h / s_ref[:, None]  # the exact codes before rounding
+
+    def codes(q: np.ndarray) -> np.ndarray:
+        return np.round(q) if fmt == "int" else np.asarray(q, np.float32).astype(jnp.float8_e4m3fn).astype(np.float64)
+
+    want = codes(x)
+    err = {}
+    for mode in ("float32", "dtype"):
+        for parts in ([jnp.asarray(y)], [jnp.asarray(y[:, :64]), jnp.asarray(y[:, 64:])]):
+            s, q = gelu_group_codes(parts, spec, mode)
+            got = codes(np.concatenate([np.asarray(c, np.float64) for c in q], axis=1))
+            if mode == "float32":
+                np.testing.assert_allclose(np.asarray(s), s_ref, rtol=2e-6)
+                assert np.mean(got == want) > 0.995
+            err[mode] = np.mean(got != want)
+    assert err["float32"] < 0.5 * err["dtype"]
+
+
+def test_gelu_mode_is_checked(monkeypatch):
+    """An unknown GELU mode, or 'float32' without the codes epilogue it belongs to, is refused by name."""
+    from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
+    from qdit_jax.quant.quantizers import QuantSpec
+
+    a, w = jnp.zeros((256, 256), F8), jnp.zeros((512, 256), F8)
+    sa, sw = jnp.ones((2, 256)), jnp.ones((2, 512))
+    spec = QuantSpec(bits=8, format="fp8_e4m3", group_size=128, symmetric=True)
+    with pytest.raises(ValueError, match="gelu_mode 'bf16'"):
+        scaled_gemm_mosaic(a, w, sa, sw, None, gelu_codes=spec, gelu_mode="bf16")
+    with pytest.raises(ValueError, match="only with gelu_codes"):
+        scaled_gemm_mosaic(a, w, sa, sw, None, gelu_mode="float32")
+
+
 def test_gelu_codes_needs_group_wise_8_bit_spec():
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic
     from qdit_jax.quant.quantizers import QuantSpec

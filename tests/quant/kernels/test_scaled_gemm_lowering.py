@@ -79,6 +79,12 @@ CASES = {
     "int8 group-128 gelu_codes, codes warpgroup, bias first": (jnp.int8, C, 4 * C, 2, dict(
         codes_wg=True, bias_first=True, gelu_codes=QuantSpec(bits=8, group_size=128, symmetric=True))),
     "fp8 group-128 plain, bias first": (F8, 4 * C, C, 8, dict(group_mode="plain", bias_first=True)),
+    # the codes epilogue's GELU on the float32 sums (opt-in)
+    "fp8 group-128 gelu_codes, GELU in float32, store warpgroup": (F8, C, 4 * C, 2, dict(
+        store_wg=True, gelu_mode="float32", gelu_codes=QuantSpec(bits=8, format="fp8_e4m3", group_size=128,
+                                                                 symmetric=True))),
+    "int8 group-128 gelu_codes, codes warpgroup, GELU in float32": (jnp.int8, C, 4 * C, 2, dict(
+        codes_wg=True, gelu_mode="float32", gelu_codes=QuantSpec(bits=8, group_size=128, symmetric=True))),
     # CTA pairs sharing the weight tile by TMA multicast (opt-in)
     "fp8 group-128 (split) + residual, CTA pairs, store warpgroup": (F8, C, C, 2, dict(
         residual=True, cta_pairs=True, store_wg=True)),
@@ -97,6 +103,14 @@ def test_bias_first_changes_the_group_kernel_and_needs_its_own_epilogue(monkeypa
     for kw in (dict(groups=1), dict(groups=2, epilogue_wg=True)):
         with pytest.raises(ValueError, match="bias_first"):
             _lower(F8, C, C, kw.pop("groups"), bias_first=True, **kw)
+
+
+def test_float32_gelu_builds_another_codes_kernel(monkeypatch):
+    """``gelu_mode='float32'`` changes fc1's codes kernel (no bf16 roundings in its GELU) and nothing else."""
+    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
+    spec = QuantSpec(bits=8, format="fp8_e4m3", group_size=128, symmetric=True)
+    assert _lower(F8, C, 4 * C, 2, gelu_codes=spec, gelu_mode="float32") != _lower(F8, C, 4 * C, 2, gelu_codes=spec)
+    assert _lower(F8, C, 4 * C, 2, gelu_codes=spec, gelu_mode="dtype") == _lower(F8, C, 4 * C, 2, gelu_codes=spec)
 
 
 @pytest.mark.parametrize("case", list(CASES))
