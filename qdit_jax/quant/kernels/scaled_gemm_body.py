@@ -40,10 +40,10 @@ CODES_WG_REGISTERS = 168, 136
 # registers a thread of the three-warpgroup kernel (24 + 2 x 232 + 24 = 512)
 STORE_WG_REGISTERS = 24
 STORE_WG_COMPUTE_REGISTERS = 232
-PAIR_AXIS = "pair"
+PAIR_AXIS = "pair"  # the cluster axis of ``Plan.cta_pairs``
 GELU_MODES = ("dtype", "float32")  # the codes epilogue's GELU evaluations (``gelu_h``)
 _GELU_C1 = float(np.float32(np.sqrt(2 / np.pi)))  # the tanh GELU's constants, float32 ('float32' mode)
-_GELU_C12 = float(np.float32(np.sqrt(2 / np.pi) * 0.044715))  # the cluster axis of ``Plan.cta_pairs``
+_GELU_C12 = float(np.float32(np.sqrt(2 / np.pi) * 0.044715))
 
 
 @dataclasses.dataclass(frozen=True)
