@@ -188,6 +188,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dump-hlo", default=None, metavar="DIR",
                    help="write each compiled forward's optimized HLO to DIR/<variant>_b<batch>.hlo.txt "
                         "(to read what a profiled instruction computes)")
+    p.add_argument("--power", action="store_true",
+                   help="also sample the GPU's SM clock, power draw and throttle reasons with nvidia-smi while each "
+                        "variant is timed (perf.power): at batch 256 an H100 runs the forward at its power cap, "
+                        "below its boost clock; use --repeats 30 or more for a few seconds of samples")
     p.add_argument("--json", default=None)
 
 
@@ -410,6 +414,25 @@ def disable_command_buffers() -> bool:
         return True
 
 
+def _power_log(args: argparse.Namespace, dev: Any) -> Any:
+    """A ``perf.power.PowerLog`` of ``dev`` where ``--power`` asks and it is a GPU, else one that is off."""
+    from qdit_jax.perf.power import PowerLog, gpu_index
+
+    if args.power and dev.platform == "gpu":
+        return PowerLog(gpu_index(dev))
+    return PowerLog(command=None)  # off
+
+
+def _power_text(summary: dict[str, Any] | None, asked: bool) -> str:
+    """The power log's part of a variant's line."""
+    if not asked:
+        return ""
+    if summary is None:
+        return "  power: no samples (not a GPU, no nvidia-smi, or a timed span shorter than its interval)"
+    return (f"  {summary['sm_mhz']:.0f} MHz {summary['power_w']:.0f} / {summary['limit_w']:.0f} W, power-capped "
+            f"{summary['power_capped']:.0%} of {summary['samples']} samples")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.profile:
         if disable_command_buffers():
@@ -479,7 +502,10 @@ def run(args: argparse.Namespace) -> int:
                     with open(os.path.join(args.dump_hlo, f"{name}_b{b}.hlo.txt"), "w") as f:
                         f.write(compiled.as_text())
                 t0 = time.perf_counter()
-                t = statistics.median(synced_calls(compiled, inputs, args.repeats))
+                with _power_log(args, dev) as plog:
+                    plog.mark()
+                    t = statistics.median(synced_calls(compiled, inputs, args.repeats))
+                    plog.mark()
                 t_timed = time.perf_counter() - t0
             except Exception as e:
                 print(f"{name} batch {b}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -490,6 +516,8 @@ def run(args: argparse.Namespace) -> int:
                        measured_fraction=ips * flops / measured if measured else None,
                        program_bytes=_mem(compiled), compile_s=t_compile, build_s=t_build,
                        xla_options=xla_opts, **info)
+            if args.power:
+                row["power"] = plog.summary()
             if args.back_to_back:
                 _, t_b2b = chained_median(compiled, inputs[0], args.back_to_back, rounds=3, warmup=2)
                 row.update(b2b_calls=args.back_to_back, b2b_median_s=t_b2b, b2b_images_per_s=b / t_b2b)
@@ -503,8 +531,8 @@ def run(args: argparse.Namespace) -> int:
                 outputs[(name, b)] = np.asarray(compiled(*inputs[0]), np.float64)
             rows.append(row)
             print(f"{name:22s} b{b:4d} {t * 1e3:8.2f} ms {ips:8.1f} img/s {row['tflops']:6.1f} TFLOP/s "
-                  f"prog {((row['program_bytes'] or 0) / 2**30):5.2f} GiB compile {t_compile:5.1f}s timing {t_timed:5.1f}s",
-                  flush=True)
+                  f"prog {((row['program_bytes'] or 0) / 2**30):5.2f} GiB compile {t_compile:5.1f}s timing {t_timed:5.1f}s"
+                  + _power_text(row.get("power"), args.power), flush=True)
         if args.sample_batch:
             scfg = SamplerConfig(sampler="ddim", steps=args.sample_steps, cfg_scale=4.0)
             fn = make_sample_fn(apply_fn, cfg, scfg, compiler_options=xla_opts)
@@ -539,8 +567,10 @@ def run(args: argparse.Namespace) -> int:
     extra = [(h, k) for h, k in (("b2b img/s", "b2b_images_per_s"), ("loop img/s", "loop_images_per_s"))
              if any(k in r for r in rows)]
     ebase = {k: {r["batch"]: r[k] for r in rows if r["variant"] == "bf16" and k in r} for _, k in extra}
+    power = any(r.get("power") for r in rows)
     print(f"\n{'variant':22s} {'batch':>5s} {'img/s':>8s} {'x bf16':>7s} {'TFLOP/s':>8s} {'frac':>6s} {'weightMB':>9s} "
-          f"{'ckptMB':>8s}" + "".join(f" {h:>10s} {'x bf16':>7s}" for h, _ in extra))
+          f"{'ckptMB':>8s}" + "".join(f" {h:>10s} {'x bf16':>7s}" for h, _ in extra)
+          + (f" {'SM MHz':>7s} {'W':>5s} {'capped':>6s}" if power else ""))
     for r in rows:
         if "batch" not in r:
             continue
@@ -555,6 +585,10 @@ def run(args: argparse.Namespace) -> int:
                 line += f" {r[k]:10.1f} {erel:7.3f}"
             else:
                 line += f" {'-':>10s} {'-':>7s}"
+        if power:
+            pw = r.get("power")
+            line += (f" {pw['sm_mhz']:7.0f} {pw['power_w']:5.0f} {pw['power_capped']:6.0%}" if pw
+                     else f" {'-':>7s} {'-':>5s} {'-':>6s}")
         print(line)
     samples = [r for r in rows if "sample_images_per_s" in r]
     if samples:

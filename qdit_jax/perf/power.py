@@ -1,0 +1,110 @@
+"""The GPU's SM clock, power draw and throttle reasons while a benchmark runs, sampled by ``nvidia-smi``.
+
+Why: an H100 running a DiT-XL/2 forward at batch 256 sits at its power limit (700 W) at 1.5-1.7 GHz,
+not at its 1.98 GHz boost (docs/RESULTS.md, twenty-third session), so throughput there is energy per
+image, and a kernel timed alone for a few milliseconds runs at a clock the forward never sees. A bench
+row with the clock and the share of samples under the power cap says which regime it was measured in.
+
+``PowerLog`` starts ``nvidia-smi --query-gpu=... -lms N`` in the background; ``mark()`` brackets the
+timed span; ``summary()`` keeps the samples inside it (nvidia-smi's local timestamps against the
+host's local clock). Nothing is estimated: without samples inside the span there is no summary.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import statistics
+import subprocess
+from typing import Any
+
+FIELDS = ("timestamp", "clocks.sm", "power.draw", "power.limit", "clocks_throttle_reasons.active")
+SW_POWER_CAP = 0x4  # nvmlClocksThrottleReasonSwPowerCap
+HW_SLOWDOWN = 0x8 | 0x40 | 0x80  # hardware slowdown, hardware thermal slowdown, power brake
+_TIME_FORMATS = ("%Y/%m/%d %H:%M:%S.%f", "%Y/%m/%d %H:%M:%S")
+
+
+def gpu_index(device: Any) -> str:
+    """The ``nvidia-smi --id`` of a JAX GPU device: its entry of CUDA_VISIBLE_DEVICES where that is set
+    (JAX numbers the visible GPUs from 0), else its own id."""
+    local = getattr(device, "local_hardware_id", None)
+    local = device.id if local is None else local
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible[local] if local < len(visible) else str(local)
+
+
+def parse_sample(line: str) -> dict[str, Any] | None:
+    """One ``--format=csv,noheader,nounits`` line of FIELDS as a dict, or None for a line that is not one
+    (a header, a "[N/A]" field, a partial line at shutdown)."""
+    cols = [c.strip() for c in line.split(",")]
+    if len(cols) != len(FIELDS):
+        return None
+    for fmt in _TIME_FORMATS:
+        try:
+            t = _dt.datetime.strptime(cols[0], fmt)
+            break
+        except ValueError:
+            continue
+    else:
+        return None
+    try:
+        return dict(time=t, sm_mhz=float(cols[1]), power_w=float(cols[2]), limit_w=float(cols[3]),
+                    reasons=int(cols[4], 16))
+    except ValueError:
+        return None
+
+
+class PowerLog:
+    """``with PowerLog(index) as log: log.mark(); work(); log.mark()`` then ``log.summary()``. Where
+    ``command`` is None or not on PATH the log is off: ``available`` is False and ``summary()`` None."""
+
+    def __init__(self, index: str = "0", interval_ms: int = 100, command: str | None = "nvidia-smi") -> None:
+        if interval_ms < 1:
+            raise ValueError(f"interval_ms must be >= 1, got {interval_ms}")
+        self.command = shutil.which(command) if command else None
+        self.args = [f"--id={index}", "--query-gpu=" + ",".join(FIELDS), "--format=csv,noheader,nounits",
+                     f"-lms={interval_ms}"]
+        self.marks: list[_dt.datetime] = []
+        self.samples: list[dict[str, Any]] = []
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.command is not None
+
+    def __enter__(self) -> "PowerLog":
+        if self.available:
+            self._proc = subprocess.Popen([self.command, *self.args], stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def mark(self) -> None:
+        """Start, then end, of the span ``summary`` keeps (the host's local time, as nvidia-smi writes)."""
+        self.marks.append(_dt.datetime.now())
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            out, _ = self._proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            out, _ = self._proc.communicate()
+        self.samples = [s for s in map(parse_sample, (out or "").splitlines()) if s is not None]
+
+    def summary(self) -> dict[str, Any] | None:
+        """Medians of the SM clock and power draw over the samples between the first two marks, the power
+        limit, and the share of those samples throttled by the software power cap or by hardware
+        slowdown; None without such samples."""
+        if len(self.marks) < 2:
+            return None
+        t0, t1 = self.marks[0], self.marks[1]
+        inside = [s for s in self.samples if t0 <= s["time"] <= t1]
+        if not inside:
+            return None
+        n = len(inside)
+        return dict(samples=n, sm_mhz=statistics.median(s["sm_mhz"] for s in inside),
+                    power_w=statistics.median(s["power_w"] for s in inside), limit_w=inside[-1]["limit_w"],
+                    power_capped=sum(bool(s["reasons"] & SW_POWER_CAP) for s in inside) / n,
+                    hw_slowdown=sum(bool(s["reasons"] & HW_SLOWDOWN) for s in inside) / n)
