@@ -5,7 +5,7 @@ not at its 1.98 GHz boost (docs/RESULTS.md, twenty-third session), so throughput
 image, and a kernel timed alone for a few milliseconds runs at a clock the forward never sees. A bench
 row with the clock and the share of samples under the power cap says which regime it was measured in.
 
-``PowerLog`` starts ``nvidia-smi --query-gpu=... -lms N`` in the background; ``mark()`` brackets the
+``PowerLog`` starts ``nvidia-smi --query-gpu=... --loop-ms=N`` in the background; ``mark()`` brackets the
 timed span; ``summary()`` keeps the samples inside it (nvidia-smi's local timestamps against the
 host's local clock). Nothing is estimated: without samples inside the span there is no summary.
 """
@@ -63,7 +63,7 @@ class PowerLog:
             raise ValueError(f"interval_ms must be >= 1, got {interval_ms}")
         self.command = shutil.which(command) if command else None
         self.args = [f"--id={index}", "--query-gpu=" + ",".join(FIELDS), "--format=csv,noheader,nounits",
-                     f"-lms={interval_ms}"]
+                     f"--loop-ms={interval_ms}"]
         self.marks: list[_dt.datetime] = []
         self.samples: list[dict[str, Any]] = []
         self._proc: subprocess.Popen | None = None
