@@ -16,6 +16,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import tempfile
 from typing import Any
 
 FIELDS = ("timestamp", "clocks.sm", "power.draw", "power.limit", "clocks_throttle_reasons.active")
@@ -67,6 +68,7 @@ class PowerLog:
         self.marks: list[_dt.datetime] = []
         self.samples: list[dict[str, Any]] = []
         self._proc: subprocess.Popen | None = None
+        self._out: Any = None  # a temporary file, not a pipe: a long span must not fill a pipe and stall nvidia-smi
 
     @property
     def available(self) -> bool:
@@ -74,8 +76,9 @@ class PowerLog:
 
     def __enter__(self) -> "PowerLog":
         if self.available:
-            self._proc = subprocess.Popen([self.command, *self.args], stdout=subprocess.PIPE,
-                                          stderr=subprocess.DEVNULL, text=True)
+            self._out = tempfile.TemporaryFile(mode="w+")
+            self._proc = subprocess.Popen([self.command, *self.args], stdout=self._out, stderr=subprocess.DEVNULL,
+                                          text=True)
         return self
 
     def mark(self) -> None:
@@ -87,11 +90,14 @@ class PowerLog:
             return
         self._proc.terminate()
         try:
-            out, _ = self._proc.communicate(timeout=5)
+            self._proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self._proc.kill()
-            out, _ = self._proc.communicate()
-        self.samples = [s for s in map(parse_sample, (out or "").splitlines()) if s is not None]
+            self._proc.wait()
+        self._out.seek(0)
+        out = self._out.read()
+        self._out.close()
+        self.samples = [s for s in map(parse_sample, out.splitlines()) if s is not None]
 
     def summary(self) -> dict[str, Any] | None:
         """Medians of the SM clock and power draw over the samples between the first two marks, the power
