@@ -423,10 +423,11 @@ def _power_log(args: argparse.Namespace, dev: Any) -> Any:
     return PowerLog(command=None)  # off
 
 
-def _power_text(summary: dict[str, Any] | None, asked: bool) -> str:
-    """The power log's part of a variant's line."""
-    if not asked:
+def _power_text(row: dict[str, Any]) -> str:
+    """The power log's part of a variant's line (empty without ``--power``)."""
+    if "power" not in row:
         return ""
+    summary = row["power"]
     if summary is None:
         return "  power: no samples (not a GPU, no nvidia-smi, or a timed span shorter than its interval)"
     return (f"  {summary['sm_mhz']:.0f} MHz {summary['power_w']:.0f} / {summary['limit_w']:.0f} W, power-capped "
@@ -531,8 +532,8 @@ def run(args: argparse.Namespace) -> int:
                 outputs[(name, b)] = np.asarray(compiled(*inputs[0]), np.float64)
             rows.append(row)
             print(f"{name:22s} b{b:4d} {t * 1e3:8.2f} ms {ips:8.1f} img/s {row['tflops']:6.1f} TFLOP/s "
-                  f"prog {((row['program_bytes'] or 0) / 2**30):5.2f} GiB compile {t_compile:5.1f}s timing {t_timed:5.1f}s"
-                  + _power_text(row.get("power"), args.power), flush=True)
+                  f"prog {((row['program_bytes'] or 0) / 2**30):5.2f} GiB compile {t_compile:5.1f}s "
+                  f"timing {t_timed:5.1f}s" + _power_text(row), flush=True)
         if args.sample_batch:
             scfg = SamplerConfig(sampler="ddim", steps=args.sample_steps, cfg_scale=4.0)
             fn = make_sample_fn(apply_fn, cfg, scfg, compiler_options=xla_opts)
