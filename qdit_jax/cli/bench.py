@@ -430,7 +430,8 @@ def _power_text(row: dict[str, Any]) -> str:
     summary = row["power"]
     if summary is None:
         return "  power: no samples (not a GPU, no nvidia-smi, or a timed span shorter than its interval)"
-    return (f"  {summary['sm_mhz']:.0f} MHz {summary['power_w']:.0f} / {summary['limit_w']:.0f} W, power-capped "
+    avg = " (1-s average)" if summary.get("power_field") == "power.draw" else ""  # perf.power.POWER_FIELDS
+    return (f"  {summary['sm_mhz']:.0f} MHz {summary['power_w']:.0f} / {summary['limit_w']:.0f} W{avg}, power-capped "
             f"{summary['power_capped']:.0%} of {summary['samples']} samples")
 
 

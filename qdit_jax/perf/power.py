@@ -5,9 +5,9 @@ not at its 1.98 GHz boost (docs/RESULTS.md, twenty-third session), so throughput
 image, and a kernel timed alone for a few milliseconds runs at a clock the forward never sees. A bench
 row with the clock and the share of samples under the power cap says which regime it was measured in.
 
-``PowerLog`` starts ``nvidia-smi --query-gpu=... --loop-ms=N`` in the background; ``mark()`` brackets the
-timed span; ``summary()`` keeps the samples inside it (nvidia-smi's local timestamps against the
-host's local clock). Nothing is estimated: without samples inside the span there is no summary.
+``PowerLog`` starts ``nvidia-smi --query-gpu=... --loop-ms=N`` in the background (the instant power
+reading where the GPU has one); ``mark()`` brackets the timed span; ``summary()`` keeps the samples
+inside it (nvidia-smi's local timestamps against the host's local clock). Nothing is estimated: without samples inside the span there is no summary.
 """
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ import tempfile
 from typing import Any
 
 FIELDS = ("timestamp", "clocks.sm", "power.draw", "power.limit", "clocks_throttle_reasons.active")
+# the power field sampled, first that the GPU answers: on Ampere and newer "power.draw" is a one-second
+# average (a batch-64 bench row's ~0.6 s span read 214-265 W, mostly the idle second before it, while
+# 50-71% of its samples were power-capped: docs/RESULTS.md, twenty-fourth session), the instant reading is not
+POWER_FIELDS = ("power.draw.instant", "power.draw")
 SW_POWER_CAP = 0x4  # nvmlClocksThrottleReasonSwPowerCap
 HW_SLOWDOWN = 0x8 | 0x40 | 0x80  # hardware slowdown, hardware thermal slowdown, power brake
 _TIME_FORMATS = ("%Y/%m/%d %H:%M:%S.%f", "%Y/%m/%d %H:%M:%S")
@@ -63,8 +67,8 @@ class PowerLog:
         if interval_ms < 1:
             raise ValueError(f"interval_ms must be >= 1, got {interval_ms}")
         self.command = shutil.which(command) if command else None
-        self.args = [f"--id={index}", "--query-gpu=" + ",".join(FIELDS), "--format=csv,noheader,nounits",
-                     f"--loop-ms={interval_ms}"]
+        self.index, self.interval_ms = index, interval_ms
+        self.power_field: str | None = None  # chosen when the log starts (``power_field``)
         self.marks: list[_dt.datetime] = []
         self.samples: list[dict[str, Any]] = []
         self._proc: subprocess.Popen | None = None
@@ -74,8 +78,29 @@ class PowerLog:
     def available(self) -> bool:
         return self.command is not None
 
+    def power_field_of(self) -> str:
+        """The first of POWER_FIELDS that nvidia-smi answers with a number for this GPU (an older driver
+        rejects the instant field's name, an older GPU answers "[N/A]")."""
+        for field in POWER_FIELDS[:-1]:
+            try:
+                done = subprocess.run([self.command, f"--id={self.index}", f"--query-gpu={field}",
+                                       "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+                float(done.stdout.strip())
+            except (OSError, subprocess.TimeoutExpired, ValueError):
+                continue
+            if done.returncode == 0:
+                return field
+        return POWER_FIELDS[-1]
+
+    @property
+    def args(self) -> list[str]:
+        fields = [(self.power_field or POWER_FIELDS[-1]) if f == "power.draw" else f for f in FIELDS]
+        return [f"--id={self.index}", "--query-gpu=" + ",".join(fields), "--format=csv,noheader,nounits",
+                f"--loop-ms={self.interval_ms}"]
+
     def __enter__(self) -> "PowerLog":
         if self.available:
+            self.power_field = self.power_field_of()
             self._out = tempfile.TemporaryFile(mode="w+")
             self._proc = subprocess.Popen([self.command, *self.args], stdout=self._out, stderr=subprocess.DEVNULL,
                                           text=True)
@@ -110,7 +135,7 @@ class PowerLog:
         if not inside:
             return None
         n = len(inside)
-        return dict(samples=n, sm_mhz=statistics.median(s["sm_mhz"] for s in inside),
+        return dict(samples=n, power_field=self.power_field, sm_mhz=statistics.median(s["sm_mhz"] for s in inside),
                     power_w=statistics.median(s["power_w"] for s in inside), limit_w=inside[-1]["limit_w"],
                     power_capped=sum(bool(s["reasons"] & SW_POWER_CAP) for s in inside) / n,
                     hw_slowdown=sum(bool(s["reasons"] & HW_SLOWDOWN) for s in inside) / n)

@@ -13,6 +13,12 @@ from qdit_jax.perf.power import FIELDS, PowerLog, gpu_index, parse_sample
 
 FAKE = """#!{python}
 import datetime, sys, time
+if not any(a.startswith("--loop-ms") for a in sys.argv):  # PowerLog's probe of the instant power field
+    if {reject_instant}:  # an older driver
+        print('Field "power.draw.instant" is not a valid field to query.', file=sys.stderr)
+        sys.exit(2)
+    print("695.50")
+    sys.exit(0)
 print("[N/A], [N/A], [N/A], [N/A], [N/A]", flush=True)  # a line to skip
 i = 0
 while True:
@@ -24,12 +30,16 @@ while True:
 """
 
 
-@pytest.fixture()
-def fake_smi(tmp_path):
+def _fake(tmp_path, reject_instant: bool = False) -> str:
     path = tmp_path / "nvidia-smi"
-    path.write_text(FAKE.format(python=sys.executable))
+    path.write_text(FAKE.format(python=sys.executable, reject_instant=reject_instant))
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return str(path)
+
+
+@pytest.fixture()
+def fake_smi(tmp_path):
+    return _fake(tmp_path)
 
 
 def test_parse_sample_reads_a_line_and_skips_what_is_not_one():
@@ -51,9 +61,22 @@ def test_power_log_keeps_the_marked_span(fake_smi):
         time.sleep(0.3)  # and after it
     s = log.summary()
     assert log.available and s is not None
+    assert s["power_field"] == "power.draw.instant" and "--query-gpu=timestamp,clocks.sm,power.draw.instant," in (
+        " ".join(log.args))
     assert 10 <= s["samples"] < len(log.samples)
     assert s["sm_mhz"] == 1600 and s["power_w"] == 695.5 and s["limit_w"] == 700
     assert 0.3 < s["power_capped"] < 0.7 and s["hw_slowdown"] == 0
+
+
+def test_power_log_falls_back_to_the_averaged_field(tmp_path):
+    """A driver that rejects the instant field's name: the log samples ``power.draw`` (still samples)."""
+    with PowerLog("0", interval_ms=20, command=_fake(tmp_path, reject_instant=True)) as log:
+        log.mark()
+        time.sleep(0.3)
+        log.mark()
+    s = log.summary()
+    assert log.power_field == "power.draw" and s is not None and s["power_field"] == "power.draw"
+    assert "--query-gpu=timestamp,clocks.sm,power.draw,power.limit," in " ".join(log.args)
 
 
 def test_power_log_is_off_without_nvidia_smi(tmp_path):
