@@ -109,7 +109,8 @@ def main() -> None:
                    help="groupepi: the group mode ('split' or 'default'), then +epi (epilogue_wg), +biasfirst "
                         "(bias_first), +pairs (cta_pairs) and / or a "
                         "diagnostic of _patched_epilogue (+noscale: the group scaling and bias left out; "
-                        "+nostore; +splitstore; +swizzleout; +samestore; +halfstore), or +storewg (store_wg)")
+                        "+nostore; +nocolscale / +norowscale: constant scale vectors; +halfcolscale; +splitstore; "
+                        "+swizzleout; +samestore; +halfstore), or +storewg (store_wg)")
     p.add_argument("--groupepi-codes", nargs="+", default=["fp8", "int8"], choices=["fp8", "int8"])
     p.add_argument("--normq-forms", nargs="+", default=["1x128x2", "1x128x1", "1x64x1", "1x128x4", "4x128x4", "2x128x2"],
                    help="normq: rows x chunk x warps")
@@ -404,6 +405,10 @@ def _patched_epilogue(kind: str):
     'nostore' also the TMA store to global memory (the SMEM store stays); 'splitstore' (a schedule,
     outputs unchanged) issues each TMA store as 32-row pieces back to back: whether the store's cost is
     its size or its timing (the fourth warpgroup's 64-row pieces, spread over its arithmetic, paid);
+    'nocolscale' / 'norowscale' (outputs wrong) give the group step constant column / row scale vectors
+    instead of loading them from shared memory (what those loads cost: 16 ``LDS.64`` / 2 ``LDS`` a K step
+    and compute warp; the scaling's arithmetic stays), 'halfcolscale' ('split'; outputs wrong) loads only
+    the first column part's and scales both parts by them (half those loads and their registers);
     'swizzleout' (outputs unchanged) swizzles the compute warpgroups' output slots (unswizzled, a warp's
     rows 256 bytes apart hit the same banks); 'samestore'
     (outputs wrong) stores every tile to the output's first tile (the same bytes leave the SMs, almost none
@@ -419,7 +424,26 @@ def _patched_epilogue(kind: str):
         from jax.experimental.pallas import mosaic_gpu as plgpu
 
         saved, copy = (body._scaled, body._biased, body._copy_out), plgpu.copy_smem_to_gmem
-        saved_slots = body._output_slots
+        saved_slots, saved_scales = body._output_slots, body._group_scales
+        if kind in ("nocolscale", "norowscale"):
+            def const_only(plan, wg, sa_smem, sw_smem, parts=1):  # no loads of the replaced vectors at all
+                row_l, col_l = body._layouts()
+                width = plan.tile_n // parts
+                cols = [plgpu.layout_cast(jnp.full((width,), 0.002, jnp.float32), col_l) for _ in range(parts)]
+                if kind == "nocolscale":
+                    s_a = plgpu.load(sa_smem.at[0, pl.ds(wg * plan.tile_m, plan.tile_m)], (), layout=row_l,
+                                     optimized=False)
+                    return s_a, cols
+                return plgpu.layout_cast(jnp.full((plan.tile_m,), 0.002, jnp.float32), row_l), saved_scales(
+                    plan, wg, sa_smem, sw_smem, parts)[1]
+
+            body._group_scales = const_only
+        if kind == "halfcolscale":
+            def half_loads(plan, wg, sa_smem, sw_smem, parts=1):  # part 0's column scales for every part
+                s_a, s_w = saved_scales(plan, wg, sa_smem, sw_smem, parts)
+                return s_a, [s_w[0]] * parts
+
+            body._group_scales = half_loads
         if kind == "splitstore":
             def split_copy(plan, refs, src, rows, pn, ocols):
                 for r in range(0, src.shape[0], 32):
@@ -453,7 +477,7 @@ def _patched_epilogue(kind: str):
             yield
         finally:
             body._scaled, body._biased, body._copy_out = saved
-            body._output_slots = saved_slots
+            body._output_slots, body._group_scales = saved_slots, saved_scales
             plgpu.copy_smem_to_gmem = copy
             jax.clear_caches()
 
