@@ -341,12 +341,21 @@ def test_norm_quant_routes_give_the_same_outputs(fmt, params, inputs, monkeypatc
         assert sorted(ops[0]) == sorted(ops[1])
 
 
+def _open_scaled_gemm(monkeypatch, stand_in) -> None:
+    """The scaled_gemm guard forced open with ``stand_in`` (an XLA formulation) for the Mosaic GPU kernel,
+    which needs a Hopper GPU, and the fourth warpgroup available as on a GPU with this JAX."""
+    from qdit_jax.quant import real_layers
+
+    monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, **kw: (True, "test"))
+    monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
+    monkeypatch.setattr(real_layers, "codes_wg_available", lambda: True)
+
+
 def test_qkv_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
     """With the scaled_gemm guard forced open (its XLA formulation standing in for the Mosaic GPU
     kernel, which needs a Hopper GPU) an fp8 SplitQKVDense runs as one scaled GEMM per q / k / v
     column block from the same codes, in one call writing q, k and v (or, RealOptions(qkv_one_call=False),
     a call each): the same model output as the qkv GEMM + epilogue path."""
-    from qdit_jax.quant import real_layers
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_xla
     from qdit_jax.quant.real import RealOptions
 
@@ -357,10 +366,8 @@ def test_qkv_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
         stand_in.prefetch.add((prefetch, epilogue_wg))
         return scaled_gemm_xla(a, w, sa, sw, bias, n_off=n_off, n=n, out_blocks=out_blocks)
 
-    monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, **kw: (True, "test"))
-    monkeypatch.setattr(real_layers, "codes_wg_available", lambda: True)  # as on a GPU with this JAX
     stand_in.prefetch = set()
-    monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
+    _open_scaled_gemm(monkeypatch, stand_in)
     cfg = CFG.replace(dtype="bfloat16")  # the kernel writes bf16
     rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**FORMATS["fp8-e4m3-perchannel"])))
     ref = np.asarray(jax.jit(rm.apply_fn(RealOptions(qkv_kernel=False, residual_kernel=False)))(
@@ -412,10 +419,8 @@ def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, fmt, params, in
         return scaled_gemm_xla(a, w, sa, sw, bias, residual=residual, gate=gate, **kw)
 
     stand_in.epilogue_wg, stand_in.order = set(), []
-    monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, **kw: (True, "test"))
-    monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
-    # as on a GPU with this JAX, and as if one gate row spanned a CTA tile (XL/2: 256 tokens a sample)
-    monkeypatch.setattr(real_layers, "codes_wg_available", lambda: True)
+    _open_scaled_gemm(monkeypatch, stand_in)
+    # as if one gate row spanned a CTA tile (XL/2: 256 tokens a sample)
     monkeypatch.setattr(real_layers, "epilogue_wg_residual_fits", lambda m, rows, tile_m: True)
     monkeypatch.setattr(real_layers, "RESIDUAL_EPILOGUE_WG_MIN_K", 4 * CFG.hidden_size)  # fc2's K, not proj's
     if fused_mlp:  # its XLA formulation standing in for the GPU-only kernel
@@ -467,9 +472,7 @@ def test_fc1_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
         # the kernel takes the product as stored (bf16); unfenced, XLA on the CPU folds the rounding away
         return gelu_quant_xla(jax.lax.optimization_barrier(p), sa, sw, b, spec, dt)
 
-    monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, **kw: (True, "test"))
-    monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
-    monkeypatch.setattr(real_layers, "codes_wg_available", lambda: True)
+    _open_scaled_gemm(monkeypatch, stand_in)
     monkeypatch.setattr(real_layers, "gelu_quant_applies", lambda m, n, spec, **kw: (True, "test"))
     monkeypatch.setattr(real_layers, "gelu_quant_pallas", gelu_quant)
     cfg = CFG.replace(dtype="bfloat16")

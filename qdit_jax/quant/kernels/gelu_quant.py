@@ -72,6 +72,7 @@ def group_chunk(spec: QuantSpec, n: int, chunk: int = CHUNK) -> int:
 
 
 GELU_MODES = ("dtype", "consts", "float32")
+GELU_C1, GELU_C2 = float(np.sqrt(2 / np.pi)), 0.044715  # tanh GELU: 0.5 y (1 + tanh(C1 (y + C2 y^3)))
 
 
 def _gelu(y: jax.Array, dtype: Any, mode: str, fast: bool, approx_tanh: bool = False) -> jax.Array:
@@ -83,7 +84,7 @@ def _gelu(y: jax.Array, dtype: Any, mode: str, fast: bool, approx_tanh: bool = F
         raise ValueError(f"gelu mode must be one of {GELU_MODES}, got {mode!r}")
     if mode == "float32":
         dtype = jnp.float32
-    c1, c2 = (float(np.asarray(c, dtype=jnp.dtype(dtype))) for c in (np.sqrt(2 / np.pi), 0.044715))
+    c1, c2 = (float(np.asarray(c, dtype=jnp.dtype(dtype))) for c in (GELU_C1, GELU_C2))
 
     def r(v: jax.Array) -> jax.Array:
         return v.astype(dtype).astype(jnp.float32) if mode == "dtype" else v

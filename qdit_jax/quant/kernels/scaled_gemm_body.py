@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from qdit_jax.quant.kernels.gelu_quant import GELU_C1, GELU_C2
+
 TILE_K = 128  # one K step (and, with group scales, one group) per pipeline slot
 BF16_TILE_K = TILE_K // 2  # the bf16 form's K step: one 128-byte row of bf16, as TILE_K is of fp8 / int8
 
@@ -42,8 +44,8 @@ STORE_WG_REGISTERS = 24
 STORE_WG_COMPUTE_REGISTERS = 232
 PAIR_AXIS = "pair"  # the cluster axis of ``Plan.cta_pairs``
 GELU_MODES = ("dtype", "float32")  # the codes epilogue's GELU evaluations (``gelu_h``)
-_GELU_C1 = float(np.float32(np.sqrt(2 / np.pi)))  # the tanh GELU's constants, float32 ('float32' mode)
-_GELU_C12 = float(np.float32(np.sqrt(2 / np.pi) * 0.044715))
+_GELU_C1 = float(np.float32(GELU_C1))  # the tanh GELU's constants in float32, C2 folded in ('float32' mode)
+_GELU_C12 = float(np.float32(GELU_C1 * GELU_C2))
 
 
 @dataclasses.dataclass(frozen=True)
