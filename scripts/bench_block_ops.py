@@ -109,7 +109,7 @@ def main() -> None:
                    help="groupepi: the group mode ('split' or 'default'), then +epi (epilogue_wg), +biasfirst "
                         "(bias_first), +pairs (cta_pairs) and / or a "
                         "diagnostic of _patched_epilogue (+noscale: the group scaling and bias left out; "
-                        "+nostore; +nocolscale / +norowscale: constant scale vectors; +halfcolscale; +splitstore; "
+                        "+nostore; +nocolscale / +norowscale: constant scale vectors; +halfcolscale; +latescales; +splitstore; "
                         "+swizzleout; +samestore; +halfstore), or +storewg (store_wg)")
     p.add_argument("--groupepi-codes", nargs="+", default=["fp8", "int8"], choices=["fp8", "int8"])
     p.add_argument("--normq-forms", nargs="+", default=["1x128x2", "1x128x1", "1x64x1", "1x128x4", "4x128x4", "2x128x2"],
@@ -409,6 +409,8 @@ def _patched_epilogue(kind: str):
     instead of loading them from shared memory (what those loads cost: 16 ``LDS.64`` / 2 ``LDS`` a K step
     and compute warp; the scaling's arithmetic stays), 'halfcolscale' ('split'; outputs wrong) loads only
     the first column part's and scales both parts by them (half those loads and their registers);
+    'latescales' (a schedule, outputs unchanged; 'split') loads the step's scales after issuing its wgmmas,
+    not before (whether the wgmma fence waits for those loads);
     'swizzleout' (outputs unchanged) swizzles the compute warpgroups' output slots (unswizzled, a warp's
     rows 256 bytes apart hit the same banks); 'samestore'
     (outputs wrong) stores every tile to the output's first tile (the same bytes leave the SMs, almost none
@@ -438,6 +440,25 @@ def _patched_epilogue(kind: str):
                     plan, wg, sa_smem, sw_smem, parts)[1]
 
             body._group_scales = const_only
+        saved_split = body._STEP_BODIES["split"]
+        if kind == "latescales":  # a schedule (outputs unchanged): the step's scale loads after its wgmmas issue
+            def split_late(plan, wg, _, a_smem, w_smem, sa_smem, sw_smem, sums):
+                n_parts, (_, part_n) = plan.n_parts, plan.part
+                a_rows = a_smem.at[pl.ds(wg * plan.tile_m, plan.tile_m)]
+
+                def step(*accs):
+                    for j, acc in enumerate(accs):
+                        plgpu.wgmma(acc, a_rows, plgpu.transpose_ref(w_smem.at[pl.ds(j * part_n, part_n)], (1, 0)))
+                    s_a, s_w = saved_scales(plan, wg, sa_smem, sw_smem, n_parts)
+                    new = []
+                    for j, acc in enumerate(accs):
+                        p = plgpu.wgmma_accumulator_load(acc, wait_n=n_parts - 1 - j)
+                        new.append(sums[j] + body._scaled(plan, p, s_a, s_w[j], plan.part))
+                    return tuple(new)
+
+                return pl.run_scoped(step, *[plgpu.ACC(plan.part, plan.acc_dtype) for _ in range(n_parts)])
+
+            body._STEP_BODIES["split"] = split_late
         if kind == "halfcolscale":
             def half_loads(plan, wg, sa_smem, sw_smem, parts=1):  # part 0's column scales for every part
                 s_a, s_w = saved_scales(plan, wg, sa_smem, sw_smem, parts)
@@ -478,6 +499,7 @@ def _patched_epilogue(kind: str):
         finally:
             body._scaled, body._biased, body._copy_out = saved
             body._output_slots, body._group_scales = saved_slots, saved_scales
+            body._STEP_BODIES["split"] = saved_split
             plgpu.copy_smem_to_gmem = copy
             jax.clear_caches()
 
