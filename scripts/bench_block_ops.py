@@ -109,8 +109,8 @@ def main() -> None:
                    help="groupepi: the group mode ('split' or 'default'), then +epi (epilogue_wg), +biasfirst "
                         "(bias_first), +pairs (cta_pairs) and / or a "
                         "diagnostic of _patched_epilogue (+noscale: the group scaling and bias left out; "
-                        "+nostore; +nocolscale / +norowscale: constant scale vectors; +halfcolscale; +latescales; +splitstore; "
-                        "+swizzleout; +samestore; +halfstore), or +storewg (store_wg)")
+                        "+nostore; +nocolscale / +norowscale: constant scale vectors; +halfcolscale; +latescales; "
+                        "+splitstore; +swizzleout; +samestore; +halfstore), or +storewg (store_wg)")
     p.add_argument("--groupepi-codes", nargs="+", default=["fp8", "int8"], choices=["fp8", "int8"])
     p.add_argument("--normq-forms", nargs="+", default=["1x128x2", "1x128x1", "1x64x1", "1x128x4", "4x128x4", "2x128x2"],
                    help="normq: rows x chunk x warps")

@@ -7,7 +7,8 @@ row with the clock and the share of samples under the power cap says which regim
 
 ``PowerLog`` starts ``nvidia-smi --query-gpu=... --loop-ms=N`` in the background (the instant power
 reading where the GPU has one); ``mark()`` brackets the timed span; ``summary()`` keeps the samples
-inside it (nvidia-smi's local timestamps against the host's local clock). Nothing is estimated: without samples inside the span there is no summary.
+inside it (nvidia-smi's local timestamps against the host's local clock). Nothing is estimated: without
+samples inside the span there is no summary.
 """
 from __future__ import annotations
 
