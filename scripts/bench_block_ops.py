@@ -110,7 +110,7 @@ def main() -> None:
                         "(bias_first), +pairs (cta_pairs) and / or a "
                         "diagnostic of _patched_epilogue (+noscale: the group scaling and bias left out; "
                         "+nostore; +nocolscale / +norowscale: constant scale vectors; +halfcolscale; +latescales; "
-                        "+splitstore; +swizzleout; +samestore; +halfstore), or +storewg (store_wg)")
+                        "+waitscales; +splitstore; +swizzleout; +samestore; +halfstore), or +storewg (store_wg)")
     p.add_argument("--groupepi-codes", nargs="+", default=["fp8", "int8"], choices=["fp8", "int8"])
     p.add_argument("--normq-forms", nargs="+", default=["1x128x2", "1x128x1", "1x64x1", "1x128x4", "4x128x4", "2x128x2"],
                    help="normq: rows x chunk x warps")
@@ -410,7 +410,8 @@ def _patched_epilogue(kind: str):
     and compute warp; the scaling's arithmetic stays), 'halfcolscale' ('split'; outputs wrong) loads only
     the first column part's and scales both parts by them (half those loads and their registers);
     'latescales' (a schedule, outputs unchanged; 'split') loads the step's scales after issuing its wgmmas,
-    not before (whether the wgmma fence waits for those loads);
+    not before (whether the wgmma fence waits for those loads), 'waitscales' after the first part's wait
+    (under the second part's wgmma);
     'swizzleout' (outputs unchanged) swizzles the compute warpgroups' output slots (unswizzled, a warp's
     rows 256 bytes apart hit the same banks); 'samestore'
     (outputs wrong) stores every tile to the output's first tile (the same bytes leave the SMs, almost none
@@ -441,7 +442,8 @@ def _patched_epilogue(kind: str):
 
             body._group_scales = const_only
         saved_split = body._STEP_BODIES["split"]
-        if kind == "latescales":  # a schedule (outputs unchanged): the step's scale loads after its wgmmas issue
+        if kind in ("latescales", "waitscales"):  # schedules (outputs unchanged): the step's scale loads after
+            # its wgmmas issue ('latescales'), or after the first part's wait ('waitscales')
             def split_late(plan, wg, _, a_smem, w_smem, sa_smem, sw_smem, sums):
                 n_parts, (_, part_n) = plan.n_parts, plan.part
                 a_rows = a_smem.at[pl.ds(wg * plan.tile_m, plan.tile_m)]
@@ -449,11 +451,12 @@ def _patched_epilogue(kind: str):
                 def step(*accs):
                     for j, acc in enumerate(accs):
                         plgpu.wgmma(acc, a_rows, plgpu.transpose_ref(w_smem.at[pl.ds(j * part_n, part_n)], (1, 0)))
-                    s_a, s_w = saved_scales(plan, wg, sa_smem, sw_smem, n_parts)
+                    scales = saved_scales(plan, wg, sa_smem, sw_smem, n_parts) if kind == "latescales" else None
                     new = []
                     for j, acc in enumerate(accs):
                         p = plgpu.wgmma_accumulator_load(acc, wait_n=n_parts - 1 - j)
-                        new.append(sums[j] + body._scaled(plan, p, s_a, s_w[j], plan.part))
+                        scales = scales or saved_scales(plan, wg, sa_smem, sw_smem, n_parts)
+                        new.append(sums[j] + body._scaled(plan, p, scales[0], scales[1][j], plan.part))
                     return tuple(new)
 
                 return pl.run_scoped(step, *[plgpu.ACC(plan.part, plan.acc_dtype) for _ in range(n_parts)])
