@@ -30,8 +30,8 @@ from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm_pall
                                                low_bit_product, weight_codes_int8)
 from qdit_jax.quant.kernels.norm_quant import norm_quant_applies, norm_quant_pallas
 from qdit_jax.quant.kernels.scaled_gemm import (CODE_DTYPES, GELU_MODES, GROUP_MODES, PREFETCH_MODES, TILE_K, TILE_N,
-                                                codes_wg_available, default_tiling, epilogue_wg_residual_fits,
-                                                scaled_gemm_applies, scaled_gemm_mosaic)
+                                                codes_wg_available, cta_pairs_fit, default_tiling,
+                                                epilogue_wg_residual_fits, scaled_gemm_applies, scaled_gemm_mosaic)
 from qdit_jax.quant.quantizers import QuantSpec, _int_codes, params_of_groups
 
 BACKENDS = ("auto", "xla", "pallas")
@@ -166,8 +166,8 @@ class RealOptions:
     bias_first: bool | None = None
     # layers on kernels.scaled_gemm: thread-block clusters of two CTAs on vertically adjacent tiles sharing
     # each K step's weight tile by TMA multicast (``cta_pairs``: half the weight traffic from L2; the same
-    # bits), where M is a whole number of tile pairs. Opt-in until measured on a GPU (twenty-second session;
-    # the tenth session's pairs, before the store warpgroup, were not faster)
+    # bits), where M is a whole number of tile pairs. Opt-in: slower on the H100 (fp8 g128 forward 1.144x ->
+    # 1.113x bf16, q, k, v 610 -> 624 us; twenty-third session; the tenth session's pairs were not faster)
     cta_pairs: bool = False
     # a group-wise MLP's fc1 writing fc2's codes from its epilogue: the GELU there evaluated as the bf16
     # model's ('dtype': every step rounded to bf16, the codes equal to the XLA path's) or on the float32
@@ -465,8 +465,7 @@ def _kernel_schedule(options: RealOptions, m: int, groups: int) -> dict[str, Any
     """The schedule arguments of ``kernels.scaled_gemm`` that RealOptions set, for an (M, K) input with this
     many scale groups (``cta_pairs`` where M is a whole number of tile pairs and the SMs pair up)."""
     kw: dict[str, Any] = dict(group_mode=options.group_mode, chain=options.chain_tiles)
-    sms = getattr(jax.devices()[0], "core_count", 1)  # (a GPU's SM count; the guards keep other devices out)
-    if options.cta_pairs and m % (4 * default_tiling(groups)[0]) == 0 and sms % 2 == 0:
+    if options.cta_pairs and cta_pairs_fit(m, default_tiling(groups)[0]):
         kw["cta_pairs"] = True
     return kw
 

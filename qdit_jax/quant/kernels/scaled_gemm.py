@@ -299,7 +299,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         raise ValueError("store_wg takes the compute warpgroups' own epilogue: call it without codes_wg or "
                          "epilogue_wg")
     num_sms = jax.devices()[0].core_count
-    if cta_pairs and (m % (4 * tile_m) or num_sms % 2):
+    if cta_pairs and not cta_pairs_fit(m, tile_m, num_sms):
         raise ValueError(f"cta_pairs pairs vertically adjacent {2 * tile_m}-row tiles on pairs of SMs: M = {m} must "
                          f"be a multiple of {4 * tile_m} and the SM count ({num_sms}) even; call without it")
     steps, chained = chained_steps(k // TILE_K, (m // (2 * tile_m)) * (n // tile_n), num_sms,
@@ -338,6 +338,14 @@ def epilogue_wg_residual_fits(m: int, gate_rows: int, tile_m: int = TILE_M) -> b
     """Whether the epilogue warpgroup can take a gated residual whose gate has ``gate_rows`` rows over M:
     one gate row (sample) per CTA tile of two warpgroups' rows (it loads one gate row per tile)."""
     return m % gate_rows == 0 and (m // gate_rows) % (2 * tile_m) == 0
+
+
+def cta_pairs_fit(m: int, tile_m: int, num_sms: int | None = None) -> bool:
+    """Whether ``cta_pairs`` can take an M-row GEMM: M a whole number of pairs of vertically adjacent CTA
+    tiles (two warpgroups' ``tile_m`` rows each) and the SMs (default: the first device's) pairing up."""
+    if num_sms is None:
+        num_sms = getattr(jax.devices()[0], "core_count", 1)  # (a GPU's SM count; the guards keep others out)
+    return m % (4 * tile_m) == 0 and num_sms % 2 == 0
 
 
 PREFETCH_MODES = (None, "before", "after")

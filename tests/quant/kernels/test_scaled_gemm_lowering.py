@@ -71,7 +71,7 @@ CASES = {
     "fp8 per channel + residual, store warpgroup": (F8, 4 * C, C, 1, dict(residual=True, store_wg=True)),
     "fp8 group-128 gelu_codes, store warpgroup": (F8, C, 4 * C, 2, dict(store_wg=True, gelu_codes=QuantSpec(
         bits=8, format="fp8_e4m3", group_size=128, symmetric=True))),
-    # the bias as the group sums' initial value (opt-in)
+    # the bias as the group sums' initial value (a kernel option; RealOptions sets it for fp8)
     "fp8 group-128 (split) + residual, bias first, store warpgroup": (F8, C, C, 2, dict(
         residual=True, bias_first=True, store_wg=True)),
     "int8 group-128 overlap three outputs, bias first, vectors prefetched": (jnp.int8, C, 6 * C, 2, dict(
@@ -79,7 +79,7 @@ CASES = {
     "int8 group-128 gelu_codes, codes warpgroup, bias first": (jnp.int8, C, 4 * C, 2, dict(
         codes_wg=True, bias_first=True, gelu_codes=QuantSpec(bits=8, group_size=128, symmetric=True))),
     "fp8 group-128 plain, bias first": (F8, 4 * C, C, 8, dict(group_mode="plain", bias_first=True)),
-    # the codes epilogue's GELU on the float32 sums (opt-in)
+    # the codes epilogue's GELU on the float32 sums (a kernel option; RealOptions.fc1_gelu's default)
     "fp8 group-128 gelu_codes, GELU in float32, store warpgroup": (F8, C, 4 * C, 2, dict(
         store_wg=True, gelu_mode="float32", gelu_codes=QuantSpec(bits=8, format="fp8_e4m3", group_size=128,
                                                                  symmetric=True))),
