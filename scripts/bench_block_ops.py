@@ -107,9 +107,9 @@ def main() -> None:
                         "+noscale / +nostore for the diagnostics or +splitstore (see _patched_epilogue)")
     p.add_argument("--groupepi-kinds", nargs="+", default=["split", "default", "split+epi", "default+splitstore"],
                    help="groupepi: the group mode ('split' or 'default'), then +epi (epilogue_wg), +biasfirst "
-                        "(bias_first), +pairs (cta_pairs) and / or a "
+                        "(bias_first), +pairs (cta_pairs), +stack (stacked) and / or a "
                         "diagnostic of _patched_epilogue (+noscale: the group scaling and bias left out; "
-                        "+nostore; +nocolscale / +norowscale: constant scale vectors; +halfcolscale; +latescales; "
+                        "+nostore; +nocolscale / +norowscale: constant scale vectors; +halfcolscale; +mixcolscale; +latescales; "
                         "+waitscales; +splitstore; +swizzleout; +samestore; +halfstore), or +storewg (store_wg)")
     p.add_argument("--groupepi-codes", nargs="+", default=["fp8", "int8"], choices=["fp8", "int8"])
     p.add_argument("--normq-forms", nargs="+", default=["1x128x2", "1x128x1", "1x64x1", "1x128x4", "4x128x4", "2x128x2"],
@@ -409,6 +409,8 @@ def _patched_epilogue(kind: str):
     instead of loading them from shared memory (what those loads cost: 16 ``LDS.64`` / 2 ``LDS`` a K step
     and compute warp; the scaling's arithmetic stays), 'halfcolscale' ('split'; outputs wrong) loads only
     the first column part's and scales both parts by them (half those loads and their registers);
+    'mixcolscale' ('split'; outputs wrong, as 'halfcolscale') loads every part's but folds them into
+    part 0's vector at once (all the loads, half the registers live through the scaling);
     'latescales' (a schedule, outputs unchanged; 'split') loads the step's scales after issuing its wgmmas,
     not before (whether the wgmma fence waits for those loads), 'waitscales' after the first part's wait
     (under the second part's wgmma);
@@ -468,6 +470,15 @@ def _patched_epilogue(kind: str):
                 return s_a, [s_w[0]] * parts
 
             body._group_scales = half_loads
+        if kind == "mixcolscale":
+            def mixed_loads(plan, wg, sa_smem, sw_smem, parts=1):  # every part's loads, one part's registers
+                s_a, s_w = saved_scales(plan, wg, sa_smem, sw_smem, parts)
+                v = s_w[0]
+                for x in s_w[1:]:  # positive scales: max(v, -x) is v, which the compiler cannot know
+                    v = jnp.maximum(v, -x)
+                return s_a, [v] * parts
+
+            body._group_scales = mixed_loads
         if kind == "splitstore":
             def split_copy(plan, refs, src, rows, pn, ocols):
                 for r in range(0, src.shape[0], 32):
@@ -573,8 +584,8 @@ def group_epilogue_forms(a, rng) -> None:
             for kind in a.groupepi_kinds:
                 mode, *opts = kind.split("+")
                 flags = dict(epilogue_wg="epi" in opts, store_wg="storewg" in opts, bias_first="biasfirst" in opts,
-                             cta_pairs="pairs" in opts)
-                patch = next((o for o in opts if o not in ("epi", "storewg", "biasfirst", "pairs")), None)
+                             cta_pairs="pairs" in opts, stacked="stack" in opts)
+                patch = next((o for o in opts if o not in ("epi", "storewg", "biasfirst", "pairs", "stack")), None)
                 mode = None if mode == "default" else mode
                 fn = jax.jit(lambda qa, w, sa, sw, b, mode=mode, flags=flags: scaled_gemm_mosaic(
                     qa, w, sa, sw, b, out_blocks=blocks, group_mode=mode, **flags, **res))

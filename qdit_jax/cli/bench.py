@@ -124,6 +124,11 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-fp8-pairs": (FP8, "real", "xla-pairs"),
     "real-fp8-g128-pairs": (FP8_G128, "real", "auto-pairs"),
     "real-w8a8-g128-pairs": (W8A8_G128, "real", "auto-pairs"),
+    # group 'split' GEMMs (no codes epilogue) with their two parts side by side instead of stacked along M
+    # (RealOptions.stacked, on by default where 'split' runs); int8 'split' with the parts stacked
+    "real-fp8-g128-nostack": (FP8_G128, "real", "auto-nostack"),
+    "real-w4a8fp8-g128-nostack": (dict(W4A8_G128, a_fmt="fp8_e4m3"), "real", "auto-nostack"),
+    "real-w8a8-g128-split-nostack": (W8A8_G128, "real", "auto-gmsplit-nostack"),
     # proj / fc2 from cuBLAS + XLA's epilogue-and-residual pass instead of scaled_gemm with the gated
     # residual in its epilogue (RealOptions.residual_kernel, on by default)
     "real-fp8-nores": (FP8, "real", "xla-nores"),
@@ -269,7 +274,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # layers' epilogue on the fourth warpgroup too), -fc1k (per-channel fp8 fc1 on the Mosaic GEMM),
     # -gmMODE (the group GEMM's schedule, kernels.scaled_gemm.GROUP_MODES), -biasfirst / -nobiasfirst (group
     # sums started at the bias or not), -nostwg (the store warpgroup off), -pairs (two-CTA clusters sharing
-    # the weight tile), -gelubf16 (fc1's codes epilogue's GELU with the bf16 model's roundings),
+    # the weight tile), -gelubf16 (fc1's codes epilogue's GELU with the bf16 model's roundings), -stack /
+    # -nostack (group 'split' parts stacked along M or side by side),
     # -packed (4-bit weights kept packed on the device, RealModel.variables), xla-attn / triton-attn /
     # cudnn-attn (XLA's attention, the Triton kernel's, cuDNN's)
     if "qkv1" in tags:
@@ -301,6 +307,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        bias_first=True if "biasfirst" in tags else False if "nobiasfirst" in tags else None,
                        cta_pairs="pairs" in tags, fc1_gelu="dtype" if "gelubf16" in tags else "float32",
                        residual_epilogue_wg="noresepi" not in tags,
+                       stacked=False if "nostack" in tags else True if "stack" in tags else None,
                        group_mode=next((t[len("gm"):] for t in tags if t.startswith("gm")), None))
     variables = rm.variables(unpack_w4=False if "packed" in tags else None)
     return rm.apply_fn(opts), with_compute_params(variables, cfg), {

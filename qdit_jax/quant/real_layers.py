@@ -30,7 +30,7 @@ from qdit_jax.quant.kernels.group_gemm import (Tiles, fit_tiles, group_gemm_pall
                                                low_bit_product, weight_codes_int8)
 from qdit_jax.quant.kernels.norm_quant import norm_quant_applies, norm_quant_pallas
 from qdit_jax.quant.kernels.scaled_gemm import (CODE_DTYPES, GELU_MODES, GROUP_MODES, PREFETCH_MODES, TILE_K, TILE_N,
-                                                codes_wg_available, cta_pairs_fit, default_tiling,
+                                                codes_wg_available, cta_pairs_fit, default_tiling, group_mode_for,
                                                 epilogue_wg_residual_fits, scaled_gemm_applies, scaled_gemm_mosaic)
 from qdit_jax.quant.quantizers import QuantSpec, _int_codes, params_of_groups
 
@@ -176,6 +176,11 @@ class RealOptions:
     # the H100 979 -> 887 us, the fp8 g128 forward 1.148x -> 1.170x bf16 (same call; docs/RESULTS.md,
     # twenty-third session)
     fc1_gelu: str = "float32"
+    # group-wise layers in the 'split' group mode without a codes epilogue (q, k, v; proj and fc2 with the
+    # gated residual): each compute warpgroup of kernels.scaled_gemm takes all the CTA tile's rows and half
+    # its columns (``stacked``: 16 column scales a thread and K step instead of 32; the same bits). None: on
+    # where it applies
+    stacked: bool | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -442,15 +447,27 @@ def store_warpgroup(options: RealOptions, groups: int) -> bool:
     return codes_wg_available() if options.store_wg is None else options.store_wg
 
 
-def _group_epilogue(options: RealOptions, groups: int, codes: Any, store: bool = True) -> dict[str, Any]:
+def _group_epilogue(options: RealOptions, groups: int, codes: Any, store: bool = True,
+                    stack: bool = True) -> dict[str, Any]:
     """kernels.scaled_gemm's epilogue options for a GEMM with this many scale groups on ``codes``-typed
     operands whose epilogue is not on the epilogue warpgroup: ``store_wg=True`` where :func:`store_warpgroup`
     says so (and ``store``: no codes warpgroup), ``bias_first=True`` for group scales where
-    :func:`bias_first` says so."""
+    :func:`bias_first` says so, ``stacked=True`` where :func:`stacked_parts` says so (and ``stack``: no codes
+    epilogue)."""
     kw: dict[str, Any] = {"store_wg": True} if store and store_warpgroup(options, groups) else {}
     if groups > 1 and bias_first(options, codes):
         kw["bias_first"] = True
+    if groups > 1 and stack and stacked_parts(options, codes):
+        kw["stacked"] = True
     return kw
+
+
+def stacked_parts(options: RealOptions, codes: Any) -> bool:
+    """Whether group-wise GEMMs on ``codes``-typed operands without a codes epilogue stack their two parts
+    along M (``RealOptions.stacked``; None: wherever the group mode is 'split' and no CTA pairs run)."""
+    if group_mode_for(2, codes, options.group_mode) != "split" or options.cta_pairs:
+        return False
+    return options.stacked is not False
 
 
 def bias_first(options: RealOptions, codes: Any) -> bool:
@@ -537,7 +554,8 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
             cwg = codes_warpgroup(options, qa.dtype)
             q2, s2 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, gelu_codes=l2.act, codes_wg=cwg,
                                         gelu_mode=options.fc1_gelu, **_kernel_schedule(options, m, w1.scale.shape[0]),
-                                        **_group_epilogue(options, w1.scale.shape[0], qa.dtype, store=not cwg))
+                                        **_group_epilogue(options, w1.scale.shape[0], qa.dtype, store=not cwg,
+                                                          stack=False))
         else:
             y1 = _codes_gemm(qa, sa, w1, out_dtype, options)
             q2, s2 = gelu_quant_pallas(y1, None, None, None, l2.act, out_dtype)

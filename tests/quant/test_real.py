@@ -516,6 +516,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
         stand_in.store_wg.append(kw.get("store_wg", False))
         stand_in.bias_first.append(kw.get("bias_first", False))
         stand_in.cta_pairs.append(kw.get("cta_pairs", False))
+        stand_in.stacked.append(kw.get("stacked", False))
         if gelu_codes is not None:
             stand_in.codes_wg.append(kw.get("codes_wg"))
             stand_in.gelu_mode.append(kw.get("gelu_mode", "dtype"))
@@ -529,7 +530,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
     monkeypatch.setattr(real_layers, "scaled_gemm_applies", lambda m, n, k, ad, wd, groups=1, **kw: (
         groups == 1 or k == 128 * groups, "test"))
     stand_in.modes, stand_in.codes_wg, stand_in.epilogue_wg, stand_in.store_wg = [], [], [], []
-    stand_in.bias_first, stand_in.cta_pairs, stand_in.gelu_mode = [], [], []
+    stand_in.bias_first, stand_in.cta_pairs, stand_in.gelu_mode, stand_in.stacked = [], [], [], []
     monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
     monkeypatch.setattr(real_layers, "norm_quant_applies", lambda m, k, spec, dtype, **kw: (True, "test"))
     monkeypatch.setattr(real_layers, "norm_quant_pallas", lambda x, spec, **kw: norm_quant_pallas(
@@ -634,6 +635,37 @@ def test_bias_first_is_asked_for_group_gemms_with_their_own_epilogue(fmt, inputs
         assert [c[3] for c in calls] == [False, False, True, False, False, True] * cfg.depth
         assert stand_in.bias_first == want * cfg.depth
         assert stand_in.codes_wg == [int8] * cfg.depth
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int"])
+def test_stacked_parts_are_asked_for_split_group_gemms_without_codes(fmt, inputs, monkeypatch):
+    """RealOptions.stacked (None by default: on where it applies) asks the group-wise GEMMs in the 'split'
+    group mode (fp8's default; int8 when asked for) to stack their parts, except fc1 with its codes
+    epilogue, the GEMMs given the epilogue warpgroup, and with CTA pairs; False asks none."""
+    from qdit_jax.quant import real_layers
+    from qdit_jax.quant.real import RealOptions
+
+    cfg, params = CFG256, _params256()
+    calls, _ = _open_group_routes(monkeypatch)
+    stand_in = real_layers.scaled_gemm_mosaic
+    monkeypatch.setattr(real_layers, "epilogue_wg_residual_fits", lambda m, rows, tile_m: True)
+    monkeypatch.setattr(real_layers, "RESIDUAL_EPILOGUE_WG_MIN_K", 4 * cfg.hidden_size)
+    monkeypatch.setattr(real_layers, "codes_wg_available", lambda: True)
+    monkeypatch.setattr(real_layers, "cta_pairs_fit", lambda m, tile_m: True)
+    rules = dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, fmt=fmt)
+    rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**rules)))
+    split = fmt != "int"
+    # q, k, v; proj; proj + residual; fc1 (codes epilogue); fc2; fc2 + residual
+    stacked = [True, True, True, False, True, True]
+    for opts, want in (({}, stacked if split else [False] * 6), (dict(stacked=False), [False] * 6),
+                       (dict(group_mode="split"), stacked), (dict(group_mode="plain"), [False] * 6),
+                       (dict(cta_pairs=True, group_mode="split"), [False] * 6),
+                       (dict(epilogue_wg=True, group_mode="split"), [False, True, True, False, True, False])):
+        calls.clear()
+        stand_in.stacked.clear()
+        jax.block_until_ready(jax.jit(rm.apply_fn(RealOptions(**opts)))(rm.variables(), *inputs))
+        assert [c[3] for c in calls] == [False, False, True, False, False, True] * cfg.depth
+        assert stand_in.stacked == want * cfg.depth
 
 
 def test_fc1_gelu_reaches_the_codes_epilogue(inputs, monkeypatch):

@@ -77,6 +77,9 @@ class Plan:
     bias_first: bool = False  # group scales: the bias is the float32 sums' initial value, not an epilogue add
     cta_pairs: bool = False  # clusters of two CTAs on vertically adjacent tiles, the weight tile multicast to both
     gelu_mode: str = "dtype"  # the codes epilogue's GELU: 'dtype' (the bf16 model's roundings) or 'float32' (none)
+    # 'split' group scales: a compute warpgroup's two parts stacked along M (all the CTA tile's rows, half its
+    # columns) instead of side by side along N: 16 column scales a thread and K step instead of 32
+    stacked: bool = False
 
     @property
     def tile_k(self) -> int:
@@ -90,6 +93,12 @@ class Plan:
     @property
     def cta_m(self) -> int:
         return 2 * self.tile_m
+
+    @property
+    def wg_shape(self) -> tuple[int, int]:
+        """A compute warpgroup's share of the CTA tile: ``tile_m`` rows of all ``tile_n`` columns, or
+        (``stacked``) all ``cta_m`` rows of half the columns."""
+        return (self.cta_m, self.tile_n // 2) if self.stacked else (self.tile_m, self.tile_n)
 
     @property
     def n_tiles(self) -> int:
@@ -257,6 +266,23 @@ def _group_scales(plan: Plan, wg: Any, sa_smem: Any, sw_smem: Any, parts: int = 
                  for j in range(parts)]
 
 
+def _part_scales(plan: Plan, wg: Any, sa_smem: Any, sw_smem: Any) -> list[tuple[jax.Array, jax.Array]]:
+    """This K step's (row, column) scale vectors of each of the warpgroup's ``plan.n_parts`` parts: side by
+    side, one row vector and each part's columns (:func:`_group_scales`); ``stacked``, each part's rows and
+    the warpgroup's one column vector (half the column loads)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if not plan.stacked:
+        s_a, s_w = _group_scales(plan, wg, sa_smem, sw_smem, plan.n_parts)
+        return [(s_a, v) for v in s_w]
+    row_l, col_l = _layouts()
+    width = plan.wg_shape[1]
+    s_w = plgpu.load(sw_smem.at[0, pl.ds(wg * width, width)], (), layout=col_l, optimized=False)
+    return [(plgpu.load(sa_smem.at[0, pl.ds(j * plan.tile_m, plan.tile_m)], (), layout=row_l, optimized=False), s_w)
+            for j in range(plan.n_parts)]
+
+
 def _step_channel(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, acc_ref: Any) -> Any:
     """Per channel: accumulate in the wgmma accumulator; the scales come in the epilogue."""
     _product(plan, wg, a_smem, w_smem, acc_ref)
@@ -306,20 +332,24 @@ def _step_split(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem: 
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    n_parts, (_, part_n) = plan.n_parts, plan.part
-    s_a, s_w = _group_scales(plan, wg, sa_smem, sw_smem, n_parts)
-    a_rows = a_smem.at[pl.ds(wg * plan.tile_m, plan.tile_m)]
+    n_parts, (part_m, part_n) = plan.n_parts, plan.part
+    scales = _part_scales(plan, wg, sa_smem, sw_smem)
+    if plan.stacked:  # part j: the CTA tile's j-th row block times this warpgroup's columns
+        a_parts = [a_smem.at[pl.ds(j * part_m, part_m)] for j in range(n_parts)]
+        w_parts = [w_smem.at[pl.ds(wg * part_n, part_n)]] * n_parts
+    else:  # part j: this warpgroup's rows times the tile's j-th column block
+        a_parts = [a_smem.at[pl.ds(wg * plan.tile_m, plan.tile_m)]] * n_parts
+        w_parts = [w_smem.at[pl.ds(j * part_n, part_n)] for j in range(n_parts)]
 
     def step(*accs: Any) -> tuple[jax.Array, ...]:
         for j, acc in enumerate(accs):
-            w_part = plgpu.transpose_ref(w_smem.at[pl.ds(j * part_n, part_n)], (1, 0))
-            plgpu.wgmma(acc, a_rows, w_part)
+            plgpu.wgmma(acc, a_parts[j], plgpu.transpose_ref(w_parts[j], (1, 0)))
         new = []
         for j, acc in enumerate(accs):
             # part j's wgmma (issued and committed in order) is done, the later ones may still run;
             # ``acc[...]`` would wait for all of them (wait_group 0) and serialize the parts
             p = plgpu.wgmma_accumulator_load(acc, wait_n=n_parts - 1 - j)
-            new.append(sums[j] + _scaled(plan, p, s_a, s_w[j], plan.part))
+            new.append(sums[j] + _scaled(plan, p, *scales[j], plan.part))
         return tuple(new)
 
     return pl.run_scoped(step, *[plgpu.ACC(plan.part, plan.acc_dtype) for _ in range(n_parts)])
@@ -340,21 +370,26 @@ def _scale_vectors(plan: Plan, refs: _Refs, rows: Any, wcols: Any) -> tuple[jax.
             plgpu.load(refs.sw.at[wcols], (), layout=col_l, optimized=False))
 
 
-def _bias_part(plan: Plan, refs: _Refs, pn: Any, j: int, width: int) -> jax.Array:
-    """The bias of column part ``j`` (``width`` wide) of column tile ``pn``."""
+def _part_col(plan: Plan, wg: Any, j: int, width: int) -> Any:
+    """The first column (within the CTA tile) of part ``j`` of ``width`` columns of warpgroup ``wg``'s tile."""
+    return wg * width if plan.stacked else j * width
+
+
+def _bias_part(plan: Plan, refs: _Refs, pn: Any, col: Any, width: int) -> jax.Array:
+    """The bias of the ``width`` columns from column ``col`` of column tile ``pn`` (a column part)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    cols = pl.ds(plan.n_off + pn * plan.tile_n + j * width, width)
+    cols = pl.ds(plan.n_off + pn * plan.tile_n + col, width)
     return plgpu.load(refs.bias.at[cols], (), layout=_layouts()[1], optimized=False)
 
 
-def _gate_part(plan: Plan, refs: _Refs, rows: Any, pn: Any, j: int, width: int) -> jax.Array:
-    """The gate row of these rows' sample for column part ``j`` of column tile ``pn``."""
+def _gate_part(plan: Plan, refs: _Refs, rows: Any, pn: Any, col: Any, width: int) -> jax.Array:
+    """The gate row of these rows' sample for the ``width`` columns from column ``col`` of column tile ``pn``."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    start = (rows // plan.rows_per_gate) * plan.n + pn * plan.tile_n + j * width
+    start = (rows // plan.rows_per_gate) * plan.n + pn * plan.tile_n + col
     return plgpu.load(refs.gate.at[pl.ds(start, width)], (), layout=_layouts()[1], optimized=False)
 
 
@@ -365,9 +400,9 @@ def _epilogue_vectors(plan: Plan, refs: _Refs, rows: Any, pn: Any, wcols: Any) -
     vec: dict = {}
     if plan.groups == 1 and not plan.bf16:
         vec["s_a"], vec["s_w"] = _scale_vectors(plan, refs, rows, wcols)
-    vec["bias"] = [_bias_part(plan, refs, pn, j, width) for j in range(plan.n_parts)]
+    vec["bias"] = [_bias_part(plan, refs, pn, j * width, width) for j in range(plan.n_parts)]
     if plan.residual:
-        vec["gate"] = [_gate_part(plan, refs, rows, pn, j, width) for j in range(plan.n_parts)]
+        vec["gate"] = [_gate_part(plan, refs, rows, pn, j * width, width) for j in range(plan.n_parts)]
     return vec
 
 
@@ -389,7 +424,12 @@ def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: Any
         width = plan.tile_n // parts
         if not plan.bias_first:
             return [zeros((plan.tile_m, width), jnp.float32) for _ in range(parts)]
-        bias = vec["bias"] if isinstance(vec, dict) else [_bias_part(plan, refs, pn, j, width) for j in range(parts)]
+        if isinstance(vec, dict):
+            bias = vec["bias"]
+        elif plan.stacked:  # both parts have this warpgroup's columns
+            bias = [_bias_part(plan, refs, pn, _part_col(plan, wg, 0, width), width)] * parts
+        else:
+            bias = [_bias_part(plan, refs, pn, j * width, width) for j in range(parts)]
         return [plgpu.layout_cast(lax.broadcast_in_dim(b, (plan.tile_m, width), [1]), plgpu.Layout.WGMMA)
                 for b in bias]
 
@@ -418,15 +458,16 @@ def _accumulate(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: Any
     return (list(y) if isinstance(y, tuple) else [y]), vec  # Mosaic has no concatenate: parts stay parts
 
 
-def _biased(plan: Plan, refs: _Refs, pn: Any, parts: list[jax.Array], vec: dict | None = None) -> list[jax.Array]:
-    """The tile's float32 column parts plus the bias of column tile ``pn`` (from ``vec`` if loaded); with
-    ``plan.bias_first`` the parts hold it already."""
+def _biased(plan: Plan, refs: _Refs, pn: Any, parts: list[jax.Array], vec: dict | None = None,
+            wg: Any = None) -> list[jax.Array]:
+    """The tile's float32 parts plus the bias of column tile ``pn`` (from ``vec`` if loaded; ``stacked``
+    parts: warpgroup ``wg``'s columns); with ``plan.bias_first`` the parts hold it already."""
     if plan.bias_first:
         return parts
     width = plan.tile_n // len(parts)
     out = []
     for j, yj in enumerate(parts):
-        bj = vec["bias"][j] if vec is not None else _bias_part(plan, refs, pn, j, width)
+        bj = vec["bias"][j] if vec is not None else _bias_part(plan, refs, pn, _part_col(plan, wg, j, width), width)
         out.append(yj + lax.broadcast_in_dim(bj, (plan.tile_m, width), [1]))
     return out
 
@@ -443,14 +484,19 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
     pshape = (plan.tile_m, width)
     if plan.residual:
         plgpu.barrier_wait(refs.r_bar.at[wg])
-    parts = _biased(plan, refs, pn, parts, vec)
+    parts = _biased(plan, refs, pn, parts, vec, wg)
     for j, yj in enumerate(parts):
-        pcols = pl.ds(j * width, width)
         if plan.residual:  # x + gate * y, each step rounded to bf16 as the model's
-            gj = vec["gate"][j] if vec is not None else _gate_part(plan, refs, rows, pn, j, width)
+            if vec is not None:
+                gj = vec["gate"][j]
+            elif plan.stacked:  # part j: this warpgroup's columns of the tile's j-th row block
+                gj = _gate_part(plan, refs, rows + j * plan.tile_m, pn, _part_col(plan, wg, j, width), width)
+            else:
+                gj = _gate_part(plan, refs, rows, pn, j * width, width)
             yj = yj.astype(jnp.bfloat16).astype(jnp.float32)
             yj = (lax.broadcast_in_dim(gj, pshape, [1]) * yj).astype(jnp.bfloat16).astype(jnp.float32)
-            res = plgpu.load(refs.o_smem.at[oslot, :, pcols], (), layout=plgpu.Layout.WGMMA, optimized=False)
+            res = plgpu.load(refs.o_smem.at[_slot_part(plan, oslot, j, width)], (), layout=plgpu.Layout.WGMMA,
+                             optimized=False)
             yj = res.astype(jnp.float32) + yj
         parts[j] = yj
     if plan.gelu_codes is not None:  # the next layer's codes and group scales instead of y
@@ -461,14 +507,35 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
     else:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this slot's previous store has read it
     for j, yj in enumerate(parts):
-        refs.o_smem[oslot, :, pl.ds(j * width, width)] = yj.astype(plan.out_dtype)
+        refs.o_smem[_slot_part(plan, oslot, j, width)] = yj.astype(plan.out_dtype)
     if plan.gelu_codes is not None:
         refs.s_smem[oslot] = s_g
     plgpu.commit_smem()
     if plan.store_wg:
         plgpu.barrier_arrive(refs.full.at[oslot])
         return
-    _store_slot(plan, refs, oslot, pl.ds(rows, plan.tile_m), pn, ocols)
+    _store_slot(plan, refs, oslot, pl.ds(rows, plan.wg_shape[0]), pn, ocols)
+
+
+def _slot_part(plan: Plan, slot: Any, j: int, width: int) -> tuple:
+    """The index of part ``j`` (``width`` columns) in output slot ``slot``: its columns, or (``stacked``) its
+    rows."""
+    from jax.experimental import pallas as pl
+
+    if plan.stacked:
+        return slot, pl.ds(j * plan.tile_m, plan.tile_m), slice(None)
+    return slot, slice(None), pl.ds(j * width, width)
+
+
+def _wg_cols(plan: Plan, wg: Any, pn: Any) -> Any:
+    """The output columns of warpgroup ``wg``'s share of column tile ``pn``: all of the tile's, or
+    (``stacked``) its half."""
+    from jax.experimental import pallas as pl
+
+    if plan.stacked:
+        width = plan.wg_shape[1]
+        return pl.ds(pn * plan.tile_n + wg * width, width)
+    return pl.ds(pn * plan.tile_n, plan.tile_n)
 
 
 def _store_slot(plan: Plan, refs: _Refs, slot: Any, rows: Any, pn: Any, ocols: Any) -> None:
@@ -483,14 +550,17 @@ def _store_slot(plan: Plan, refs: _Refs, slot: Any, rows: Any, pn: Any, ocols: A
 
 def _copy_out(plan: Plan, refs: _Refs, src: Any, rows: Any, pn: Any, ocols: Any) -> None:
     """The TMA store of a staged tile or row block (rows ``rows`` of column tile ``pn``, the output's
-    columns ``ocols``) to the output holding it."""
+    columns ``ocols``: the tile's, or a ``stacked`` warpgroup's half) to the output holding it."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     if plan.out_blocks == 1:
         plgpu.copy_smem_to_gmem(src, refs.out.at[rows, ocols])
     for i in range(plan.out_blocks if plan.out_blocks > 1 else 0):  # the output array holding column tile pn
-        bcols = pl.ds((pn - i * plan.block_tiles) * plan.tile_n, plan.tile_n)
+        if plan.stacked:  # the same columns, counted from the start of output i
+            bcols = pl.ds(ocols.start - i * plan.block_tiles * plan.tile_n, ocols.size)
+        else:
+            bcols = pl.ds((pn - i * plan.block_tiles) * plan.tile_n, plan.tile_n)
         pl.when(pn // plan.block_tiles == i)(functools.partial(plgpu.copy_smem_to_gmem, src,
                                                                 refs.out[i].at[rows, bcols]))
 
@@ -508,14 +578,14 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
     if plan.epilogue_wg:
         _stage_product(plan, refs, wg, rows, pn, wcols, slot, eval_pipeline)
         return
-    ocols = pl.ds(pn * plan.tile_n, plan.tile_n)
+    ocols = _wg_cols(plan, wg, pn)
     oslot = _out_slot(plan, wg, slot)
     if plan.residual:
         if plan.store_wg:  # the store warpgroup has read this slot's last tile
             plgpu.barrier_wait(refs.empty.at[oslot])
         else:
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        plgpu.copy_gmem_to_smem(refs.residual.at[pl.ds(rows, plan.tile_m), ocols], refs.o_smem.at[oslot],
+        plgpu.copy_gmem_to_smem(refs.residual.at[pl.ds(rows, plan.wg_shape[0]), ocols], refs.o_smem.at[oslot],
                                 refs.r_bar.at[wg])
     vec = None
     if plan.prefetch is not None:
@@ -585,7 +655,7 @@ def _output_slots(plan: Plan) -> Any:
         if plan.groups == 1:
             return None
         return plgpu.SMEM((1, EPILOGUE_ROWS, plan.tile_n), plan.out_dtype, transforms=_swizzled(plan.out_dtype))
-    return plgpu.SMEM((2 * plan.out_slots, plan.tile_m, plan.tile_n), plan.out_dtype,
+    return plgpu.SMEM((2 * plan.out_slots, *plan.wg_shape), plan.out_dtype,
                       transforms=_swizzled(plan.out_dtype) if plan.codes_wg else ())
 
 
@@ -657,7 +727,7 @@ def _tiles(plan: Plan, refs: _Refs, wg: Any, a_gmem: Any, w_gmem: Any, sa_gmem: 
     @plgpu.nd_loop((plan.loop_tiles,), collective_axes="sm")
     def tile(info: Any) -> None:
         pm, pn = tile_index(plan, info)
-        rows = pm * plan.cta_m + wg * plan.tile_m
+        rows = pm * plan.cta_m if plan.stacked else pm * plan.cta_m + wg * plan.tile_m  # this warpgroup's first
         wcols = pl.ds(plan.n_off + pn * plan.tile_n, plan.tile_n)
         body = functools.partial(_STEP_BODIES[plan.group_mode], plan, wg)
         epilogue = functools.partial(_tile_epilogue, plan, refs, wg, rows, pn, wcols,

@@ -46,8 +46,8 @@ def _epilogue_tile(plan: Plan, refs: _Refs, pm: Any, pn: Any, slot: Any, ocols: 
         """Column part ``j``'s weight scales (per channel), bias and (one gate row per CTA tile) gate."""
         cols = pl.ds(plan.n_off + pn * plan.tile_n + j * width, width)
         s_w = plgpu.load(refs.sw.at[cols], (), layout=col_l, optimized=False) if _channel_scaled(plan) else None
-        gate = body._gate_part(plan, refs, pm * plan.cta_m, pn, j, width) if plan.residual else None
-        return s_w, body._bias_part(plan, refs, pn, j, width), gate
+        gate = body._gate_part(plan, refs, pm * plan.cta_m, pn, j * width, width) if plan.residual else None
+        return s_w, body._bias_part(plan, refs, pn, j * width, width), gate
 
     def residual(piece: tuple) -> jax.Array | None:
         half, r, j, _ = piece
@@ -191,8 +191,8 @@ def store_warpgroup(plan: Plan, refs: _Refs) -> None:
         slots = [body._out_slot(plan, wg, info.local_index) for wg in range(2)]
         for wg, oslot in enumerate(slots):
             plgpu.barrier_wait(refs.full.at[oslot])
-            rows = pl.ds(pm * plan.cta_m + wg * plan.tile_m, plan.tile_m)
-            body._store_slot(plan, refs, oslot, rows, pn, pl.ds(pn * plan.tile_n, plan.tile_n))
+            r0 = pm * plan.cta_m if plan.stacked else pm * plan.cta_m + wg * plan.tile_m
+            body._store_slot(plan, refs, oslot, pl.ds(r0, plan.wg_shape[0]), pn, body._wg_cols(plan, wg, pn))
         copies = 1 if plan.gelu_codes is None else 2  # TMA stores (bulk groups) a warpgroup's tile
         for wg, oslot in enumerate(slots):
             plgpu.wait_smem_to_gmem((1 - wg) * copies, wait_read_only=True)  # this warpgroup's stores have read

@@ -256,6 +256,28 @@ def test_cta_pairs_equal_the_default(k, n, blocks, residual, codes, dtype, group
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
+@pytest.mark.parametrize("store", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.int8])
+@pytest.mark.parametrize("k, n, blocks, residual", [(C, 3 * C, 3, False), (C, C, 1, True), (HIDDEN, C, 1, True),
+                                                     (HIDDEN, C, 1, False)])
+def test_stacked_parts_equal_side_by_side_parts(k, n, blocks, residual, dtype, store):
+    """``stacked`` (each compute warpgroup all the CTA tile's rows and half its columns) only moves work
+    between the warpgroups: the same bits as 'split''s side-by-side parts, for q, k, v in one call and proj
+    / fc2 with and without the gated residual, on 35 samples (CTAs owning unequal numbers of tiles), with
+    the bias in the epilogue and the compute warpgroups storing, and with the bias first and the store
+    warpgroup (the fp8 model's form). A part given the other part's rows, columns, scales, bias or gate
+    would show."""
+    from qdit_jax.quant.kernels.scaled_gemm import codes_wg_available, scaled_gemm_mosaic
+
+    args, kw = _gemm_case(15, 35, k, n, dtype, True, blocks, residual, False, bias_scale=2)
+    kw.update(group_mode="split", store_wg=store and codes_wg_available(), bias_first=store)
+    outs = [jax.tree.leaves(jax.jit(lambda *v, s=s: scaled_gemm_mosaic(*v, stacked=s, **kw))(*args))
+            for s in (False, True)]
+    assert len(outs[1]) == blocks and np.abs(np.asarray(outs[0][0], np.float32)).max() > 1
+    for got, want in zip(outs[1], outs[0]):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 @pytest.mark.parametrize("prefetch", ["before", "after"])
 def test_prefetched_residual_epilogue_equals_the_default(prefetch):
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic

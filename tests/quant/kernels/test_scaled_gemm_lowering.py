@@ -92,6 +92,15 @@ CASES = {
         codes_wg=True, cta_pairs=True, gelu_codes=QuantSpec(bits=8, group_size=128, symmetric=True))),
     "fp8 per channel three outputs, epilogue warpgroup, CTA pairs": (F8, C, 6 * C, 1, dict(
         out_blocks=3, epilogue_wg=True, cta_pairs=True)),
+    # 'split' parts stacked along M (a kernel option; RealOptions.stacked)
+    "fp8 group-128 (split) + residual, bias first, store warpgroup, stacked": (F8, C, C, 2, dict(
+        residual=True, bias_first=True, store_wg=True, stacked=True)),
+    "fp8 group-128 three outputs, bias first, store warpgroup, stacked": (F8, C, 6 * C, 2, dict(
+        out_blocks=3, bias_first=True, store_wg=True, stacked=True)),
+    "int8 group-128 split + residual, stacked": (jnp.int8, 4 * C, C, 8, dict(
+        group_mode="split", residual=True, stacked=True)),
+    "int8 group-128 split three outputs, store warpgroup, stacked": (jnp.int8, C, 6 * C, 2, dict(
+        group_mode="split", out_blocks=3, store_wg=True, stacked=True)),
 }
 
 
@@ -103,6 +112,33 @@ def test_bias_first_changes_the_group_kernel_and_needs_its_own_epilogue(monkeypa
     for kw in (dict(groups=1), dict(groups=2, epilogue_wg=True)):
         with pytest.raises(ValueError, match="bias_first"):
             _lower(F8, C, C, kw.pop("groups"), bias_first=True, **kw)
+
+
+def test_stacked_builds_another_split_kernel_and_is_refused_where_it_cannot_apply(monkeypatch):
+    """``stacked`` changes the 'split' group kernel (each warpgroup all the CTA tile's rows, half its
+    columns: one column-scale load of 64 a K step, two row-scale loads) and is refused per channel, in
+    the other group modes, with the codes epilogue, a fourth epilogue / codes warpgroup, prefetched
+    vectors or CTA pairs."""
+    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
+    assert _lower(F8, C, C, 2, stacked=True) != _lower(F8, C, C, 2)
+
+    def vector_loads(**kw) -> list[str]:
+        """The kernel's float32 vector loads, each as the wgmma layout's reduced axis it takes: '1' a row
+        vector (row scales), '0' a column vector (column scales, bias); sorted."""
+        return sorted(re.findall(r"f32\[64\] = load\[(?:(?!= load\[).)*?\n\s*\w+:f32\[64\] = layout_cast\[\s*"
+                                  r"new_layout=ReducedLayout\(layout=<Layout.WGMMA: \d>, axes=\((\d),\)",
+                                  str(_group_kernel_jaxpr(F8, C, C, 2, **kw)), flags=re.S))
+
+    # the K step: one row vector and two column parts' scales side by side, two row vectors and one
+    # column vector stacked; the epilogue's bias, one column vector a part in both
+    assert vector_loads() == ["0", "0", "0", "0", "1"]
+    assert vector_loads(stacked=True) == ["0", "0", "0", "1", "1"]
+    spec = QuantSpec(bits=8, format="fp8_e4m3", group_size=128, symmetric=True)
+    for kw in (dict(groups=1), dict(groups=2, group_mode="overlap"), dict(groups=2, group_mode="plain"),
+               dict(groups=2, gelu_codes=spec), dict(groups=2, epilogue_wg=True), dict(groups=2, prefetch="before"),
+               dict(groups=2, cta_pairs=True)):
+        with pytest.raises(ValueError, match="stacked"):
+            _lower(F8, C, 4 * C if "gelu_codes" in kw else C, kw.pop("groups"), stacked=True, **kw)
 
 
 def test_float32_gelu_builds_another_codes_kernel(monkeypatch):
