@@ -89,6 +89,11 @@ def main() -> None:
     p.add_argument("--store-wg", action="store_true",
                    help="group forms also run with their TMA stores on the store warpgroup (scaled_gemm store_wg), "
                         "with --gelu-codes the codes epilogue's too")
+    p.add_argument("--stacked", action="store_true",
+                   help="'split' forms (not on the codes warpgroup) also with their two parts stacked along M "
+                        "(scaled_gemm stacked)")
+    p.add_argument("--bias-first", action="store_true",
+                   help="group forms start their sums at the bias (scaled_gemm bias_first; fp8's model default)")
     a = p.parse_args()
     if jax.default_backend() != "gpu":
         p.error(f"the Mosaic GPU kernels need a Hopper GPU; JAX's backend here is {jax.default_backend()}")
@@ -112,6 +117,12 @@ def main() -> None:
                                      if "gelu_codes" in vkw]
                 if a.cta_pairs:
                     variants += [(label + "+pairs", dict(vkw, cta_pairs=True)) for label, vkw in variants]
+                if a.stacked:
+                    variants += [(label + "+stack", dict(vkw, stacked=True)) for label, vkw in variants
+                                 if vkw.get("group_mode") == "split" and not vkw.get("codes_wg")]
+                if a.bias_first:
+                    variants = [(label, dict(vkw, bias_first=True) if "group_mode" in vkw else vkw)
+                                for label, vkw in variants]
                 args = inputs(a.tokens, k, n, codes, "group_mode" in kw, rng)
                 for label, vkw in variants:
                     fn = jax.jit(lambda *v, kw=vkw: scaled_gemm_mosaic(*v, **kw))
