@@ -176,10 +176,10 @@ class RealOptions:
     # the H100 979 -> 887 us, the fp8 g128 forward 1.148x -> 1.170x bf16 (same call; docs/RESULTS.md,
     # twenty-third session)
     fc1_gelu: str = "float32"
-    # group-wise layers in the 'split' group mode with their epilogue in the compute warpgroups (q, k, v;
-    # proj and fc2 with the gated residual; fc1 with fc2's codes unless on the codes warpgroup): each compute
-    # warpgroup of kernels.scaled_gemm takes all the CTA tile's rows and half its columns (``stacked``: 16
-    # column scales a thread and K step instead of 32; the same bits). None: on where it applies
+    # group-wise layers in the 'split' group mode without a codes epilogue (q, k, v; proj and fc2 with the
+    # gated residual): each compute warpgroup of kernels.scaled_gemm takes all the CTA tile's rows and half
+    # its columns (``stacked``: 16 column scales a thread and K step instead of 32; the same bits). None: on
+    # where it applies
     stacked: bool | None = None
 
     def __post_init__(self) -> None:
@@ -453,7 +453,7 @@ def _group_epilogue(options: RealOptions, groups: int, codes: Any, store: bool =
     operands whose epilogue is not on the epilogue warpgroup: ``store_wg=True`` where :func:`store_warpgroup`
     says so (and ``store``: no codes warpgroup), ``bias_first=True`` for group scales where
     :func:`bias_first` says so, ``stacked=True`` where :func:`stacked_parts` says so (and ``stack``: no codes
-    warpgroup)."""
+    epilogue)."""
     kw: dict[str, Any] = {"store_wg": True} if store and store_warpgroup(options, groups) else {}
     if groups > 1 and bias_first(options, codes):
         kw["bias_first"] = True
@@ -463,9 +463,8 @@ def _group_epilogue(options: RealOptions, groups: int, codes: Any, store: bool =
 
 
 def stacked_parts(options: RealOptions, codes: Any) -> bool:
-    """Whether group-wise GEMMs on ``codes``-typed operands stack their two parts along M where their epilogue
-    is the compute warpgroups' (``RealOptions.stacked``; None: wherever the group mode is 'split' and no CTA
-    pairs run)."""
+    """Whether group-wise GEMMs on ``codes``-typed operands without a codes epilogue stack their two parts
+    along M (``RealOptions.stacked``; None: wherever the group mode is 'split' and no CTA pairs run)."""
     if group_mode_for(2, codes, options.group_mode) != "split" or options.cta_pairs:
         return False
     return options.stacked is not False
@@ -556,7 +555,7 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
             q2, s2 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, gelu_codes=l2.act, codes_wg=cwg,
                                         gelu_mode=options.fc1_gelu, **_kernel_schedule(options, m, w1.scale.shape[0]),
                                         **_group_epilogue(options, w1.scale.shape[0], qa.dtype, store=not cwg,
-                                                          stack=not cwg))
+                                                          stack=False))
         else:
             y1 = _codes_gemm(qa, sa, w1, out_dtype, options)
             q2, s2 = gelu_quant_pallas(y1, None, None, None, l2.act, out_dtype)

@@ -640,9 +640,8 @@ def test_bias_first_is_asked_for_group_gemms_with_their_own_epilogue(fmt, inputs
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int"])
 def test_stacked_parts_are_asked_for_split_group_gemms_without_codes(fmt, inputs, monkeypatch):
     """RealOptions.stacked (None by default: on where it applies) asks the group-wise GEMMs in the 'split'
-    group mode (fp8's default; int8 when asked for) to stack their parts, fc1 with its codes epilogue too
-    unless that runs on the codes warpgroup (int8's default), but not the GEMMs given the epilogue
-    warpgroup, nor with CTA pairs; False asks none."""
+    group mode (fp8's default; int8 when asked for) to stack their parts, except fc1 with its codes
+    epilogue, the GEMMs given the epilogue warpgroup, and with CTA pairs; False asks none."""
     from qdit_jax.quant import real_layers
     from qdit_jax.quant.real import RealOptions
 
@@ -655,13 +654,13 @@ def test_stacked_parts_are_asked_for_split_group_gemms_without_codes(fmt, inputs
     monkeypatch.setattr(real_layers, "cta_pairs_fit", lambda m, tile_m: True)
     rules = dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, fmt=fmt)
     rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**rules)))
-    fp8 = fmt != "int"
-    # q, k, v; proj; proj + residual; fc1 (codes epilogue; int8 on the codes warpgroup); fc2; fc2 + residual
-    stacked = [True, True, True, fp8, True, True]
-    for opts, want in (({}, stacked if fp8 else [False] * 6), (dict(stacked=False), [False] * 6),
+    split = fmt != "int"
+    # q, k, v; proj; proj + residual; fc1 (codes epilogue); fc2; fc2 + residual
+    stacked = [True, True, True, False, True, True]
+    for opts, want in (({}, stacked if split else [False] * 6), (dict(stacked=False), [False] * 6),
                        (dict(group_mode="split"), stacked), (dict(group_mode="plain"), [False] * 6),
                        (dict(cta_pairs=True, group_mode="split"), [False] * 6),
-                       (dict(epilogue_wg=True, group_mode="split"), [False, True, True, fp8, True, False])):
+                       (dict(epilogue_wg=True, group_mode="split"), [False, True, True, False, True, False])):
         calls.clear()
         stand_in.stacked.clear()
         jax.block_until_ready(jax.jit(rm.apply_fn(RealOptions(**opts)))(rm.variables(), *inputs))

@@ -273,12 +273,13 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     the weight tile (and group scale row) of each K step loaded half by each and multicast to both by TMA:
     half the weight traffic from L2 (M must be a multiple of four warpgroup tiles); the same outputs.
 
-    ``stacked`` (group scales in 'split' mode, the compute warpgroups' own epilogue, vectors loaded where
-    used, no CTA pairs): each compute warpgroup takes all the CTA tile's rows and half its columns, its two
-    parts stacked along M, instead of half the rows and all the columns: each thread then holds 16 column
-    scales a K step instead of 32 (the loads that cost the group GEMMs 5-7%); with ``gelu_codes`` the two
-    warpgroups exchange their halves' row abs-maxima through shared memory. The same outputs (each output
-    element's arithmetic is unchanged)."""
+    ``stacked`` (group scales in 'split' mode, the compute warpgroups' own epilogue without codes, vectors
+    loaded where used, no CTA pairs): each compute warpgroup takes all the CTA tile's rows and half its
+    columns, its two parts stacked along M, instead of half the rows and all the columns: each thread then
+    holds 16 column scales a K step instead of 32 (the loads that cost the group GEMMs 5-7%); the same
+    outputs (each output element's arithmetic is unchanged). Not with the codes epilogue: there a row's
+    128-column group spans both warpgroups; exchanging their halves' row abs-maxima through shared memory
+    was bit-equal but slower on the H100 (fp8 fc1 + codes 911 -> 947 us; git history at 72bd9b8)."""
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
     groups = _groups(sa)
@@ -307,7 +308,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     if store_wg and (codes_wg or epilogue_wg):
         raise ValueError("store_wg takes the compute warpgroups' own epilogue: call it without codes_wg or "
                          "epilogue_wg")
-    why = stacked_why(groups, group_mode, codes_wg or epilogue_wg, prefetch, cta_pairs) if stacked else None
+    why = stacked_why(groups, group_mode, gelu_codes, codes_wg or epilogue_wg, prefetch, cta_pairs) if stacked else None
     if why:
         raise ValueError(f"stacked: {why}; call without it")
     num_sms = jax.devices()[0].core_count
@@ -353,15 +354,15 @@ def epilogue_wg_residual_fits(m: int, gate_rows: int, tile_m: int = TILE_M) -> b
     return m % gate_rows == 0 and (m // gate_rows) % (2 * tile_m) == 0
 
 
-def stacked_why(groups: int, group_mode: str | None, fourth_wg: bool, prefetch: str | None,
+def stacked_why(groups: int, group_mode: str | None, gelu_codes: Any, fourth_wg: bool, prefetch: str | None,
                 cta_pairs: bool) -> str | None:
     """Why ``stacked`` cannot take this call (None: it can): it stacks the 'split' group mode's two parts in
-    the compute warpgroups' own epilogue (bias, gated residual or the codes, store), whose vectors are
-    loaded where used; the codes and epilogue warpgroups take side-by-side tiles."""
+    the compute warpgroups' own epilogue (bias, gated residual, store), whose vectors are loaded where used;
+    the codes epilogue needs a warpgroup to hold whole 128-column groups of its rows."""
     if groups == 1 or group_mode != "split":
         return f"it takes group scales in 'split' mode (got {groups} group(s), mode {group_mode!r})"
-    if fourth_wg:
-        return "the codes / epilogue warpgroups take side-by-side parts"
+    if gelu_codes is not None or fourth_wg:
+        return "the codes epilogue and the codes / epilogue warpgroups keep side-by-side parts"
     if prefetch is not None or cta_pairs:
         return "it loads the epilogue's vectors where used and runs without CTA pairs"
     return None

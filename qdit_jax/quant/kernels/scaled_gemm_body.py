@@ -172,8 +172,6 @@ class _Refs(NamedTuple):
     # warpgroup), the product rounded to bf16 or the float32 group sums (epilogue warpgroup)
     full: Any = None  # fourth warpgroup: per stage slot, both compute warpgroups have staged their rows
     empty: Any = None  # fourth warpgroup: per stage slot, the fourth warpgroup is done with it
-    x_smem: Any = None  # ``stacked`` codes epilogue: (2 tile parities, 2 warpgroups, cta_m) row abs-maxima
-    x_bar: Any = None  # per tile parity: both compute warpgroups have written theirs
 
 
 def _layouts() -> tuple[Any, Any]:
@@ -475,7 +473,7 @@ def _biased(plan: Plan, refs: _Refs, pn: Any, parts: list[jax.Array], vec: dict 
 
 
 def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, parts: list[jax.Array],
-            vec: dict | None = None, oslot: Any = None, parity: Any = None) -> None:
+            vec: dict | None = None, oslot: Any = None) -> None:
     """Bias, then the gated residual (its tile already in this warpgroup's slot ``oslot``) or the next
     layer's codes, then the store by TMA from that slot (``plan.store_wg``: the slot handed to the store
     warpgroup instead)."""
@@ -501,9 +499,7 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
                              optimized=False)
             yj = res.astype(jnp.float32) + yj
         parts[j] = yj
-    if plan.gelu_codes is not None and plan.stacked:  # (the row's other 64 columns are the other warpgroup's)
-        s_g, parts = _stacked_group_codes(plan, refs, wg, parts, parity)
-    elif plan.gelu_codes is not None:  # the next layer's codes and group scales instead of y
+    if plan.gelu_codes is not None:  # the next layer's codes and group scales instead of y
         s_g, parts = gelu_group_codes(parts, plan.gelu_codes, plan.gelu_mode)
     if plan.store_wg:
         if not plan.residual:  # (with one, the slot was waited for before its residual was loaded)
@@ -512,43 +508,13 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this slot's previous store has read it
     for j, yj in enumerate(parts):
         refs.o_smem[_slot_part(plan, oslot, j, width)] = yj.astype(plan.out_dtype)
-    if plan.gelu_codes is not None and plan.stacked:  # both row blocks' scales (the store takes this
-        for j, sj in enumerate(s_g):  # warpgroup's half)
-            refs.s_smem[oslot, pl.ds(j * plan.tile_m, plan.tile_m)] = sj
-    elif plan.gelu_codes is not None:
+    if plan.gelu_codes is not None:
         refs.s_smem[oslot] = s_g
     plgpu.commit_smem()
     if plan.store_wg:
         plgpu.barrier_arrive(refs.full.at[oslot])
         return
-    _store_slot(plan, refs, oslot, pl.ds(rows, plan.wg_shape[0]), pn, ocols, wg)
-
-
-def _stacked_group_codes(plan: Plan, refs: _Refs, wg: Any, parts: list[jax.Array],
-                         parity: Any) -> tuple[list[jax.Array], list[jax.Array]]:
-    """:func:`gelu_group_codes` for ``stacked`` parts (row blocks of this warpgroup's 64 columns; the other
-    64 columns of each 128-column group are the other compute warpgroup's): each part's row abs-maxima
-    over these columns, exchanged with the other warpgroup through shared memory (a barrier per tile
-    parity), their maximum the group's (exactly the whole row's), then scales and codes. Returns (the row
-    blocks' scales, codes as float32)."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    from qdit_jax.quant.kernels.row_quant import row_amax, row_scale
-
-    spec = plan.gelu_codes
-    hs = [gelu_h(y, plan.gelu_mode) for y in parts]
-    own = [row_amax([h]) for h in hs]
-    for j, m in enumerate(own):
-        refs.x_smem[parity, wg, pl.ds(j * plan.tile_m, plan.tile_m)] = m
-    plgpu.barrier_arrive(refs.x_bar.at[parity])
-    plgpu.barrier_wait(refs.x_bar.at[parity])
-    scales = []
-    for j, m in enumerate(own):
-        rows = pl.ds(j * plan.tile_m, plan.tile_m)
-        other = plgpu.load(refs.x_smem.at[parity, 1 - wg, rows], (), layout=_layouts()[0], optimized=False)
-        scales.append(row_scale(jnp.maximum(m, other), spec))
-    return scales, [group_codes(h, sj, spec) for h, sj in zip(hs, scales)]
+    _store_slot(plan, refs, oslot, pl.ds(rows, plan.wg_shape[0]), pn, ocols)
 
 
 def _slot_part(plan: Plan, slot: Any, j: int, width: int) -> tuple:
@@ -572,19 +538,13 @@ def _wg_cols(plan: Plan, wg: Any, pn: Any) -> Any:
     return pl.ds(pn * plan.tile_n, plan.tile_n)
 
 
-def _store_slot(plan: Plan, refs: _Refs, slot: Any, rows: Any, pn: Any, ocols: Any, wg: Any = None) -> None:
+def _store_slot(plan: Plan, refs: _Refs, slot: Any, rows: Any, pn: Any, ocols: Any) -> None:
     """The TMA stores of output slot ``slot`` (rows ``rows`` of column tile ``pn``): the tile, and with the
-    codes epilogue its group scales (group pn of the output's columns: tile_n is one group; ``stacked``:
-    warpgroup ``wg`` stores the scales of its row block ``wg`` of the two, both having them)."""
-    from jax.experimental import pallas as pl
+    codes epilogue its group scales (group pn of the output's columns: tile_n is one group)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     _copy_out(plan, refs, refs.o_smem.at[slot], rows, pn, ocols)
-    if plan.gelu_codes is not None and plan.stacked:
-        half = pl.ds(wg * plan.tile_m, plan.tile_m)
-        plgpu.copy_smem_to_gmem(refs.s_smem.at[slot, half],
-                                refs.out_scales.at[pn, pl.ds(rows.start + wg * plan.tile_m, plan.tile_m)])
-    elif plan.gelu_codes is not None:
+    if plan.gelu_codes is not None:
         plgpu.copy_smem_to_gmem(refs.s_smem.at[slot], refs.out_scales.at[pn, rows])
 
 
@@ -633,7 +593,7 @@ def _tile_epilogue(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, wcols: 
         vec = vec() if plan.prefetch == "before" else vec
     parts, vec = _accumulate(plan, refs, wg, rows, pn, wcols, eval_pipeline, vec)
     if not plan.codes_wg:
-        _finish(plan, refs, wg, rows, pn, ocols, parts, vec, oslot, slot)
+        _finish(plan, refs, wg, rows, pn, ocols, parts, vec, oslot)
         return
     width = plan.tile_n // len(parts)
     biased = _biased(plan, refs, pn, parts, vec)
@@ -718,26 +678,22 @@ def kernel_body(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gmem: Any
     # filling it; or (store_wg) per output slot, its one compute warpgroup
     slots, full_arrivals = ((plan.stage_slots, 2) if plan.fourth_wg else (2 * plan.out_slots, 1) if plan.store_wg
                             else (None, None))
-    stacked_codes = plan.stacked and plan.gelu_codes is not None
     allocations = _pipeline(plan, ignore, ignore).get_allocations(
         *_pipeline_operands(plan, a_gmem, w_gmem, sa_gmem, sw_gmem, 0, 0))
 
     @functools.partial(pl.run_scoped, allocs=allocations,
                        o_smem=_output_slots(plan),
-                       s_smem=None if plan.gelu_codes is None else plgpu.SMEM((2 * plan.out_slots, plan.wg_shape[0]),
+                       s_smem=None if plan.gelu_codes is None else plgpu.SMEM((2 * plan.out_slots, plan.tile_m),
                                                                                 jnp.float32),
-                       x_smem=plgpu.SMEM((2, 2, plan.cta_m), jnp.float32) if stacked_codes else None,
-                       x_bar=plgpu.Barrier(num_arrivals=2, num_barriers=2) if stacked_codes else None,
                        r_bar=None if not plan.residual or plan.epilogue_wg else plgpu.Barrier(num_barriers=2),
                        stage=plgpu.SMEM((plan.stage_slots, 2, plan.tile_m, plan.tile_n), plan.stage_dtype,
                                         transforms=_swizzled(plan.stage_dtype)) if plan.fourth_wg else None,
                        full=None if slots is None else plgpu.Barrier(num_arrivals=full_arrivals, num_barriers=slots),
                        empty=None if slots is None else plgpu.Barrier(num_arrivals=1, num_barriers=slots),
                        collective_axes="wg")
-    def scope(allocs: Any, o_smem: Any, s_smem: Any, r_bar: Any, stage: Any, full: Any, empty: Any, x_smem: Any,
-              x_bar: Any) -> None:
+    def scope(allocs: Any, o_smem: Any, s_smem: Any, r_bar: Any, stage: Any, full: Any, empty: Any) -> None:
         refs = _Refs(sa_gmem, sw_gmem, b_gmem, r_gmem, g_gmem, o_gmem, s_gmem, o_smem, s_smem, r_bar, stage,
-                     full, empty, x_smem, x_bar)
+                     full, empty)
         tiles = functools.partial(_tiles, plan, refs, lax.axis_index("wg"), a_gmem, w_gmem, sa_gmem, sw_gmem, allocs)
         if plan.fourth_wg or plan.store_wg:
             from qdit_jax.quant.kernels import scaled_gemm_fourth_wg as wg4

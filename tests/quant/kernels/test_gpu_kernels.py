@@ -278,26 +278,6 @@ def test_stacked_parts_equal_side_by_side_parts(k, n, blocks, residual, dtype, s
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
-@pytest.mark.parametrize("store", [False, True])
-@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.int8])
-def test_stacked_codes_epilogue_equals_side_by_side_parts(dtype, store):
-    """fc1 with the codes epilogue and ``stacked`` parts (each warpgroup half of every 128-column group; the
-    row abs-maxima exchanged through shared memory): the same codes and scales as side-by-side parts, with
-    the float32 GELU, on 35 samples, the compute warpgroups storing or the store warpgroup (with the bias
-    first: the fp8 model's form). A warpgroup using only its own half's maximum, or the other tile
-    parity's, or storing the other row block's scales, would show."""
-    from qdit_jax.quant.kernels.scaled_gemm import codes_wg_available, scaled_gemm_mosaic
-
-    args, kw = _gemm_case(16, 35, C, HIDDEN, dtype, True, 1, False, True)
-    kw.update(group_mode="split", codes_wg=False, gelu_mode="float32", store_wg=store and codes_wg_available(),
-              bias_first=store)
-    outs = [jax.tree.leaves(jax.jit(lambda *v, s=s: scaled_gemm_mosaic(*v, stacked=s, **kw))(*args))
-            for s in (False, True)]
-    assert len(outs[1]) == 2 and np.abs(np.asarray(outs[0][0], np.float32)).max() > 100
-    for got, want in zip(outs[1], outs[0]):
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-
-
 @pytest.mark.parametrize("prefetch", ["before", "after"])
 def test_prefetched_residual_epilogue_equals_the_default(prefetch):
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_mosaic

@@ -101,11 +101,6 @@ CASES = {
         group_mode="split", residual=True, stacked=True)),
     "int8 group-128 split three outputs, store warpgroup, stacked": (jnp.int8, C, 6 * C, 2, dict(
         group_mode="split", out_blocks=3, store_wg=True, stacked=True)),
-    "fp8 group-128 gelu_codes, GELU in float32, bias first, store warpgroup, stacked": (F8, C, 4 * C, 2, dict(
-        store_wg=True, bias_first=True, stacked=True, gelu_mode="float32", gelu_codes=QuantSpec(
-            bits=8, format="fp8_e4m3", group_size=128, symmetric=True))),
-    "int8 group-128 split gelu_codes, stacked": (jnp.int8, C, 4 * C, 2, dict(
-        group_mode="split", stacked=True, gelu_codes=QuantSpec(bits=8, group_size=128, symmetric=True))),
 }
 
 
@@ -122,7 +117,8 @@ def test_bias_first_changes_the_group_kernel_and_needs_its_own_epilogue(monkeypa
 def test_stacked_builds_another_split_kernel_and_is_refused_where_it_cannot_apply(monkeypatch):
     """``stacked`` changes the 'split' group kernel (each warpgroup all the CTA tile's rows, half its
     columns: one column-scale load of 64 a K step, two row-scale loads) and is refused per channel, in
-    the other group modes, with a fourth epilogue / codes warpgroup, prefetched vectors or CTA pairs."""
+    the other group modes, with the codes epilogue, a fourth epilogue / codes warpgroup, prefetched
+    vectors or CTA pairs."""
     monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
     assert _lower(F8, C, C, 2, stacked=True) != _lower(F8, C, C, 2)
 
@@ -139,8 +135,7 @@ def test_stacked_builds_another_split_kernel_and_is_refused_where_it_cannot_appl
     assert vector_loads(stacked=True) == ["0", "0", "0", "1", "1"]
     spec = QuantSpec(bits=8, format="fp8_e4m3", group_size=128, symmetric=True)
     for kw in (dict(groups=1), dict(groups=2, group_mode="overlap"), dict(groups=2, group_mode="plain"),
-               dict(groups=2, gelu_codes=spec, codes_wg=True), dict(groups=2, epilogue_wg=True),
-               dict(groups=2, prefetch="before"),
+               dict(groups=2, gelu_codes=spec), dict(groups=2, epilogue_wg=True), dict(groups=2, prefetch="before"),
                dict(groups=2, cta_pairs=True)):
         with pytest.raises(ValueError, match="stacked"):
             _lower(F8, C, 4 * C if "gelu_codes" in kw else C, kw.pop("groups"), stacked=True, **kw)
