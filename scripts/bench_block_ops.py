@@ -31,7 +31,10 @@
    the tensor cores wait.
 9. ``groupepi``: group-128 fp8 / int8 q, k, v and proj / fc2 with the gated residual, the epilogue in
    the compute warpgroups or on the fourth warpgroup (``epilogue_wg``).
-10. ``floor``: what moving the row kernels' bytes costs without their math: XLA's elementwise
+10. ``fwddiag``: the XL/2 forward (``qdit bench`` at ``--batch``, bf16 beside the fp8 group-128 model) with a
+   diagnostic of ``--fwddiag-kinds`` patched into every group GEMM of the model ('default': none; the kinds of
+   ``_patched_epilogue``, outputs wrong by design): what a K-step cost is worth in the power-capped forward.
+11. ``floor``: what moving the row kernels' bytes costs without their math: XLA's elementwise
    bf16 -> fp8 pass over the MLP middle step's (M, 4,608) and the row kernels' (M, 1,152) arrays, a
    read-only abs-max, and a Pallas (Triton) kernel with the MLP middle kernel's tiling and row
    dependency (all pieces loaded, the row's abs-max, then the scaled pieces stored) but no GELU.
@@ -112,6 +115,8 @@ def main() -> None:
                         "+nostore; +nocolscale / +norowscale: constant scale vectors; +halfcolscale; +mixcolscale; +latescales; "
                         "+waitscales; +splitstore; +swizzleout; +samestore; +halfstore), or +storewg (store_wg)")
     p.add_argument("--groupepi-codes", nargs="+", default=["fp8", "int8"], choices=["fp8", "int8"])
+    p.add_argument("--fwddiag-kinds", nargs="+", default=["default", "halfcolscale", "nocolscale"],
+                   help="fwddiag: 'default' or a _patched_epilogue diagnostic, one forward run each")
     p.add_argument("--normq-forms", nargs="+", default=["1x128x2", "1x128x1", "1x64x1", "1x128x4", "4x128x4", "2x128x2"],
                    help="normq: rows x chunk x warps")
     p.add_argument("--fc2in-forms", nargs="+", default=list(FC2IN_FORMS),
@@ -835,10 +840,29 @@ def fc2_input_groups(a, rng) -> None:
                   f"{np.mean(np.asarray(q1.astype(jnp.float32)) == q0):.5f}", flush=True)
 
 
+def forward_diagnostic(a, rng) -> None:
+    """``qdit bench --batch A.batch --variants bf16 real-fp8-g128`` once per ``--fwddiag-kinds`` entry, that
+    diagnostic patched into the kernel body while the forward compiles and runs (bf16 in the same run)."""
+    import argparse
+    import contextlib
+
+    from qdit_jax.cli import bench
+
+    for kind in a.fwddiag_kinds:
+        p = argparse.ArgumentParser()
+        bench.add_arguments(p)
+        args = p.parse_args(["--batch", str(a.batch), "--variants", "bf16", "real-fp8-g128", "--repeats",
+                             str(max(a.repeats // 2, 4)), "--matmul-peak", "0"])
+        print(f"fwddiag: the forward with {kind}", flush=True)
+        with _patched_epilogue(kind) if kind != "default" else contextlib.nullcontext():
+            bench.run(args)
+
+
 # the sections that take (args, rng), run in this order
 RNG_SECTIONS = {"normq": norm_quant_forms, "qkvgemm": qkv_gemm_forms, "resgemm": residual_gemm_forms,
                 "groupgemm": group_gemm_forms, "floor": byte_floor, "epidiag": epilogue_diagnostic,
-                "groupepi": group_epilogue_forms, "fc2in": fc2_input, "fc2ing": fc2_input_groups}
+                "groupepi": group_epilogue_forms, "fc2in": fc2_input, "fc2ing": fc2_input_groups,
+                "fwddiag": forward_diagnostic}
 
 
 if __name__ == "__main__":
