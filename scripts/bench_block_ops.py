@@ -112,8 +112,8 @@ def main() -> None:
                    help="groupepi: the group mode ('split' or 'default'), then +epi (epilogue_wg), +biasfirst "
                         "(bias_first), +pairs (cta_pairs), +stack (stacked) and / or a "
                         "diagnostic of _patched_epilogue (+noscale: the group scaling and bias left out; "
-                        "+nostore; +nocolscale / +norowscale: constant scale vectors; +halfcolscale; +mixcolscale; +latescales; "
-                        "+waitscales; +splitstore; +swizzleout; +samestore; +halfstore), or +storewg (store_wg)")
+                        "+nostore; +nocolscale / +norowscale: constant scale vectors; +halfcolscale; +mixcolscale; "
+                        "+latescales; +waitscales; +splitstore; +swizzleout; +samestore; +halfstore), or +storewg (store_wg)")
     p.add_argument("--groupepi-codes", nargs="+", default=["fp8", "int8"], choices=["fp8", "int8"])
     p.add_argument("--fwddiag-kinds", nargs="+", default=["default", "halfcolscale", "nocolscale"],
                    help="fwddiag: 'default' or a _patched_epilogue diagnostic, one forward run each")

@@ -608,22 +608,30 @@ def test_store_warpgroup_is_asked_for_group_gemms_without_another_fourth_warpgro
         np.testing.assert_array_equal(out, outs[0])
 
 
+def _fourth_wg_routes(monkeypatch, fmt: str) -> tuple:
+    """The group routes open (:func:`_open_group_routes`) with every fourth warpgroup available (the codes
+    warpgroup, the epilogue warpgroup with fc2's residual) and a group-128 W8A8 ``fmt`` model of CFG256:
+    (cfg, the scaled GEMM calls, the stand-in recording their options, the RealModel)."""
+    from qdit_jax.quant import real_layers
+
+    cfg = CFG256
+    calls, _ = _open_group_routes(monkeypatch)
+    monkeypatch.setattr(real_layers, "epilogue_wg_residual_fits", lambda m, rows, tile_m: True)
+    monkeypatch.setattr(real_layers, "RESIDUAL_EPILOGUE_WG_MIN_K", 4 * cfg.hidden_size)
+    monkeypatch.setattr(real_layers, "codes_wg_available", lambda: True)
+    rules = dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, fmt=fmt)
+    rm = real_from_params(_params256(), cfg, QuantConfig(qdit_rules(**rules)))
+    return cfg, calls, real_layers.scaled_gemm_mosaic, rm
+
+
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int"])
 def test_bias_first_is_asked_for_group_gemms_with_their_own_epilogue(fmt, inputs, monkeypatch):
     """RealOptions.bias_first (None by default: fp8 on, int8 off) asks every group-wise GEMM on the kernel to
     start its sums at the bias, except those given the epilogue warpgroup (which adds the bias itself);
     fc1's codes epilogue too, on the compute warpgroups (fp8) or the codes warpgroup (int8)."""
-    from qdit_jax.quant import real_layers
     from qdit_jax.quant.real import RealOptions
 
-    cfg, params = CFG256, _params256()
-    calls, _ = _open_group_routes(monkeypatch)
-    stand_in = real_layers.scaled_gemm_mosaic
-    monkeypatch.setattr(real_layers, "epilogue_wg_residual_fits", lambda m, rows, tile_m: True)
-    monkeypatch.setattr(real_layers, "RESIDUAL_EPILOGUE_WG_MIN_K", 4 * cfg.hidden_size)
-    monkeypatch.setattr(real_layers, "codes_wg_available", lambda: True)
-    rules = dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, fmt=fmt)
-    rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**rules)))
+    cfg, calls, stand_in, rm = _fourth_wg_routes(monkeypatch, fmt)
     int8 = fmt == "int"
     # q, k, v; proj; proj + residual; fc1 (codes epilogue, int8: codes warpgroup); fc2; fc2 + residual
     for opts, want in (({}, [not int8] * 6), (dict(bias_first=True), [True] * 6), (dict(bias_first=False), [False] * 6),
@@ -645,15 +653,8 @@ def test_stacked_parts_are_asked_for_split_group_gemms_without_codes(fmt, inputs
     from qdit_jax.quant import real_layers
     from qdit_jax.quant.real import RealOptions
 
-    cfg, params = CFG256, _params256()
-    calls, _ = _open_group_routes(monkeypatch)
-    stand_in = real_layers.scaled_gemm_mosaic
-    monkeypatch.setattr(real_layers, "epilogue_wg_residual_fits", lambda m, rows, tile_m: True)
-    monkeypatch.setattr(real_layers, "RESIDUAL_EPILOGUE_WG_MIN_K", 4 * cfg.hidden_size)
-    monkeypatch.setattr(real_layers, "codes_wg_available", lambda: True)
+    cfg, calls, stand_in, rm = _fourth_wg_routes(monkeypatch, fmt)
     monkeypatch.setattr(real_layers, "cta_pairs_fit", lambda m, tile_m: True)
-    rules = dict(wbits=8, abits=8, w_group=128, a_group=128, w_sym=True, a_sym=True, fmt=fmt)
-    rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**rules)))
     split = fmt != "int"
     # q, k, v; proj; proj + residual; fc1 (codes epilogue); fc2; fc2 + residual
     stacked = [True, True, True, False, True, True]

@@ -327,8 +327,8 @@ def _step_overlap(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem
 
 def _step_split(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem: Any, sw_smem: Any,
                 sums: Any) -> Any:
-    """'split': the tile's column parts as wgmmas all in flight at once; each part's product is scaled
-    into its sum while the later parts' wgmmas still run."""
+    """'split': the warpgroup tile's parts (column blocks, or ``stacked`` row blocks) as wgmmas all in flight
+    at once; each part's product is scaled into its sum while the later parts' wgmmas still run."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
