@@ -457,15 +457,15 @@ def _group_epilogue(options: RealOptions, groups: int, codes: Any, store: bool =
     kw: dict[str, Any] = {"store_wg": True} if store and store_warpgroup(options, groups) else {}
     if groups > 1 and bias_first(options, codes):
         kw["bias_first"] = True
-    if groups > 1 and stack and stacked_parts(options, codes):
+    if groups > 1 and stack and stacked_parts(options, groups, codes):
         kw["stacked"] = True
     return kw
 
 
-def stacked_parts(options: RealOptions, codes: Any) -> bool:
+def stacked_parts(options: RealOptions, groups: int, codes: Any) -> bool:
     """Whether group-wise GEMMs on ``codes``-typed operands without a codes epilogue stack their two parts
     along M (``RealOptions.stacked``; None: wherever the group mode is 'split' and no CTA pairs run)."""
-    if group_mode_for(2, codes, options.group_mode) != "split" or options.cta_pairs:
+    if group_mode_for(groups, codes, options.group_mode) != "split" or options.cta_pairs:
         return False
     return options.stacked is not False
 

@@ -489,10 +489,9 @@ def _finish(plan: Plan, refs: _Refs, wg: Any, rows: Any, pn: Any, ocols: Any, pa
         if plan.residual:  # x + gate * y, each step rounded to bf16 as the model's
             if vec is not None:
                 gj = vec["gate"][j]
-            elif plan.stacked:  # part j: this warpgroup's columns of the tile's j-th row block
-                gj = _gate_part(plan, refs, rows + j * plan.tile_m, pn, _part_col(plan, wg, j, width), width)
-            else:
-                gj = _gate_part(plan, refs, rows, pn, j * width, width)
+            else:  # (a stacked part j: the tile's j-th row block)
+                prows = rows + j * plan.tile_m if plan.stacked else rows
+                gj = _gate_part(plan, refs, prows, pn, _part_col(plan, wg, j, width), width)
             yj = yj.astype(jnp.bfloat16).astype(jnp.float32)
             yj = (lax.broadcast_in_dim(gj, pshape, [1]) * yj).astype(jnp.bfloat16).astype(jnp.float32)
             res = plgpu.load(refs.o_smem.at[_slot_part(plan, oslot, j, width)], (), layout=plgpu.Layout.WGMMA,
@@ -527,6 +526,12 @@ def _slot_part(plan: Plan, slot: Any, j: int, width: int) -> tuple:
     return slot, slice(None), pl.ds(j * width, width)
 
 
+def _wg_row0(plan: Plan, wg: Any, pm: Any) -> Any:
+    """The first output row of warpgroup ``wg``'s share of row tile ``pm``: its half's, or (``stacked``) the
+    tile's."""
+    return pm * plan.cta_m if plan.stacked else pm * plan.cta_m + wg * plan.tile_m
+
+
 def _wg_cols(plan: Plan, wg: Any, pn: Any) -> Any:
     """The output columns of warpgroup ``wg``'s share of column tile ``pn``: all of the tile's, or
     (``stacked``) its half."""
@@ -557,10 +562,7 @@ def _copy_out(plan: Plan, refs: _Refs, src: Any, rows: Any, pn: Any, ocols: Any)
     if plan.out_blocks == 1:
         plgpu.copy_smem_to_gmem(src, refs.out.at[rows, ocols])
     for i in range(plan.out_blocks if plan.out_blocks > 1 else 0):  # the output array holding column tile pn
-        if plan.stacked:  # the same columns, counted from the start of output i
-            bcols = pl.ds(ocols.start - i * plan.block_tiles * plan.tile_n, ocols.size)
-        else:
-            bcols = pl.ds((pn - i * plan.block_tiles) * plan.tile_n, plan.tile_n)
+        bcols = pl.ds(ocols.start - i * plan.block_tiles * plan.tile_n, ocols.size)  # counted from output i's start
         pl.when(pn // plan.block_tiles == i)(functools.partial(plgpu.copy_smem_to_gmem, src,
                                                                 refs.out[i].at[rows, bcols]))
 
@@ -727,7 +729,7 @@ def _tiles(plan: Plan, refs: _Refs, wg: Any, a_gmem: Any, w_gmem: Any, sa_gmem: 
     @plgpu.nd_loop((plan.loop_tiles,), collective_axes="sm")
     def tile(info: Any) -> None:
         pm, pn = tile_index(plan, info)
-        rows = pm * plan.cta_m if plan.stacked else pm * plan.cta_m + wg * plan.tile_m  # this warpgroup's first
+        rows = _wg_row0(plan, wg, pm)
         wcols = pl.ds(plan.n_off + pn * plan.tile_n, plan.tile_n)
         body = functools.partial(_STEP_BODIES[plan.group_mode], plan, wg)
         epilogue = functools.partial(_tile_epilogue, plan, refs, wg, rows, pn, wcols,

@@ -191,8 +191,8 @@ def store_warpgroup(plan: Plan, refs: _Refs) -> None:
         slots = [body._out_slot(plan, wg, info.local_index) for wg in range(2)]
         for wg, oslot in enumerate(slots):
             plgpu.barrier_wait(refs.full.at[oslot])
-            r0 = pm * plan.cta_m if plan.stacked else pm * plan.cta_m + wg * plan.tile_m
-            body._store_slot(plan, refs, oslot, pl.ds(r0, plan.wg_shape[0]), pn, body._wg_cols(plan, wg, pn))
+            rows = pl.ds(body._wg_row0(plan, wg, pm), plan.wg_shape[0])
+            body._store_slot(plan, refs, oslot, rows, pn, body._wg_cols(plan, wg, pn))
         copies = 1 if plan.gelu_codes is None else 2  # TMA stores (bulk groups) a warpgroup's tile
         for wg, oslot in enumerate(slots):
             plgpu.wait_smem_to_gmem((1 - wg) * copies, wait_read_only=True)  # this warpgroup's stores have read
