@@ -31,7 +31,8 @@
    the tensor cores wait.
 9. ``groupepi``: group-128 fp8 / int8 q, k, v and proj / fc2 with the gated residual, the epilogue in
    the compute warpgroups or on the fourth warpgroup (``epilogue_wg``).
-10. ``fwddiag``: the XL/2 forward (``qdit bench`` at ``--batch``, bf16 beside the fp8 group-128 model) with a
+10. ``fwddiag``: the XL/2 forward (``qdit bench`` at ``--batch``, bf16 beside the fp8 group-128 model with
+   side-by-side parts) with a
    diagnostic of ``--fwddiag-kinds`` patched into every group GEMM of the model ('default': none; the kinds of
    ``_patched_epilogue``, outputs wrong by design): what a K-step cost is worth in the power-capped forward.
 11. ``floor``: what moving the row kernels' bytes costs without their math: XLA's elementwise
@@ -841,8 +842,10 @@ def fc2_input_groups(a, rng) -> None:
 
 
 def forward_diagnostic(a, rng) -> None:
-    """``qdit bench --batch A.batch --variants bf16 real-fp8-g128`` once per ``--fwddiag-kinds`` entry, that
-    diagnostic patched into the kernel body while the forward compiles and runs (bf16 in the same run)."""
+    """``qdit bench --batch A.batch --variants bf16 real-fp8-g128-nostack`` once per ``--fwddiag-kinds`` entry,
+    that diagnostic patched into the kernel body while the forward compiles and runs (bf16 in the same run).
+    The group GEMMs run with side-by-side parts (``-nostack``): the layout the diagnostics patch (the scale
+    diagnostics replace ``_group_scales``, which stacked parts do not call)."""
     import argparse
     import contextlib
 
@@ -851,7 +854,7 @@ def forward_diagnostic(a, rng) -> None:
     for kind in a.fwddiag_kinds:
         p = argparse.ArgumentParser()
         bench.add_arguments(p)
-        args = p.parse_args(["--batch", str(a.batch), "--variants", "bf16", "real-fp8-g128", "--repeats",
+        args = p.parse_args(["--batch", str(a.batch), "--variants", "bf16", "real-fp8-g128-nostack", "--repeats",
                              str(max(a.repeats // 2, 4)), "--matmul-peak", "0"])
         print(f"fwddiag: the forward with {kind}", flush=True)
         with _patched_epilogue(kind) if kind != "default" else contextlib.nullcontext():
