@@ -18,7 +18,8 @@ loads an item's queries (two slots) and streams its K and V in stages of 64 keys
 next item's loads run under this one's math; two compute warpgroups take 64 query rows each: scores by
 wgmma, online softmax in base 2, P (rounded to the input dtype, as flash attention does) times V
 accumulated in float32, rows divided by their sum, staged in the warpgroup's own (used-up) query rows
-and stored by TMA.
+and stored by TMA. ``run_kernel`` is that body with the epilogue as an argument (and items of several head
+groups in a loop), which ``quant.kernels.attention_codes`` reuses to write the next layer's codes instead.
 """
 from __future__ import annotations
 
@@ -88,29 +89,89 @@ def mosaic_attention_applies(shape: tuple[int, ...], dtype: Any, platform: str |
     return True, "ok"
 
 
-def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, o_ref: Any, *, b: int, t: int, n: int, d: int) -> None:
+class Scratch(NamedTuple):
+    """The kernel's shared memory and barriers: per layout part, an item's queries (2 slots) and its K / V
+    stages; ``extra``: the allocations a caller's epilogue asked for."""
+
+    qb: tuple
+    kb: tuple
+    vb: tuple
+    kv_full: Any
+    kv_empty: Any
+    q_full: Any
+    q_empty: Any
+    extra: tuple
+
+
+class Item(NamedTuple):
+    """What a compute warpgroup's epilogue knows of the head group it finishes: the sample, the head group
+    (``g``; ``u``: its place among the item's head groups, traced), the query row block, the warpgroup,
+    its 64 rows of the block and the query slot (``qs``; the epilogue releases it)."""
+
+    bi: Any
+    g: Any
+    u: Any
+    qi: Any
+    wg: Any
+    rows: Any
+    qs: Any
+
+
+def cols(lay: _Layout, g: Any, p: int) -> Any:
+    """Part ``p`` of head group ``g``: its columns of the (B, T, N * D) arrays."""
+    from jax.experimental import pallas as pl
+
+    off, width = lay.parts[p]
+    return pl.ds(g * lay.group + off, width)
+
+
+def part_smem(lay: _Layout, shape: tuple[int, ...], dtype: Any) -> Any:
+    """A shared-memory allocation of one layout part (tiled and swizzled as its TMA boxes need)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    w = lay.swizzle // 2
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, w)), plgpu.SwizzleTransform(lay.swizzle)))
+
+
+def _per_item(per_item: int, body: Any, carry: Any = None) -> Any:
+    """``body(u, carry) -> carry`` for each of an item's head groups: once (u = 0), or a loop (one copy of
+    the code whatever the count: unrolled head groups measured 1.6-2.7x slower, the instruction cache)."""
+    if per_item == 1:
+        return body(0, carry)
+    return lax.fori_loop(0, per_item, body, carry)
+
+
+def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d: int, per_item: int,
+               epilogue: Any, extra: tuple = (), kv_loop: bool = False, kv_stages: int = KV_STAGES,
+               init: Any = None, finish: Any = None) -> None:
+    """The persistent attention kernel's body. Items are (sample, ``per_item`` consecutive head groups, 128
+    query rows); the memory warpgroup streams each head group's queries and K / V, the compute warpgroups
+    attend and call ``epilogue(scratch, item, outs, carry) -> carry`` with each head group's normalized
+    float32 output parts (in the layout's parts, 64 rows each), the carry starting as ``init()`` each item
+    (None without), then ``finish(scratch, item, carry)`` with the item's last head group, if given.
+    ``extra``: shared-memory allocations for the epilogue (``scratch.extra``). ``kv_loop``: the K / V steps
+    as a loop, not unrolled; ``kv_stages``: K / V slots."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     lay = LAYOUTS[d]
     dtype = q_ref.dtype
     groups, q_blocks, kv_steps = n * d // lay.group, t // (2 * BLOCK_Q), t // BLOCK_KV
-    items = b * groups * q_blocks
+    chunks = groups // per_item
+    items = b * chunks * q_blocks
     qk_scale = math.log2(math.e) / math.sqrt(d)  # exp(x / sqrt(d)) = exp2(x * qk_scale)
     wgmma_l = plgpu.Layout.WGMMA
     row_l = wgmma_l.reduce(1)
 
     def item_of(i: Any) -> tuple[Any, Any, Any]:
-        return i // (groups * q_blocks), (i // q_blocks) % groups, i % q_blocks
-
-    def cols(g: Any, p: int) -> Any:
-        off, width = lay.parts[p]
-        return pl.ds(g * lay.group + off, width)
+        return i // (chunks * q_blocks), (i // q_blocks) % chunks, i % q_blocks
 
     def bcast(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         return lax.broadcast_in_dim(x, shape, [0])
 
-    def scoped(qb: Any, kb: Any, vb: Any, kv_full: Any, kv_empty: Any, q_full: Any, q_empty: Any) -> None:
+    def scoped(sc: Scratch) -> None:
+        qb, kb, vb = sc.qb, sc.kb, sc.vb
+        kv_full, kv_empty, q_full, q_empty = sc.kv_full, sc.kv_empty, sc.q_full, sc.q_empty
         wg = lax.axis_index("wg")
 
         @pl.when(wg == 2)
@@ -119,24 +180,30 @@ def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, o_ref: Any, *, b: int, t: int, n
 
             @plgpu.nd_loop((items,), collective_axes="sm")
             def _item(info: Any) -> None:
-                bi, g, qi = item_of(info.index[0])
-                qs = info.local_index % 2
-                plgpu.barrier_wait(q_empty.at[qs])
-                for p in range(len(lay.parts)):
-                    plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(qi * 2 * BLOCK_Q, 2 * BLOCK_Q), cols(g, p)],
-                                            qb[p].at[qs], q_full.at[qs])
-                for j in range(kv_steps):
-                    st = (info.local_index * kv_steps + j) % KV_STAGES
-                    plgpu.barrier_wait(kv_empty.at[st])
+                bi, gc, qi = item_of(info.index[0])
+
+                def group(u: Any, _: Any) -> None:
+                    g = gc if per_item == 1 else gc * per_item + u
+                    step = info.local_index if per_item == 1 else info.local_index * per_item + u
+                    qs = step % 2
+                    plgpu.barrier_wait(q_empty.at[qs])
                     for p in range(len(lay.parts)):
-                        for src, dst in ((k_ref, kb), (v_ref, vb)):
-                            plgpu.copy_gmem_to_smem(src.at[bi, pl.ds(j * BLOCK_KV, BLOCK_KV), cols(g, p)],
-                                                    dst[p].at[st], kv_full.at[st])
+                        plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(qi * 2 * BLOCK_Q, 2 * BLOCK_Q), cols(lay, g, p)],
+                                                qb[p].at[qs], q_full.at[qs])
+                    for j in range(kv_steps):
+                        st = (step * kv_steps + j) % kv_stages
+                        plgpu.barrier_wait(kv_empty.at[st])
+                        for p in range(len(lay.parts)):
+                            for src, dst in ((k_ref, kb), (v_ref, vb)):
+                                plgpu.copy_gmem_to_smem(src.at[bi, pl.ds(j * BLOCK_KV, BLOCK_KV), cols(lay, g, p)],
+                                                        dst[p].at[st], kv_full.at[st])
+
+                _per_item(per_item, group)
 
         @pl.when(wg < 2)
         def _compute() -> None:
             plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
-            for st in range(KV_STAGES):  # every slot starts empty
+            for st in range(kv_stages):  # every slot starts empty
                 plgpu.barrier_arrive(kv_empty.at[st])
             for qs in range(2):
                 plgpu.barrier_arrive(q_empty.at[qs])
@@ -147,10 +214,7 @@ def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, o_ref: Any, *, b: int, t: int, n
                 col = plgpu.broadcasted_iota(jnp.int32, x.shape, 1, layout=wgmma_l)
                 return jnp.where((col >= lo) & (col < hi), x, jnp.zeros_like(x) if other is None else other)
 
-            @plgpu.nd_loop((items,), collective_axes="sm")
-            def _item(info: Any) -> None:
-                bi, g, qi = item_of(info.index[0])
-                qs = info.local_index % 2
+            def attend(qs: Any, step: Any) -> list[jax.Array]:
                 plgpu.barrier_wait(q_full.at[qs])
                 # each head's query operand per part: the shared-memory rows, or (a part the head shares)
                 # its own columns in registers with the other head's zeroed
@@ -161,9 +225,10 @@ def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, o_ref: Any, *, b: int, t: int, n
                           plgpu.layout_cast(jnp.full((BLOCK_Q,), 0.0, jnp.float32), row_l),
                           [plgpu.layout_cast(jnp.zeros((BLOCK_Q, lay.parts[p][1]), jnp.float32), wgmma_l)
                            for p, _, _ in head]) for head in lay.heads]
-                for j in range(kv_steps):
-                    st = (info.local_index * kv_steps + j) % KV_STAGES
+                def kv_step(j: Any, state: list) -> list:
+                    st = (step * kv_steps + j) % kv_stages
                     plgpu.barrier_wait(kv_full.at[st])
+                    state = list(state)
                     for h, head in enumerate(lay.heads):
                         m_i, l_i, accs = state[h]
 
@@ -186,39 +251,80 @@ def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, o_ref: Any, *, b: int, t: int, n
                             new_accs.append(pl.run_state(pv)(plgpu.ACC.init(acc * bcast(alpha, acc.shape))))
                         state[h] = (m_new, l_i, new_accs)
                     plgpu.barrier_arrive(kv_empty.at[st])
+                    return state
+
+                if kv_loop:  # one copy of the step's code (an item of many head groups unrolls them)
+                    state = lax.fori_loop(0, kv_steps, kv_step, state)
+                else:
+                    for j in range(kv_steps):
+                        state = kv_step(j, state)
                 outs: list[Any] = [None] * len(lay.parts)
                 for (_, l_i, accs), head in zip(state, lay.heads):
                     inv = 1.0 / l_i
                     for (p, lo, hi), acc in zip(head, accs):
                         y = acc * bcast(inv, acc.shape)
                         outs[p] = y if outs[p] is None else select(y, lo, hi, outs[p])
-                for p, y in enumerate(outs):  # staged in this warpgroup's query rows, which are used up
-                    qb[p][qs, rows] = y.astype(dtype)
-                plgpu.commit_smem()
-                for p in range(len(lay.parts)):
-                    plgpu.copy_smem_to_gmem(qb[p].at[qs, rows],
-                                            o_ref.at[bi, pl.ds(qi * 2 * BLOCK_Q + wg * BLOCK_Q, BLOCK_Q), cols(g, p)])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the stores have read the slot
-                plgpu.barrier_arrive(q_empty.at[qs])
+                return outs
+
+            @plgpu.nd_loop((items,), collective_axes="sm")
+            def _item(info: Any) -> None:
+                bi, gc, qi = item_of(info.index[0])
+
+                def group(u: Any, carry: Any) -> Any:
+                    if per_item == 1:
+                        step, g = info.local_index, gc
+                    else:
+                        step, g = info.local_index * per_item + u, gc * per_item + u
+                    qs = step % 2
+                    outs = attend(qs, step)
+                    return epilogue(sc, Item(bi, g, u, qi, wg, rows, qs), outs, carry)
+
+                carry = _per_item(per_item, group, None if init is None else init())
+                if finish is not None:
+                    last = per_item - 1
+                    finish(sc, Item(bi, gc * per_item + last, last, qi, wg, rows, None), carry)
 
             plgpu.wait_smem_to_gmem(0)
 
     def smem(shape: tuple[int, ...]) -> Any:
-        w = lay.swizzle // 2
-        return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, w)), plgpu.SwizzleTransform(lay.swizzle)))
+        return part_smem(lay, shape, dtype)
 
-    np_ = len(lay.parts)
+    np_, ne = len(lay.parts), len(extra)
     pl.run_scoped(
-        lambda *a: scoped(a[:np_], a[np_:2 * np_], a[2 * np_:3 * np_], *a[3 * np_:]),
+        lambda *a: scoped(Scratch(a[:np_], a[np_:2 * np_], a[2 * np_:3 * np_], *a[3 * np_:3 * np_ + 4],
+                                  a[3 * np_ + 4:3 * np_ + 4 + ne])),
         *[smem((2, 2 * BLOCK_Q, w)) for _, w in lay.parts],  # queries (then outputs) of an item
-        *[smem((KV_STAGES, BLOCK_KV, w)) for _, w in lay.parts],  # K
-        *[smem((KV_STAGES, BLOCK_KV, w)) for _, w in lay.parts],  # V
-        plgpu.Barrier(num_arrivals=2 * np_, num_barriers=KV_STAGES),  # kv_full: a stage's K and V landed
-        plgpu.Barrier(num_arrivals=2, num_barriers=KV_STAGES),  # kv_empty: both compute warpgroups are done
+        *[smem((kv_stages, BLOCK_KV, w)) for _, w in lay.parts],  # K
+        *[smem((kv_stages, BLOCK_KV, w)) for _, w in lay.parts],  # V
+        plgpu.Barrier(num_arrivals=2 * np_, num_barriers=kv_stages),  # kv_full: a stage's K and V landed
+        plgpu.Barrier(num_arrivals=2, num_barriers=kv_stages),  # kv_empty: both compute warpgroups are done
         plgpu.Barrier(num_arrivals=np_, num_barriers=2),  # q_full
         plgpu.Barrier(num_arrivals=2, num_barriers=2),  # q_empty: both have stored their outputs from it
+        *extra,
         collective_axes="wg",
     )
+
+
+def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, o_ref: Any, *, b: int, t: int, n: int, d: int) -> None:
+    """The attention output in the input dtype: each head group's output staged in the warpgroup's own
+    (used-up) query rows and stored by TMA."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    lay = LAYOUTS[d]
+
+    def store(sc: Scratch, it: Item, outs: list[jax.Array], _: Any) -> None:
+        for p, y in enumerate(outs):  # staged in this warpgroup's query rows, which are used up
+            sc.qb[p][it.qs, it.rows] = y.astype(q_ref.dtype)
+        plgpu.commit_smem()
+        for p in range(len(lay.parts)):
+            plgpu.copy_smem_to_gmem(sc.qb[p].at[it.qs, it.rows],
+                                    o_ref.at[it.bi, pl.ds(it.qi * 2 * BLOCK_Q + it.wg * BLOCK_Q, BLOCK_Q),
+                                             cols(lay, it.g, p)])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the stores have read the slot
+        plgpu.barrier_arrive(sc.q_empty.at[it.qs])
+
+    run_kernel(q_ref, k_ref, v_ref, b=b, t=t, n=n, d=d, per_item=1, epilogue=store)
 
 
 @jax.jit

@@ -249,7 +249,9 @@ def _cudnn_fits(q: jax.Array) -> bool:
 
 
 class AttentionCore(nn.Module):
-    """softmax(q k^T / sqrt(d)) v on (B, N, H, D) inputs; a module so q/k/v can be intercepted.
+    """softmax(q k^T / sqrt(d)) v on (B, N, H, D) inputs, returned with the heads merged, (B, N, H * D): the
+    layout the output projection reads (every kernel writes it so), and the array that projection takes,
+    so that interceptors can see both ends (q / k / v in, the projection's input out).
 
     ``jax.nn.dot_product_attention`` with ``implementation="xla"`` is XLA's (scores materialized,
     float32 softmax); "cudnn" is cuDNN's fused kernel, "triton" ``models.attention_kernel``'s, "mosaic"
@@ -263,6 +265,9 @@ class AttentionCore(nn.Module):
 
     @nn.compact
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return self._heads(q, k, v).reshape(*q.shape[:2], -1)
+
+    def _heads(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         impl = self.implementation
         if impl in ("mosaic", "auto") and jax.default_backend() == "gpu":
             from qdit_jax.models import attention_mosaic
@@ -337,7 +342,7 @@ class Attention(nn.Module):
             qkv = qkv.reshape(b, n, 3, self.num_heads, hd)  # timm's layout: (3, heads, head_dim)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = AttentionCore(self.attention, name="core")(q, k, v)
-        return nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out.reshape(b, n, c))
+        return nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
 
 
 class Mlp(nn.Module):
