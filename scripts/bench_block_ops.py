@@ -35,6 +35,10 @@
    side-by-side parts) with a
    diagnostic of ``--fwddiag-kinds`` patched into every group GEMM of the model ('default': none; the kinds of
    ``_patched_epilogue``, outputs wrong by design): what a K-step cost is worth in the power-capped forward.
+12. ``attncodes``: XL/2's attention at ``--batch`` (16 heads of 72) followed by the proj input's group-128
+   quantization (fp8 and int8): the Mosaic attention kernel + ``kernels.norm_quant``'s pass (the unfused
+   real path) against ``kernels.attention_codes`` (the codes written by the attention kernel's epilogue),
+   with the attention kernel alone, and the fused codes' agreement with the unfused ones.
 11. ``floor``: what moving the row kernels' bytes costs without their math: XLA's elementwise
    bf16 -> fp8 pass over the MLP middle step's (M, 4,608) and the row kernels' (M, 1,152) arrays, a
    read-only abs-max, and a Pallas (Triton) kernel with the MLP middle kernel's tiling and row
@@ -861,11 +865,52 @@ def forward_diagnostic(a, rng) -> None:
             bench.run(args)
 
 
+def attention_codes_forms(a, rng) -> None:
+    """Attention then the proj input's group-128 codes: unfused (attention kernel + quantize pass) against
+    the attention kernel writing the codes, and the attention kernel alone."""
+    import functools
+
+    from qdit_jax.models.attention_mosaic import attention_mosaic
+    from qdit_jax.quant.config import QuantSpec
+    from qdit_jax.quant.kernels.attention_codes import attention_codes
+    from qdit_jax.quant.kernels.norm_quant import norm_quant_pallas
+
+    bf = jnp.bfloat16
+    shape = (a.batch, a.tokens, HEADS, C // HEADS)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), bf) for _ in range(3))
+    fn = jax.jit(attention_mosaic)
+    res = run_timed("attncodes attention alone", fn, (q, k, v), a.repeats)
+    if res is not None:
+        print(f"attncodes attention alone (bf16 out)     {res[1] * 1e6:8.1f} us", flush=True)
+    for fmt in ("fp8_e4m3", "int"):
+        spec = QuantSpec(bits=8, format=fmt, symmetric=True, group_size=128)
+
+        def unfused(q, k, v, spec=spec):
+            o = attention_mosaic(q, k, v)
+            return norm_quant_pallas(o.reshape(-1, C), spec)
+
+        base = run_timed(f"attncodes {fmt} unfused", jax.jit(unfused), (q, k, v), a.repeats)
+        fused = run_timed(f"attncodes {fmt} fused", jax.jit(functools.partial(attention_codes, spec=spec)),
+                          (q, k, v), a.repeats)
+        if base is None or fused is None:
+            continue
+        (c0, s0), t0 = base
+        (c1, s1), t1 = fused
+        c0 = np.asarray(c0.astype(jnp.float32)).reshape(-1, C)
+        c1 = np.asarray(c1.astype(jnp.float32)).reshape(-1, C)
+        rel = np.abs(np.asarray(s1) - np.asarray(s0)) / np.asarray(s0)
+        print(f"attncodes {fmt:8s} attention + quantize pass {t0 * 1e6:8.1f} us   codes in the attention kernel "
+              f"{t1 * 1e6:8.1f} us ({t0 / t1:.3f}x); codes equal {np.mean(c1 == c0):.6f}, max |diff| "
+              f"{np.abs(c1 - c0).max():.3g}, scales with another value {np.mean(rel > 0):.2e} "
+              f"(max rel {rel.max():.2e})",
+              flush=True)
+
+
 # the sections that take (args, rng), run in this order
 RNG_SECTIONS = {"normq": norm_quant_forms, "qkvgemm": qkv_gemm_forms, "resgemm": residual_gemm_forms,
                 "groupgemm": group_gemm_forms, "floor": byte_floor, "epidiag": epilogue_diagnostic,
                 "groupepi": group_epilogue_forms, "fc2in": fc2_input, "fc2ing": fc2_input_groups,
-                "fwddiag": forward_diagnostic}
+                "fwddiag": forward_diagnostic, "attncodes": attention_codes_forms}
 
 
 if __name__ == "__main__":

@@ -129,6 +129,11 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-fp8-g128-nostack": (FP8_G128, "real", "auto-nostack"),
     "real-w4a8fp8-g128-nostack": (dict(W4A8_G128, a_fmt="fp8_e4m3"), "real", "auto-nostack"),
     "real-w8a8-g128-split-nostack": (W8A8_G128, "real", "auto-gmsplit-nostack"),
+    # the proj input's group codes written by the attention kernel's epilogue instead of a quantize pass over
+    # its bf16 output (RealOptions.attention_codes, off by default)
+    "real-fp8-g128-attncodes": (FP8_G128, "real", "auto-attncodes"),
+    "real-w4a8fp8-g128-attncodes": (dict(W4A8_G128, a_fmt="fp8_e4m3"), "real", "auto-attncodes"),
+    "real-w8a8-g128-attncodes": (W8A8_G128, "real", "auto-attncodes"),
     # proj / fc2 from cuBLAS + XLA's epilogue-and-residual pass instead of scaled_gemm with the gated
     # residual in its epilogue (RealOptions.residual_kernel, on by default)
     "real-fp8-nores": (FP8, "real", "xla-nores"),
@@ -275,7 +280,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # -gmMODE (the group GEMM's schedule, kernels.scaled_gemm.GROUP_MODES), -biasfirst / -nobiasfirst (group
     # sums started at the bias or not), -nostwg (the store warpgroup off), -pairs (two-CTA clusters sharing
     # the weight tile), -gelubf16 (fc1's codes epilogue's GELU with the bf16 model's roundings), -stack /
-    # -nostack (group 'split' parts stacked along M or side by side),
+    # -nostack (group 'split' parts stacked along M or side by side), -attncodes (the proj input's codes from
+    # the attention kernel's epilogue instead of a pass over its bf16 output),
     # -packed (4-bit weights kept packed on the device, RealModel.variables), xla-attn / triton-attn /
     # cudnn-attn (XLA's attention, the Triton kernel's, cuDNN's)
     if "qkv1" in tags:
@@ -308,6 +314,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        cta_pairs="pairs" in tags, fc1_gelu="dtype" if "gelubf16" in tags else "float32",
                        residual_epilogue_wg="noresepi" not in tags,
                        stacked=False if "nostack" in tags else True if "stack" in tags else None,
+                       attention_codes="attncodes" in tags,
                        group_mode=next((t[len("gm"):] for t in tags if t.startswith("gm")), None))
     variables = rm.variables(unpack_w4=False if "packed" in tags else None)
     return rm.apply_fn(opts), with_compute_params(variables, cfg), {

@@ -33,15 +33,15 @@ import numpy as np
 from flax import linen as nn
 
 from qdit_jax.errors import QditError
-from qdit_jax.models.dit import DiT, DiTConfig, GatedResidual, Mlp, ModulatedNorm, SplitQKVDense
+from qdit_jax.models.dit import AttentionCore, DiT, DiTConfig, GatedResidual, Mlp, ModulatedNorm, SplitQKVDense
 from qdit_jax.quant.config import LayerQuant, QuantConfig, resolve
 from qdit_jax.quant.interceptor import discover_layers, get_kernel, module_path, quantize_activation
 from qdit_jax.quant.kernels.group_gemm import pack_blocked, weight_codes_int8
 from qdit_jax.quant.kernels.scaled_gemm import GROUP_TILE_M
 from qdit_jax.quant.quantizers import SCALE_DTYPES, QParams
-from qdit_jax.quant.real_layers import (NormSource, RealOptions, RealWeight, column_block, dense_with_codes,
-                                        effective_group, group_scaled_applies, group_width, mlp_fused, qkv_scaled,
-                                        quantize_act, real_dense, residual_scaled)
+from qdit_jax.quant.real_layers import (AttentionSource, NormSource, RealOptions, RealWeight, column_block,
+                                        dense_with_codes, effective_group, group_scaled_applies, group_width, mlp_fused,
+                                        qkv_scaled, quantize_act, real_dense, residual_scaled)
 
 # ----------------------------------------------------------------------------- plan checks
 
@@ -246,6 +246,9 @@ def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str,
     # per-token GEMM outputs with their codes: a GatedResidual taking one may rerun the GEMM with
     # the residual in its epilogue (XLA then drops the first GEMM)
     gemms = Traced()
+    # AttentionCore outputs with their q, k, v: a group-wise layer taking one may take its codes from the
+    # attention kernel (XLA then drops the bf16 attention call)
+    attns = Traced()
 
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         if context.method_name != "__call__":
@@ -265,6 +268,12 @@ def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str,
                 return gemms.put(src)
         path = module_path(context.module)
         lq = plan.get(path)
+        if options.attention_codes and type(context.module) is AttentionCore:
+            if lq is not None and lq.act is not None:  # the fake-quant mode's dynamic quantization of q, k, v
+                args = tuple(quantize_activation(a, lq.act) for a in call_args(args, kwargs, ("q", "k", "v")))
+                kwargs = {}
+            q, k, v = call_args(args, kwargs, ("q", "k", "v"))
+            return attns.put(AttentionSource(next_fun(*args, **kwargs), q, k, v, context.module.implementation))
         if lq is None:
             return next_fun(*args, **kwargs)
         if path in weights and isinstance(context.module, nn.Dense):
@@ -281,10 +290,10 @@ def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str,
                 return jnp.concatenate([real_dense(x, column_block(rw, i * c, (i + 1) * c), lq, out_dtype, options)
                                         for i in range(nb)], axis=-1)
             if options.residual_kernel:
-                src = dense_with_codes(x, rw, lq, out_dtype, options, norms.get(x))
+                src = dense_with_codes(x, rw, lq, out_dtype, options, norms.get(x) or attns.get(x))
                 if src is not None:
                     return gemms.put(src)
-            return real_dense(x, rw, lq, out_dtype, options, norms.get(x))
+            return real_dense(x, rw, lq, out_dtype, options, norms.get(x) or attns.get(x))
         if lq.act is None:
             return next_fun(*args, **kwargs)
         # act-only layers (the attention core): the fake-quant mode's dynamic quantization

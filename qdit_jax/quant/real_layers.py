@@ -181,6 +181,13 @@ class RealOptions:
     # its columns (``stacked``: 16 column scales a thread and K step instead of 32; the same bits). None: on
     # where it applies
     stacked: bool | None = None
+    # a group-wise layer fed straight by the attention core (DiT's proj): its codes and scales written by
+    # the attention kernel's epilogue (kernels.attention_codes) where the guard allows (Hopper, the Mosaic
+    # attention's shapes), instead of the bf16 attention output and a quantize pass over it. Off by
+    # default: XL/2 at batch 256 on the H100, attention + codes 399 -> 367 us (fp8) and 408 -> 400 (int8)
+    # with the same bits, but the fp8 g128 forward 0.7% slower on average over three calls (-1.5% to
+    # +0.7%; docs/RESULTS.md, twenty-sixth session)
+    attention_codes: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -238,6 +245,34 @@ class NormSource(NamedTuple):
     eps: float
 
 
+class AttentionSource(NamedTuple):
+    """An AttentionCore call seen by the real interceptor: its output ``out`` (heads merged: the next
+    layer's input), its q, k, v and implementation, so that layer can take its codes from the attention
+    kernel itself (``kernels.attention_codes``)."""
+
+    out: jax.Array
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    implementation: str
+
+
+def _attention_codes(src: AttentionSource, spec: QuantSpec, group: int) -> tuple[jax.Array, jax.Array] | None:
+    """The codes and (K // group, M) scales of ``src``'s output from the attention kernel's epilogue, or None
+    where it does not apply (then the output is quantized as any other input)."""
+    from qdit_jax.models import attention_mosaic
+    from qdit_jax.quant.kernels.attention_codes import attention_codes, attention_codes_applies
+
+    q = src.q
+    if src.implementation not in ("auto", "mosaic") or (
+            src.implementation == "auto" and q.shape[1] > attention_mosaic.AUTO_MAX_TOKENS):
+        return None  # the model asked for another attention kernel
+    if group_width(spec, src.out.shape[-1]) % group or not attention_codes_applies(q.shape, q.dtype, spec)[0]:
+        return None
+    codes, scales = attention_codes(q, src.k, src.v, spec)
+    return codes.reshape(-1, codes.shape[-1]), jnp.repeat(scales, spec.group_size // group, axis=0)
+
+
 class GemmSource(NamedTuple):
     """A low-bit GEMM's output ``out`` (one ``kernels.scaled_gemm`` can compute: per token x per
     channel, or 128-wide groups) seen by the real interceptor, with the codes it was computed from, so
@@ -250,11 +285,17 @@ class GemmSource(NamedTuple):
 
 
 def _quantize_input(x2: jax.Array, spec: QuantSpec, group: int, options: RealOptions,
-                    source: NormSource | None = None) -> tuple[jax.Array, jax.Array]:
-    """``quantize_act``, through a one-pass Pallas kernel where its guard allows: per token (and, with
-    ``options.group_kernel``, per group), ``kernels.norm_quant`` (from ``source``'s input through its
-    LayerNorm + modulation when given); otherwise per group ``kernels.act_quant`` when asked
+                    source: NormSource | AttentionSource | None = None) -> tuple[jax.Array, jax.Array]:
+    """``quantize_act``, through a one-pass Pallas kernel where its guard allows: per group, from the
+    attention kernel's epilogue when ``source`` is the attention (``options.attention_codes``); per token
+    (and, with ``options.group_kernel``, per group), ``kernels.norm_quant`` (from ``source``'s input through
+    its LayerNorm + modulation when given); otherwise per group ``kernels.act_quant`` when asked
     (``options.quant_kernel``)."""
+    if isinstance(source, AttentionSource):
+        out = _attention_codes(source, spec, group) if options.attention_codes and options.group_kernel else None
+        if out is not None:
+            return out
+        source = None
     m, k = x2.shape
     ga = group_width(spec, k)
     if ga % group == 0 and (ga == k or options.group_kernel):
@@ -306,9 +347,9 @@ def column_block(rw: RealWeight, start: int, stop: int) -> RealWeight:
 
 
 def real_dense(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any,
-               options: RealOptions = RealOptions(), source: NormSource | None = None) -> jax.Array:
+               options: RealOptions = RealOptions(), source: NormSource | AttentionSource | None = None) -> jax.Array:
     """``x @ W^T + b`` for a planned Dense, in real low precision (weight-only layers: dequantize).
-    ``source``: the ModulatedNorm call that produced ``x``, if one did."""
+    ``source``: the ModulatedNorm or AttentionCore call that produced ``x``, if one did."""
     rw = _scales_f32(rw)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
@@ -404,7 +445,7 @@ def _codes_gemm(qa: jax.Array, sa: jax.Array, rw: RealWeight, out_dtype: Any, op
 
 
 def dense_with_codes(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, options: RealOptions,
-                      source: NormSource | None) -> GemmSource | None:
+                      source: NormSource | AttentionSource | None) -> GemmSource | None:
     """``real_dense`` of a layer ``kernels.scaled_gemm`` can compute (symmetric int8 / fp8 codes, per
     channel x per token or 128-wide groups), keeping its codes (see GemmSource), or None for others."""
     lead, k = x.shape[:-1], x.shape[-1]
@@ -623,5 +664,6 @@ def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, opt
     return jnp.concatenate([o.reshape(*lead, c) for o in outs], axis=-1)
 
 
-__all__ = ["RealWeight", "RealOptions", "NormSource", "GemmSource", "group_width", "effective_group", "quantize_act",
+__all__ = ["RealWeight", "RealOptions", "NormSource", "AttentionSource", "GemmSource", "group_width", "effective_group",
+           "quantize_act",
            "column_block", "real_dense", "dense_with_codes", "residual_mismatch", "residual_scaled", "mlp_fused", "qkv_scaled"]
