@@ -39,6 +39,9 @@
    quantization (fp8 and int8): the Mosaic attention kernel + ``kernels.norm_quant``'s pass (the unfused
    real path) against ``kernels.attention_codes`` (the codes written by the attention kernel's epilogue),
    with the attention kernel alone, and the fused codes' agreement with the unfused ones.
+13. ``attnforms``: the bf16 attention kernel's body (``attention_mosaic.run_kernel``) in the schedules the
+   codes kernel needed: one or all head groups an item (looped), K / V steps unrolled or looped, two or three
+   K / V stages, each against the production kernel (outputs compared bit for bit).
 11. ``floor``: what moving the row kernels' bytes costs without their math: XLA's elementwise
    bf16 -> fp8 pass over the MLP middle step's (M, 4,608) and the row kernels' (M, 1,152) arrays, a
    read-only abs-max, and a Pallas (Triton) kernel with the MLP middle kernel's tiling and row
@@ -906,11 +909,69 @@ def attention_codes_forms(a, rng) -> None:
               flush=True)
 
 
+def attention_schedule_forms(a, rng) -> None:
+    """The bf16 attention through ``run_kernel`` with ``per_item`` / ``kv_loop`` / ``kv_stages`` varied."""
+    import functools
+    import time
+
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from qdit_jax.models import attention_mosaic as am
+
+    bf = jnp.bfloat16
+    shape = (a.batch, a.tokens, HEADS, C // HEADS)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), bf) for _ in range(3))
+    lay = am.LAYOUTS[shape[-1]]
+
+    def kernel(q_ref, k_ref, v_ref, o_ref, *, per_item, kv_loop, kv_stages):
+        def store(sc, it, outs, carry):  # as the production kernel: staged in the used-up query rows
+            for p, y in enumerate(outs):
+                sc.qb[p][it.qs, it.rows] = y.astype(q_ref.dtype)
+            plgpu.commit_smem()
+            rows = pl.ds(it.qi * 2 * am.BLOCK_Q + it.wg * am.BLOCK_Q, am.BLOCK_Q)
+            for p in range(len(lay.parts)):
+                plgpu.copy_smem_to_gmem(sc.qb[p].at[it.qs, it.rows], o_ref.at[it.bi, rows, am.cols(lay, it.g, p)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.barrier_arrive(sc.q_empty.at[it.qs])
+            return carry
+
+        b, t, n, d = shape
+        am.run_kernel(q_ref, k_ref, v_ref, b=b, t=t, n=n, d=d, per_item=per_item, epilogue=store, kv_loop=kv_loop,
+                      kv_stages=kv_stages)
+
+    def form(per_item, kv_loop, kv_stages):
+        b, t, n, d = shape
+        call = plgpu.kernel(functools.partial(kernel, per_item=per_item, kv_loop=kv_loop, kv_stages=kv_stages),
+                            out_type=jax.ShapeDtypeStruct((b, t, n * d), bf), grid=(jax.devices()[0].core_count,),
+                            grid_names=("sm",), num_threads=3, thread_name="wg",
+                            compiler_params=plgpu.CompilerParams(approx_math=True))
+        return jax.jit(lambda q, k, v: call(q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1)))
+
+    prod = jax.jit(am.attention_mosaic)
+    res = run_timed("attnforms production", prod, (q, k, v), a.repeats)
+    if res is None:
+        return
+    ref = np.asarray(res[0]).reshape(a.batch, a.tokens, -1)
+    print(f"attnforms production kernel                       {res[1] * 1e6:8.1f} us", flush=True)
+    groups = C // lay.group
+    for per_item, kv_loop, stages in ((1, False, 3), (1, True, 3), (1, False, 2), (1, True, 2), (groups, True, 2),
+                                      (groups, False, 3)):
+        t0 = time.time()
+        steps = "looped" if kv_loop else "unrolled"
+        label = f"attnforms head groups an item {per_item}, K / V steps {steps}, {stages} stages"
+        out = run_timed(label, form(per_item, kv_loop, stages), (q, k, v), a.repeats)
+        if out is not None:
+            print(f"{label}: {out[1] * 1e6:8.1f} us, equal {np.array_equal(np.asarray(out[0]), ref)} "
+                  f"(compile and timing {time.time() - t0:.0f} s)", flush=True)
+
+
 # the sections that take (args, rng), run in this order
 RNG_SECTIONS = {"normq": norm_quant_forms, "qkvgemm": qkv_gemm_forms, "resgemm": residual_gemm_forms,
                 "groupgemm": group_gemm_forms, "floor": byte_floor, "epidiag": epilogue_diagnostic,
                 "groupepi": group_epilogue_forms, "fc2in": fc2_input, "fc2ing": fc2_input_groups,
-                "fwddiag": forward_diagnostic, "attncodes": attention_codes_forms}
+                "fwddiag": forward_diagnostic, "attncodes": attention_codes_forms,
+                "attnforms": attention_schedule_forms}
 
 
 if __name__ == "__main__":
