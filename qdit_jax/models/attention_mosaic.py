@@ -327,6 +327,13 @@ def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, o_ref: Any, *, b: int, t: int, n
     run_kernel(q_ref, k_ref, v_ref, b=b, t=t, n=n, d=d, per_item=1, epilogue=store)
 
 
+def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+    """ValueError unless q, k and v share one shape and dtype."""
+    if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share shape and dtype, got {q.shape} {q.dtype}, {k.shape} {k.dtype}, "
+                         f"{v.shape} {v.dtype}")
+
+
 @jax.jit
 def attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v for (B, T, N, D) q, k, v of one half-precision dtype (the layout of
@@ -334,9 +341,7 @@ def attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     ``mosaic_attention_applies`` first). Under ``jax.vmap`` (the granularity search runs the model so)
     the mapped axis is folded into B: one launch, whatever Pallas would make of a persistent kernel's
     batching. Forward only (no derivative rule): this library only runs inference."""
-    if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share shape and dtype, got {q.shape} {q.dtype}, {k.shape} {k.dtype}, "
-                         f"{v.shape} {v.dtype}")
+    check_qkv(q, k, v)
     ok, why = mosaic_attention_applies(q.shape, q.dtype, platform="gpu")
     if not ok:
         raise ValueError(why)

@@ -45,7 +45,9 @@ class CodesPlan(NamedTuple):
     """Which quantization groups each head group of a row holds and when their codes can be written.
     ``pieces[h]``: (group, lo, hi) for the columns lo..hi-1 of head group h (local) in that group;
     ``done[h]``: the groups whose abs-max is complete once head group h is; ``emit[h]``: the head groups
-    whose codes are written then (h - 1 and / or h: a head group waits at most one for its groups)."""
+    whose groups are all complete then (h - 1 and / or h: a head group waits at most one for its groups).
+    The kernel writes every head group's codes one head group late (the last with the row's end), which
+    that bound makes valid, so its loop body is the same for every head group."""
 
     groups: int
     pieces: tuple[tuple[tuple[int, int, int], ...], ...]
@@ -90,7 +92,7 @@ def attention_codes_applies(shape: tuple[int, ...], dtype: Any, spec: QuantSpec,
     _, _, n, d = shape
     width = n * d
     if spec.group_size == 0:
-        return False, "per-token scales: a row's group is all its head groups (the kernel takes 128-wide groups)"
+        return False, "per-token scales: a row's one group spans all its head groups (the kernel takes groups)"
     plan = codes_plan(width, am.LAYOUTS[d].group, spec.group_size)
     if isinstance(plan, str):
         return False, plan
@@ -208,9 +210,7 @@ def attention_codes(q: jax.Array, k: jax.Array, v: jax.Array, spec: QuantSpec) -
     ``spec.group_size`` channels) as ``spec`` says: codes (B, T, N * D) (int8 or fp8) and float32 scales
     (N * D // group, B * T), what ``kernels.scaled_gemm`` takes. Raises ValueError where the kernel does not
     apply (ask ``attention_codes_applies`` first). Forward only, and not under ``jax.vmap``."""
-    if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share shape and dtype, got {q.shape} {q.dtype}, {k.shape} {k.dtype}, "
-                         f"{v.shape} {v.dtype}")
+    am.check_qkv(q, k, v)
     ok, why = attention_codes_applies(q.shape, q.dtype, spec, platform="gpu")
     if not ok:
         raise ValueError(why)
