@@ -44,6 +44,12 @@ COMPUTE_REGISTERS, MEMORY_REGISTERS = 232, 40  # setmaxnreg per thread: 2 x 232 
 AUTO_MAX_TOKENS = 256
 
 
+def chosen_by(implementation: str, tokens: int) -> bool:
+    """Whether a model asking for ``implementation`` ('auto', 'mosaic', ...) wants this kernel at ``tokens``
+    tokens where it applies (``mosaic_attention_applies`` says where)."""
+    return implementation == "mosaic" or (implementation == "auto" and tokens <= AUTO_MAX_TOKENS)
+
+
 class _Layout(NamedTuple):
     """How an item's head group is cut into swizzled parts: the group's columns, the parts (first
     column, width), each head's columns of each part it uses ((part, lo, hi): columns lo..hi-1 of the
@@ -166,6 +172,12 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
     def item_of(i: Any) -> tuple[Any, Any, Any]:
         return i // (chunks * q_blocks), (i // q_blocks) % chunks, i % q_blocks
 
+    def group_step(info: Any, gc: Any, u: Any) -> tuple[Any, Any]:
+        """Head group ``u`` of chunk ``gc``, and its step in this CTA's sequence (the slots' parity)."""
+        if per_item == 1:  # (no arithmetic traced: the bf16 kernel's program as before)
+            return gc, info.local_index
+        return gc * per_item + u, info.local_index * per_item + u
+
     def bcast(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         return lax.broadcast_in_dim(x, shape, [0])
 
@@ -183,8 +195,7 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
                 bi, gc, qi = item_of(info.index[0])
 
                 def group(u: Any, _: Any) -> None:
-                    g = gc if per_item == 1 else gc * per_item + u
-                    step = info.local_index if per_item == 1 else info.local_index * per_item + u
+                    g, step = group_step(info, gc, u)
                     qs = step % 2
                     plgpu.barrier_wait(q_empty.at[qs])
                     for p in range(len(lay.parts)):
@@ -271,10 +282,7 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
                 bi, gc, qi = item_of(info.index[0])
 
                 def group(u: Any, carry: Any) -> Any:
-                    if per_item == 1:
-                        step, g = info.local_index, gc
-                    else:
-                        step, g = info.local_index * per_item + u, gc * per_item + u
+                    g, step = group_step(info, gc, u)
                     qs = step % 2
                     outs = attend(qs, step)
                     return epilogue(sc, Item(bi, g, u, qi, wg, rows, qs), outs, carry)

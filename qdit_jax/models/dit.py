@@ -273,7 +273,7 @@ class AttentionCore(nn.Module):
             from qdit_jax.models import attention_mosaic
 
             ok, why = attention_mosaic.mosaic_attention_applies(q.shape, q.dtype)
-            if ok and (impl == "mosaic" or q.shape[1] <= attention_mosaic.AUTO_MAX_TOKENS):
+            if ok and attention_mosaic.chosen_by(impl, q.shape[1]):
                 return attention_mosaic.attention_mosaic(q, k, v)
             if impl == "mosaic":
                 raise QditError(f"the Mosaic attention kernel does not apply: {why}; use attention='auto' or 'cudnn'")

@@ -269,11 +269,10 @@ def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str,
         path = module_path(context.module)
         lq = plan.get(path)
         if options.attention_codes and type(context.module) is AttentionCore:
-            if lq is not None and lq.act is not None:  # the fake-quant mode's dynamic quantization of q, k, v
-                args = tuple(quantize_activation(a, lq.act) for a in call_args(args, kwargs, ("q", "k", "v")))
-                kwargs = {}
             q, k, v = call_args(args, kwargs, ("q", "k", "v"))
-            return attns.put(AttentionSource(next_fun(*args, **kwargs), q, k, v, context.module.implementation))
+            if lq is not None and lq.act is not None:
+                q, k, v = _dynamic_inputs((q, k, v), lq.act)
+            return attns.put(AttentionSource(next_fun(q, k, v), q, k, v, context.module.implementation))
         if lq is None:
             return next_fun(*args, **kwargs)
         if path in weights and isinstance(context.module, nn.Dense):
@@ -289,19 +288,24 @@ def _make_real_interceptor(plan: Mapping[str, LayerQuant], weights: Mapping[str,
                 c = rw.scale.shape[1] // nb
                 return jnp.concatenate([real_dense(x, column_block(rw, i * c, (i + 1) * c), lq, out_dtype, options)
                                         for i in range(nb)], axis=-1)
+            source = norms.get(x) or attns.get(x)
             if options.residual_kernel:
-                src = dense_with_codes(x, rw, lq, out_dtype, options, norms.get(x) or attns.get(x))
+                src = dense_with_codes(x, rw, lq, out_dtype, options, source)
                 if src is not None:
                     return gemms.put(src)
-            return real_dense(x, rw, lq, out_dtype, options, norms.get(x) or attns.get(x))
+            return real_dense(x, rw, lq, out_dtype, options, source)
         if lq.act is None:
             return next_fun(*args, **kwargs)
         # act-only layers (the attention core): the fake-quant mode's dynamic quantization
-        new_args = [quantize_activation(a, lq.act) if isinstance(a, jax.Array) and a.ndim >= 2
-                    and jnp.issubdtype(a.dtype, jnp.floating) else a for a in args]
-        return next_fun(*new_args, **kwargs)
+        return next_fun(*_dynamic_inputs(args, lq.act), **kwargs)
 
     return interceptor
+
+
+def _dynamic_inputs(values: Any, act: Any) -> list:
+    """The fake-quant mode's dynamic quantization of an act-only layer's floating inputs (rank >= 2)."""
+    return [quantize_activation(a, act) if isinstance(a, jax.Array) and a.ndim >= 2
+            and jnp.issubdtype(a.dtype, jnp.floating) else a for a in values]
 
 
 @contextlib.contextmanager

@@ -264,8 +264,7 @@ def _attention_codes(src: AttentionSource, spec: QuantSpec, group: int) -> tuple
     from qdit_jax.quant.kernels.attention_codes import attention_codes, attention_codes_applies
 
     q = src.q
-    if src.implementation not in ("auto", "mosaic") or (
-            src.implementation == "auto" and q.shape[1] > attention_mosaic.AUTO_MAX_TOKENS):
+    if not attention_mosaic.chosen_by(src.implementation, q.shape[1]):
         return None  # the model asked for another attention kernel
     if group_width(spec, src.out.shape[-1]) % group or not attention_codes_applies(q.shape, q.dtype, spec)[0]:
         return None

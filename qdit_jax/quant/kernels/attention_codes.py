@@ -37,7 +37,6 @@ from jax import lax
 from qdit_jax.models import attention_mosaic as am
 from qdit_jax.quant.quantizers import QuantSpec
 
-KV_LOOP = True  # each head group's K / V steps as a loop (models.attention_mosaic.run_kernel ``kv_loop``)
 KV_STAGES = 2  # K / V slots: shared memory for the held head group (three and it would not fit)
 
 
@@ -100,7 +99,7 @@ def attention_codes_applies(shape: tuple[int, ...], dtype: Any, spec: QuantSpec,
 
 
 def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, c_ref: Any, s_ref: Any, *, b: int, t: int, n: int, d: int,
-            spec: QuantSpec, kv_loop: bool) -> None:
+            spec: QuantSpec) -> None:
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -202,7 +201,7 @@ def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, c_ref: Any, s_ref: Any, *, b: in
              *[am.part_smem(lay, (2, rows_q, w), dtype) for _, w in lay.parts],  # the held head group
              plgpu.SMEM((2, plan.groups, rows_q), jnp.float32))  # the row block's scales
     am.run_kernel(q_ref, k_ref, v_ref, b=b, t=t, n=n, d=d, per_item=heads, epilogue=epilogue, extra=extra,
-                  kv_loop=kv_loop, kv_stages=KV_STAGES, init=init, finish=finish)
+                  kv_loop=True, kv_stages=KV_STAGES, init=init, finish=finish)
 
 
 def attention_codes(q: jax.Array, k: jax.Array, v: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
@@ -217,9 +216,8 @@ def attention_codes(q: jax.Array, k: jax.Array, v: jax.Array, spec: QuantSpec) -
     return _attention_codes(q, k, v, spec)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "kv_loop"))
-def _attention_codes(q: jax.Array, k: jax.Array, v: jax.Array, spec: QuantSpec, kv_loop: bool = KV_LOOP
-                     ) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _attention_codes(q: jax.Array, k: jax.Array, v: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     from qdit_jax.quant.kernels.row_quant import codes_dtype
@@ -228,7 +226,7 @@ def _attention_codes(q: jax.Array, k: jax.Array, v: jax.Array, spec: QuantSpec, 
     width = n * d
     out_type = (jax.ShapeDtypeStruct((b, t, width), codes_dtype(spec)),
                 jax.ShapeDtypeStruct((width // spec.group_size, b * t), jnp.float32))
-    call = plgpu.kernel(functools.partial(_kernel, b=b, t=t, n=n, d=d, spec=spec, kv_loop=kv_loop), out_type=out_type,
+    call = plgpu.kernel(functools.partial(_kernel, b=b, t=t, n=n, d=d, spec=spec), out_type=out_type,
                         grid=(jax.devices()[0].core_count,), grid_names=("sm",), num_threads=3, thread_name="wg",
                         compiler_params=plgpu.CompilerParams(approx_math=True))
     flat = (b, t, width)
