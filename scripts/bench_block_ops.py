@@ -39,9 +39,10 @@
    quantization (fp8 and int8): the Mosaic attention kernel + ``kernels.norm_quant``'s pass (the unfused
    real path) against ``kernels.attention_codes`` (the codes written by the attention kernel's epilogue),
    with the attention kernel alone, and the fused codes' agreement with the unfused ones.
-13. ``attnforms``: the bf16 attention kernel's body (``attention_mosaic.run_kernel``) in the schedules the
-   codes kernel needed: one or all head groups an item (looped), K / V steps unrolled or looped, two or three
-   K / V stages, each against the production kernel (outputs compared bit for bit).
+13. ``attnforms``: the bf16 attention kernel's body (``attention_mosaic.run_kernel``) in the forms of
+   ``--attn-forms``: head size, one or all head groups an item (looped), K / V steps unrolled or looped, K / V
+   stages, the compute warpgroups in ping-pong or not; each against the production kernel (outputs compared
+   bit for bit).
 11. ``floor``: what moving the row kernels' bytes costs without their math: XLA's elementwise
    bf16 -> fp8 pass over the MLP middle step's (M, 4,608) and the row kernels' (M, 1,152) arrays, a
    read-only abs-max, and a Pallas (Triton) kernel with the MLP middle kernel's tiling and row
@@ -129,6 +130,9 @@ def main() -> None:
                    help="normq: rows x chunk x warps")
     p.add_argument("--fc2in-forms", nargs="+", default=list(FC2IN_FORMS),
                    help="fc2in: the MLP middle kernel's forms (see _fc2in_form)")
+    p.add_argument("--attn-forms", nargs="+", default=["72/1/unroll/3", "72/1/unroll/3/pp", "64/1/unroll/3/pp"],
+                   help="attnforms: HEAD/HEAD_GROUPS_AN_ITEM/unroll|loop/KV_STAGES[/pp][/reuse] (pp: ping-pong; "
+                        "reuse: K / V reused across query blocks)")
     a = p.parse_args()
     rng = np.random.default_rng(0)
     bf = jnp.bfloat16
@@ -910,7 +914,9 @@ def attention_codes_forms(a, rng) -> None:
 
 
 def attention_schedule_forms(a, rng) -> None:
-    """The bf16 attention through ``run_kernel`` with ``per_item`` / ``kv_loop`` / ``kv_stages`` varied."""
+    """The bf16 attention through ``run_kernel`` in the forms of ``--attn-forms`` (head size, head groups an
+    item, K / V steps looped or unrolled, K / V stages, ping-pong or not), each against the production
+    kernel at that head size (outputs compared bit for bit)."""
     import functools
     import time
 
@@ -920,11 +926,10 @@ def attention_schedule_forms(a, rng) -> None:
     from qdit_jax.models import attention_mosaic as am
 
     bf = jnp.bfloat16
-    shape = (a.batch, a.tokens, HEADS, C // HEADS)
-    q, k, v = (jnp.asarray(rng.standard_normal(shape), bf) for _ in range(3))
-    lay = am.LAYOUTS[shape[-1]]
 
-    def kernel(q_ref, k_ref, v_ref, o_ref, *, per_item, kv_loop, kv_stages):
+    def kernel(q_ref, k_ref, v_ref, o_ref, *, shape, per_item, kv_loop, kv_stages, pingpong, kv_reuse):
+        lay = am.LAYOUTS[shape[-1]]
+
         def store(sc, it, outs, carry):  # as the production kernel: staged in the used-up query rows
             for p, y in enumerate(outs):
                 sc.qb[p][it.qs, it.rows] = y.astype(q_ref.dtype)
@@ -938,31 +943,39 @@ def attention_schedule_forms(a, rng) -> None:
 
         b, t, n, d = shape
         am.run_kernel(q_ref, k_ref, v_ref, b=b, t=t, n=n, d=d, per_item=per_item, epilogue=store, kv_loop=kv_loop,
-                      kv_stages=kv_stages)
+                      kv_stages=kv_stages, pingpong=pingpong, kv_reuse=kv_reuse)
 
-    def form(per_item, kv_loop, kv_stages):
+    def form(shape, per_item, kv_loop, kv_stages, pingpong, kv_reuse):
         b, t, n, d = shape
-        call = plgpu.kernel(functools.partial(kernel, per_item=per_item, kv_loop=kv_loop, kv_stages=kv_stages),
-                            out_type=jax.ShapeDtypeStruct((b, t, n * d), bf), grid=(jax.devices()[0].core_count,),
-                            grid_names=("sm",), num_threads=3, thread_name="wg",
+        body = functools.partial(kernel, shape=shape, per_item=per_item, kv_loop=kv_loop, kv_stages=kv_stages,
+                                 pingpong=pingpong, kv_reuse=kv_reuse)
+        call = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((b, t, n * d), bf),
+                            grid=(jax.devices()[0].core_count,), grid_names=("sm",), num_threads=3, thread_name="wg",
                             compiler_params=plgpu.CompilerParams(approx_math=True))
         return jax.jit(lambda q, k, v: call(q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1)))
 
-    prod = jax.jit(am.attention_mosaic)
-    res = run_timed("attnforms production", prod, (q, k, v), a.repeats)
-    if res is None:
-        return
-    ref = np.asarray(res[0]).reshape(a.batch, a.tokens, -1)
-    print(f"attnforms production kernel                       {res[1] * 1e6:8.1f} us", flush=True)
-    groups = C // lay.group
-    for per_item, kv_loop, stages in ((1, False, 3), (1, True, 3), (1, False, 2), (1, True, 2), (groups, True, 2),
-                                      (groups, False, 3)):
+    refs = {}
+    for spec in a.attn_forms:
+        d, per_item, steps, stages, *rest = spec.split("/")
+        d, per_item, stages, pingpong, kv_reuse = int(d), int(per_item), int(stages), "pp" in rest, "reuse" in rest
+        shape = (a.batch, a.tokens, C // d, d)
+        if d not in refs:
+            q, k, v = (jnp.asarray(rng.standard_normal(shape), bf) for _ in range(3))
+            res = run_timed(f"attnforms production head {d}", jax.jit(am.attention_mosaic), (q, k, v), a.repeats)
+            if res is None:
+                continue
+            refs[d] = (q, k, v), np.asarray(res[0]).reshape(a.batch, a.tokens, -1)
+            print(f"attnforms head {d} production kernel {res[1] * 1e6:8.1f} us", flush=True)
+        args, ref = refs[d]
         t0 = time.time()
-        steps = "looped" if kv_loop else "unrolled"
-        label = f"attnforms head groups an item {per_item}, K / V steps {steps}, {stages} stages"
-        out = run_timed(label, form(per_item, kv_loop, stages), (q, k, v), a.repeats)
+        label = (f"attnforms {spec} (head {d}, {per_item} head groups an item, K / V {steps}, {stages} stages"
+                 + (", ping-pong" if pingpong else "") + (", K / V reused across query blocks" if kv_reuse else "")
+                 + ")")
+        out = run_timed(label, form(shape, per_item, steps == "loop", stages, pingpong, kv_reuse), args, a.repeats)
         if out is not None:
-            print(f"{label}: {out[1] * 1e6:8.1f} us, equal {np.array_equal(np.asarray(out[0]), ref)} "
+            got = np.asarray(out[0]).reshape(ref.shape).astype(np.float32)
+            err = np.abs(got - ref.astype(np.float32)).max()
+            print(f"{label}: {out[1] * 1e6:8.1f} us, equal {np.array_equal(got, ref)}, max |diff| {err:.3g} "
                   f"(compile and timing {time.time() - t0:.0f} s)", flush=True)
 
 
