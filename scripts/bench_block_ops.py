@@ -41,8 +41,8 @@
    with the attention kernel alone, and the fused codes' agreement with the unfused ones.
 13. ``attnforms``: the bf16 attention kernel's body (``attention_mosaic.run_kernel``) in the forms of
    ``--attn-forms``: head size, one or all head groups an item (looped), K / V steps unrolled or looped, K / V
-   stages, the compute warpgroups in ping-pong or not; each against the production kernel (outputs compared
-   bit for bit).
+   stages; each against the production kernel at that head size (outputs compared bit for bit). The compute
+   warpgroups in ping-pong and K / V reused across query blocks were measured here (commit 4e7c4f9).
 11. ``floor``: what moving the row kernels' bytes costs without their math: XLA's elementwise
    bf16 -> fp8 pass over the MLP middle step's (M, 4,608) and the row kernels' (M, 1,152) arrays, a
    read-only abs-max, and a Pallas (Triton) kernel with the MLP middle kernel's tiling and row
@@ -130,9 +130,8 @@ def main() -> None:
                    help="normq: rows x chunk x warps")
     p.add_argument("--fc2in-forms", nargs="+", default=list(FC2IN_FORMS),
                    help="fc2in: the MLP middle kernel's forms (see _fc2in_form)")
-    p.add_argument("--attn-forms", nargs="+", default=["72/1/unroll/3", "72/1/unroll/3/pp", "64/1/unroll/3/pp"],
-                   help="attnforms: HEAD/HEAD_GROUPS_AN_ITEM/unroll|loop/KV_STAGES[/pp][/reuse] (pp: ping-pong; "
-                        "reuse: K / V reused across query blocks)")
+    p.add_argument("--attn-forms", nargs="+", default=["72/1/unroll/3", "72/1/loop/3", "72/8/loop/2", "64/1/unroll/3"],
+                   help="attnforms: HEAD/HEAD_GROUPS_AN_ITEM/unroll|loop/KV_STAGES (head 64: 18 heads, XL/2's width)")
     a = p.parse_args()
     rng = np.random.default_rng(0)
     bf = jnp.bfloat16
@@ -915,8 +914,8 @@ def attention_codes_forms(a, rng) -> None:
 
 def attention_schedule_forms(a, rng) -> None:
     """The bf16 attention through ``run_kernel`` in the forms of ``--attn-forms`` (head size, head groups an
-    item, K / V steps looped or unrolled, K / V stages, ping-pong or not), each against the production
-    kernel at that head size (outputs compared bit for bit)."""
+    item, K / V steps looped or unrolled, K / V stages), each against the production kernel at that head
+    size (outputs compared bit for bit)."""
     import functools
     import time
 
@@ -927,7 +926,7 @@ def attention_schedule_forms(a, rng) -> None:
 
     bf = jnp.bfloat16
 
-    def kernel(q_ref, k_ref, v_ref, o_ref, *, shape, per_item, kv_loop, kv_stages, pingpong, kv_reuse):
+    def kernel(q_ref, k_ref, v_ref, o_ref, *, shape, per_item, kv_loop, kv_stages):
         lay = am.LAYOUTS[shape[-1]]
 
         def store(sc, it, outs, carry):  # as the production kernel: staged in the used-up query rows
@@ -943,12 +942,11 @@ def attention_schedule_forms(a, rng) -> None:
 
         b, t, n, d = shape
         am.run_kernel(q_ref, k_ref, v_ref, b=b, t=t, n=n, d=d, per_item=per_item, epilogue=store, kv_loop=kv_loop,
-                      kv_stages=kv_stages, pingpong=pingpong, kv_reuse=kv_reuse)
+                      kv_stages=kv_stages)
 
-    def form(shape, per_item, kv_loop, kv_stages, pingpong, kv_reuse):
+    def form(shape, per_item, kv_loop, kv_stages):
         b, t, n, d = shape
-        body = functools.partial(kernel, shape=shape, per_item=per_item, kv_loop=kv_loop, kv_stages=kv_stages,
-                                 pingpong=pingpong, kv_reuse=kv_reuse)
+        body = functools.partial(kernel, shape=shape, per_item=per_item, kv_loop=kv_loop, kv_stages=kv_stages)
         call = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((b, t, n * d), bf),
                             grid=(jax.devices()[0].core_count,), grid_names=("sm",), num_threads=3, thread_name="wg",
                             compiler_params=plgpu.CompilerParams(approx_math=True))
@@ -956,8 +954,8 @@ def attention_schedule_forms(a, rng) -> None:
 
     refs = {}
     for spec in a.attn_forms:
-        d, per_item, steps, stages, *rest = spec.split("/")
-        d, per_item, stages, pingpong, kv_reuse = int(d), int(per_item), int(stages), "pp" in rest, "reuse" in rest
+        d, per_item, steps, stages = spec.split("/")
+        d, per_item, stages = int(d), int(per_item), int(stages)
         shape = (a.batch, a.tokens, C // d, d)
         if d not in refs:
             q, k, v = (jnp.asarray(rng.standard_normal(shape), bf) for _ in range(3))
@@ -968,10 +966,8 @@ def attention_schedule_forms(a, rng) -> None:
             print(f"attnforms head {d} production kernel {res[1] * 1e6:8.1f} us", flush=True)
         args, ref = refs[d]
         t0 = time.time()
-        label = (f"attnforms {spec} (head {d}, {per_item} head groups an item, K / V {steps}, {stages} stages"
-                 + (", ping-pong" if pingpong else "") + (", K / V reused across query blocks" if kv_reuse else "")
-                 + ")")
-        out = run_timed(label, form(shape, per_item, steps == "loop", stages, pingpong, kv_reuse), args, a.repeats)
+        label = f"attnforms {spec} (head {d}, {per_item} head groups an item, K / V {steps}, {stages} stages)"
+        out = run_timed(label, form(shape, per_item, steps == "loop", stages), args, a.repeats)
         if out is not None:
             got = np.asarray(out[0]).reshape(ref.shape).astype(np.float32)
             err = np.abs(got - ref.astype(np.float32)).max()

@@ -107,7 +107,6 @@ class Scratch(NamedTuple):
     q_full: Any
     q_empty: Any
     extra: tuple
-    sched: Any = None
 
 
 class Item(NamedTuple):
@@ -140,64 +139,6 @@ def part_smem(lay: _Layout, shape: tuple[int, ...], dtype: Any) -> Any:
     return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, w)), plgpu.SwizzleTransform(lay.swizzle)))
 
 
-class KVPlan(NamedTuple):
-    """Which K / V slot each key step of a (sample, head group) unit's query blocks reads, when consecutive
-    blocks walk the keys in opposite directions so that the next block starts on the steps still resident.
-    Slots are abstract (the order in which they fall free); ``perms[u % len(perms)][a]`` is abstract slot
-    ``a``'s shared-memory slot in a CTA's unit ``u``. ``uses[blk][j]``: (key step, abstract slot, whether the
-    step was just loaded (wait for it), whether this is its last use (release the slot)); ``loads``: (block
-    that first uses it, key step, abstract slot), in the order the memory warpgroup issues them."""
-
-    uses: tuple[tuple[tuple[int, int, bool, bool], ...], ...]
-    loads: tuple[tuple[int, int, int], ...]
-    perms: tuple[tuple[int, ...], ...]
-
-
-def kv_plan(kv_steps: int, q_blocks: int, stages: int) -> KVPlan:
-    """The K / V slot schedule of a unit: block ``blk`` takes the key steps forward when ``blk`` is even,
-    backward when odd, so it starts on the steps the block before left resident. A step not resident is
-    loaded into a slot whose content is not needed again, the one released earliest (so the load is issued
-    as early as possible), else into the one needed again latest; the next unit's abstract slots are this
-    unit's in the order of their last uses."""
-    order = [(blk, j, step if blk % 2 == 0 else kv_steps - 1 - step)
-             for blk in range(q_blocks) for j, step in enumerate(range(kv_steps))]
-
-    def next_use(step: int, i: int) -> int:
-        return next((k for k in range(i + 1, len(order)) if order[k][2] == step), len(order))
-
-    content: list[int | None] = [None] * stages
-    last = list(range(-stages, 0))  # each slot's last use so far (free slots: the order they fell free in)
-    occupancy: list[list[int]] = [[] for _ in range(stages)]  # the current content's uses
-    first_use, last_use = set(), set()
-    loads = []
-    slot_of = []
-    for i, (blk, _, step) in enumerate(order):
-        if step in content:
-            a = content.index(step)
-        else:
-            dead = [x for x in range(stages) if content[x] is None or next_use(content[x], i - 1) >= len(order)]
-            a = min(dead, key=lambda x: last[x]) if dead else max(range(stages), key=lambda x: next_use(content[x], i))
-            if occupancy[a]:
-                last_use.add(occupancy[a][-1])
-            content[a], occupancy[a] = step, []
-            first_use.add(i)
-            loads.append((blk, step, a))
-        occupancy[a].append(i)
-        last[a] = i
-        slot_of.append(a)
-    last_use.update(occ[-1] for occ in occupancy if occ)
-    uses = tuple(tuple((step, slot_of[i], i in first_use, i in last_use)
-                       for i, (b2, _, step) in enumerate(order) if b2 == blk) for blk in range(q_blocks))
-    free_order = sorted(range(stages), key=lambda x: last[x])  # new abstract slot -> this unit's
-    perms = [tuple(range(stages))]
-    while True:
-        nxt = tuple(perms[-1][free_order[a]] for a in range(stages))
-        if nxt == perms[0]:
-            break
-        perms.append(nxt)
-    return KVPlan(uses, tuple(loads), tuple(perms))
-
-
 def _per_item(per_item: int, body: Any, carry: Any = None) -> Any:
     """``body(u, carry) -> carry`` for each of an item's head groups: once (u = 0), or a loop (one copy of
     the code whatever the count: unrolled head groups measured 1.6-2.7x slower, the instruction cache)."""
@@ -208,19 +149,14 @@ def _per_item(per_item: int, body: Any, carry: Any = None) -> Any:
 
 def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d: int, per_item: int,
                epilogue: Any, extra: tuple = (), kv_loop: bool = False, kv_stages: int = KV_STAGES,
-               init: Any = None, finish: Any = None, pingpong: bool = False, kv_reuse: bool = False) -> None:
+               init: Any = None, finish: Any = None) -> None:
     """The persistent attention kernel's body. Items are (sample, ``per_item`` consecutive head groups, 128
     query rows); the memory warpgroup streams each head group's queries and K / V, the compute warpgroups
     attend and call ``epilogue(scratch, item, outs, carry) -> carry`` with each head group's normalized
     float32 output parts (in the layout's parts, 64 rows each), the carry starting as ``init()`` each item
     (None without), then ``finish(scratch, item, carry)`` with the item's last head group, if given.
     ``extra``: shared-memory allocations for the epilogue (``scratch.extra``). ``kv_loop``: the K / V steps
-    as a loop, not unrolled; ``kv_stages``: K / V slots. ``pingpong``: the two compute warpgroups take turns
-    at the tensor cores (a two-party barrier around each head's wgmmas, warpgroup 1 one turn behind), so one
-    warpgroup's softmax runs under the other's wgmmas instead of both waiting on the same ones. ``kv_reuse``: a
-    CTA takes all query blocks of a (sample, head group) in turn, walking the keys forward and backward
-    alternately (``kv_plan``), so that each block after the first starts on K / V still in shared memory
-    (one head group an item, steps unrolled; the sums then run over the keys in another order)."""
+    as a loop, not unrolled; ``kv_stages``: K / V slots."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -232,34 +168,6 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
     qk_scale = math.log2(math.e) / math.sqrt(d)  # exp(x / sqrt(d)) = exp2(x * qk_scale)
     wgmma_l = plgpu.Layout.WGMMA
     row_l = wgmma_l.reduce(1)
-    if kv_reuse and (per_item != 1 or kv_loop):
-        raise ValueError("kv_reuse takes one head group an item and the K / V steps unrolled")
-    plan = kv_plan(kv_steps, q_blocks, kv_stages) if kv_reuse else None
-    units = b * groups
-
-    def unit_of(info: Any) -> tuple[Any, Any]:
-        return info.index[0] // groups, info.index[0] % groups
-
-    def pick(cases: list[tuple[Any, Any]], default: Any) -> Any:
-        """``value`` of the first (condition, value) whose condition holds, else ``default`` (scalars)."""
-        out = default
-        for cond, value in reversed(cases):
-            out = jnp.where(cond, value, out)
-        return out
-
-    def per_block(blk: Any, values: list) -> Any:
-        """``values[blk]`` for a traced block index (the value itself where all blocks share it)."""
-        if all(v == values[0] for v in values):
-            return values[0]
-        return pick([(blk == k, v) for k, v in enumerate(values[:-1])], values[-1])
-
-    def phys(info: Any, a: Any) -> Any:
-        """Abstract slot ``a``'s shared-memory slot in the CTA's current unit (``kv_plan``)."""
-        perms = plan.perms
-        phase = info.local_index % len(perms)
-        cases = [((phase == ph) & (a == x), jnp.int32(perm[x])) for ph, perm in enumerate(perms)
-                 for x in range(kv_stages)]
-        return pick(cases[:-1], cases[-1][1])
 
     def item_of(i: Any) -> tuple[Any, Any, Any]:
         return i // (chunks * q_blocks), (i // q_blocks) % chunks, i % q_blocks
@@ -273,14 +181,6 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
     def bcast(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         return lax.broadcast_in_dim(x, shape, [0])
 
-    def when(flag: Any, fn: Any) -> None:
-        """``fn()`` if ``flag``: decided here for a Python bool, in the kernel for a traced one."""
-        if isinstance(flag, bool):
-            if flag:
-                fn()
-        else:
-            pl.when(flag)(fn)
-
     def scoped(sc: Scratch) -> None:
         qb, kb, vb = sc.qb, sc.kb, sc.vb
         kv_full, kv_empty, q_full, q_empty = sc.kv_full, sc.kv_empty, sc.q_full, sc.q_empty
@@ -290,39 +190,24 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
         def _memory() -> None:
             plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
-            def load_q(bi: Any, g: Any, qi: Any, qs: Any) -> None:
-                plgpu.barrier_wait(q_empty.at[qs])
-                for p in range(len(lay.parts)):
-                    plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(qi * 2 * BLOCK_Q, 2 * BLOCK_Q), cols(lay, g, p)],
-                                            qb[p].at[qs], q_full.at[qs])
-
-            def load_kv(bi: Any, g: Any, j: Any, st: Any) -> None:
-                plgpu.barrier_wait(kv_empty.at[st])
-                for p in range(len(lay.parts)):
-                    for src, dst in ((k_ref, kb), (v_ref, vb)):
-                        plgpu.copy_gmem_to_smem(src.at[bi, pl.ds(j * BLOCK_KV, BLOCK_KV), cols(lay, g, p)],
-                                                dst[p].at[st], kv_full.at[st])
-
-            if plan is not None:
-                @plgpu.nd_loop((units,), collective_axes="sm")
-                def _unit(info: Any) -> None:
-                    bi, g = unit_of(info)
-                    for blk in range(q_blocks):
-                        load_q(bi, g, blk, (info.local_index * q_blocks + blk) % 2)
-                        for lb, j, a in plan.loads:
-                            if lb == blk:
-                                load_kv(bi, g, j, phys(info, a))
-                return
-
             @plgpu.nd_loop((items,), collective_axes="sm")
             def _item(info: Any) -> None:
                 bi, gc, qi = item_of(info.index[0])
 
                 def group(u: Any, _: Any) -> None:
                     g, step = group_step(info, gc, u)
-                    load_q(bi, g, qi, step % 2)
+                    qs = step % 2
+                    plgpu.barrier_wait(q_empty.at[qs])
+                    for p in range(len(lay.parts)):
+                        plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(qi * 2 * BLOCK_Q, 2 * BLOCK_Q), cols(lay, g, p)],
+                                                qb[p].at[qs], q_full.at[qs])
                     for j in range(kv_steps):
-                        load_kv(bi, g, j, (step * kv_steps + j) % kv_stages)
+                        st = (step * kv_steps + j) % kv_stages
+                        plgpu.barrier_wait(kv_empty.at[st])
+                        for p in range(len(lay.parts)):
+                            for src, dst in ((k_ref, kb), (v_ref, vb)):
+                                plgpu.copy_gmem_to_smem(src.at[bi, pl.ds(j * BLOCK_KV, BLOCK_KV), cols(lay, g, p)],
+                                                        dst[p].at[st], kv_full.at[st])
 
                 _per_item(per_item, group)
 
@@ -335,26 +220,12 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
                 plgpu.barrier_arrive(q_empty.at[qs])
             rows = pl.ds(wg * BLOCK_Q, BLOCK_Q)
 
-            def turn() -> None:
-                plgpu.barrier_arrive(sc.sched)
-                plgpu.barrier_wait(sc.sched)
-
-            if pingpong:  # warpgroup 1 starts one turn behind
-                pl.when(wg == 1)(turn)
-
             def select(x: jax.Array, lo: int, hi: int, other: jax.Array | None = None) -> jax.Array:
                 """x in columns lo..hi-1, ``other`` (zeros) elsewhere."""
                 col = plgpu.broadcasted_iota(jnp.int32, x.shape, 1, layout=wgmma_l)
                 return jnp.where((col >= lo) & (col < hi), x, jnp.zeros_like(x) if other is None else other)
 
-            def ring(step: Any) -> Any:
-                """The default K / V schedule: step j of the CTA's ``step``-th head group in slot (step * steps
-                + j) % stages, waited for and released at its one use."""
-                return lambda j: ((step * kv_steps + j) % kv_stages, True, True)
-
-            def attend(qs: Any, slot: Any) -> list[jax.Array]:
-                """One head group's 128 query rows (this warpgroup's 64) against all keys; ``slot(j)``: key step
-                j's K / V slot, whether to wait for it to land and whether to release it after."""
+            def attend(qs: Any, step: Any) -> list[jax.Array]:
                 plgpu.barrier_wait(q_full.at[qs])
                 # each head's query operand per part: the shared-memory rows, or (a part the head shares)
                 # its own columns in registers with the other head's zeroed
@@ -366,8 +237,8 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
                           [plgpu.layout_cast(jnp.zeros((BLOCK_Q, lay.parts[p][1]), jnp.float32), wgmma_l)
                            for p, _, _ in head]) for head in lay.heads]
                 def kv_step(j: Any, state: list) -> list:
-                    st, wait, release = slot(j)
-                    when(wait, lambda: plgpu.barrier_wait(kv_full.at[st]))
+                    st = (step * kv_steps + j) % kv_stages
+                    plgpu.barrier_wait(kv_full.at[st])
                     state = list(state)
                     for h, head in enumerate(lay.heads):
                         m_i, l_i, accs = state[h]
@@ -375,8 +246,6 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
                         def scores(acc_ref: Any, h: int = h, head: tuple = head) -> jax.Array:
                             for (p, _, _), a in zip(head, q_ops[h]):
                                 plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(kb[p].at[st], (1, 0)))
-                            if pingpong:  # hand the tensor cores over once this head's scores are issued
-                                turn()
                             return acc_ref[...]
 
                         s = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32)) * qk_scale
@@ -385,9 +254,6 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
                         pr = jnp.exp2(s - bcast(m_new, s.shape))
                         l_i = l_i * alpha + pr.sum(axis=1)
                         p16 = pr.astype(dtype)
-                        if pingpong:  # softmax done: wait for the tensor cores' turn
-                            plgpu.barrier_arrive(sc.sched)
-                            plgpu.barrier_wait(sc.sched)
                         new_accs = []
                         for (p, _, _), acc in zip(head, accs):
                             def pv(acc_ref: Any, p: int = p) -> None:
@@ -395,7 +261,7 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
 
                             new_accs.append(pl.run_state(pv)(plgpu.ACC.init(acc * bcast(alpha, acc.shape))))
                         state[h] = (m_new, l_i, new_accs)
-                    when(release, lambda: plgpu.barrier_arrive(kv_empty.at[st]))
+                    plgpu.barrier_arrive(kv_empty.at[st])
                     return state
 
                 if kv_loop:  # one copy of the step's code (an item of many head groups unrolls them)
@@ -411,46 +277,21 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
                         outs[p] = y if outs[p] is None else select(y, lo, hi, outs[p])
                 return outs
 
-            def unit_loop() -> None:
-                @plgpu.nd_loop((units,), collective_axes="sm")
-                def _unit(info: Any) -> None:
-                    bi, g = unit_of(info)
+            @plgpu.nd_loop((items,), collective_axes="sm")
+            def _item(info: Any) -> None:
+                bi, gc, qi = item_of(info.index[0])
 
-                    def block(blk: Any, _: Any) -> None:  # a loop: one copy of the code (instruction cache)
-                        qs = (info.local_index * q_blocks + blk) % 2
+                def group(u: Any, carry: Any) -> Any:
+                    g, step = group_step(info, gc, u)
+                    qs = step % 2
+                    outs = attend(qs, step)
+                    return epilogue(sc, Item(bi, g, u, qi, wg, rows, qs), outs, carry)
 
-                        def slot(j: int) -> tuple[Any, Any, Any]:
-                            col = [u[j] for u in plan.uses]
-                            return (phys(info, per_block(blk, [c[1] for c in col])),
-                                    per_block(blk, [c[2] for c in col]), per_block(blk, [c[3] for c in col]))
+                carry = _per_item(per_item, group, None if init is None else init())
+                if finish is not None:
+                    last = per_item - 1
+                    finish(sc, Item(bi, gc * per_item + last, last, qi, wg, rows, None), carry)
 
-                        outs = attend(qs, slot)
-                        carry = epilogue(sc, Item(bi, g, 0, blk, wg, rows, qs), outs, None if init is None else init())
-                        if finish is not None:
-                            finish(sc, Item(bi, g, 0, blk, wg, rows, None), carry)
-
-                    lax.fori_loop(0, q_blocks, block, None)
-
-            def item_loop() -> None:
-                @plgpu.nd_loop((items,), collective_axes="sm")
-                def _item(info: Any) -> None:
-                    bi, gc, qi = item_of(info.index[0])
-
-                    def group(u: Any, carry: Any) -> Any:
-                        g, step = group_step(info, gc, u)
-                        qs = step % 2
-                        outs = attend(qs, ring(step))
-                        return epilogue(sc, Item(bi, g, u, qi, wg, rows, qs), outs, carry)
-
-                    carry = _per_item(per_item, group, None if init is None else init())
-                    if finish is not None:
-                        last = per_item - 1
-                        finish(sc, Item(bi, gc * per_item + last, last, qi, wg, rows, None), carry)
-
-            (item_loop if plan is None else unit_loop)()
-
-            if pingpong:  # warpgroup 0's last turn, which warpgroup 1's last wait needs
-                pl.when(wg == 0)(turn)
             plgpu.wait_smem_to_gmem(0)
 
     def smem(shape: tuple[int, ...]) -> Any:
@@ -459,7 +300,7 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
     np_, ne = len(lay.parts), len(extra)
     pl.run_scoped(
         lambda *a: scoped(Scratch(a[:np_], a[np_:2 * np_], a[2 * np_:3 * np_], *a[3 * np_:3 * np_ + 4],
-                                  a[3 * np_ + 4:3 * np_ + 4 + ne], *a[3 * np_ + 4 + ne:])),
+                                  a[3 * np_ + 4:3 * np_ + 4 + ne])),
         *[smem((2, 2 * BLOCK_Q, w)) for _, w in lay.parts],  # queries (then outputs) of an item
         *[smem((kv_stages, BLOCK_KV, w)) for _, w in lay.parts],  # K
         *[smem((kv_stages, BLOCK_KV, w)) for _, w in lay.parts],  # V
@@ -468,7 +309,6 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
         plgpu.Barrier(num_arrivals=np_, num_barriers=2),  # q_full
         plgpu.Barrier(num_arrivals=2, num_barriers=2),  # q_empty: both have stored their outputs from it
         *extra,
-        *([plgpu.Barrier(num_arrivals=2)] if pingpong else []),  # sched: the compute warpgroups' turns
         collective_axes="wg",
     )
 
