@@ -8,9 +8,26 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from qdit_jax.quant.config import QuantSpec
 from qdit_jax.quant.kernels.group_gemm import _round_even
+
+RNE_SHIFT = 12582912.0  # 1.5 * 2^23: float32 y + this is round(y) + this, held in the low mantissa bits
+
+
+def int8_codes(y: jax.Array) -> jax.Array:
+    """int8 codes ``round(y)`` (half to even: ``jnp.round``'s rule) of float32 ``y`` already within the code
+    range (|y| < 2^22 is what the arithmetic needs): the float32 add of 1.5 * 2^23 rounds y to an integer
+    (the sum's ulp is 1) and leaves it as two's complement in the sum's low bits, whose low byte is the
+    code. One add and a byte truncation, where ``round`` then a float -> int conversion are two conversion
+    instructions (quarter rate on Hopper) an element. Exact only on a quotient or any value rounded to
+    float32 before the add (a product would let a compiler contract the add into an FMA). Used by the Mosaic
+    GEMM's codes epilogue (``scaled_gemm_body.group_codes``; bit-equal to XLA's codes on the H100). Not in
+    the Triton row kernels: run in Pallas interpret mode on the H100 (``test_act_quant``, whose XLA then
+    evaluates the kernel) it gave -1 for nearly every code, unexplained and not reproduced on the CPU
+    (docs/RESULTS.md, twenty-seventh session)."""
+    return lax.bitcast_convert_type(y + RNE_SHIFT, jnp.int32).astype(jnp.int8)
 
 
 def check_row_tiling(m: int, width: int, block_m: int, chunk: int, platform: str | None, dims: str = "(M, N)") -> str:

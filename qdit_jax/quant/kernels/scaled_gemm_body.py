@@ -743,9 +743,9 @@ def gelu_group_codes(parts: list[jax.Array], spec: Any, mode: str = "dtype") -> 
     """Inside the kernel: the tanh GELU of float32 column parts of a tile holding the layer's output
     (``gelu_h``; the tanh is whatever the kernel's ``approx_math`` makes of ``jnp.tanh``: tanh.approx.f32 or
     libdevice's tanhf), and their symmetric codes with one scale per row (the tile is one group wide):
-    (scales (rows,), codes as float32, part by part). The codes step of ``row_quant.scale_and_codes``, written
-    for Mosaic: a row vector broadcast with ``broadcast_in_dim`` (``s[:, None]`` does not lower there) and
-    ``jnp.round``."""
+    (scales (rows,), codes part by part, as ``group_codes`` gives them). The codes step of
+    ``row_quant.scale_and_codes``, written for Mosaic: a row vector broadcast with ``broadcast_in_dim``
+    (``s[:, None]`` does not lower there) and int8 codes by ``row_quant.int8_codes``."""
     from qdit_jax.quant.kernels.row_quant import row_amax, row_scale
 
     hs = [gelu_h(y, mode) for y in parts]
@@ -769,7 +769,8 @@ def gelu_h(y: jax.Array, mode: str = "dtype") -> jax.Array:
 
 
 def group_codes(h: jax.Array, s: jax.Array, spec: Any) -> jax.Array:
-    """Symmetric codes (as float32) of a tile (or part) ``h`` with one scale per row ``s``. No clip to the
+    """Symmetric codes of a tile (or part) ``h`` with one scale per row ``s``: int8 (``row_quant.int8_codes``:
+    the rounding as one float add) or, for fp8, float32 values the store converts. No clip to the
     code range (row_quant's codes clip): s is the rows' abs-max over the largest code (127 / 448, rounded
     to nearest), so |h / s| <= qmax (1 + 2^-22) (the kernel's division, PTX div.full under its approximate
     math, adds at most 2 ulp), which rounds to qmax at most (int8: never -128; fp8: the store's float32 ->
@@ -777,5 +778,7 @@ def group_codes(h: jax.Array, s: jax.Array, spec: Any) -> jax.Array:
     the two FMNMX per element cost 4-5% of fc1 with this epilogue on the H100 (RESULTS.md, fifteenth
     session)."""
     if spec.format == "int":
-        return jnp.round(h / lax.broadcast_in_dim(s, h.shape, [0]))
+        from qdit_jax.quant.kernels.row_quant import int8_codes
+
+        return int8_codes(h / lax.broadcast_in_dim(s, h.shape, [0]))
     return h / lax.broadcast_in_dim(s, h.shape, [0])
