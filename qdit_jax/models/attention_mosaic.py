@@ -178,6 +178,22 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
             return gc, info.local_index
         return gc * per_item + u, info.local_index * per_item + u
 
+    def each_group(on_group: Any, start: Any = None, end: Any = None) -> None:
+        """This CTA's items, each head group in turn: ``on_group(bi, g, u, qi, step, carry) -> carry`` (the
+        carry starting as ``start()`` each item, None without), then ``end(bi, gc, qi, carry)``. The memory and
+        the compute warpgroups both walk the items through this, so they agree on every slot."""
+        @plgpu.nd_loop((items,), collective_axes="sm")
+        def _item(info: Any) -> None:
+            bi, gc, qi = item_of(info.index[0])
+
+            def group(u: Any, carry: Any) -> Any:
+                g, step = group_step(info, gc, u)
+                return on_group(bi, g, u, qi, step, carry)
+
+            carry = _per_item(per_item, group, None if start is None else start())
+            if end is not None:
+                end(bi, gc, qi, carry)
+
     def bcast(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         return lax.broadcast_in_dim(x, shape, [0])
 
@@ -190,26 +206,21 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
         def _memory() -> None:
             plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
-            @plgpu.nd_loop((items,), collective_axes="sm")
-            def _item(info: Any) -> None:
-                bi, gc, qi = item_of(info.index[0])
-
-                def group(u: Any, _: Any) -> None:
-                    g, step = group_step(info, gc, u)
-                    qs = step % 2
-                    plgpu.barrier_wait(q_empty.at[qs])
+            def load(bi: Any, g: Any, u: Any, qi: Any, step: Any, _: Any) -> None:
+                qs = step % 2
+                plgpu.barrier_wait(q_empty.at[qs])
+                for p in range(len(lay.parts)):
+                    plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(qi * 2 * BLOCK_Q, 2 * BLOCK_Q), cols(lay, g, p)],
+                                            qb[p].at[qs], q_full.at[qs])
+                for j in range(kv_steps):
+                    st = (step * kv_steps + j) % kv_stages
+                    plgpu.barrier_wait(kv_empty.at[st])
                     for p in range(len(lay.parts)):
-                        plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(qi * 2 * BLOCK_Q, 2 * BLOCK_Q), cols(lay, g, p)],
-                                                qb[p].at[qs], q_full.at[qs])
-                    for j in range(kv_steps):
-                        st = (step * kv_steps + j) % kv_stages
-                        plgpu.barrier_wait(kv_empty.at[st])
-                        for p in range(len(lay.parts)):
-                            for src, dst in ((k_ref, kb), (v_ref, vb)):
-                                plgpu.copy_gmem_to_smem(src.at[bi, pl.ds(j * BLOCK_KV, BLOCK_KV), cols(lay, g, p)],
-                                                        dst[p].at[st], kv_full.at[st])
+                        for src, dst in ((k_ref, kb), (v_ref, vb)):
+                            plgpu.copy_gmem_to_smem(src.at[bi, pl.ds(j * BLOCK_KV, BLOCK_KV), cols(lay, g, p)],
+                                                    dst[p].at[st], kv_full.at[st])
 
-                _per_item(per_item, group)
+            each_group(load)
 
         @pl.when(wg < 2)
         def _compute() -> None:
@@ -277,20 +288,16 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
                         outs[p] = y if outs[p] is None else select(y, lo, hi, outs[p])
                 return outs
 
-            @plgpu.nd_loop((items,), collective_axes="sm")
-            def _item(info: Any) -> None:
-                bi, gc, qi = item_of(info.index[0])
+            def group(bi: Any, g: Any, u: Any, qi: Any, step: Any, carry: Any) -> Any:
+                qs = step % 2
+                outs = attend(qs, step)
+                return epilogue(sc, Item(bi, g, u, qi, wg, rows, qs), outs, carry)
 
-                def group(u: Any, carry: Any) -> Any:
-                    g, step = group_step(info, gc, u)
-                    qs = step % 2
-                    outs = attend(qs, step)
-                    return epilogue(sc, Item(bi, g, u, qi, wg, rows, qs), outs, carry)
+            def last_group(bi: Any, gc: Any, qi: Any, carry: Any) -> None:
+                last = per_item - 1
+                finish(sc, Item(bi, gc * per_item + last, last, qi, wg, rows, None), carry)
 
-                carry = _per_item(per_item, group, None if init is None else init())
-                if finish is not None:
-                    last = per_item - 1
-                    finish(sc, Item(bi, gc * per_item + last, last, qi, wg, rows, None), carry)
+            each_group(group, init, None if finish is None else last_group)
 
             plgpu.wait_smem_to_gmem(0)
 
