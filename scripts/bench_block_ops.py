@@ -131,8 +131,7 @@ def main() -> None:
     p.add_argument("--fc2in-forms", nargs="+", default=list(FC2IN_FORMS),
                    help="fc2in: the MLP middle kernel's forms (see _fc2in_form)")
     p.add_argument("--attn-forms", nargs="+", default=["72/1/unroll/3", "72/1/loop/3", "72/8/loop/2", "64/1/unroll/3"],
-                   help="attnforms: HEAD/HEAD_GROUPS_AN_ITEM/unroll|loop/KV_STAGES[/SCHEDULE][/qN] (head 64: 18 "
-                        "heads, XL/2's width; SCHEDULE: attention_mosaic.SCHEDULES; qN: N query slots)")
+                   help="attnforms: HEAD/HEAD_GROUPS_AN_ITEM/unroll|loop/KV_STAGES (head 64: 18 heads, XL/2's width)")
     a = p.parse_args()
     rng = np.random.default_rng(0)
     bf = jnp.bfloat16
@@ -927,7 +926,7 @@ def attention_schedule_forms(a, rng) -> None:
 
     bf = jnp.bfloat16
 
-    def kernel(q_ref, k_ref, v_ref, o_ref, *, shape, per_item, kv_loop, kv_stages, schedule, q_slots):
+    def kernel(q_ref, k_ref, v_ref, o_ref, *, shape, per_item, kv_loop, kv_stages):
         lay = am.LAYOUTS[shape[-1]]
 
         def store(sc, it, outs, carry):  # as the production kernel: staged in the used-up query rows
@@ -937,17 +936,17 @@ def attention_schedule_forms(a, rng) -> None:
             rows = pl.ds(it.qi * 2 * am.BLOCK_Q + it.wg * am.BLOCK_Q, am.BLOCK_Q)
             for p in range(len(lay.parts)):
                 plgpu.copy_smem_to_gmem(sc.qb[p].at[it.qs, it.rows], o_ref.at[it.bi, rows, am.cols(lay, it.g, p)])
-            am.release_queries(sc, it, len(lay.parts), q_slots)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.barrier_arrive(sc.q_empty.at[it.qs])
             return carry
 
         b, t, n, d = shape
         am.run_kernel(q_ref, k_ref, v_ref, b=b, t=t, n=n, d=d, per_item=per_item, epilogue=store, kv_loop=kv_loop,
-                      kv_stages=kv_stages, schedule=schedule, q_slots=q_slots)
+                      kv_stages=kv_stages)
 
-    def form(shape, per_item, kv_loop, kv_stages, schedule, q_slots):
+    def form(shape, per_item, kv_loop, kv_stages):
         b, t, n, d = shape
-        body = functools.partial(kernel, shape=shape, per_item=per_item, kv_loop=kv_loop, kv_stages=kv_stages,
-                                 schedule=schedule, q_slots=q_slots)
+        body = functools.partial(kernel, shape=shape, per_item=per_item, kv_loop=kv_loop, kv_stages=kv_stages)
         call = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((b, t, n * d), bf),
                             grid=(jax.devices()[0].core_count,), grid_names=("sm",), num_threads=3, thread_name="wg",
                             compiler_params=plgpu.CompilerParams(approx_math=True))
@@ -955,9 +954,7 @@ def attention_schedule_forms(a, rng) -> None:
 
     refs = {}
     for spec in a.attn_forms:
-        d, per_item, steps, stages, *more = spec.split("/")
-        schedule = next((m for m in more if m in am.SCHEDULES), am.SCHEDULE)
-        q_slots = next((int(m[1:]) for m in more if m.startswith("q")), am.Q_SLOTS)
+        d, per_item, steps, stages = spec.split("/")
         d, per_item, stages = int(d), int(per_item), int(stages)
         shape = (a.batch, a.tokens, C // d, d)
         if d not in refs:
@@ -969,9 +966,8 @@ def attention_schedule_forms(a, rng) -> None:
             print(f"attnforms head {d} production kernel {res[1] * 1e6:8.1f} us", flush=True)
         args, ref = refs[d]
         t0 = time.time()
-        label = (f"attnforms {spec} (head {d}, {per_item} head groups an item, K / V {steps}, {stages} stages, "
-                 f"{schedule}, {q_slots} query slots)")
-        out = run_timed(label, form(shape, per_item, steps == "loop", stages, schedule, q_slots), args, a.repeats)
+        label = f"attnforms {spec} (head {d}, {per_item} head groups an item, K / V {steps}, {stages} stages)"
+        out = run_timed(label, form(shape, per_item, steps == "loop", stages), args, a.repeats)
         if out is not None:
             got = np.asarray(out[0]).reshape(ref.shape).astype(np.float32)
             err = np.abs(got - ref.astype(np.float32)).max()

@@ -36,8 +36,6 @@ from qdit_jax.perf.device import is_hopper
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 BLOCK_Q = 64  # query rows per compute warpgroup (an item: two warpgroups' rows)
 BLOCK_KV = 64  # keys per K / V stage (128: an 808-byte register spill with head pairs, 2.05x slower on the H100)
-SCHEDULES = ("serial", "merged", "chain", "overlap")  # how a K / V step's wgmmas wait (run_kernel)
-SCHEDULE, Q_SLOTS = "serial", 2  # the production kernel's
 KV_STAGES = 3  # K / V slots (4 measured 1.8x slower with head pairs; docs/RESULTS.md)
 COMPUTE_REGISTERS, MEMORY_REGISTERS = 232, 40  # setmaxnreg per thread: 2 x 232 + 40 = 504 of 512
 # "auto" attention runs this kernel up to this many tokens: measured faster than cuDNN at 256 (DiT at 256
@@ -151,23 +149,14 @@ def _per_item(per_item: int, body: Any, carry: Any = None) -> Any:
 
 def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d: int, per_item: int,
                epilogue: Any, extra: tuple = (), kv_loop: bool = False, kv_stages: int = KV_STAGES,
-               init: Any = None, finish: Any = None, schedule: str = "serial", q_slots: int = 2) -> None:
+               init: Any = None, finish: Any = None) -> None:
     """The persistent attention kernel's body. Items are (sample, ``per_item`` consecutive head groups, 128
     query rows); the memory warpgroup streams each head group's queries and K / V, the compute warpgroups
     attend and call ``epilogue(scratch, item, outs, carry) -> carry`` with each head group's normalized
     float32 output parts (in the layout's parts, 64 rows each), the carry starting as ``init()`` each item
     (None without), then ``finish(scratch, item, carry)`` with the item's last head group, if given.
     ``extra``: shared-memory allocations for the epilogue (``scratch.extra``). ``kv_loop``: the K / V steps
-    as a loop, not unrolled; ``kv_stages``: K / V slots. ``schedule`` (one of SCHEDULES): 'serial' waits for
-    every wgmma as it is issued; 'merged' issues a head's P V parts together and waits once; 'chain' also
-    issues the next head's (or the next step's first head's) scores with them, one wait for both; 'overlap'
-    issues those scores before this head's softmax, so they run on the tensor cores under it. ``q_slots``: 2,
-    or 3 with each item's query slot freed one item late (``release_queries``), so that no warpgroup waits
-    for its own output stores to read the slot it staged them in."""
-    if q_slots not in (2, 3):
-        raise ValueError(f"q_slots={q_slots}: expected 2 or 3")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule {schedule!r}: expected one of {SCHEDULES}")
+    as a loop, not unrolled; ``kv_stages``: K / V slots."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -218,7 +207,7 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
             plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
             def load(bi: Any, g: Any, u: Any, qi: Any, step: Any, _: Any) -> None:
-                qs = step % q_slots
+                qs = step % 2
                 plgpu.barrier_wait(q_empty.at[qs])
                 for p in range(len(lay.parts)):
                     plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(qi * 2 * BLOCK_Q, 2 * BLOCK_Q), cols(lay, g, p)],
@@ -238,7 +227,7 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
             plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
             for st in range(kv_stages):  # every slot starts empty
                 plgpu.barrier_arrive(kv_empty.at[st])
-            for qs in range(2):  # (a third slot is freed by the first item: release_queries)
+            for qs in range(2):
                 plgpu.barrier_arrive(q_empty.at[qs])
             rows = pl.ds(wg * BLOCK_Q, BLOCK_Q)
 
@@ -246,95 +235,6 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
                 """x in columns lo..hi-1, ``other`` (zeros) elsewhere."""
                 col = plgpu.broadcasted_iota(jnp.int32, x.shape, 1, layout=wgmma_l)
                 return jnp.where((col >= lo) & (col < hi), x, jnp.zeros_like(x) if other is None else other)
-
-            def stage(step: Any, j: Any) -> Any:
-                return (step * kv_steps + j) % kv_stages
-
-            def scores_into(acc_ref: Any, q_ops: list, h: int, st: Any) -> None:
-                """Issue head ``h``'s scores against stage ``st``'s keys (its parts summed into ``acc_ref``)."""
-                for (p, _, _), a in zip(lay.heads[h], q_ops[h]):
-                    plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(kb[p].at[st], (1, 0)))
-
-            def scores_now(q_ops: list, h: int, st: Any) -> jax.Array:
-                def run(acc_ref: Any) -> jax.Array:
-                    scores_into(acc_ref, q_ops, h, st)
-                    return acc_ref[...]
-
-                return pl.run_scoped(run, plgpu.ACC((BLOCK_Q, BLOCK_KV), jnp.float32))
-
-            def softmax(s: jax.Array, m_i: Any, l_i: Any) -> tuple:
-                """One step of the online softmax in base 2 on raw scores: the new row maxima and sums, the
-                accumulators' rescale and P in the input dtype."""
-                s = s * qk_scale
-                m_new = jnp.maximum(m_i, s.max(axis=1))
-                alpha = jnp.exp2(m_i - m_new)
-                pr = jnp.exp2(s - bcast(m_new, s.shape))
-                return m_new, l_i * alpha + pr.sum(axis=1), alpha, pr.astype(dtype)
-
-            def zero_scores() -> Any:
-                return plgpu.ACC.init(plgpu.layout_cast(jnp.zeros((BLOCK_Q, BLOCK_KV), jnp.float32), wgmma_l))
-
-            def chained(q_ops: list, state: list, step: Any) -> list:
-                """The K / V steps in the 'merged', 'chain' or 'overlap' schedule (run_kernel's docstring)."""
-                heads = len(lay.heads)
-
-                def one_step(j: Any, carry: tuple, last: bool) -> tuple:
-                    s, state = carry
-                    st = stage(step, j)
-                    if s is None:  # the step's first scores: issued alone
-                        plgpu.barrier_wait(kv_full.at[st])
-                        s = scores_now(q_ops, 0, st)
-                    state = list(state)
-                    for h, head in enumerate(lay.heads):
-                        m_i, l_i, accs = state[h]
-                        if s is None:
-                            s = scores_now(q_ops, h, st)
-                        nxt = None  # (head, stage) whose scores are issued with this head's P V
-                        if schedule in ("chain", "overlap") and h + 1 < heads:
-                            nxt = (h + 1, st)
-                        elif schedule in ("chain", "overlap") and not last:
-                            nxt = (0, stage(step, j + 1))
-                            plgpu.barrier_wait(kv_full.at[nxt[1]])
-                        if schedule == "overlap" and nxt is not None:
-                            def body(refs: tuple, head: tuple = head, s: jax.Array = s, m_i: Any = m_i, l_i: Any = l_i,
-                                     accs: list = accs, nxt: Any = nxt) -> None:
-                                acc_refs, (s_ref,), (m_ref, l_ref) = refs
-                                scores_into(s_ref, q_ops, *nxt)  # in flight under this head's softmax
-                                m_new, l_new, alpha, p16 = softmax(s, m_i, l_i)
-                                for (p, _, _), acc_ref, acc in zip(head, acc_refs, accs):
-                                    acc_ref[...] = acc * bcast(alpha, acc.shape)
-                                    plgpu.wgmma(acc_ref, p16, vb[p].at[st])
-                                m_ref[...] = m_new
-                                l_ref[...] = l_new
-
-                            accs_out, (s,), (m_new, l_i) = pl.run_state(body)(
-                                (tuple(plgpu.ACC.init(acc) for acc in accs), (zero_scores(),), (m_i, l_i)))
-                            state[h] = (m_new, l_i, list(accs_out))
-                            continue
-                        m_new, l_i, alpha, p16 = softmax(s, m_i, l_i)
-
-                        def body(refs: tuple, head: tuple = head, p16: jax.Array = p16, nxt: Any = nxt) -> None:
-                            for (p, _, _), acc_ref in zip(head, refs[0]):
-                                plgpu.wgmma(acc_ref, p16, vb[p].at[st])
-                            if nxt is not None:
-                                scores_into(refs[1], q_ops, *nxt)
-
-                        inits = (tuple(plgpu.ACC.init(acc * bcast(alpha, acc.shape)) for acc in accs),)
-                        res = pl.run_state(body)(inits + (zero_scores(),) if nxt is not None else inits)
-                        state[h] = (m_new, l_i, list(res[0]))
-                        s = res[1] if nxt is not None else None
-                    plgpu.barrier_arrive(kv_empty.at[st])
-                    return s, state
-
-                carry = (None, state)
-                if kv_loop and kv_steps > 1:  # all but the last step in a loop: the chain's carry is the scores
-                    carry = one_step(0, carry, False)  # (its scores issued alone: a static branch)
-                    carry = lax.fori_loop(1, kv_steps - 1, lambda j, c: one_step(j, c, False), carry)
-                    carry = one_step(kv_steps - 1, carry, True)
-                else:
-                    for j in range(kv_steps):
-                        carry = one_step(j, carry, j == kv_steps - 1)
-                return carry[1]
 
             def attend(qs: Any, step: Any) -> list[jax.Array]:
                 plgpu.barrier_wait(q_full.at[qs])
@@ -375,9 +275,7 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
                     plgpu.barrier_arrive(kv_empty.at[st])
                     return state
 
-                if schedule != "serial":
-                    state = chained(q_ops, state, step)
-                elif kv_loop:  # one copy of the step's code (an item of many head groups unrolls them)
+                if kv_loop:  # one copy of the step's code (an item of many head groups unrolls them)
                     state = lax.fori_loop(0, kv_steps, kv_step, state)
                 else:
                     for j in range(kv_steps):
@@ -391,7 +289,7 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
                 return outs
 
             def group(bi: Any, g: Any, u: Any, qi: Any, step: Any, carry: Any) -> Any:
-                qs = step % q_slots
+                qs = step % 2
                 outs = attend(qs, step)
                 return epilogue(sc, Item(bi, g, u, qi, wg, rows, qs), outs, carry)
 
@@ -410,34 +308,19 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
     pl.run_scoped(
         lambda *a: scoped(Scratch(a[:np_], a[np_:2 * np_], a[2 * np_:3 * np_], *a[3 * np_:3 * np_ + 4],
                                   a[3 * np_ + 4:3 * np_ + 4 + ne])),
-        *[smem((q_slots, 2 * BLOCK_Q, w)) for _, w in lay.parts],  # queries (then outputs) of an item
+        *[smem((2, 2 * BLOCK_Q, w)) for _, w in lay.parts],  # queries (then outputs) of an item
         *[smem((kv_stages, BLOCK_KV, w)) for _, w in lay.parts],  # K
         *[smem((kv_stages, BLOCK_KV, w)) for _, w in lay.parts],  # V
         plgpu.Barrier(num_arrivals=2 * np_, num_barriers=kv_stages),  # kv_full: a stage's K and V landed
         plgpu.Barrier(num_arrivals=2, num_barriers=kv_stages),  # kv_empty: both compute warpgroups are done
-        plgpu.Barrier(num_arrivals=np_, num_barriers=q_slots),  # q_full
-        plgpu.Barrier(num_arrivals=2, num_barriers=q_slots),  # q_empty: both have stored their outputs from it
+        plgpu.Barrier(num_arrivals=np_, num_barriers=2),  # q_full
+        plgpu.Barrier(num_arrivals=2, num_barriers=2),  # q_empty: both have stored their outputs from it
         *extra,
         collective_axes="wg",
     )
 
 
-def release_queries(sc: Scratch, it: Item, stores: int, q_slots: int = 2) -> None:
-    """Free query slots once the output stores staged in them have read them, after an epilogue issued this
-    item's ``stores`` copies from its slot: with 2 slots wait for them and free this slot; with 3 wait only
-    for the previous item's and free its slot (the first item frees the third slot, which held nothing)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    if q_slots == 2:
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the stores have read the slot
-        plgpu.barrier_arrive(sc.q_empty.at[it.qs])
-    else:
-        plgpu.wait_smem_to_gmem(stores, wait_read_only=True)
-        plgpu.barrier_arrive(sc.q_empty.at[(it.qs + q_slots - 1) % q_slots])
-
-
-def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, o_ref: Any, *, b: int, t: int, n: int, d: int,
-            schedule: str, q_slots: int = 2) -> None:
+def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, o_ref: Any, *, b: int, t: int, n: int, d: int) -> None:
     """The attention output in the input dtype: each head group's output staged in the warpgroup's own
     (used-up) query rows and stored by TMA."""
     from jax.experimental import pallas as pl
@@ -453,10 +336,10 @@ def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, o_ref: Any, *, b: int, t: int, n
             plgpu.copy_smem_to_gmem(sc.qb[p].at[it.qs, it.rows],
                                     o_ref.at[it.bi, pl.ds(it.qi * 2 * BLOCK_Q + it.wg * BLOCK_Q, BLOCK_Q),
                                              cols(lay, it.g, p)])
-        release_queries(sc, it, len(lay.parts), q_slots)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the stores have read the slot
+        plgpu.barrier_arrive(sc.q_empty.at[it.qs])
 
-    run_kernel(q_ref, k_ref, v_ref, b=b, t=t, n=n, d=d, per_item=1, epilogue=store, schedule=schedule,
-               q_slots=q_slots)
+    run_kernel(q_ref, k_ref, v_ref, b=b, t=t, n=n, d=d, per_item=1, epilogue=store)
 
 
 def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
@@ -480,22 +363,15 @@ def attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return _attention(q, k, v)
 
 
-def kernel_call(shape: tuple[int, int, int, int], dtype: Any, schedule: str = SCHEDULE, q_slots: int = Q_SLOTS) -> Any:
-    """The kernel as a call on (B, T, N * D) q, k, v (no guard: ``attention_mosaic`` is the checked entry);
-    ``schedule``, ``q_slots``: run_kernel's (the bench and the tests compare them)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    b, t, n, d = shape
-    return plgpu.kernel(functools.partial(_kernel, b=b, t=t, n=n, d=d, schedule=schedule, q_slots=q_slots),
-                        out_type=jax.ShapeDtypeStruct((b, t, n * d), dtype), grid=(jax.devices()[0].core_count,),
-                        grid_names=("sm",), num_threads=3, thread_name="wg",
-                        compiler_params=plgpu.CompilerParams(approx_math=True))
-
-
 @jax.custom_batching.custom_vmap
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
     b, t, n, d = q.shape
-    call = kernel_call(q.shape, q.dtype)
+    call = plgpu.kernel(functools.partial(_kernel, b=b, t=t, n=n, d=d),
+                        out_type=jax.ShapeDtypeStruct((b, t, n * d), q.dtype), grid=(jax.devices()[0].core_count,),
+                        grid_names=("sm",), num_threads=3, thread_name="wg",
+                        compiler_params=plgpu.CompilerParams(approx_math=True))
     flat = (b, t, n * d)  # a free reshape: boxes are cut along the heads' columns
     with jax.named_scope("attention_mosaic"):  # profiles file the custom call under attention (perf.trace)
         return call(q.reshape(flat), k.reshape(flat), v.reshape(flat)).reshape(q.shape)

@@ -123,27 +123,6 @@ def test_compiled_kernel_matches_float64(d, tokens):
 
 
 @pytest.mark.skipif(not on_hopper, reason="runs the Mosaic GPU kernel: Hopper only")
-@pytest.mark.parametrize("schedule,q_slots", [*((s, 2) for s in am.SCHEDULES if s != am.SCHEDULE), ("serial", 3)])
-@pytest.mark.parametrize("d,tokens", [(72, 256), (64, 128)])
-def test_schedules_give_the_production_kernels_bits(d, tokens, schedule, q_slots):
-    """The schedules and the query slots only move the waits: every wgmma and every float op is the same,
-    so the bits are (27 samples: 432 items or more, so each of 132 CTAs cycles through 3 query slots)."""
-    q, k, v = _qkv((27, tokens, 16, d), seed=d + tokens + 1)
-    want = np.asarray(am.attention_mosaic(q, k, v))
-    flat = (27, tokens, 16 * d)
-    call = am.kernel_call(q.shape, q.dtype, schedule, q_slots)
-    got = jax.jit(call)(q.reshape(flat), k.reshape(flat), v.reshape(flat))
-    np.testing.assert_array_equal(np.asarray(got).reshape(want.shape), want)
-
-
-def test_unknown_schedule_is_named():
-    with pytest.raises(ValueError, match="schedule 'eager'"):
-        am.run_kernel(None, None, None, b=1, t=256, n=16, d=72, per_item=1, epilogue=None, schedule="eager")
-    with pytest.raises(ValueError, match="q_slots=4"):
-        am.run_kernel(None, None, None, b=1, t=256, n=16, d=72, per_item=1, epilogue=None, q_slots=4)
-
-
-@pytest.mark.skipif(not on_hopper, reason="runs the Mosaic GPU kernel: Hopper only")
 def test_vmapped_kernel_equals_one_call_per_slice():
     """Each sample is computed alike whatever else is in the launch, so the folded vmap is bit-exact."""
     q, k, v = _qkv((3, 2, 256, 16, 72), seed=5)
