@@ -69,6 +69,31 @@ def chained_ms(fns: list, inputs: list[tuple], chain: int, rounds: int) -> float
     return _median_ms(per)
 
 
+def chain_trace(compiled, inputs: list[tuple], chain: int) -> None:
+    """Trace ``chain`` calls dispatched back to back (synced once) and print the device's longest idle
+    intervals: with the host ahead, an idle stretch between two calls is work the device waits for."""
+    from qdit_jax.perf.trace import kernel_events
+
+    jax.block_until_ready(compiled(*inputs[0]))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            t0 = time.perf_counter()
+            jax.block_until_ready([compiled(*inputs[i % len(inputs)]) for i in range(chain)])
+            wall = time.perf_counter() - t0
+        ev = kernel_events(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0], kernel_names=True)
+    idle, end, last = [], ev[0][1], ev[0][2]
+    for s, e, name in ev[1:]:
+        if s > end:
+            idle.append((s - end, last, name))
+        if e >= end:
+            end, last = e, name
+    span = end - ev[0][0]
+    print(f"chain of {chain}: wall {wall * 1e3 / chain:.2f} ms a call, device span {span / 1e6 / chain:.2f} ms a call, "
+          f"idle {sum(i[0] for i in idle) / 1e6 / chain:.2f} ms a call in {len(idle) / chain:.0f} intervals", flush=True)
+    for ns, a, b in sorted(idle, reverse=True)[:2 * chain]:
+        print(f"  idle {ns / 1e3:9.1f} us  after {a[:60]}  before {b[:60]}", flush=True)
+
+
 def traced_call(compiled, inputs: list[tuple], top: int) -> None:
     """Print the kernel span of one traced call against its wall time, and the longest host spans."""
     from jax.profiler import ProfileData
@@ -103,6 +128,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--chain", type=int, default=8)
     p.add_argument("--top", type=int, default=25, help="host spans of a traced call to print (0: no trace)")
+    p.add_argument("--chain-trace", action="store_true",
+                   help="trace --chain calls dispatched back to back and print the device's longest idle intervals")
     p.add_argument("--alternate", action="store_true",
                    help="also time calls alternating between two compiled executables of the same program")
     a = p.parse_args()
@@ -136,6 +163,8 @@ def main() -> None:
             ms = chained_ms([compiled, compiled2], inputs, a.chain, max(2, a.repeats // 3))
             print(f"{name} b{a.batch} two executables alternating, {a.chain} back to back {ms:.2f} ms "
                   f"({a.batch / ms * 1e3:.1f} img/s)", flush=True)
+        if a.chain_trace:
+            chain_trace(compiled, inputs, a.chain)
         if a.top:
             traced_call(compiled, inputs, a.top)
 
