@@ -100,7 +100,8 @@ def _gelu(y: jax.Array, dtype: Any, mode: str, fast: bool, approx_tanh: bool = F
 
 
 def _kernel(*refs, block_m: int, chunk: int, n_chunks: int, group_chunks: int, spec: QuantSpec, out_dtype: Any,
-            fast: bool, recompute: bool, gelu: str, approx_tanh: bool, epilogue: bool):
+            fast: bool, recompute: bool, gelu: str, approx_tanh: bool, epilogue: bool,
+            add_round: bool = False):
     from jax.experimental import pallas as pl
 
     p_ref, sa_ref, sw_ref, b_ref, q_ref, s_ref = refs if epilogue else (refs[0], None, None, None, *refs[1:])
@@ -134,7 +135,7 @@ def _kernel(*refs, block_m: int, chunk: int, n_chunks: int, group_chunks: int, s
         amax = jnp.max(amax, axis=1).astype(jnp.float32)  # one row reduction per group
         if recompute:
             hs = [gelu_chunk(j) for j in js]
-        s, codes = scale_and_codes([h.astype(jnp.float32) for h in hs], amax, spec, fast)
+        s, codes = scale_and_codes([h.astype(jnp.float32) for h in hs], amax, spec, fast, add_round)
         for j, q in zip(js, codes):
             q_ref[rows, pl.ds(j * chunk, chunk)] = q
         s_ref[gi, rows] = s
@@ -160,6 +161,7 @@ def gelu_quant_pallas(p: jax.Array, sa: jax.Array | None, sw: jax.Array | None, 
     kern = functools.partial(_kernel, block_m=block_m, chunk=chunk, n_chunks=n // chunk, group_chunks=group // chunk,
                              spec=spec, out_dtype=jnp.dtype(out_dtype), fast=fast, recompute=recompute, gelu=gelu,
                              approx_tanh=approx_tanh and not interpret,  # an inline PTX instruction
+                             add_round=not interpret,  # (XLA evaluates an interpreted body: row_quant.int8_codes)
                              epilogue=epilogue)
     args = (p, sa, sw, jnp.zeros((n,), jnp.float32) if bias is None else bias) if epilogue else (p,)
     kw: dict[str, Any] = {}

@@ -55,7 +55,7 @@ def norm_quant_applies(m: int, k: int, spec: QuantSpec, dtype: Any, *, tokens: i
 
 
 def _kernel(*refs, block_m: int, chunk: int, n_chunks: int, group_chunks: int, spec: QuantSpec, norm: bool,
-            tokens: int, eps: float, dtype: Any):
+            tokens: int, eps: float, dtype: Any, add_round: bool):
     from jax.experimental import pallas as pl
 
     if norm:
@@ -79,7 +79,7 @@ def _kernel(*refs, block_m: int, chunk: int, n_chunks: int, group_chunks: int, s
                + shift_ref[sample, c].astype(jnp.float32)) for v, c in zip(h, cols)]
     for gi in range(n_chunks // group_chunks):  # one scale per group of pieces (one group: per token)
         hg = h[gi * group_chunks:(gi + 1) * group_chunks]
-        s, codes = scale_and_codes(hg, row_amax(hg), spec)
+        s, codes = scale_and_codes(hg, row_amax(hg), spec, add_round=add_round)
         for q, c in zip(codes, cols[gi * group_chunks:(gi + 1) * group_chunks]):
             q_ref[rows, c] = q
         s_ref[gi, rows] = s
@@ -103,7 +103,8 @@ def norm_quant_pallas(x: jax.Array, spec: QuantSpec, *, shift: jax.Array | None 
     if group % chunk or k % group:
         raise ValueError(f"norm_quant_pallas: groups of {group} channels are not whole {chunk}-wide pieces of K = {k}")
     kern = functools.partial(_kernel, block_m=block_m, chunk=chunk, n_chunks=k // chunk, group_chunks=group // chunk,
-                             spec=spec, norm=norm, tokens=tokens, eps=float(eps), dtype=x.dtype)
+                             spec=spec, norm=norm, tokens=tokens, eps=float(eps), dtype=x.dtype,
+                             add_round=not interpret)  # (XLA evaluates an interpreted body: row_quant.int8_codes)
     args = (x, shift, scale) if norm else (x,)
     kw: dict[str, Any] = {}
     if not interpret:

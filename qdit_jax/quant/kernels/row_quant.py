@@ -22,11 +22,11 @@ def int8_codes(y: jax.Array) -> jax.Array:
     (the sum's ulp is 1) and leaves it as two's complement in the sum's low bits, whose low byte is the
     code. One add and a byte truncation, where ``round`` then a float -> int conversion are two conversion
     instructions (quarter rate on Hopper) an element. Exact only on a quotient or any value rounded to
-    float32 before the add (a product would let a compiler contract the add into an FMA). Used by the Mosaic
-    GEMM's codes epilogue (``scaled_gemm_body.group_codes``; bit-equal to XLA's codes on the H100). Not in
-    the Triton row kernels: run in Pallas interpret mode on the H100 (``test_act_quant``, whose XLA then
-    evaluates the kernel) it gave -1 for nearly every code, unexplained and not reproduced on the CPU
-    (docs/RESULTS.md, twenty-seventh session)."""
+    float32 before the add (a product would let a compiler contract the add into an FMA). For kernel bodies
+    only (the Mosaic GEMM's codes epilogue, the Triton row kernels): XLA on the GPU (JAX 0.11.2) miscompiles
+    it, every code -1, because it rewrites the bitcast-convert into a type-changing ``bitcast`` inside the
+    fusion (docs/RESULTS.md, twenty-eighth session), so kernels run in Pallas interpret mode, which XLA
+    evaluates, round with ``jnp.round`` instead."""
     return lax.bitcast_convert_type(y + RNE_SHIFT, jnp.int32).astype(jnp.int8)
 
 
@@ -72,10 +72,11 @@ def row_scale(amax: jax.Array, spec: QuantSpec) -> jax.Array:
     return fp8_scale(amax, spec)
 
 
-def scale_and_codes(h: list[jax.Array], amax: jax.Array, spec: QuantSpec,
-                    fast: bool = False) -> tuple[jax.Array, list[jax.Array]]:
+def scale_and_codes(h: list[jax.Array], amax: jax.Array, spec: QuantSpec, fast: bool = False,
+                    add_round: bool = False) -> tuple[jax.Array, list[jax.Array]]:
     """The quantizer's symmetric per-row scale from ``amax`` and the codes of each piece of ``h``
-    (``fast``: multiply by the scale's reciprocal instead of dividing)."""
+    (``fast``: multiply by the scale's reciprocal instead of dividing; ``add_round``: int codes by
+    :func:`int8_codes`, for compiled kernels only, never where XLA evaluates the body)."""
     from qdit_jax.quant import formats as F
     from qdit_jax.quant.quantizers import int_range
 
@@ -85,6 +86,8 @@ def scale_and_codes(h: list[jax.Array], amax: jax.Array, spec: QuantSpec,
     inv = 1.0 / s
     scaled = [x * inv[:, None] if fast else x / s[:, None] for x in h]
     if spec.format == "int":
+        if add_round:  # clip first (integer bounds: the same codes), then one add rounds
+            return s, [int8_codes(jnp.clip(x, qmin, qmax)) for x in scaled]
         return s, [jnp.clip(_round_even(x), qmin, qmax).astype(jnp.int8) for x in scaled]
     return s, [F.fp8_round(x, spec.format) for x in scaled]
 
