@@ -119,7 +119,7 @@ def main() -> None:
                         "+noscale / +nostore for the diagnostics or +splitstore (see _patched_epilogue)")
     p.add_argument("--groupepi-kinds", nargs="+", default=["split", "default", "split+epi", "default+splitstore"],
                    help="groupepi: the group mode ('split' or 'default'), then +epi (epilogue_wg), +biasfirst "
-                        "(bias_first), +pairs (cta_pairs), +stack (stacked), +offset (offset_acc: int8) and / or a "
+                        "(bias_first), +pairs (cta_pairs), +stack (stacked) and / or a "
                         "diagnostic of _patched_epilogue (+noscale: the group scaling and bias left out; "
                         "+nostore; +nocolscale / +norowscale: constant scale vectors; +halfcolscale; +mixcolscale; "
                         "+latescales; +waitscales; +splitstore; +swizzleout; +samestore; +halfstore), or +storewg (store_wg)")
@@ -600,9 +600,8 @@ def group_epilogue_forms(a, rng) -> None:
             for kind in a.groupepi_kinds:
                 mode, *opts = kind.split("+")
                 flags = dict(epilogue_wg="epi" in opts, store_wg="storewg" in opts, bias_first="biasfirst" in opts,
-                             cta_pairs="pairs" in opts, stacked="stack" in opts, offset_acc="offset" in opts)
-                patch = next((o for o in opts if o not in ("epi", "storewg", "biasfirst", "pairs", "stack", "offset")),
-                             None)
+                             cta_pairs="pairs" in opts, stacked="stack" in opts)
+                patch = next((o for o in opts if o not in ("epi", "storewg", "biasfirst", "pairs", "stack")), None)
                 mode = None if mode == "default" else mode
                 fn = jax.jit(lambda qa, w, sa, sw, b, mode=mode, flags=flags: scaled_gemm_mosaic(
                     qa, w, sa, sw, b, out_blocks=blocks, group_mode=mode, **flags, **res))

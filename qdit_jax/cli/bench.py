@@ -134,10 +134,6 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-fp8-g128-attncodes": (FP8_G128, "real", "auto-attncodes"),
     "real-w4a8fp8-g128-attncodes": (dict(W4A8_G128, a_fmt="fp8_e4m3"), "real", "auto-attncodes"),
     "real-w8a8-g128-attncodes": (W8A8_G128, "real", "auto-attncodes"),
-    # int8 group products from int32 accumulators started at the bits of 1.5 * 2^23, made float32 by one FADD
-    # instead of an I2F conversion (RealOptions.offset_acc)
-    "real-w8a8-g128-offset": (W8A8_G128, "real", "auto-offset"),
-    "real-w4a8-g128-offset": (W4A8_G128, "real", "auto-offset"),
     # proj / fc2 from cuBLAS + XLA's epilogue-and-residual pass instead of scaled_gemm with the gated
     # residual in its epilogue (RealOptions.residual_kernel, on by default)
     "real-fp8-nores": (FP8, "real", "xla-nores"),
@@ -285,8 +281,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # sums started at the bias or not), -nostwg (the store warpgroup off), -pairs (two-CTA clusters sharing
     # the weight tile), -gelubf16 (fc1's codes epilogue's GELU with the bf16 model's roundings), -stack /
     # -nostack (group 'split' parts stacked along M or side by side), -attncodes (the proj input's codes from
-    # the attention kernel's epilogue instead of a pass over its bf16 output), -offset (int8 group products
-    # made float32 from offset accumulators by one FADD, not I2F),
+    # the attention kernel's epilogue instead of a pass over its bf16 output),
     # -packed (4-bit weights kept packed on the device, RealModel.variables), xla-attn / triton-attn /
     # cudnn-attn (XLA's attention, the Triton kernel's, cuDNN's)
     if "qkv1" in tags:
@@ -319,7 +314,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        cta_pairs="pairs" in tags, fc1_gelu="dtype" if "gelubf16" in tags else "float32",
                        residual_epilogue_wg="noresepi" not in tags,
                        stacked=False if "nostack" in tags else True if "stack" in tags else None,
-                       attention_codes="attncodes" in tags, offset_acc="offset" in tags,
+                       attention_codes="attncodes" in tags,
                        group_mode=next((t[len("gm"):] for t in tags if t.startswith("gm")), None))
     variables = rm.variables(unpack_w4=False if "packed" in tags else None)
     return rm.apply_fn(opts), with_compute_params(variables, cfg), {

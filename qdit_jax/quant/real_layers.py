@@ -188,10 +188,6 @@ class RealOptions:
     # with the same bits, but the fp8 g128 forward 0.7% slower on average over three calls (-1.5% to
     # +0.7%; docs/RESULTS.md, twenty-sixth session)
     attention_codes: bool = False
-    # int8 group-wise layers on kernels.scaled_gemm: each group's int32 accumulator started at the bits of
-    # float32 1.5 * 2^23, so its product becomes float32 by one FADD instead of an I2F conversion
-    # (``offset_acc``; the same bits). Off until measured in the forward
-    offset_acc: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -497,14 +493,12 @@ def _group_epilogue(options: RealOptions, groups: int, codes: Any, store: bool =
     operands whose epilogue is not on the epilogue warpgroup: ``store_wg=True`` where :func:`store_warpgroup`
     says so (and ``store``: no codes warpgroup), ``bias_first=True`` for group scales where
     :func:`bias_first` says so, ``stacked=True`` where :func:`stacked_parts` says so (and ``stack``: no codes
-    epilogue), ``offset_acc=True`` for int8 group scales where RealOptions asks."""
+    epilogue)."""
     kw: dict[str, Any] = {"store_wg": True} if store and store_warpgroup(options, groups) else {}
     if groups > 1 and bias_first(options, codes):
         kw["bias_first"] = True
     if groups > 1 and stack and stacked_parts(options, groups, codes):
         kw["stacked"] = True
-    if groups > 1 and options.offset_acc and jnp.dtype(codes) == jnp.dtype(jnp.int8):
-        kw["offset_acc"] = True
     return kw
 
 

@@ -206,7 +206,7 @@ def _check_call(a: jax.Array, sa: jax.Array, sw: jax.Array, n_off: int, n: int, 
 @functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode", "gelu_codes",
                                              "chain", "approx_tanh", "codes_wg", "prefetch", "out_blocks",
                                              "epilogue_wg", "store_wg", "bias_first", "cta_pairs", "gelu_mode",
-                                             "stacked", "offset_acc"))
+                                             "stacked"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                        gate: jax.Array | None = None, tile_m: int | None = None, tile_n: int = TILE_N,
@@ -215,7 +215,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                        codes_wg: bool = False, prefetch: str | None = None, out_blocks: int = 1,
                        epilogue_wg: bool = False, store_wg: bool = False, bias_first: bool = False,
                        cta_pairs: bool = False, gelu_mode: str = "dtype",
-                       stacked: bool = False, offset_acc: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+                       stacked: bool = False) -> jax.Array | tuple[jax.Array, ...]:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
     ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
     float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
@@ -279,11 +279,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     holds 16 column scales a K step instead of 32 (the loads that cost the group GEMMs 5-7%); the same
     outputs (each output element's arithmetic is unchanged). Not with the codes epilogue: there a row's
     128-column group spans both warpgroups; exchanging their halves' row abs-maxima through shared memory
-    was bit-equal but slower on the H100 (fp8 fc1 + codes 911 -> 947 us; git history at 72bd9b8).
-
-    ``offset_acc`` (int8 codes with group scales): each group's int32 accumulator starts at the bits of
-    float32 1.5 * 2^23, so its product becomes float32 by one FADD instead of an I2F conversion (a
-    quarter-rate instruction); the same bits."""
+    was bit-equal but slower on the H100 (fp8 fc1 + codes 911 -> 947 us; git history at 72bd9b8)."""
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
     groups = _groups(sa)
@@ -315,9 +311,6 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     why = stacked_why(groups, group_mode, gelu_codes, codes_wg or epilogue_wg, prefetch, cta_pairs) if stacked else None
     if why:
         raise ValueError(f"stacked: {why}; call without it")
-    if offset_acc and (groups == 1 or jnp.dtype(a.dtype) != jnp.dtype(jnp.int8)):
-        raise ValueError("offset_acc starts int8 group products' int32 accumulators at an offset: it needs int8 codes "
-                         "and group scales (sa of shape (G, M)); call without it")
     num_sms = jax.devices()[0].core_count
     if cta_pairs and not cta_pairs_fit(m, tile_m, num_sms):
         raise ValueError(f"cta_pairs pairs vertically adjacent {2 * tile_m}-row tiles on pairs of SMs: M = {m} must "
@@ -341,7 +334,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                  rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, out_dtype=out_dtype, codes_wg=codes_wg,
                  prefetch=None if epilogue_wg else prefetch, out_blocks=out_blocks, epilogue_wg=epilogue_wg,
                  store_wg=store_wg, bias_first=bias_first, cta_pairs=cta_pairs, gelu_mode=gelu_mode,
-                 stacked=stacked, offset_acc=offset_acc)
+                 stacked=stacked)
 
     return _launch(plan, num_sms, a, w, sa, sw, bias, residual, gate, approx_tanh)
 

@@ -80,10 +80,6 @@ class Plan:
     # 'split' group scales: a compute warpgroup's two parts stacked along M (all the CTA tile's rows, half its
     # columns) instead of side by side along N: 16 column scales a thread and K step instead of 32
     stacked: bool = False
-    # int8 group products accumulated from the int32 bits of float32 1.5 * 2^23 instead of zero: the sum's
-    # bits are then that float plus the product (|product| < 2^21 < 2^22), so one FADD makes the product a
-    # float32, bit-equal to the I2F conversion it replaces
-    offset_acc: bool = False
 
     @property
     def tile_k(self) -> int:
@@ -246,27 +242,12 @@ def _product(plan: Plan, wg: Any, a_smem: Any, w_smem: Any, acc_ref: Any) -> Non
     plgpu.wgmma_wait(0)
 
 
-ACC_OFFSET = 0x4B400000  # the int32 bits of float32 1.5 * 2^23 (``Plan.offset_acc``)
-ACC_OFFSET_F = 12582912.0
-
-
-def _fresh_acc(plan: Plan, acc_ref: Any, shape: tuple[int, int]) -> None:
-    """Start a group's int32 accumulator at ACC_OFFSET (``Plan.offset_acc``) instead of zero."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    if plan.offset_acc and plan.groups > 1:
-        acc_ref[...] = plgpu.layout_cast(jnp.full(shape, ACC_OFFSET, jnp.int32), plgpu.Layout.WGMMA)
-
-
 def _scaled(plan: Plan, p: jax.Array, s_a: jax.Array, s_w: jax.Array, shape: tuple[int, int] | None = None
             ) -> jax.Array:
     """One group's product (int32 sums are exact in float32: |sum| < 2^24) times its scales, over the
     warpgroup tile or a column part of ``shape``."""
     shape = plan.shape if shape is None else shape
-    if plan.offset_acc and plan.groups > 1:  # the sum's bits as a float32 are 1.5 * 2^23 + p, exactly
-        p = lax.bitcast_convert_type(p, jnp.float32) - ACC_OFFSET_F
-    else:
-        p = p.astype(jnp.float32)
+    p = p.astype(jnp.float32)
     return p * lax.broadcast_in_dim(s_a, shape, [0]) * lax.broadcast_in_dim(s_w, shape, [1])
 
 
@@ -318,7 +299,6 @@ def _step_plain(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem: 
 
     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(plan.shape, plan.acc_dtype))
     def p(acc_ref: Any) -> jax.Array:
-        _fresh_acc(plan, acc_ref, plan.shape)
         _product(plan, wg, a_smem, w_smem, acc_ref)
         return acc_ref[...]
 
@@ -337,7 +317,6 @@ def _step_overlap(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem
 
     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(plan.shape, plan.acc_dtype))
     def step(acc_ref: Any) -> tuple[jax.Array, jax.Array]:
-        _fresh_acc(plan, acc_ref, plan.shape)
         _issue(plan, wg, a_smem, w_smem, acc_ref)
         new_total = total + _scaled(plan, p_prev, sa_prev, sw_prev)
         plgpu.wgmma_wait(0)
@@ -364,7 +343,6 @@ def _step_split(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem: 
 
     def step(*accs: Any) -> tuple[jax.Array, ...]:
         for j, acc in enumerate(accs):
-            _fresh_acc(plan, acc, plan.part)
             plgpu.wgmma(acc, a_parts[j], plgpu.transpose_ref(w_parts[j], (1, 0)))
         new = []
         for j, acc in enumerate(accs):

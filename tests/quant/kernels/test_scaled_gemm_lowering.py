@@ -101,13 +101,6 @@ CASES = {
         group_mode="split", residual=True, stacked=True)),
     "int8 group-128 split three outputs, store warpgroup, stacked": (jnp.int8, C, 6 * C, 2, dict(
         group_mode="split", out_blocks=3, store_wg=True, stacked=True)),
-    # int8 group products from offset int32 accumulators (a kernel option; RealOptions.offset_acc)
-    "int8 group-128 overlap + residual, store warpgroup, offset accumulators": (jnp.int8, 4 * C, C, 8, dict(
-        residual=True, store_wg=True, offset_acc=True)),
-    "int8 group-128 gelu_codes, codes warpgroup, offset accumulators": (jnp.int8, C, 4 * C, 2, dict(
-        codes_wg=True, offset_acc=True, gelu_codes=QuantSpec(bits=8, group_size=128, symmetric=True))),
-    "int8 group-128 split three outputs, stacked, offset accumulators": (jnp.int8, C, 6 * C, 2, dict(
-        group_mode="split", out_blocks=3, stacked=True, offset_acc=True)),
 }
 
 
@@ -119,19 +112,6 @@ def test_bias_first_changes_the_group_kernel_and_needs_its_own_epilogue(monkeypa
     for kw in (dict(groups=1), dict(groups=2, epilogue_wg=True)):
         with pytest.raises(ValueError, match="bias_first"):
             _lower(F8, C, C, kw.pop("groups"), bias_first=True, **kw)
-
-
-def test_offset_accumulators_build_another_int8_group_kernel_and_are_refused_elsewhere(monkeypatch):
-    """``offset_acc`` changes the int8 group kernel (its accumulators start at 1.5 * 2^23's bits, the
-    products become float32 by a bitcast and a subtraction instead of a conversion) and is refused for fp8
-    codes and per channel (no group products to convert)."""
-    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
-    assert _lower(jnp.int8, C, C, 2, offset_acc=True) != _lower(jnp.int8, C, C, 2)
-    text = str(_group_kernel_jaxpr(jnp.int8, C, C, 2, offset_acc=True))
-    assert "bitcast_convert_type" in text and "bitcast_convert_type" not in str(_group_kernel_jaxpr(jnp.int8, C, C, 2))
-    for dtype, groups in ((F8, 2), (jnp.int8, 1)):
-        with pytest.raises(ValueError, match="offset_acc"):
-            _lower(dtype, C, C, groups, offset_acc=True)
 
 
 def test_stacked_builds_another_split_kernel_and_is_refused_where_it_cannot_apply(monkeypatch):
