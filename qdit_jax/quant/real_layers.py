@@ -120,7 +120,7 @@ class RealOptions:
     # 1.056x -> 1.069x / 1.066x bf16 at batch 64 / 256, int8 g128 0.980x -> 0.984x, 0.986x -> 1.008x
     gelu_epilogue: bool = True
     # the group-scaled GEMM's schedule (kernels.scaled_gemm.GROUP_MODES); None: its default for the
-    # codes (group_mode_for: int8 'overlap', fp8 'split')
+    # codes (group_mode_for: 'split')
     group_mode: str | None = None
     # kernels.scaled_gemm's pipeline chained across each CTA's output tiles (the next tile's first
     # loads during this tile's last K steps and epilogue); False: a pipeline per tile, as before

@@ -648,17 +648,16 @@ def test_bias_first_is_asked_for_group_gemms_with_their_own_epilogue(fmt, inputs
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "int"])
 def test_stacked_parts_are_asked_for_split_group_gemms_without_codes(fmt, inputs, monkeypatch):
     """RealOptions.stacked (None by default: on where it applies) asks the group-wise GEMMs in the 'split'
-    group mode (fp8's default; int8 when asked for) to stack their parts, except fc1 with its codes
-    epilogue, the GEMMs given the epilogue warpgroup, and with CTA pairs; False asks none."""
+    group mode (every format's default) to stack their parts, except fc1 with its codes epilogue, the GEMMs
+    given the epilogue warpgroup, and with CTA pairs; False asks none, nor does another group mode."""
     from qdit_jax.quant import real_layers
     from qdit_jax.quant.real import RealOptions
 
     cfg, calls, stand_in, rm = _fourth_wg_routes(monkeypatch, fmt)
     monkeypatch.setattr(real_layers, "cta_pairs_fit", lambda m, tile_m: True)
-    split = fmt != "int"
     # q, k, v; proj; proj + residual; fc1 (codes epilogue); fc2; fc2 + residual
     stacked = [True, True, True, False, True, True]
-    for opts, want in (({}, stacked if split else [False] * 6), (dict(stacked=False), [False] * 6),
+    for opts, want in (({}, stacked), (dict(group_mode="overlap"), [False] * 6), (dict(stacked=False), [False] * 6),
                        (dict(group_mode="split"), stacked), (dict(group_mode="plain"), [False] * 6),
                        (dict(cta_pairs=True, group_mode="split"), [False] * 6),
                        (dict(epilogue_wg=True, group_mode="split"), [False, True, True, False, True, False])):

@@ -59,9 +59,12 @@ TILE_M, TILE_N, STEPS = 128, 128, 3  # per compute warpgroup; the fastest measur
 # is scaled into it (static ``group_mode``; defaults: ``group_mode_for``): 'plain', after the step's
 # wgmma; 'split', the tile's two 64-column halves as two wgmmas in flight, the first half scaled
 # while the second runs (fp8's default: fc2 7-17% faster than 'plain' alone); 'overlap', the previous
-# step's product while this step's wgmma runs (a third register tile; int8's default: with 'split'
-# waiting for each part alone, int8's fc2 ran 17% and proj / fc1 2-5% faster than 'overlap' alone (an
-# H200), yet the XL/2 forward 1-4% slower on the H100, fourteenth session). Measured and dropped (fourteenth
+# step's product while this step's wgmma runs (a third register tile; int8's default until the
+# twenty-eighth session: with 'split' waiting for each part alone, int8's fc2 ran 17% and proj / fc1 2-5%
+# faster than 'overlap' alone (an H200), yet the XL/2 forward 1-4% slower on the H100, fourteenth session;
+# with the parts stacked, the store warpgroup and the row kernels' one-add codes, int8 'split' is the
+# faster forward: 1.103-1.107x bf16 against 'overlap''s 1.078-1.091x over three calls, docs/RESULTS.md,
+# twenty-eighth session, so 'split' is every format's default now). Measured and dropped (fourteenth
 # session, git history at acb3216): A read into registers once for both halves (5-8% slower), the second
 # half's product left in flight into the next step (ptxas serializes every wgmma then, C7514), 64 x 192
 # warpgroup tiles (15-50% slower). Twenty-second session (git history at 5333cb6): 'carry', 'split' with
@@ -143,11 +146,13 @@ def _groups(sa: jax.Array) -> int:
 
 
 def group_mode_for(groups: int, a_dtype: Any, mode: str | None = None) -> str | None:
-    """The group mode used for ``a_dtype`` codes (None per channel): fp8 'split', int8 'overlap' (the
-    faster of each in the XL/2 forward on the H100); ``mode`` overrides it."""
+    """The group mode used for ``a_dtype`` codes (None per channel): 'split' for fp8 and int8 (the faster
+    in the XL/2 forward on the H100; int8 took 'overlap' until the twenty-eighth session); ``mode``
+    overrides it."""
+    del a_dtype  # (every code type has the same default since the twenty-eighth session)
     if groups == 1:
         return None
-    mode = mode or ("overlap" if jnp.dtype(a_dtype) == jnp.dtype(jnp.int8) else "split")
+    mode = mode or "split"
     if mode not in GROUP_MODES:
         raise ValueError(f"group_mode must be one of {GROUP_MODES}, got {mode!r}")
     return mode

@@ -255,14 +255,14 @@ def test_gelu_codes_needs_group_wise_8_bit_spec():
         scaled_gemm_mosaic(*args, gelu_codes=QuantSpec(bits=8, group_size=128, symmetric=False))
 
 
-def test_group_modes_default_by_code_type_and_reject_unknown_ones():
-    """Per channel has no group mode; group scales default to 'split' for fp8 and 'overlap' for int8
-    (the faster of each on the H100); another can be asked for; anything else is named in an error."""
+def test_group_modes_default_to_split_and_reject_unknown_ones():
+    """Per channel has no group mode; group scales default to 'split' for fp8 and int8 (the faster on the
+    H100); another can be asked for; anything else is named in an error."""
     from qdit_jax.quant.kernels.scaled_gemm import GROUP_MODES, group_mode_for
 
     assert group_mode_for(1, jnp.int8) is None
-    assert group_mode_for(2, jnp.int8) == "overlap" and group_mode_for(2, jnp.float8_e4m3fn) == "split"
-    assert group_mode_for(8, jnp.int8, "split") == "split" and group_mode_for(36, jnp.float8_e4m3fn, "plain") == "plain"
+    assert group_mode_for(2, jnp.int8) == "split" and group_mode_for(2, jnp.float8_e4m3fn) == "split"
+    assert group_mode_for(8, jnp.int8, "overlap") == "overlap" and group_mode_for(36, jnp.float8_e4m3fn, "plain") == "plain"
     assert set(GROUP_MODES) == {"plain", "overlap", "split"}
     with pytest.raises(ValueError, match="overlap"):
         group_mode_for(2, jnp.int8, "zigzag")

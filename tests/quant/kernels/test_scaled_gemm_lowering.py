@@ -308,9 +308,9 @@ def _registers_at(dtype, k: int, n: int, groups: int, prims: tuple[str, ...], **
 def test_codes_warpgroup_takes_the_gelu_and_the_registers_add_up(monkeypatch):
     """With ``codes_wg`` the GELU's tanh runs only in the fourth warpgroup's code (after its register
     request), the register split fills exactly the 64K register file over four warpgroups (memory 40 +
-    2 compute + codes = 512 a thread), and int8 fc1 runs 'split' by default (each part's accumulator
-    read while the other runs; int8's usual 'overlap' spills there); without it the compute warpgroups
-    hold the tanh under Pallas' own split (40 + 2 x 232)."""
+    2 compute + codes = 512 a thread), and int8 fc1 runs 'split' (each part's accumulator read while the
+    other runs; 'overlap', asked for, reads one accumulator after a full wait); without it the compute
+    warpgroups hold the tanh under Pallas' own split (40 + 2 x 232)."""
     monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
     spec = QuantSpec(bits=8, format="fp8_e4m3", group_size=128, symmetric=True)
     prims = ("tanh", "wgmma_ref")
@@ -325,7 +325,7 @@ def test_codes_warpgroup_takes_the_gelu_and_the_registers_add_up(monkeypatch):
     assert "wgmma_accumulator_deref_p[wait_n=1]" in _accumulator_reads(jnp.int8, C, 4 * C, C // 128, gelu_codes=int8,
                                                                         codes_wg=True)  # 'split'
     assert "wgmma_accumulator_deref_p[wait_n=1]" not in _accumulator_reads(jnp.int8, C, 4 * C, C // 128,
-                                                                            gelu_codes=int8)  # 'overlap'
+                                                                            gelu_codes=int8, group_mode="overlap")
     requests, found = _registers_at(F8, C, 4 * C, C // 128, prims, gelu_codes=spec)
     assert sorted(requests) == [("decrease", 40), ("increase", 232)], requests
     assert found["tanh"] and set(found["tanh"]) == {232}, found
