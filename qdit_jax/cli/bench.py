@@ -63,14 +63,12 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     # group-128 without the Mosaic GPU group-scaled GEMM (RealOptions.group_kernel, on by default): the
     # Triton group kernel (int8) or XLA's batched product (fp8), the group inputs quantized by XLA
     "real-w8a8-g128-triton": (W8A8_G128, "real", "auto-nogroupk"),
-    # group-128 with another schedule of the group GEMM than the default ('split'; RealOptions.group_mode):
-    # fp8 'plain' (the default before 'split'), int8 'split' (the default since the twenty-eighth session)
-    # and 'overlap' (before it)
+    # group-128 with the group GEMM's schedule named (RealOptions.group_mode; the default is 'split'): fp8
+    # 'plain' (the default before 'split'), int8 'split' (the default since the twenty-eighth session; int8
+    # 'overlap' before it, on every group GEMM but fc1's codes warpgroup, which 'overlap' makes spill)
     "real-fp8-g128-plain": (FP8_G128, "real", "auto-gmplain"),
     "real-w8a8-g128-split": (W8A8_G128, "real", "auto-gmsplit"),
     "real-w4a8-g128-split": (W4A8_G128, "real", "auto-gmsplit"),
-    "real-w8a8-g128-overlap": (W8A8_G128, "real", "auto-gmoverlap"),
-    "real-w4a8-g128-overlap": (W4A8_G128, "real", "auto-gmoverlap"),
     # kernels.scaled_gemm with a pipeline per output tile instead of one chained across each CTA's
     # tiles (RealOptions.chain_tiles, on by default)
     "real-fp8-nochain": (FP8, "real", "xla-nochain"),
