@@ -89,7 +89,8 @@ def chain_trace(compiled, inputs: list[tuple], chain: int) -> None:
             end, last = e, name
     span = end - ev[0][0]
     print(f"chain of {chain}: wall {wall * 1e3 / chain:.2f} ms a call, device span {span / 1e6 / chain:.2f} ms a call, "
-          f"idle {sum(i[0] for i in idle) / 1e6 / chain:.2f} ms a call in {len(idle) / chain:.0f} intervals", flush=True)
+          f"idle {sum(i[0] for i in idle) / 1e6 / chain:.2f} ms a call in {len(idle) / chain:.0f} intervals",
+          flush=True)
     for ns, a, b in sorted(idle, reverse=True)[:2 * chain]:
         print(f"  idle {ns / 1e3:9.1f} us  after {a[:60]}  before {b[:60]}", flush=True)
 

@@ -262,7 +262,8 @@ def test_group_modes_default_to_split_and_reject_unknown_ones():
 
     assert group_mode_for(1, jnp.int8) is None
     assert group_mode_for(2, jnp.int8) == "split" and group_mode_for(2, jnp.float8_e4m3fn) == "split"
-    assert group_mode_for(8, jnp.int8, "overlap") == "overlap" and group_mode_for(36, jnp.float8_e4m3fn, "plain") == "plain"
+    assert group_mode_for(8, jnp.int8, "overlap") == "overlap"
+    assert group_mode_for(36, jnp.float8_e4m3fn, "plain") == "plain"
     assert set(GROUP_MODES) == {"plain", "overlap", "split"}
     with pytest.raises(ValueError, match="overlap"):
         group_mode_for(2, jnp.int8, "zigzag")
