@@ -70,9 +70,10 @@ def chained_ms(fns: list, inputs: list[tuple], chain: int, rounds: int) -> float
 
 
 def chain_trace(compiled, inputs: list[tuple], chain: int) -> None:
-    """Trace ``chain`` calls dispatched back to back (synced once) and print the device's longest idle
-    intervals: with the host ahead, an idle stretch between two calls is work the device waits for."""
-    from qdit_jax.perf.trace import kernel_events
+    """Trace ``chain`` calls dispatched back to back (synced once) and print the device's idle time with the
+    kernel pairs around it (``perf.trace.idle_gaps`` over the whole chain): with the host ahead, an idle
+    stretch between two calls is work the device waits for."""
+    from qdit_jax.perf.trace import format_gaps, idle_gaps, kernel_events
 
     jax.block_until_ready(compiled(*inputs[0]))
     with tempfile.TemporaryDirectory() as d:
@@ -81,18 +82,10 @@ def chain_trace(compiled, inputs: list[tuple], chain: int) -> None:
             jax.block_until_ready([compiled(*inputs[i % len(inputs)]) for i in range(chain)])
             wall = time.perf_counter() - t0
         ev = kernel_events(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0], kernel_names=True)
-    idle, end, last = [], ev[0][1], ev[0][2]
-    for s, e, name in ev[1:]:
-        if s > end:
-            idle.append((s - end, last, name))
-        if e >= end:
-            end, last = e, name
-    span = end - ev[0][0]
-    print(f"chain of {chain}: wall {wall * 1e3 / chain:.2f} ms a call, device span {span / 1e6 / chain:.2f} ms a call, "
-          f"idle {sum(i[0] for i in idle) / 1e6 / chain:.2f} ms a call in {len(idle) / chain:.0f} intervals",
-          flush=True)
-    for ns, a, b in sorted(idle, reverse=True)[:2 * chain]:
-        print(f"  idle {ns / 1e3:9.1f} us  after {a[:60]}  before {b[:60]}", flush=True)
+    g = idle_gaps(ev, 1, top=2 * chain)  # one traced span: the gaps between calls are kept
+    print(f"chain of {chain}: wall {wall * 1e3 / chain:.2f} ms a call, device span {g.span_us / 1e3 / chain:.2f} ms "
+          f"a call, idle {g.idle_us / 1e3 / chain:.2f} ms a call", flush=True)
+    print(format_gaps(g, f"chain of {chain}, totals over the chain"), flush=True)
 
 
 def traced_call(compiled, inputs: list[tuple], top: int) -> None:
@@ -130,7 +123,7 @@ def main() -> None:
     p.add_argument("--chain", type=int, default=8)
     p.add_argument("--top", type=int, default=25, help="host spans of a traced call to print (0: no trace)")
     p.add_argument("--chain-trace", action="store_true",
-                   help="trace --chain calls dispatched back to back and print the device's longest idle intervals")
+                   help="trace --chain calls dispatched back to back and print the device's idle time")
     p.add_argument("--alternate", action="store_true",
                    help="also time calls alternating between two compiled executables of the same program")
     a = p.parse_args()

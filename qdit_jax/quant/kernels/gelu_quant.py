@@ -100,8 +100,7 @@ def _gelu(y: jax.Array, dtype: Any, mode: str, fast: bool, approx_tanh: bool = F
 
 
 def _kernel(*refs, block_m: int, chunk: int, n_chunks: int, group_chunks: int, spec: QuantSpec, out_dtype: Any,
-            fast: bool, recompute: bool, gelu: str, approx_tanh: bool, epilogue: bool,
-            add_round: bool = False):
+            fast: bool, recompute: bool, gelu: str, approx_tanh: bool, epilogue: bool, add_round: bool):
     from jax.experimental import pallas as pl
 
     p_ref, sa_ref, sw_ref, b_ref, q_ref, s_ref = refs if epilogue else (refs[0], None, None, None, *refs[1:])
