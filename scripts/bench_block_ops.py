@@ -919,34 +919,16 @@ def attention_schedule_forms(a, rng) -> None:
     import functools
     import time
 
-    from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     from qdit_jax.models import attention_mosaic as am
 
     bf = jnp.bfloat16
 
-    def kernel(q_ref, k_ref, v_ref, o_ref, *, shape, per_item, kv_loop, kv_stages):
-        lay = am.LAYOUTS[shape[-1]]
-
-        def store(sc, it, outs, carry):  # as the production kernel: staged in the used-up query rows
-            for p, y in enumerate(outs):
-                sc.qb[p][it.qs, it.rows] = y.astype(q_ref.dtype)
-            plgpu.commit_smem()
-            rows = pl.ds(it.qi * 2 * am.BLOCK_Q + it.wg * am.BLOCK_Q, am.BLOCK_Q)
-            for p in range(len(lay.parts)):
-                plgpu.copy_smem_to_gmem(sc.qb[p].at[it.qs, it.rows], o_ref.at[it.bi, rows, am.cols(lay, it.g, p)])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            plgpu.barrier_arrive(sc.q_empty.at[it.qs])
-            return carry
-
-        b, t, n, d = shape
-        am.run_kernel(q_ref, k_ref, v_ref, b=b, t=t, n=n, d=d, per_item=per_item, epilogue=store, kv_loop=kv_loop,
-                      kv_stages=kv_stages)
-
     def form(shape, per_item, kv_loop, kv_stages):
         b, t, n, d = shape
-        body = functools.partial(kernel, shape=shape, per_item=per_item, kv_loop=kv_loop, kv_stages=kv_stages)
+        body = functools.partial(am._kernel, b=b, t=t, n=n, d=d, per_item=per_item, kv_loop=kv_loop,
+                                 kv_stages=kv_stages)  # the production kernel's store epilogue
         call = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((b, t, n * d), bf),
                             grid=(jax.devices()[0].core_count,), grid_names=("sm",), num_threads=3, thread_name="wg",
                             compiler_params=plgpu.CompilerParams(approx_math=True))

@@ -320,15 +320,17 @@ def run_kernel(q_ref: Any, k_ref: Any, v_ref: Any, *, b: int, t: int, n: int, d:
     )
 
 
-def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, o_ref: Any, *, b: int, t: int, n: int, d: int) -> None:
+def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, o_ref: Any, *, b: int, t: int, n: int, d: int, per_item: int = 1,
+            kv_loop: bool = False, kv_stages: int = KV_STAGES) -> None:
     """The attention output in the input dtype: each head group's output staged in the warpgroup's own
-    (used-up) query rows and stored by TMA."""
+    (used-up) query rows and stored by TMA. ``per_item``, ``kv_loop``, ``kv_stages``: run_kernel's (the
+    production kernel takes the defaults; ``scripts/bench_block_ops.py --sections attnforms`` varies them)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     lay = LAYOUTS[d]
 
-    def store(sc: Scratch, it: Item, outs: list[jax.Array], _: Any) -> None:
+    def store(sc: Scratch, it: Item, outs: list[jax.Array], carry: Any) -> Any:
         for p, y in enumerate(outs):  # staged in this warpgroup's query rows, which are used up
             sc.qb[p][it.qs, it.rows] = y.astype(q_ref.dtype)
         plgpu.commit_smem()
@@ -338,8 +340,10 @@ def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, o_ref: Any, *, b: int, t: int, n
                                              cols(lay, it.g, p)])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the stores have read the slot
         plgpu.barrier_arrive(sc.q_empty.at[it.qs])
+        return carry
 
-    run_kernel(q_ref, k_ref, v_ref, b=b, t=t, n=n, d=d, per_item=1, epilogue=store)
+    run_kernel(q_ref, k_ref, v_ref, b=b, t=t, n=n, d=d, per_item=per_item, epilogue=store, kv_loop=kv_loop,
+               kv_stages=kv_stages)
 
 
 def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
