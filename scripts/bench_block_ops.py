@@ -919,8 +919,6 @@ def attention_schedule_forms(a, rng) -> None:
     import functools
     import time
 
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
     from qdit_jax.models import attention_mosaic as am
 
     bf = jnp.bfloat16
@@ -929,9 +927,7 @@ def attention_schedule_forms(a, rng) -> None:
         b, t, n, d = shape
         body = functools.partial(am._kernel, b=b, t=t, n=n, d=d, per_item=per_item, kv_loop=kv_loop,
                                  kv_stages=kv_stages)  # the production kernel's store epilogue
-        call = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((b, t, n * d), bf),
-                            grid=(jax.devices()[0].core_count,), grid_names=("sm",), num_threads=3, thread_name="wg",
-                            compiler_params=plgpu.CompilerParams(approx_math=True))
+        call = am.launch(body, jax.ShapeDtypeStruct((b, t, n * d), bf))
         return jax.jit(lambda q, k, v: call(q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1)))
 
     refs = {}

@@ -346,6 +346,15 @@ def _kernel(q_ref: Any, k_ref: Any, v_ref: Any, o_ref: Any, *, b: int, t: int, n
                kv_stages=kv_stages)
 
 
+def launch(body: Any, out_type: Any) -> Any:
+    """``body`` (a run_kernel user) as a persistent Mosaic GPU call: one CTA per SM, three warpgroups
+    (memory and two compute), approximate math (exp2, the division)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.kernel(body, out_type=out_type, grid=(jax.devices()[0].core_count,), grid_names=("sm",),
+                        num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))
+
+
 def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
     """ValueError unless q, k and v share one shape and dtype."""
     if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
@@ -369,13 +378,8 @@ def attention_mosaic(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 @jax.custom_batching.custom_vmap
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
     b, t, n, d = q.shape
-    call = plgpu.kernel(functools.partial(_kernel, b=b, t=t, n=n, d=d),
-                        out_type=jax.ShapeDtypeStruct((b, t, n * d), q.dtype), grid=(jax.devices()[0].core_count,),
-                        grid_names=("sm",), num_threads=3, thread_name="wg",
-                        compiler_params=plgpu.CompilerParams(approx_math=True))
+    call = launch(functools.partial(_kernel, b=b, t=t, n=n, d=d), jax.ShapeDtypeStruct((b, t, n * d), q.dtype))
     flat = (b, t, n * d)  # a free reshape: boxes are cut along the heads' columns
     with jax.named_scope("attention_mosaic"):  # profiles file the custom call under attention (perf.trace)
         return call(q.reshape(flat), k.reshape(flat), v.reshape(flat)).reshape(q.shape)

@@ -218,17 +218,13 @@ def attention_codes(q: jax.Array, k: jax.Array, v: jax.Array, spec: QuantSpec) -
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _attention_codes(q: jax.Array, k: jax.Array, v: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
     from qdit_jax.quant.kernels.row_quant import codes_dtype
 
     b, t, n, d = q.shape
     width = n * d
     out_type = (jax.ShapeDtypeStruct((b, t, width), codes_dtype(spec)),
                 jax.ShapeDtypeStruct((width // spec.group_size, b * t), jnp.float32))
-    call = plgpu.kernel(functools.partial(_kernel, b=b, t=t, n=n, d=d, spec=spec), out_type=out_type,
-                        grid=(jax.devices()[0].core_count,), grid_names=("sm",), num_threads=3, thread_name="wg",
-                        compiler_params=plgpu.CompilerParams(approx_math=True))
+    call = am.launch(functools.partial(_kernel, b=b, t=t, n=n, d=d, spec=spec), out_type)
     flat = (b, t, width)
     with jax.named_scope("attention_mosaic"):  # profiles file it under attention (perf.trace)
         return call(q.reshape(flat), k.reshape(flat), v.reshape(flat))
