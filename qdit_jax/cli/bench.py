@@ -106,6 +106,9 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     "real-fp8-noepi": (FP8, "real", "xla-noepi"),
     "real-fp8-noresepi": (FP8, "real", "xla-noresepi"),
     "real-fp8-fc1k": (FP8, "real", "xla-fc1k"),
+    # per-channel int8: fc1 as cuBLAS' int32 product + the middle step applying the scales (RealOptions.fc1_kernel
+    # off) instead of the Mosaic GEMM writing fc1's bf16 output (int8's default)
+    "real-w8a8-nofc1k": (W8A8, "real", "xla-nofc1k"),
     # group-wise q, k, v and fc2 + residual GEMMs' epilogue on the kernel's fourth warpgroup too
     # (RealOptions.epilogue_wg=True)
     "real-fp8-g128-epi": (FP8_G128, "real", "auto-epi"),
@@ -277,7 +280,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # scaled_gemm for group-wise layers), -nogelue (group-wise fc1 with a bf16 output, then gelu_quant),
     # -wg / -nowg (fc1's codes epilogue on the kernel's fourth warpgroup or not), -noepi (per-channel fp8
     # epilogues in the compute warpgroups; -noresepi: fc2's residual epilogue only; -epi: group-wise
-    # layers' epilogue on the fourth warpgroup too), -fc1k (per-channel fp8 fc1 on the Mosaic GEMM),
+    # layers' epilogue on the fourth warpgroup too), -fc1k / -nofc1k (per-channel fc1 on the Mosaic GEMM or
+    # cuBLAS' raw product: RealOptions.fc1_kernel, default int8 on, fp8 off),
     # -gmMODE (the group GEMM's schedule, kernels.scaled_gemm.GROUP_MODES), -biasfirst / -nobiasfirst (group
     # sums started at the bias or not), -nostwg (the store warpgroup off), -pairs (two-CTA clusters sharing
     # the weight tile), -gelubf16 (fc1's codes epilogue's GELU with the bf16 model's roundings), -stack /
@@ -309,7 +313,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        qkv_one_call="qkvcalls" not in tags, qkv_prefetch=None if "nopf" in tags else "before",
                        codes_wg=True if "wg" in tags else False if "nowg" in tags else None,
                        epilogue_wg=False if "noepi" in tags else True if "epi" in tags else None,
-                       fc1_kernel="fc1k" in tags,
+                       fc1_kernel=True if "fc1k" in tags else False if "nofc1k" in tags else None,
                        store_wg=False if "nostwg" in tags else None,
                        bias_first=True if "biasfirst" in tags else False if "nobiasfirst" in tags else None,
                        cta_pairs="pairs" in tags, fc1_gelu="dtype" if "gelubf16" in tags else "float32",

@@ -142,12 +142,14 @@ class RealOptions:
     # with epilogue_wg, also the gated residual GEMMs whose K is long enough (RESIDUAL_EPILOGUE_WG_MIN_K:
     # DiT's fc2, not proj)
     residual_epilogue_wg: bool = True
-    # a per-channel fp8 MLP's fc1 on kernels.scaled_gemm with the scales and bias in its (fourth
-    # warpgroup's) epilogue, writing fc1's bf16 output, and gelu_quant then without its per-column scale
-    # / bias loads, instead of cuBLAS' raw product and gelu_quant applying them. Off: XL/2's fp8 forward at
-    # batch 256 on the H100 ran 1.414x bf16 with it against 1.444x without (same call; the kernel's fc1 542
-    # us against cuBLAS' ~447-503; docs/RESULTS.md, twentieth session)
-    fc1_kernel: bool = False
+    # a per-channel MLP's fc1 on kernels.scaled_gemm with the scales and bias in its epilogue (fp8: the
+    # fourth warpgroup's), writing fc1's bf16 output, and gelu_quant then without its per-column scale /
+    # bias loads, instead of cuBLAS' raw product and gelu_quant applying them. None: int8 on, fp8 off.
+    # fp8: XL/2's forward at batch 256 on the H100 ran 1.414x bf16 with it against 1.444x without (same
+    # call; the kernel's fc1 542 us against cuBLAS' ~447-503; docs/RESULTS.md, twentieth session). int8:
+    # cuBLAS writes an int32 product (1.2 GB at batch 256) that gelu_quant reads back, 598 + 610 us a block,
+    # against the kernel's ~560 us (twenty-ninth session)
+    fc1_kernel: bool | None = None
     # group-wise layers on kernels.scaled_gemm without a codes epilogue (q, k, v; proj and fc2 with the
     # gated residual): the TMA stores issued by a fourth warpgroup of 24 registers (``store_wg``; the
     # compute warpgroups keep their epilogue and 232 registers; the same bits). None: on where this JAX's
@@ -608,8 +610,8 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
         qa, sa = _quantize_input(x.reshape(m, k), l1.act, k, options, source)
         if _fc1_on_kernel(m, n, k, qa.dtype, w1, out_dtype, product_dtype, options):
             # fc1's output (scales and bias applied in the GEMM's epilogue), then GELU + fc2's codes
-            y1 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, epilogue_wg=True,
-                                    **_kernel_schedule(options, m, 1))
+            y1 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias,
+                                    epilogue_wg=epilogue_warpgroup(options, qa.dtype), **_kernel_schedule(options, m, 1))
             q2, s2 = gelu_quant_pallas(y1, None, None, None, l2.act, out_dtype)
         else:
             product = low_bit_product(qa, w1.codes, 1, product_dtype)[0]
@@ -620,13 +622,15 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
 
 def _fc1_on_kernel(m: int, n: int, k: int, codes: Any, w1: RealWeight, out_dtype: Any, product_dtype: Any,
                    options: RealOptions) -> bool:
-    """Whether a per-channel MLP's fc1 runs on kernels.scaled_gemm with the epilogue warpgroup
-    (``options.fc1_kernel``): fp8 codes, a bf16 output and product (the kernel's rounding), where the
+    """Whether a per-channel MLP's fc1 runs on kernels.scaled_gemm (``options.fc1_kernel``; None: int8 on,
+    fp8 off): a bf16 output; fp8 with the epilogue warpgroup and a bf16 product (the kernel's rounding),
+    int8 with its compute warpgroups' epilogue (its int32 sums are exact in float32 there); where the
     guard allows."""
-    bf16 = jnp.dtype(jnp.bfloat16)
-    return (options.fc1_kernel and epilogue_warpgroup(options, codes) and jnp.dtype(w1.codes.dtype) == jnp.dtype(codes)
-            and jnp.dtype(out_dtype) == bf16 and jnp.dtype(product_dtype) == bf16
-            and scaled_gemm_applies(m, n, k, codes, w1.codes.dtype)[0])
+    bf16, int8 = jnp.dtype(jnp.bfloat16), jnp.dtype(codes) == jnp.dtype(jnp.int8)
+    on = options.fc1_kernel if options.fc1_kernel is not None else int8
+    return bool(on and (int8 or (epilogue_warpgroup(options, codes) and jnp.dtype(product_dtype) == bf16))
+                and jnp.dtype(w1.codes.dtype) == jnp.dtype(codes) and jnp.dtype(out_dtype) == bf16
+                and scaled_gemm_applies(m, n, k, codes, w1.codes.dtype)[0])
 
 
 def qkv_scaled(x: jax.Array, rw: RealWeight, lq: LayerQuant, out_dtype: Any, options: RealOptions,

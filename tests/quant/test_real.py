@@ -430,10 +430,10 @@ def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, fmt, params, in
     cfg = CFG.replace(dtype="bfloat16")
     rules = FORMATS.get(fmt) or dict(FORMATS["w8a8-int8-perchannel-asymw"], w_sym=True)
     rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**rules)))
-    off = RealOptions(qkv_kernel=False, residual_kernel=False)
+    off = RealOptions(qkv_kernel=False, residual_kernel=False, fc1_kernel=False)  # fc1: int8's default route
     ref = np.asarray(jax.jit(rm.apply_fn(off))(rm.variables(), *inputs), np.float64)
     assert not calls
-    fn = rm.apply_fn(RealOptions(qkv_kernel=False))  # on by default
+    fn = rm.apply_fn(RealOptions(qkv_kernel=False, fc1_kernel=False))  # on by default
     got = np.asarray(jax.jit(fn)(rm.variables(), *inputs), np.float64)
     c, m = CFG.hidden_size, inputs[0].shape[0] * (CFG.input_size // CFG.patch_size) ** 2
     want = [((m, c), (c, c), True), ((m, 4 * c), (c, 4 * c), True)] * CFG.depth  # proj, fc2
@@ -451,11 +451,11 @@ def test_residual_kernel_route_gives_the_same_outputs(fused_mlp, fmt, params, in
 
 
 def test_fc1_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
-    """RealOptions(fc1_kernel=True), with the GPU guards forced open (XLA formulations standing in for the
-    Mosaic GEMM and the MLP middle kernel): a per-channel fp8 MLP's fc1 runs as the scaled GEMM with the
-    epilogue warpgroup (fc1's output) and the middle step takes that output without scales; the same
-    model output as cuBLAS' product + the middle step applying them. Not for int8 codes (the stage holds
-    bf16: the route stays as it was)."""
+    """RealOptions(fc1_kernel=True for fp8, the default for int8), with the GPU guards forced open (XLA
+    formulations standing in for the Mosaic GEMM and the MLP middle kernel): a per-channel MLP's fc1 runs
+    as the scaled GEMM (fp8 with the epilogue warpgroup, int8 without: its stage would hold bf16) writing
+    fc1's output, and the middle step takes that output without scales; the same model output as
+    cuBLAS' product + the middle step applying them (fc1_kernel=False)."""
     from qdit_jax.quant import real_layers
     from qdit_jax.quant.kernels.gelu_quant import gelu_quant_xla
     from qdit_jax.quant.kernels.scaled_gemm import scaled_gemm_xla
@@ -477,17 +477,22 @@ def test_fc1_kernel_route_gives_the_same_outputs(params, inputs, monkeypatch):
     monkeypatch.setattr(real_layers, "gelu_quant_pallas", gelu_quant)
     cfg = CFG.replace(dtype="bfloat16")
     c = CFG.hidden_size
-    for fmt, routed in (("fp8-e4m3-perchannel", True), ("w8a8-int8-perchannel", False)):
+    for fmt, on, ewg in (("fp8-e4m3-perchannel", True, True), ("w8a8-int8-perchannel", None, False)):
         rules = FORMATS.get(fmt) or dict(FORMATS["w8a8-int8-perchannel-asymw"], w_sym=True)
         rm = real_from_params(params, cfg, QuantConfig(qdit_rules(**rules)))
         base = dict(qkv_kernel=False, residual_kernel=False)
-        ref = np.asarray(jax.jit(rm.apply_fn(RealOptions(**base)))(rm.variables(), *inputs), np.float64)
+        ref = np.asarray(jax.jit(rm.apply_fn(RealOptions(fc1_kernel=False, **base)))(rm.variables(), *inputs),
+                         np.float64)
         assert not calls and middle == [False] * CFG.depth
         middle.clear()
-        got = np.asarray(jax.jit(rm.apply_fn(RealOptions(fc1_kernel=True, **base)))(rm.variables(), *inputs),
+        if on:  # fp8's default stays on cuBLAS' product
+            jax.jit(rm.apply_fn(RealOptions(**base)))(rm.variables(), *inputs)
+            assert not calls and middle == [False] * CFG.depth
+            middle.clear()
+        got = np.asarray(jax.jit(rm.apply_fn(RealOptions(fc1_kernel=on, **base)))(rm.variables(), *inputs),
                          np.float64)
-        assert calls == ([((4 * c, c), True)] * CFG.depth if routed else [])
-        assert middle == [routed] * CFG.depth
+        assert calls == [((4 * c, c), ewg)] * CFG.depth
+        assert middle == [True] * CFG.depth
         assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3
         calls.clear()
         middle.clear()
