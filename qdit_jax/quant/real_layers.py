@@ -119,8 +119,8 @@ class RealOptions:
     # instead of its bf16 output and gelu_quant's pass over it. XL/2 on the H100 (same call): fp8 g128
     # 1.056x -> 1.069x / 1.066x bf16 at batch 64 / 256, int8 g128 0.980x -> 0.984x, 0.986x -> 1.008x
     gelu_epilogue: bool = True
-    # the group-scaled GEMM's schedule (kernels.scaled_gemm.GROUP_MODES); None: its default for the
-    # codes (group_mode_for: 'split')
+    # the group-scaled GEMM's schedule (kernels.scaled_gemm.GROUP_MODES); None: its default, 'split' for
+    # every code type (group_mode_for)
     group_mode: str | None = None
     # kernels.scaled_gemm's pipeline chained across each CTA's output tiles (the next tile's first
     # loads during this tile's last K steps and epilogue); False: a pipeline per tile, as before
@@ -499,15 +499,15 @@ def _group_epilogue(options: RealOptions, groups: int, codes: Any, store: bool =
     kw: dict[str, Any] = {"store_wg": True} if store and store_warpgroup(options, groups) else {}
     if groups > 1 and bias_first(options, codes):
         kw["bias_first"] = True
-    if groups > 1 and stack and stacked_parts(options, groups, codes):
+    if groups > 1 and stack and stacked_parts(options, groups):
         kw["stacked"] = True
     return kw
 
 
-def stacked_parts(options: RealOptions, groups: int, codes: Any) -> bool:
-    """Whether group-wise GEMMs on ``codes``-typed operands without a codes epilogue stack their two parts
-    along M (``RealOptions.stacked``; None: wherever the group mode is 'split' and no CTA pairs run)."""
-    if group_mode_for(groups, codes, options.group_mode) != "split" or options.cta_pairs:
+def stacked_parts(options: RealOptions, groups: int) -> bool:
+    """Whether group-wise GEMMs without a codes epilogue stack their two parts along M
+    (``RealOptions.stacked``; None: wherever the group mode is 'split' and no CTA pairs run)."""
+    if group_mode_for(groups, options.group_mode) != "split" or options.cta_pairs:
         return False
     return options.stacked is not False
 

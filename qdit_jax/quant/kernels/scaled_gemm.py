@@ -145,11 +145,10 @@ def _groups(sa: jax.Array) -> int:
     return sa.shape[0] if sa.ndim == 2 else 1
 
 
-def group_mode_for(groups: int, a_dtype: Any, mode: str | None = None) -> str | None:
-    """The group mode used for ``a_dtype`` codes (None per channel): 'split' for fp8 and int8 (the faster
-    in the XL/2 forward on the H100; int8 took 'overlap' until the twenty-eighth session); ``mode``
-    overrides it."""
-    del a_dtype  # (every code type has the same default since the twenty-eighth session)
+def group_mode_for(groups: int, mode: str | None = None) -> str | None:
+    """The group mode of a GEMM with ``groups`` scale groups (None per channel): 'split' for fp8 and int8
+    codes alike (the faster in the XL/2 forward on the H100; int8 took 'overlap' until the twenty-eighth
+    session); ``mode`` overrides it."""
     if groups == 1:
         return None
     mode = mode or "split"
@@ -290,7 +289,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     groups = _groups(sa)
     codes_wg = codes_wg and gelu_codes is not None
     # a fourth warpgroup leaves the compute warpgroups 168 registers, where 'overlap' spills: 'split'
-    group_mode = group_mode_for(groups, a.dtype, group_mode or ("split" if codes_wg or epilogue_wg else None))
+    group_mode = group_mode_for(groups, group_mode or ("split" if codes_wg or epilogue_wg else None))
     tile_m0, steps0 = default_tiling(groups)
     tile_m = tile_m0 if tile_m is None else tile_m
     _check_call(a, sa, sw, n_off, n, tile_m, tile_n, residual, gate, gelu_codes)

@@ -260,13 +260,13 @@ def test_group_modes_default_to_split_and_reject_unknown_ones():
     H100); another can be asked for; anything else is named in an error."""
     from qdit_jax.quant.kernels.scaled_gemm import GROUP_MODES, group_mode_for
 
-    assert group_mode_for(1, jnp.int8) is None
-    assert group_mode_for(2, jnp.int8) == "split" and group_mode_for(2, jnp.float8_e4m3fn) == "split"
-    assert group_mode_for(8, jnp.int8, "overlap") == "overlap"
-    assert group_mode_for(36, jnp.float8_e4m3fn, "plain") == "plain"
+    assert group_mode_for(1) is None and group_mode_for(1, "overlap") is None
+    assert group_mode_for(2) == "split" and group_mode_for(36) == "split"
+    assert group_mode_for(8, "overlap") == "overlap"
+    assert group_mode_for(36, "plain") == "plain"
     assert set(GROUP_MODES) == {"plain", "overlap", "split"}
     with pytest.raises(ValueError, match="overlap"):
-        group_mode_for(2, jnp.int8, "zigzag")
+        group_mode_for(2, "zigzag")
 
 
 def test_out_blocks_and_prefetch_are_checked():
