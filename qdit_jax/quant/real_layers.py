@@ -574,7 +574,8 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
                options: RealOptions, source: NormSource | None = None) -> GemmSource | None:
     """The DiT ``Mlp`` (fc1, tanh GELU, fc2) with its middle step in one kernel, or None where that
     does not apply (the layers then run one by one). Per channel: fc1 is a per-token x per-channel
-    low-bit GEMM whose raw product the kernel takes to fc2's per-token codes; group-wise (both
+    low-bit GEMM, whose raw product (cuBLAS) or, with ``fc1_kernel`` (int8's default), bf16 output
+    (``kernels.scaled_gemm``) the kernel takes to fc2's per-token codes; group-wise (both
     layers on ``kernels.scaled_gemm`` with 128-wide groups): fc1's bf16 output to fc2's group codes.
     fc2: low-bit GEMM and scale epilogue. Returned with fc2's codes (its output is ``.out``)."""
     base = module_path(mlp)
