@@ -611,8 +611,8 @@ def mlp_fused(mlp: Mlp, x: jax.Array, plan: Mapping[str, LayerQuant], weights: M
         qa, sa = _quantize_input(x.reshape(m, k), l1.act, k, options, source)
         if _fc1_on_kernel(m, n, k, qa.dtype, w1, out_dtype, product_dtype, options):
             # fc1's output (scales and bias applied in the GEMM's epilogue), then GELU + fc2's codes
-            y1 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias,
-                                    epilogue_wg=epilogue_warpgroup(options, qa.dtype), **_kernel_schedule(options, m, 1))
+            y1 = scaled_gemm_mosaic(qa, w1.codes, sa, w1.scale, w1.bias, epilogue_wg=epilogue_warpgroup(options, qa.dtype),
+                                    **_kernel_schedule(options, m, 1))
             q2, s2 = gelu_quant_pallas(y1, None, None, None, l2.act, out_dtype)
         else:
             product = low_bit_product(qa, w1.codes, 1, product_dtype)[0]
