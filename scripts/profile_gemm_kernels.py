@@ -16,13 +16,23 @@ GELU + codes epilogue (the MLP's fc1 on group-wise layers), ``--store-wg`` the f
 on the store warpgroup (with ``--gelu-codes`` the codes' too), ``--codes-wg`` that epilogue on the
 kernel's fourth warpgroup too, ``--cta-pairs`` each also as two-CTA clusters sharing the weight tile,
 ``--gelu-f32`` the codes forms also with their GELU in float32 (``gelu_mode``).
-``--time N`` also prints each kernel's median time (``perf.timing.chained_median``).
+``--time N`` also prints each kernel's median time (``perf.timing.chained_median``); ``--sustain R`` also
+times R rounds of 12 chained calls back to back with the GPU's clock and power sampled (``perf.power``): long
+enough to run at the card's power cap, as the forward does at batch 256. ``--xla`` adds XLA's own dots
+(cuBLAS) on the same shapes and codes: bf16, int8 -> int32, fp8 -> float32, fp8 -> bf16.
+
+    python scripts/profile_gemm_kernels.py --shapes fc1 --codes int8 fp8 --forms channel 64x128xds \
+        --store-wg --stacked --xla --time 12 --sustain 120
+
+is the twenty-ninth session's int8 vs fp8 table (docs/RESULTS.md).
 """
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -45,6 +55,41 @@ def inputs(m: int, k: int, n: int, codes: str, grouped: bool, rng: np.random.Gen
     sw = rng.uniform(0.001, 0.003, (g, n) if grouped else (n,)).astype(np.float32)
     b = (rng.standard_normal(n) * 0.1).astype(np.float32)
     return tuple(jax.device_put(v) for v in (a.astype(dt), w.astype(dt), sa, sw, b))
+
+
+_DN = (((1,), (1,)), ((), ()))  # a (M, K) x w (N, K) -> (M, N)
+
+
+def xla_dots(m: int, k: int, n: int, rng: np.random.Generator) -> list[tuple[str, Any, tuple]]:
+    """(label, jitted fn, args) of XLA's dots at this shape on random operands (never zeros): bf16 -> bf16,
+    int8 -> int32, fp8 e4m3 -> float32 and -> bf16, the library GEMMs our kernels are compared with."""
+    from jax import lax
+
+    def dot(out_dtype: Any) -> Any:
+        return jax.jit(lambda a, w: lax.dot_general(a, w, _DN, preferred_element_type=out_dtype))
+
+    ab = jax.device_put(rng.standard_normal((m, k)).astype(jnp.bfloat16))
+    wb = jax.device_put(rng.standard_normal((n, k)).astype(jnp.bfloat16))
+    i8 = inputs(m, k, n, "int8", False, rng)[:2]
+    f8 = inputs(m, k, n, "fp8", False, rng)[:2]
+    return [("xla bf16 -> bf16", dot(jnp.bfloat16), (ab, wb)), ("xla int8 -> int32", dot(jnp.int32), i8),
+            ("xla fp8 -> float32", dot(jnp.float32), f8), ("xla fp8 -> bf16", dot(jnp.bfloat16), f8)]
+
+
+def sustained(fn: Any, args: tuple, rounds: int) -> str:
+    """Median time of ``rounds`` rounds of 12 chained calls run back to back, with the SM clock, power and
+    power-capped share of nvidia-smi's samples over them (12 a round: each output stays alive until its
+    round syncs, and an fc1 output at XL/2's batch 256 is 0.6-1.2 GB)."""
+    from qdit_jax.perf.power import PowerLog
+
+    with PowerLog(interval_ms=50) as log:
+        log.mark()
+        _, t = chained_median(fn, args, 12, rounds=rounds, warmup=1)
+        log.mark()
+    s = log.summary()
+    power = "" if s is None else (f" at {s['sm_mhz']:.0f} MHz, {s['power_w']:.0f} W, "
+                                  f"{100 * s['power_capped']:.0f}% power-capped")
+    return f", sustained {t * 1e6:.1f} us per call{power}"
 
 
 def codes_spec(codes: str) -> QuantSpec:
@@ -77,6 +122,10 @@ def main() -> None:
                    default=[parse_form(f) for f in ("channel", "64x128x4s", "64x128x4p", "64x128x4o")])
     p.add_argument("--calls", type=int, default=1, help="launches of each kernel after its compile")
     p.add_argument("--time", type=int, default=0, help="also time N back-to-back calls (medians of 5 rounds)")
+    p.add_argument("--sustain", type=int, default=0, metavar="R",
+                   help="also time R rounds of 12 chained calls back to back, with the clock and power logged")
+    p.add_argument("--xla", action="store_true", help="also run XLA's dots (cuBLAS) on each shape: bf16, int8 -> "
+                                                      "int32, fp8 -> float32 / bf16")
     p.add_argument("--gelu-codes", action="store_true",
                    help="group forms at fc1's shape also run with the GELU + next-layer codes epilogue (as in the MLP)")
     p.add_argument("--codes-wg", action="store_true",
@@ -100,6 +149,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for shape in a.shapes:
         k, n = SHAPES[shape]
+        for label, fn, args in xla_dots(a.tokens, k, n, rng) if a.xla else []:
+            _report(f"{shape} {label}", fn, args, a)
         for codes in a.codes:
             for form, kw in a.forms:
                 variants = [(form, kw)]
@@ -128,12 +179,19 @@ def main() -> None:
                     fn = jax.jit(lambda *v, kw=vkw: scaled_gemm_mosaic(*v, **kw))
                     for _ in range(a.calls):
                         out = jax.block_until_ready(fn(*args))
-                    y = out[0] if isinstance(out, tuple) else out
-                    line = (f"{shape} {codes} {label}: ran {a.calls}x, out {y.shape} {y.dtype}, "
-                            f"mean |y| {float(np.abs(np.asarray(y, np.float32)).mean()):.4g}")
-                    if a.time:
-                        line += f", {chained_median(fn, args, a.time)[1] * 1e6:.1f} us per call"
-                    print(line, flush=True)
+                    _report(f"{shape} {codes} {label}", fn, args, a, out)
+
+
+def _report(label: str, fn: Any, args: tuple, a: argparse.Namespace, out: Any = None) -> None:
+    """One line for one kernel: its output's shape and mean magnitude, and the times asked for."""
+    out = jax.block_until_ready(fn(*args)) if out is None else out
+    y = out[0] if isinstance(out, tuple) else out
+    line = f"{label}: out {y.shape} {y.dtype}, mean |y| {float(np.abs(np.asarray(y, np.float32)).mean()):.4g}"
+    if a.time:
+        line += f", {chained_median(fn, args, a.time)[1] * 1e6:.1f} us per call"
+    if a.sustain:
+        line += sustained(fn, args, a.sustain)
+    print(line, flush=True)
 
 
 if __name__ == "__main__":
