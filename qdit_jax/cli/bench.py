@@ -109,6 +109,10 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str, str]] = {
     # per-channel int8: fc1 as cuBLAS' int32 product + the middle step applying the scales (RealOptions.fc1_kernel
     # off) instead of the Mosaic GEMM writing fc1's bf16 output (int8's default)
     "real-w8a8-nofc1k": (W8A8, "real", "xla-nofc1k"),
+    # group-wise GEMMs with stacked parts and an even group count (XL/2: fc2) taking two groups a pipeline step
+    # (RealOptions.group_pairs; not yet measured on a GPU)
+    "real-fp8-g128-gpairs": (FP8_G128, "real", "auto-gpairs"),
+    "real-w8a8-g128-gpairs": (W8A8_G128, "real", "auto-gpairs"),
     # group-wise q, k, v and fc2 + residual GEMMs' epilogue on the kernel's fourth warpgroup too
     # (RealOptions.epilogue_wg=True)
     "real-fp8-g128-epi": (FP8_G128, "real", "auto-epi"),
@@ -285,7 +289,8 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
     # -gmMODE (the group GEMM's schedule, kernels.scaled_gemm.GROUP_MODES), -biasfirst / -nobiasfirst (group
     # sums started at the bias or not), -nostwg (the store warpgroup off), -pairs (two-CTA clusters sharing
     # the weight tile), -gelubf16 (fc1's codes epilogue's GELU with the bf16 model's roundings), -stack /
-    # -nostack (group 'split' parts stacked along M or side by side), -attncodes (the proj input's codes from
+    # -nostack (group 'split' parts stacked along M or side by side), -gpairs (two groups a pipeline step where
+    # stacked and the groups pair up), -attncodes (the proj input's codes from
     # the attention kernel's epilogue instead of a pass over its bf16 output),
     # -packed (4-bit weights kept packed on the device, RealModel.variables), xla-attn / triton-attn /
     # cudnn-attn (XLA's attention, the Triton kernel's, cuDNN's)
@@ -319,6 +324,7 @@ def build_variant(name: str, cfg: Any, params: Any, tiles: Any, fuse_quant: bool
                        cta_pairs="pairs" in tags, fc1_gelu="dtype" if "gelubf16" in tags else "float32",
                        residual_epilogue_wg="noresepi" not in tags,
                        stacked=False if "nostack" in tags else True if "stack" in tags else None,
+                       group_pairs="gpairs" in tags,
                        attention_codes="attncodes" in tags,
                        group_mode=next((t[len("gm"):] for t in tags if t.startswith("gm")), None))
     variables = rm.variables(unpack_w4=False if "packed" in tags else None)

@@ -522,6 +522,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
         stand_in.bias_first.append(kw.get("bias_first", False))
         stand_in.cta_pairs.append(kw.get("cta_pairs", False))
         stand_in.stacked.append(kw.get("stacked", False))
+        stand_in.group_pairs.append(kw.get("group_pairs", False))
         if gelu_codes is not None:
             stand_in.codes_wg.append(kw.get("codes_wg"))
             stand_in.gelu_mode.append(kw.get("gelu_mode", "dtype"))
@@ -536,6 +537,7 @@ def _open_group_routes(monkeypatch) -> tuple[list, list]:
         groups == 1 or k == 128 * groups, "test"))
     stand_in.modes, stand_in.codes_wg, stand_in.epilogue_wg, stand_in.store_wg = [], [], [], []
     stand_in.bias_first, stand_in.cta_pairs, stand_in.gelu_mode, stand_in.stacked = [], [], [], []
+    stand_in.group_pairs = []
     monkeypatch.setattr(real_layers, "scaled_gemm_mosaic", stand_in)
     monkeypatch.setattr(real_layers, "norm_quant_applies", lambda m, k, spec, dtype, **kw: (True, "test"))
     monkeypatch.setattr(real_layers, "norm_quant_pallas", lambda x, spec, **kw: norm_quant_pallas(
@@ -668,9 +670,30 @@ def test_stacked_parts_are_asked_for_split_group_gemms_without_codes(fmt, inputs
                        (dict(epilogue_wg=True, group_mode="split"), [False, True, True, False, True, False])):
         calls.clear()
         stand_in.stacked.clear()
+        stand_in.group_pairs.clear()
         jax.block_until_ready(jax.jit(rm.apply_fn(RealOptions(**opts)))(rm.variables(), *inputs))
         assert [c[3] for c in calls] == [False, False, True, False, False, True] * cfg.depth
         assert stand_in.stacked == want * cfg.depth
+        assert not any(stand_in.group_pairs)  # off by default
+    # group_pairs: the stacked GEMMs, whose group counts (2 and 8 here) pair up
+    stand_in.group_pairs.clear()
+    jax.block_until_ready(jax.jit(rm.apply_fn(RealOptions(group_pairs=True)))(rm.variables(), *inputs))
+    assert stand_in.group_pairs == stacked * cfg.depth
+
+
+def test_group_pairs_only_where_stacked_and_the_groups_pair_up():
+    """RealOptions.group_pairs asks for two groups a pipeline step only on stacked GEMMs (not with the codes
+    epilogue, another group mode or stacking off) with an even number of groups."""
+    from qdit_jax.quant import real_layers
+    from qdit_jax.quant.real import RealOptions
+
+    def asked(groups: int, stack: bool = True, **opts) -> bool:
+        kw = real_layers._group_epilogue(RealOptions(group_pairs=True, **opts), groups, jnp.int8, stack=stack)
+        return kw.get("group_pairs", False)
+
+    assert asked(2) and asked(36)
+    assert not any([asked(9), asked(1), asked(2, stack=False), asked(2, stacked=False), asked(2, group_mode="plain")])
+    assert not real_layers._group_epilogue(RealOptions(), 36, jnp.int8).get("group_pairs", False)
 
 
 def test_fc1_gelu_reaches_the_codes_epilogue(inputs, monkeypatch):

@@ -210,7 +210,7 @@ def _check_call(a: jax.Array, sa: jax.Array, sw: jax.Array, n_off: int, n: int, 
 @functools.partial(jax.jit, static_argnames=("n_off", "n", "tile_m", "tile_n", "steps", "group_mode", "gelu_codes",
                                              "chain", "approx_tanh", "codes_wg", "prefetch", "out_blocks",
                                              "epilogue_wg", "store_wg", "bias_first", "cta_pairs", "gelu_mode",
-                                             "stacked"))
+                                             "stacked", "group_pairs"))
 def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array, bias: jax.Array | None, *,
                        n_off: int = 0, n: int | None = None, residual: jax.Array | None = None,
                        gate: jax.Array | None = None, tile_m: int | None = None, tile_n: int = TILE_N,
@@ -219,7 +219,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                        codes_wg: bool = False, prefetch: str | None = None, out_blocks: int = 1,
                        epilogue_wg: bool = False, store_wg: bool = False, bias_first: bool = False,
                        cta_pairs: bool = False, gelu_mode: str = "dtype",
-                       stacked: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+                       stacked: bool = False, group_pairs: bool = False) -> jax.Array | tuple[jax.Array, ...]:
     """Columns ``n_off : n_off + n`` of ``y = (a @ w.T) * sa[:, None] * sw[None, :] + bias`` as bf16:
     ``a`` (M, K) and ``w`` (N_total, K) fp8 (or int8) codes, ``sa`` (M,), ``sw`` / ``bias`` (N_total,)
     float32. The product is rounded as the XLA path's: fp8 to bf16, int8 (int32 sums) to float32.
@@ -283,7 +283,14 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     holds 16 column scales a K step instead of 32 (the loads that cost the group GEMMs 5-7%); the same
     outputs (each output element's arithmetic is unchanged). Not with the codes epilogue: there a row's
     128-column group spans both warpgroups; exchanging their halves' row abs-maxima through shared memory
-    was bit-equal but slower on the H100 (fp8 fc1 + codes 911 -> 947 us; git history at 72bd9b8)."""
+    was bit-equal but slower on the H100 (fp8 fc1 + codes 911 -> 947 us; git history at 72bd9b8).
+
+    ``group_pairs`` (with ``stacked``, an even number of groups): two groups per pipeline step (their A, W
+    and scale rows as two 128-wide slots of each stage, half the steps, default depth 2: the shared memory of
+    four one-group steps), the four parts' wgmmas issued together and scaled into the sums one by one as
+    each finishes, so that three of every four promotions run while a later wgmma of the warpgroup is in
+    flight instead of one of two; the same outputs (each sum takes its groups in the same order). Built in
+    the twenty-ninth session, not yet run on a GPU (docs/PERF_NOTES.md)."""
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
     groups = _groups(sa)
@@ -315,12 +322,16 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     why = stacked_why(groups, group_mode, gelu_codes, codes_wg or epilogue_wg, prefetch, cta_pairs) if stacked else None
     if why:
         raise ValueError(f"stacked: {why}; call without it")
+    if group_pairs and not (stacked and groups % 2 == 0):
+        raise ValueError(f"group_pairs takes two groups a pipeline step of the stacked 'split' GEMM: it needs "
+                         f"stacked=True and an even number of groups (got {groups}); call without it")
     num_sms = jax.devices()[0].core_count
     if cta_pairs and not cta_pairs_fit(m, tile_m, num_sms):
         raise ValueError(f"cta_pairs pairs vertically adjacent {2 * tile_m}-row tiles on pairs of SMs: M = {m} must "
                          f"be a multiple of {4 * tile_m} and the SM count ({num_sms}) even; call without it")
-    steps, chained = chained_steps(k // TILE_K, (m // (2 * tile_m)) * (n // tile_n), num_sms,
-                                   steps0 if steps is None else steps, chain, explicit=steps is not None)
+    per_step = 2 if group_pairs else 1  # groups (K tiles) a pipeline step
+    steps, chained = chained_steps(k // (per_step * TILE_K), (m // (2 * tile_m)) * (n // tile_n), num_sms,
+                                   steps0 // per_step if steps is None else steps, chain, explicit=steps is not None)
     rows_per_gate, residual, gate, bias = _epilogue_operands(m, w.shape[0], residual, gate, bias)
     if groups == 1:
         sa, sw = sa.astype(jnp.float32).reshape(-1), sw.astype(jnp.float32).reshape(-1)
@@ -338,7 +349,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
                  rows_per_gate=rows_per_gate, gelu_codes=gelu_codes, out_dtype=out_dtype, codes_wg=codes_wg,
                  prefetch=None if epilogue_wg else prefetch, out_blocks=out_blocks, epilogue_wg=epilogue_wg,
                  store_wg=store_wg, bias_first=bias_first, cta_pairs=cta_pairs, gelu_mode=gelu_mode,
-                 stacked=stacked)
+                 stacked=stacked, group_pairs=group_pairs)
 
     return _launch(plan, num_sms, a, w, sa, sw, bias, residual, gate, approx_tanh)
 

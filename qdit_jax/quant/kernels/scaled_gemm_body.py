@@ -80,6 +80,12 @@ class Plan:
     # 'split' group scales: a compute warpgroup's two parts stacked along M (all the CTA tile's rows, half its
     # columns) instead of side by side along N: 16 column scales a thread and K step instead of 32
     stacked: bool = False
+    group_pairs: bool = False  # ('split', stacked) two groups a pipeline step, their four parts' wgmmas in flight
+
+    @property
+    def k_tiles(self) -> int:
+        """128-wide K tiles (fp8 / int8; bf16: 64-wide) in each pipeline step: two with ``group_pairs``."""
+        return 2 if self.group_pairs else 1
 
     @property
     def tile_k(self) -> int:
@@ -196,8 +202,17 @@ def _pipeline(plan: Plan, body: Any, ctx: Any, state: Any = None) -> Any:
     if plan.groups > 1:  # this K step's scale rows come with its tiles, by TMA
         specs += [plgpu.BlockSpec((1, plan.cta_m), lambda kk: (kk, 0)),
                   plgpu.BlockSpec((1, plan.tile_n), lambda kk: (kk, 0), **pair)]
+    if plan.group_pairs:  # K tiles 2 kk and 2 kk + 1 (A, W, scale rows), each in its own 128-wide slot
+        specs = [plgpu.BlockSpec((plan.cta_m, tk), lambda kk, j=j: (0, 2 * kk + j), transforms=tr) for j in (0, 1)]
+        specs = [specs[0], plgpu.BlockSpec((plan.tile_n, tk), lambda kk: (0, 2 * kk), transforms=tr),
+                 plgpu.BlockSpec((1, plan.cta_m), lambda kk: (2 * kk, 0)),
+                 plgpu.BlockSpec((1, plan.tile_n), lambda kk: (2 * kk, 0)),
+                 specs[1], plgpu.BlockSpec((plan.tile_n, tk), lambda kk: (0, 2 * kk + 1), transforms=tr),
+                 plgpu.BlockSpec((1, plan.cta_m), lambda kk: (2 * kk + 1, 0)),
+                 plgpu.BlockSpec((1, plan.tile_n), lambda kk: (2 * kk + 1, 0))]
     return plgpu.emit_pipeline_warp_specialized(
-        body, grid=(plan.k // tk,), memory_registers=STORE_WG_REGISTERS if plan.store_wg else 40, in_specs=specs,
+        body, grid=(plan.k // (tk * plan.k_tiles),), memory_registers=STORE_WG_REGISTERS if plan.store_wg else 40,
+        in_specs=specs,
         wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=plan.steps, compute_context=ctx,
         pipeline_state=state)
 
@@ -210,7 +225,7 @@ def _pipeline_operands(plan: Plan, a_gmem: Any, w_gmem: Any, sa_gmem: Any, sw_gm
     ops = (a_gmem.at[pl.ds(pm * plan.cta_m, plan.cta_m)], w_gmem.at[:, cols] if plan.w_kn else w_gmem.at[cols])
     if plan.groups > 1:
         ops += (sa_gmem.at[:, pl.ds(pm * plan.cta_m, plan.cta_m)], sw_gmem.at[:, cols])
-    return ops
+    return ops * plan.k_tiles  # group_pairs: the same operands for each of a step's two K tiles
 
 
 def _chain_state(info: Any) -> jax.Array:
@@ -332,14 +347,9 @@ def _step_split(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem: 
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    n_parts, (part_m, part_n) = plan.n_parts, plan.part
+    n_parts = plan.n_parts
     scales = _part_scales(plan, wg, sa_smem, sw_smem)
-    if plan.stacked:  # part j: the CTA tile's j-th row block times this warpgroup's columns
-        a_parts = [a_smem.at[pl.ds(j * part_m, part_m)] for j in range(n_parts)]
-        w_parts = [w_smem.at[pl.ds(wg * part_n, part_n)]] * n_parts
-    else:  # part j: this warpgroup's rows times the tile's j-th column block
-        a_parts = [a_smem.at[pl.ds(wg * plan.tile_m, plan.tile_m)]] * n_parts
-        w_parts = [w_smem.at[pl.ds(j * part_n, part_n)] for j in range(n_parts)]
+    a_parts, w_parts = _split_operands(plan, wg, a_smem, w_smem)
 
     def step(*accs: Any) -> tuple[jax.Array, ...]:
         for j, acc in enumerate(accs):
@@ -353,6 +363,48 @@ def _step_split(plan: Plan, wg: Any, _: Any, a_smem: Any, w_smem: Any, sa_smem: 
         return tuple(new)
 
     return pl.run_scoped(step, *[plgpu.ACC(plan.part, plan.acc_dtype) for _ in range(n_parts)])
+
+
+def _split_operands(plan: Plan, wg: Any, a_smem: Any, w_smem: Any) -> tuple[list, list]:
+    """The A and W shared-memory views of each 'split' part: ``stacked``, the CTA tile's j-th row block times
+    this warpgroup's columns; side by side, this warpgroup's rows times the tile's j-th column block."""
+    from jax.experimental import pallas as pl
+
+    n_parts, (part_m, part_n) = plan.n_parts, plan.part
+    if plan.stacked:
+        return ([a_smem.at[pl.ds(j * part_m, part_m)] for j in range(n_parts)],
+                [w_smem.at[pl.ds(wg * part_n, part_n)]] * n_parts)
+    return ([a_smem.at[pl.ds(wg * plan.tile_m, plan.tile_m)]] * n_parts,
+            [w_smem.at[pl.ds(j * part_n, part_n)] for j in range(n_parts)])
+
+
+def _step_split_pairs(plan: Plan, wg: Any, _: Any, *refs: Any) -> Any:
+    """'split' with ``group_pairs``: this step's two groups' parts (2 x ``n_parts`` wgmmas) all issued, then
+    each product scaled into its part's sum as it finishes, the second group's scale vectors loaded after
+    the first group's promotions (fewer live registers); three of four promotions with a wgmma in flight."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    *tiles, sums = refs  # (a, w, sa, sw) of K tile 2 kk, then of 2 kk + 1; the parts' float32 sums
+    groups = [tiles[:4], tiles[4:]]
+    n_parts, n_acc = plan.n_parts, 2 * plan.n_parts
+    scales0 = _part_scales(plan, wg, groups[0][2], groups[0][3])
+    operands = [_split_operands(plan, wg, a, w) for a, w, _, _ in groups]
+
+    def step(*accs: Any) -> tuple[jax.Array, ...]:
+        for g, (a_parts, w_parts) in enumerate(operands):
+            for j in range(n_parts):
+                plgpu.wgmma(accs[g * n_parts + j], a_parts[j], plgpu.transpose_ref(w_parts[j], (1, 0)))
+        new = list(sums)
+        for g in range(2):
+            scales = scales0 if g == 0 else _part_scales(plan, wg, groups[1][2], groups[1][3])
+            for j in range(n_parts):
+                t = g * n_parts + j
+                p = plgpu.wgmma_accumulator_load(accs[t], wait_n=n_acc - 1 - t)
+                new[j] = new[j] + _scaled(plan, p, *scales[j], plan.part)
+        return tuple(new)
+
+    return pl.run_scoped(step, *[plgpu.ACC(plan.part, plan.acc_dtype) for _ in range(n_acc)])
 
 
 _STEP_BODIES = {None: _step_channel, "plain": _step_plain, "overlap": _step_overlap, "split": _step_split}
@@ -731,7 +783,7 @@ def _tiles(plan: Plan, refs: _Refs, wg: Any, a_gmem: Any, w_gmem: Any, sa_gmem: 
         pm, pn = tile_index(plan, info)
         rows = _wg_row0(plan, wg, pm)
         wcols = pl.ds(plan.n_off + pn * plan.tile_n, plan.tile_n)
-        body = functools.partial(_STEP_BODIES[plan.group_mode], plan, wg)
+        body = functools.partial(_step_split_pairs if plan.group_pairs else _STEP_BODIES[plan.group_mode], plan, wg)
         epilogue = functools.partial(_tile_epilogue, plan, refs, wg, rows, pn, wcols,
                                      info.local_index % plan.stage_slots)
         state = _chain_state(info) if plan.chained else None

@@ -101,6 +101,13 @@ CASES = {
         group_mode="split", residual=True, stacked=True)),
     "int8 group-128 split three outputs, store warpgroup, stacked": (jnp.int8, C, 6 * C, 2, dict(
         group_mode="split", out_blocks=3, store_wg=True, stacked=True)),
+    # two groups a pipeline step (a kernel option, not yet run on a GPU)
+    "fp8 group-128 pairs + residual, bias first, store warpgroup, stacked": (F8, 4 * C, C, 8, dict(
+        residual=True, bias_first=True, store_wg=True, stacked=True, group_pairs=True)),
+    "int8 group-128 pairs three outputs, store warpgroup, stacked": (jnp.int8, C, 6 * C, 2, dict(
+        out_blocks=3, store_wg=True, stacked=True, group_pairs=True)),
+    "int8 group-128 pairs + residual, stacked": (jnp.int8, 4 * C, C, 8, dict(
+        residual=True, stacked=True, group_pairs=True)),
 }
 
 
@@ -269,6 +276,24 @@ def test_split_scales_each_part_while_the_later_part_runs(dtype, monkeypatch):
     assert reads == ["wgmma_accumulator_deref_p[wait_n=1]", "wgmma_accumulator_deref_p[wait_n=0]"]
     plain = _accumulator_reads(dtype, 4 * C, C, 8, group_mode="plain")
     assert plain[-1] == "wgmma_accumulator_deref_p[wait_n=0]" and "wgmma_accumulator_deref_p[wait_n=1]" not in plain
+
+
+@pytest.mark.parametrize("dtype", [F8, jnp.int8])
+def test_group_pairs_issue_four_parts_and_read_each_as_it_finishes(dtype, monkeypatch):
+    """``group_pairs``: a pipeline step holds two groups' A / W / scale-row slots (eight inputs instead of
+    four, half the steps), issues their four stacked parts' wgmmas, then reads them in issue order, each
+    once only the later ones may still run (wait_n 3, 2, 1, 0); refused without ``stacked`` or with an odd
+    number of groups, by name."""
+    monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
+    kw = dict(stacked=True, store_wg=True)
+    reads = _accumulator_reads(dtype, 4 * C, C, 8, group_pairs=True, **kw)
+    assert reads == [f"wgmma_accumulator_deref_p[wait_n={n}]" for n in (3, 2, 1, 0)]
+    assert _accumulator_reads(dtype, 4 * C, C, 8, **kw) == [f"wgmma_accumulator_deref_p[wait_n={n}]" for n in (1, 0)]
+    wgmmas = _jaxpr_tokens(r"\bwgmma_ref\b", dtype, 4 * C, C, 8, group_pairs=True, **kw)
+    assert len(wgmmas) == 4 and len(_jaxpr_tokens(r"\bwgmma_ref\b", dtype, 4 * C, C, 8, **kw)) == 2
+    for groups, bad in ((8, dict(store_wg=True)), (3, dict(store_wg=True, stacked=True))):  # no stacking; odd
+        with pytest.raises(ValueError, match="group_pairs"):
+            _lower(dtype, groups * 128, C, groups, group_pairs=True, **bad)
 
 
 def _registers_at(dtype, k: int, n: int, groups: int, prims: tuple[str, ...], **kw) -> tuple[list, dict]:
