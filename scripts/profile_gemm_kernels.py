@@ -16,7 +16,7 @@ GELU + codes epilogue (the MLP's fc1 on group-wise layers), ``--store-wg`` the f
 on the store warpgroup (with ``--gelu-codes`` the codes' too), ``--codes-wg`` that epilogue on the
 kernel's fourth warpgroup too, ``--cta-pairs`` each also as two-CTA clusters sharing the weight tile,
 ``--gelu-f32`` the codes forms also with their GELU in float32 (``gelu_mode``), ``--group-pairs`` the stacked
-forms also with two groups a pipeline step (``group_pairs``; shapes with an even group count: fc2).
+forms also with two groups a pipeline step (``group_pairs``).
 ``--time N`` also prints each kernel's median time (``perf.timing.chained_median``); ``--sustain R`` also
 times R rounds of 12 chained calls back to back with the GPU's clock and power sampled (``perf.power``): long
 enough to run at the card's power cap, as the forward does at batch 256. ``--xla`` adds XLA's own dots
@@ -143,8 +143,7 @@ def main() -> None:
                    help="'split' forms (not on the codes warpgroup) also with their two parts stacked along M "
                         "(scaled_gemm stacked)")
     p.add_argument("--group-pairs", action="store_true",
-                   help="stacked forms also with two groups a pipeline step (scaled_gemm group_pairs), where the "
-                        "shape's group count is even")
+                   help="stacked forms also with two groups a pipeline step (scaled_gemm group_pairs)")
     p.add_argument("--bias-first", action="store_true",
                    help="group forms start their sums at the bias (scaled_gemm bias_first; fp8's model default)")
     a = p.parse_args()
@@ -175,7 +174,7 @@ def main() -> None:
                 if a.stacked:
                     variants += [(label + "+stack", dict(vkw, stacked=True)) for label, vkw in variants
                                  if vkw.get("group_mode") == "split" and not vkw.get("codes_wg")]
-                if a.group_pairs and (k // 128) % 2 == 0:  # fc2's 36 groups (proj and fc1 have 9)
+                if a.group_pairs:
                     variants += [(label + "+g2", dict(vkw, group_pairs=True)) for label, vkw in variants
                                  if vkw.get("stacked")]
                 if a.bias_first:

@@ -183,10 +183,9 @@ class RealOptions:
     # its columns (``stacked``: 16 column scales a thread and K step instead of 32; the same bits). None: on
     # where it applies
     stacked: bool | None = None
-    # with stacked parts, two groups a pipeline step where the layer's group count is even (XL/2: fc2's 36;
-    # q, k, v, proj and fc1 have 9): four parts' wgmmas in flight, three of four promotions under one
-    # (kernels.scaled_gemm ``group_pairs``; the same bits). Off: built in the twenty-ninth session, not yet
-    # measured on a GPU (docs/PERF_NOTES.md)
+    # with stacked parts, two groups a pipeline step (an odd count's last step one): four parts' wgmmas in
+    # flight, three of four promotions under one (kernels.scaled_gemm ``group_pairs``; the same bits). Off:
+    # built in the twenty-ninth session, not yet measured on a GPU (docs/PERF_NOTES.md)
     group_pairs: bool = False
     # a group-wise layer fed straight by the attention core (DiT's proj): its codes and scales written by
     # the attention kernel's epilogue (kernels.attention_codes) where the guard allows (Hopper, the Mosaic
@@ -500,13 +499,13 @@ def _group_epilogue(options: RealOptions, groups: int, codes: Any, store: bool =
     operands whose epilogue is not on the epilogue warpgroup: ``store_wg=True`` where :func:`store_warpgroup`
     says so (and ``store``: no codes warpgroup), ``bias_first=True`` for group scales where
     :func:`bias_first` says so, ``stacked=True`` where :func:`stacked_parts` says so (and ``stack``: no codes
-    epilogue), and then ``group_pairs=True`` where ``options.group_pairs`` asks and the groups pair up."""
+    epilogue), and then ``group_pairs=True`` where ``options.group_pairs`` asks."""
     kw: dict[str, Any] = {"store_wg": True} if store and store_warpgroup(options, groups) else {}
     if groups > 1 and bias_first(options, codes):
         kw["bias_first"] = True
     if groups > 1 and stack and stacked_parts(options, groups):
         kw["stacked"] = True
-        if options.group_pairs and groups % 2 == 0:
+        if options.group_pairs:
             kw["group_pairs"] = True
     return kw
 

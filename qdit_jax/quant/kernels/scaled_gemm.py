@@ -285,12 +285,13 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     128-column group spans both warpgroups; exchanging their halves' row abs-maxima through shared memory
     was bit-equal but slower on the H100 (fp8 fc1 + codes 911 -> 947 us; git history at 72bd9b8).
 
-    ``group_pairs`` (with ``stacked``, an even number of groups): two groups per pipeline step (their A, W
-    and scale rows as two 128-wide slots of each stage, half the steps, default depth 2: the shared memory of
-    four one-group steps), the four parts' wgmmas issued together and scaled into the sums one by one as
-    each finishes, so that three of every four promotions run while a later wgmma of the warpgroup is in
-    flight instead of one of two; the same outputs (each sum takes its groups in the same order). Built in
-    the twenty-ninth session, not yet run on a GPU (docs/PERF_NOTES.md)."""
+    ``group_pairs`` (with ``stacked``): two groups per pipeline step (their A, W and scale rows as two
+    128-wide slots of each stage, half the steps, default depth 2: the shared memory of four one-group
+    steps), the four parts' wgmmas issued together and scaled into the sums one by one as each finishes, so
+    that three of every four promotions run while a later wgmma of the warpgroup is in flight instead of one
+    of two; with an odd group count the last step takes one group (and the pipeline is chained across tiles
+    only where its depth divides the steps); the same outputs (each sum takes its groups in the same order).
+    Built in the twenty-ninth session, not yet run on a GPU (docs/PERF_NOTES.md)."""
     m, k = a.shape
     n = w.shape[0] - n_off if n is None else n
     groups = _groups(sa)
@@ -322,15 +323,15 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
     why = stacked_why(groups, group_mode, gelu_codes, codes_wg or epilogue_wg, prefetch, cta_pairs) if stacked else None
     if why:
         raise ValueError(f"stacked: {why}; call without it")
-    if group_pairs and not (stacked and groups % 2 == 0):
-        raise ValueError(f"group_pairs takes two groups a pipeline step of the stacked 'split' GEMM: it needs "
-                         f"stacked=True and an even number of groups (got {groups}); call without it")
+    if group_pairs and not (stacked and groups > 1):
+        raise ValueError("group_pairs takes two groups a pipeline step of the stacked 'split' GEMM: it needs "
+                         "stacked=True; call without it")
     num_sms = jax.devices()[0].core_count
     if cta_pairs and not cta_pairs_fit(m, tile_m, num_sms):
         raise ValueError(f"cta_pairs pairs vertically adjacent {2 * tile_m}-row tiles on pairs of SMs: M = {m} must "
                          f"be a multiple of {4 * tile_m} and the SM count ({num_sms}) even; call without it")
     per_step = 2 if group_pairs else 1  # groups (K tiles) a pipeline step
-    steps, chained = chained_steps(k // (per_step * TILE_K), (m // (2 * tile_m)) * (n // tile_n), num_sms,
+    steps, chained = chained_steps(-(-k // (per_step * TILE_K)), (m // (2 * tile_m)) * (n // tile_n), num_sms,
                                    steps0 // per_step if steps is None else steps, chain, explicit=steps is not None)
     rows_per_gate, residual, gate, bias = _epilogue_operands(m, w.shape[0], residual, gate, bias)
     if groups == 1:

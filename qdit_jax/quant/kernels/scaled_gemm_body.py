@@ -88,6 +88,11 @@ class Plan:
         return 2 if self.group_pairs else 1
 
     @property
+    def pipeline_steps(self) -> int:
+        """K steps of the pipeline (``group_pairs``: an odd group count's last step has one group)."""
+        return -(-self.k // (self.tile_k * self.k_tiles))
+
+    @property
     def tile_k(self) -> int:
         """K elements per pipeline step: one 128-byte swizzled row (fp8 / int8: 128, bf16: 64)."""
         return BF16_TILE_K if self.bf16 else TILE_K
@@ -203,15 +208,19 @@ def _pipeline(plan: Plan, body: Any, ctx: Any, state: Any = None) -> Any:
         specs += [plgpu.BlockSpec((1, plan.cta_m), lambda kk: (kk, 0)),
                   plgpu.BlockSpec((1, plan.tile_n), lambda kk: (kk, 0), **pair)]
     if plan.group_pairs:  # K tiles 2 kk and 2 kk + 1 (A, W, scale rows), each in its own 128-wide slot
-        specs = [plgpu.BlockSpec((plan.cta_m, tk), lambda kk, j=j: (0, 2 * kk + j), transforms=tr) for j in (0, 1)]
-        specs = [specs[0], plgpu.BlockSpec((plan.tile_n, tk), lambda kk: (0, 2 * kk), transforms=tr),
+        def second(kk: Any) -> Any:  # an odd count's last step: its one group again (the body skips it)
+            return 2 * kk + 1 if plan.groups % 2 == 0 else jnp.minimum(2 * kk + 1, plan.groups - 1)
+
+        specs = [plgpu.BlockSpec((plan.cta_m, tk), lambda kk: (0, 2 * kk), transforms=tr),
+                 plgpu.BlockSpec((plan.tile_n, tk), lambda kk: (0, 2 * kk), transforms=tr),
                  plgpu.BlockSpec((1, plan.cta_m), lambda kk: (2 * kk, 0)),
                  plgpu.BlockSpec((1, plan.tile_n), lambda kk: (2 * kk, 0)),
-                 specs[1], plgpu.BlockSpec((plan.tile_n, tk), lambda kk: (0, 2 * kk + 1), transforms=tr),
-                 plgpu.BlockSpec((1, plan.cta_m), lambda kk: (2 * kk + 1, 0)),
-                 plgpu.BlockSpec((1, plan.tile_n), lambda kk: (2 * kk + 1, 0))]
+                 plgpu.BlockSpec((plan.cta_m, tk), lambda kk: (0, second(kk)), transforms=tr),
+                 plgpu.BlockSpec((plan.tile_n, tk), lambda kk: (0, second(kk)), transforms=tr),
+                 plgpu.BlockSpec((1, plan.cta_m), lambda kk: (second(kk), 0)),
+                 plgpu.BlockSpec((1, plan.tile_n), lambda kk: (second(kk), 0))]
     return plgpu.emit_pipeline_warp_specialized(
-        body, grid=(plan.k // (tk * plan.k_tiles),), memory_registers=STORE_WG_REGISTERS if plan.store_wg else 40,
+        body, grid=(plan.pipeline_steps,), memory_registers=STORE_WG_REGISTERS if plan.store_wg else 40,
         in_specs=specs,
         wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=plan.steps, compute_context=ctx,
         pipeline_state=state)
@@ -378,33 +387,42 @@ def _split_operands(plan: Plan, wg: Any, a_smem: Any, w_smem: Any) -> tuple[list
             [w_smem.at[pl.ds(j * part_n, part_n)] for j in range(n_parts)])
 
 
-def _step_split_pairs(plan: Plan, wg: Any, _: Any, *refs: Any) -> Any:
+def _step_split_pairs(plan: Plan, wg: Any, indices: Any, *refs: Any) -> Any:
     """'split' with ``group_pairs``: this step's two groups' parts (2 x ``n_parts`` wgmmas) all issued, then
     each product scaled into its part's sum as it finishes, the second group's scale vectors loaded after
-    the first group's promotions (fewer live registers); three of four promotions with a wgmma in flight."""
+    the first group's promotions (fewer live registers); three of four promotions with a wgmma in flight.
+    An odd group count's last step has one group (its second slot holds that group again, unused)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     *tiles, sums = refs  # (a, w, sa, sw) of K tile 2 kk, then of 2 kk + 1; the parts' float32 sums
     groups = [tiles[:4], tiles[4:]]
-    n_parts, n_acc = plan.n_parts, 2 * plan.n_parts
+    n_parts = plan.n_parts
     scales0 = _part_scales(plan, wg, groups[0][2], groups[0][3])
     operands = [_split_operands(plan, wg, a, w) for a, w, _, _ in groups]
 
     def step(*accs: Any) -> tuple[jax.Array, ...]:
-        for g, (a_parts, w_parts) in enumerate(operands):
-            for j in range(n_parts):
-                plgpu.wgmma(accs[g * n_parts + j], a_parts[j], plgpu.transpose_ref(w_parts[j], (1, 0)))
-        new = list(sums)
-        for g in range(2):
-            scales = scales0 if g == 0 else _part_scales(plan, wg, groups[1][2], groups[1][3])
-            for j in range(n_parts):
-                t = g * n_parts + j
-                p = plgpu.wgmma_accumulator_load(accs[t], wait_n=n_acc - 1 - t)
-                new[j] = new[j] + _scaled(plan, p, *scales[j], plan.part)
-        return tuple(new)
+        def promote(count: int) -> tuple[jax.Array, ...]:
+            """Issue the step's first ``count`` groups' parts, then scale each into its sum as it finishes."""
+            for g in range(count):
+                a_parts, w_parts = operands[g]
+                for j in range(n_parts):
+                    plgpu.wgmma(accs[g * n_parts + j], a_parts[j], plgpu.transpose_ref(w_parts[j], (1, 0)))
+            new = list(sums)
+            for g in range(count):
+                scales = scales0 if g == 0 else _part_scales(plan, wg, groups[1][2], groups[1][3])
+                for j in range(n_parts):
+                    t = g * n_parts + j
+                    p = plgpu.wgmma_accumulator_load(accs[t], wait_n=count * n_parts - 1 - t)
+                    new[j] = new[j] + _scaled(plan, p, *scales[j], plan.part)
+            return tuple(new)
 
-    return pl.run_scoped(step, *[plgpu.ACC(plan.part, plan.acc_dtype) for _ in range(n_acc)])
+        if plan.groups % 2 == 0:
+            return promote(2)
+        (kk,) = indices
+        return lax.cond(kk == plan.groups // 2, lambda: promote(1), lambda: promote(2))
+
+    return pl.run_scoped(step, *[plgpu.ACC(plan.part, plan.acc_dtype) for _ in range(2 * n_parts)])
 
 
 _STEP_BODIES = {None: _step_channel, "plain": _step_plain, "overlap": _step_overlap, "split": _step_split}

@@ -108,6 +108,8 @@ CASES = {
         out_blocks=3, store_wg=True, stacked=True, group_pairs=True)),
     "int8 group-128 pairs + residual, stacked": (jnp.int8, 4 * C, C, 8, dict(
         residual=True, stacked=True, group_pairs=True)),
+    "fp8 group-128 pairs, 3 groups, bias first, store warpgroup, stacked": (F8, 3 * 128, C, 3, dict(
+        bias_first=True, store_wg=True, stacked=True, group_pairs=True)),
 }
 
 
@@ -282,8 +284,9 @@ def test_split_scales_each_part_while_the_later_part_runs(dtype, monkeypatch):
 def test_group_pairs_issue_four_parts_and_read_each_as_it_finishes(dtype, monkeypatch):
     """``group_pairs``: a pipeline step holds two groups' A / W / scale-row slots (eight inputs instead of
     four, half the steps), issues their four stacked parts' wgmmas, then reads them in issue order, each
-    once only the later ones may still run (wait_n 3, 2, 1, 0); refused without ``stacked`` or with an odd
-    number of groups, by name."""
+    once only the later ones may still run (wait_n 3, 2, 1, 0); with an odd group count a branch for the
+    last step issues one group's two parts (wait_n 1, 0) beside the pair's; refused without ``stacked``,
+    by name."""
     monkeypatch.setattr(jax, "devices", lambda *a: [_H100()])
     kw = dict(stacked=True, store_wg=True)
     reads = _accumulator_reads(dtype, 4 * C, C, 8, group_pairs=True, **kw)
@@ -291,9 +294,13 @@ def test_group_pairs_issue_four_parts_and_read_each_as_it_finishes(dtype, monkey
     assert _accumulator_reads(dtype, 4 * C, C, 8, **kw) == [f"wgmma_accumulator_deref_p[wait_n={n}]" for n in (1, 0)]
     wgmmas = _jaxpr_tokens(r"\bwgmma_ref\b", dtype, 4 * C, C, 8, group_pairs=True, **kw)
     assert len(wgmmas) == 4 and len(_jaxpr_tokens(r"\bwgmma_ref\b", dtype, 4 * C, C, 8, **kw)) == 2
-    for groups, bad in ((8, dict(store_wg=True)), (3, dict(store_wg=True, stacked=True))):  # no stacking; odd
-        with pytest.raises(ValueError, match="group_pairs"):
-            _lower(dtype, groups * 128, C, groups, group_pairs=True, **bad)
+    odd = _accumulator_reads(dtype, 3 * 128, C, 3, group_pairs=True, **kw)
+    assert sorted(odd) == sorted(reads + [f"wgmma_accumulator_deref_p[wait_n={n}]" for n in (1, 0)])
+    assert len(_jaxpr_tokens(r"\bwgmma_ref\b", dtype, 3 * 128, C, 3, group_pairs=True, **kw)) == 6
+    conds = [len(_jaxpr_tokens(r"\bcond\[", dtype, k, C, k // 128, group_pairs=True, **kw)) for k in (4 * C, 384)]
+    assert conds[1] == conds[0] + 1  # the odd count's one- or two-group step
+    with pytest.raises(ValueError, match="group_pairs"):
+        _lower(dtype, 4 * C, C, 8, group_pairs=True, store_wg=True)
 
 
 def _registers_at(dtype, k: int, n: int, groups: int, prims: tuple[str, ...], **kw) -> tuple[list, dict]:
