@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import os
 import statistics
-import tempfile
 import time
 
 import jax
@@ -30,7 +27,7 @@ import numpy as np
 from qdit_jax.cli import bench
 from qdit_jax.models.dit import dit_config
 from qdit_jax.perf.compiler import compiler_options
-from qdit_jax.perf.trace import custom_call_targets, idle_gaps, kernel_events
+from qdit_jax.perf.trace import custom_call_targets, format_gaps, idle_gaps, kernel_events, trace_of
 
 
 def _median_ms(xs: list[float]) -> float:
@@ -73,15 +70,10 @@ def chain_trace(compiled, inputs: list[tuple], chain: int) -> None:
     """Trace ``chain`` calls dispatched back to back (synced once) and print the device's idle time with the
     kernel pairs around it (``perf.trace.idle_gaps`` over the whole chain): with the host ahead, an idle
     stretch between two calls is work the device waits for."""
-    from qdit_jax.perf.trace import format_gaps, idle_gaps, kernel_events
-
     jax.block_until_ready(compiled(*inputs[0]))
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            t0 = time.perf_counter()
-            jax.block_until_ready([compiled(*inputs[i % len(inputs)]) for i in range(chain)])
-            wall = time.perf_counter() - t0
-        ev = kernel_events(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0], kernel_names=True)
+    with trace_of(lambda: jax.block_until_ready([compiled(*inputs[i % len(inputs)]) for i in range(chain)])
+                  ) as (path, wall):
+        ev = kernel_events(path, kernel_names=True)
     g = idle_gaps(ev, 1, top=2 * chain)  # one traced span: the gaps between calls are kept
     print(f"chain of {chain}: wall {wall * 1e3 / chain:.2f} ms a call, device span {g.span_us / 1e3 / chain:.2f} ms "
           f"a call, idle {g.idle_us / 1e3 / chain:.2f} ms a call", flush=True)
@@ -92,12 +84,7 @@ def traced_call(compiled, inputs: list[tuple], top: int) -> None:
     """Print the kernel span of one traced call against its wall time, and the longest host spans."""
     from jax.profiler import ProfileData
 
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(*inputs[0]))
-            wall = time.perf_counter() - t0
-        path = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
+    with trace_of(lambda: jax.block_until_ready(compiled(*inputs[0]))) as (path, wall):
         g = idle_gaps(kernel_events(path), calls=1)
         print(f"  traced call: wall {wall * 1e3:.2f} ms, kernel span {g.span_us / 1e3:.2f} ms, "
               f"busy {g.busy_us / 1e3:.2f} ms", flush=True)

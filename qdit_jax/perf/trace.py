@@ -248,20 +248,37 @@ def format_gaps(g: Gaps, title: str = "") -> str:
 
 
 @contextlib.contextmanager
+def trace_of(run: Any) -> Iterator[tuple[str, float]]:
+    """(the path of a ``jax.profiler`` trace of ``run()`` (.xplane.pb, valid inside the ``with``), the wall
+    seconds ``run()`` took inside it); ``run`` waits for its own results."""
+    import time
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            t0 = time.perf_counter()
+            run()
+            wall = time.perf_counter() - t0
+        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            raise RuntimeError("jax.profiler wrote no .xplane.pb trace")
+        yield paths[0], wall
+
+
+@contextlib.contextmanager
 def traced_calls(fn: Any, args_list: Sequence[tuple], calls: int) -> Iterator[str]:
     """The path of a ``jax.profiler`` trace (.xplane.pb, valid inside the ``with``) of ``calls`` synced
     calls of ``fn``, rotating among the input sets of ``args_list``, after one untraced warm-up call."""
     import jax
 
+    def run() -> None:
+        for i in range(calls):
+            jax.block_until_ready(fn(*args_list[i % len(args_list)]))
+
     jax.block_until_ready(fn(*args_list[0]))
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            for i in range(calls):
-                jax.block_until_ready(fn(*args_list[i % len(args_list)]))
-        paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-        if not paths:
-            raise RuntimeError("jax.profiler wrote no .xplane.pb trace")
-        yield paths[0]
+    with trace_of(run) as (path, _):
+        yield path
 
 
 def profile_compiled(compiled: Any, args_list: Sequence[tuple], calls: int = 3,

@@ -168,3 +168,16 @@ def test_traced_calls_traces_the_calls_after_a_warmup():
     assert seen == [0.0, 0.0, 1.0, 0.0]  # the warm-up, then the traced calls
     assert by_hlo and len(by_hlo) == len(by_kernel)
     assert [e[:2] for e in by_hlo] == [e[:2] for e in by_kernel]
+
+
+def test_trace_of_times_what_it_traces():
+    """``trace_of(run)``: run inside the trace, once, and its wall time; the path a trace file."""
+    import os
+    import time
+
+    from qdit_jax.perf.trace import trace_of
+
+    ran = []
+    with trace_of(lambda: (time.sleep(0.05), ran.append(1))) as (path, wall):
+        assert os.path.exists(path) and path.endswith(".xplane.pb")
+    assert ran == [1] and 0.05 <= wall < 5
