@@ -51,7 +51,8 @@ import jax.numpy as jnp
 
 from qdit_jax.perf.device import is_hopper
 from qdit_jax.quant.kernels.scaled_gemm_body import (BF16_TILE_K, CODES_WG_REGISTERS, GELU_MODES, PAIR_AXIS,
-                                                  STORE_WG_COMPUTE_REGISTERS, TILE_K, Plan, kernel_body)
+                                                  STORE_WG_COMPUTE_REGISTERS, TILE_K, Plan, kernel_body,
+                                                  pipeline_steps)
 
 TILE_M, TILE_N, STEPS = 128, 128, 3  # per compute warpgroup; the fastest measured on the H100
 # group scales: a float32 running sum beside the wgmma accumulator (two 64 x 128 float32 tiles per
@@ -331,7 +332,7 @@ def scaled_gemm_mosaic(a: jax.Array, w: jax.Array, sa: jax.Array, sw: jax.Array,
         raise ValueError(f"cta_pairs pairs vertically adjacent {2 * tile_m}-row tiles on pairs of SMs: M = {m} must "
                          f"be a multiple of {4 * tile_m} and the SM count ({num_sms}) even; call without it")
     per_step = 2 if group_pairs else 1  # groups (K tiles) a pipeline step
-    steps, chained = chained_steps(-(-k // (per_step * TILE_K)), (m // (2 * tile_m)) * (n // tile_n), num_sms,
+    steps, chained = chained_steps(pipeline_steps(k, TILE_K, per_step), (m // (2 * tile_m)) * (n // tile_n), num_sms,
                                    steps0 // per_step if steps is None else steps, chain, explicit=steps is not None)
     rows_per_gate, residual, gate, bias = _epilogue_operands(m, w.shape[0], residual, gate, bias)
     if groups == 1:

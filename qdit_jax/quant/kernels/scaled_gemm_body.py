@@ -48,6 +48,12 @@ _GELU_C1 = float(np.float32(GELU_C1))  # the tanh GELU's constants in float32, C
 _GELU_C12 = float(np.float32(GELU_C1 * GELU_C2))
 
 
+def pipeline_steps(k: int, tile_k: int, k_tiles: int = 1) -> int:
+    """K steps of the pipeline: ``k_tiles`` K tiles a step (``group_pairs``: two, an odd group count's last
+    step one)."""
+    return -(-k // (tile_k * k_tiles))
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """The static shape of one ``scaled_gemm_mosaic`` call: everything its kernel branches on."""
@@ -89,8 +95,7 @@ class Plan:
 
     @property
     def pipeline_steps(self) -> int:
-        """K steps of the pipeline (``group_pairs``: an odd group count's last step has one group)."""
-        return -(-self.k // (self.tile_k * self.k_tiles))
+        return pipeline_steps(self.k, self.tile_k, self.k_tiles)
 
     @property
     def tile_k(self) -> int:
@@ -201,24 +206,21 @@ def _pipeline(plan: Plan, body: Any, ctx: Any, state: Any = None) -> Any:
     tr = (plgpu.TilingTransform((8, tk)), plgpu.SwizzleTransform(128))  # 128-byte rows
     # with cta_pairs the weight tile and its scale row are the pair's: each CTA loads half, both get all
     pair = {"collective_axes": (PAIR_AXIS,)} if plan.cta_pairs else {}
-    specs = [plgpu.BlockSpec((plan.cta_m, tk), lambda kk: (0, kk), transforms=tr),
-             plgpu.BlockSpec((tk, plan.tile_n), lambda kk: (kk, 0), transforms=tr, **pair) if plan.w_kn else
-             plgpu.BlockSpec((plan.tile_n, tk), lambda kk: (0, kk), transforms=tr, **pair)]
-    if plan.groups > 1:  # this K step's scale rows come with its tiles, by TMA
-        specs += [plgpu.BlockSpec((1, plan.cta_m), lambda kk: (kk, 0)),
-                  plgpu.BlockSpec((1, plan.tile_n), lambda kk: (kk, 0), **pair)]
-    if plan.group_pairs:  # K tiles 2 kk and 2 kk + 1 (A, W, scale rows), each in its own 128-wide slot
-        def second(kk: Any) -> Any:  # an odd count's last step: its one group again (the body skips it)
-            return 2 * kk + 1 if plan.groups % 2 == 0 else jnp.minimum(2 * kk + 1, plan.groups - 1)
 
-        specs = [plgpu.BlockSpec((plan.cta_m, tk), lambda kk: (0, 2 * kk), transforms=tr),
-                 plgpu.BlockSpec((plan.tile_n, tk), lambda kk: (0, 2 * kk), transforms=tr),
-                 plgpu.BlockSpec((1, plan.cta_m), lambda kk: (2 * kk, 0)),
-                 plgpu.BlockSpec((1, plan.tile_n), lambda kk: (2 * kk, 0)),
-                 plgpu.BlockSpec((plan.cta_m, tk), lambda kk: (0, second(kk)), transforms=tr),
-                 plgpu.BlockSpec((plan.tile_n, tk), lambda kk: (0, second(kk)), transforms=tr),
-                 plgpu.BlockSpec((1, plan.cta_m), lambda kk: (second(kk), 0)),
-                 plgpu.BlockSpec((1, plan.tile_n), lambda kk: (second(kk), 0))]
+    def tile_specs(k_tile: Any) -> list:
+        """The A and W tiles of K tile ``k_tile(kk)`` of step kk (with group scales, their scale rows too)."""
+        specs = [plgpu.BlockSpec((plan.cta_m, tk), lambda kk: (0, k_tile(kk)), transforms=tr),
+                 plgpu.BlockSpec((tk, plan.tile_n), lambda kk: (k_tile(kk), 0), transforms=tr, **pair) if plan.w_kn
+                 else plgpu.BlockSpec((plan.tile_n, tk), lambda kk: (0, k_tile(kk)), transforms=tr, **pair)]
+        if plan.groups > 1:  # this K step's scale rows come with its tiles, by TMA
+            specs += [plgpu.BlockSpec((1, plan.cta_m), lambda kk: (k_tile(kk), 0)),
+                      plgpu.BlockSpec((1, plan.tile_n), lambda kk: (k_tile(kk), 0), **pair)]
+        return specs
+
+    def second(kk: Any) -> Any:  # group_pairs: K tile 2 kk + 1; an odd count's last step its one group again
+        return 2 * kk + 1 if plan.groups % 2 == 0 else jnp.minimum(2 * kk + 1, plan.groups - 1)
+
+    specs = tile_specs(lambda kk: 2 * kk) + tile_specs(second) if plan.group_pairs else tile_specs(lambda kk: kk)
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(plan.pipeline_steps,), memory_registers=STORE_WG_REGISTERS if plan.store_wg else 40,
         in_specs=specs,
